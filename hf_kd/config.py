@@ -1,0 +1,166 @@
+"""``DistillationConfig``: the training arguments plus everything distillation adds."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from transformers import TrainingArguments
+
+from .losses import resolve_loss_class
+
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One configured loss: its registry id (or dotted class path), its weight and its options."""
+
+    name: str
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "weight": self.weight, **self.options}
+
+
+def parse_losses(value: str | list | None) -> list[LossSpec]:
+    """Read losses from Python, YAML or the command line.
+
+    Accepted forms: a list of ``{"name": ..., "weight": ..., **options}`` dicts (or bare names); a JSON list
+    of such dicts; or the compact command-line form ``"kl:1.0,jsd:0.5:beta=0.9"`` (``name[:weight][:key=value
+    ...]`` separated by commas).
+    """
+    if value is None:
+        return [LossSpec("kl")]
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            value = json.loads(text)
+        else:
+            value = [_parse_compact(item) for item in text.split(",") if item.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"losses must be a list or a string such as 'kl:1.0,logit_mse:0.5', got {value!r}.")
+    specs = []
+    for item in value:
+        if isinstance(item, LossSpec):
+            specs.append(item)
+        elif isinstance(item, str):
+            specs.append(LossSpec(item))
+        elif isinstance(item, dict):
+            options = dict(item)
+            if "name" not in options:
+                raise ValueError(f"each entry of losses needs a 'name', got {item!r}.")
+            name = options.pop("name")
+            weight = options.pop("weight", 1.0)
+            options.update(options.pop("kwargs", {}) or {})
+            specs.append(LossSpec(str(name), float(weight), options))
+        else:
+            raise ValueError(f"cannot read loss entry {item!r}: give a name, a dict or a LossSpec.")
+    return specs
+
+
+def _parse_compact(item: str) -> dict[str, Any]:
+    name, *rest = item.strip().split(":")
+    entry: dict[str, Any] = {"name": name.strip()}
+    for part in rest:
+        if "=" in part:
+            key, _, raw = part.partition("=")
+            entry[key.strip()] = yaml.safe_load(raw)
+        else:
+            try:
+                entry["weight"] = float(part)
+            except ValueError:
+                raise ValueError(f"in losses entry {item!r}: {part!r} is neither a weight nor key=value.") from None
+    return entry
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    """Training arguments for :class:`~hf_kd.DistillationTrainer`.
+
+    The total loss is ``hard_label_weight·CE + Σ wᵢ·Lᵢ`` (additive form), or ``(1 − alpha)·CE + alpha·Σ wᵢ·Lᵢ``
+    when ``alpha`` is set (convex form). CE is the student's own loss on the labels (cross-entropy for
+    classification and language modelling); it is skipped for batches without labels, e.g. an unlabeled
+    transfer set.
+    """
+
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Teacher to load with from_pretrained when DistillationTrainer gets no teacher_model."},
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype to run the teacher in.", "choices": list(TEACHER_DTYPES)},
+    )
+    temperature: float = field(
+        default=2.0,
+        metadata={"help": "Softmax temperature τ shared by the losses (a loss's own 'temperature' option wins)."},
+    )
+    alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "Convex mix (1 - alpha)·CE + alpha·KD with 0 <= alpha <= 1. Leave unset to use "
+            "hard_label_weight (additive form)."
+        },
+    )
+    hard_label_weight: float | None = field(
+        default=None,
+        metadata={"help": "γ in the additive form γ·CE + Σ wᵢ·Lᵢ (default 1.0). Cannot be combined with alpha."},
+    )
+    losses: list[dict] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Distillation losses: 'kl:1.0,logit_mse:0.5' (name[:weight][:key=value]) or a JSON/YAML "
+            "list of {name, weight, ...options}. Default: kl with weight 1."
+        },
+    )
+    token_level: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Whether logits are per token (B×T×V). Default: detected from the student's class "
+            "(causal LM, seq2seq LM, masked LM, token classification)."
+        },
+    )
+
+    def __post_init__(self):
+        specs = parse_losses(self.losses)
+        for spec in specs:
+            resolve_loss_class(spec.name)  # raises with the list of valid ids
+            if spec.weight < 0:
+                raise ValueError(f"losses: weight of {spec.name!r} must be >= 0, got {spec.weight}.")
+        # Stored as plain dicts so the config serialises to JSON (checkpoints, model cards).
+        self.losses = [spec.to_dict() for spec in specs]
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}; 1.0 means no softening.")
+        if self.alpha is not None:
+            if not 0.0 <= self.alpha <= 1.0:
+                raise ValueError(
+                    f"alpha must lie in [0, 1], got {self.alpha}; or leave it unset and use "
+                    "hard_label_weight for the additive form."
+                )
+            if self.hard_label_weight is not None:
+                raise ValueError("set either alpha (convex form) or hard_label_weight (additive form), not both.")
+        elif self.hard_label_weight is not None and self.hard_label_weight < 0:
+            raise ValueError(f"hard_label_weight must be >= 0, got {self.hard_label_weight}.")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")
+        super().__post_init__()
+
+    @property
+    def loss_specs(self) -> list[LossSpec]:
+        return parse_losses(self.losses)
+
+    @property
+    def label_loss_weight(self) -> float:
+        """The weight of the student's own label loss."""
+        if self.alpha is not None:
+            return 1.0 - self.alpha
+        return 1.0 if self.hard_label_weight is None else self.hard_label_weight
+
+    @property
+    def distillation_weight(self) -> float:
+        """The factor on Σ wᵢ·Lᵢ: alpha in the convex form, 1 in the additive form."""
+        return 1.0 if self.alpha is None else self.alpha

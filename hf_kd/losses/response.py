@@ -1,0 +1,126 @@
+"""Response-based knowledge: losses between the student's and the teacher's logits.
+
+Each class wires one function of :mod:`hf_kd.losses.functional`; see there for formulas and papers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+from . import functional as F
+from .base import DistillationLoss
+from .registry import register_loss
+
+
+class ResponseLoss(DistillationLoss):
+    """Calls ``function(student.logits, teacher.logits, temperature=…, mask=…, reduction="sum", **options)``."""
+
+    needs = frozenset({"logits"})
+    function: ClassVar[Callable]
+
+    def __init__(self, temperature: float = 1.0, **options):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature} for loss {self.name!r}.")
+        self.temperature = temperature
+        self.options = options
+
+    def forward(self, student, teacher, mask=None, labels=None):
+        return type(self).function(
+            student.logits, teacher.logits, temperature=self.temperature, mask=mask, reduction="sum", **self.options
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"temperature={self.temperature}"] + [f"{k}={v}" for k, v in self.options.items()])
+
+
+@register_loss("kl")
+class ForwardKL(ResponseLoss):
+    __doc__ = F.forward_kl.__doc__
+    function = F.forward_kl
+
+
+@register_loss("reverse_kl")
+class ReverseKL(ResponseLoss):
+    __doc__ = F.reverse_kl.__doc__
+    function = F.reverse_kl
+
+
+@register_loss("jsd")
+class GeneralizedJSD(ResponseLoss):
+    __doc__ = F.generalized_jsd.__doc__
+    function = F.generalized_jsd
+
+    def __init__(self, temperature: float = 1.0, beta: float = 0.5):
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"jsd needs 0 <= beta <= 1, got beta={beta}.")
+        super().__init__(temperature, beta=beta)
+
+
+@register_loss("skew_kl")
+class SkewKL(ResponseLoss):
+    __doc__ = F.skew_kl.__doc__
+    function = F.skew_kl
+
+    def __init__(self, temperature: float = 1.0, skew: float = 0.1):
+        if not 0.0 <= skew < 1.0:
+            raise ValueError(f"skew_kl needs 0 <= skew < 1, got skew={skew}.")
+        super().__init__(temperature, skew=skew)
+
+
+@register_loss("skew_reverse_kl")
+class SkewReverseKL(ResponseLoss):
+    __doc__ = F.skew_reverse_kl.__doc__
+    function = F.skew_reverse_kl
+
+    def __init__(self, temperature: float = 1.0, skew: float = 0.1):
+        if not 0.0 <= skew < 1.0:
+            raise ValueError(f"skew_reverse_kl needs 0 <= skew < 1, got skew={skew}.")
+        super().__init__(temperature, skew=skew)
+
+
+@register_loss("tvd")
+class TotalVariation(ResponseLoss):
+    __doc__ = F.tvd.__doc__
+    function = F.tvd
+
+
+@register_loss("soft_ce")
+class SoftCrossEntropy(ResponseLoss):
+    __doc__ = F.soft_ce.__doc__
+    function = F.soft_ce
+
+
+@register_loss("logit_mse")
+class LogitMSE(ResponseLoss):
+    __doc__ = F.logit_mse.__doc__
+    function = F.logit_mse
+
+
+@register_loss("dkd")
+class DecoupledKD(ResponseLoss):
+    __doc__ = F.dkd.__doc__
+    function = F.dkd
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 1.0, beta: float = 8.0):
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"dkd needs alpha >= 0 and beta >= 0, got alpha={alpha}, beta={beta}.")
+        super().__init__(temperature, alpha=alpha, beta=beta)
+
+    def forward(self, student, teacher, mask=None, labels=None):
+        # Only integer class labels of the positions' shape are targets; anything else falls back to the teacher's top class.
+        target = (
+            labels
+            if labels is not None and labels.shape == student.logits.shape[:-1] and not labels.is_floating_point()
+            else None
+        )
+        return F.dkd(
+            student.logits,
+            teacher.logits,
+            target=target,
+            temperature=self.temperature,
+            mask=mask,
+            reduction="sum",
+            **self.options,
+        )

@@ -1,0 +1,272 @@
+"""``DistillationTrainer``: a ``transformers.Trainer`` whose loss adds distillation terms from a teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from .config import DistillationConfig
+from .features import ModelFeatures, forward_kwargs
+from .losses import get_loss
+from .teachers import LiveTeacher, is_token_level, load_teacher
+
+DISTILLATION_CONFIG_NAME = "distillation_config.json"
+
+
+@dataclass
+class ItemCounts:
+    """How many items the loss terms are normalised by, over every micro-batch of one optimizer step.
+
+    ``labels`` counts supervised label entries (for the student's own loss); ``positions`` counts the positions
+    that carry distillation (every example at sequence level, every supervised or attended token at token level).
+    ``scale`` is the number of processes whose counts were summed, undoing DDP's gradient averaging.
+    """
+
+    labels: torch.Tensor
+    positions: torch.Tensor
+    scale: int = 1
+
+
+def distillation_mask(inputs: dict, token_level: bool, shift: bool) -> torch.Tensor | None:
+    """Bool mask of the positions that carry distillation, or ``None`` when every position does.
+
+    Sequence level: every example (labeled or not, so unlabeled transfer data is distilled). Token level: tokens
+    with a label other than -100 when labels are given, else attended tokens; shifted by one for causal LMs,
+    whose logits at position t predict token t + 1.
+    """
+    if not token_level:
+        return None
+    labels = inputs.get("labels")
+    if labels is not None:
+        mask = labels.ne(-100)
+    elif "decoder_input_ids" in inputs:
+        mask = inputs.get("decoder_attention_mask")
+    else:
+        mask = inputs.get("attention_mask")
+    if mask is None:
+        return None
+    mask = mask.bool()
+    return mask[:, 1:] if shift else mask
+
+
+class DistillationTrainer(Trainer):
+    """Trains ``model`` (the student) with its own label loss plus distillation losses against a teacher.
+
+    ``loss = w_ce·CE + w_kd·Σᵢ wᵢ·Lᵢ(student, teacher)`` with the weights of :class:`DistillationConfig`.
+    Everything ``transformers.Trainer`` accepts keeps working. The teacher is frozen, kept in eval mode,
+    run under ``no_grad``, placed by Accelerate, and never saved into checkpoints or the output model.
+
+    Each term is logged under its own name (``ce``, ``kl``, ...; ``eval_kl`` during evaluation); ``loss`` is
+    the weighted total that is backpropagated.
+    """
+
+    # Every term is divided by counts taken over the whole accumulated batch (see ``ItemCounts``).
+    loss_is_scaled_for_ga = True
+    _tag_names = ["hf_kd", "knowledge-distillation"]
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        teacher_model: nn.Module | str | None = None,
+        args: DistillationConfig | None = None,
+        **kwargs,
+    ):
+        if args is None:
+            args = DistillationConfig(output_dir="hf_kd_output")
+        if not isinstance(args, DistillationConfig):
+            raise TypeError(
+                f"args must be a DistillationConfig, got {type(args).__name__}; "
+                "DistillationConfig takes every TrainingArguments field."
+            )
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "DistillationTrainer computes its own loss; configure it with DistillationConfig.losses "
+                "instead of compute_loss_func."
+            )
+        if model is None:
+            raise ValueError("DistillationTrainer needs the student as model=.")
+        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if teacher_model is None:
+            raise ValueError(
+                "no teacher: pass teacher_model= (a model or a path) or set "
+                "DistillationConfig.teacher_model_name_or_path."
+            )
+        teacher = load_teacher(teacher_model, model, args.teacher_dtype)
+        super().__init__(model=model, args=args, **kwargs)
+
+        specs = args.loss_specs
+        self.distillation_losses = nn.ModuleList(
+            get_loss(spec.name, **{"temperature": args.temperature, **spec.options}) for spec in specs
+        ).to(self.args.device)
+        self.loss_names = [_unique_name(spec.name, [s.name for s in specs[:i]]) for i, spec in enumerate(specs)]
+        self.loss_weights = [spec.weight for spec in specs]
+        self.needs = frozenset().union(*(loss.needs for loss in self.distillation_losses))
+        self.token_level = args.token_level if args.token_level is not None else is_token_level(model)
+
+        self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        self.teacher = LiveTeacher(self.teacher_model)
+        self._term_sums: dict[str, dict[str, list[torch.Tensor]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+        self._steps_at_last_log = 0
+
+    # ---- loss -----------------------------------------------------------------------------------------------
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> ItemCounts:
+        """Count label entries and distillation positions over all micro-batches (and processes) of a step."""
+        shift = self._loss_shifts_labels
+        labels = positions = 0
+        for batch in batch_samples:
+            if batch.get("labels") is not None:
+                batch_labels = batch["labels"][..., 1:] if shift else batch["labels"]
+                labels += int(batch_labels.ne(-100).sum())
+            mask = distillation_mask(batch, self.token_level, shift)
+            positions += int(mask.sum()) if mask is not None else _num_positions(batch, self.token_level, shift)
+        counts = torch.tensor([labels, positions], dtype=torch.float32, device=device)
+        scale = 1
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            counts = self.accelerator.gather(counts[None]).sum(0)
+            scale = self.accelerator.num_processes
+        return ItemCounts(labels=counts[0], positions=counts[1], scale=scale)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        counts = num_items_in_batch
+        if not isinstance(counts, ItemCounts):  # called outside the training loop
+            counts = self._get_num_items_in_batch([inputs], self.args.device)
+        mode = "train" if model.training else "eval"
+        # Outside training there is no accumulation: a term that is a per-batch mean is used as is.
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+
+        labels = inputs.get("labels")
+        label_weight = self.args.label_loss_weight
+        student_inputs = inputs if label_weight > 0 else {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**student_inputs, **forward_kwargs(self.needs))
+
+        terms: dict[str, torch.Tensor] = {}
+        total = None
+        if labels is not None and label_weight > 0 and _output(outputs, "loss") is not None:
+            batch_labels = labels[..., 1:] if self._loss_shifts_labels else labels
+            local_count = batch_labels.ne(-100).sum()
+            if local_count > 0:  # a batch of unlabeled transfer data has no label loss
+                # The model's loss is a mean over this micro-batch; re-normalise it by the step's count.
+                terms["ce"] = _output(outputs, "loss") * local_count * counts.scale / counts.labels
+                total = label_weight * terms["ce"]
+
+        if self.distillation_losses:
+            student = ModelFeatures.from_outputs(outputs, self.needs)
+            teacher = self.teacher(inputs, self.needs)
+            _check_compatible(student, teacher)
+            mask = distillation_mask(inputs, self.token_level, self._loss_shifts_labels)
+            position_labels = labels
+            if self.token_level and self._loss_shifts_labels:
+                student, teacher = student.map(_drop_last_position), teacher.map(_drop_last_position)
+                position_labels = None if labels is None else labels[:, 1:]
+            for name, weight, loss in zip(self.loss_names, self.loss_weights, self.distillation_losses):
+                value = loss(student, teacher, mask=mask, labels=position_labels)
+                if loss.per_position:
+                    value = value * counts.scale / counts.positions.clamp(min=1)
+                else:
+                    value = value / accumulation
+                terms[name] = value
+                weighted = self.args.distillation_weight * weight * value
+                total = weighted if total is None else total + weighted
+        if total is None:
+            raise ValueError(
+                "no loss term was computed: the batch has no labels and no distillation loss is "
+                "configured, or every loss weight is 0."
+            )
+
+        for name, value in terms.items():
+            self._term_sums[mode][name].append(value.detach())
+        return (total, outputs) if return_outputs else total
+
+    # ---- logging and saving ---------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        sums = self._term_sums[mode]
+        if mode == "train" and "loss" in logs:
+            # Train terms are normalised per optimizer step, so their sum over a logging window / its steps is
+            # the mean per step, like the Trainer's own "loss".
+            steps = max(1, self.state.global_step - self._steps_at_last_log)
+            self._steps_at_last_log = self.state.global_step
+            for name, values in sums.items():
+                logs[name] = self._mean_across_processes(torch.stack(values).sum() / steps)
+            sums.clear()
+        elif mode == "eval":
+            for name, values in sums.items():
+                logs[f"eval_{name}"] = self._mean_across_processes(torch.stack(values).mean())
+            sums.clear()
+        super().log(logs, start_time)
+
+    def _mean_across_processes(self, value: torch.Tensor) -> float:
+        return round(self.accelerator.reduce(value, reduction="mean").item(), 6)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the student only (Trainer semantics), plus ``distillation_config.json`` describing how."""
+        super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            with open(os.path.join(output_dir, DISTILLATION_CONFIG_NAME), "w") as handle:
+                json.dump(self.distillation_summary(), handle, indent=2)
+
+    def distillation_summary(self) -> dict:
+        """What was distilled from what, with which losses: the content of ``distillation_config.json``."""
+        teacher = self.teacher_model
+        return {
+            "teacher": getattr(teacher, "name_or_path", None) or self.args.teacher_model_name_or_path,
+            "teacher_class": type(teacher).__name__,
+            "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+            "student_parameters": sum(p.numel() for p in self.model.parameters()),
+            "losses": self.args.losses,
+            "temperature": self.args.temperature,
+            "label_loss_weight": self.args.label_loss_weight,
+            "distillation_weight": self.args.distillation_weight,
+            "token_level": self.token_level,
+        }
+
+
+def _output(outputs, name):
+    return outputs.get(name) if hasattr(outputs, "get") else getattr(outputs, name, None)
+
+
+def _drop_last_position(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor[:, :-1]
+
+
+def _num_positions(batch: dict, token_level: bool, shift: bool) -> int:
+    first = next(value for value in batch.values() if torch.is_tensor(value))
+    if not token_level:
+        return first.shape[0]
+    ids = batch.get("decoder_input_ids", batch.get("input_ids", first))
+    return ids.shape[0] * (ids.shape[1] - 1 if shift else ids.shape[1])
+
+
+def _unique_name(name: str, earlier: list[str]) -> str:
+    """Log name of a loss: its id, its class name for dotted paths, numbered when an id repeats."""
+    short = name.rpartition(".")[2]
+    repeats = sum(1 for other in earlier if other.rpartition(".")[2] == short)
+    return short if repeats == 0 else f"{short}_{repeats + 1}"
+
+
+def _check_compatible(student: ModelFeatures, teacher: ModelFeatures) -> None:
+    if student.logits is not None and teacher.logits is not None:
+        s, t = student.logits.shape, teacher.logits.shape
+        if s[-1] != t[-1]:
+            raise ValueError(
+                f"the student has {s[-1]} output classes/vocabulary entries and the teacher {t[-1]}: logit-based "
+                "losses need the same label set or tokenizer. Give the student the teacher's label set "
+                "(num_labels, id2label) or tokenizer; cross-tokenizer distillation is not supported yet."
+            )
+        if s[:-1] != t[:-1]:
+            raise ValueError(
+                f"student logits {tuple(s)} and teacher logits {tuple(t)} cover different positions; "
+                "feed both models the same inputs."
+            )
