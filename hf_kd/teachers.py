@@ -51,6 +51,14 @@ def is_token_level(model: nn.Module) -> bool:
     return base_model_class_name(model).endswith(_TOKEN_LEVEL_SUFFIXES)
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether logits at position t predict token t + 1 (decoder-only LMs), so labels shift by one."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    return base_model_class_name(model).endswith(("ForCausalLM", "LMHeadModel"))
+
+
 def auto_class_for(student: nn.Module):
     """The ``AutoModelFor…`` class that loads a model with the same task head as ``student``."""
     name = base_model_class_name(student)

@@ -14,7 +14,7 @@ from transformers import Trainer
 from .config import DistillationConfig
 from .features import ModelFeatures, forward_kwargs
 from .losses import get_loss
-from .teachers import LiveTeacher, is_token_level, load_teacher
+from .teachers import LiveTeacher, is_causal_lm, is_token_level, load_teacher
 
 DISTILLATION_CONFIG_NAME = "distillation_config.json"
 
@@ -108,6 +108,7 @@ class DistillationTrainer(Trainer):
         self.loss_weights = [spec.weight for spec in specs]
         self.needs = frozenset().union(*(loss.needs for loss in self.distillation_losses))
         self.token_level = args.token_level if args.token_level is not None else is_token_level(model)
+        self.shift_labels = is_causal_lm(model)
 
         self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         self.teacher = LiveTeacher(self.teacher_model)
@@ -121,7 +122,7 @@ class DistillationTrainer(Trainer):
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> ItemCounts:
         """Count label entries and distillation positions over all micro-batches (and processes) of a step."""
-        shift = self._loss_shifts_labels
+        shift = self.shift_labels
         labels = positions = 0
         for batch in batch_samples:
             if batch.get("labels") is not None:
@@ -142,7 +143,7 @@ class DistillationTrainer(Trainer):
             counts = self._get_num_items_in_batch([inputs], self.args.device)
         mode = "train" if model.training else "eval"
         # Outside training there is no accumulation: a term that is a per-batch mean is used as is.
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        accumulation = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
 
         labels = inputs.get("labels")
         label_weight = self.args.label_loss_weight
@@ -152,7 +153,7 @@ class DistillationTrainer(Trainer):
         terms: dict[str, torch.Tensor] = {}
         total = None
         if labels is not None and label_weight > 0 and _output(outputs, "loss") is not None:
-            batch_labels = labels[..., 1:] if self._loss_shifts_labels else labels
+            batch_labels = labels[..., 1:] if self.shift_labels else labels
             local_count = batch_labels.ne(-100).sum()
             if local_count > 0:  # a batch of unlabeled transfer data has no label loss
                 # The model's loss is a mean over this micro-batch; re-normalise it by the step's count.
@@ -163,9 +164,9 @@ class DistillationTrainer(Trainer):
             student = ModelFeatures.from_outputs(outputs, self.needs)
             teacher = self.teacher(inputs, self.needs)
             _check_compatible(student, teacher)
-            mask = distillation_mask(inputs, self.token_level, self._loss_shifts_labels)
+            mask = distillation_mask(inputs, self.token_level, self.shift_labels)
             position_labels = labels
-            if self.token_level and self._loss_shifts_labels:
+            if self.token_level and self.shift_labels:
                 student, teacher = student.map(_drop_last_position), teacher.map(_drop_last_position)
                 position_labels = None if labels is None else labels[:, 1:]
             for name, weight, loss in zip(self.loss_names, self.loss_weights, self.distillation_losses):

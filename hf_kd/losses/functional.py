@@ -105,7 +105,8 @@ def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> t
     """log(w·a + (1 − w)·b) computed stably from log a and log b."""
     weights = torch.tensor([weight_a, 1.0 - weight_a], dtype=log_a.dtype, device=log_a.device).log()
     shape = (2,) + (1,) * log_a.dim()
-    return torch.logsumexp(torch.stack([log_a, log_b]) + weights.view(shape), dim=0)
+    # Finite inputs: logsumexp of two -inf entries would give a NaN gradient.
+    return torch.logsumexp(torch.stack([_finite(log_a), _finite(log_b)]) + weights.view(shape), dim=0)
 
 
 def skew_kl(student_logits, teacher_logits, *, skew=0.1, temperature=1.0, mask=None, reduction: Reduction = "mean"):

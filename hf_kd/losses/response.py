@@ -109,7 +109,7 @@ class DecoupledKD(ResponseLoss):
         super().__init__(temperature, alpha=alpha, beta=beta)
 
     def forward(self, student, teacher, mask=None, labels=None):
-        # Only integer class labels of the positions' shape are targets; anything else falls back to the teacher's top class.
+        # Only integer labels of the positions' shape are class targets; else dkd uses the teacher's top class.
         target = (
             labels
             if labels is not None and labels.shape == student.logits.shape[:-1] and not labels.is_floating_point()

@@ -1,0 +1,32 @@
+# Two commands on a fresh clone: `make demo` (a real distillation, ~10 min on 2 CPU cores) and `make test`.
+# Both create .venv on first use and install hf_kd with its test and recipe extras.
+# CPU machines get the CPU torch wheel through constraints/cpu.txt; with a GPU, use `make CONSTRAINTS= test`
+# (or `pip install -e ".[dev]"` into an environment that already has your torch).
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?= constraints/cpu.txt
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hf_kd-installed
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install test demo demo-image lint
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+demo: $(STAMP)
+	$(BIN)/python recipes/text_classification.py --config recipes/configs/text_classification.yaml
+
+demo-image: $(STAMP)
+	$(BIN)/python recipes/image_classification.py --config recipes/configs/image_classification.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check hf_kd recipes tests benchmarks
+	$(BIN)/ruff format --check hf_kd recipes tests benchmarks

@@ -1,0 +1,36 @@
+"""Command-line parsing for recipes: ``HfArgumentParser`` over dataclasses, plus ``--config recipe.yaml``."""
+
+from __future__ import annotations
+
+import sys
+
+import yaml
+from transformers import HfArgumentParser
+
+
+def parse_args(dataclass_types, args: list[str] | None = None):
+    """Parse ``dataclass_types`` from the command line, optionally starting from a YAML file.
+
+    ``--config FILE.yaml`` loads every field from the file; other flags on the command line override it.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    parser = HfArgumentParser(dataclass_types)
+    defaults: dict = {}
+    if "--config" in args:
+        index = args.index("--config")
+        if index + 1 >= len(args):
+            raise SystemExit("--config needs a YAML file path.")
+        path = args[index + 1]
+        del args[index : index + 2]
+        with open(path) as handle:
+            defaults = yaml.safe_load(handle) or {}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(defaults) - known)
+        if unknown:
+            raise SystemExit(f"{path}: unknown field(s) {unknown}.")
+        # Lists and dicts (e.g. losses) go in as values; the dataclasses validate them in __post_init__.
+        parser.set_defaults(**defaults)
+        for action in parser._actions:
+            if action.dest in defaults:
+                action.required = False
+    return parser.parse_args_into_dataclasses(args=args)

@@ -1,0 +1,37 @@
+"""Data helpers for distillation set-ups."""
+
+from __future__ import annotations
+
+import numpy as np
+from datasets import Dataset
+
+UNLABELED = -100
+
+
+def split_labeled_transfer(
+    dataset: Dataset, num_labeled: int, label_column: str = "labels", seed: int = 0
+) -> tuple[Dataset, Dataset]:
+    """Split ``dataset`` into a labeled part and an unlabeled transfer part.
+
+    The labeled part keeps ``num_labeled`` examples, stratified by class (as equal per class as the data
+    allows). Returns ``(labeled, transfer)`` where ``transfer`` is the whole dataset with the labels of
+    every non-labeled example set to -100: the student's label loss ignores them while distillation uses
+    all of them, the usual semi-supervised KD set-up in which the teacher's knowledge matters most.
+    """
+    labels = np.asarray(dataset[label_column])
+    classes = np.unique(labels)
+    if not 0 < num_labeled <= len(labels):
+        raise ValueError(f"num_labeled must be in [1, {len(labels)}], got {num_labeled}.")
+    rng = np.random.default_rng(seed)
+    per_class = {cls: rng.permutation(np.flatnonzero(labels == cls)).tolist() for cls in classes}
+    chosen: list[int] = []
+    while len(chosen) < num_labeled:  # round-robin over classes: stratified, exact count
+        for cls in classes:
+            if per_class[cls] and len(chosen) < num_labeled:
+                chosen.append(per_class[cls].pop())
+    keep = np.zeros(len(labels), dtype=bool)
+    keep[chosen] = True
+    labeled = dataset.select(sorted(chosen))
+    transfer_labels = np.where(keep, labels, UNLABELED).tolist()
+    transfer = dataset.remove_columns(label_column).add_column(label_column, transfer_labels)
+    return labeled, transfer

@@ -1,0 +1,54 @@
+"""Side-by-side evaluation of teacher and students, and the markdown table recipes print and cards show."""
+
+from __future__ import annotations
+
+import tempfile
+
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def evaluate_model(
+    model: nn.Module, dataset, *, compute_metrics, data_collator=None, batch_size: int = 64, use_cpu: bool = False
+) -> dict[str, float]:
+    """Metrics of ``model`` on ``dataset`` plus its parameter count and milliseconds per example."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainingArguments(
+            output_dir=output_dir, per_device_eval_batch_size=batch_size, report_to=[], use_cpu=use_cpu
+        )
+        trainer = Trainer(model=model, args=args, data_collator=data_collator, compute_metrics=compute_metrics)
+        metrics = trainer.evaluate(dataset)
+    row = {
+        key.removeprefix("eval_"): value
+        for key, value in metrics.items()
+        if key not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch")
+    }
+    row.pop("loss", None)
+    row["parameters"] = count_parameters(model)
+    row["ms_per_example"] = 1000 * metrics["eval_runtime"] / len(dataset)
+    return row
+
+
+def markdown_table(rows: dict[str, dict[str, float]], columns: list[str] | None = None) -> str:
+    """A markdown table with one row per model; floats in [0, 1] are shown as percentages."""
+    columns = columns or sorted({key for row in rows.values() for key in row})
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_format(column, row.get(column)) for column in columns) + " |")
+    return "\n".join(lines)
+
+
+def _format(column: str, value) -> str:
+    if value is None:
+        return "–"
+    if column == "parameters":
+        return f"{value / 1e6:.2f}M"
+    if isinstance(value, float) and column in ("accuracy", "macro_f1", "f1", "precision", "recall"):
+        return f"{100 * value:.1f}%"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)

@@ -1,0 +1,61 @@
+"""Metrics that need no network: plain numpy, or an ``evaluate`` module loaded from a local path.
+
+``evaluate.load("accuracy")`` fetches its script from the Hub, so it fails offline (and the ``evaluate``
+package is in maintenance mode). :func:`classification_metrics` covers the common case; :func:`get_compute_metrics`
+also accepts a local ``evaluate`` module path or any callable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+from transformers import EvalPrediction
+
+
+def _predictions(eval_pred: EvalPrediction) -> tuple[np.ndarray, np.ndarray]:
+    logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+    labels = np.asarray(eval_pred.label_ids)
+    predictions = np.asarray(logits).argmax(-1)
+    keep = labels != -100
+    return predictions[keep], labels[keep]
+
+
+def classification_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
+    """Accuracy and macro-F1 of argmax predictions (positions labelled -100 are ignored)."""
+    predictions, labels = _predictions(eval_pred)
+    if labels.size == 0:
+        return {"accuracy": float("nan"), "macro_f1": float("nan")}
+    f1_scores = []
+    for cls in np.union1d(labels, predictions):
+        true_positive = np.sum((predictions == cls) & (labels == cls))
+        denominator = np.sum(predictions == cls) + np.sum(labels == cls)
+        f1_scores.append(2 * true_positive / denominator if denominator else 0.0)
+    return {"accuracy": float(np.mean(predictions == labels)), "macro_f1": float(np.mean(f1_scores))}
+
+
+def get_compute_metrics(metric: str | Callable | None = "accuracy") -> Callable | None:
+    """A ``compute_metrics`` for ``Trainer``.
+
+    ``"accuracy"`` → :func:`classification_metrics`; a path to a local ``evaluate`` module (folder or script) →
+    that module applied to argmax predictions; a callable is returned as is; ``None`` → no metrics.
+    """
+    if metric is None or callable(metric):
+        return metric
+    if metric == "accuracy":
+        return classification_metrics
+    if os.path.exists(metric):
+        import evaluate
+
+        module = evaluate.load(metric)
+
+        def compute(eval_pred: EvalPrediction) -> dict[str, float]:
+            predictions, labels = _predictions(eval_pred)
+            return module.compute(predictions=predictions, references=labels)
+
+        return compute
+    raise ValueError(
+        f"metric {metric!r} is neither 'accuracy' nor a local evaluate module path; evaluate.load() of a Hub "
+        "metric needs the network, so give the path of a local copy of its script."
+    )

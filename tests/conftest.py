@@ -1,0 +1,115 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+from hf_kd import DistillationConfig  # noqa: E402
+
+VOCAB = 64
+
+
+def tiny_bert(hidden=32, layers=2, num_labels=3, seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        num_labels=num_labels,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config)
+
+
+def tiny_gpt2(hidden=32, layers=2, vocab=VOCAB, seed=0):
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=2,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def tiny_vit(hidden=32, layers=2, seed=0):
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        num_labels=10,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return ViTForImageClassification(config)
+
+
+def classification_data(n=32, length=8, num_labels=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return Dataset.from_dict(
+        {
+            "input_ids": torch.randint(0, VOCAB, (n, length), generator=generator).tolist(),
+            "attention_mask": [[1] * length] * n,
+            "labels": torch.randint(0, num_labels, (n,), generator=generator).tolist(),
+        }
+    )
+
+
+def lm_data(n=16, length=10, seed=0):
+    """Causal-LM rows of varying length (right-padded) with prompt tokens masked: uneven token counts."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    for i in range(n):
+        real = 4 + (i * 3) % (length - 3)
+        ids = torch.randint(1, VOCAB, (real,), generator=generator).tolist()
+        prompt = 1 + i % 3
+        rows["input_ids"].append(ids + [0] * (length - real))
+        rows["attention_mask"].append([1] * real + [0] * (length - real))
+        rows["labels"].append([-100] * prompt + ids[prompt:] + [-100] * (length - real))
+    return Dataset.from_dict(rows)
+
+
+def config(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    return DistillationConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)

@@ -1,0 +1,139 @@
+"""DistillationConfig validation, the command line / YAML forms, and the loss registry."""
+
+import pytest
+import torch
+from conftest import config
+
+from hf_kd import DistillationConfig, DistillationLoss, ModelFeatures, available_losses, get_loss
+from hf_kd.cli import parse_args
+from hf_kd.config import parse_losses
+
+RESPONSE_IDS = ["dkd", "jsd", "kl", "logit_mse", "reverse_kl", "skew_kl", "skew_reverse_kl", "soft_ce", "tvd"]
+
+
+class HalfKL(DistillationLoss):
+    """A user's own loss, reachable by its dotted path."""
+
+    def __init__(self, temperature=1.0):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, student, teacher, mask=None, labels=None):
+        return 0.5 * get_loss("kl", temperature=self.temperature)(student, teacher, mask, labels)
+
+
+def test_available_losses_lists_response_family():
+    assert set(RESPONSE_IDS) <= set(available_losses())
+    assert available_losses() == sorted(available_losses())
+
+
+@pytest.mark.parametrize("name", available_losses())
+def test_every_registered_loss_builds_with_defaults_and_backpropagates(name):
+    loss = get_loss(name, temperature=2.0)
+    for shape in [(4, 5), (2, 3, 7)]:
+        student = torch.randn(*shape, requires_grad=True)
+        teacher = torch.randn(*shape)
+        value = loss(ModelFeatures(logits=student), ModelFeatures(logits=teacher))
+        assert value.dim() == 0 and torch.isfinite(value)
+        value.backward()
+        assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+def test_unknown_loss_lists_valid_ids():
+    with pytest.raises(ValueError, match="unknown loss 'kll'.*Valid ids: dkd, jsd, kl"):
+        get_loss("kll")
+
+
+def test_unknown_loss_option_lists_accepted_ones():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['betta'\].*beta"):
+        get_loss("jsd", betta=0.3)
+
+
+def test_dotted_path_to_own_loss():
+    loss = get_loss("test_config_and_registry.HalfKL", temperature=2.0)
+    features = ModelFeatures(logits=torch.randn(3, 4)), ModelFeatures(logits=torch.randn(3, 4))
+    expected = 0.5 * get_loss("kl", temperature=2.0)(*features)
+    assert loss(*features).item() == pytest.approx(expected.item())
+    with pytest.raises(ValueError, match="cannot import"):
+        get_loss("no_such_module.Loss")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, [{"name": "kl", "weight": 1.0}]),
+        ("kl:1.0,logit_mse:0.5", [{"name": "kl", "weight": 1.0}, {"name": "logit_mse", "weight": 0.5}]),
+        ("jsd:0.5:beta=0.9", [{"name": "jsd", "weight": 0.5, "beta": 0.9}]),
+        ('[{"name": "dkd", "weight": 2, "beta": 4}]', [{"name": "dkd", "weight": 2.0, "beta": 4}]),
+        (
+            ["kl", {"name": "tvd", "kwargs": {"temperature": 1.0}}],
+            [{"name": "kl", "weight": 1.0}, {"name": "tvd", "weight": 1.0, "temperature": 1.0}],
+        ),
+    ],
+)
+def test_loss_forms(value, expected):
+    assert [spec.to_dict() for spec in parse_losses(value)] == expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"losses": "kl,kll"}, "unknown loss 'kll'.*Valid ids"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"temperature": -1.0}, "temperature must be > 0"),
+        ({"losses": "kl:-1"}, "weight of 'kl' must be >= 0"),
+        ({"alpha": 1.5}, r"alpha must lie in \[0, 1\]"),
+        ({"alpha": 0.5, "hard_label_weight": 1.0}, "either alpha .* or hard_label_weight"),
+        ({"hard_label_weight": -0.1}, "hard_label_weight must be >= 0"),
+        ({"teacher_dtype": "int8"}, "teacher_dtype must be one of"),
+        ({"losses": "kl:abc"}, "neither a weight nor key=value"),
+        ({"losses": [{"weight": 1.0}]}, "needs a 'name'"),
+    ],
+)
+def test_bad_configs_raise_naming_the_field(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config(tmp_path, **overrides)
+
+
+def test_weights_of_both_forms(tmp_path):
+    additive = config(tmp_path)
+    assert (additive.label_loss_weight, additive.distillation_weight) == (1.0, 1.0)
+    convex = config(tmp_path, alpha=0.3)
+    assert (convex.label_loss_weight, convex.distillation_weight) == pytest.approx((0.7, 0.3))
+    gamma = config(tmp_path, hard_label_weight=0.2)
+    assert (gamma.label_loss_weight, gamma.distillation_weight) == (0.2, 1.0)
+
+
+def test_command_line_and_yaml(tmp_path):
+    (args,) = parse_args(
+        [DistillationConfig],
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--losses",
+            "kl:1.0,jsd:0.5:beta=0.9",
+            "--temperature",
+            "3",
+            "--alpha",
+            "0.4",
+            "--use_cpu",
+        ],
+    )
+    assert args.losses == [{"name": "kl", "weight": 1.0}, {"name": "jsd", "weight": 0.5, "beta": 0.9}]
+    assert (args.temperature, args.alpha) == (3.0, 0.4)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"output_dir: {tmp_path}\nuse_cpu: true\ntemperature: 4.0\n"
+        "losses:\n  - {name: kl, weight: 0.5}\n  - {name: dkd, weight: 1.0, beta: 2.0}\n"
+    )
+    (args,) = parse_args([DistillationConfig], ["--config", str(recipe), "--temperature", "5"])
+    assert args.temperature == 5.0  # the command line wins over the file
+    assert args.losses == [{"name": "kl", "weight": 0.5}, {"name": "dkd", "weight": 1.0, "beta": 2.0}]
+    recipe.write_text("tempreature: 4.0\n")
+    with pytest.raises(SystemExit, match="unknown field"):
+        parse_args([DistillationConfig], ["--config", str(recipe)])
+
+
+def test_config_serialises(tmp_path):
+    args = config(tmp_path, losses="kl:1.0,dkd:0.5:beta=4")
+    assert '"beta": 4' in args.to_json_string()

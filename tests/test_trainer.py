@@ -1,0 +1,315 @@
+"""DistillationTrainer end to end on tiny models: what it computes, logs, saves and resumes."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import classification_data, config, lm_data, tiny_bert, tiny_gpt2, tiny_vit
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast
+
+from hf_kd import DistillationTrainer
+from hf_kd.losses import functional as F
+from hf_kd.trainer import DISTILLATION_CONFIG_NAME
+
+
+def teacher_student_kl(trainer, dataset):
+    batch = {k: torch.tensor(v) for k, v in dataset[:].items()}
+    with torch.no_grad():
+        student = trainer.model(**batch).logits
+        teacher = trainer.teacher_model(**batch).logits
+    return F.forward_kl(student, teacher, temperature=2.0).item()
+
+
+def test_sequence_classification_student_moves_to_teacher(tmp_path):
+    data = classification_data()
+    teacher, student = tiny_bert(hidden=32, seed=1), tiny_bert(hidden=16, layers=1, seed=2)
+    with torch.no_grad():  # a confident teacher whose predictions depend on the input
+        teacher.classifier.weight.mul_(50)
+    args = config(tmp_path, max_steps=40, hard_label_weight=0.0, learning_rate=5e-3)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
+    before = teacher_student_kl(trainer, data)
+    teacher_weights = {k: v.clone() for k, v in teacher.state_dict().items()}
+    trainer.train()
+    assert teacher_student_kl(trainer, data) < 0.5 * before
+    # The teacher never trains.
+    assert all(torch.equal(teacher_weights[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert not teacher.training
+
+
+def test_every_term_is_logged_and_summed(tmp_path):
+    trainer = DistillationTrainer(
+        model=tiny_bert(hidden=16, seed=2),
+        teacher_model=tiny_bert(seed=1),
+        args=config(tmp_path, losses="kl:1.0,tvd:2.0", hard_label_weight=0.5),
+        train_dataset=classification_data(),
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 4 and all({"ce", "kl", "tvd"} <= set(entry) for entry in logs)
+    for entry in logs:
+        assert entry["loss"] == pytest.approx(0.5 * entry["ce"] + entry["kl"] + 2.0 * entry["tvd"], rel=1e-3)
+
+
+def test_convex_alpha_and_unlabeled_batches(tmp_path):
+    data = classification_data(n=8)
+    teacher, student = tiny_bert(seed=1), tiny_bert(hidden=16, seed=2)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=config(tmp_path, alpha=0.25, temperature=3.0), train_dataset=data
+    )
+    batch = {k: torch.tensor(v) for k, v in data[:].items()}
+    total = trainer.compute_loss(student, batch)
+    with torch.no_grad():
+        out_s, out_t = student(**batch), teacher(**batch)
+    kd = F.forward_kl(out_s.logits, out_t.logits, temperature=3.0)
+    assert total.item() == pytest.approx(0.75 * out_s.loss.item() + 0.25 * kd.item(), rel=1e-5)
+    # Unlabeled rows (-100) are distilled but carry no label loss.
+    unlabeled = dict(batch, labels=torch.full((8,), -100))
+    assert trainer.compute_loss(student, unlabeled).item() == pytest.approx(0.25 * kd.item(), rel=1e-5)
+
+
+def test_image_classification(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict(
+        {
+            "pixel_values": torch.rand(16, 1, 8, 8, generator=generator).tolist(),
+            "labels": torch.randint(0, 10, (16,), generator=generator).tolist(),
+        }
+    )
+    trainer = DistillationTrainer(
+        model=tiny_vit(hidden=16, layers=1),
+        teacher_model=tiny_vit(seed=3),
+        args=config(tmp_path, losses="kl:1.0,dkd:0.5"),
+        train_dataset=data,
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert {"ce", "kl", "dkd"} <= set(logs[-1]) and all(torch.isfinite(torch.tensor(e["loss"])) for e in logs)
+
+
+def test_causal_lm_token_level_shift_and_mask(tmp_path):
+    data = lm_data(n=4)
+    teacher, student = tiny_gpt2(seed=1), tiny_gpt2(hidden=16, layers=1, seed=2)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=config(tmp_path, alpha=1.0), train_dataset=data
+    )
+    assert trainer.token_level
+    batch = {k: torch.tensor(v) for k, v in data[:].items()}
+    with torch.no_grad():
+        loss = trainer.compute_loss(student, batch).item()
+        s, t = student(**batch).logits, teacher(**batch).logits
+    # Reference: logits at t predict token t + 1, so they are scored where labels[t + 1] != -100.
+    values, count = 0.0, 0
+    for row in range(4):
+        for position in range(batch["input_ids"].shape[1] - 1):
+            if batch["labels"][row, position + 1] != -100:
+                values += F.forward_kl(s[row, position], t[row, position], temperature=2.0).item()
+                count += 1
+    assert loss == pytest.approx(values / count, rel=1e-5)
+
+
+def _train_weights(tmp_path, batch_size, accumulation, name):
+    data = lm_data(n=16)
+    trainer = DistillationTrainer(
+        model=tiny_gpt2(hidden=16, layers=1, seed=2),
+        teacher_model=tiny_gpt2(seed=1),
+        train_dataset=data,
+        args=config(
+            tmp_path / name,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=2,
+            optim="sgd",
+            learning_rate=0.5,
+            lr_scheduler_type="constant",
+            losses="kl,tvd",
+        ),
+    )
+    trainer.train()
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, trainer.state.log_history
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+    # Rows carry different numbers of supervised tokens, so averaging per micro-batch would differ.
+    full, full_logs = _train_weights(tmp_path, 8, 1, "full")
+    accumulated, accumulated_logs = _train_weights(tmp_path, 4, 2, "accumulated")
+    for key in full:
+        torch.testing.assert_close(accumulated[key], full[key], rtol=1e-4, atol=1e-5)
+    for full_entry, accumulated_entry in zip(full_logs[:2], accumulated_logs[:2]):
+        for key in ("loss", "ce", "kl", "tvd"):
+            assert accumulated_entry[key] == pytest.approx(full_entry[key], rel=1e-4)
+
+
+def test_logit_only_losses_request_no_hidden_states(tmp_path):
+    seen = []
+    teacher, student = tiny_bert(seed=1), tiny_bert(hidden=16, seed=2)
+    for model in (teacher, student):
+        model.register_forward_hook(lambda module, args, kwargs, out: seen.append((kwargs, out)), with_kwargs=True)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=config(tmp_path, max_steps=1), train_dataset=classification_data(n=8)
+    )
+    trainer.train()
+    assert len(seen) == 2
+    for kwargs, out in seen:
+        assert not kwargs.get("output_hidden_states") and not kwargs.get("output_attentions")
+        assert out.hidden_states is None and out.attentions is None
+
+
+def test_checkpoints_hold_the_student_only_and_resume_reproduces(tmp_path):
+    data = classification_data()
+
+    def make(output_dir):
+        return DistillationTrainer(
+            model=tiny_bert(hidden=16, layers=1, seed=2),
+            teacher_model=tiny_bert(hidden=48, layers=3, seed=1),
+            args=config(output_dir, max_steps=6, save_strategy="steps", save_steps=3),
+            train_dataset=data,
+        )
+
+    uninterrupted = make(tmp_path / "a")
+    uninterrupted.train()
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    saved = load_file(str(checkpoint / "model.safetensors"))
+    student_state = uninterrupted.model.state_dict()
+    assert set(saved) == set(student_state)
+    assert all(saved[k].shape == student_state[k].shape for k in saved)
+    assert sum(v.numel() for v in saved.values()) < sum(p.numel() for p in uninterrupted.teacher_model.parameters())
+
+    resumed = make(tmp_path / "b")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for key, value in uninterrupted.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value)
+
+
+def test_save_model_writes_student_and_distillation_config(tmp_path):
+    trainer = DistillationTrainer(
+        model=tiny_bert(hidden=16, seed=2),
+        teacher_model=tiny_bert(seed=1),
+        args=config(tmp_path, losses="kl:1.0,logit_mse:0.2", temperature=4.0),
+        train_dataset=classification_data(n=8),
+    )
+    trainer.save_model(str(tmp_path / "student"))
+    files = set(os.listdir(tmp_path / "student"))
+    assert {"model.safetensors", "config.json", DISTILLATION_CONFIG_NAME} <= files
+    summary = json.loads((tmp_path / "student" / DISTILLATION_CONFIG_NAME).read_text())
+    assert summary["temperature"] == 4.0
+    assert summary["losses"] == [{"name": "kl", "weight": 1.0}, {"name": "logit_mse", "weight": 0.2}]
+    assert summary["teacher_parameters"] > summary["student_parameters"]
+
+
+def test_teacher_from_path_in_bfloat16(tmp_path):
+    tiny_bert(seed=1).save_pretrained(tmp_path / "teacher")
+    trainer = DistillationTrainer(
+        model=tiny_bert(hidden=16, seed=2),
+        args=config(
+            tmp_path, teacher_model_name_or_path=str(tmp_path / "teacher"), teacher_dtype="bfloat16", max_steps=2
+        ),
+        train_dataset=classification_data(n=16),
+    )
+    assert next(trainer.teacher_model.parameters()).dtype == torch.bfloat16
+    trainer.train()
+    assert next(trainer.model.parameters()).dtype == torch.float32
+
+
+def test_peft_lora_student(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_bert(hidden=32, seed=2)
+    student = peft.get_peft_model(
+        base,
+        peft.LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS"),
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=tiny_bert(seed=1),
+        args=config(tmp_path, max_steps=3),
+        train_dataset=classification_data(),
+    )
+    frozen = {k: v.clone() for k, v in student.named_parameters() if not v.requires_grad}
+    lora_before = {k: v.clone() for k, v in student.named_parameters() if "lora_B" in k}
+    trainer.train()
+    assert any(not torch.equal(v, dict(student.named_parameters())[k]) for k, v in lora_before.items())
+    assert all(torch.equal(v, dict(student.named_parameters())[k]) for k, v in frozen.items())
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert "adapter_model.safetensors" in os.listdir(tmp_path / "adapter")
+
+
+def test_eval_logs_terms_and_metrics(tmp_path):
+    from hf_kd.metrics import classification_metrics
+
+    data = classification_data()
+    trainer = DistillationTrainer(
+        model=tiny_bert(hidden=16, seed=2),
+        teacher_model=tiny_bert(seed=1),
+        args=config(tmp_path, per_device_eval_batch_size=8),
+        train_dataset=data,
+        eval_dataset=data,
+        compute_metrics=classification_metrics,
+    )
+    metrics = trainer.evaluate()
+    assert {"eval_loss", "eval_ce", "eval_kl", "eval_accuracy", "eval_macro_f1"} <= set(metrics)
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_ce"] + metrics["eval_kl"], rel=1e-3)
+
+
+def test_padded_batches_through_a_collator(tmp_path):
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_word_tokenizer(), pad_token="[PAD]")
+    texts = ["a b c", "a b", "c c c c c", "b"] * 4
+    data = Dataset.from_dict({"text": texts, "labels": [0, 1, 2, 1] * 4}).map(
+        lambda row: tokenizer(row["text"]), remove_columns=["text"]
+    )
+    trainer = DistillationTrainer(
+        model=tiny_bert(hidden=16, seed=2),
+        teacher_model=tiny_bert(seed=1),
+        args=config(tmp_path, max_steps=2),
+        train_dataset=data,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
+    trainer.train()
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "a": 2, "b": 3, "c": 4}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "no teacher"),
+        ({"teacher_model": 3}, "nn.Module or a path"),
+    ],
+)
+def test_trainer_errors(tmp_path, kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        DistillationTrainer(model=tiny_bert(), args=config(tmp_path), **kwargs)
+
+
+def test_label_set_mismatch_names_both_sizes(tmp_path):
+    trainer = DistillationTrainer(
+        model=tiny_bert(num_labels=3),
+        teacher_model=tiny_bert(num_labels=5),
+        args=config(tmp_path),
+        train_dataset=classification_data(),
+    )
+    with pytest.raises(ValueError, match="student has 3 .* teacher 5"):
+        trainer.train()
+
+
+def test_vocabulary_mismatch_error(tmp_path):
+    trainer = DistillationTrainer(
+        model=tiny_gpt2(vocab=64), teacher_model=tiny_gpt2(vocab=80), args=config(tmp_path), train_dataset=lm_data(n=8)
+    )
+    with pytest.raises(ValueError, match="same label set or tokenizer"):
+        trainer.train()
+
+
+def test_args_must_be_a_distillation_config(tmp_path):
+    from transformers import TrainingArguments
+
+    with pytest.raises(TypeError, match="DistillationConfig"):
+        DistillationTrainer(model=tiny_bert(), teacher_model=tiny_bert(), args=TrainingArguments(str(tmp_path)))
