@@ -46,7 +46,7 @@ def _format(column: str, value) -> str:
     if value is None:
         return "–"
     if column == "parameters":
-        return f"{value / 1e6:.2f}M"
+        return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.1f}k"
     if isinstance(value, float) and column in ("accuracy", "macro_f1", "f1", "precision", "recall"):
         return f"{100 * value:.1f}%"
     if isinstance(value, float):

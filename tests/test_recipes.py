@@ -1,0 +1,82 @@
+"""The recipes end to end on real shipped data, with small budgets (marked slow; they run in CI)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_recipe(script, *args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    completed = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "recipes", script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return completed.stdout
+
+
+def saved_parameter_count(folder):
+    return sum(tensor.numel() for tensor in load_file(os.path.join(folder, "model.safetensors")).values())
+
+
+@pytest.mark.slow
+def test_image_recipe_distilled_student_beats_scratch(tmp_path):
+    # The learning bar on real data: same student, steps and seed; distillation adds the unlabeled images.
+    stdout = run_recipe(
+        "image_classification.py",
+        "--config",
+        "recipes/configs/image_classification.yaml",
+        "--output_dir",
+        str(tmp_path),
+        "--teacher_steps",
+        "400",
+        "--max_steps",
+        "300",
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    teacher, scratch, distilled = (row["accuracy"] for row in results.values())
+    assert teacher > 0.9
+    assert distilled > scratch + 0.1, results
+    assert "| student distilled" in stdout and (tmp_path / "results.md").exists()
+    student_dir = tmp_path / "student"
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "distillation_config.json"} <= set(
+        os.listdir(student_dir)
+    )
+    summary = json.loads((student_dir / "distillation_config.json").read_text())
+    assert saved_parameter_count(student_dir) == summary["student_parameters"] < summary["teacher_parameters"]
+
+
+@pytest.mark.slow
+def test_text_recipe_runs_on_bbc_news_with_the_packaged_minilm(tmp_path):
+    stdout = run_recipe(
+        "text_classification.py",
+        "--config",
+        "recipes/configs/text_classification.yaml",
+        "--output_dir",
+        str(tmp_path),
+        "--teacher_epochs",
+        "0.3",
+        "--max_steps",
+        "3",
+        "--num_labeled",
+        "20",
+        "--test_fraction",
+        "0.05",
+        "--losses",
+        "kl:1.0,dkd:0.5",
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 3 and all(0.0 <= row["accuracy"] <= 1.0 for row in results.values())
+    assert "MiniLM" in stdout
+    assert {"model.safetensors", "tokenizer.json", "distillation_config.json"} <= set(os.listdir(tmp_path / "student"))
+    assert (tmp_path / "teacher" / "model.safetensors").exists()
