@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .config import DistillationConfig
 from .features import ModelFeatures, forward_kwargs
@@ -117,6 +117,7 @@ class DistillationTrainer(Trainer):
             "eval": defaultdict(list),
         }
         self._steps_at_last_log = 0
+        self.add_callback(_ResetTermLogs(self))
 
     # ---- loss -----------------------------------------------------------------------------------------------
 
@@ -232,6 +233,17 @@ class DistillationTrainer(Trainer):
             "distillation_weight": self.args.distillation_weight,
             "token_level": self.token_level,
         }
+
+
+class _ResetTermLogs(TrainerCallback):
+    """Starts each ``train()`` call (fresh or resumed) with empty term sums counted from its first step."""
+
+    def __init__(self, trainer: DistillationTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._steps_at_last_log = state.global_step
+        self.trainer._term_sums["train"].clear()
 
 
 def _output(outputs, name):

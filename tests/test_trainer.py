@@ -132,10 +132,11 @@ def _train_weights(tmp_path, batch_size, accumulation, name):
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, trainer.state.log_history
 
 
-def test_gradient_accumulation_matches_full_batch(tmp_path):
+@pytest.mark.parametrize(("batch_size", "accumulation"), [(2, 4), (4, 2)])
+def test_gradient_accumulation_matches_full_batch(tmp_path, batch_size, accumulation):
     # Rows carry different numbers of supervised tokens, so averaging per micro-batch would differ.
     full, full_logs = _train_weights(tmp_path, 8, 1, "full")
-    accumulated, accumulated_logs = _train_weights(tmp_path, 4, 2, "accumulated")
+    accumulated, accumulated_logs = _train_weights(tmp_path, batch_size, accumulation, "accumulated")
     for key in full:
         torch.testing.assert_close(accumulated[key], full[key], rtol=1e-4, atol=1e-5)
     for full_entry, accumulated_entry in zip(full_logs[:2], accumulated_logs[:2]):
@@ -182,6 +183,12 @@ def test_checkpoints_hold_the_student_only_and_resume_reproduces(tmp_path):
     resumed.train(resume_from_checkpoint=str(checkpoint))
     for key, value in uninterrupted.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value)
+    # The per-term logs after resuming match the uninterrupted run's.
+    first = {e["step"]: e for e in uninterrupted.state.log_history if "kl" in e}
+    second = {e["step"]: e for e in resumed.state.log_history if "kl" in e}
+    for step in (4, 5, 6):
+        assert second[step]["kl"] == pytest.approx(first[step]["kl"], rel=1e-4)
+        assert second[step]["ce"] == pytest.approx(first[step]["ce"], rel=1e-4)
 
 
 def test_save_model_writes_student_and_distillation_config(tmp_path):
