@@ -19,7 +19,7 @@ class LossSpec:
     """One configured loss: its registry id (or dotted class path), its weight and its options."""
 
     name: str
-    weight: float = 1.0
+    weight: float | None = None  # None: the loss class's default_weight (the value of its paper)
     options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def parse_losses(value: str | list | None) -> list[LossSpec]:
     ...]`` separated by commas).
     """
     if value is None:
-        return [LossSpec("kl")]
+        return [LossSpec("kl", 1.0)]
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
@@ -54,12 +54,17 @@ def parse_losses(value: str | list | None) -> list[LossSpec]:
             if "name" not in options:
                 raise ValueError(f"each entry of losses needs a 'name', got {item!r}.")
             name = options.pop("name")
-            weight = options.pop("weight", 1.0)
+            weight = options.pop("weight", None)
             options.update(options.pop("kwargs", {}) or {})
-            specs.append(LossSpec(str(name), float(weight), options))
+            specs.append(LossSpec(str(name), None if weight is None else float(weight), options))
         else:
             raise ValueError(f"cannot read loss entry {item!r}: give a name, a dict or a LossSpec.")
-    return specs
+    return [
+        spec
+        if spec.weight is not None
+        else LossSpec(spec.name, resolve_loss_class(spec.name).default_weight, spec.options)
+        for spec in specs
+    ]
 
 
 def _parse_compact(item: str) -> dict[str, Any]:
@@ -126,9 +131,8 @@ class DistillationConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        specs = parse_losses(self.losses)
+        specs = parse_losses(self.losses)  # raises for unknown ids, listing the valid ones
         for spec in specs:
-            resolve_loss_class(spec.name)  # raises with the list of valid ids
             if spec.weight < 0:
                 raise ValueError(f"losses: weight of {spec.name!r} must be >= 0, got {spec.weight}.")
         # Stored as plain dicts so the config serialises to JSON (checkpoints, model cards).

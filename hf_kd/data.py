@@ -6,6 +6,15 @@ import numpy as np
 from datasets import Dataset
 
 UNLABELED = -100
+#: Column holding each example's row in the training set, for losses with per-example memory (CRD).
+SAMPLE_INDEX = "sample_index"
+
+
+def add_sample_index(dataset: Dataset) -> Dataset:
+    """``dataset`` with a ``sample_index`` column numbering its rows 0..N−1 (what ``crd`` needs)."""
+    if SAMPLE_INDEX in dataset.column_names:
+        dataset = dataset.remove_columns(SAMPLE_INDEX)
+    return dataset.add_column(SAMPLE_INDEX, list(range(len(dataset))))
 
 
 def split_labeled_transfer(

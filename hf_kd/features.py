@@ -1,39 +1,59 @@
 """What a loss compares: the per-side record both models' outputs are brought into.
 
-A loss declares the fields it needs (``DistillationLoss.needs``); the trainer asks each model for exactly
-those (see :func:`forward_kwargs`) and hands the loss one :class:`ModelFeatures` per side, so a loss reads
-``student.logits`` and ``teacher.logits`` without knowing where they came from (a live model, a cache, ...).
+A loss declares the fields it needs (``DistillationLoss.needs``): ``"logits"``, ``"hidden_states"``,
+``"attentions"`` or ``"module:<dotted.path>"`` for the output of any submodule. The trainer asks each model
+for exactly those — ``output_hidden_states`` / ``output_attentions`` flags for transformers models, forward
+hooks (removed after each forward) for module outputs — and hands the loss one :class:`ModelFeatures` per
+side, so a loss reads ``student.hidden_states[i]`` and ``teacher.hidden_states[j]`` without knowing where they
+came from.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-#: The fields a loss may declare in ``needs``.
-KNOWN_NEEDS = frozenset({"logits"})
+FIELD_NEEDS = frozenset({"logits", "hidden_states", "attentions"})
+MODULE_PREFIX = "module:"
 
 
 @dataclass
 class ModelFeatures:
-    """The outputs of one side (student or teacher) that the configured losses asked for."""
+    """The outputs of one side (student or teacher) that the configured losses asked for.
+
+    ``hidden_states`` follows transformers: entry 0 is the embedding output, entry ℓ the output of layer ℓ
+    (feature maps ``B×C×H×W`` for CNNs, tokens ``B×T×H`` for transformers). ``attentions[ℓ - 1]`` holds layer ℓ's
+    attention probabilities ``B×heads×T×T``. ``modules`` maps a dotted module path to that module's output.
+    ``attention_mask`` (``B×T``) marks real tokens, for losses that average over tokens.
+    """
 
     logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    modules: dict[str, torch.Tensor] = field(default_factory=dict)
+    attention_mask: torch.Tensor | None = None
 
     @classmethod
-    def from_outputs(cls, outputs, needs: frozenset[str]) -> ModelFeatures:
-        logits = _output_field(outputs, "logits") if "logits" in needs else None
-        if "logits" in needs and logits is None:
-            raise ValueError(
-                f"a configured loss needs logits but the model returned none ({type(outputs).__name__}); "
-                "use a model with a task head (…ForSequenceClassification, …ForCausalLM, …)."
-            )
-        return cls(logits=logits)
-
-    def map(self, fn) -> ModelFeatures:
-        """A copy with ``fn`` applied to every tensor (e.g. dropping the last position for the causal shift)."""
-        return ModelFeatures(logits=None if self.logits is None else fn(self.logits))
+    def from_outputs(cls, outputs, needs: frozenset[str], modules: dict | None = None, attention_mask=None):
+        features = cls(modules=dict(modules or {}), attention_mask=attention_mask)
+        for name in FIELD_NEEDS & needs:
+            value = _output_field(outputs, name)
+            if value is None or (isinstance(value, tuple) and len(value) == 0):
+                raise ValueError(
+                    f"a configured loss needs {name} but the model ({type(outputs).__name__}) returned none. "
+                    + {
+                        "logits": "Use a model with a task head (…ForSequenceClassification, …ForCausalLM, …).",
+                        "hidden_states": "Use a model that supports output_hidden_states, or capture a module "
+                        "output with a 'module' option.",
+                        "attentions": "Attention losses need attention probabilities: the trainer switches "
+                        "transformers models to eager attention; custom models must return them.",
+                    }[name]
+                )
+            setattr(features, name, tuple(value) if name != "logits" else value)
+        return features
 
 
 def forward_kwargs(needs: frozenset[str]) -> dict:
@@ -42,13 +62,148 @@ def forward_kwargs(needs: frozenset[str]) -> dict:
     Logits are always returned, so response-only distillation adds no flag: neither model computes hidden
     states or attentions it was not asked for.
     """
-    unknown = needs - KNOWN_NEEDS
+    unknown = {need for need in needs if need not in FIELD_NEEDS and not need.startswith(MODULE_PREFIX)}
     if unknown:
-        raise ValueError(f"unknown feature needs {sorted(unknown)}; known: {sorted(KNOWN_NEEDS)}.")
-    return {}
+        raise ValueError(f"unknown feature needs {sorted(unknown)}; known: {sorted(FIELD_NEEDS)} and 'module:PATH'.")
+    kwargs = {}
+    if "hidden_states" in needs:
+        kwargs["output_hidden_states"] = True
+    if "attentions" in needs:
+        kwargs["output_attentions"] = True
+    return kwargs
+
+
+def module_paths(needs: frozenset[str]) -> list[str]:
+    return sorted(need[len(MODULE_PREFIX) :] for need in needs if need.startswith(MODULE_PREFIX))
+
+
+@contextlib.contextmanager
+def capture_modules(model: nn.Module, paths: list[str]):
+    """Record the outputs of the submodules at ``paths`` during the forward passes inside the block.
+
+    Yields a dict ``path → output`` (the first element when a module returns a tuple). The hooks are removed on
+    exit, so nothing stays attached to the model and no tensor outlives the step.
+    """
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for path in paths:
+            try:
+                module = model.get_submodule(path)
+            except AttributeError as error:
+                names = [name for name, _ in model.named_modules() if name][:12]
+                raise ValueError(
+                    f"{type(model).__name__} has no submodule {path!r} ({error}); module paths look like {names}."
+                ) from None
+
+            def hook(_module, _inputs, output, path=path):
+                captured[path] = output[0] if isinstance(output, (tuple, list)) else output
+
+            handles.append(module.register_forward_hook(hook))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_model(model: nn.Module, inputs: dict, needs: frozenset[str], module_root: nn.Module | None = None):
+    """Run ``model`` on ``inputs`` asking for what ``needs`` lists; returns ``(outputs, ModelFeatures)``.
+
+    Module outputs are captured on ``module_root`` (the unwrapped model whose paths the user named; by default
+    ``model`` itself).
+    """
+    with capture_modules(module_root if module_root is not None else model, module_paths(needs)) as captured:
+        outputs = model(**inputs, **forward_kwargs(needs))
+    features = ModelFeatures.from_outputs(outputs, needs, captured, attention_mask=inputs.get("attention_mask"))
+    return outputs, features
 
 
 def _output_field(outputs, name: str):
     if isinstance(outputs, dict) or hasattr(outputs, "keys"):
         return outputs.get(name)
     return getattr(outputs, name, None)
+
+
+# ---- reading features: a source, a layer map, pooling ------------------------------------------------------------
+
+
+def select(features: ModelFeatures, source: str) -> torch.Tensor:
+    """One tensor of a side's features: ``"logits"``, ``"hidden_states:-1"`` (any index) or ``"module:PATH"``."""
+    if source == "logits":
+        return features.logits
+    if source.startswith(MODULE_PREFIX):
+        return features.modules[source[len(MODULE_PREFIX) :]]
+    name, _, index = source.partition(":")
+    if name != "hidden_states":
+        raise ValueError(f"feature source must be 'logits', 'hidden_states[:INDEX]' or 'module:PATH', got {source!r}.")
+    return features.hidden_states[int(index or -1)]
+
+
+def source_needs(source: str) -> frozenset[str]:
+    if source.startswith(MODULE_PREFIX):
+        return frozenset({source})
+    return frozenset({source.partition(":")[0]})
+
+
+POOLINGS = ("auto", "cls", "mean", "last", "spatial", "flatten")
+
+
+def pool(tensor: torch.Tensor, pooling: str = "auto", attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One vector per example (``B×D``) from tokens ``B×T×H``, feature maps ``B×C×H×W`` or vectors ``B×D``.
+
+    ``cls``: the first token. ``mean``: the mean over real tokens (``attention_mask``) or over the spatial grid.
+    ``last``: the last real token. ``spatial``: the mean over H×W. ``flatten``: everything in one vector.
+    ``auto``: ``mean`` for tokens, ``spatial`` for maps, nothing for vectors.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+    if tensor.dim() == 2 or pooling == "flatten":
+        return tensor.flatten(1)
+    if tensor.dim() == 4:
+        if pooling in ("auto", "mean", "spatial"):
+            return tensor.mean(dim=(2, 3))
+        raise ValueError(f"pooling {pooling!r} applies to token sequences, not feature maps B×C×H×W.")
+    if tensor.dim() != 3:
+        raise ValueError(f"cannot pool a tensor of shape {tuple(tensor.shape)}.")
+    if pooling == "cls":
+        return tensor[:, 0]
+    if pooling == "last":
+        if attention_mask is None:
+            return tensor[:, -1]
+        last = attention_mask.long().sum(1).clamp(min=1) - 1
+        return tensor[torch.arange(tensor.shape[0], device=tensor.device), last]
+    if pooling == "spatial":
+        raise ValueError("pooling 'spatial' applies to feature maps B×C×H×W; use 'mean' for tokens.")
+    if attention_mask is None:
+        return tensor.mean(1)
+    weights = attention_mask.to(tensor.dtype).unsqueeze(-1)
+    return (tensor * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def resolve_layer_map(layer_map, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """Pairs ``(student_layer, teacher_layer)`` of layer numbers (0 = embeddings, 1..N = layers).
+
+    ``"uniform"``: student layer m ↔ teacher layer m·N/M for m = 1..M (so the last layers meet). ``"last"``: the
+    last layer of each. A list of pairs is taken as given and checked against both depths.
+    """
+    if layer_map == "uniform":
+        return [(m, m * teacher_layers // student_layers) for m in range(1, student_layers + 1)]
+    if layer_map == "last":
+        return [(student_layers, teacher_layers)]
+    if isinstance(layer_map, str):
+        raise ValueError(
+            f"layer_map must be 'uniform', 'last' or a list of [student, teacher] pairs, got {layer_map!r}."
+        )
+    pairs = [tuple(int(index) for index in pair) for pair in layer_map]
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ValueError(f"layer_map entries are [student_layer, teacher_layer] pairs, got {list(pair)}.")
+        student, teacher = pair
+        if not (0 <= student <= student_layers and 0 <= teacher <= teacher_layers):
+            raise ValueError(
+                f"layer_map pair {list(pair)} is out of range: the student has layers 0..{student_layers} and the "
+                f"teacher 0..{teacher_layers} (0 is the embedding output)."
+            )
+    if not pairs:
+        raise ValueError("layer_map is empty.")
+    return pairs

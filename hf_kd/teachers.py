@@ -8,7 +8,7 @@ import torch
 import transformers
 from torch import nn
 
-from .features import ModelFeatures, forward_kwargs
+from .features import ModelFeatures, run_model
 
 # transformers names task models "<Arch><Suffix>"; the Auto class for a suffix loads a teacher with the same head.
 _AUTO_CLASS_BY_SUFFIX = (
@@ -83,6 +83,13 @@ def load_teacher(teacher: nn.Module | str, student: nn.Module, dtype: str = "aut
     return freeze(teacher)
 
 
+def use_eager_attention(model: nn.Module) -> None:
+    """Switch a transformers model to eager attention: sdpa and flash kernels return no attention weights."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "set_attn_implementation"):
+        base.set_attn_implementation("eager")
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode (no dropout) and no gradients: the teacher is never trained."""
     model.eval()
@@ -104,6 +111,7 @@ class LiveTeacher:
         self._accepted = None if takes_any else set(parameters)
 
     def __call__(self, inputs: dict, needs: frozenset[str]) -> ModelFeatures:
+        """The teacher's features for a batch of student inputs."""
         teacher_inputs = {
             key: value
             for key, value in inputs.items()
@@ -111,5 +119,4 @@ class LiveTeacher:
         }
         self.model.eval()  # Trainer.train() may have switched every module it saw to train mode
         with torch.no_grad():
-            outputs = self.model(**teacher_inputs, **forward_kwargs(needs))
-        return ModelFeatures.from_outputs(outputs, needs)
+            return run_model(self.model, teacher_inputs, needs)[1]

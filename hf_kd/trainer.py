@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import defaultdict
@@ -12,11 +13,13 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .config import DistillationConfig
-from .features import ModelFeatures, forward_kwargs
-from .losses import get_loss
-from .teachers import LiveTeacher, is_causal_lm, is_token_level, load_teacher
+from .data import SAMPLE_INDEX
+from .features import ModelFeatures, run_model
+from .losses import DistillationLoss, get_loss
+from .teachers import LiveTeacher, is_causal_lm, is_token_level, load_teacher, use_eager_attention
 
 DISTILLATION_CONFIG_NAME = "distillation_config.json"
+LOSS_MODULE_NAME = "hf_kd_losses"  # where learned loss parts hang on the student during training
 
 
 @dataclass
@@ -106,18 +109,69 @@ class DistillationTrainer(Trainer):
         ).to(self.args.device)
         self.loss_names = [_unique_name(spec.name, [s.name for s in specs[:i]]) for i, spec in enumerate(specs)]
         self.loss_weights = [spec.weight for spec in specs]
-        self.needs = frozenset().union(*(loss.needs for loss in self.distillation_losses))
+        self.needs = {
+            side: frozenset().union(*(loss.side_needs(side) for loss in self.distillation_losses))
+            for side in ("student", "teacher")
+        }
+        if any("attentions" in needs for needs in self.needs.values()):
+            use_eager_attention(model)
+            use_eager_attention(teacher)
         self.token_level = args.token_level if args.token_level is not None else is_token_level(model)
         self.shift_labels = is_causal_lm(model)
 
         self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         self.teacher = LiveTeacher(self.teacher_model)
+        self._saving_checkpoint = False
+        self._loss_host: nn.Module | None = None
+        self._setup_learned_losses()
         self._term_sums: dict[str, dict[str, list[torch.Tensor]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
         self._steps_at_last_log = 0
         self.add_callback(_ResetTermLogs(self))
+
+    # ---- learned parts of losses ----------------------------------------------------------------------------
+
+    def _setup_learned_losses(self) -> None:
+        """Let losses with learned parts size them from one training batch, then attach them to the student.
+
+        Attached as the student's submodule ``hf_kd_losses``, they are optimised with it, wrapped with it by
+        DDP/DeepSpeed/FSDP, saved in checkpoints and restored on resume; :meth:`save_model` leaves them out.
+        """
+        pending = [loss for loss in self.distillation_losses if type(loss).setup is not DistillationLoss.setup]
+        if not pending:
+            return
+        if self.train_dataset is None:
+            names = [loss.name for loss in pending]
+            raise ValueError(
+                f"losses {names} size their learned parts from a first training batch: pass "
+                "train_dataset to DistillationTrainer."
+            )
+        with torch.random.fork_rng(devices=[]):  # the dry run must not shift the training shuffle
+            batch = self._prepare_inputs(next(iter(self.get_train_dataloader())))
+        model_inputs, _ = _split_sample_index(batch)
+        model_inputs.pop("labels", None)
+        was_training = self.model.training
+        self.model.eval()  # no dropout, no batch-norm statistics update in the dry run
+        with torch.no_grad():
+            _, student = run_model(self.model, model_inputs, self.needs["student"])
+            teacher = self.teacher(model_inputs, self.needs["teacher"])
+        self.model.train(was_training)
+        num_samples = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
+        for loss in pending:
+            loss.setup(student, teacher, num_samples=num_samples)
+        self.distillation_losses.to(self.args.device)
+        if any(True for _ in self.distillation_losses.parameters()) or any(
+            True for _ in self.distillation_losses.buffers()
+        ):
+            self._loss_host = self.model
+            self._loss_host.add_module(LOSS_MODULE_NAME, self.distillation_losses)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if SAMPLE_INDEX not in self._signature_columns:  # keep the column CRD-style losses read
+            self._signature_columns.append(SAMPLE_INDEX)
 
     # ---- loss -----------------------------------------------------------------------------------------------
 
@@ -146,10 +200,13 @@ class DistillationTrainer(Trainer):
         # Outside training there is no accumulation: a term that is a per-batch mean is used as is.
         accumulation = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
 
+        inputs, sample_index = _split_sample_index(inputs)
         labels = inputs.get("labels")
         label_weight = self.args.label_loss_weight
         student_inputs = inputs if label_weight > 0 else {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**student_inputs, **forward_kwargs(self.needs))
+        outputs, student = run_model(
+            model, student_inputs, self.needs["student"], module_root=self.accelerator.unwrap_model(model)
+        )
 
         terms: dict[str, torch.Tensor] = {}
         total = None
@@ -162,16 +219,15 @@ class DistillationTrainer(Trainer):
                 total = label_weight * terms["ce"]
 
         if self.distillation_losses:
-            student = ModelFeatures.from_outputs(outputs, self.needs)
-            teacher = self.teacher(inputs, self.needs)
+            teacher = self.teacher(inputs, self.needs["teacher"])
             _check_compatible(student, teacher)
             mask = distillation_mask(inputs, self.token_level, self.shift_labels)
             position_labels = labels
             if self.token_level and self.shift_labels:
-                student, teacher = student.map(_drop_last_position), teacher.map(_drop_last_position)
+                student, teacher = _drop_last_position(student), _drop_last_position(teacher)
                 position_labels = None if labels is None else labels[:, 1:]
             for name, weight, loss in zip(self.loss_names, self.loss_weights, self.distillation_losses):
-                value = loss(student, teacher, mask=mask, labels=position_labels)
+                value = loss(student, teacher, mask=mask, labels=position_labels, sample_index=sample_index)
                 if loss.per_position:
                     value = value * counts.scale / counts.positions.clamp(min=1)
                 else:
@@ -211,9 +267,24 @@ class DistillationTrainer(Trainer):
     def _mean_across_processes(self, value: torch.Tensor) -> float:
         return round(self.accelerator.reduce(value, reduction="mean").item(), 6)
 
+    def _save_checkpoint(self, model, trial):
+        self._saving_checkpoint = True  # checkpoints keep the losses' learned parts, for resuming
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the student only (Trainer semantics), plus ``distillation_config.json`` describing how."""
-        super().save_model(output_dir, _internal_call)
+        """Save the student only — no teacher, no projectors or other learned loss parts — plus
+        ``distillation_config.json`` describing how it was distilled."""
+        if self._saving_checkpoint or self._loss_host is None:
+            super().save_model(output_dir, _internal_call)
+        else:
+            del self._loss_host._modules[LOSS_MODULE_NAME]
+            try:
+                super().save_model(output_dir, _internal_call)
+            finally:
+                self._loss_host.add_module(LOSS_MODULE_NAME, self.distillation_losses)
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
             with open(os.path.join(output_dir, DISTILLATION_CONFIG_NAME), "w") as handle:
@@ -250,8 +321,19 @@ def _output(outputs, name):
     return outputs.get(name) if hasattr(outputs, "get") else getattr(outputs, name, None)
 
 
-def _drop_last_position(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor[:, :-1]
+def _drop_last_position(features: ModelFeatures) -> ModelFeatures:
+    """Causal LMs: logits at the last position predict nothing in the batch."""
+    if features.logits is None:
+        return features
+    return dataclasses.replace(features, logits=features.logits[:, :-1])
+
+
+def _split_sample_index(inputs: dict) -> tuple[dict, torch.Tensor | None]:
+    """The model inputs without the dataset-row column, and that column (None when absent)."""
+    if SAMPLE_INDEX not in inputs:
+        return inputs, None
+    inputs = dict(inputs)
+    return inputs, inputs.pop(SAMPLE_INDEX)
 
 
 def _num_positions(batch: dict, token_level: bool, shift: bool) -> int:

@@ -20,13 +20,13 @@ from hf_kd import DistillationConfig  # noqa: E402
 VOCAB = 64
 
 
-def tiny_bert(hidden=32, layers=2, num_labels=3, seed=0):
+def tiny_bert(hidden=32, layers=2, num_labels=3, seed=0, heads=2):
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=VOCAB,
         hidden_size=hidden,
         num_hidden_layers=layers,
-        num_attention_heads=2,
+        num_attention_heads=heads,
         intermediate_size=2 * hidden,
         num_labels=num_labels,
         max_position_embeddings=64,

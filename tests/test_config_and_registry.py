@@ -2,12 +2,14 @@
 
 import pytest
 import torch
-from conftest import config
+from conftest import config, tiny_bert
 
 from hf_kd import DistillationConfig, DistillationLoss, ModelFeatures, available_losses, get_loss
 from hf_kd.cli import parse_args
 from hf_kd.config import parse_losses
 
+ALL_IDS = """at attention_kl attention_mse crd dkd fsp hidden_cosine hidden_mse hint infonce irg jsd kl logit_mse
+    pkd pkt reverse_kl rkd_angle rkd_distance skew_kl skew_reverse_kl soft_ce sp tvd vid""".split()
 RESPONSE_IDS = ["dkd", "jsd", "kl", "logit_mse", "reverse_kl", "skew_kl", "skew_reverse_kl", "soft_ce", "tvd"]
 
 
@@ -22,25 +24,42 @@ class HalfKL(DistillationLoss):
         return 0.5 * get_loss("kl", temperature=self.temperature)(student, teacher, mask, labels)
 
 
-def test_available_losses_lists_response_family():
+def test_available_losses_lists_every_family():
     assert set(RESPONSE_IDS) <= set(available_losses())
+    assert available_losses() == ALL_IDS
     assert available_losses() == sorted(available_losses())
+
+
+def _features(model, inputs, loss, side):
+    from hf_kd.features import run_model
+
+    return run_model(model, inputs, loss.side_needs(side))[1]
 
 
 @pytest.mark.parametrize("name", available_losses())
 def test_every_registered_loss_builds_with_defaults_and_backpropagates(name):
+    # Real features of two BERTs of equal width but different depth and head count (widths differ in the
+    # per-family tests, which set projectors).
+    student_model, teacher_model = tiny_bert(layers=2, heads=2, seed=1), tiny_bert(layers=3, heads=4, seed=2)
+    for model in (student_model, teacher_model):
+        model.set_attn_implementation("eager")
+    inputs = {"input_ids": torch.randint(0, 64, (6, 7)), "attention_mask": torch.ones(6, 7, dtype=torch.long)}
+    inputs["attention_mask"][0, 5:] = 0
     loss = get_loss(name, temperature=2.0)
-    for shape in [(4, 5), (2, 3, 7)]:
-        student = torch.randn(*shape, requires_grad=True)
-        teacher = torch.randn(*shape)
-        value = loss(ModelFeatures(logits=student), ModelFeatures(logits=teacher))
-        assert value.dim() == 0 and torch.isfinite(value)
-        value.backward()
-        assert student.grad is not None and student.grad.abs().sum() > 0
+    with torch.no_grad():
+        teacher = _features(teacher_model, inputs, loss, "teacher")
+    student = _features(student_model, inputs, loss, "student")
+    loss.setup(student, teacher, num_samples=10)
+    value = loss(student, teacher, labels=torch.tensor([0, 1, 2, 0, 1, 2]), sample_index=torch.arange(6))
+    assert value.dim() == 0 and torch.isfinite(value)
+    value.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student_model.parameters())
+    assert all(p.grad is None for p in teacher_model.parameters())
+    assert all(p.grad is not None for p in loss.parameters())  # learned parts train too
 
 
 def test_unknown_loss_lists_valid_ids():
-    with pytest.raises(ValueError, match="unknown loss 'kll'.*Valid ids: dkd, jsd, kl"):
+    with pytest.raises(ValueError, match="unknown loss 'kll'.*Valid ids: at, attention_kl, .*, kl, .*, vid;"):
         get_loss("kll")
 
 

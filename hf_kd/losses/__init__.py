@@ -1,10 +1,19 @@
 """Distillation losses: a registry of small modules over the pure functions in :mod:`.functional`."""
 
 from . import functional
-from .base import DistillationLoss
+from .base import DistillationLoss, EmbeddingRelationLoss, LayerPairLoss
 from .registry import available_losses, get_loss, register_loss, resolve_loss_class
 
 # Importing a family module registers its losses.
-from . import response  # noqa: E402,F401  isort: skip
+from . import response, intermediate, relation, mutual_info  # noqa: E402,F401  isort: skip
 
-__all__ = ["DistillationLoss", "available_losses", "functional", "get_loss", "register_loss", "resolve_loss_class"]
+__all__ = [
+    "DistillationLoss",
+    "EmbeddingRelationLoss",
+    "LayerPairLoss",
+    "available_losses",
+    "functional",
+    "get_loss",
+    "register_loss",
+    "resolve_loss_class",
+]

@@ -1,4 +1,4 @@
-"""The base every distillation loss derives from."""
+"""The base every distillation loss derives from, and the shared plumbing of feature-based losses."""
 
 from __future__ import annotations
 
@@ -7,23 +7,37 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..features import ModelFeatures
+from ..features import ModelFeatures, pool, resolve_layer_map, select, source_needs
+from ..projectors import make_projector
 
 
 class DistillationLoss(nn.Module):
     """A loss between a student's and a teacher's :class:`~hf_kd.features.ModelFeatures`.
 
-    Subclasses set ``needs`` (the feature fields they read) and implement :meth:`forward`. A loss with
-    ``per_position = True`` returns the **sum** over the positions kept by ``mask`` (every example for
-    sequence-level tasks, every supervised token for token-level ones); the trainer divides by the number of
-    such positions in the whole accumulated batch, which keeps gradient accumulation exact. Learned parts
-    (projectors, regressors) are ordinary submodules: the trainer optimises and checkpoints them with the
-    student and never saves them into the student.
+    Subclasses set ``needs`` (the feature fields they read; an instance may narrow or widen it from its
+    options) and implement :meth:`forward`. A loss with ``per_position = True`` returns the **sum** over the
+    positions kept by ``mask`` (every example for sequence-level tasks, every supervised token for token-level
+    ones); the trainer divides by the number of such positions in the whole accumulated batch, which keeps
+    gradient accumulation exact. Other losses return a per-batch mean, which the trainer divides by the number
+    of accumulated micro-batches.
+
+    Learned parts (projectors, regressors, memory banks) are created in :meth:`setup`, which the trainer calls
+    once with the features of one sample batch before the optimizer is built; they then train, checkpoint and
+    resume with the student, and are left out of the saved student. ``default_weight`` is the weight used
+    when the configuration gives none (the value of the method's paper).
     """
 
     name: ClassVar[str] = ""
-    needs: ClassVar[frozenset[str]] = frozenset({"logits"})
+    needs: frozenset[str] = frozenset({"logits"})
     per_position: ClassVar[bool] = True
+    default_weight: ClassVar[float] = 1.0
+
+    def side_needs(self, side: str) -> frozenset[str]:
+        """What this loss reads from ``side`` (``"student"`` or ``"teacher"``)."""
+        return self.needs
+
+    def setup(self, student: ModelFeatures, teacher: ModelFeatures, num_samples: int | None = None) -> None:
+        """Create learned parts from one sample batch's features; most losses have none."""
 
     def forward(
         self,
@@ -31,5 +45,94 @@ class DistillationLoss(nn.Module):
         teacher: ModelFeatures,
         mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        sample_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError
+
+
+class LayerPairLoss(DistillationLoss):
+    """Base of intermediate losses: compares mapped layers (or two named modules), with optional projectors.
+
+    Options shared by subclasses: ``layer_map`` (``"uniform"``, ``"last"`` or ``[[s, t], ...]`` with 0 the
+    embedding output), ``projector`` (``None``, ``"linear"``, ``"mlp"``, ``"conv"``, ``"auto"``) created per pair
+    when set, and ``student_module`` / ``teacher_module`` to compare the outputs of two named submodules (captured
+    with forward hooks) instead of hidden states.
+    """
+
+    per_position = False
+    field = "hidden_states"
+
+    def __init__(
+        self,
+        layer_map="uniform",
+        projector: str | None = None,
+        student_module: str | None = None,
+        teacher_module: str | None = None,
+    ):
+        super().__init__()
+        if (student_module is None) != (teacher_module is None):
+            raise ValueError(f"{self.name}: set both student_module and teacher_module, or neither.")
+        self.layer_map = layer_map
+        self.projector_kind = projector
+        self.modules_by_side = {"student": student_module, "teacher": teacher_module}
+        self.projectors = nn.ModuleList()
+        self._pairs: list[tuple[int, int]] | None = None
+
+    def side_needs(self, side):
+        module = self.modules_by_side[side]
+        return frozenset({f"module:{module}"}) if module else frozenset({self.field})
+
+    def layer_pairs(self, student: ModelFeatures, teacher: ModelFeatures) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (student, teacher) tensors to compare, in layer-map order."""
+        if self.modules_by_side["student"]:
+            return [
+                (student.modules[self.modules_by_side["student"]], teacher.modules[self.modules_by_side["teacher"]])
+            ]
+        s_layers, t_layers = getattr(student, self.field), getattr(teacher, self.field)
+        offset = 1 if self.field == "attentions" else 0  # attentions[ℓ - 1] belongs to layer ℓ
+        depth_s, depth_t = len(s_layers) - 1 + offset, len(t_layers) - 1 + offset
+        if self._pairs is None:
+            self._pairs = resolve_layer_map(self.layer_map, depth_s, depth_t)
+            if offset and any(0 in pair for pair in self._pairs):
+                raise ValueError(f"{self.name}: layer 0 (the embeddings) has no attention; map layers 1 and above.")
+        return [(s_layers[s - offset], t_layers[t - offset]) for s, t in self._pairs]
+
+    def setup(self, student, teacher, num_samples=None):
+        if self.field == "attentions":
+            return
+        for s, t in self.layer_pairs(student, teacher):
+            projector = make_projector(self.projector_kind, s, t, self.name, "features")
+            self.projectors.append(projector if projector is not None else nn.Identity())
+
+    def project(self, index: int, student_features: torch.Tensor) -> torch.Tensor:
+        if len(self.projectors) == 0:  # setup not run: widths must already agree
+            return student_features
+        return self.projectors[index](student_features)
+
+
+class EmbeddingRelationLoss(DistillationLoss):
+    """Base of relation and contrastive losses on one vector per example.
+
+    Options: ``source`` (``"hidden_states:-1"``, ``"logits"``, ``"module:PATH"``; ``student_source`` /
+    ``teacher_source`` to differ per side) and ``pooling`` (``auto``, ``cls``, ``mean``, ``last``, ``spatial``,
+    ``flatten``; see :func:`hf_kd.features.pool`).
+    """
+
+    per_position = False
+
+    def __init__(
+        self,
+        source: str = "hidden_states:-1",
+        pooling: str = "auto",
+        student_source: str | None = None,
+        teacher_source: str | None = None,
+    ):
+        super().__init__()
+        self.sources = {"student": student_source or source, "teacher": teacher_source or source}
+        self.pooling = pooling
+
+    def side_needs(self, side):
+        return source_needs(self.sources[side])
+
+    def embeddings(self, features: ModelFeatures, side: str) -> torch.Tensor:
+        return pool(select(features, self.sources[side]), self.pooling, features.attention_mask).float()

@@ -218,3 +218,213 @@ RESPONSE_FUNCTIONS = {
     "logit_mse": logit_mse,
     "dkd": dkd,
 }
+
+
+# ---- intermediate representations --------------------------------------------------------------------------------
+# Features are tokens B×T×H (channels last), feature maps B×C×H×W (channels at dim 1) or vectors B×D.
+# ``token_mask`` (B×T, True on real tokens) restricts token averages to real tokens.
+
+
+def _mean_over_tokens(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-position values ``B×T`` (or any shape without a mask) over real tokens."""
+    if token_mask is None or values.dim() != 2 or token_mask.shape != values.shape:
+        return values.mean()
+    weights = token_mask.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp(min=1)
+
+
+def _channels_last(features: torch.Tensor) -> torch.Tensor:
+    return features.movedim(1, -1) if features.dim() == 4 else features
+
+
+def feature_mse(student, teacher, *, token_mask=None):
+    """Mean squared error between features of equal shape, averaged over channels, then positions / real tokens."""
+    s, t = _channels_last(student.float()), _channels_last(teacher.float())
+    if s.shape != t.shape:
+        raise ValueError(f"feature shapes differ: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}.")
+    return _mean_over_tokens((s - t).pow(2).mean(-1), token_mask)
+
+
+def feature_cosine(student, teacher, *, token_mask=None):
+    """1 − cos(h_S, h_T) over channels, averaged over positions / real tokens (DistilBERT's cosine loss)."""
+    s, t = _channels_last(student.float()), _channels_last(teacher.float())
+    if s.shape != t.shape:
+        raise ValueError(f"feature shapes differ: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}.")
+    return _mean_over_tokens(1 - F.cosine_similarity(s, t, dim=-1), token_mask)
+
+
+def _match_heads(student_attention, teacher_attention):
+    """Average over heads on both sides when the head counts differ (B×h×T×T → B×1×T×T)."""
+    if student_attention.shape[1] != teacher_attention.shape[1]:
+        return student_attention.mean(1, keepdim=True), teacher_attention.mean(1, keepdim=True)
+    return student_attention, teacher_attention
+
+
+def attention_mse(student_attention, teacher_attention, *, token_mask=None):
+    """TinyBERT: MSE between attention probabilities B×h×T×T, averaged over keys, heads and real query tokens."""
+    s, t = _match_heads(student_attention.float(), teacher_attention.float())
+    return _mean_over_tokens((s - t).pow(2).mean(-1).mean(1), token_mask)
+
+
+def attention_kl(student_attention, teacher_attention, *, token_mask=None):
+    """MiniLM: KL(A_T ‖ A_S) per query row, averaged over heads and real query tokens."""
+    s, t = _match_heads(student_attention.float(), teacher_attention.float())
+    tiny = torch.finfo(torch.float32).tiny
+    values = (t * (t.clamp(min=tiny).log() - s.clamp(min=tiny).log())).sum(-1)
+    return _mean_over_tokens(values.mean(1), token_mask)
+
+
+def pkd(student_cls, teacher_cls):
+    """Patient KD: ‖h_S/‖h_S‖ − h_T/‖h_T‖‖² per example ([CLS] states B×H), averaged over the batch."""
+    s, t = F.normalize(student_cls.float(), dim=-1), F.normalize(teacher_cls.float(), dim=-1)
+    return (s - t).pow(2).sum(-1).mean()
+
+
+def _common_grid(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool two feature maps B×C×H×W to the smaller spatial size."""
+    size = (min(a.shape[2], b.shape[2]), min(a.shape[3], b.shape[3]))
+    return F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(b, size)
+
+
+def attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Zagoruyko & Komodakis's attention map: normalize(vec(mean over channels of |F|^p))."""
+    features = features.float()
+    energy = features.abs().pow(p).mean(1) if features.dim() == 4 else features.abs().pow(p).mean(-1)
+    return F.normalize(energy.flatten(1), dim=1)
+
+
+def attention_transfer(student, teacher, *, p=2.0):
+    """Attention transfer (Zagoruyko & Komodakis 2017): mean((Q_S − Q_T)²), Q = attention_map(F); widths may differ.
+
+    Feature maps are pooled to a common spatial size; token features need the same number of tokens.
+    """
+    if student.dim() == 4:
+        student, teacher = _common_grid(student, teacher)
+    elif student.shape[:2] != teacher.shape[:2]:
+        raise ValueError(
+            f"attention transfer on tokens needs equal B×T, got {tuple(student.shape[:2])} and "
+            f"{tuple(teacher.shape[:2])}."
+        )
+    return (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean()
+
+
+def fsp_matrix(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Flow of solution procedure (Yim et al. 2017): G = F₁ᵀF₂ / positions, B×C₁×C₂."""
+    if first.dim() == 4:
+        first, second = _common_grid(first.float(), second.float())
+        return first.flatten(2) @ second.flatten(2).transpose(1, 2) / first[0, 0].numel()
+    first, second = first.float(), second.float()
+    return first.transpose(1, 2) @ second / first.shape[1]
+
+
+def fsp(student_features, teacher_features):
+    """FSP loss: MSE between the Gram matrices of consecutive feature pairs, averaged over pairs."""
+    if len(student_features) < 2 or len(student_features) != len(teacher_features):
+        raise ValueError("fsp needs the same number (>= 2) of student and teacher features, one per stage.")
+    losses = []
+    for index in range(len(student_features) - 1):
+        g_s = fsp_matrix(student_features[index], student_features[index + 1])
+        g_t = fsp_matrix(teacher_features[index], teacher_features[index + 1])
+        if g_s.shape != g_t.shape:
+            raise ValueError(
+                f"fsp: Gram matrices differ in shape ({tuple(g_s.shape)} vs {tuple(g_t.shape)}); "
+                "the student's stage widths must match the teacher's: set projector='linear'/'conv'."
+            )
+        losses.append((g_s - g_t).pow(2).mean())
+    return torch.stack(losses).mean()
+
+
+# ---- relations between examples (embeddings B×D; student and teacher widths may differ) --------------------------
+
+
+def _pairwise_distances(embeddings: torch.Tensor) -> torch.Tensor:
+    squared = embeddings.pow(2).sum(1)
+    distances = (squared[:, None] + squared[None, :] - 2 * embeddings @ embeddings.T).clamp(min=1e-12).sqrt()
+    return distances * (1 - torch.eye(len(embeddings), device=embeddings.device, dtype=embeddings.dtype))
+
+
+def _mean_normalised_distances(embeddings: torch.Tensor) -> torch.Tensor:
+    distances = _pairwise_distances(embeddings.float())
+    off_diagonal = distances[distances > 0]
+    return distances / off_diagonal.mean().clamp(min=1e-12) if off_diagonal.numel() else distances
+
+
+def rkd_distance(student, teacher):
+    """RKD distance (Park et al. 2019): Huber between pairwise distances, each divided by its mean."""
+    return F.smooth_l1_loss(_mean_normalised_distances(student), _mean_normalised_distances(teacher))
+
+
+def _angles(embeddings: torch.Tensor) -> torch.Tensor:
+    differences = F.normalize(embeddings.float()[None, :, :] - embeddings.float()[:, None, :], p=2, dim=2)
+    return torch.bmm(differences, differences.transpose(1, 2)).flatten()
+
+
+def rkd_angle(student, teacher):
+    """RKD angle (Park et al. 2019): Huber between cos∠(e_i, e_j, e_k) over all triplets."""
+    return F.smooth_l1_loss(_angles(student), _angles(teacher))
+
+
+def similarity_preserving(student, teacher):
+    """Similarity-preserving KD (Tung & Mori 2019): ‖norm_rows(A_T A_Tᵀ) − norm_rows(A_S A_Sᵀ)‖_F² / B²."""
+    s, t = student.float().flatten(1), teacher.float().flatten(1)
+    g_s, g_t = F.normalize(s @ s.T, dim=1), F.normalize(t @ t.T, dim=1)
+    return (g_t - g_s).pow(2).sum() / len(s) ** 2
+
+
+def pkt(student, teacher, *, eps=1e-7):
+    """Probabilistic knowledge transfer (Passalis & Tefas 2018): KL between row-normalised (cos + 1)/2 affinities."""
+
+    def affinities(x):
+        x = F.normalize(x.float().flatten(1), dim=1)
+        similarity = (x @ x.T + 1) / 2
+        return similarity / similarity.sum(1, keepdim=True)
+
+    p_t, p_s = affinities(teacher), affinities(student)
+    return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+def irg(student_layers, teacher_layers, *, cross_layer_weight=1.0):
+    """Instance relation graph (Liu et al. 2019) over mapped layers of pooled embeddings.
+
+    Edge term: MSE between the mean-normalised pairwise-distance graphs of each mapped layer pair. Cross-layer
+    term (IRG's transformation): MSE between how the graph changes from one mapped layer to the next.
+    """
+    if len(student_layers) != len(teacher_layers) or not student_layers:
+        raise ValueError("irg needs the same number (>= 1) of student and teacher layers.")
+    graphs_s = [_mean_normalised_distances(layer) for layer in student_layers]
+    graphs_t = [_mean_normalised_distances(layer) for layer in teacher_layers]
+    loss = torch.stack([F.mse_loss(s, t) for s, t in zip(graphs_s, graphs_t)]).mean()
+    if cross_layer_weight and len(graphs_s) > 1:
+        transitions = [
+            F.mse_loss(graphs_s[i + 1] - graphs_s[i], graphs_t[i + 1] - graphs_t[i]) for i in range(len(graphs_s) - 1)
+        ]
+        loss = loss + cross_layer_weight * torch.stack(transitions).mean()
+    return loss
+
+
+# ---- mutual information ------------------------------------------------------------------------------------------
+
+
+def info_nce(student, teacher, *, temperature=0.07):
+    """In-batch InfoNCE: each student embedding must pick its own teacher embedding among the batch's.
+
+    −mean_i log softmax_j(⟨ŝ_i, t̂_j⟩ / τ)[i] with L2-normalised embeddings of equal width.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"info_nce needs embeddings of equal shape, got {tuple(student.shape)} and "
+            f"{tuple(teacher.shape)}; project the student first."
+        )
+    logits = F.normalize(student.float(), dim=1) @ F.normalize(teacher.float(), dim=1).T / temperature
+    return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+
+
+def vid(teacher, mean, variance, *, token_mask=None):
+    """Variational information distillation (Ahn et al. 2019): ½·mean((t − μ)²/σ² + log σ²).
+
+    ``mean`` is the regressor's prediction μ(s) shaped like ``teacher``; ``variance`` is σ² per channel. Averaged
+    over channels, then positions / real tokens.
+    """
+    t, mu = _channels_last(teacher.float()), _channels_last(mean.float())
+    values = 0.5 * ((t - mu).pow(2) / variance + variance.log()).mean(-1)
+    return _mean_over_tokens(values, token_mask)

@@ -26,7 +26,7 @@ class ResponseLoss(DistillationLoss):
         self.temperature = temperature
         self.options = options
 
-    def forward(self, student, teacher, mask=None, labels=None):
+    def forward(self, student, teacher, mask=None, labels=None, sample_index=None):
         return type(self).function(
             student.logits, teacher.logits, temperature=self.temperature, mask=mask, reduction="sum", **self.options
         )
@@ -108,7 +108,7 @@ class DecoupledKD(ResponseLoss):
             raise ValueError(f"dkd needs alpha >= 0 and beta >= 0, got alpha={alpha}, beta={beta}.")
         super().__init__(temperature, alpha=alpha, beta=beta)
 
-    def forward(self, student, teacher, mask=None, labels=None):
+    def forward(self, student, teacher, mask=None, labels=None, sample_index=None):
         # Only integer labels of the positions' shape are class targets; else dkd uses the teacher's top class.
         target = (
             labels

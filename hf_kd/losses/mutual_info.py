@@ -1,0 +1,144 @@
+"""Mutual-information knowledge: variational (VID) and contrastive (CRD, InfoNCE) bounds between representations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as torch_F
+from torch import nn
+
+from ..projectors import Projector, channel_width
+from . import functional as F
+from .base import EmbeddingRelationLoss, LayerPairLoss
+from .registry import register_loss
+
+
+@register_loss("vid")
+class VariationalInformationDistillation(LayerPairLoss):
+    """VID (Ahn et al. 2019): maximises a variational lower bound of I(t; s) with a Gaussian q(t | s).
+
+    Per mapped layer pair (last by default): a regressor μ(s) (a two-layer MLP, or 1×1 convolutions on feature
+    maps) and a per-channel variance σ² = softplus(a) + ε, both learned; loss ½·mean((t − μ(s))²/σ² + log σ²).
+    """
+
+    def __init__(
+        self, layer_map="last", init_variance: float = 5.0, eps: float = 1e-5, student_module=None, teacher_module=None
+    ):
+        super().__init__(layer_map, None, student_module, teacher_module)
+        self.init_variance, self.eps = init_variance, eps
+        self.variance_logits = nn.ParameterList()
+
+    def setup(self, student, teacher, num_samples=None):
+        for s, t in self.layer_pairs(student, teacher):
+            self.projectors.append(Projector("mlp", channel_width(s), channel_width(t), s.dim()))
+            # softplus(a) + ε = init_variance at the start, as in the paper's code
+            start = math.log(math.expm1(self.init_variance - self.eps))
+            self.variance_logits.append(nn.Parameter(torch.full((channel_width(t),), start)))
+
+    def forward(self, student, teacher, mask=None, labels=None, sample_index=None):
+        if len(self.projectors) == 0:
+            raise RuntimeError("vid has no regressor yet: DistillationTrainer creates it from a first batch.")
+        values = []
+        for index, (s, t) in enumerate(self.layer_pairs(student, teacher)):
+            variance = torch_F.softplus(self.variance_logits[index]) + self.eps
+            values.append(F.vid(t, self.projectors[index](s), variance, token_mask=student.attention_mask))
+        return torch.stack(values).mean()
+
+
+@register_loss("infonce")
+class InfoNCE(EmbeddingRelationLoss):
+    """In-batch InfoNCE between student and teacher embeddings (a lower bound of their mutual information);
+    a learned Linear maps the student to the teacher's width when they differ."""
+
+    def __init__(
+        self,
+        source="hidden_states:-1",
+        pooling="auto",
+        student_source=None,
+        teacher_source=None,
+        nce_temperature: float = 0.07,
+    ):
+        super().__init__(source, pooling, student_source, teacher_source)
+        self.nce_temperature = nce_temperature
+        self.projector: nn.Module = nn.Identity()
+
+    def setup(self, student, teacher, num_samples=None):
+        s, t = self.embeddings(student, "student"), self.embeddings(teacher, "teacher")
+        if s.shape[-1] != t.shape[-1]:
+            self.projector = Projector("linear", s.shape[-1], t.shape[-1], 2)
+
+    def forward(self, student, teacher, mask=None, labels=None, sample_index=None):
+        s = self.projector(self.embeddings(student, "student"))
+        return F.info_nce(s, self.embeddings(teacher, "teacher"), temperature=self.nce_temperature)
+
+
+@register_loss("crd")
+class ContrastiveRepresentationDistillation(EmbeddingRelationLoss):
+    """CRD (Tian et al. 2020) with memory banks, in its softmax (InfoNCE) form.
+
+    Student and teacher embeddings pass through learned linear heads to ``feature_dim`` and are L2-normalised.
+    Each student embedding must pick its example's entry of the teacher memory bank among ``num_negatives``
+    random entries, and each teacher embedding its example's entry of the student bank, at temperature
+    ``nce_temperature``; banks are updated with momentum ``momentum``. Needs the dataset row of every example
+    (a ``sample_index`` column: :func:`hf_kd.data.add_sample_index`). Weight 0.8 as in the paper.
+    """
+
+    default_weight = 0.8
+
+    def __init__(
+        self,
+        source="hidden_states:-1",
+        pooling="auto",
+        student_source=None,
+        teacher_source=None,
+        feature_dim: int = 128,
+        num_negatives: int = 4096,
+        nce_temperature: float = 0.07,
+        momentum: float = 0.5,
+    ):
+        super().__init__(source, pooling, student_source, teacher_source)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"crd needs 0 <= momentum < 1, got {momentum}.")
+        self.feature_dim, self.num_negatives = feature_dim, num_negatives
+        self.nce_temperature, self.momentum = nce_temperature, momentum
+
+    def setup(self, student, teacher, num_samples=None):
+        if not num_samples:
+            raise ValueError(
+                "crd needs the training set size for its memory banks: give DistillationTrainer a "
+                "train_dataset with a sample_index column (hf_kd.data.add_sample_index)."
+            )
+        s, t = self.embeddings(student, "student"), self.embeddings(teacher, "teacher")
+        self.student_head = nn.Linear(s.shape[-1], self.feature_dim)
+        self.teacher_head = nn.Linear(t.shape[-1], self.feature_dim)
+        bound = 1.0 / math.sqrt(self.feature_dim / 3)  # the paper's uniform initialisation of the banks
+        for name in ("student_memory", "teacher_memory"):
+            bank = torch.rand(num_samples, self.feature_dim).mul_(2 * bound).sub_(bound)
+            self.register_buffer(name, torch_F.normalize(bank, dim=1))
+
+    def forward(self, student, teacher, mask=None, labels=None, sample_index=None):
+        if sample_index is None:
+            raise ValueError(
+                "crd needs the dataset row of every example: add a sample_index column to the training "
+                "set with hf_kd.data.add_sample_index(dataset)."
+            )
+        if not hasattr(self, "student_head"):
+            raise RuntimeError("crd has no heads yet: DistillationTrainer creates them from a first batch.")
+        index = sample_index.long().to(self.student_memory.device)
+        s = torch_F.normalize(self.student_head(self.embeddings(student, "student")), dim=1)
+        t = torch_F.normalize(self.teacher_head(self.embeddings(teacher, "teacher")), dim=1)
+        size = len(self.student_memory)
+        negatives = torch.randint(0, size, (len(index), min(self.num_negatives, size)), device=index.device)
+        candidates = torch.cat([index[:, None], negatives], dim=1)  # column 0 is the positive
+        loss = self._contrast(s, self.teacher_memory[candidates]) + self._contrast(t, self.student_memory[candidates])
+        with torch.no_grad():  # momentum update of the banks at this batch's rows
+            for bank, fresh in ((self.student_memory, s), (self.teacher_memory, t)):
+                bank[index] = torch_F.normalize(
+                    self.momentum * bank[index] + (1 - self.momentum) * fresh.detach(), dim=1
+                )
+        return loss
+
+    def _contrast(self, anchors: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        logits = torch.einsum("bd,bkd->bk", anchors, candidates.to(anchors.dtype)) / self.nce_temperature
+        return torch_F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))

@@ -1,0 +1,70 @@
+"""Relation-based knowledge: how examples relate to each other in the teacher's embedding space.
+
+Losses compare B×B (or B×B×B) structures, so student and teacher widths may differ and no projector is needed.
+Embeddings come from ``source`` pooled with ``pooling``; see :class:`~hf_kd.losses.base.EmbeddingRelationLoss`.
+"""
+
+from __future__ import annotations
+
+from ..features import pool
+from . import functional as F
+from .base import EmbeddingRelationLoss, LayerPairLoss
+from .registry import register_loss
+
+
+class _EmbeddingPairLoss(EmbeddingRelationLoss):
+    function = None
+
+    def forward(self, student, teacher, mask=None, labels=None, sample_index=None):
+        return type(self).function(self.embeddings(student, "student"), self.embeddings(teacher, "teacher"))
+
+
+@register_loss("rkd_distance")
+class RKDDistance(_EmbeddingPairLoss):
+    __doc__ = F.rkd_distance.__doc__ + " Weight 25 as in the paper."
+    function = F.rkd_distance
+    default_weight = 25.0
+
+
+@register_loss("rkd_angle")
+class RKDAngle(_EmbeddingPairLoss):
+    __doc__ = F.rkd_angle.__doc__ + " Weight 50 as in the paper."
+    function = F.rkd_angle
+    default_weight = 50.0
+
+
+@register_loss("sp")
+class SimilarityPreserving(_EmbeddingPairLoss):
+    __doc__ = F.similarity_preserving.__doc__ + " Weight 3000 as in the paper; ``pooling='flatten'`` by default."
+    function = F.similarity_preserving
+    default_weight = 3000.0
+
+    def __init__(self, source="hidden_states:-1", pooling="flatten", student_source=None, teacher_source=None):
+        super().__init__(source, pooling, student_source, teacher_source)
+
+
+@register_loss("pkt")
+class ProbabilisticKT(_EmbeddingPairLoss):
+    __doc__ = F.pkt.__doc__
+    function = F.pkt
+    default_weight = 30000.0  # the authors' CRD-benchmark setting
+
+
+@register_loss("irg")
+class InstanceRelationGraph(LayerPairLoss):
+    """Instance relation graph (Liu et al. 2019) on pooled embeddings of mapped layers (uniform by default),
+    with the cross-layer (transformation) edges weighted by ``cross_layer_weight``."""
+
+    def __init__(self, layer_map="uniform", pooling: str = "auto", cross_layer_weight: float = 1.0):
+        super().__init__(layer_map=layer_map)
+        self.pooling = pooling
+        self.cross_layer_weight = cross_layer_weight
+
+    def setup(self, student, teacher, num_samples=None):
+        pass  # compares B×B graphs: widths may differ
+
+    def forward(self, student, teacher, mask=None, labels=None, sample_index=None):
+        pairs = self.layer_pairs(student, teacher)
+        student_layers = [pool(s, self.pooling, student.attention_mask).float() for s, _ in pairs]
+        teacher_layers = [pool(t, self.pooling, teacher.attention_mask).float() for _, t in pairs]
+        return F.irg(student_layers, teacher_layers, cross_layer_weight=self.cross_layer_weight)
