@@ -134,11 +134,7 @@ class DistillationTrainer(Trainer):
     # ---- learned parts of losses ----------------------------------------------------------------------------
 
     def _setup_learned_losses(self) -> None:
-        """Let losses with learned parts size them from one training batch, then attach them to the student.
-
-        Attached as the student's submodule ``hf_kd_losses``, they are optimised with it, wrapped with it by
-        DDP/DeepSpeed/FSDP, saved in checkpoints and restored on resume; :meth:`save_model` leaves them out.
-        """
+        """Let losses with learned parts size them from one training batch (before any optimizer exists)."""
         pending = [loss for loss in self.distillation_losses if type(loss).setup is not DistillationLoss.setup]
         if not pending:
             return
@@ -166,7 +162,27 @@ class DistillationTrainer(Trainer):
             True for _ in self.distillation_losses.buffers()
         ):
             self._loss_host = self.model
+
+    def _attach_loss_parts(self, attached: bool) -> None:
+        """Hang the losses' learned parts on the student as submodule ``hf_kd_losses``, or take them off.
+
+        Attached during ``train()``, they are optimised with the student, wrapped with it by DDP/DeepSpeed/FSDP,
+        saved in checkpoints and restored on resume; outside it, and in :meth:`save_model`, the student is
+        exactly the model that was given.
+        """
+        if self._loss_host is None or (LOSS_MODULE_NAME in self._loss_host._modules) == attached:
+            return
+        if attached:
             self._loss_host.add_module(LOSS_MODULE_NAME, self.distillation_losses)
+        else:
+            del self._loss_host._modules[LOSS_MODULE_NAME]
+
+    def train(self, *args, **kwargs):
+        self._attach_loss_parts(True)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._attach_loss_parts(False)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -277,14 +293,12 @@ class DistillationTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the student only — no teacher, no projectors or other learned loss parts — plus
         ``distillation_config.json`` describing how it was distilled."""
-        if self._saving_checkpoint or self._loss_host is None:
+        attached = self._loss_host is not None and LOSS_MODULE_NAME in self._loss_host._modules
+        self._attach_loss_parts(attached and self._saving_checkpoint)
+        try:
             super().save_model(output_dir, _internal_call)
-        else:
-            del self._loss_host._modules[LOSS_MODULE_NAME]
-            try:
-                super().save_model(output_dir, _internal_call)
-            finally:
-                self._loss_host.add_module(LOSS_MODULE_NAME, self.distillation_losses)
+        finally:
+            self._attach_loss_parts(attached)
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
             with open(os.path.join(output_dir, DISTILLATION_CONFIG_NAME), "w") as handle:

@@ -9,6 +9,9 @@ scratch with the same steps and seed, and the distilled student.
     python recipes/image_classification.py --config recipes/configs/image_classification.yaml   # ~1 min
     python recipes/image_classification.py --config recipes/configs/image_classification.yaml \
         --losses dkd:1.0:beta=2 --temperature 4 --output_dir outputs/digits-dkd
+    # Feature, relation and mutual-information knowledge (ViT widths 16 vs 64: hint/vid learn their regressors)
+    python recipes/image_classification.py --config recipes/configs/image_classification.yaml \
+        --losses kl,hint,rkd_distance,crd --output_dir outputs/digits-feat
     accelerate launch recipes/image_classification.py --teacher outputs/digits/teacher --output_dir outputs/d2
 """
 
@@ -35,7 +38,7 @@ from transformers import (
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.cli import parse_args
-from hf_kd.data import split_labeled_transfer
+from hf_kd.data import add_sample_index, split_labeled_transfer
 from hf_kd.evaluation import evaluate_model, markdown_table
 from hf_kd.metrics import get_compute_metrics
 
@@ -125,6 +128,7 @@ def main():
     splits = dataset.train_test_split(test_size=recipe.test_fraction, stratify_by_column="labels", seed=args.seed)
     train, test = splits["train"], splits["test"]
     labeled, transfer = split_labeled_transfer(train, recipe.num_labeled, seed=args.seed)
+    transfer = add_sample_index(transfer)  # row ids for losses with per-example memory (crd); others ignore them
     labeled, transfer = labeled.with_format("torch"), transfer.with_format("torch")
 
     # Same optimizer steps for every student: the scratch run cycles over its few labels as often as needed.

@@ -15,6 +15,10 @@ steps and the same seed.
     accelerate launch recipes/text_classification.py --teacher outputs/bbc/teacher \
         --losses kl:1.0,logit_mse:0.1 --temperature 4 --output_dir outputs/bbc-mse
 
+    # Any registered loss, e.g. intermediate + relation knowledge on top of logits (the widths differ: projector)
+    python recipes/text_classification.py --config recipes/configs/text_classification.yaml \
+        --losses kl:1.0,hidden_mse:1.0:projector=linear,attention_kl:1.0,rkd_distance --output_dir outputs/bbc-feat
+
     # Your own data: any dataset load_dataset can read, with a text and a label column
     python recipes/text_classification.py --dataset_name csv --data_files my.csv --text_column text \
         --label_column label --output_dir outputs/mine
@@ -43,7 +47,7 @@ from transformers import (
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.cli import parse_args
-from hf_kd.data import split_labeled_transfer
+from hf_kd.data import add_sample_index, split_labeled_transfer
 from hf_kd.evaluation import evaluate_model, markdown_table
 from hf_kd.metrics import get_compute_metrics
 
@@ -156,6 +160,7 @@ def main():
     dataset = load_text_dataset(recipe, cache_dir=os.path.join(args.output_dir, "data"))
     splits = dataset.train_test_split(test_size=recipe.test_fraction, stratify_by_column="labels", seed=args.seed)
     labeled, transfer = split_labeled_transfer(splits["train"], recipe.num_labeled, seed=args.seed)
+    transfer = add_sample_index(transfer)  # row ids for losses with per-example memory (crd); others ignore them
     label_names = dataset.features["labels"].names
 
     # ---- teacher: a given fine-tuned model, or the pretrained MiniLM fine-tuned on the labeled split ----

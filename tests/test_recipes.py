@@ -73,10 +73,13 @@ def test_text_recipe_runs_on_bbc_news_with_the_packaged_minilm(tmp_path):
         "--test_fraction",
         "0.05",
         "--losses",
-        "kl:1.0,dkd:0.5",
+        # response, intermediate (widths 128 vs 384: projector), attention and contrastive knowledge together
+        "kl:1.0,dkd:0.5,hidden_mse:1.0:projector=linear,attention_kl,crd:0.8:num_negatives=64",
     )
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results) == 3 and all(0.0 <= row["accuracy"] <= 1.0 for row in results.values())
     assert "MiniLM" in stdout
     assert {"model.safetensors", "tokenizer.json", "distillation_config.json"} <= set(os.listdir(tmp_path / "student"))
     assert (tmp_path / "teacher" / "model.safetensors").exists()
+    saved = load_file(str(tmp_path / "student" / "model.safetensors"))
+    assert not any(key.startswith("hf_kd_losses") for key in saved)  # projectors and CRD heads stay behind
