@@ -258,3 +258,43 @@ def test_crd_needs_sample_indices_and_updates_its_memory():
     assert torch.allclose(loss.teacher_memory.norm(dim=1), torch.ones(20))
     # the softmax form over 1 positive + K negatives starts near log(K + 1)
     assert abs(value.item() / 2 - math.log(6)) < 1.5
+
+
+def test_crd_softmax_form_reference():
+    student = ModelFeatures(hidden_states=(torch.randn(3, 2, 4),))
+    teacher = ModelFeatures(hidden_states=(torch.randn(3, 2, 6),))
+    loss = get_loss("crd", feature_dim=5, num_negatives=4, nce_temperature=0.5, pooling="cls")
+    loss.setup(student, teacher, num_samples=10)
+    index = torch.tensor([2, 5, 9])
+    student_bank, teacher_bank = loss.student_memory.clone(), loss.teacher_memory.clone()
+    torch.manual_seed(123)
+    value = loss(student, teacher, sample_index=index).item()
+    torch.manual_seed(123)
+    negatives = torch.randint(0, 10, (3, 4))
+    candidates = torch.cat([index[:, None], negatives], 1)
+    with torch.no_grad():
+        s = torch.nn.functional.normalize(loss.student_head(student.hidden_states[0][:, 0]), dim=1)
+        t = torch.nn.functional.normalize(loss.teacher_head(teacher.hidden_states[0][:, 0]), dim=1)
+
+    def nce(anchors, bank):
+        total = 0.0
+        for row in range(3):
+            logits = (bank[candidates[row]] @ anchors[row]).numpy() / 0.5
+            total += -(logits[0] - np.log(np.exp(logits).sum()))
+        return total / 3
+
+    assert value == pytest.approx(nce(s, teacher_bank) + nce(t, student_bank), rel=1e-5)
+    # the rows just seen were pulled towards this batch's embeddings: 0.5·old + 0.5·new, renormalised
+    expected_row = torch.nn.functional.normalize(0.5 * teacher_bank[2] + 0.5 * t[0], dim=0)
+    torch.testing.assert_close(loss.teacher_memory[2], expected_row)
+
+
+def test_hint_is_half_the_feature_mse_through_its_regressor():
+    student = ModelFeatures(hidden_states=(torch.randn(2, 3, 4), torch.randn(2, 3, 4)), attention_mask=None)
+    teacher = ModelFeatures(hidden_states=(torch.randn(2, 3, 6), torch.randn(2, 3, 6)))
+    loss = get_loss("hint")
+    loss.setup(student, teacher)
+    with torch.no_grad():
+        projected = loss.projectors[0](student.hidden_states[-1])
+    expected = 0.5 * ((projected - teacher.hidden_states[-1]) ** 2).mean()
+    assert loss(student, teacher).item() == pytest.approx(expected.item(), rel=1e-5)
