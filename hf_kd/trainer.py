@@ -9,8 +9,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import DistillationConfig
 from .data import SAMPLE_INDEX
@@ -19,7 +21,7 @@ from .losses import DistillationLoss, get_loss
 from .teachers import LiveTeacher, is_causal_lm, is_token_level, load_teacher, use_eager_attention
 
 DISTILLATION_CONFIG_NAME = "distillation_config.json"
-LOSS_MODULE_NAME = "hf_kd_losses"  # where learned loss parts hang on the student during training
+LOSS_PARTS_NAME = "hf_kd_losses.safetensors"  # learned loss parts (projectors, banks) inside each checkpoint
 
 
 @dataclass
@@ -121,15 +123,13 @@ class DistillationTrainer(Trainer):
 
         self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         self.teacher = LiveTeacher(self.teacher_model)
-        self._saving_checkpoint = False
-        self._loss_host: nn.Module | None = None
         self._setup_learned_losses()
         self._term_sums: dict[str, dict[str, list[torch.Tensor]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
         self._steps_at_last_log = 0
-        self.add_callback(_ResetTermLogs(self))
+        self.add_callback(_DistillationCallback(self))
 
     # ---- learned parts of losses ----------------------------------------------------------------------------
 
@@ -158,31 +158,27 @@ class DistillationTrainer(Trainer):
         for loss in pending:
             loss.setup(student, teacher, num_samples=num_samples)
         self.distillation_losses.to(self.args.device)
-        if any(True for _ in self.distillation_losses.parameters()) or any(
-            True for _ in self.distillation_losses.buffers()
-        ):
-            self._loss_host = self.model
+        if self.accelerator.num_processes > 1:  # every process starts from rank 0's initialisation
+            for tensor in self.distillation_losses.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+        if self.is_deepspeed_enabled and any(True for _ in self.distillation_losses.parameters()):
+            raise ValueError(
+                f"losses {[loss.name for loss in pending]} learn parameters, which DeepSpeed's optimizer cannot "
+                "take besides the model's; use DDP or FSDP, or losses without learned parts."
+            )
 
-    def _attach_loss_parts(self, attached: bool) -> None:
-        """Hang the losses' learned parts on the student as submodule ``hf_kd_losses``, or take them off.
+    def loss_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the losses (projectors, regressors, heads), optimised beside the student."""
+        return [parameter for parameter in self.distillation_losses.parameters() if parameter.requires_grad]
 
-        Attached during ``train()``, they are optimised with the student, wrapped with it by DDP/DeepSpeed/FSDP,
-        saved in checkpoints and restored on resume; outside it, and in :meth:`save_model`, the student is
-        exactly the model that was given.
-        """
-        if self._loss_host is None or (LOSS_MODULE_NAME in self._loss_host._modules) == attached:
-            return
-        if attached:
-            self._loss_host.add_module(LOSS_MODULE_NAME, self.distillation_losses)
-        else:
-            del self._loss_host._modules[LOSS_MODULE_NAME]
-
-    def train(self, *args, **kwargs):
-        self._attach_loss_parts(True)
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            self._attach_loss_parts(False)
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        parameters = self.loss_parameters()
+        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if parameters and not known.issuperset(id(p) for p in parameters):
+            # Same learning rate and schedule as the student, no weight decay (as for biases and norms).
+            optimizer.add_param_group({"params": parameters, "weight_decay": 0.0})
+        return optimizer
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -284,21 +280,30 @@ class DistillationTrainer(Trainer):
         return round(self.accelerator.reduce(value, reduction="mean").item(), 6)
 
     def _save_checkpoint(self, model, trial):
-        self._saving_checkpoint = True  # checkpoints keep the losses' learned parts, for resuming
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._saving_checkpoint = False
+        super()._save_checkpoint(model, trial)
+        state = self.distillation_losses.state_dict()
+        if state and self.args.should_save:  # learned loss parts resume with the student, outside its weights
+            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            save_file(
+                {key: value.detach().contiguous() for key, value in state.items()},
+                os.path.join(folder, LOSS_PARTS_NAME),
+            )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, LOSS_PARTS_NAME)
+        if os.path.exists(path):
+            self.distillation_losses.load_state_dict(load_file(path, device=str(self.args.device)))
+        elif self.distillation_losses.state_dict():
+            raise ValueError(
+                f"{resume_from_checkpoint} has no {LOSS_PARTS_NAME}: it was not written by a "
+                "DistillationTrainer with these losses, whose learned parts would restart from scratch."
+            )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the student only — no teacher, no projectors or other learned loss parts — plus
         ``distillation_config.json`` describing how it was distilled."""
-        attached = self._loss_host is not None and LOSS_MODULE_NAME in self._loss_host._modules
-        self._attach_loss_parts(attached and self._saving_checkpoint)
-        try:
-            super().save_model(output_dir, _internal_call)
-        finally:
-            self._attach_loss_parts(attached)
+        super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
             with open(os.path.join(output_dir, DISTILLATION_CONFIG_NAME), "w") as handle:
@@ -320,15 +325,31 @@ class DistillationTrainer(Trainer):
         }
 
 
-class _ResetTermLogs(TrainerCallback):
-    """Starts each ``train()`` call (fresh or resumed) with empty term sums counted from its first step."""
+class _DistillationCallback(TrainerCallback):
+    """Bookkeeping the Trainer loop does for the student and that the losses' learned parts need too."""
 
     def __init__(self, trainer: DistillationTrainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        # Each train() call, fresh or resumed, counts term logs from its first step.
         self.trainer._steps_at_last_log = state.global_step
         self.trainer._term_sums["train"].clear()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        parameters = [p for p in self.trainer.loss_parameters() if p.grad is not None]
+        if not parameters:
+            return
+        accelerator = self.trainer.accelerator
+        if accelerator.num_processes > 1:  # average across processes, as DDP does for the student
+            for parameter in parameters:
+                parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for parameter in self.trainer.loss_parameters():
+            parameter.grad = None  # the Trainer zeroes only the model's gradients
 
 
 def _output(outputs, name):

@@ -79,12 +79,13 @@ def classification_data(n=32, length=8, num_labels=3, seed=0):
     )
 
 
-def lm_data(n=16, length=10, seed=0):
-    """Causal-LM rows of varying length (right-padded) with prompt tokens masked: uneven token counts."""
+def lm_data(n=16, length=10, seed=0, padded=True):
+    """Causal-LM rows with prompt tokens masked, so rows carry uneven numbers of supervised tokens; rows also
+    vary in length (right-padded) unless ``padded=False``."""
     generator = torch.Generator().manual_seed(seed)
     rows = {"input_ids": [], "attention_mask": [], "labels": []}
     for i in range(n):
-        real = 4 + (i * 3) % (length - 3)
+        real = 4 + (i * 3) % (length - 3) if padded else length
         ids = torch.randint(1, VOCAB, (real,), generator=generator).tolist()
         prompt = 1 + i % 3
         rows["input_ids"].append(ids + [0] * (length - real))

@@ -11,7 +11,7 @@ from transformers import ResNetConfig, ResNetForImageClassification
 
 from hf_kd import DistillationTrainer
 from hf_kd.data import add_sample_index
-from hf_kd.trainer import LOSS_MODULE_NAME
+from hf_kd.trainer import LOSS_PARTS_NAME
 
 
 def tiny_resnet(widths, seed):
@@ -60,18 +60,20 @@ def test_bert_hidden_and_attention_losses_with_projector_checkpoint_and_resume(t
     expected = last["ce"] + last["kl"] + last["hidden_mse"] + last["attention_kl"] + 25 * last["rkd_distance"]
     assert last["loss"] == pytest.approx(expected, rel=1e-3)
 
-    checkpoint = load_file(str(tmp_path / "a" / "checkpoint-2" / "model.safetensors"))
-    assert any(key.startswith(f"{LOSS_MODULE_NAME}.") for key in checkpoint)  # resumable
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    loss_parts = load_file(str(checkpoint / LOSS_PARTS_NAME))  # resumable: projector weights are checkpointed
+    assert {"1.projectors.0.net.weight", "1.projectors.1.net.bias"} <= set(loss_parts)
     trainer.save_model(str(tmp_path / "student"))
     saved = load_file(str(tmp_path / "student" / "model.safetensors"))
-    assert not any(key.startswith(LOSS_MODULE_NAME) for key in saved)  # never shipped with the student
-    assert set(saved) == set(trainer.model.state_dict())  # after train() the student is the model given
-    assert not hasattr(trainer.model, LOSS_MODULE_NAME)
+    assert set(saved) == set(trainer.model.state_dict())  # the student only, never the projectors
+    assert set(load_file(str(checkpoint / "model.safetensors"))) == set(saved)
 
     resumed = make(tmp_path / "b")
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     for key, value in trainer.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, msg=key)
+    for key, value in trainer.distillation_losses.state_dict().items():  # the projectors resumed too
+        torch.testing.assert_close(resumed.distillation_losses.state_dict()[key], value, msg=key)
 
 
 def test_cnn_feature_maps_through_hooks(tmp_path):
@@ -169,5 +171,5 @@ def test_checkpoint_student_loads_without_loss_parts(tmp_path):
     from transformers import BertForSequenceClassification
 
     reloaded = BertForSequenceClassification.from_pretrained(str(tmp_path / "out"))
-    assert not hasattr(reloaded, LOSS_MODULE_NAME)
+    assert set(reloaded.state_dict()) == set(trainer.model.state_dict())
     assert "distillation_config.json" in os.listdir(tmp_path / "out")

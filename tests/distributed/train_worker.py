@@ -1,0 +1,54 @@
+"""One distillation run for the multi-process tests: `python train_worker.py OUT BATCH ACCUM` under torchrun or not.
+
+Tiny GPT-2 teacher/student, rows with uneven supervised-token counts (exact for the per-token response losses), KL +
+TVD + a hidden-state loss with a learned projector (so the loss's own parameters must be synchronised too; rows are
+unpadded because that loss averages per micro-batch over real tokens). Rank 0 writes the final student weights, the
+projector weights and the log history to OUT.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from conftest import config, lm_data, tiny_gpt2  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from hf_kd import DistillationTrainer  # noqa: E402
+
+
+def main(output_dir: str, batch_size: int, accumulation: int) -> None:
+    torch.set_num_threads(1)
+    args = config(
+        output_dir,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=2,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        train_sampling_strategy="sequential",
+        losses="kl,tvd,hidden_mse:1.0:projector=linear",
+    )
+    trainer = DistillationTrainer(
+        model=tiny_gpt2(hidden=16, layers=1, seed=2),
+        teacher_model=tiny_gpt2(seed=1),
+        args=args,
+        train_dataset=lm_data(n=16, padded=False),
+    )
+    trainer.train()
+    if trainer.is_world_process_zero():
+        weights = {f"student.{k}": v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        weights.update({f"losses.{k}": v.detach().clone() for k, v in trainer.distillation_losses.state_dict().items()})
+        save_file(weights, os.path.join(output_dir, "weights.safetensors"))
+        with open(os.path.join(output_dir, "logs.json"), "w") as handle:
+            json.dump(trainer.state.log_history, handle)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

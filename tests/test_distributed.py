@@ -1,0 +1,51 @@
+"""Two real processes (gloo DDP on CPU) give the same training as one process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed", "train_worker.py")
+
+
+def run(output_dir, batch_size, accumulation, processes=1):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    if processes == 1:
+        command = [sys.executable, WORKER]
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            "29533",
+            WORKER,
+        ]
+    completed = subprocess.run(
+        [*command, str(output_dir), str(batch_size), str(accumulation)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    logs = [entry for entry in json.loads((output_dir / "logs.json").read_text()) if "loss" in entry]
+    return load_file(str(output_dir / "weights.safetensors")), logs
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    single, single_logs = run(tmp_path / "single", batch_size=8, accumulation=1)
+    ddp, ddp_logs = run(tmp_path / "ddp", batch_size=2, accumulation=2, processes=2)
+    assert set(single) == set(ddp) and any(key.startswith("losses.") for key in single)
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
+    for one, two in zip(single_logs, ddp_logs):
+        for key in ("loss", "ce", "kl", "tvd", "hidden_mse"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4), key
