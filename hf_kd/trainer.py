@@ -9,6 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
@@ -16,11 +17,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import DistillationConfig
 from .data import SAMPLE_INDEX
+from .evaluation import evaluate_model
 from .features import ModelFeatures, run_model
+from .hub import render_student_card
 from .losses import DistillationLoss, get_loss
-from .teachers import LiveTeacher, is_causal_lm, is_token_level, load_teacher, use_eager_attention
+from .teachers import LiveTeacher, auto_class_for, is_causal_lm, is_token_level, load_teacher, use_eager_attention
 
 DISTILLATION_CONFIG_NAME = "distillation_config.json"
+HUB_UPLOAD_FOLDER = "_hub_upload"  # what push_to_hub uploads; "_*" is skipped by the Trainer's own pushes
 LOSS_PARTS_NAME = "hf_kd_losses.safetensors"  # learned loss parts (projectors, banks) inside each checkpoint
 
 
@@ -130,6 +134,8 @@ class DistillationTrainer(Trainer):
         }
         self._steps_at_last_log = 0
         self.add_callback(_DistillationCallback(self))
+        self.comparison: dict[str, dict] | None = None
+        self._comparison_size: int | None = None
 
     # ---- learned parts of losses ----------------------------------------------------------------------------
 
@@ -322,7 +328,113 @@ class DistillationTrainer(Trainer):
             "label_loss_weight": self.args.label_loss_weight,
             "distillation_weight": self.args.distillation_weight,
             "token_level": self.token_level,
+            "steps": self.state.global_step,
         }
+
+    # ---- sharing --------------------------------------------------------------------------------------------
+
+    def compare_with_teacher(self, eval_dataset=None) -> dict[str, dict]:
+        """Metrics (``compute_metrics``), parameters and ms per example of the teacher and the student.
+
+        The rows go into the model card's teacher-vs-student table (kept in ``self.comparison``).
+        """
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("compare_with_teacher needs an eval_dataset (here or in DistillationTrainer).")
+        rows = {}
+        for name, model in (("teacher", self.teacher_model), ("student", self.model)):
+            rows[name] = evaluate_model(
+                model,
+                dataset,
+                compute_metrics=self.compute_metrics,
+                data_collator=self.data_collator,
+                batch_size=self.args.per_device_eval_batch_size,
+                use_cpu=self.args.use_cpu,
+            )
+        self.comparison = rows
+        self._comparison_size = len(dataset)
+        return rows
+
+    def create_model_card(
+        self,
+        output_dir: str | None = None,
+        model_name: str | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_description: str | None = None,
+        tags: str | list[str] | None = None,
+        license: str | None = None,
+        language: str | list[str] | None = None,
+        **unused,
+    ) -> None:
+        """Write ``README.md``: teacher, losses with their papers, data, and the teacher-vs-student table.
+
+        The table comes from :meth:`compare_with_teacher`, run here when an eval set is known and it has not been.
+        """
+        if not self.is_world_process_zero():
+            return
+        if self.comparison is None and self.eval_dataset is not None:
+            self.compare_with_teacher()
+        repo_id = (
+            self.hub_model_id
+            or self.args.hub_model_id
+            or model_name
+            or os.path.basename(os.path.abspath(self.args.output_dir))
+        )
+        card = render_student_card(
+            self.distillation_summary(),
+            list(self.distillation_losses),
+            repo_id=repo_id,
+            auto_class=auto_class_for(self.model).__name__,
+            comparison=self.comparison,
+            eval_examples=self._comparison_size,
+            dataset=dataset,
+            dataset_description=dataset_description,
+            tags=[tags] if isinstance(tags, str) else tags,
+            license=license,
+            language=language,
+            device=str(self.args.device),
+        )
+        card.save(os.path.join(output_dir or self.args.output_dir, "README.md"))
+
+    def push_to_hub(
+        self,
+        commit_message: str = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **card_kwargs,
+    ):
+        """Upload the student — weights (or a PEFT adapter), config, processor, ``distillation_config.json`` and
+        a model card — to ``args.hub_model_id``, and nothing else from the output folder.
+
+        The files are first written to ``OUTPUT_DIR/_hub_upload``; if the upload fails (offline, server down,
+        no permission) they stay there and the error says so. ``revision`` (default ``args.hub_revision``) and
+        ``create_pr`` go to ``upload_folder``; ``hub_private_repo`` applies when the repo is created.
+        """
+        folder = os.path.join(self.args.output_dir, HUB_UPLOAD_FOLDER)
+        self.save_model(folder)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(output_dir=folder, **card_kwargs)
+        try:
+            if self.hub_model_id is None:
+                self.init_hf_repo(token=token)
+            return HfApi().upload_folder(
+                repo_id=self.hub_model_id,
+                folder_path=folder,
+                commit_message=commit_message,
+                token=token if token is not None else self.args.hub_token,
+                revision=revision if revision is not None else self.args.hub_revision,
+                create_pr=create_pr,
+                run_as_future=not blocking,
+            )
+        except Exception as error:  # offline mode, connection refused, HTTP errors: keep the files, say where
+            raise RuntimeError(
+                f"pushing the student to the Hub failed ({type(error).__name__}: {error}). Nothing local was lost: "
+                f"the student, its card and distillation_config.json are in {folder}; push them again with "
+                "trainer.push_to_hub() or huggingface_hub.upload_folder."
+            ) from error
 
 
 class _DistillationCallback(TrainerCallback):

@@ -28,6 +28,7 @@ class DistillationLoss(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""  # the method's paper, cited in model cards
     needs: frozenset[str] = frozenset({"logits"})
     per_position: ClassVar[bool] = True
     default_weight: ClassVar[float] = 1.0

@@ -29,7 +29,7 @@ class _PairAverage(LayerPairLoss):
         return torch.stack(values).mean()
 
 
-@register_loss("hint")
+@register_loss("hint", paper="Romero et al. 2015, FitNets: Hints for Thin Deep Nets, arXiv:1412.6550")
 class Hint(_PairAverage):
     """FitNets (Romero et al. 2015): ½·mean((F_T − r(F_S))²) with r a learned regressor (Linear for tokens, 1×1
     convolution for feature maps), on the last layers by default."""
@@ -41,7 +41,10 @@ class Hint(_PairAverage):
         return 0.5 * F.feature_mse(student, teacher, token_mask=token_mask)
 
 
-@register_loss("hidden_mse")
+@register_loss(
+    "hidden_mse",
+    paper="Jiao et al. 2020, TinyBERT: Distilling BERT for Natural Language Understanding, arXiv:1909.10351",
+)
 class HiddenMSE(_PairAverage):
     """TinyBERT's hidden-state loss: MSE(h_S·W, h_T) per mapped layer over real tokens (W only if ``projector``)."""
 
@@ -49,7 +52,7 @@ class HiddenMSE(_PairAverage):
         return F.feature_mse(student, teacher, token_mask=token_mask)
 
 
-@register_loss("hidden_cosine")
+@register_loss("hidden_cosine", paper="Sanh et al. 2019, DistilBERT, a distilled version of BERT, arXiv:1910.01108")
 class HiddenCosine(_PairAverage):
     """DistilBERT's cosine loss: 1 − cos(h_S, h_T) over real tokens, on the last layers by default."""
 
@@ -60,7 +63,10 @@ class HiddenCosine(_PairAverage):
         return F.feature_cosine(student, teacher, token_mask=token_mask)
 
 
-@register_loss("attention_mse")
+@register_loss(
+    "attention_mse",
+    paper="Jiao et al. 2020, TinyBERT: Distilling BERT for Natural Language Understanding, arXiv:1909.10351",
+)
 class AttentionMSE(_PairAverage):
     """TinyBERT's attention loss: MSE between attention probabilities of mapped layers; heads are averaged when
     the counts differ. The trainer switches the models to eager attention."""
@@ -74,7 +80,7 @@ class AttentionMSE(_PairAverage):
         return F.attention_mse(student, teacher, token_mask=token_mask)
 
 
-@register_loss("attention_kl")
+@register_loss("attention_kl", paper="Wang et al. 2020, MiniLM: Deep Self-Attention Distillation, arXiv:2002.10957")
 class AttentionKL(_PairAverage):
     """MiniLM's self-attention distribution transfer: KL(A_T ‖ A_S) per query, last layers by default."""
 
@@ -87,7 +93,10 @@ class AttentionKL(_PairAverage):
         return F.attention_kl(student, teacher, token_mask=token_mask)
 
 
-@register_loss("pkd")
+@register_loss(
+    "pkd",
+    paper="Sun et al. 2019, Patient Knowledge Distillation for BERT Model Compression, arXiv:1908.09355",
+)
 class PatientKD(_PairAverage):
     """Patient KD (Sun et al. 2019): ‖h_S/‖h_S‖ − h_T/‖h_T‖‖² on the first-token ([CLS]) states of mapped layers."""
 
@@ -97,7 +106,10 @@ class PatientKD(_PairAverage):
         return F.pkd(_first_token(student), _first_token(teacher))
 
 
-@register_loss("at")
+@register_loss(
+    "at",
+    paper="Zagoruyko & Komodakis 2017, Paying More Attention to Attention, arXiv:1612.03928",
+)
 class AttentionTransfer(_PairAverage):
     """Attention transfer (Zagoruyko & Komodakis 2017) on mapped feature maps (or token sequences); widths may
     differ, maps are pooled to a common size. Weight 1000 as in the paper (β/2 with β = 10³ per layer)."""
@@ -115,7 +127,11 @@ class AttentionTransfer(_PairAverage):
         return F.attention_transfer(student, teacher, p=self.p)
 
 
-@register_loss("fsp")
+@register_loss(
+    "fsp",
+    paper="Yim et al. 2017, A Gift from Knowledge Distillation: Fast Optimization, Network Minimization and "
+    "Transfer Learning, CVPR 2017",
+)
 class FlowOfSolutionProcedure(LayerPairLoss):
     """FSP (Yim et al. 2017): MSE between Gram matrices of consecutive mapped layers; with the default uniform map
     the embedding output starts the chain. Stage widths must match, or set ``projector``."""

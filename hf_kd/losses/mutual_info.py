@@ -14,7 +14,10 @@ from .base import EmbeddingRelationLoss, LayerPairLoss
 from .registry import register_loss
 
 
-@register_loss("vid")
+@register_loss(
+    "vid",
+    paper="Ahn et al. 2019, Variational Information Distillation for Knowledge Transfer, arXiv:1904.05835",
+)
 class VariationalInformationDistillation(LayerPairLoss):
     """VID (Ahn et al. 2019): maximises a variational lower bound of I(t; s) with a Gaussian q(t | s).
 
@@ -46,7 +49,10 @@ class VariationalInformationDistillation(LayerPairLoss):
         return torch.stack(values).mean()
 
 
-@register_loss("infonce")
+@register_loss(
+    "infonce",
+    paper="van den Oord et al. 2018, Representation Learning with Contrastive Predictive Coding, arXiv:1807.03748",
+)
 class InfoNCE(EmbeddingRelationLoss):
     """In-batch InfoNCE between student and teacher embeddings (a lower bound of their mutual information);
     a learned Linear maps the student to the teacher's width when they differ."""
@@ -73,7 +79,7 @@ class InfoNCE(EmbeddingRelationLoss):
         return F.info_nce(s, self.embeddings(teacher, "teacher"), temperature=self.nce_temperature)
 
 
-@register_loss("crd")
+@register_loss("crd", paper="Tian et al. 2020, Contrastive Representation Distillation, arXiv:1910.10699")
 class ContrastiveRepresentationDistillation(EmbeddingRelationLoss):
     """CRD (Tian et al. 2020) with memory banks, in its softmax (InfoNCE) form.
 

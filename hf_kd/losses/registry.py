@@ -10,8 +10,8 @@ from .base import DistillationLoss
 _REGISTRY: dict[str, type[DistillationLoss]] = {}
 
 
-def register_loss(name: str):
-    """Class decorator that registers a :class:`DistillationLoss` under ``name``."""
+def register_loss(name: str, paper: str = ""):
+    """Class decorator that registers a :class:`DistillationLoss` under ``name``, citing ``paper`` (model cards)."""
 
     def decorate(cls: type[DistillationLoss]) -> type[DistillationLoss]:
         if not (inspect.isclass(cls) and issubclass(cls, DistillationLoss)):
@@ -19,6 +19,7 @@ def register_loss(name: str):
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"loss id {name!r} is already registered to {_REGISTRY[name].__qualname__}.")
         cls.name = name
+        cls.paper = paper
         _REGISTRY[name] = cls
         return cls
 

@@ -19,21 +19,24 @@ class _EmbeddingPairLoss(EmbeddingRelationLoss):
         return type(self).function(self.embeddings(student, "student"), self.embeddings(teacher, "teacher"))
 
 
-@register_loss("rkd_distance")
+@register_loss("rkd_distance", paper="Park et al. 2019, Relational Knowledge Distillation, arXiv:1904.05068")
 class RKDDistance(_EmbeddingPairLoss):
     __doc__ = F.rkd_distance.__doc__ + " Weight 25 as in the paper."
     function = F.rkd_distance
     default_weight = 25.0
 
 
-@register_loss("rkd_angle")
+@register_loss("rkd_angle", paper="Park et al. 2019, Relational Knowledge Distillation, arXiv:1904.05068")
 class RKDAngle(_EmbeddingPairLoss):
     __doc__ = F.rkd_angle.__doc__ + " Weight 50 as in the paper."
     function = F.rkd_angle
     default_weight = 50.0
 
 
-@register_loss("sp")
+@register_loss(
+    "sp",
+    paper="Tung & Mori 2019, Similarity-Preserving Knowledge Distillation, arXiv:1907.09682",
+)
 class SimilarityPreserving(_EmbeddingPairLoss):
     __doc__ = F.similarity_preserving.__doc__ + " Weight 3000 as in the paper; ``pooling='flatten'`` by default."
     function = F.similarity_preserving
@@ -43,14 +46,21 @@ class SimilarityPreserving(_EmbeddingPairLoss):
         super().__init__(source, pooling, student_source, teacher_source)
 
 
-@register_loss("pkt")
+@register_loss(
+    "pkt",
+    paper="Passalis & Tefas 2018, Learning Deep Representations with Probabilistic Knowledge Transfer, "
+    "arXiv:1803.10837",
+)
 class ProbabilisticKT(_EmbeddingPairLoss):
     __doc__ = F.pkt.__doc__
     function = F.pkt
     default_weight = 30000.0  # the authors' CRD-benchmark setting
 
 
-@register_loss("irg")
+@register_loss(
+    "irg",
+    paper="Liu et al. 2019, Knowledge Distillation via Instance Relationship Graph, CVPR 2019",
+)
 class InstanceRelationGraph(LayerPairLoss):
     """Instance relation graph (Liu et al. 2019) on pooled embeddings of mapped layers (uniform by default),
     with the cross-layer (transformation) edges weighted by ``cross_layer_weight``."""

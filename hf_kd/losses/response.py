@@ -35,19 +35,28 @@ class ResponseLoss(DistillationLoss):
         return ", ".join([f"temperature={self.temperature}"] + [f"{k}={v}" for k, v in self.options.items()])
 
 
-@register_loss("kl")
+@register_loss(
+    "kl",
+    paper="Hinton, Vinyals & Dean 2015, Distilling the Knowledge in a Neural Network, arXiv:1503.02531",
+)
 class ForwardKL(ResponseLoss):
     __doc__ = F.forward_kl.__doc__
     function = F.forward_kl
 
 
-@register_loss("reverse_kl")
+@register_loss(
+    "reverse_kl",
+    paper="Gu et al. 2024, MiniLLM: Knowledge Distillation of Large Language Models, arXiv:2306.08543",
+)
 class ReverseKL(ResponseLoss):
     __doc__ = F.reverse_kl.__doc__
     function = F.reverse_kl
 
 
-@register_loss("jsd")
+@register_loss(
+    "jsd",
+    paper="Agarwal et al. 2024, On-Policy Distillation of Language Models (GKD), arXiv:2306.13649",
+)
 class GeneralizedJSD(ResponseLoss):
     __doc__ = F.generalized_jsd.__doc__
     function = F.generalized_jsd
@@ -58,7 +67,10 @@ class GeneralizedJSD(ResponseLoss):
         super().__init__(temperature, beta=beta)
 
 
-@register_loss("skew_kl")
+@register_loss(
+    "skew_kl",
+    paper="Ko et al. 2024, DistiLLM: Towards Streamlined Distillation for Large Language Models, arXiv:2402.03898",
+)
 class SkewKL(ResponseLoss):
     __doc__ = F.skew_kl.__doc__
     function = F.skew_kl
@@ -69,7 +81,10 @@ class SkewKL(ResponseLoss):
         super().__init__(temperature, skew=skew)
 
 
-@register_loss("skew_reverse_kl")
+@register_loss(
+    "skew_reverse_kl",
+    paper="Ko et al. 2024, DistiLLM: Towards Streamlined Distillation for Large Language Models, arXiv:2402.03898",
+)
 class SkewReverseKL(ResponseLoss):
     __doc__ = F.skew_reverse_kl.__doc__
     function = F.skew_reverse_kl
@@ -80,25 +95,31 @@ class SkewReverseKL(ResponseLoss):
         super().__init__(temperature, skew=skew)
 
 
-@register_loss("tvd")
+@register_loss(
+    "tvd",
+    paper="Wen et al. 2023, f-Divergence Minimization for Sequence-Level Knowledge Distillation, arXiv:2307.15190",
+)
 class TotalVariation(ResponseLoss):
     __doc__ = F.tvd.__doc__
     function = F.tvd
 
 
-@register_loss("soft_ce")
+@register_loss(
+    "soft_ce",
+    paper="Hinton, Vinyals & Dean 2015, Distilling the Knowledge in a Neural Network, arXiv:1503.02531",
+)
 class SoftCrossEntropy(ResponseLoss):
     __doc__ = F.soft_ce.__doc__
     function = F.soft_ce
 
 
-@register_loss("logit_mse")
+@register_loss("logit_mse", paper="Ba & Caruana 2014, Do Deep Nets Really Need to be Deep?, arXiv:1312.6184")
 class LogitMSE(ResponseLoss):
     __doc__ = F.logit_mse.__doc__
     function = F.logit_mse
 
 
-@register_loss("dkd")
+@register_loss("dkd", paper="Zhao et al. 2022, Decoupled Knowledge Distillation, arXiv:2203.08679")
 class DecoupledKD(ResponseLoss):
     __doc__ = F.dkd.__doc__
     function = F.dkd

@@ -1,0 +1,99 @@
+"""Model cards for distilled students, rendered with ``huggingface_hub.ModelCard`` from ``model_cards/``."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .evaluation import markdown_table
+
+
+def card_template_path(name: str = "student.md") -> str:
+    """Path of a card template shipped in ``model_cards/`` (installed as ``hf_kd.model_cards``)."""
+    return str(resources.files("hf_kd.model_cards").joinpath(name))
+
+
+def hub_url(model_id: str | None) -> str | None:
+    """The Hub page of ``model_id`` when it looks like a repo id (``owner/name``) and not a local path."""
+    if not model_id or os.path.exists(model_id) or model_id.count("/") != 1 or model_id.startswith((".", "/")):
+        return None
+    return f"https://huggingface.co/{model_id}"
+
+
+def _parameters(count: int) -> str:
+    return f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e3:.1f}k"
+
+
+def render_student_card(
+    summary: dict,
+    losses: list,
+    *,
+    repo_id: str,
+    auto_class: str,
+    comparison: dict[str, dict] | None = None,
+    eval_examples: int | None = None,
+    dataset: str | list[str] | None = None,
+    dataset_description: str | None = None,
+    tags: list[str] | None = None,
+    license: str | None = None,
+    language: str | list[str] | None = None,
+    device: str | None = None,
+) -> ModelCard:
+    """A card saying what the student was distilled from, with which losses, on what data, and how it compares.
+
+    ``summary`` is :meth:`DistillationTrainer.distillation_summary`; ``losses`` the built loss modules (for their
+    papers); ``comparison`` maps row names (teacher, student) to :func:`~hf_kd.evaluation.evaluate_model` rows.
+    """
+    teacher = summary["teacher"] or "a teacher model"
+    teacher_url = hub_url(summary["teacher"])
+    tags = list(dict.fromkeys(["hf_kd", "knowledge-distillation", *(tags or [])]))
+    card_data = ModelCardData(
+        base_model=summary["teacher"] if teacher_url else None,
+        library_name="transformers",
+        tags=tags,
+        datasets=[dataset] if isinstance(dataset, str) else dataset,
+        license=license,
+        language=language,
+        model_name=repo_id.split("/")[-1],
+    )
+    weight_ce, weight_kd = summary["label_loss_weight"], summary["distillation_weight"]
+    objective = f"{weight_ce:g}·CE + {weight_kd:g}·Σ wᵢ·Lᵢ"
+    rows = []
+    for entry, loss in zip(summary["losses"], losses):
+        options = {key: value for key, value in entry.items() if key not in ("name", "weight")}
+        rows.append(
+            {
+                "name": entry["name"],
+                "weight": f"{entry['weight']:g}",
+                "options": ", ".join(f"{key}={value}" for key, value in options.items()) or "–",
+                "paper": loss.paper or "–",
+            }
+        )
+    columns = None
+    if comparison:
+        metric_names = [key for key in next(iter(comparison.values())) if key not in ("parameters", "ms_per_example")]
+        columns = [*metric_names, "parameters", "ms_per_example"]
+    return ModelCard.from_template(
+        card_data,
+        template_path=card_template_path(),
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        teacher=teacher,
+        teacher_url=teacher_url,
+        teacher_class=summary["teacher_class"],
+        teacher_parameters=_parameters(summary["teacher_parameters"]),
+        student_parameters=_parameters(summary["student_parameters"]),
+        compression=f"{summary['student_parameters'] / summary['teacher_parameters']:.1%}",
+        objective=objective,
+        temperature=summary["temperature"],
+        dataset_description=dataset_description or (", ".join(card_data.datasets) if card_data.datasets else "–"),
+        steps=summary.get("steps", "–"),
+        losses=rows,
+        comparison=markdown_table(comparison, columns) if comparison else None,
+        eval_examples=eval_examples,
+        device=device,
+        auto_class=auto_class,
+        papers=sorted({loss.paper for loss in losses if loss.paper}),
+    )

@@ -1,0 +1,106 @@
+"""Pushing a distilled student for real over HTTP, to a Hub-compatible endpoint served on 127.0.0.1."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import classification_data, config, tiny_bert
+from hub_server import LocalHub
+from safetensors.torch import load
+
+from hf_kd import DistillationTrainer
+from hf_kd.hub import hub_url
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed", "push_worker.py")
+
+
+def push(tmp_path, endpoint, *extra):
+    env = dict(
+        os.environ,
+        HF_ENDPOINT=endpoint,
+        HF_HUB_OFFLINE="0",
+        HF_TOKEN="hf_test_token",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_XET="1",
+    )
+    return subprocess.run(
+        [sys.executable, WORKER, str(tmp_path / "out"), "alice/tiny-student", *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_push_uploads_the_student_its_card_and_config_only(tmp_path):
+    with LocalHub() as hub:
+        completed = push(tmp_path, hub.endpoint)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert hub.state.repos == {"alice/tiny-student": {"private": True}}  # hub_private_repo passed through
+    (commit,) = hub.state.commits
+    assert commit["repo"] == "alice/tiny-student" and commit["revision"] == "main"
+    files = commit["files"]
+    assert {"model.safetensors", "config.json", "distillation_config.json", "README.md"} <= set(files)
+    assert not any(name.startswith(("teacher", "checkpoint")) for name in files)
+    weights = load(files["model.safetensors"])
+    assert not any("projector" in key for key in weights)  # student weights only
+    assert all(tensor.shape[-1] in (16, 32, 3, 64) or tensor.dim() < 2 for tensor in weights.values())
+    summary = json.loads(files["distillation_config.json"])
+    assert summary["losses"][1] == {"name": "hidden_mse", "weight": 0.5, "projector": "linear"}
+    card = files["README.md"].decode()
+    for expected in (
+        "knowledge-distillation",
+        "hf_kd",
+        "synthetic-tokens",
+        "| `kl` | 1 |",
+        "| `hidden_mse` | 0.5 |",
+        "TinyBERT",
+        "arXiv:1503.02531",
+        "| teacher |",
+        "| student |",
+        "accuracy",
+        "BertForSequenceClassification",
+    ):
+        assert expected in card, expected
+
+
+@pytest.mark.slow
+def test_push_as_pull_request(tmp_path):
+    with LocalHub() as hub:
+        completed = push(tmp_path, hub.endpoint, "create_pr")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert hub.state.commits[0]["create_pr"]
+
+
+def test_failed_push_keeps_local_files_and_says_where(tmp_path):
+    # CI runs with HF_HUB_OFFLINE=1: the upload is refused before any network call.
+    trainer = DistillationTrainer(
+        model=tiny_bert(hidden=16, seed=2),
+        teacher_model=tiny_bert(seed=1),
+        args=config(tmp_path, hub_model_id="alice/x"),
+        train_dataset=classification_data(),
+    )
+    with pytest.raises(RuntimeError, match="pushing the student to the Hub failed.*Nothing local was lost"):
+        trainer.push_to_hub()
+    folder = tmp_path / "_hub_upload"
+    assert {"model.safetensors", "README.md", "distillation_config.json"} <= set(os.listdir(folder))
+
+
+def test_server_down_is_a_clear_error(tmp_path):
+    with LocalHub() as hub:
+        endpoint = hub.endpoint
+    completed = push(tmp_path, endpoint)  # nothing listens there any more
+    assert completed.returncode != 0
+    assert "pushing the student to the Hub failed" in completed.stderr
+    assert os.path.exists(tmp_path / "out" / "_hub_upload" / "model.safetensors")
+
+
+def test_hub_url_only_for_repo_ids(tmp_path):
+    assert (
+        hub_url("sentence-transformers/all-MiniLM-L6-v2")
+        == "https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2"
+    )
+    assert hub_url(str(tmp_path)) is None and hub_url("./model") is None and hub_url(None) is None
