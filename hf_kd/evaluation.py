@@ -9,7 +9,8 @@ from transformers import Trainer, TrainingArguments
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(parameter.numel() for parameter in model.parameters())
+    """Parameter count, also of ZeRO-3-sharded models (whose local tensors are empty)."""
+    return sum(getattr(parameter, "ds_numel", parameter.numel()) for parameter in model.parameters())
 
 
 def evaluate_model(

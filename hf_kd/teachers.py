@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -83,6 +84,34 @@ def load_teacher(teacher: nn.Module | str, student: nn.Module, dtype: str = "aut
     return freeze(teacher)
 
 
+def prepare_teacher(teacher: nn.Module, accelerator) -> nn.Module:
+    """Place a frozen teacher for the way the student is trained, with no optimizer state and no gradients.
+
+    DeepSpeed ZeRO-3: an inference-only DeepSpeed engine with the student's ZeRO-3 settings, so the teacher is
+    sharded across processes like the student. ZeRO-1/2 (stage 0 for the teacher), DDP and one device: the
+    teacher is replicated, in eval mode, through ``accelerator.prepare_model(..., evaluation_mode=True)``.
+    """
+    if accelerator.state.deepspeed_plugin is None:
+        return accelerator.prepare_model(teacher, evaluation_mode=True)
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for section in ("optimizer", "scheduler"):  # the teacher is never optimised
+        config.pop(section, None)
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage != 3:
+        config["zero_optimization"] = {"stage": 0}  # nothing to shard without optimizer state: replicate
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()
+    return engine
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DeepSpeed engine or DDP wrapper."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def use_eager_attention(model: nn.Module) -> None:
     """Switch a transformers model to eager attention: sdpa and flash kernels return no attention weights."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -119,4 +148,4 @@ class LiveTeacher:
         }
         self.model.eval()  # Trainer.train() may have switched every module it saw to train mode
         with torch.no_grad():
-            return run_model(self.model, teacher_inputs, needs)[1]
+            return run_model(self.model, teacher_inputs, needs, module_root=unwrap(self.model))[1]

@@ -17,11 +17,20 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import DistillationConfig
 from .data import SAMPLE_INDEX
-from .evaluation import evaluate_model
+from .evaluation import count_parameters, evaluate_model
 from .features import ModelFeatures, run_model
 from .hub import render_student_card
 from .losses import DistillationLoss, get_loss
-from .teachers import LiveTeacher, auto_class_for, is_causal_lm, is_token_level, load_teacher, use_eager_attention
+from .teachers import (
+    LiveTeacher,
+    auto_class_for,
+    is_causal_lm,
+    is_token_level,
+    load_teacher,
+    prepare_teacher,
+    unwrap,
+    use_eager_attention,
+)
 
 DISTILLATION_CONFIG_NAME = "distillation_config.json"
 HUB_UPLOAD_FOLDER = "_hub_upload"  # what push_to_hub uploads; "_*" is skipped by the Trainer's own pushes
@@ -125,7 +134,7 @@ class DistillationTrainer(Trainer):
         self.token_level = args.token_level if args.token_level is not None else is_token_level(model)
         self.shift_labels = is_causal_lm(model)
 
-        self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        self.teacher_model = prepare_teacher(teacher, self.accelerator)
         self.teacher = LiveTeacher(self.teacher_model)
         self._setup_learned_losses()
         self._term_sums: dict[str, dict[str, list[torch.Tensor]]] = {
@@ -317,12 +326,12 @@ class DistillationTrainer(Trainer):
 
     def distillation_summary(self) -> dict:
         """What was distilled from what, with which losses: the content of ``distillation_config.json``."""
-        teacher = self.teacher_model
+        teacher = unwrap(self.teacher_model)
         return {
             "teacher": getattr(teacher, "name_or_path", None) or self.args.teacher_model_name_or_path,
             "teacher_class": type(teacher).__name__,
-            "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
-            "student_parameters": sum(p.numel() for p in self.model.parameters()),
+            "teacher_parameters": count_parameters(teacher),
+            "student_parameters": count_parameters(self.model),
             "losses": self.args.losses,
             "temperature": self.args.temperature,
             "label_loss_weight": self.args.label_loss_weight,

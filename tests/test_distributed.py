@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed", "train_worker.py")
 
 
-def run(output_dir, batch_size, accumulation, processes=1):
+def run(output_dir, batch_size, accumulation, processes=1, engine="ddp"):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     if processes == 1:
         command = [sys.executable, WORKER]
@@ -28,14 +28,17 @@ def run(output_dir, batch_size, accumulation, processes=1):
             WORKER,
         ]
     completed = subprocess.run(
-        [*command, str(output_dir), str(batch_size), str(accumulation)],
+        [*command, str(output_dir), str(batch_size), str(accumulation), engine],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
-    logs = [entry for entry in json.loads((output_dir / "logs.json").read_text()) if "loss" in entry]
+    history = json.loads((output_dir / "logs.json").read_text())
+    logs = [entry for entry in history if "loss" in entry]
+    if engine.startswith("zero"):  # how the teacher was placed, and the parameter counts the card will show
+        logs.append(history[-1])
     return load_file(str(output_dir / "weights.safetensors")), logs
 
 
@@ -49,3 +52,23 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     for one, two in zip(single_logs, ddp_logs):
         for key in ("loss", "ce", "kl", "tvd", "hidden_mse"):
             assert two[key] == pytest.approx(one[key], rel=1e-4), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_deepspeed_zero_on_two_processes_matches_one_process(tmp_path, engine):
+    pytest.importorskip("deepspeed")
+    single, single_logs = run(tmp_path / "single", batch_size=8, accumulation=1, engine="none")
+    sharded, sharded_logs = run(tmp_path / engine, batch_size=2, accumulation=2, processes=2, engine=engine)
+    student_keys = [key for key in single if key.startswith("student.")]
+    assert student_keys and set(student_keys) <= set(sharded)
+    for key in student_keys:
+        torch.testing.assert_close(sharded[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
+    for one, two in zip(single_logs, sharded_logs[:-1]):
+        for key in ("loss", "ce", "kl", "tvd"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4), key
+    placement = sharded_logs[-1]
+    # An inference-only DeepSpeed engine: sharded like the student under ZeRO-3, replicated (stage 0) under ZeRO-2.
+    assert placement["teacher_type"] == "DeepSpeedEngine"
+    assert placement["teacher_sharded"] == (engine == "zero3")
+    assert placement["summary"]["teacher_parameters"] > placement["summary"]["student_parameters"] > 0
