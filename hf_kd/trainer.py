@@ -144,7 +144,8 @@ class DistillationTrainer(Trainer):
         self._steps_at_last_log = 0
         self.add_callback(_DistillationCallback(self))
         self.comparison: dict[str, dict] | None = None
-        self._comparison_size: int | None = None
+        self.model_card_kwargs: dict = {}
+        self.comparison_examples: int | None = None
 
     # ---- learned parts of losses ----------------------------------------------------------------------------
 
@@ -361,7 +362,7 @@ class DistillationTrainer(Trainer):
                 use_cpu=self.args.use_cpu,
             )
         self.comparison = rows
-        self._comparison_size = len(dataset)
+        self.comparison_examples = len(dataset)
         return rows
 
     def create_model_card(
@@ -378,9 +379,17 @@ class DistillationTrainer(Trainer):
         """Write ``README.md``: teacher, losses with their papers, data, and the teacher-vs-student table.
 
         The table comes from :meth:`compare_with_teacher`, run here when an eval set is known and it has not been.
+        Arguments left out fall back to ``self.model_card_kwargs`` (e.g. ``{"dataset_description": ...}``), which
+        also reach the card when ``save_model`` pushes because ``push_to_hub=True``.
         """
         if not self.is_world_process_zero():
             return
+        defaults = self.model_card_kwargs
+        dataset = dataset if dataset is not None else defaults.get("dataset")
+        dataset_description = dataset_description or defaults.get("dataset_description")
+        tags = tags if tags is not None else defaults.get("tags")
+        license = license or defaults.get("license")
+        language = language or defaults.get("language")
         if self.comparison is None and self.eval_dataset is not None:
             self.compare_with_teacher()
         repo_id = (
@@ -395,7 +404,7 @@ class DistillationTrainer(Trainer):
             repo_id=repo_id,
             auto_class=auto_class_for(self.model).__name__,
             comparison=self.comparison,
-            eval_examples=self._comparison_size,
+            eval_examples=self.comparison_examples,
             dataset=dataset,
             dataset_description=dataset_description,
             tags=[tags] if isinstance(tags, str) else tags,
@@ -422,7 +431,7 @@ class DistillationTrainer(Trainer):
         ``create_pr`` go to ``upload_folder``; ``hub_private_repo`` applies when the repo is created.
         """
         folder = os.path.join(self.args.output_dir, HUB_UPLOAD_FOLDER)
-        self.save_model(folder)
+        self.save_model(folder, _internal_call=True)  # an internal save: the Trainer would push again
         if not self.is_world_process_zero():
             return None
         self.create_model_card(output_dir=folder, **card_kwargs)

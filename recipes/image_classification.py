@@ -12,6 +12,8 @@ scratch with the same steps and seed, and the distilled student.
     # Feature, relation and mutual-information knowledge (ViT widths 16 vs 64: hint/vid learn their regressors)
     python recipes/image_classification.py --config recipes/configs/image_classification.yaml \
         --losses kl,hint,rkd_distance,crd --output_dir outputs/digits-feat
+    python recipes/image_classification.py --config recipes/configs/image_classification.yaml \
+        --push_to_hub --hub_model_id you/digits-vit-student --hub_private_repo
     accelerate launch recipes/image_classification.py --teacher outputs/digits/teacher --output_dir outputs/d2
 """
 
@@ -174,7 +176,6 @@ def main():
         compute_metrics=compute_metrics,
     )
     trainer.train()
-    trainer.save_model(os.path.join(args.output_dir, "student"))
 
     # ---- results on the held-out test split ----
     rows = {
@@ -197,6 +198,17 @@ def main():
             handle.write(summary)
         with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
             json.dump(results, handle, indent=2)
+
+    # ---- save (and with --push_to_hub share) the student: weights, processor, distillation_config.json, card ----
+    if args.push_to_hub:
+        teacher_row, _, student_row = results.values()  # the card's teacher-vs-student table
+        trainer.comparison, trainer.comparison_examples = {"teacher": teacher_row, "student": student_row}, len(test)
+        trainer.model_card_kwargs = {
+            "dataset": None if recipe.dataset_name == "digits" else recipe.dataset_name,
+            "dataset_description": f"{recipe.dataset_name}: {len(labeled)} labeled + {len(transfer) - len(labeled)} "
+            f"unlabeled training images; evaluated on a held-out split of {len(test)}",
+        }
+    trainer.save_model(os.path.join(args.output_dir, "student"))  # Trainer semantics: pushes with --push_to_hub
 
 
 if __name__ == "__main__":

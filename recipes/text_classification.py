@@ -19,6 +19,10 @@ steps and the same seed.
     python recipes/text_classification.py --config recipes/configs/text_classification.yaml \
         --losses kl:1.0,hidden_mse:1.0:projector=linear,attention_kl:1.0,rkd_distance --output_dir outputs/bbc-feat
 
+    # Share the distilled student (weights, tokenizer, distillation_config.json, model card) on the Hub
+    python recipes/text_classification.py --config recipes/configs/text_classification.yaml \
+        --push_to_hub --hub_model_id you/bbc-minilm-student
+
     # Your own data: any dataset load_dataset can read, with a text and a label column
     python recipes/text_classification.py --dataset_name csv --data_files my.csv --text_column text \
         --label_column label --output_dir outputs/mine
@@ -227,7 +231,6 @@ def main():
         compute_metrics=compute_metrics,
     )
     trainer.train()
-    trainer.save_model(os.path.join(args.output_dir, "student"))
 
     # ---- results on the held-out test split ----
     rows = {
@@ -250,6 +253,17 @@ def main():
             handle.write(summary)
         with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
             json.dump(results, handle, indent=2)
+
+    # ---- save (and with --push_to_hub share) the student: weights, processor, distillation_config.json, card ----
+    if args.push_to_hub:
+        teacher_row, _, student_row = results.values()  # the card's teacher-vs-student table
+        trainer.comparison, trainer.comparison_examples = {"teacher": teacher_row, "student": student_row}, len(test)
+        trainer.model_card_kwargs = {
+            "dataset": None if recipe.dataset_name == "bbcnews" else recipe.dataset_name,
+            "dataset_description": f"{recipe.dataset_name}: {len(labeled)} labeled + {len(transfer) - len(labeled)} "
+            f"unlabeled training examples; evaluated on a held-out split of {len(test)}",
+        }
+    trainer.save_model(os.path.join(args.output_dir, "student"))  # Trainer semantics: pushes with --push_to_hub
 
 
 def _packaged_minilm() -> str:

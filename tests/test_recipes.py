@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_recipe(script, *args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+def run_recipe(script, *args, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     completed = subprocess.run(
         [sys.executable, os.path.join(ROOT, "recipes", script), *args],
         cwd=ROOT,
@@ -83,3 +83,39 @@ def test_text_recipe_runs_on_bbc_news_with_the_packaged_minilm(tmp_path):
     assert (tmp_path / "teacher" / "model.safetensors").exists()
     saved = load_file(str(tmp_path / "student" / "model.safetensors"))
     assert not any(key.startswith("hf_kd_losses") for key in saved)  # projectors and CRD heads stay behind
+
+
+@pytest.mark.slow
+def test_image_recipe_pushes_the_student_with_its_card(tmp_path):
+    from hub_server import LocalHub
+
+    with LocalHub() as hub:
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_test", "HF_HUB_DISABLE_XET": "1"}
+        run_recipe(
+            "image_classification.py",
+            "--config",
+            "recipes/configs/image_classification.yaml",
+            "--output_dir",
+            str(tmp_path),
+            "--teacher_steps",
+            "5",
+            "--max_steps",
+            "5",
+            "--push_to_hub",
+            "--hub_model_id",
+            "bob/digits-student",
+            env=env,
+        )
+    (commit,) = hub.state.commits
+    assert commit["repo"] == "bob/digits-student"
+    files = set(commit["files"])
+    assert {
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "distillation_config.json",
+        "README.md",
+    } <= files
+    assert not any(name.startswith(("teacher/", "scratch/", "data/", "student/")) for name in files)
+    card = commit["files"]["README.md"].decode()
+    assert "| teacher |" in card and "| student |" in card and "held-out split of 360" in card

@@ -20,18 +20,12 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from hf_kd import DistillationTrainer  # noqa: E402
 
+RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "recipes")
 
-def deepspeed_config(stage: int) -> dict:
-    zero = {"stage": stage}
-    if stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True  # save_model writes full weights
-    return {
-        "zero_optimization": zero,
-        "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-    }
+
+def deepspeed_config(stage: int) -> str:
+    """The DeepSpeed config the recipes ship (what `--deepspeed` and the accelerate zero*.yaml files use)."""
+    return os.path.join(RECIPES, "accelerate", f"ds_zero{stage}.json")
 
 
 def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp") -> None:
