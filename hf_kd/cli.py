@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import yaml
@@ -34,3 +35,15 @@ def parse_args(dataclass_types, args: list[str] | None = None):
             if action.dest in defaults:
                 action.required = False
     return parser.parse_args_into_dataclasses(args=args)
+
+
+def refuse_deepspeed_for_multi_model_recipes(args) -> None:
+    """The recipes train a teacher and a scratch baseline beside the distilled student in one process; Accelerate
+    allows one DeepSpeed engine set-up per process, so they run on one device or with DDP. Under DeepSpeed, use
+    ``DistillationTrainer`` in a script that trains the student only (README, "Scale out")."""
+    if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise SystemExit(
+            "this recipe trains three models (teacher, scratch baseline, distilled student) in one process, which "
+            "DeepSpeed does not allow; launch it on one device or with DDP (recipes/accelerate/ddp.yaml), or use "
+            "DistillationTrainer under DeepSpeed in a script that trains only the student."
+        )

@@ -39,7 +39,7 @@ from transformers import (
 )
 
 from hf_kd import DistillationConfig, DistillationTrainer
-from hf_kd.cli import parse_args
+from hf_kd.cli import parse_args, refuse_deepspeed_for_multi_model_recipes
 from hf_kd.data import add_sample_index, split_labeled_transfer
 from hf_kd.evaluation import evaluate_model, markdown_table
 from hf_kd.metrics import get_compute_metrics
@@ -100,6 +100,7 @@ def vit(recipe: ImageRecipeArguments, hidden_size: int, layers: int, num_labels:
 
 def main():
     recipe, args = parse_args((ImageRecipeArguments, DistillationConfig))
+    refuse_deepspeed_for_multi_model_recipes(args)
     set_seed(args.seed)
     compute_metrics = get_compute_metrics(recipe.metric)
 

@@ -50,7 +50,7 @@ from transformers import (
 )
 
 from hf_kd import DistillationConfig, DistillationTrainer
-from hf_kd.cli import parse_args
+from hf_kd.cli import parse_args, refuse_deepspeed_for_multi_model_recipes
 from hf_kd.data import add_sample_index, split_labeled_transfer
 from hf_kd.evaluation import evaluate_model, markdown_table
 from hf_kd.metrics import get_compute_metrics
@@ -157,6 +157,7 @@ def build_student(recipe: TextRecipeArguments, teacher) -> BertForSequenceClassi
 
 def main():
     recipe, args = parse_args((TextRecipeArguments, DistillationConfig))
+    refuse_deepspeed_for_multi_model_recipes(args)
     set_seed(args.seed)
     compute_metrics = get_compute_metrics(recipe.metric)
 

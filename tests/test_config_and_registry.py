@@ -156,3 +156,16 @@ def test_command_line_and_yaml(tmp_path):
 def test_config_serialises(tmp_path):
     args = config(tmp_path, losses="kl:1.0,dkd:0.5:beta=4")
     assert '"beta": 4' in args.to_json_string()
+
+
+def test_recipes_refuse_deepspeed_with_a_way_out(monkeypatch):
+    from types import SimpleNamespace
+
+    from hf_kd.cli import refuse_deepspeed_for_multi_model_recipes
+
+    refuse_deepspeed_for_multi_model_recipes(SimpleNamespace(deepspeed=None))  # one device / DDP: fine
+    with pytest.raises(SystemExit, match="launch it on one device or with DDP"):
+        refuse_deepspeed_for_multi_model_recipes(SimpleNamespace(deepspeed="recipes/accelerate/ds_zero3.json"))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(SystemExit, match="DistillationTrainer under DeepSpeed"):
+        refuse_deepspeed_for_multi_model_recipes(SimpleNamespace(deepspeed=None))
