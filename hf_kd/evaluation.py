@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import tempfile
 
 from torch import nn
@@ -62,3 +64,32 @@ def _format(column: str, value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)
+
+
+def compare_models(
+    models: dict[str, nn.Module],
+    dataset,
+    *,
+    title: str,
+    output_dir: str | None,
+    compute_metrics,
+    data_collator=None,
+    use_cpu: bool = False,
+    write: bool = True,
+) -> dict[str, dict]:
+    """Evaluate ``models`` side by side on ``dataset``, print the table under ``title``, and (when ``write``) save
+    it to ``output_dir/results.md`` and the rows to ``output_dir/results.json``. Returns the rows."""
+    results = {
+        name: evaluate_model(
+            model, dataset, compute_metrics=compute_metrics, data_collator=data_collator, use_cpu=use_cpu
+        )
+        for name, model in models.items()
+    }
+    summary = f"{title}\n\n{markdown_table(results, ['accuracy', 'macro_f1', 'parameters', 'ms_per_example'])}\n"
+    print("\n" + summary)
+    if write and output_dir:
+        with open(os.path.join(output_dir, "results.md"), "w") as handle:
+            handle.write(summary)
+        with open(os.path.join(output_dir, "results.json"), "w") as handle:
+            json.dump(results, handle, indent=2)
+    return results

@@ -52,7 +52,7 @@ from transformers import (
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.cli import parse_args, refuse_deepspeed_for_multi_model_recipes
 from hf_kd.data import add_sample_index, split_labeled_transfer
-from hf_kd.evaluation import evaluate_model, markdown_table
+from hf_kd.evaluation import compare_models
 from hf_kd.metrics import get_compute_metrics
 
 
@@ -239,21 +239,19 @@ def main():
         f"student from scratch ({len(labeled)} labels)": scratch,
         f"student distilled ({len(labeled)} labels + {len(transfer) - len(labeled)} unlabeled)": student,
     }
-    results = {
-        name: evaluate_model(model, test, compute_metrics=compute_metrics, data_collator=collator, use_cpu=args.use_cpu)
-        for name, model in rows.items()
-    }
-    table = markdown_table(results, ["accuracy", "macro_f1", "parameters", "ms_per_example"])
-    summary = (
-        f"BBC-style text classification, test split of {len(test)} examples, {args.max_steps} steps, "
-        f"losses {args.losses}, temperature {args.temperature}, seed {args.seed}\n\n{table}\n"
+    results = compare_models(
+        rows,
+        test,
+        title=(
+            f"BBC-style text classification, test split of {len(test)} examples, {args.max_steps} steps, "
+            f"losses {args.losses}, temperature {args.temperature}, seed {args.seed}"
+        ),
+        output_dir=args.output_dir,
+        compute_metrics=compute_metrics,
+        data_collator=collator,
+        use_cpu=args.use_cpu,
+        write=trainer.is_world_process_zero(),
     )
-    print("\n" + summary)
-    if trainer.is_world_process_zero():
-        with open(os.path.join(args.output_dir, "results.md"), "w") as handle:
-            handle.write(summary)
-        with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
-            json.dump(results, handle, indent=2)
 
     # ---- save (and with --push_to_hub share) the student: weights, processor, distillation_config.json, card ----
     if args.push_to_hub:
