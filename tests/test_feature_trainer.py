@@ -173,3 +173,20 @@ def test_checkpoint_student_loads_without_loss_parts(tmp_path):
     reloaded = BertForSequenceClassification.from_pretrained(str(tmp_path / "out"))
     assert set(reloaded.state_dict()) == set(trainer.model.state_dict())
     assert "distillation_config.json" in os.listdir(tmp_path / "out")
+
+
+def test_bf16_autocast_with_a_bf16_teacher_and_feature_losses(tmp_path):
+    losses = "kl,hidden_mse:1.0:projector=linear,attention_kl,rkd_distance,vid,infonce"
+    trainer = DistillationTrainer(
+        model=tiny_bert(hidden=16, seed=2),
+        teacher_model=tiny_bert(seed=1),
+        train_dataset=classification_data(),
+        args=config(tmp_path, max_steps=2, bf16=True, teacher_dtype="bfloat16", losses=losses),
+    )
+    trainer.train()
+    assert next(trainer.teacher_model.parameters()).dtype == torch.bfloat16
+    assert next(trainer.model.parameters()).dtype == torch.float32  # master weights stay fp32
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert all(
+        torch.isfinite(torch.tensor([e[k] for k in ("loss", "kl", "hidden_mse", "vid", "infonce")])).all() for e in logs
+    )
