@@ -122,6 +122,14 @@ class DistillationConfig(TrainingArguments):
             "list of {name, weight, ...options}. Default: kl with weight 1."
         },
     )
+    chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Causal LMs: compute the label loss and logit losses from the final hidden states and LM "
+            "heads in chunks of this many supervised tokens, never holding the B×T×V logits of either model "
+            "(values and gradients equal the plain path). Logit losses only."
+        },
+    )
     token_level: bool | None = field(
         default=None,
         metadata={
@@ -149,6 +157,8 @@ class DistillationConfig(TrainingArguments):
                 raise ValueError("set either alpha (convex form) or hard_label_weight (additive form), not both.")
         elif self.hard_label_weight is not None and self.hard_label_weight < 0:
             raise ValueError(f"hard_label_weight must be >= 0, got {self.hard_label_weight}.")
+        if self.chunk_size is not None and self.chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive number of tokens, got {self.chunk_size}.")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")
         super().__post_init__()

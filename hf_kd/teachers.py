@@ -141,11 +141,20 @@ class LiveTeacher:
 
     def __call__(self, inputs: dict, needs: frozenset[str]) -> ModelFeatures:
         """The teacher's features for a batch of student inputs."""
-        teacher_inputs = {
+        self.model.eval()  # Trainer.train() may have switched every module it saw to train mode
+        with torch.no_grad():
+            return run_model(self.model, self.inputs(inputs), needs, module_root=unwrap(self.model))[1]
+
+    def outputs(self, inputs: dict, **kwargs):
+        """The teacher's raw outputs for a batch of student inputs, with extra forward arguments."""
+        self.model.eval()
+        with torch.no_grad():
+            return self.model(**self.inputs(inputs), **kwargs)
+
+    def inputs(self, inputs: dict) -> dict:
+        """The student inputs the teacher takes: never labels, and only arguments its forward accepts."""
+        return {
             key: value
             for key, value in inputs.items()
             if key != "labels" and (self._accepted is None or key in self._accepted)
         }
-        self.model.eval()  # Trainer.train() may have switched every module it saw to train mode
-        with torch.no_grad():
-            return run_model(self.model, teacher_inputs, needs, module_root=unwrap(self.model))[1]

@@ -21,6 +21,7 @@ from .evaluation import count_parameters, evaluate_model
 from .features import ModelFeatures, run_model
 from .hub import render_student_card
 from .losses import DistillationLoss, get_loss
+from .losses.chunked import chunked_token_terms
 from .teachers import (
     LiveTeacher,
     auto_class_for,
@@ -134,6 +135,8 @@ class DistillationTrainer(Trainer):
         self.token_level = args.token_level if args.token_level is not None else is_token_level(model)
         self.shift_labels = is_causal_lm(model)
 
+        if args.chunk_size is not None:
+            _check_chunkable(self.distillation_losses, self.shift_labels, self.token_level, self.is_deepspeed_enabled)
         self.teacher_model = prepare_teacher(teacher, self.accelerator)
         self.teacher = LiveTeacher(self.teacher_model)
         self._setup_learned_losses()
@@ -225,6 +228,11 @@ class DistillationTrainer(Trainer):
         if not isinstance(counts, ItemCounts):  # called outside the training loop
             counts = self._get_num_items_in_batch([inputs], self.args.device)
         mode = "train" if model.training else "eval"
+        if self.args.chunk_size is not None:
+            total, terms, outputs = self._chunked_token_loss(model, inputs, counts)
+            for name, value in terms.items():
+                self._term_sums[mode][name].append(value.detach())
+            return (total, outputs) if return_outputs else total
         # Outside training there is no accumulation: a term that is a per-batch mean is used as is.
         accumulation = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
 
@@ -272,6 +280,46 @@ class DistillationTrainer(Trainer):
         for name, value in terms.items():
             self._term_sums[mode][name].append(value.detach())
         return (total, outputs) if return_outputs else total
+
+    def _chunked_token_loss(self, model, inputs, counts: ItemCounts):
+        """The causal-LM loss from final hidden states and LM heads, chunk by chunk (``chunk_size``).
+
+        Only the supervised positions are projected to the vocabulary, by both models; the models themselves
+        compute logits for their last position only (``logits_to_keep=1``).
+        """
+        inputs, _ = _split_sample_index(inputs)
+        labels = inputs.get("labels")
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1)
+        teacher_outputs = self.teacher.outputs(model_inputs, output_hidden_states=True, logits_to_keep=1)
+        mask = distillation_mask(inputs, token_level=True, shift=True)
+        student_hidden = outputs.hidden_states[-1][:, :-1]
+        if mask is None:
+            mask = torch.ones(student_hidden.shape[:2], dtype=torch.bool, device=student_hidden.device)
+        targets = None if labels is None else labels[:, 1:][mask]
+        with_label_loss = labels is not None and self.args.label_loss_weight > 0
+        student, teacher = self.accelerator.unwrap_model(model), unwrap(self.teacher_model)
+        sums = chunked_token_terms(
+            student_hidden[mask],
+            teacher_outputs.hidden_states[-1][:, :-1][mask],
+            targets,
+            student_head=student.get_output_embeddings(),
+            teacher_head=teacher.get_output_embeddings(),
+            student_config=student.config,
+            teacher_config=teacher.config,
+            losses=list(self.distillation_losses),
+            with_label_loss=with_label_loss,
+            chunk_size=self.args.chunk_size,
+        )
+        terms: dict[str, torch.Tensor] = {}
+        total = sums.new_zeros(())
+        if with_label_loss:
+            terms["ce"] = sums[0] * counts.scale / counts.labels.clamp(min=1)
+            total = total + self.args.label_loss_weight * terms["ce"]
+        for index, (name, weight) in enumerate(zip(self.loss_names, self.loss_weights)):
+            terms[name] = sums[index + int(with_label_loss)] * counts.scale / counts.positions.clamp(min=1)
+            total = total + self.args.distillation_weight * weight * terms[name]
+        return total, terms, outputs
 
     # ---- logging and saving ---------------------------------------------------------------------------------
 
@@ -514,6 +562,25 @@ def _unique_name(name: str, earlier: list[str]) -> str:
     short = name.rpartition(".")[2]
     repeats = sum(1 for other in earlier if other.rpartition(".")[2] == short)
     return short if repeats == 0 else f"{short}_{repeats + 1}"
+
+
+def _check_chunkable(losses, causal: bool, token_level: bool, deepspeed: bool) -> None:
+    if not (causal and token_level):
+        raise ValueError(
+            "chunk_size applies to causal LMs (…ForCausalLM), whose logits come from an LM head; "
+            "leave it unset for other models."
+        )
+    unchunkable = [loss.name for loss in losses if loss.side_needs("student") != {"logits"} or not loss.per_position]
+    if unchunkable:
+        raise ValueError(
+            f"chunk_size works with logit losses only; {unchunkable} read other features. Leave "
+            "chunk_size unset to combine them."
+        )
+    if deepspeed:
+        raise ValueError(
+            "chunk_size is not supported under DeepSpeed yet (the LM heads would need gathering under "
+            "ZeRO-3); leave it unset."
+        )
 
 
 def _check_compatible(student: ModelFeatures, teacher: ModelFeatures) -> None:

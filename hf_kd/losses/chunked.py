@@ -1,0 +1,104 @@
+"""Token-level distillation from final hidden states and LM heads, chunk by chunk.
+
+The B×T×V logits of neither model are ever held whole: for each chunk of ``chunk_size`` supervised positions the
+student's and teacher's logits are computed from their final hidden states, every response loss (and the label
+cross-entropy) is summed over the chunk, and the chunk's logits are freed; in the backward pass each chunk's
+student logits are recomputed (activation checkpointing). Values and gradients equal the plain path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..features import ModelFeatures
+
+
+def output_logits(hidden: torch.Tensor, head: nn.Module, config) -> torch.Tensor:
+    """The LM head's logits, with the output scaling some models apply (``logit_scale``, final soft-capping)."""
+    logits = head(hidden)
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def chunked_token_terms(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    targets: torch.Tensor | None,
+    *,
+    student_head: nn.Module,
+    teacher_head: nn.Module,
+    student_config,
+    teacher_config,
+    losses: list,
+    with_label_loss: bool,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Sums over positions of ``[label CE (if with_label_loss), loss₁, loss₂, ...]``, computed chunk by chunk.
+
+    ``student_hidden`` / ``teacher_hidden`` hold the final hidden states of the N supervised positions (N×H_S,
+    N×H_T); ``targets`` their next-token ids (N), needed for the label loss and ``dkd``.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}.")
+    terms = functools.partial(
+        _chunk_terms,
+        student_head=student_head,
+        teacher_head=teacher_head,
+        student_config=student_config,
+        teacher_config=teacher_config,
+        losses=losses,
+        with_label_loss=with_label_loss,
+    )
+    totals = []
+    for start in range(0, len(student_hidden), chunk_size):
+        stop = start + chunk_size
+        chunk_targets = None if targets is None else targets[start:stop]
+        totals.append(
+            checkpoint(
+                terms, student_hidden[start:stop], teacher_hidden[start:stop], chunk_targets, use_reentrant=False
+            )
+        )
+    if not totals:  # no supervised position in this batch
+        size = len(losses) + int(with_label_loss)
+        return student_hidden.sum() * 0 + torch.zeros(size, device=student_hidden.device)
+    return torch.stack(totals).sum(0)
+
+
+def _chunk_terms(
+    student_hidden,
+    teacher_hidden,
+    targets,
+    *,
+    student_head,
+    teacher_head,
+    student_config,
+    teacher_config,
+    losses,
+    with_label_loss,
+):
+    student_logits = output_logits(student_hidden, student_head, student_config)
+    with torch.no_grad():
+        teacher_logits = output_logits(teacher_hidden, teacher_head, teacher_config)
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(
+            f"the student has {student_logits.shape[-1]} vocabulary entries and the teacher "
+            f"{teacher_logits.shape[-1]}: logit-based losses need the same tokenizer; cross-tokenizer "
+            "distillation is not supported yet."
+        )
+    values = []
+    if with_label_loss:
+        values.append(F.cross_entropy(student_logits.float(), targets, ignore_index=-100, reduction="sum"))
+    student, teacher = ModelFeatures(logits=student_logits), ModelFeatures(logits=teacher_logits)
+    for loss in losses:
+        values.append(loss(student, teacher, labels=targets))
+    return torch.stack(values)
