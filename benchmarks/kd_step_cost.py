@@ -1,0 +1,119 @@
+"""What a distillation step costs over plain fine-tuning of the same student: time and FLOPs, side by side.
+
+One GPT-2-style causal-LM student and a teacher several times larger, the same batches. For each step kind —
+plain fine-tuning (label loss only) and distillation (label loss + KL to the teacher) — the script times
+``training_step`` (median over repeats) and counts FLOPs with ``torch.utils.flop_counter.FlopCounterMode``. With
+a frozen teacher the extra work is one teacher forward, so the ideal ratio is 1 + F_teacher_fwd / F_student_step
+(≈ 1 + N_teacher / (3·N_student)); a teacher backward would add twice its forward again.
+
+    python benchmarks/kd_step_cost.py                 # ~1 min on 2 CPU cores
+    python benchmarks/kd_step_cost.py --teacher_layers 12 --teacher_width 768 --batch 8 --length 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer
+
+from hf_kd import DistillationConfig, DistillationTrainer
+
+
+def gpt2(layers: int, width: int, vocab: int, length: int, seed: int) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_embd=width,
+        n_layer=layers,
+        n_head=max(1, width // 64),
+        n_positions=length,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def non_embedding_parameters(model) -> int:
+    return sum(p.numel() for name, p in model.named_parameters() if "wte" not in name and "wpe" not in name)
+
+
+def measure(trainer, batch, repeats: int) -> tuple[float, float]:
+    """(median seconds, FLOPs) of one training step on ``batch``."""
+    model = trainer.model
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this bypasses
+    for _ in range(2):  # warm-up
+        trainer.training_step(model, batch)
+        model.zero_grad()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        trainer.training_step(model, batch)
+        times.append(time.perf_counter() - start)
+        model.zero_grad()
+    with FlopCounterMode(display=False) as counter:
+        trainer.training_step(model, batch)
+    model.zero_grad()
+    return statistics.median(times), counter.get_total_flops()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student_layers", type=int, default=2)
+    parser.add_argument("--student_width", type=int, default=256)
+    parser.add_argument("--teacher_layers", type=int, default=6)
+    parser.add_argument("--teacher_width", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=8)
+    options = parser.parse_args()
+
+    student = gpt2(options.student_layers, options.student_width, options.vocab, options.length, seed=0)
+    teacher = gpt2(options.teacher_layers, options.teacher_width, options.vocab, options.length, seed=1)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, options.vocab, (options.batch, options.length), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = DistillationConfig(output_dir=output_dir, use_cpu=True, report_to=[], losses="kl", alpha=0.5)
+        plain = Trainer(model=student, args=args)
+        distill = DistillationTrainer(model=student, teacher_model=teacher, args=args)
+        plain_time, plain_flops = measure(plain, batch, options.repeats)
+        kd_time, kd_flops = measure(distill, batch, options.repeats)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            teacher(input_ids=ids, attention_mask=batch["attention_mask"])
+        teacher_forward = counter.get_total_flops()
+
+    n_student, n_teacher = non_embedding_parameters(student), non_embedding_parameters(teacher)
+    ideal_flops = 1 + teacher_forward / plain_flops
+    print(
+        f"student {n_student / 1e6:.2f}M / teacher {n_teacher / 1e6:.2f}M non-embedding parameters, "
+        f"vocab {options.vocab:,}, batch {options.batch} × {options.length} tokens, fp32, 2 CPU threads\n"
+    )
+    print("| | plain fine-tuning | distillation (CE + KL) | ratio | ideal | ratio / ideal |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        f"| step time (s) | {plain_time:.3f} | {kd_time:.3f} | {kd_time / plain_time:.2f} | "
+        f"{ideal_flops:.2f} | {kd_time / plain_time / ideal_flops:.2f} |"
+    )
+    print(
+        f"| step GFLOPs | {plain_flops / 1e9:.2f} | {kd_flops / 1e9:.2f} | {kd_flops / plain_flops:.2f} | "
+        f"{ideal_flops:.2f} | {kd_flops / plain_flops / ideal_flops:.2f} |"
+    )
+    extra = kd_flops - plain_flops
+    print(
+        f"\nextra FLOPs of distillation = {extra / teacher_forward:.2f} × one teacher forward "
+        f"(a teacher backward would make it ≈ 3); 1 + N_teacher / (3·N_student) = "
+        f"{1 + n_teacher / (3 * n_student):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
