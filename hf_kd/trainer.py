@@ -413,6 +413,16 @@ class DistillationTrainer(Trainer):
         self.comparison_examples = len(dataset)
         return rows
 
+    def set_model_card_details(
+        self, comparison: dict[str, dict] | None = None, eval_examples: int | None = None, **card_kwargs
+    ) -> None:
+        """Give the model card what the trainer cannot know: a teacher-vs-student ``comparison`` already measured
+        (rows named ``teacher`` and ``student``, as :meth:`compare_with_teacher` returns) on ``eval_examples``
+        examples, and defaults for :meth:`create_model_card` (``dataset``, ``dataset_description``, ...)."""
+        if comparison is not None:
+            self.comparison, self.comparison_examples = comparison, eval_examples
+        self.model_card_kwargs.update(card_kwargs)
+
     def create_model_card(
         self,
         output_dir: str | None = None,

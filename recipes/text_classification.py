@@ -255,13 +255,14 @@ def main():
 
     # ---- save (and with --push_to_hub share) the student: weights, processor, distillation_config.json, card ----
     if args.push_to_hub:
-        teacher_row, _, student_row = results.values()  # the card's teacher-vs-student table
-        trainer.comparison, trainer.comparison_examples = {"teacher": teacher_row, "student": student_row}, len(test)
-        trainer.model_card_kwargs = {
-            "dataset": None if recipe.dataset_name == "bbcnews" else recipe.dataset_name,
-            "dataset_description": f"{recipe.dataset_name}: {len(labeled)} labeled + {len(transfer) - len(labeled)} "
+        teacher_row, _, student_row = results.values()
+        trainer.set_model_card_details(
+            comparison={"teacher": teacher_row, "student": student_row},
+            eval_examples=len(test),
+            dataset=None if recipe.dataset_name == "bbcnews" else recipe.dataset_name,
+            dataset_description=f"{recipe.dataset_name}: {len(labeled)} labeled + {len(transfer) - len(labeled)} "
             f"unlabeled training examples; evaluated on a held-out split of {len(test)}",
-        }
+        )
     trainer.save_model(os.path.join(args.output_dir, "student"))  # Trainer semantics: pushes with --push_to_hub
 
 
