@@ -237,6 +237,7 @@ class DistillationTrainer(Trainer):
         accumulation = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
 
         inputs, sample_index = _split_sample_index(inputs)
+        inputs = self._with_decoder_inputs(model, inputs)
         labels = inputs.get("labels")
         label_weight = self.args.label_loss_weight
         student_inputs = inputs if label_weight > 0 else {k: v for k, v in inputs.items() if k != "labels"}
@@ -280,6 +281,19 @@ class DistillationTrainer(Trainer):
         for name, value in terms.items():
             self._term_sums[mode][name].append(value.detach())
         return (total, outputs) if return_outputs else total
+
+    def _with_decoder_inputs(self, model, inputs: dict) -> dict:
+        """Encoder-decoder models: the decoder inputs the student would derive from its labels, made explicit so
+        the teacher (which never gets labels) and a student trained without the label loss decode the same
+        sequence."""
+        if "labels" not in inputs or "decoder_input_ids" in inputs or "decoder_inputs_embeds" in inputs:
+            return inputs
+        student = self.accelerator.unwrap_model(model)
+        student = student.get_base_model() if hasattr(student, "get_base_model") else student
+        if not getattr(student.config, "is_encoder_decoder", False):
+            return inputs
+        decoder_input_ids = student.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+        return {**inputs, "decoder_input_ids": decoder_input_ids}
 
     def _chunked_token_loss(self, model, inputs, counts: ItemCounts):
         """The causal-LM loss from final hidden states and LM heads, chunk by chunk (``chunk_size``).

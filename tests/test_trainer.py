@@ -320,3 +320,48 @@ def test_args_must_be_a_distillation_config(tmp_path):
 
     with pytest.raises(TypeError, match="DistillationConfig"):
         DistillationTrainer(model=tiny_bert(), teacher_model=tiny_bert(), args=TrainingArguments(str(tmp_path)))
+
+
+def test_seq2seq_token_level_kd_on_decoder_logits(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    def t5(width, layers, seed):
+        torch.manual_seed(seed)
+        return T5ForConditionalGeneration(
+            T5Config(
+                vocab_size=64,
+                d_model=width,
+                d_kv=8,
+                d_ff=2 * width,
+                num_layers=layers,
+                num_heads=2,
+                decoder_start_token_id=0,
+                pad_token_id=0,
+                dropout_rate=0.0,
+            )
+        )
+
+    generator = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict(
+        {
+            "input_ids": torch.randint(1, 64, (8, 7), generator=generator).tolist(),
+            "attention_mask": [[1] * 7] * 8,
+            "labels": [
+                [int(t) for t in row[:n]] + [-100] * (5 - n)
+                for row, n in zip(torch.randint(1, 64, (8, 5), generator=generator), [5, 3, 4, 2, 5, 1, 4, 3])
+            ],
+        }
+    )
+    student, teacher = t5(16, 1, seed=2), t5(32, 2, seed=1)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, train_dataset=data, args=config(tmp_path, alpha=1.0, max_steps=2)
+    )
+    assert trainer.token_level and not trainer.shift_labels  # decoder logits align with labels, no shift
+    batch = {k: torch.tensor(v) for k, v in data[:].items()}
+    with torch.no_grad():
+        loss = trainer.compute_loss(student, batch).item()
+        s, t = student(**batch).logits, teacher(**batch).logits  # both decode the right-shifted labels
+    mask = batch["labels"] != -100
+    assert loss == pytest.approx(F.forward_kl(s[mask], t[mask], temperature=2.0).item(), rel=1e-5)
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(e["kl"])) for e in trainer.state.log_history if "kl" in e)
