@@ -40,7 +40,7 @@ class ModelFeatures:
     def from_outputs(cls, outputs, needs: frozenset[str], modules: dict | None = None, attention_mask=None):
         features = cls(modules=dict(modules or {}), attention_mask=attention_mask)
         for name in FIELD_NEEDS & needs:
-            value = _output_field(outputs, name)
+            value = output_field(outputs, name)
             if value is None or (isinstance(value, tuple) and len(value) == 0):
                 raise ValueError(
                     f"a configured loss needs {name} but the model ({type(outputs).__name__}) returned none. "
@@ -118,7 +118,8 @@ def run_model(model: nn.Module, inputs: dict, needs: frozenset[str], module_root
     return outputs, features
 
 
-def _output_field(outputs, name: str):
+def output_field(outputs, name: str):
+    """A field of a model's outputs (a ``ModelOutput``, a dict or an object), ``None`` when absent."""
     if isinstance(outputs, dict) or hasattr(outputs, "keys"):
         return outputs.get(name)
     return getattr(outputs, name, None)

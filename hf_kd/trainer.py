@@ -18,7 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .config import DistillationConfig
 from .data import SAMPLE_INDEX
 from .evaluation import count_parameters, evaluate_model
-from .features import ModelFeatures, run_model
+from .features import ModelFeatures, output_field, run_model
 from .hub import render_student_card
 from .losses import DistillationLoss, get_loss
 from .losses.chunked import chunked_token_terms
@@ -247,12 +247,12 @@ class DistillationTrainer(Trainer):
 
         terms: dict[str, torch.Tensor] = {}
         total = None
-        if labels is not None and label_weight > 0 and _output(outputs, "loss") is not None:
+        if labels is not None and label_weight > 0 and output_field(outputs, "loss") is not None:
             batch_labels = labels[..., 1:] if self.shift_labels else labels
             local_count = batch_labels.ne(-100).sum()
             if local_count > 0:  # a batch of unlabeled transfer data has no label loss
                 # The model's loss is a mean over this micro-batch; re-normalise it by the step's count.
-                terms["ce"] = _output(outputs, "loss") * local_count * counts.scale / counts.labels
+                terms["ce"] = output_field(outputs, "loss") * local_count * counts.scale / counts.labels
                 total = label_weight * terms["ce"]
 
         if self.distillation_losses:
@@ -552,10 +552,6 @@ class _DistillationCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         for parameter in self.trainer.loss_parameters():
             parameter.grad = None  # the Trainer zeroes only the model's gradients
-
-
-def _output(outputs, name):
-    return outputs.get(name) if hasattr(outputs, "get") else getattr(outputs, name, None)
 
 
 def _drop_last_position(features: ModelFeatures) -> ModelFeatures:
