@@ -119,3 +119,30 @@ def test_image_recipe_pushes_the_student_with_its_card(tmp_path):
     assert not any(name.startswith(("teacher/", "scratch/", "data/", "student/")) for name in files)
     card = commit["files"]["README.md"].decode()
     assert "| teacher |" in card and "| student |" in card and "held-out split of 360" in card
+
+
+@pytest.mark.slow
+def test_causal_lm_recipe_trains_a_tokenizer_teacher_and_chunked_student(tmp_path):
+    stdout = run_recipe(
+        "causal_lm.py",
+        "--config",
+        "recipes/configs/causal_lm.yaml",
+        "--output_dir",
+        str(tmp_path),
+        "--teacher_steps",
+        "3",
+        "--max_steps",
+        "3",
+        "--vocab_size",
+        "512",
+        "--test_fraction",
+        "0.02",
+        "--chunk_size",
+        "64",
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 3 and all(row["perplexity"] > 1 for row in results.values())
+    assert "perplexity" in stdout
+    assert {"model.safetensors", "tokenizer.json", "distillation_config.json"} <= set(os.listdir(tmp_path / "student"))
+    summary = json.loads((tmp_path / "student" / "distillation_config.json").read_text())
+    assert summary["token_level"] and summary["teacher_parameters"] > summary["student_parameters"]
