@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.hf_kd-installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test demo demo-image lint
+.PHONY: install test demo demo-image demo-lm lint
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: $(STAMP)
 
 demo-image: $(STAMP)
 	$(BIN)/python recipes/image_classification.py --config recipes/configs/image_classification.yaml
+
+demo-lm: $(STAMP)
+	$(BIN)/python recipes/causal_lm.py --config recipes/configs/causal_lm.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check hf_kd recipes tests benchmarks
