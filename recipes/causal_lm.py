@@ -125,9 +125,9 @@ def main():
     set_seed(args.seed)
 
     # ---- data: documents split first (no block straddles train and test), a tokenizer, fixed-size blocks ----
-    documents = load_texts(recipe, cache_dir=os.path.join(args.output_dir, "data")).train_test_split(
-        test_size=recipe.test_fraction, seed=args.seed
-    )
+    with args.main_process_first(desc="export the corpus"):  # one process writes the local copy
+        texts = load_texts(recipe, cache_dir=os.path.join(args.output_dir, "data"))
+    documents = texts.train_test_split(test_size=recipe.test_fraction, seed=args.seed)
     if recipe.tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer)
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token

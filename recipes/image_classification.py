@@ -105,7 +105,8 @@ def main():
     compute_metrics = get_compute_metrics(recipe.metric)
 
     # ---- data: grey images → pixel_values through an image processor saved with the student ----
-    dataset = load_image_dataset(recipe, cache_dir=os.path.join(args.output_dir, "data"))
+    with args.main_process_first(desc="export the data"):  # one process writes the local copy
+        dataset = load_image_dataset(recipe, cache_dir=os.path.join(args.output_dir, "data"))
     dataset = dataset.class_encode_column("label").rename_column("label", "labels")
     num_labels = dataset.features["labels"].num_classes
     if recipe.teacher:

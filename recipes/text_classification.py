@@ -162,7 +162,8 @@ def main():
     compute_metrics = get_compute_metrics(recipe.metric)
 
     # ---- data: stratified test split, then few labeled examples + the unlabeled rest as transfer data ----
-    dataset = load_text_dataset(recipe, cache_dir=os.path.join(args.output_dir, "data"))
+    with args.main_process_first(desc="export the data"):  # one process writes the local copy
+        dataset = load_text_dataset(recipe, cache_dir=os.path.join(args.output_dir, "data"))
     splits = dataset.train_test_split(test_size=recipe.test_fraction, stratify_by_column="labels", seed=args.seed)
     labeled, transfer = split_labeled_transfer(splits["train"], recipe.num_labeled, seed=args.seed)
     transfer = add_sample_index(transfer)  # row ids for losses with per-example memory (crd); others ignore them
