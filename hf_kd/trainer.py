@@ -209,14 +209,14 @@ class DistillationTrainer(Trainer):
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> ItemCounts:
         """Count label entries and distillation positions over all micro-batches (and processes) of a step."""
         shift = self.shift_labels
-        labels = positions = 0
+        # Summed as tensors where the batches live: no host-device sync per micro-batch.
+        counts = torch.zeros(2, dtype=torch.float32, device=device)
         for batch in batch_samples:
             if batch.get("labels") is not None:
                 batch_labels = batch["labels"][..., 1:] if shift else batch["labels"]
-                labels += int(batch_labels.ne(-100).sum())
+                counts[0] += batch_labels.ne(-100).sum().to(device)
             mask = distillation_mask(batch, self.token_level, shift)
-            positions += int(mask.sum()) if mask is not None else _num_positions(batch, self.token_level, shift)
-        counts = torch.tensor([labels, positions], dtype=torch.float32, device=device)
+            counts[1] += mask.sum().to(device) if mask is not None else _num_positions(batch, self.token_level, shift)
         scale = 1
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             counts = self.accelerator.gather(counts[None]).sum(0)
@@ -230,8 +230,7 @@ class DistillationTrainer(Trainer):
         mode = "train" if model.training else "eval"
         if self.args.chunk_size is not None:
             total, terms, outputs = self._chunked_token_loss(model, inputs, counts)
-            for name, value in terms.items():
-                self._term_sums[mode][name].append(value.detach())
+            self._record_terms(mode, terms)
             return (total, outputs) if return_outputs else total
         # Outside training there is no accumulation: a term that is a per-batch mean is used as is.
         accumulation = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
@@ -278,9 +277,13 @@ class DistillationTrainer(Trainer):
                 "configured, or every loss weight is 0."
             )
 
+        self._record_terms(mode, terms)
+        return (total, outputs) if return_outputs else total
+
+    def _record_terms(self, mode: str, terms: dict[str, torch.Tensor]) -> None:
+        """Keep each term's value for :meth:`log` (detached: logging must not hold the graph)."""
         for name, value in terms.items():
             self._term_sums[mode][name].append(value.detach())
-        return (total, outputs) if return_outputs else total
 
     def _with_decoder_inputs(self, model, inputs: dict) -> dict:
         """Encoder-decoder models: the decoder inputs the student would derive from its labels, made explicit so
