@@ -60,12 +60,11 @@ def chunked_step(student_head, teacher_head, student_hidden, teacher_hidden, tar
     config = type("Config", (), {})()
     sums = chunked_token_terms(
         student_hidden,
-        teacher_hidden,
+        (teacher_hidden,),
         targets,
         student_head=student_head,
-        teacher_head=teacher_head,
         student_config=config,
-        teacher_config=config,
+        teacher_logits=teacher_head,
         losses=[kl],
         with_label_loss=True,
         chunk_size=chunk_size,

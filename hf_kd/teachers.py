@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 
@@ -9,7 +10,9 @@ import torch
 import transformers
 from torch import nn
 
+from .evaluation import count_parameters
 from .features import ModelFeatures, run_model
+from .losses.chunked import output_logits
 
 # transformers names task models "<Arch><Suffix>"; the Auto class for a suffix loads a teacher with the same head.
 _AUTO_CLASS_BY_SUFFIX = (
@@ -126,7 +129,47 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-class LiveTeacher:
+class TeacherSource:
+    """Where the teacher's outputs come from: a model run live, a cache on disk, the student's own base model.
+
+    ``model`` is the teacher network held in memory (``None`` for a cache): what ``compare_with_teacher``
+    evaluates. ``covers_eval`` says whether outputs exist for evaluation data too (a cache covers the data it was
+    written for only).
+    """
+
+    model: nn.Module | None = None
+    covers_eval: bool = True
+    provides: frozenset[str] | None = None  # the feature needs it can serve; None: anything a model returns
+
+    def __call__(self, inputs: dict, needs: frozenset[str], sample_index: torch.Tensor | None = None) -> ModelFeatures:
+        """The teacher's features for a batch of student inputs."""
+        raise NotImplementedError
+
+    def token_rows(self, inputs: dict, mask: torch.Tensor, sample_index: torch.Tensor | None = None):
+        """For chunked causal-LM KD: ``(rows, to_logits)`` where ``rows`` is a tuple of tensors with one row per
+        position of ``mask`` (over logits positions 0..T−2) and ``to_logits(*row_chunk)`` gives those positions'
+        logits (called under ``no_grad``)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """``teacher`` (name or path), ``teacher_class`` and ``teacher_parameters`` for summaries and cards."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def evaluation_model(self):
+        """The teacher as a model to evaluate (``compare_with_teacher``), or ``None`` when there is none."""
+        yield self.model
+
+    def check_needs(self, needs: frozenset[str]) -> None:
+        if self.provides is not None and not needs <= self.provides:
+            raise ValueError(
+                f"the configured losses need teacher {sorted(needs - self.provides)}, which a "
+                f"{type(self).__name__} does not provide (it provides {sorted(self.provides)}); use logit losses "
+                "or a live teacher model."
+            )
+
+
+class LiveTeacher(TeacherSource):
     """Teacher outputs computed on the fly by a frozen model, under ``no_grad``, on the student's inputs.
 
     Inputs the teacher's ``forward`` does not take (say ``token_type_ids`` for a teacher without them) are
@@ -139,8 +182,7 @@ class LiveTeacher:
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
         self._accepted = None if takes_any else set(parameters)
 
-    def __call__(self, inputs: dict, needs: frozenset[str]) -> ModelFeatures:
-        """The teacher's features for a batch of student inputs."""
+    def __call__(self, inputs: dict, needs: frozenset[str], sample_index: torch.Tensor | None = None) -> ModelFeatures:
         self.model.eval()  # Trainer.train() may have switched every module it saw to train mode
         with torch.no_grad():
             return run_model(self.model, self.inputs(inputs), needs, module_root=unwrap(self.model))[1]
@@ -158,3 +200,74 @@ class LiveTeacher:
             for key, value in inputs.items()
             if key != "labels" and (self._accepted is None or key in self._accepted)
         }
+
+    def token_rows(self, inputs: dict, mask: torch.Tensor, sample_index: torch.Tensor | None = None):
+        # logits_to_keep=1: the model projects only its last position; the chunks project the rest.
+        outputs = self.outputs(inputs, output_hidden_states=True, logits_to_keep=1)
+        model = unwrap(self.model)
+        head, config = model.get_output_embeddings(), model.config
+        return (outputs.hidden_states[-1][:, :-1][mask],), lambda hidden: output_logits(hidden, head, config)
+
+    def describe(self) -> dict:
+        model = unwrap(self.model)
+        return {
+            "teacher": getattr(model, "name_or_path", None) or None,
+            "teacher_class": type(model).__name__,
+            "teacher_parameters": count_parameters(model),
+        }
+
+
+class AdapterBaseTeacher(TeacherSource):
+    """The teacher is the student's own base model with its adapters switched off (a PEFT/LoRA student on the
+    teacher's weights): one copy of the base in memory, the teacher pass runs under ``disable_adapter()``."""
+
+    def __init__(self, student: nn.Module):
+        student = unwrap(student)
+        if not hasattr(student, "disable_adapter") or not hasattr(student, "get_base_model"):
+            raise ValueError(
+                "AdapterBaseTeacher needs a PEFT student (peft.get_peft_model(base, LoraConfig(...))) whose base "
+                f"model is the teacher; got {type(student).__name__}."
+            )
+        self.student = student
+        self.model = None  # the base is not a separate network: compare_with_teacher evaluates it adapters off
+        self._live = LiveTeacher(student)
+
+    @contextlib.contextmanager
+    def _base(self):
+        was_training = self.student.training
+        self.student.eval()  # no dropout in the teacher pass, as for a separate teacher
+        try:
+            with self.student.disable_adapter(), torch.no_grad():
+                yield
+        finally:
+            self.student.train(was_training)
+
+    def __call__(self, inputs: dict, needs: frozenset[str], sample_index: torch.Tensor | None = None) -> ModelFeatures:
+        with self._base():
+            return run_model(self.student, self._live.inputs(inputs), needs)[1]
+
+    def token_rows(self, inputs: dict, mask: torch.Tensor, sample_index: torch.Tensor | None = None):
+        with self._base():
+            outputs = self.student(**self._live.inputs(inputs), output_hidden_states=True, logits_to_keep=1)
+        base = self.student.get_base_model()
+        head, config = base.get_output_embeddings(), base.config
+
+        def to_logits(hidden):
+            with self._base():  # a LoRA on the LM head must be off for the teacher's logits too
+                return output_logits(hidden, head, config)
+
+        return (outputs.hidden_states[-1][:, :-1][mask],), to_logits
+
+    def describe(self) -> dict:
+        base = self.student.get_base_model()
+        return {
+            "teacher": getattr(base, "name_or_path", None) or None,
+            "teacher_class": type(base).__name__ + " (the student's base, adapters off)",
+            # The adapters are the only trainable parameters (modules_to_save copies included): the rest is the base.
+            "teacher_parameters": sum(p.numel() for p in base.parameters() if not p.requires_grad),
+        }
+
+    @contextlib.contextmanager
+    def evaluation_model(self):
+        with self.student.disable_adapter():
+            yield self.student

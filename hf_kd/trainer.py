@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections import defaultdict
@@ -24,12 +25,12 @@ from .losses import DistillationLoss, get_loss
 from .losses.chunked import chunked_token_terms
 from .teachers import (
     LiveTeacher,
+    TeacherSource,
     auto_class_for,
     is_causal_lm,
     is_token_level,
     load_teacher,
     prepare_teacher,
-    unwrap,
     use_eager_attention,
 )
 
@@ -92,7 +93,7 @@ class DistillationTrainer(Trainer):
     def __init__(
         self,
         model: nn.Module | None = None,
-        teacher_model: nn.Module | str | None = None,
+        teacher_model: nn.Module | str | TeacherSource | None = None,
         args: DistillationConfig | None = None,
         **kwargs,
     ):
@@ -113,10 +114,11 @@ class DistillationTrainer(Trainer):
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         if teacher_model is None:
             raise ValueError(
-                "no teacher: pass teacher_model= (a model or a path) or set "
+                "no teacher: pass teacher_model= (a model, a path, a TeacherCache or AdapterBaseTeacher) or set "
                 "DistillationConfig.teacher_model_name_or_path."
             )
-        teacher = load_teacher(teacher_model, model, args.teacher_dtype)
+        source = teacher_model if isinstance(teacher_model, TeacherSource) else None
+        teacher = None if source is not None else load_teacher(teacher_model, model, args.teacher_dtype)
         super().__init__(model=model, args=args, **kwargs)
 
         specs = args.loss_specs
@@ -131,14 +133,26 @@ class DistillationTrainer(Trainer):
         }
         if any("attentions" in needs for needs in self.needs.values()):
             use_eager_attention(model)
-            use_eager_attention(teacher)
+            if teacher is not None:
+                use_eager_attention(teacher)
         self.token_level = args.token_level if args.token_level is not None else is_token_level(model)
         self.shift_labels = is_causal_lm(model)
 
         if args.chunk_size is not None:
             _check_chunkable(self.distillation_losses, self.shift_labels, self.token_level, self.is_deepspeed_enabled)
-        self.teacher_model = prepare_teacher(teacher, self.accelerator)
-        self.teacher = LiveTeacher(self.teacher_model)
+        if source is None:
+            self.teacher: TeacherSource = LiveTeacher(prepare_teacher(teacher, self.accelerator))
+        else:
+            self.teacher = source
+            if hasattr(source, "check_compatible"):  # a cache: same examples, vocabulary and tokenizer
+                source.check_compatible(
+                    student=self.accelerator.unwrap_model(model),
+                    train_dataset=self.train_dataset,
+                    tokenizer=self.processing_class,
+                    losses=list(self.distillation_losses),
+                )
+        self.teacher.check_needs(self.needs["teacher"])
+        self.teacher_model = self.teacher.model  # the teacher network in memory, None for a cache
         self._setup_learned_losses()
         self._term_sums: dict[str, dict[str, list[torch.Tensor]]] = {
             "train": defaultdict(list),
@@ -165,13 +179,13 @@ class DistillationTrainer(Trainer):
             )
         with torch.random.fork_rng(devices=[]):  # the dry run must not shift the training shuffle
             batch = self._prepare_inputs(next(iter(self.get_train_dataloader())))
-        model_inputs, _ = _split_sample_index(batch)
-        model_inputs.pop("labels", None)
+        batch, sample_index = _split_sample_index(batch)
+        model_inputs = {key: value for key, value in batch.items() if key != "labels"}
         was_training = self.model.training
         self.model.eval()  # no dropout, no batch-norm statistics update in the dry run
         with torch.no_grad():
             _, student = run_model(self.model, model_inputs, self.needs["student"])
-            teacher = self.teacher(model_inputs, self.needs["teacher"])
+            teacher = self.teacher(batch, self.needs["teacher"], sample_index=sample_index)  # never sees labels
         self.model.train(was_training)
         num_samples = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
         for loss in pending:
@@ -254,8 +268,8 @@ class DistillationTrainer(Trainer):
                 terms["ce"] = output_field(outputs, "loss") * local_count * counts.scale / counts.labels
                 total = label_weight * terms["ce"]
 
-        if self.distillation_losses:
-            teacher = self.teacher(inputs, self.needs["teacher"])
+        if self.distillation_losses and (mode == "train" or self.teacher.covers_eval):
+            teacher = self.teacher(inputs, self.needs["teacher"], sample_index=sample_index)
             _check_compatible(student, teacher)
             mask = distillation_mask(inputs, self.token_level, self.shift_labels)
             position_labels = labels
@@ -271,6 +285,9 @@ class DistillationTrainer(Trainer):
                 terms[name] = value
                 weighted = self.args.distillation_weight * weight * value
                 total = weighted if total is None else total + weighted
+        if total is None and mode == "eval" and not self.teacher.covers_eval:
+            # A cache has no outputs for evaluation data: evaluation reports the student's own label loss.
+            total = output_field(outputs, "loss")
         if total is None:
             raise ValueError(
                 "no loss term was computed: the batch has no labels and no distillation loss is "
@@ -304,27 +321,30 @@ class DistillationTrainer(Trainer):
         Only the supervised positions are projected to the vocabulary, by both models; the models themselves
         compute logits for their last position only (``logits_to_keep=1``).
         """
-        inputs, _ = _split_sample_index(inputs)
+        inputs, sample_index = _split_sample_index(inputs)
         labels = inputs.get("labels")
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
         outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1)
-        teacher_outputs = self.teacher.outputs(model_inputs, output_hidden_states=True, logits_to_keep=1)
         mask = distillation_mask(inputs, token_level=True, shift=True)
         student_hidden = outputs.hidden_states[-1][:, :-1]
         if mask is None:
             mask = torch.ones(student_hidden.shape[:2], dtype=torch.bool, device=student_hidden.device)
         targets = None if labels is None else labels[:, 1:][mask]
         with_label_loss = labels is not None and self.args.label_loss_weight > 0
-        student, teacher = self.accelerator.unwrap_model(model), unwrap(self.teacher_model)
+        if not model.training and not self.teacher.covers_eval:
+            teacher_rows, teacher_logits, losses = (), None, []
+        else:
+            teacher_rows, teacher_logits = self.teacher.token_rows(model_inputs, mask, sample_index=sample_index)
+            losses = list(self.distillation_losses)
+        student = self.accelerator.unwrap_model(model)
         sums = chunked_token_terms(
             student_hidden[mask],
-            teacher_outputs.hidden_states[-1][:, :-1][mask],
+            teacher_rows,
             targets,
             student_head=student.get_output_embeddings(),
-            teacher_head=teacher.get_output_embeddings(),
             student_config=student.config,
-            teacher_config=teacher.config,
-            losses=list(self.distillation_losses),
+            teacher_logits=teacher_logits,
+            losses=losses,
             with_label_loss=with_label_loss,
             chunk_size=self.args.chunk_size,
         )
@@ -333,7 +353,7 @@ class DistillationTrainer(Trainer):
         if with_label_loss:
             terms["ce"] = sums[0] * counts.scale / counts.labels.clamp(min=1)
             total = total + self.args.label_loss_weight * terms["ce"]
-        for index, (name, weight) in enumerate(zip(self.loss_names, self.loss_weights)):
+        for index, (name, weight) in enumerate(zip(self.loss_names[: len(losses)], self.loss_weights)):
             terms[name] = sums[index + int(with_label_loss)] * counts.scale / counts.positions.clamp(min=1)
             total = total + self.args.distillation_weight * weight * terms[name]
         return total, terms, outputs
@@ -392,11 +412,10 @@ class DistillationTrainer(Trainer):
 
     def distillation_summary(self) -> dict:
         """What was distilled from what, with which losses: the content of ``distillation_config.json``."""
-        teacher = unwrap(self.teacher_model)
+        teacher = self.teacher.describe()
         return {
-            "teacher": getattr(teacher, "name_or_path", None) or self.args.teacher_model_name_or_path,
-            "teacher_class": type(teacher).__name__,
-            "teacher_parameters": count_parameters(teacher),
+            **teacher,
+            "teacher": teacher["teacher"] or self.args.teacher_model_name_or_path,
             "student_parameters": count_parameters(self.model),
             "losses": self.args.losses,
             "temperature": self.args.temperature,
@@ -411,21 +430,26 @@ class DistillationTrainer(Trainer):
     def compare_with_teacher(self, eval_dataset=None) -> dict[str, dict]:
         """Metrics (``compute_metrics``), parameters and ms per example of the teacher and the student.
 
+        With a cached teacher there is no teacher network: only the student's row is measured.
+
         The rows go into the model card's teacher-vs-student table (kept in ``self.comparison``).
         """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("compare_with_teacher needs an eval_dataset (here or in DistillationTrainer).")
+        evaluate = functools.partial(
+            evaluate_model,
+            dataset=dataset,
+            compute_metrics=self.compute_metrics,
+            data_collator=self.data_collator,
+            batch_size=self.args.per_device_eval_batch_size,
+            use_cpu=self.args.use_cpu,
+        )
         rows = {}
-        for name, model in (("teacher", self.teacher_model), ("student", self.model)):
-            rows[name] = evaluate_model(
-                model,
-                dataset,
-                compute_metrics=self.compute_metrics,
-                data_collator=self.data_collator,
-                batch_size=self.args.per_device_eval_batch_size,
-                use_cpu=self.args.use_cpu,
-            )
+        with self.teacher.evaluation_model() as teacher:
+            if teacher is not None:  # a cache has no teacher network to evaluate
+                rows["teacher"] = evaluate(teacher)
+        rows["student"] = evaluate(self.model)
         self.comparison = rows
         self.comparison_examples = len(dataset)
         return rows

@@ -32,6 +32,8 @@ class DistillationLoss(nn.Module):
     needs: frozenset[str] = frozenset({"logits"})
     per_position: ClassVar[bool] = True
     default_weight: ClassVar[float] = 1.0
+    # Linear in the teacher's probabilities: an unbiased estimate of them (a sampled cache) gives unbiased gradients.
+    linear_in_teacher: ClassVar[bool] = False
 
     def side_needs(self, side: str) -> frozenset[str]:
         """What this loss reads from ``side`` (``"student"`` or ``"teacher"``)."""

@@ -9,6 +9,7 @@ student logits are recomputed (activation checkpointing). Values and gradients e
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,30 +33,30 @@ def output_logits(hidden: torch.Tensor, head: nn.Module, config) -> torch.Tensor
 
 def chunked_token_terms(
     student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
+    teacher_rows: tuple[torch.Tensor, ...],
     targets: torch.Tensor | None,
     *,
     student_head: nn.Module,
-    teacher_head: nn.Module,
     student_config,
-    teacher_config,
+    teacher_logits: Callable[..., torch.Tensor] | None,
     losses: list,
     with_label_loss: bool,
     chunk_size: int,
 ) -> torch.Tensor:
     """Sums over positions of ``[label CE (if with_label_loss), loss₁, loss₂, ...]``, computed chunk by chunk.
 
-    ``student_hidden`` / ``teacher_hidden`` hold the final hidden states of the N supervised positions (N×H_S,
-    N×H_T); ``targets`` their next-token ids (N), needed for the label loss and ``dkd``.
+    ``student_hidden`` holds the final hidden states of the N supervised positions (N×H); ``teacher_rows`` one
+    row per position of whatever the teacher's logits are made from (its hidden states, or cached top-k ids and
+    log-probs), turned into logits chunk by chunk by ``teacher_logits(*rows)`` under ``no_grad``; ``targets``
+    the next-token ids (N), needed for the label loss and ``dkd``.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}.")
     terms = functools.partial(
         _chunk_terms,
         student_head=student_head,
-        teacher_head=teacher_head,
         student_config=student_config,
-        teacher_config=teacher_config,
+        teacher_logits=teacher_logits,
         losses=losses,
         with_label_loss=with_label_loss,
     )
@@ -63,11 +64,8 @@ def chunked_token_terms(
     for start in range(0, len(student_hidden), chunk_size):
         stop = start + chunk_size
         chunk_targets = None if targets is None else targets[start:stop]
-        totals.append(
-            checkpoint(
-                terms, student_hidden[start:stop], teacher_hidden[start:stop], chunk_targets, use_reentrant=False
-            )
-        )
+        rows = [row[start:stop] for row in teacher_rows]
+        totals.append(checkpoint(terms, student_hidden[start:stop], chunk_targets, *rows, use_reentrant=False))
     if not totals:  # no supervised position in this batch
         size = len(losses) + int(with_label_loss)
         return student_hidden.sum() * 0 + torch.zeros(size, device=student_hidden.device)
@@ -75,30 +73,22 @@ def chunked_token_terms(
 
 
 def _chunk_terms(
-    student_hidden,
-    teacher_hidden,
-    targets,
-    *,
-    student_head,
-    teacher_head,
-    student_config,
-    teacher_config,
-    losses,
-    with_label_loss,
+    student_hidden, targets, *teacher_rows, student_head, student_config, teacher_logits, losses, with_label_loss
 ):
     student_logits = output_logits(student_hidden, student_head, student_config)
-    with torch.no_grad():
-        teacher_logits = output_logits(teacher_hidden, teacher_head, teacher_config)
-    if student_logits.shape[-1] != teacher_logits.shape[-1]:
-        raise ValueError(
-            f"the student has {student_logits.shape[-1]} vocabulary entries and the teacher "
-            f"{teacher_logits.shape[-1]}: logit-based losses need the same tokenizer; cross-tokenizer "
-            "distillation is not supported yet."
-        )
     values = []
     if with_label_loss:
         values.append(F.cross_entropy(student_logits.float(), targets, ignore_index=-100, reduction="sum"))
-    student, teacher = ModelFeatures(logits=student_logits), ModelFeatures(logits=teacher_logits)
-    for loss in losses:
-        values.append(loss(student, teacher, labels=targets))
+    if losses:
+        with torch.no_grad():
+            teacher = teacher_logits(*teacher_rows)
+        if student_logits.shape[-1] != teacher.shape[-1]:
+            raise ValueError(
+                f"the student has {student_logits.shape[-1]} vocabulary entries and the teacher "
+                f"{teacher.shape[-1]}: logit-based losses need the same tokenizer; for different tokenizers use "
+                "the uld loss with teacher_input_ids (see hf_kd.cross_tokenizer)."
+            )
+        student, teacher = ModelFeatures(logits=student_logits), ModelFeatures(logits=teacher)
+        for loss in losses:
+            values.append(loss(student, teacher, labels=targets))
     return torch.stack(values)

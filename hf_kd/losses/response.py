@@ -42,6 +42,7 @@ class ResponseLoss(DistillationLoss):
 class ForwardKL(ResponseLoss):
     __doc__ = F.forward_kl.__doc__
     function = F.forward_kl
+    linear_in_teacher = True
 
 
 @register_loss(
@@ -111,6 +112,7 @@ class TotalVariation(ResponseLoss):
 class SoftCrossEntropy(ResponseLoss):
     __doc__ = F.soft_ce.__doc__
     function = F.soft_ce
+    linear_in_teacher = True
 
 
 @register_loss("logit_mse", paper="Ba & Caruana 2014, Do Deep Nets Really Need to be Deep?, arXiv:1312.6184")

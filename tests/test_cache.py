@@ -1,0 +1,210 @@
+"""Offline teacher cache: write, resume, verify, replay (same loss as the live teacher for k = V)."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import VOCAB, classification_data, config, lm_data, tiny_bert, tiny_gpt2
+
+from hf_kd import DistillationTrainer
+from hf_kd.cache import MANIFEST_NAME, TeacherCache, _sparsify, densify, write_teacher_cache
+from hf_kd.data import add_sample_index
+
+
+def _losses(trainer, dataset):
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.train()
+    total = trainer.compute_loss(trainer.model, batch)
+    total.backward()
+    grads = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+    trainer.model.zero_grad()
+    return total.detach(), grads
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7])
+@pytest.mark.parametrize("losses", ["kl", "jsd:1.0:beta=0.3,reverse_kl:0.5"])
+def test_full_vocabulary_cache_replays_the_live_teacher(tmp_path, losses, chunk_size):
+    data = add_sample_index(lm_data(n=16))
+    teacher = tiny_gpt2(hidden=48, seed=1)
+    cache = write_teacher_cache(teacher, data, str(tmp_path / "cache"), top_k=VOCAB, dtype="float32", shard_size=5)
+    assert len(cache) == 16 and cache.vocab_size == VOCAB
+
+    args = config(tmp_path / "out", losses=losses, temperature=2.0, chunk_size=chunk_size)
+    live = DistillationTrainer(model=tiny_gpt2(), teacher_model=teacher, args=args, train_dataset=data)
+    replay = DistillationTrainer(model=tiny_gpt2(), teacher_model=cache, args=args, train_dataset=data)
+    assert replay.teacher_model is None
+    live_loss, live_grads = _losses(live, data)
+    replay_loss, replay_grads = _losses(replay, data)
+    torch.testing.assert_close(replay_loss, live_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(replay_grads, live_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_top_k_rows_keep_the_head_and_spread_the_tail():
+    logits = torch.randn(5, 50)
+    ids, values = _sparsify(logits, 8, "top_k", torch.Generator())
+    dense = densify(ids, values, 50)
+    probabilities = dense.exp()
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(5))
+    reference = logits.log_softmax(-1)
+    torch.testing.assert_close(dense.gather(1, ids), reference.gather(1, ids))
+    tail = 1 - reference.gather(1, ids).exp().sum(-1)
+    outside = probabilities.scatter(1, ids, 0.0)  # every other entry holds tail / (V - k)
+    torch.testing.assert_close(outside.max(-1).values, tail / 42)
+
+
+def test_sampled_rows_estimate_the_teacher_without_bias():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
+    generator = torch.Generator().manual_seed(0)
+    estimates = []
+    for _ in range(400):
+        ids, values = _sparsify(logits, 16, "sampled", generator)
+        dense = densify(ids, values, 5, spread_tail=False)
+        torch.testing.assert_close(dense.exp().sum(-1), torch.ones(1))
+        estimates.append(dense.exp())
+    mean = torch.cat(estimates).mean(0)
+    # Standard error of a mean of 400 × 16 draws is below 0.007 for every entry.
+    torch.testing.assert_close(mean, logits.softmax(-1)[0], atol=0.02, rtol=0)
+
+
+def test_interrupted_writing_resumes_to_the_same_cache(tmp_path):
+    data = lm_data(n=12)
+    teacher = tiny_gpt2(seed=1)
+    whole = write_teacher_cache(teacher, data, str(tmp_path / "whole"), top_k=4, mode="sampled", shard_size=4)
+    folder = tmp_path / "resumed"
+    write_teacher_cache(teacher, data, str(folder), top_k=4, mode="sampled", shard_size=4)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    last = manifest["shards"].pop()  # as if the run died while writing the last shard
+    os.remove(folder / last["file"])
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="incomplete: 8 of 12"):
+        TeacherCache.load(str(folder))
+    resumed = write_teacher_cache(teacher, data, str(folder), top_k=4, mode="sampled", shard_size=4)
+    assert resumed.manifest["shards"] == whole.manifest["shards"]  # same files, same checksums
+    with pytest.raises(ValueError, match=r"different \['top_k'\]"):
+        write_teacher_cache(teacher, data, str(folder), top_k=8, mode="sampled", shard_size=4)
+
+
+def test_load_rejects_corrupt_shards_other_versions_and_other_teachers(tmp_path):
+    folder = tmp_path / "cache"
+    write_teacher_cache(tiny_gpt2(seed=1), lm_data(n=6), str(folder), top_k=4)
+    TeacherCache.load(str(folder))
+    with pytest.raises(ValueError, match="teacher=None, not 'gpt2-large'"):
+        TeacherCache.load(str(folder), teacher="gpt2-large")
+    with pytest.raises(ValueError, match="max_length=None, not 128"):
+        TeacherCache.load(str(folder), max_length=128)
+    shard = folder / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        TeacherCache.load(str(folder))
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    (folder / MANIFEST_NAME).write_text(json.dumps({**manifest, "format_version": 0}))
+    with pytest.raises(ValueError, match="format version 0"):
+        TeacherCache.load(str(folder))
+    with pytest.raises(FileNotFoundError, match="not a teacher cache"):
+        TeacherCache.load(str(tmp_path))
+
+
+def test_trainer_rejects_a_cache_that_does_not_fit(tmp_path):
+    data = lm_data(n=8)
+    cache = write_teacher_cache(tiny_gpt2(seed=1), data, str(tmp_path / "cache"), top_k=4)
+    args = config(tmp_path / "out")
+    with pytest.raises(ValueError, match="add it with hf_kd.data.add_sample_index"):
+        DistillationTrainer(model=tiny_gpt2(), teacher_model=cache, args=args, train_dataset=data)
+    shorter = add_sample_index(data.map(lambda row: {"input_ids": row["input_ids"][:8], "labels": row["labels"][:8]}))
+    with pytest.raises(ValueError, match="tokenised differently"):
+        DistillationTrainer(model=tiny_gpt2(), teacher_model=cache, args=args, train_dataset=shorter)
+    reordered = add_sample_index(data).select(range(7, -1, -1)).remove_columns("sample_index")
+    with pytest.raises(ValueError, match="tokenised differently .* or reordered"):
+        DistillationTrainer(
+            model=tiny_gpt2(), teacher_model=cache, args=args, train_dataset=add_sample_index(reordered)
+        )
+    with pytest.raises(ValueError, match="over 64 classes/tokens and the student predicts 80"):
+        DistillationTrainer(
+            model=tiny_gpt2(vocab=80), teacher_model=cache, args=args, train_dataset=add_sample_index(data)
+        )
+    with pytest.raises(ValueError, match="does not provide"):
+        DistillationTrainer(
+            model=tiny_gpt2(),
+            teacher_model=cache,
+            args=config(tmp_path / "out", losses="hidden_mse"),
+            train_dataset=add_sample_index(data),
+        )
+    sampled = write_teacher_cache(tiny_gpt2(seed=1), data, str(tmp_path / "sampled"), top_k=4, mode="sampled")
+    with pytest.raises(ValueError, match=r"not for \['reverse_kl'\]"):
+        DistillationTrainer(
+            model=tiny_gpt2(),
+            teacher_model=sampled,
+            args=config(tmp_path / "out", losses="reverse_kl"),
+            train_dataset=add_sample_index(data),
+        )
+    with pytest.raises(ValueError, match=r"temperature 1 .* not for \['kl'\]"):
+        DistillationTrainer(
+            model=tiny_gpt2(),
+            teacher_model=sampled,
+            args=config(tmp_path / "out", temperature=2.0),
+            train_dataset=add_sample_index(data),
+        )
+
+
+def test_training_from_a_cache_needs_no_teacher_and_records_it(tmp_path):
+    data = add_sample_index(classification_data(n=32))
+    teacher = tiny_bert(hidden=48, seed=1)
+    cache = write_teacher_cache(teacher, data, str(tmp_path / "cache"), top_k=2, mode="sampled", progress=False)
+    del teacher
+    args = config(tmp_path / "out", max_steps=6, temperature=1.0, eval_strategy="steps", eval_steps=3)
+    trainer = DistillationTrainer(
+        model=tiny_bert(), teacher_model=cache, args=args, train_dataset=data, eval_dataset=data.select(range(8))
+    )
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "kl" in entry]
+    assert logged and all(torch.isfinite(torch.tensor(entry["kl"])) for entry in logged)
+    assert any("eval_loss" in entry for entry in trainer.state.log_history)  # student label loss only
+    trainer.save_model()
+    summary = json.loads((tmp_path / "out" / "distillation_config.json").read_text())
+    assert summary["teacher_class"] == "BertForSequenceClassification"
+    assert summary["teacher_cache"] == {
+        "mode": "sampled",
+        "top_k": 2,
+        "dtype": "float16",
+        "num_examples": 32,
+        "vocab_size": 3,
+    }
+    rows = trainer.compare_with_teacher()
+    assert list(rows) == ["student"]
+
+
+def _word_tokenizer(words):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: index for index, word in enumerate(["[UNK]", "[PAD]", *words])}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="[UNK]")), unk_token="[UNK]", pad_token="[PAD]"
+    )
+
+
+def test_a_cache_written_with_another_tokenizer_is_refused(tmp_path):
+    data = lm_data(n=4)
+    written_with = _word_tokenizer(["a", "b", "c"])
+    cache = write_teacher_cache(
+        tiny_gpt2(seed=1),
+        data,
+        str(tmp_path / "cache"),
+        top_k=4,
+        tokenizer=written_with,
+        data_collator=lambda rows: {k: torch.tensor([r[k] for r in rows]) for k in rows[0]},
+    )
+    TeacherCache.load(str(tmp_path / "cache"), tokenizer=_word_tokenizer(["a", "b", "c"]))
+    with pytest.raises(ValueError, match="tokenizer="):
+        TeacherCache.load(str(tmp_path / "cache"), tokenizer=_word_tokenizer(["a", "c", "b"]))
+    with pytest.raises(ValueError, match="training tokenizer differs"):
+        DistillationTrainer(
+            model=tiny_gpt2(),
+            teacher_model=cache,
+            args=config(tmp_path / "out"),
+            train_dataset=add_sample_index(data),
+            processing_class=_word_tokenizer(["x"]),
+        )
