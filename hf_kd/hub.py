@@ -49,9 +49,15 @@ def render_student_card(
     teacher = summary["teacher"] or "a teacher model"
     teacher_url = hub_url(summary["teacher"])
     tags = list(dict.fromkeys(["hf_kd", "knowledge-distillation", *(tags or [])]))
+    adapter = summary.get("adapter")
+    if adapter:
+        adapter = {**adapter, "parameters": _parameters(adapter["parameters"])}
+        base_model = adapter["base_model"] if hub_url(adapter["base_model"]) else None
+    else:
+        base_model = summary["teacher"] if teacher_url else None
     card_data = ModelCardData(
-        base_model=summary["teacher"] if teacher_url else None,
-        library_name="transformers",
+        base_model=base_model,
+        library_name="peft" if adapter else "transformers",
         tags=tags,
         datasets=[dataset] if isinstance(dataset, str) else dataset,
         license=license,
@@ -95,5 +101,6 @@ def render_student_card(
         eval_examples=eval_examples,
         device=device,
         auto_class=auto_class,
+        adapter=adapter,
         papers=sorted({loss.paper for loss in losses if loss.paper}),
     )

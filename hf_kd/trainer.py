@@ -423,6 +423,7 @@ class DistillationTrainer(Trainer):
             "distillation_weight": self.args.distillation_weight,
             "token_level": self.token_level,
             "steps": self.state.global_step,
+            **({"adapter": adapter} if (adapter := _adapter_summary(self.model)) else {}),
         }
 
     # ---- sharing --------------------------------------------------------------------------------------------
@@ -579,6 +580,18 @@ class _DistillationCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         for parameter in self.trainer.loss_parameters():
             parameter.grad = None  # the Trainer zeroes only the model's gradients
+
+
+def _adapter_summary(model: nn.Module) -> dict | None:
+    """Type, base model and trainable parameters of a PEFT student (``None`` for a plain model)."""
+    if not hasattr(model, "peft_config") or not hasattr(model, "get_base_model"):
+        return None
+    config = model.peft_config[getattr(model, "active_adapter", "default")]
+    return {
+        "type": str(getattr(config.peft_type, "value", config.peft_type)),
+        "base_model": config.base_model_name_or_path or getattr(model.get_base_model(), "name_or_path", None),
+        "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
 
 
 def _drop_last_position(features: ModelFeatures) -> ModelFeatures:

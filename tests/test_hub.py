@@ -75,6 +75,19 @@ def test_push_as_pull_request(tmp_path):
     assert hub.state.commits[0]["create_pr"]
 
 
+@pytest.mark.slow
+def test_push_a_lora_student_as_an_adapter_with_its_card(tmp_path):
+    with LocalHub() as hub:
+        completed = push(tmp_path, hub.endpoint, "lora")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    files = hub.state.commits[0]["files"]
+    assert {"adapter_model.safetensors", "adapter_config.json", "distillation_config.json", "README.md"} <= set(files)
+    assert "model.safetensors" not in files
+    card = files["README.md"].decode()
+    for expected in ("LORA adapter", "PeftModel.from_pretrained", "library_name: peft", "| teacher |", "adapters off"):
+        assert expected in card, expected
+
+
 def test_failed_push_keeps_local_files_and_says_where(tmp_path):
     # CI runs with HF_HUB_OFFLINE=1: the upload is refused before any network call.
     trainer = DistillationTrainer(

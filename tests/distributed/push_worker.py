@@ -1,4 +1,6 @@
-"""Distil a tiny student for 2 steps and push it: `python push_worker.py OUTPUT_DIR REPO_ID [create_pr]`.
+"""Distil a tiny student for 2 steps and push it: `python push_worker.py OUTPUT_DIR REPO_ID [create_pr] [lora]`.
+
+``lora``: the student is a LoRA adapter on the teacher's own base (``AdapterBaseTeacher``), pushed as an adapter.
 
 Run in a subprocess so that HF_ENDPOINT (read when huggingface_hub is imported) points at the test hub.
 """
@@ -12,31 +14,44 @@ from conftest import classification_data, config, tiny_bert  # noqa: E402
 
 from hf_kd import DistillationTrainer  # noqa: E402
 from hf_kd.metrics import classification_metrics  # noqa: E402
+from hf_kd.teachers import AdapterBaseTeacher  # noqa: E402
 
 
-def main(output_dir: str, repo_id: str, create_pr: bool) -> None:
+def main(output_dir: str, repo_id: str, create_pr: bool, lora: bool) -> None:
     args = config(
         output_dir,
         max_steps=2,
         hub_model_id=repo_id,
         hub_private_repo=True,
         per_device_eval_batch_size=8,
-        losses="kl,hidden_mse:0.5:projector=linear",
+        losses="kl" if lora else "kl,hidden_mse:0.5:projector=linear",
     )
     data = classification_data()
+    if lora:
+        import peft
+
+        student = peft.get_peft_model(
+            tiny_bert(seed=1),
+            peft.LoraConfig(
+                r=4, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS"
+            ),
+        )
+        teacher = AdapterBaseTeacher(student)
+    else:
+        student, teacher = tiny_bert(hidden=16, seed=2), tiny_bert(seed=1)
     trainer = DistillationTrainer(
-        model=tiny_bert(hidden=16, seed=2),
-        teacher_model=tiny_bert(seed=1),
+        model=student,
+        teacher_model=teacher,
         args=args,
         train_dataset=data,
         eval_dataset=data,
         compute_metrics=classification_metrics,
     )
     trainer.train()
-    os.makedirs(os.path.join(output_dir, "teacher"), exist_ok=True)  # like the recipes: must not be uploaded
-    trainer.teacher_model.save_pretrained(os.path.join(output_dir, "teacher"))
+    if trainer.teacher_model is not None:  # like the recipes: a teacher copy beside the student, not uploaded
+        trainer.teacher_model.save_pretrained(os.path.join(output_dir, "teacher"))
     trainer.push_to_hub(dataset="synthetic-tokens", create_pr=create_pr, revision="main")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], len(sys.argv) > 3)
+    main(sys.argv[1], sys.argv[2], "create_pr" in sys.argv[3:], "lora" in sys.argv[3:])
