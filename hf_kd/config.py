@@ -130,6 +130,22 @@ class DistillationConfig(TrainingArguments):
             "(values and gradients equal the plain path). Logit losses only."
         },
     )
+    on_policy_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "GKD's λ: the fraction of optimizer steps whose batches are replaced by the student's own "
+            "sampled continuations of their prompts, scored by the teacher (causal and seq2seq LMs; labels must be "
+            "-100 on the prompt). Use with jsd/reverse_kl for on-policy distillation."
+        },
+    )
+    generation_max_new_tokens: int = field(
+        default=64, metadata={"help": "On-policy rollouts: tokens the student samples per prompt."}
+    )
+    generation_temperature: float = field(
+        default=1.0, metadata={"help": "On-policy rollouts: sampling temperature (0 for greedy decoding)."}
+    )
+    generation_top_k: int | None = field(default=None, metadata={"help": "On-policy rollouts: top-k sampling."})
+    generation_top_p: float | None = field(default=None, metadata={"help": "On-policy rollouts: nucleus sampling."})
     token_level: bool | None = field(
         default=None,
         metadata={
@@ -159,9 +175,28 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"hard_label_weight must be >= 0, got {self.hard_label_weight}.")
         if self.chunk_size is not None and self.chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive number of tokens, got {self.chunk_size}.")
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            raise ValueError(f"on_policy_fraction must lie in [0, 1], got {self.on_policy_fraction}.")
+        if self.generation_max_new_tokens <= 0 or self.generation_temperature < 0:
+            raise ValueError(
+                "generation_max_new_tokens must be > 0 and generation_temperature >= 0, got "
+                f"{self.generation_max_new_tokens} and {self.generation_temperature}."
+            )
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")
         super().__post_init__()
+
+    @property
+    def generation_kwargs(self) -> dict:
+        """``generate`` arguments of on-policy rollouts."""
+        kwargs = {"max_new_tokens": self.generation_max_new_tokens, "do_sample": self.generation_temperature > 0}
+        if self.generation_temperature > 0:
+            kwargs["temperature"] = self.generation_temperature
+            if self.generation_top_k is not None:
+                kwargs["top_k"] = self.generation_top_k
+            if self.generation_top_p is not None:
+                kwargs["top_p"] = self.generation_top_p
+        return kwargs
 
     @property
     def loss_specs(self) -> list[LossSpec]:

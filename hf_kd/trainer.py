@@ -17,9 +17,11 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import DistillationConfig
+from .cross_tokenizer import TEACHER_COLUMNS, aligned_positions, split_teacher_inputs
 from .data import SAMPLE_INDEX
 from .evaluation import count_parameters, evaluate_model
 from .features import ModelFeatures, output_field, run_model
+from .generation import ON_POLICY_KEY, student_rollout
 from .hub import render_student_card
 from .losses import DistillationLoss, get_loss
 from .losses.chunked import chunked_token_terms
@@ -152,6 +154,16 @@ class DistillationTrainer(Trainer):
                     losses=list(self.distillation_losses),
                 )
         self.teacher.check_needs(self.needs["teacher"])
+        _check_vocabularies(self.accelerator.unwrap_model(model), teacher, self.distillation_losses)
+        if args.on_policy_fraction > 0:
+            student_config = getattr(self.accelerator.unwrap_model(model), "config", None)
+            if not self.token_level or not (self.shift_labels or getattr(student_config, "is_encoder_decoder", False)):
+                raise ValueError("on_policy_fraction applies to causal and seq2seq LMs, which generate.")
+            if not self.teacher.covers_eval:
+                raise ValueError(
+                    "on-policy distillation scores the student's new samples, which a teacher cache has no outputs "
+                    "for: use a live teacher, or on_policy_fraction=0."
+                )
         self.teacher_model = self.teacher.model  # the teacher network in memory, None for a cache
         self._setup_learned_losses()
         self._term_sums: dict[str, dict[str, list[torch.Tensor]]] = {
@@ -215,10 +227,37 @@ class DistillationTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if SAMPLE_INDEX not in self._signature_columns:  # keep the column CRD-style losses read
-            self._signature_columns.append(SAMPLE_INDEX)
+        for column in (SAMPLE_INDEX, *TEACHER_COLUMNS):  # read by CRD-style losses / the teacher, not the student
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
 
     # ---- loss -----------------------------------------------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The micro-batches of one optimizer step; with ``on_policy_fraction`` λ, a fraction λ of steps gets
+        the student's own continuations of their prompts instead (decided the same way on every process)."""
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        fraction = self.args.on_policy_fraction
+        if fraction > 0 and batch_samples:
+            draw = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
+            if torch.rand((), generator=draw).item() < fraction:
+                batch_samples = [self._rollout(batch) for batch in batch_samples]
+        return batch_samples, self._get_num_items_in_batch(batch_samples, device)
+
+    def _rollout(self, batch: dict) -> dict:
+        batch = self._prepare_inputs(batch)
+        inputs, sample_index = _split_sample_index(batch)
+        deepspeed = self.accelerator.state.deepspeed_plugin
+        zero3 = deepspeed is not None and deepspeed.zero_stage == 3  # sharded weights: every rank must generate
+        rollout = student_rollout(
+            self.accelerator.unwrap_model(self.model), inputs, self.args.generation_kwargs, synced_gpus=zero3
+        )
+        return rollout if sample_index is None else {**rollout, SAMPLE_INDEX: sample_index}
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> ItemCounts:
         """Count label entries and distillation positions over all micro-batches (and processes) of a step."""
@@ -226,10 +265,13 @@ class DistillationTrainer(Trainer):
         # Summed as tensors where the batches live: no host-device sync per micro-batch.
         counts = torch.zeros(2, dtype=torch.float32, device=device)
         for batch in batch_samples:
-            if batch.get("labels") is not None:
+            if batch.get("labels") is not None and not batch.get(ON_POLICY_KEY):  # no label loss on own samples
                 batch_labels = batch["labels"][..., 1:] if shift else batch["labels"]
                 counts[0] += batch_labels.ne(-100).sum().to(device)
+            batch, teacher_batch = split_teacher_inputs(batch)
             mask = distillation_mask(batch, self.token_level, shift)
+            if teacher_batch is not None and mask is not None:  # different tokenizers: the aligned positions
+                mask = aligned_positions(mask, distillation_mask(teacher_batch, self.token_level, shift))[0]
             counts[1] += mask.sum().to(device) if mask is not None else _num_positions(batch, self.token_level, shift)
         scale = 1
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
@@ -242,8 +284,12 @@ class DistillationTrainer(Trainer):
         if not isinstance(counts, ItemCounts):  # called outside the training loop
             counts = self._get_num_items_in_batch([inputs], self.args.device)
         mode = "train" if model.training else "eval"
+        on_policy = bool(inputs.get(ON_POLICY_KEY))
+        inputs, teacher_inputs = split_teacher_inputs({k: v for k, v in inputs.items() if k != ON_POLICY_KEY})
+        if teacher_inputs is not None and self.args.chunk_size is not None:
+            raise ValueError("chunk_size does not support teacher_input_ids (different tokenizers); leave it unset.")
         if self.args.chunk_size is not None:
-            total, terms, outputs = self._chunked_token_loss(model, inputs, counts)
+            total, terms, outputs = self._chunked_token_loss(model, inputs, counts, with_label_loss=not on_policy)
             self._record_terms(mode, terms)
             return (total, outputs) if return_outputs else total
         # Outside training there is no accumulation: a term that is a per-batch mean is used as is.
@@ -252,7 +298,7 @@ class DistillationTrainer(Trainer):
         inputs, sample_index = _split_sample_index(inputs)
         inputs = self._with_decoder_inputs(model, inputs)
         labels = inputs.get("labels")
-        label_weight = self.args.label_loss_weight
+        label_weight = 0.0 if on_policy else self.args.label_loss_weight
         student_inputs = inputs if label_weight > 0 else {k: v for k, v in inputs.items() if k != "labels"}
         outputs, student = run_model(
             model, student_inputs, self.needs["student"], module_root=self.accelerator.unwrap_model(model)
@@ -269,13 +315,17 @@ class DistillationTrainer(Trainer):
                 total = label_weight * terms["ce"]
 
         if self.distillation_losses and (mode == "train" or self.teacher.covers_eval):
-            teacher = self.teacher(inputs, self.needs["teacher"], sample_index=sample_index)
-            _check_compatible(student, teacher)
+            teacher = self.teacher(teacher_inputs or inputs, self.needs["teacher"], sample_index=sample_index)
             mask = distillation_mask(inputs, self.token_level, self.shift_labels)
             position_labels = labels
             if self.token_level and self.shift_labels:
                 student, teacher = _drop_last_position(student), _drop_last_position(teacher)
                 position_labels = None if labels is None else labels[:, 1:]
+            if teacher_inputs is not None:
+                student, teacher, mask = self._align_tokenizations(student, teacher, mask, teacher_inputs)
+                position_labels = None
+            else:
+                _check_compatible(student, teacher)
             for name, weight, loss in zip(self.loss_names, self.loss_weights, self.distillation_losses):
                 value = loss(student, teacher, mask=mask, labels=position_labels, sample_index=sample_index)
                 if loss.per_position:
@@ -297,6 +347,25 @@ class DistillationTrainer(Trainer):
         self._record_terms(mode, terms)
         return (total, outputs) if return_outputs else total
 
+    def _align_tokenizations(self, student, teacher, mask, teacher_inputs):
+        """Different tokenizers: the k-th supervised student position meets the k-th supervised teacher position
+        (see :mod:`hf_kd.cross_tokenizer`); returns flat ``N×V`` features of the aligned positions."""
+        unaligned = [loss.name for loss in self.distillation_losses if not loss.cross_vocabulary]
+        if unaligned:
+            raise ValueError(
+                f"the batch has teacher_input_ids (the teacher has its own tokenizer), which {unaligned} cannot "
+                "compare: they need one vocabulary. Use the uld loss."
+            )
+        teacher_mask = distillation_mask(teacher_inputs, self.token_level, self.shift_labels)
+        if mask is None or teacher_mask is None:
+            raise ValueError("teacher_input_ids need labels or attention masks on both sides to align positions.")
+        keep_student, keep_teacher = aligned_positions(mask, teacher_mask)
+        return (
+            ModelFeatures(logits=student.logits[keep_student]),
+            ModelFeatures(logits=teacher.logits[keep_teacher]),
+            None,
+        )
+
     def _record_terms(self, mode: str, terms: dict[str, torch.Tensor]) -> None:
         """Keep each term's value for :meth:`log` (detached: logging must not hold the graph)."""
         for name, value in terms.items():
@@ -315,7 +384,7 @@ class DistillationTrainer(Trainer):
         decoder_input_ids = student.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
         return {**inputs, "decoder_input_ids": decoder_input_ids}
 
-    def _chunked_token_loss(self, model, inputs, counts: ItemCounts):
+    def _chunked_token_loss(self, model, inputs, counts: ItemCounts, with_label_loss: bool = True):
         """The causal-LM loss from final hidden states and LM heads, chunk by chunk (``chunk_size``).
 
         Only the supervised positions are projected to the vocabulary, by both models; the models themselves
@@ -330,7 +399,7 @@ class DistillationTrainer(Trainer):
         if mask is None:
             mask = torch.ones(student_hidden.shape[:2], dtype=torch.bool, device=student_hidden.device)
         targets = None if labels is None else labels[:, 1:][mask]
-        with_label_loss = labels is not None and self.args.label_loss_weight > 0
+        with_label_loss = with_label_loss and labels is not None and self.args.label_loss_weight > 0
         if not model.training and not self.teacher.covers_eval:
             teacher_rows, teacher_logits, losses = (), None, []
         else:
@@ -643,6 +712,25 @@ def _check_chunkable(losses, causal: bool, token_level: bool, deepspeed: bool) -
         )
 
 
+def _check_vocabularies(student: nn.Module, teacher: nn.Module | None, losses) -> None:
+    """Fail at start-up, not at the first step, when LM vocabularies differ and no loss can bridge them."""
+    sizes = []
+    for model in (student, teacher):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        sizes.append(getattr(getattr(head, "weight", None), "shape", (None,))[0])
+    if None in sizes or sizes[0] == sizes[1]:
+        return
+    unaligned = [loss.name for loss in losses if not loss.cross_vocabulary]
+    if unaligned:
+        raise ValueError(
+            f"the student's vocabulary has {sizes[0]} entries and the teacher's {sizes[1]}: the tokenizers differ, "
+            f"and {unaligned} compare distributions entry by entry. Options: give the student the teacher's "
+            "tokenizer; or distil across tokenizers with losses='uld' on rows tokenised for both "
+            "(hf_kd.cross_tokenizer.add_teacher_tokenization + CrossTokenizerCollator); or replay sequence-level "
+            "KD (hf_kd.generation.generate_teacher_outputs), which needs no shared vocabulary."
+        )
+
+
 def _check_compatible(student: ModelFeatures, teacher: ModelFeatures) -> None:
     if student.logits is not None and teacher.logits is not None:
         s, t = student.logits.shape, teacher.logits.shape
@@ -650,7 +738,8 @@ def _check_compatible(student: ModelFeatures, teacher: ModelFeatures) -> None:
             raise ValueError(
                 f"the student has {s[-1]} output classes/vocabulary entries and the teacher {t[-1]}: logit-based "
                 "losses need the same label set or tokenizer. Give the student the teacher's label set "
-                "(num_labels, id2label) or tokenizer; cross-tokenizer distillation is not supported yet."
+                "(num_labels, id2label) or tokenizer, or, for different tokenizers, use the uld loss with rows "
+                "tokenised for both (hf_kd.cross_tokenizer.add_teacher_tokenization)."
             )
         if s[:-1] != t[:-1]:
             raise ValueError(

@@ -47,6 +47,8 @@ def tiny_gpt2(hidden=32, layers=2, vocab=VOCAB, seed=0):
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        bos_token_id=None,  # GPT-2's 50256 lies outside the tiny vocabulary
+        eos_token_id=None,
     )
     return GPT2LMHeadModel(config)
 
@@ -66,6 +68,42 @@ def tiny_vit(hidden=32, layers=2, seed=0):
         attention_probs_dropout_prob=0.0,
     )
     return ViTForImageClassification(config)
+
+
+def tiny_t5(width=16, layers=1, seed=0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=VOCAB,
+            d_model=width,
+            d_kv=8,
+            d_ff=2 * width,
+            num_layers=layers,
+            num_heads=2,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+            dropout_rate=0.0,
+        )
+    )
+
+
+def seq2seq_data(n=8, seed=0):
+    """Encoder inputs of 7 tokens, targets of 1-5 tokens (-100 after)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [5, 3, 4, 2, 5, 1, 4, 3] * (n // 8 + 1)
+    return Dataset.from_dict(
+        {
+            "input_ids": torch.randint(2, VOCAB, (n, 7), generator=generator).tolist(),
+            "attention_mask": [[1] * 7] * n,
+            "labels": [
+                [int(t) for t in row[:k]] + [-100] * (5 - k)
+                for row, k in zip(torch.randint(2, VOCAB, (n, 5), generator=generator), lengths)
+            ],
+        }
+    )
 
 
 def classification_data(n=32, length=8, num_labels=3, seed=0):

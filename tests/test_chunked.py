@@ -17,6 +17,7 @@ RESPONSE_LOSSES = [
     "soft_ce",
     "logit_mse",
     "dkd",
+    "uld",
 ]
 
 

@@ -34,6 +34,8 @@ class DistillationLoss(nn.Module):
     default_weight: ClassVar[float] = 1.0
     # Linear in the teacher's probabilities: an unbiased estimate of them (a sampled cache) gives unbiased gradients.
     linear_in_teacher: ClassVar[bool] = False
+    # Compares distributions without matching vocabulary entries, so teacher and student tokenizers may differ.
+    cross_vocabulary: ClassVar[bool] = False
 
     def side_needs(self, side: str) -> frozenset[str]:
         """What this loss reads from ``side`` (``"student"`` or ``"teacher"``)."""

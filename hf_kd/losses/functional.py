@@ -131,6 +131,27 @@ def skew_reverse_kl(
     return reduce_positions(_kl_from_log_probs(log_s, log_m) * temperature**2, mask, reduction)
 
 
+def uld(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction: Reduction = "mean"):
+    """Universal Logit Distillation (Boizard et al. 2024, arXiv:2402.12030): Σₖ |p_S^τ₍ₖ₎ − p_T^τ₍ₖ₎| over both
+    distributions sorted in decreasing order, the shorter one padded with zeros.
+
+    The Wasserstein distance between the two distributions under a cost that ignores token identity, so it needs
+    no shared vocabulary: teacher and student may use different tokenizers (positions aligned by the caller).
+    """
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} cover "
+            "different positions; align them first (hf_kd.cross_tokenizer)."
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    p_s = _log_probs(student_logits, temperature).exp().sort(dim=-1, descending=True).values
+    p_t = _log_probs(teacher_logits, temperature).exp().sort(dim=-1, descending=True).values
+    gap = p_s.shape[-1] - p_t.shape[-1]
+    p_s, p_t = F.pad(p_s, (0, max(0, -gap))), F.pad(p_t, (0, max(0, gap)))
+    return reduce_positions((p_s - p_t).abs().sum(-1), mask, reduction)
+
+
 def tvd(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction: Reduction = "mean"):
     """Total variation distance ½·Σ|p_T^τ − p_S^τ| (Wen et al. 2023, f-divergence KD)."""
     _check(student_logits, teacher_logits, temperature)
@@ -217,6 +238,7 @@ RESPONSE_FUNCTIONS = {
     "soft_ce": soft_ce,
     "logit_mse": logit_mse,
     "dkd": dkd,
+    "uld": uld,
 }
 
 

@@ -147,3 +147,14 @@ class DecoupledKD(ResponseLoss):
             reduction="sum",
             **self.options,
         )
+
+
+@register_loss(
+    "uld",
+    paper="Boizard et al. 2024, Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss for "
+    "LLMs, arXiv:2402.12030",
+)
+class UniversalLogitDistillation(ResponseLoss):
+    __doc__ = F.uld.__doc__
+    function = F.uld
+    cross_vocabulary = True

@@ -1,0 +1,90 @@
+"""Distillation between models with different tokenizers (vocabularies).
+
+Each row carries the text tokenised twice: the student's ``input_ids`` / ``attention_mask`` / ``labels`` and the
+teacher's ``teacher_input_ids`` / ``teacher_attention_mask`` / ``teacher_labels``
+(:func:`add_teacher_tokenization`, padded by :class:`CrossTokenizerCollator`). The trainer runs the teacher on its
+own tokens and aligns the supervised positions of the two sequences in order — the k-th supervised student token
+with the k-th supervised teacher token, up to the shorter of the two, as in Boizard et al. 2024 — and a
+vocabulary-free loss (``uld``) compares the aligned distributions.
+"""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+
+TEACHER_PREFIX = "teacher_"
+TEACHER_COLUMNS = tuple(TEACHER_PREFIX + name for name in ("input_ids", "attention_mask", "labels"))
+
+
+def split_teacher_inputs(inputs: dict) -> tuple[dict, dict | None]:
+    """``(student inputs, teacher inputs)``; the teacher's are ``None`` when the batch has no ``teacher_*`` keys."""
+    if TEACHER_COLUMNS[0] not in inputs:
+        return inputs, None
+    student = {key: value for key, value in inputs.items() if not key.startswith(TEACHER_PREFIX)}
+    teacher = {key[len(TEACHER_PREFIX) :]: value for key, value in inputs.items() if key.startswith(TEACHER_PREFIX)}
+    return student, teacher
+
+
+def aligned_positions(student_mask: torch.Tensor, teacher_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks keeping, per row, the first min(nₛ, nₜ) supervised positions of each side, so that
+    ``student[keep_s]`` and ``teacher[keep_t]`` list aligned positions in the same order."""
+    student_mask, teacher_mask = student_mask.bool(), teacher_mask.bool()
+    common = torch.minimum(student_mask.sum(1), teacher_mask.sum(1))[:, None]
+    keep_student = student_mask & (student_mask.long().cumsum(1) <= common)
+    keep_teacher = teacher_mask & (teacher_mask.long().cumsum(1) <= common)
+    return keep_student, keep_teacher
+
+
+def add_teacher_tokenization(
+    dataset: Dataset,
+    student_tokenizer,
+    teacher_tokenizer,
+    *,
+    prompt_column: str = "prompt",
+    completion_column: str = "completion",
+    max_length: int = 512,
+) -> Dataset:
+    """Rows with the student's and the teacher's tokenisation of ``prompt + completion``, labels on the
+    completion only (-100 on the prompt), ready for ``uld`` distillation between different tokenizers."""
+    from .generation import tokenize_prompt_completion
+
+    student = tokenize_prompt_completion(
+        dataset,
+        student_tokenizer,
+        prompt_column=prompt_column,
+        completion_column=completion_column,
+        max_length=max_length,
+    )
+    teacher = tokenize_prompt_completion(
+        dataset,
+        teacher_tokenizer,
+        prompt_column=prompt_column,
+        completion_column=completion_column,
+        max_length=max_length,
+    )
+    for column in teacher.column_names:
+        student = student.add_column(TEACHER_PREFIX + column, teacher[column])
+    return student
+
+
+class CrossTokenizerCollator:
+    """Right-pads the student's and the teacher's columns of a batch, each with its own pad id
+    (``attention_mask`` with 0, ``labels`` with -100); other columns are stacked as they are."""
+
+    def __init__(self, student_pad_id: int, teacher_pad_id: int):
+        self.pad = {"": student_pad_id, TEACHER_PREFIX: teacher_pad_id}
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = {}
+        for key in rows[0]:
+            values = [row[key] for row in rows]
+            if not isinstance(values[0], (list, tuple)):
+                batch[key] = torch.tensor(values)
+                continue
+            prefix = TEACHER_PREFIX if key.startswith(TEACHER_PREFIX) else ""
+            name = key[len(prefix) :]
+            fill = {"attention_mask": 0, "labels": -100}.get(name, self.pad[prefix])
+            width = max(len(value) for value in values)
+            batch[key] = torch.tensor([list(value) + [fill] * (width - len(value)) for value in values])
+        return batch
