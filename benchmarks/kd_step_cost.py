@@ -2,11 +2,12 @@
 
 One GPT-2-style causal-LM student and a teacher several times larger, the same batches. For each step kind —
 plain fine-tuning (label loss only) and distillation (label loss + KL to the teacher) — the script times
-``training_step`` (median over repeats) and counts FLOPs with ``torch.utils.flop_counter.FlopCounterMode``. With
-a frozen teacher the extra work is one teacher forward, so the ideal ratio is 1 + F_teacher_fwd / F_student_step
-(≈ 1 + N_teacher / (3·N_student)); a teacher backward would add twice its forward again.
+``training_step`` (median over repeats, the two kinds taking turns) and counts FLOPs with
+``torch.utils.flop_counter.FlopCounterMode``. With a frozen teacher the extra work is one teacher forward, so the
+ideal ratio is 1 + F_teacher_fwd / F_student_step (≈ 1 + N_teacher / (3·N_student)); a teacher backward would add
+twice its forward again.
 
-    python benchmarks/kd_step_cost.py                 # ~1 min on 2 CPU cores
+    python benchmarks/kd_step_cost.py                 # ~2 min on 2 CPU cores
     python benchmarks/kd_step_cost.py --teacher_layers 12 --teacher_width 768 --batch 8 --length 256
 """
 
@@ -43,24 +44,28 @@ def non_embedding_parameters(model) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if "wte" not in name and "wpe" not in name)
 
 
-def measure(trainer, batch, repeats: int) -> tuple[float, float]:
-    """(median seconds, FLOPs) of one training step on ``batch``."""
-    model = trainer.model
-    model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this bypasses
-    for _ in range(2):  # warm-up
-        trainer.training_step(model, batch)
-        model.zero_grad()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        trainer.training_step(model, batch)
-        times.append(time.perf_counter() - start)
-        model.zero_grad()
+def interleaved_step_times(steps: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of ``training_step`` per named ``(trainer, batch)``, the kinds taking turns step by step so
+    that machine drift (clock, other load) affects them alike."""
+    times = {name: [] for name in steps}
+    for trainer, _ in steps.values():
+        trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this bypasses
+        trainer.model.train()
+    for repeat in range(repeats + 2):  # the first two rounds warm up
+        for name, (trainer, batch) in steps.items():
+            start = time.perf_counter()
+            trainer.training_step(trainer.model, batch)
+            if repeat >= 2:
+                times[name].append(time.perf_counter() - start)
+            trainer.model.zero_grad()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def step_flops(trainer, batch) -> float:
     with FlopCounterMode(display=False) as counter:
-        trainer.training_step(model, batch)
-    model.zero_grad()
-    return statistics.median(times), counter.get_total_flops()
+        trainer.training_step(trainer.model, batch)
+    trainer.model.zero_grad()
+    return counter.get_total_flops()
 
 
 def main():
@@ -72,7 +77,7 @@ def main():
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=20)
     options = parser.parse_args()
 
     student = gpt2(options.student_layers, options.student_width, options.vocab, options.length, seed=0)
@@ -85,8 +90,9 @@ def main():
         args = DistillationConfig(output_dir=output_dir, use_cpu=True, report_to=[], losses="kl", alpha=0.5)
         plain = Trainer(model=student, args=args)
         distill = DistillationTrainer(model=student, teacher_model=teacher, args=args)
-        plain_time, plain_flops = measure(plain, batch, options.repeats)
-        kd_time, kd_flops = measure(distill, batch, options.repeats)
+        times = interleaved_step_times({"plain": (plain, batch), "kd": (distill, batch)}, options.repeats)
+        plain_time, kd_time = times["plain"], times["kd"]
+        plain_flops, kd_flops = step_flops(plain, batch), step_flops(distill, batch)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             teacher(input_ids=ids, attention_mask=batch["attention_mask"])
         teacher_forward = counter.get_total_flops()

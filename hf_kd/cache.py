@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 
 import numpy as np
@@ -33,7 +34,7 @@ from transformers import DataCollatorWithPadding, default_data_collator
 
 from .data import SAMPLE_INDEX
 from .evaluation import count_parameters
-from .features import ModelFeatures
+from .features import ModelFeatures, SparseDistribution
 from .teachers import LiveTeacher, TeacherSource, is_causal_lm, is_token_level, unwrap
 from .trainer import distillation_mask
 
@@ -236,9 +237,11 @@ def _sparsify(positions: torch.Tensor, k: int, mode: str, generator: torch.Gener
     return ids, torch.log(frequency / k)  # log 0 = -inf: a filler carries no probability
 
 
-def densify(ids: torch.Tensor, logprobs: torch.Tensor, vocab_size: int, spread_tail: bool = True) -> torch.Tensor:
-    """Full N×V log-probabilities from cached rows: the kept entries and, with ``spread_tail``, the remaining
-    mass spread uniformly over the other entries (else they get probability 0)."""
+def sparse_rows(
+    ids: torch.Tensor, logprobs: torch.Tensor, vocab_size: int, spread_tail: bool = True
+) -> SparseDistribution:
+    """Cached rows as a teacher distribution: the kept entries and, with ``spread_tail``, the remaining mass
+    spread uniformly over the other entries (else they get probability 0)."""
     logprobs = logprobs.float()
     k = ids.shape[-1]
     tail = (1 - torch.logsumexp(logprobs, dim=-1).exp()).clamp(min=0)
@@ -246,8 +249,12 @@ def densify(ids: torch.Tensor, logprobs: torch.Tensor, vocab_size: int, spread_t
         fill = torch.where(tail > 1e-6, torch.log(tail / (vocab_size - k)), torch.full_like(tail, float("-inf")))
     else:
         fill = torch.full_like(tail, float("-inf"))
-    dense = fill[:, None].expand(-1, vocab_size).clone()
-    return dense.scatter_(1, ids.long(), logprobs)
+    return SparseDistribution(ids.long(), logprobs, fill, vocab_size)
+
+
+def densify(ids: torch.Tensor, logprobs: torch.Tensor, vocab_size: int, spread_tail: bool = True) -> torch.Tensor:
+    """Full N×V log-probabilities from cached rows (see :func:`sparse_rows`)."""
+    return sparse_rows(ids, logprobs, vocab_size, spread_tail).dense()
 
 
 class TeacherCache(TeacherSource):
@@ -403,31 +410,40 @@ class TeacherCache(TeacherSource):
             values.append(example_values)
         return torch.cat(ids), torch.cat(values)
 
-    def _densify(self, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def _sparse(self, ids: torch.Tensor, values: torch.Tensor) -> SparseDistribution:
         # A sampled cache is the empirical distribution itself: nothing outside the draws.
-        return densify(ids, values, self.vocab_size, spread_tail=self.manifest["mode"] == "top_k")
+        return sparse_rows(ids, values, self.vocab_size, spread_tail=self.manifest["mode"] == "top_k")
 
     def __call__(self, inputs: dict, needs: frozenset[str], sample_index: torch.Tensor | None = None) -> ModelFeatures:
+        """The cached distributions of the batch's rows as ``sparse_logits`` (kl and soft_ce read them as they
+        are; other losses get them dense)."""
         reference = inputs.get("input_ids", next(v for v in inputs.values() if torch.is_tensor(v)))
         device = reference.device
         mask = distillation_mask(inputs, self.manifest["token_level"], self.manifest["causal"])
         batch = reference.shape[0]
         if not self.manifest["token_level"]:
             ids, values = self._batch_rows(sample_index, [1] * batch)
-            return ModelFeatures(logits=self._densify(ids.to(device), values.to(device)))
+            return ModelFeatures(sparse_logits=self._sparse(ids.to(device), values.to(device)))
         length = reference.shape[1]
         if mask is None:
-            positions = length - int(self.manifest["causal"])
-            mask = torch.ones(batch, positions, dtype=torch.bool, device=device)
+            mask = torch.ones(batch, length - int(self.manifest["causal"]), dtype=torch.bool, device=device)
         ids, values = self._batch_rows(sample_index, mask.sum(-1).tolist())
-        # Positions outside the mask get uniform logits (zeros): no loss reads them.
-        logits = torch.zeros(batch, length, self.vocab_size, device=device)
-        logits[:, : mask.shape[1]][mask] = self._densify(ids.to(device), values.to(device))
-        return ModelFeatures(logits=logits)
+        rows = self._sparse(ids.to(device), values.to(device))
+        # Positions outside the mask are uniform (no loss reads them): ids 0..k-1 at log(1/V), fill log(1/V).
+        k = ids.shape[-1]
+        uniform = -math.log(self.vocab_size)
+        full_ids = torch.arange(k, device=device).expand(batch, length, k).clone()
+        full_values = torch.full((batch, length, k), uniform, device=device)
+        full_fill = torch.full((batch, length), uniform, device=device)
+        width = mask.shape[1]  # T - 1 for causal LMs: the last position predicts nothing
+        full_ids[:, :width][mask] = rows.ids
+        full_values[:, :width][mask] = rows.logprobs
+        full_fill[:, :width][mask] = rows.fill
+        return ModelFeatures(sparse_logits=SparseDistribution(full_ids, full_values, full_fill, self.vocab_size))
 
     def token_rows(self, inputs: dict, mask: torch.Tensor, sample_index: torch.Tensor | None = None):
         ids, values = self._batch_rows(sample_index, mask.sum(-1).tolist())
-        return (ids.to(mask.device), values.to(mask.device)), self._densify
+        return (ids.to(mask.device), values.to(mask.device)), lambda i, v: self._sparse(i, v).dense()
 
     def describe(self) -> dict:
         return {

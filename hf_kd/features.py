@@ -21,6 +21,32 @@ MODULE_PREFIX = "module:"
 
 
 @dataclass
+class SparseDistribution:
+    """Probabilities known for ``k`` entries per position — log-probabilities ``logprobs`` (…×k) at ``ids`` (…×k)
+    — with every other of the ``vocab_size`` entries holding the log-probability ``fill`` (…; -inf for none):
+    a cached teacher's output, which ``kl`` and ``soft_ce`` read without building the dense …×V tensor."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    fill: torch.Tensor
+    vocab_size: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.ids.shape[:-1], self.vocab_size)
+
+    def dense(self) -> torch.Tensor:
+        """The full …×V log-probabilities (usable as logits)."""
+        dtype = torch.promote_types(self.logprobs.dtype, torch.float32)
+        dense = self.fill.to(dtype)[..., None].expand(self.shape).clone()
+        return dense.scatter_(-1, self.ids.long(), self.logprobs.to(dtype))
+
+    def __getitem__(self, index) -> SparseDistribution:
+        """The positions ``index`` selects (a slice or a boolean mask over the leading dimensions)."""
+        return SparseDistribution(self.ids[index], self.logprobs[index], self.fill[index], self.vocab_size)
+
+
+@dataclass
 class ModelFeatures:
     """The outputs of one side (student or teacher) that the configured losses asked for.
 
@@ -35,6 +61,18 @@ class ModelFeatures:
     attentions: tuple[torch.Tensor, ...] | None = None
     modules: dict[str, torch.Tensor] = field(default_factory=dict)
     attention_mask: torch.Tensor | None = None
+    sparse_logits: SparseDistribution | None = None  # instead of logits, for a cached teacher
+
+    def dense_logits(self) -> torch.Tensor | None:
+        """``logits``, or the dense form of ``sparse_logits`` when only that is known."""
+        if self.logits is None and self.sparse_logits is not None:
+            return self.sparse_logits.dense()
+        return self.logits
+
+    @property
+    def logits_shape(self) -> tuple[int, ...] | None:
+        source = self.logits if self.logits is not None else self.sparse_logits
+        return None if source is None else tuple(source.shape)
 
     @classmethod
     def from_outputs(cls, outputs, needs: frozenset[str], modules: dict | None = None, attention_mask=None):
@@ -131,7 +169,7 @@ def output_field(outputs, name: str):
 def select(features: ModelFeatures, source: str) -> torch.Tensor:
     """One tensor of a side's features: ``"logits"``, ``"hidden_states:-1"`` (any index) or ``"module:PATH"``."""
     if source == "logits":
-        return features.logits
+        return features.dense_logits()
     if source.startswith(MODULE_PREFIX):
         return features.modules[source[len(MODULE_PREFIX) :]]
     name, _, index = source.partition(":")

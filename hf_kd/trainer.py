@@ -362,7 +362,7 @@ class DistillationTrainer(Trainer):
         keep_student, keep_teacher = aligned_positions(mask, teacher_mask)
         return (
             ModelFeatures(logits=student.logits[keep_student]),
-            ModelFeatures(logits=teacher.logits[keep_teacher]),
+            ModelFeatures(logits=teacher.dense_logits()[keep_teacher]),
             None,
         )
 
@@ -665,6 +665,8 @@ def _adapter_summary(model: nn.Module) -> dict | None:
 
 def _drop_last_position(features: ModelFeatures) -> ModelFeatures:
     """Causal LMs: logits at the last position predict nothing in the batch."""
+    if features.sparse_logits is not None and features.logits is None:
+        return dataclasses.replace(features, sparse_logits=features.sparse_logits[:, :-1])
     if features.logits is None:
         return features
     return dataclasses.replace(features, logits=features.logits[:, :-1])
@@ -732,8 +734,8 @@ def _check_vocabularies(student: nn.Module, teacher: nn.Module | None, losses) -
 
 
 def _check_compatible(student: ModelFeatures, teacher: ModelFeatures) -> None:
-    if student.logits is not None and teacher.logits is not None:
-        s, t = student.logits.shape, teacher.logits.shape
+    if student.logits is not None and teacher.logits_shape is not None:
+        s, t = student.logits.shape, teacher.logits_shape
         if s[-1] != t[-1]:
             raise ValueError(
                 f"the student has {s[-1]} output classes/vocabulary entries and the teacher {t[-1]}: logit-based "

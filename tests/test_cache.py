@@ -54,6 +54,28 @@ def test_top_k_rows_keep_the_head_and_spread_the_tail():
     torch.testing.assert_close(outside.max(-1).values, tail / 42)
 
 
+@pytest.mark.parametrize("mode", ["top_k", "sampled"])
+@pytest.mark.parametrize("loss", ["kl", "soft_ce"])
+def test_sparse_losses_equal_their_dense_form(mode, loss):
+    from hf_kd.cache import sparse_rows
+    from hf_kd.features import ModelFeatures
+    from hf_kd.losses import get_loss
+
+    generator = torch.Generator().manual_seed(0)
+    teacher_logits = torch.randn(6, 40, generator=generator) * 3
+    ids, values = _sparsify(teacher_logits, 8, mode, generator)
+    teacher = sparse_rows(ids, values, 40, spread_tail=mode == "top_k")
+    mask = torch.tensor([True, True, False, True, True, True])
+    values = []
+    for features in (ModelFeatures(sparse_logits=teacher), ModelFeatures(logits=teacher.dense())):
+        student = torch.randn(6, 40, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        value = get_loss(loss, temperature=2.0)(ModelFeatures(logits=student), features, mask=mask)
+        value.backward()
+        values.append((value.detach(), student.grad))
+    torch.testing.assert_close(values[0][0], values[1][0])
+    torch.testing.assert_close(values[0][1], values[1][1])
+
+
 def test_sampled_rows_estimate_the_teacher_without_bias():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
     generator = torch.Generator().manual_seed(0)

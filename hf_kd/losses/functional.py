@@ -7,12 +7,13 @@ dimensions are positions: ``B×C`` for sequence/image classification, ``B×T×V`
 over those positions; ``reduction="sum"`` sums them, so a caller can normalise by a count taken over a
 whole accumulated batch.
 
-The math runs in float32 whatever the input dtype, and vocabulary entries masked with ``-inf`` (in either
+The math runs in float32 at least (float64 inputs stay float64), and vocabulary entries masked with ``-inf`` (in either
 model, as long as the teacher gives them zero probability) produce neither NaN values nor NaN gradients.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -32,7 +33,7 @@ def _check(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatu
 
 
 def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
 
 
 def _finite(log_probs: torch.Tensor) -> torch.Tensor:
@@ -64,10 +65,33 @@ def reduce_positions(values: torch.Tensor, mask: torch.Tensor | None, reduction:
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
 
 
+class _ForwardKL(torch.autograd.Function):
+    """KL(p_T^τ ‖ p_S^τ) per position with ∂/∂z_S = (q − p)/τ written out: autograd through two log-softmaxes
+    makes several more passes over the …×V logits, the largest cost of a KD step after the models."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, temperature):
+        log_p = _log_probs(teacher_logits, temperature)
+        log_q = _log_probs(student_logits, temperature)
+        p = log_p.exp()
+        values = (p * (_finite(log_p) - _finite(log_q))).sum(-1)
+        ctx.save_for_backward(log_q.exp_(), p)  # q in place of log q: the only buffers the gradient needs
+        ctx.temperature, ctx.dtype = temperature, student_logits.dtype
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, p = ctx.saved_tensors
+        return ((q - p) * (grad / ctx.temperature)[..., None]).to(ctx.dtype), None, None
+
+
 def forward_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction: Reduction = "mean"):
     """τ²·KL(p_T^τ ‖ p_S^τ): Hinton et al. 2015, *Distilling the Knowledge in a Neural Network*."""
     _check(student_logits, teacher_logits, temperature)
-    values = _kl_from_log_probs(_log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature))
+    if teacher_logits.requires_grad:  # both sides trained (mutual learning): plain autograd
+        values = _kl_from_log_probs(_log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature))
+    else:
+        values = _ForwardKL.apply(student_logits, teacher_logits, temperature)
     return reduce_positions(values * temperature**2, mask, reduction)
 
 
@@ -150,6 +174,81 @@ def uld(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction
     gap = p_s.shape[-1] - p_t.shape[-1]
     p_s, p_t = F.pad(p_s, (0, max(0, -gap))), F.pad(p_t, (0, max(0, gap)))
     return reduce_positions((p_s - p_t).abs().sum(-1), mask, reduction)
+
+
+def _tempered_sparse(teacher, temperature: float):
+    """log p_T^τ of a :class:`~hf_kd.features.SparseDistribution`: at the kept entries (…×k), at each other entry
+    (…), and how many other entries there are. Softening keeps the form: p^(1/τ) renormalised."""
+    others = teacher.vocab_size - teacher.ids.shape[-1]
+    dtype = torch.promote_types(teacher.logprobs.dtype, torch.float32)
+    kept = teacher.logprobs.to(dtype) / temperature
+    fill = teacher.fill.to(dtype) / temperature
+    parts = [kept] if others == 0 else [kept, (fill + math.log(others))[..., None]]
+    log_z = torch.logsumexp(torch.cat(parts, dim=-1), dim=-1)
+    return kept - log_z[..., None], fill - log_z, others
+
+
+class _SparseTeacherCrossEntropy(torch.autograd.Function):
+    """Per position: −Σ p_T^τ log p_S^τ (``with_entropy``: + Σ p_T^τ log p_T^τ, i.e. the KL) for a sparse teacher.
+
+    A fused function because autograd through log_softmax/gather/sum makes ~10 passes over the …×V logits; here
+    the forward makes three (z/τ, its logsumexp, its sum; log q is never materialised) and the backward one buffer:
+    ∂/∂z = (q − p_T^τ)/τ, with p_T^τ = u off the kept entries.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ids, log_p, log_u, others, temperature, with_entropy):
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        scaled = logits.to(dtype) / temperature
+        log_z = torch.logsumexp(scaled, dim=-1)
+        log_q_kept = scaled.gather(-1, ids) - log_z[..., None]
+        # Σ over the other entries of log q = Σ_all log q − Σ_kept log q, with Σ_all log q = Σ z/τ − V·log Z.
+        rest = scaled.sum(-1) - scaled.shape[-1] * log_z - log_q_kept.sum(-1)
+        p, u = log_p.exp(), log_u.exp()
+        cross = -(p * log_q_kept).sum(-1) - torch.where(u > 0, u * rest, torch.zeros_like(u))
+        if with_entropy:
+            entropy = (p * _finite(log_p)).sum(-1) + torch.where(u > 0, others * u * log_u, torch.zeros_like(u))
+            cross = cross + entropy
+        # q, computed in place of z/τ and kept for the backward pass (as autograd keeps log_softmax's output).
+        ctx.save_for_backward(scaled.sub_(log_z[..., None]).exp_(), ids, p, u)
+        ctx.temperature, ctx.dtype = temperature, logits.dtype
+        return cross
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, ids, p, u = ctx.saved_tensors
+        gradient = q - u[..., None]  # q − u off the kept entries
+        gradient.scatter_add_(-1, ids, u[..., None] - p)  # q − p on them
+        gradient.mul_((grad / ctx.temperature)[..., None])
+        return gradient.to(ctx.dtype), None, None, None, None, None, None
+
+
+def _sparse_terms(student_logits, teacher, temperature, with_entropy):
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if tuple(student_logits.shape) != tuple(teacher.shape):
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and the cached teacher's {tuple(teacher.shape)} differ "
+            "in shape: they must share the vocabulary and positions."
+        )
+    log_p, log_u, others = _tempered_sparse(teacher, temperature)
+    values = _SparseTeacherCrossEntropy.apply(
+        student_logits, teacher.ids.long(), log_p, log_u, others, temperature, with_entropy
+    )
+    return values * temperature**2
+
+
+def sparse_forward_kl(student_logits, teacher, *, temperature=1.0, mask=None, reduction: Reduction = "mean"):
+    """:func:`forward_kl` against a teacher known at k entries per position plus a uniform remainder (a
+    :class:`~hf_kd.features.SparseDistribution`), without building its dense …×V form: the kept entries are summed
+    directly and the other V − k entries share one value, so Σ over them needs only Σ_all log q − Σ_kept log q."""
+    return reduce_positions(_sparse_terms(student_logits, teacher, temperature, True), mask, reduction)
+
+
+def sparse_soft_ce(student_logits, teacher, *, temperature=1.0, mask=None, reduction: Reduction = "mean"):
+    """:func:`soft_ce` against a :class:`~hf_kd.features.SparseDistribution` teacher (see
+    :func:`sparse_forward_kl`)."""
+    return reduce_positions(_sparse_terms(student_logits, teacher, temperature, False), mask, reduction)
 
 
 def tvd(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction: Reduction = "mean"):

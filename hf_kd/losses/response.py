@@ -18,6 +18,8 @@ class ResponseLoss(DistillationLoss):
 
     needs = frozenset({"logits"})
     function: ClassVar[Callable]
+    # Reads a sparse teacher (a cache's top-k rows) directly; without one the teacher is made dense first.
+    sparse_function: ClassVar[Callable | None] = None
 
     def __init__(self, temperature: float = 1.0, **options):
         super().__init__()
@@ -27,8 +29,14 @@ class ResponseLoss(DistillationLoss):
         self.options = options
 
     def forward(self, student, teacher, mask=None, labels=None, sample_index=None):
-        return type(self).function(
-            student.logits, teacher.logits, temperature=self.temperature, mask=mask, reduction="sum", **self.options
+        function, teacher_logits = type(self).function, teacher.logits
+        if teacher_logits is None and teacher.sparse_logits is not None:
+            if type(self).sparse_function is not None:
+                function, teacher_logits = type(self).sparse_function, teacher.sparse_logits
+            else:
+                teacher_logits = teacher.sparse_logits.dense()
+        return function(
+            student.logits, teacher_logits, temperature=self.temperature, mask=mask, reduction="sum", **self.options
         )
 
     def extra_repr(self) -> str:
@@ -42,6 +50,7 @@ class ResponseLoss(DistillationLoss):
 class ForwardKL(ResponseLoss):
     __doc__ = F.forward_kl.__doc__
     function = F.forward_kl
+    sparse_function = F.sparse_forward_kl
     linear_in_teacher = True
 
 
@@ -112,6 +121,7 @@ class TotalVariation(ResponseLoss):
 class SoftCrossEntropy(ResponseLoss):
     __doc__ = F.soft_ce.__doc__
     function = F.soft_ce
+    sparse_function = F.sparse_soft_ce
     linear_in_teacher = True
 
 
@@ -140,7 +150,7 @@ class DecoupledKD(ResponseLoss):
         )
         return F.dkd(
             student.logits,
-            teacher.logits,
+            teacher.dense_logits(),
             target=target,
             temperature=self.temperature,
             mask=mask,
