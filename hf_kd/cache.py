@@ -35,7 +35,7 @@ from transformers import DataCollatorWithPadding, default_data_collator
 from .data import SAMPLE_INDEX
 from .evaluation import count_parameters
 from .features import ModelFeatures, SparseDistribution
-from .teachers import LiveTeacher, TeacherSource, is_causal_lm, is_token_level, unwrap
+from .teachers import LiveTeacher, TeacherSource, is_causal_lm, is_token_level, output_size, unwrap
 from .trainer import distillation_mask
 
 CACHE_FORMAT_VERSION = 1
@@ -347,8 +347,8 @@ class TeacherCache(TeacherSource):
                 f"the cache was written by a {manifest['teacher_class']} (token level: {manifest['token_level']}), "
                 f"which does not predict the same positions as a {type(unwrap(student)).__name__} student."
             )
-        head = student.get_output_embeddings() if hasattr(student, "get_output_embeddings") else None
-        classes = head.weight.shape[0] if head is not None else getattr(student.config, "num_labels", None)
+        classes = output_size(student)
+        classes = classes if classes is not None else getattr(student.config, "num_labels", None)
         if classes is not None and classes != self.vocab_size:
             raise ValueError(
                 f"the cache holds distributions over {self.vocab_size} classes/tokens and the student predicts "

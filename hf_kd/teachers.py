@@ -63,6 +63,16 @@ def is_causal_lm(model: nn.Module) -> bool:
     return base_model_class_name(model).endswith(("ForCausalLM", "LMHeadModel"))
 
 
+def output_size(model: nn.Module) -> int | None:
+    """Rows of the model's LM head (its vocabulary size as the logits see it), also when ZeRO-3 has sharded the
+    weight; ``None`` for models without output embeddings."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is None:
+        return None
+    return tuple(getattr(weight, "ds_shape", weight.shape))[0]
+
+
 def auto_class_for(student: nn.Module):
     """The ``AutoModelFor…`` class that loads a model with the same task head as ``student``."""
     name = base_model_class_name(student)

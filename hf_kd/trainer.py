@@ -32,6 +32,7 @@ from .teachers import (
     is_causal_lm,
     is_token_level,
     load_teacher,
+    output_size,
     prepare_teacher,
     use_eager_attention,
 )
@@ -716,10 +717,9 @@ def _check_chunkable(losses, causal: bool, token_level: bool, deepspeed: bool) -
 
 def _check_vocabularies(student: nn.Module, teacher: nn.Module | None, losses) -> None:
     """Fail at start-up, not at the first step, when LM vocabularies differ and no loss can bridge them."""
-    sizes = []
-    for model in (student, teacher):
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        sizes.append(getattr(getattr(head, "weight", None), "shape", (None,))[0])
+    if teacher is None:  # a cache or the student's own base: checked where they are built
+        return
+    sizes = [output_size(student), output_size(teacher)]
     if None in sizes or sizes[0] == sizes[1]:
         return
     unaligned = [loss.name for loss in losses if not loss.cross_vocabulary]
