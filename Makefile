@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.hf_kd-installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test demo demo-image demo-lm lint
+.PHONY: install test demo demo-image demo-lm demo-seq2seq lint
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ demo-image: $(STAMP)
 
 demo-lm: $(STAMP)
 	$(BIN)/python recipes/causal_lm.py --config recipes/configs/causal_lm.yaml
+
+demo-seq2seq: $(STAMP)
+	$(BIN)/python recipes/seq2seq.py --config recipes/configs/seq2seq.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check hf_kd recipes tests benchmarks

@@ -44,3 +44,25 @@ def split_labeled_transfer(
     transfer_labels = np.where(keep, labels, UNLABELED).tolist()
     transfer = dataset.remove_columns(label_column).add_column(label_column, transfer_labels)
     return labeled, transfer
+
+
+def train_bpe_tokenizer(
+    texts, vocab_size: int, *, eos_token: str = "<|endoftext|>", pad_token: str | None = None, unk_token=None
+):
+    """A byte-level BPE tokenizer trained on ``texts`` (offline, seconds for a few MB), as a
+    ``PreTrainedTokenizerFast``. Special tokens come first: ``pad_token`` (id 0 when given), ``eos_token``,
+    ``unk_token``; without ``pad_token`` the eos token pads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [token for token in (pad_token, eos_token, unk_token) if token is not None]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=eos_token, pad_token=pad_token or eos_token, unk_token=unk_token
+    )

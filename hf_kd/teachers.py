@@ -101,9 +101,19 @@ def prepare_teacher(teacher: nn.Module, accelerator) -> nn.Module:
     """Place a frozen teacher for the way the student is trained, with no optimizer state and no gradients.
 
     DeepSpeed ZeRO-3: an inference-only DeepSpeed engine with the student's ZeRO-3 settings, so the teacher is
-    sharded across processes like the student. ZeRO-1/2 (stage 0 for the teacher), DDP and one device: the
-    teacher is replicated, in eval mode, through ``accelerator.prepare_model(..., evaluation_mode=True)``.
+    sharded across processes like the student. FSDP2: sharded with the student's FSDP plugin (``fully_shard``
+    per layer, as Accelerate wraps the student), frozen. ZeRO-1/2 (stage 0 for the teacher), DDP, FSDP1 and one
+    device: the teacher is replicated, in eval mode, through ``accelerator.prepare_model(...,
+    evaluation_mode=True)``.
     """
+    if getattr(accelerator, "is_fsdp2", False):
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        teacher = fsdp2_prepare_model(accelerator, teacher)
+        # No backward follows a teacher forward: every unit, the root included, must free its gathered weights
+        # right after its forward, or the whole teacher stays unsharded in memory after the first step.
+        teacher.set_reshard_after_forward(True)
+        return freeze(teacher)
     if accelerator.state.deepspeed_plugin is None:
         return accelerator.prepare_model(teacher, evaluation_mode=True)
     import deepspeed

@@ -142,7 +142,8 @@ class DistillationTrainer(Trainer):
         self.shift_labels = is_causal_lm(model)
 
         if args.chunk_size is not None:
-            _check_chunkable(self.distillation_losses, self.shift_labels, self.token_level, self.is_deepspeed_enabled)
+            sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+            _check_chunkable(self.distillation_losses, self.shift_labels, self.token_level, sharded)
         if source is None:
             self.teacher: TeacherSource = LiveTeacher(prepare_teacher(teacher, self.accelerator))
         else:
@@ -696,7 +697,7 @@ def _unique_name(name: str, earlier: list[str]) -> str:
     return short if repeats == 0 else f"{short}_{repeats + 1}"
 
 
-def _check_chunkable(losses, causal: bool, token_level: bool, deepspeed: bool) -> None:
+def _check_chunkable(losses, causal: bool, token_level: bool, sharded: bool) -> None:
     if not (causal and token_level):
         raise ValueError(
             "chunk_size applies to causal LMs (…ForCausalLM), whose logits come from an LM head; "
@@ -708,10 +709,10 @@ def _check_chunkable(losses, causal: bool, token_level: bool, deepspeed: bool) -
             f"chunk_size works with logit losses only; {unchunkable} read other features. Leave "
             "chunk_size unset to combine them."
         )
-    if deepspeed:
+    if sharded:
         raise ValueError(
-            "chunk_size is not supported under DeepSpeed yet (the LM heads would need gathering under "
-            "ZeRO-3); leave it unset."
+            "chunk_size is not supported under DeepSpeed or FSDP yet (the LM heads, called outside the models' "
+            "forward, would need gathering from their shards); leave it unset."
         )
 
 

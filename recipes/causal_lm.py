@@ -26,7 +26,6 @@ from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
-    PreTrainedTokenizerFast,
     Trainer,
     default_data_collator,
     set_seed,
@@ -34,6 +33,7 @@ from transformers import (
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.cli import parse_args, refuse_deepspeed_for_multi_model_recipes
+from hf_kd.data import train_bpe_tokenizer
 from hf_kd.evaluation import count_parameters, markdown_table
 
 
@@ -74,19 +74,6 @@ def load_texts(recipe: CausalLMRecipeArguments, cache_dir: str):
         return load_dataset("json", data_files=path, split="train")
     dataset = load_dataset(recipe.dataset_name, data_files=recipe.data_files, split="train")
     return dataset.rename_column(recipe.text_column, "text") if recipe.text_column != "text" else dataset
-
-
-def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
 def to_blocks(dataset, tokenizer, block_size: int):
@@ -132,7 +119,7 @@ def main():
         tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer)
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     else:
-        tokenizer = train_tokenizer(documents["train"]["text"], recipe.vocab_size)
+        tokenizer = train_bpe_tokenizer(documents["train"]["text"], recipe.vocab_size)
     train, test = (to_blocks(documents[split], tokenizer, recipe.block_size) for split in ("train", "test"))
     vocab_size = len(tokenizer)
 

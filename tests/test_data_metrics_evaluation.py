@@ -68,3 +68,15 @@ def test_evaluate_model_and_table():
     )
     assert table.splitlines()[2] == "| teacher | 97.5% | 22.72M |"
     assert table.splitlines()[3] == "| student | 50.0% | 4.2k |"
+
+
+def test_bpe_tokenizer_trained_offline_puts_special_tokens_first():
+    from hf_kd.data import train_bpe_tokenizer
+
+    texts = ["the cat sat on the mat", "the dog sat on the log"] * 20
+    tokenizer = train_bpe_tokenizer(texts, 300, eos_token="</s>", pad_token="<pad>")
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)
+    ids = tokenizer("the cat sat")["input_ids"]
+    assert tokenizer.decode(ids) == "the cat sat" and len(ids) < len("the cat sat")
+    gpt_style = train_bpe_tokenizer(texts, 300)
+    assert gpt_style.pad_token == gpt_style.eos_token == "<|endoftext|>"

@@ -72,3 +72,31 @@ def test_deepspeed_zero_on_two_processes_matches_one_process(tmp_path, engine):
     assert placement["teacher_type"] == "DeepSpeedEngine"
     assert placement["teacher_sharded"] == (engine == "zero3")
     assert placement["summary"]["teacher_parameters"] > placement["summary"]["student_parameters"] > 0
+
+
+@pytest.mark.slow
+def test_fsdp2_teacher_is_sharded_frozen_and_exact(tmp_path):
+    output = tmp_path / "fsdp.json"
+    worker = os.path.join(os.path.dirname(WORKER), "fsdp_teacher_worker.py")
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29534",
+            worker,
+            str(output),
+        ],
+        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    result = json.loads(output.read_text())
+    assert result["max_abs_difference"] < 1e-5  # the same logits as the whole teacher
+    assert result["sharded_after_forward"] and result["local_fraction"] < 0.6  # each process holds about half
+    assert not result["training"] and not result["requires_grad"]
