@@ -158,9 +158,10 @@ def test_on_policy_needs_a_generating_student_and_a_live_teacher(tmp_path):
         student_rollout(tiny_gpt2(), {"input_ids": torch.ones(1, 3, dtype=torch.long)}, {"max_new_tokens": 1})
 
 
-def test_sequence_level_kd_trains_on_teacher_generations(tmp_path):
+@pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama, tiny_qwen2])
+def test_sequence_level_kd_trains_on_teacher_generations(tmp_path, make_model):
     tokenizer = word_tokenizer()
-    teacher = tiny_gpt2(seed=1)
+    teacher = make_model(seed=1)
     prompts = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"] * 2})
     generated = generate_teacher_outputs(teacher, tokenizer, prompts, max_new_tokens=4, batch_size=3, progress=False)
     assert generated.column_names == ["prompt", "completion"]
@@ -180,7 +181,7 @@ def test_sequence_level_kd_trains_on_teacher_generations(tmp_path):
     from transformers import DataCollatorForSeq2Seq
 
     trainer = DistillationTrainer(
-        model=tiny_gpt2(seed=2),
+        model=make_model(seed=2),
         teacher_model=teacher,
         args=args,
         train_dataset=rows,
