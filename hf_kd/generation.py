@@ -55,11 +55,33 @@ def generate_teacher_outputs(
     if tokenizer.pad_token is None:
         raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its eos token) to batch.")
     device = next(teacher.parameters()).device
-    encoder_decoder = getattr(teacher.config, "is_encoder_decoder", False)
     teacher.eval()
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leave the caller's RNG as it was
+        torch.manual_seed(seed)
+        outputs = _generate(
+            teacher,
+            tokenizer,
+            list(dataset[prompt_column]),
+            batch_size=batch_size,
+            max_prompt_length=max_prompt_length,
+            progress=progress,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=top_p if do_sample else None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    if output_column in dataset.column_names:
+        dataset = dataset.remove_columns(output_column)
+    return dataset.add_column(output_column, outputs)
+
+
+def _generate(teacher, tokenizer, prompts: list[str], *, batch_size, max_prompt_length, progress, **generate_kwargs):
+    """The teacher's decoded continuations of ``prompts``, batch by batch (left-padded for decoder-only models)."""
+    device = next(teacher.parameters()).device
+    encoder_decoder = getattr(teacher.config, "is_encoder_decoder", False)
     outputs: list[str] = []
-    prompts = dataset[prompt_column]
     for start in tqdm(range(0, len(prompts), batch_size), desc="teacher generation", disable=not progress):
         with _left_padding(tokenizer) as left:
             batch = left(
@@ -70,20 +92,10 @@ def generate_teacher_outputs(
                 max_length=max_prompt_length,
             ).to(device)
         with torch.no_grad():
-            generated = teacher.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-                do_sample=do_sample,
-                temperature=temperature if do_sample else None,
-                top_p=top_p if do_sample else None,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            generated = teacher.generate(**batch, **generate_kwargs)
         new_tokens = generated if encoder_decoder else generated[:, batch["input_ids"].shape[1] :]
         outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    if output_column in dataset.column_names:
-        dataset = dataset.remove_columns(output_column)
-    return dataset.add_column(output_column, outputs)
+    return outputs
 
 
 def tokenize_prompt_completion(

@@ -198,3 +198,21 @@ def test_seq2seq_teacher_generation(tmp_path):
         tiny_t5(seed=1), tokenizer, prompts, max_new_tokens=3, num_beams=2, progress=False
     )
     assert len(generated["completion"]) == 2 and all(isinstance(text, str) for text in generated["completion"])
+
+
+def test_sampled_teacher_generation_is_seeded_and_leaves_the_callers_rng_alone():
+    tokenizer = word_tokenizer()
+    prompts = Dataset.from_dict({"prompt": ["w1 w2", "w3", "w4 w5 w6"]})
+    teacher = tiny_gpt2(seed=1)
+
+    def sample(seed):
+        return generate_teacher_outputs(
+            teacher, tokenizer, prompts, max_new_tokens=6, do_sample=True, seed=seed, progress=False
+        )["completion"]
+
+    assert sample(7) == sample(7) and sample(7) != sample(8)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    sample(7)
+    assert torch.equal(torch.rand(3), expected)  # the caller's random stream is where it was
