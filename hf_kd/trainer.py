@@ -142,8 +142,7 @@ class DistillationTrainer(Trainer):
         self.shift_labels = is_causal_lm(model)
 
         if args.chunk_size is not None:
-            sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
-            _check_chunkable(self.distillation_losses, self.shift_labels, self.token_level, sharded)
+            _check_chunkable(self.distillation_losses, self.shift_labels, self.token_level, self.is_fsdp_enabled)
         if source is None:
             self.teacher: TeacherSource = LiveTeacher(prepare_teacher(teacher, self.accelerator))
         else:
@@ -408,6 +407,12 @@ class DistillationTrainer(Trainer):
             teacher_rows, teacher_logits = self.teacher.token_rows(model_inputs, mask, sample_index=sample_index)
             losses = list(self.distillation_losses)
         student = self.accelerator.unwrap_model(model)
+        min_chunks = 0
+        if self.is_deepspeed_enabled and self.accelerator.num_processes > 1:
+            # ZeRO-3 gathers a sharded LM head on every call, collectively: all processes make the same number.
+            chunks = torch.tensor(-(-int(mask.sum()) // self.args.chunk_size), device=mask.device)
+            torch.distributed.all_reduce(chunks, op=torch.distributed.ReduceOp.MAX)
+            min_chunks = int(chunks)
         sums = chunked_token_terms(
             student_hidden[mask],
             teacher_rows,
@@ -418,6 +423,7 @@ class DistillationTrainer(Trainer):
             losses=losses,
             with_label_loss=with_label_loss,
             chunk_size=self.args.chunk_size,
+            min_chunks=min_chunks,
         )
         terms: dict[str, torch.Tensor] = {}
         total = sums.new_zeros(())
@@ -697,7 +703,7 @@ def _unique_name(name: str, earlier: list[str]) -> str:
     return short if repeats == 0 else f"{short}_{repeats + 1}"
 
 
-def _check_chunkable(losses, causal: bool, token_level: bool, sharded: bool) -> None:
+def _check_chunkable(losses, causal: bool, token_level: bool, fsdp: bool) -> None:
     if not (causal and token_level):
         raise ValueError(
             "chunk_size applies to causal LMs (…ForCausalLM), whose logits come from an LM head; "
@@ -709,10 +715,10 @@ def _check_chunkable(losses, causal: bool, token_level: bool, sharded: bool) -> 
             f"chunk_size works with logit losses only; {unchunkable} read other features. Leave "
             "chunk_size unset to combine them."
         )
-    if sharded:
+    if fsdp:
         raise ValueError(
-            "chunk_size is not supported under DeepSpeed or FSDP yet (the LM heads, called outside the models' "
-            "forward, would need gathering from their shards); leave it unset."
+            "chunk_size is not supported under FSDP yet (the LM heads, called outside the models' forward, would "
+            "need gathering from their shards); leave it unset."
         )
 
 

@@ -42,13 +42,15 @@ def chunked_token_terms(
     losses: list,
     with_label_loss: bool,
     chunk_size: int,
+    min_chunks: int = 0,
 ) -> torch.Tensor:
     """Sums over positions of ``[label CE (if with_label_loss), loss₁, loss₂, ...]``, computed chunk by chunk.
 
     ``student_hidden`` holds the final hidden states of the N supervised positions (N×H); ``teacher_rows`` one
     row per position of whatever the teacher's logits are made from (its hidden states, or cached top-k ids and
     log-probs), turned into logits chunk by chunk by ``teacher_logits(*rows)`` under ``no_grad``; ``targets``
-    the next-token ids (N), needed for the label loss and ``dkd``.
+    the next-token ids (N), needed for the label loss and ``dkd``. ``min_chunks`` pads the loop with empty chunks:
+    with sharded LM heads (ZeRO-3) every process must call them the same number of times, whatever its token count.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}.")
@@ -61,7 +63,8 @@ def chunked_token_terms(
         with_label_loss=with_label_loss,
     )
     totals = []
-    for start in range(0, len(student_hidden), chunk_size):
+    num_chunks = max(-(-len(student_hidden) // chunk_size), min_chunks)
+    for start in range(0, num_chunks * chunk_size, chunk_size):
         stop = start + chunk_size
         chunk_targets = None if targets is None else targets[start:stop]
         rows = [row[start:stop] for row in teacher_rows]

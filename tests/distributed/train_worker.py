@@ -29,9 +29,13 @@ def deepspeed_config(stage: int) -> str:
 
 
 def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp") -> None:
-    """``engine``: ``ddp`` (default), ``none`` (one process, the DeepSpeed runs' losses), ``zero2`` or ``zero3``."""
+    """``engine``: ``ddp`` (default), ``none`` (one process, the DeepSpeed runs' losses), ``zero2`` or ``zero3``;
+    with ``-chunked`` (``none-chunked``, ``zero3-chunked``) the token KD is chunked (``chunk_size=5``)."""
     torch.set_num_threads(1)
+    engine, _, variant = engine.partition("-")
     extra = {"deepspeed": deepspeed_config(int(engine[-1]))} if engine.startswith("zero") else {}
+    if variant == "chunked":
+        extra["chunk_size"] = 5
     args = config(
         output_dir,
         per_device_train_batch_size=batch_size,
