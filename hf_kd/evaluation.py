@@ -85,11 +85,20 @@ def compare_models(
         )
         for name, model in models.items()
     }
-    summary = f"{title}\n\n{markdown_table(results, ['accuracy', 'macro_f1', 'parameters', 'ms_per_example'])}\n"
+    report_results(results, ["accuracy", "macro_f1", "parameters", "ms_per_example"], title, output_dir, write)
+    return results
+
+
+def report_results(
+    results: dict[str, dict], columns: list[str], title: str, output_dir: str | None, write: bool = True
+) -> str:
+    """Print ``results`` as a markdown table under ``title`` and, when ``write``, save it to
+    ``output_dir/results.md`` and the rows to ``output_dir/results.json``. Returns the text."""
+    summary = f"{title}\n\n{markdown_table(results, columns)}\n"
     print("\n" + summary)
     if write and output_dir:
         with open(os.path.join(output_dir, "results.md"), "w") as handle:
             handle.write(summary)
         with open(os.path.join(output_dir, "results.json"), "w") as handle:
             json.dump(results, handle, indent=2)
-    return results
+    return summary

@@ -32,9 +32,10 @@ from transformers import (
 )
 
 from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
 from hf_kd.cli import parse_args, refuse_deepspeed_for_multi_model_recipes
 from hf_kd.data import train_bpe_tokenizer
-from hf_kd.evaluation import count_parameters, markdown_table
+from hf_kd.evaluation import count_parameters, report_results
 
 
 @dataclass
@@ -124,37 +125,33 @@ def main():
     vocab_size = len(tokenizer)
 
     # ---- teacher: a given causal LM, or a larger GPT-2 trained here ----
-    steps = (
-        args.max_steps
-        if args.max_steps > 0
-        else math.ceil(args.num_train_epochs * len(train) / (args.train_batch_size * args.gradient_accumulation_steps))
-    )
-    plain_args = dataclasses.replace(args, max_steps=steps, save_strategy="no", push_to_hub=False)
+    steps = optimizer_steps(args, len(train))
+    baseline_args = plain_args(args, steps)
     if recipe.teacher:
         teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher)
     else:
         teacher = gpt2(vocab_size, recipe.teacher_layers, recipe.teacher_width, recipe.block_size)
-        teacher_dir = os.path.join(args.output_dir, "teacher")
-        Trainer(
-            model=teacher,
-            train_dataset=train,
+        train_teacher(
+            teacher,
+            baseline_args,
+            train,
+            steps=recipe.teacher_steps,
+            processor=tokenizer,
             data_collator=default_data_collator,
-            args=dataclasses.replace(plain_args, output_dir=teacher_dir, max_steps=recipe.teacher_steps),
-        ).train()
-        teacher.save_pretrained(teacher_dir)
-        tokenizer.save_pretrained(teacher_dir)
+        )
 
     # ---- students: from scratch vs distilled, same blocks, steps and seed ----
     set_seed(args.seed)
     scratch = gpt2(vocab_size, recipe.student_layers, recipe.student_width, recipe.block_size)
     set_seed(args.seed)
     student = gpt2(vocab_size, recipe.student_layers, recipe.student_width, recipe.block_size)
-    Trainer(
-        model=scratch,
-        train_dataset=train,
+    train_plainly(
+        scratch,
+        baseline_args,
+        train,
+        output_dir=os.path.join(args.output_dir, "scratch"),
         data_collator=default_data_collator,
-        args=dataclasses.replace(plain_args, output_dir=os.path.join(args.output_dir, "scratch")),
-    ).train()
+    )
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
@@ -172,20 +169,14 @@ def main():
         "student distilled": student,
     }
     results = {
-        name: {"perplexity": perplexity(model, test, plain_args), "parameters": count_parameters(model)}
+        name: {"perplexity": perplexity(model, test, baseline_args), "parameters": count_parameters(model)}
         for name, model in rows.items()
     }
-    summary = (
+    title = (
         f"{recipe.dataset_name}, {len(train)} training / {len(test)} test blocks of {recipe.block_size} "
         f"tokens, {steps} steps, losses {args.losses}, temperature {args.temperature}, seed {args.seed}"
-        f"\n\n{markdown_table(results, ['perplexity', 'parameters'])}\n"
     )
-    print("\n" + summary)
-    if trainer.is_world_process_zero():
-        with open(os.path.join(args.output_dir, "results.md"), "w") as handle:
-            handle.write(summary)
-        with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
-            json.dump(results, handle, indent=2)
+    report_results(results, ["perplexity", "parameters"], title, args.output_dir, trainer.is_world_process_zero())
 
     # ---- save (and with --push_to_hub share) the student ----
     if args.push_to_hub:

@@ -19,9 +19,7 @@ scratch with the same steps and seed, and the distilled student.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -31,7 +29,6 @@ from datasets import load_dataset
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
-    Trainer,
     ViTConfig,
     ViTForImageClassification,
     ViTImageProcessorPil,
@@ -39,6 +36,7 @@ from transformers import (
 )
 
 from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
 from hf_kd.cli import parse_args, refuse_deepspeed_for_multi_model_recipes
 from hf_kd.data import add_sample_index, split_labeled_transfer
 from hf_kd.evaluation import compare_models
@@ -136,39 +134,22 @@ def main():
     labeled, transfer = labeled.with_format("torch"), transfer.with_format("torch")
 
     # Same optimizer steps for every student: the scratch run cycles over its few labels as often as needed.
-    steps = (
-        args.max_steps
-        if args.max_steps > 0
-        else math.ceil(
-            args.num_train_epochs * len(transfer) / (args.train_batch_size * args.gradient_accumulation_steps)
-        )
-    )
-    plain_args = dataclasses.replace(args, max_steps=steps, save_strategy="no", push_to_hub=False)
+    steps = optimizer_steps(args, len(transfer))
+    baseline_args = plain_args(args, steps)
 
     # ---- teacher: loaded, or trained on every training label ----
     if recipe.teacher:
         teacher = AutoModelForImageClassification.from_pretrained(recipe.teacher)
     else:
         teacher = vit(recipe, recipe.teacher_hidden_size, recipe.teacher_layers, num_labels)
-        teacher_dir = os.path.join(args.output_dir, "teacher")
-        Trainer(
-            model=teacher,
-            train_dataset=train,
-            args=dataclasses.replace(plain_args, output_dir=teacher_dir, max_steps=recipe.teacher_steps, alpha=None),
-        ).train()
-        teacher.save_pretrained(teacher_dir)
-        processor.save_pretrained(teacher_dir)
+        train_teacher(teacher, baseline_args, train, steps=recipe.teacher_steps, processor=processor, alpha=None)
 
     # ---- students: from scratch on the labeled images vs distilled on labeled + unlabeled, same steps/seed ----
     set_seed(args.seed)
     scratch = vit(recipe, recipe.student_hidden_size, recipe.student_layers, num_labels)
     set_seed(args.seed)
     student = vit(recipe, recipe.student_hidden_size, recipe.student_layers, num_labels)
-    Trainer(
-        model=scratch,
-        train_dataset=labeled,
-        args=dataclasses.replace(plain_args, output_dir=os.path.join(args.output_dir, "scratch")),
-    ).train()
+    train_plainly(scratch, baseline_args, labeled, output_dir=os.path.join(args.output_dir, "scratch"))
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,

@@ -34,9 +34,10 @@ from transformers import (
 )
 
 from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
 from hf_kd.cli import parse_args, refuse_deepspeed_for_multi_model_recipes
 from hf_kd.data import train_bpe_tokenizer
-from hf_kd.evaluation import count_parameters, markdown_table
+from hf_kd.evaluation import count_parameters, report_results
 from hf_kd.generation import generate_teacher_outputs
 
 
@@ -157,25 +158,15 @@ def main():
     collator = DataCollatorForSeq2Seq(tokenizer)
     vocab_size = len(tokenizer)
 
-    steps = (
-        args.max_steps
-        if args.max_steps > 0
-        else math.ceil(args.num_train_epochs * len(train) / (args.train_batch_size * args.gradient_accumulation_steps))
-    )
-    plain_args = dataclasses.replace(args, max_steps=steps, save_strategy="no", push_to_hub=False)
+    steps = optimizer_steps(args, len(train))
+    baseline_args = plain_args(args, steps)
     if recipe.teacher:
         teacher = AutoModelForSeq2SeqLM.from_pretrained(recipe.teacher)
     else:
         teacher = t5(vocab_size, recipe.teacher_layers, recipe.teacher_width, tokenizer)
-        teacher_dir = os.path.join(args.output_dir, "teacher")
-        Trainer(
-            model=teacher,
-            train_dataset=train,
-            data_collator=collator,
-            args=dataclasses.replace(plain_args, output_dir=teacher_dir, max_steps=recipe.teacher_steps),
-        ).train()
-        teacher.save_pretrained(teacher_dir)
-        tokenizer.save_pretrained(teacher_dir)
+        train_teacher(
+            teacher, baseline_args, train, steps=recipe.teacher_steps, processor=tokenizer, data_collator=collator
+        )
 
     distill_train = train
     if recipe.sequence_level_kd:  # the teacher's own headlines become the targets
@@ -197,12 +188,9 @@ def main():
     scratch = t5(vocab_size, recipe.student_layers, recipe.student_width, tokenizer)
     set_seed(args.seed)
     student = t5(vocab_size, recipe.student_layers, recipe.student_width, tokenizer)
-    Trainer(
-        model=scratch,
-        train_dataset=train,
-        data_collator=collator,
-        args=dataclasses.replace(plain_args, output_dir=os.path.join(args.output_dir, "scratch")),
-    ).train()
+    train_plainly(
+        scratch, baseline_args, train, output_dir=os.path.join(args.output_dir, "scratch"), data_collator=collator
+    )
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
@@ -219,21 +207,17 @@ def main():
         "student distilled" + (" (sequence-level)" if recipe.sequence_level_kd else ""): student,
     }
     results = {
-        name: evaluate(model, test, split["test"], tokenizer, collator, plain_args, recipe)
+        name: evaluate(model, test, split["test"], tokenizer, collator, baseline_args, recipe)
         for name, model in rows.items()
     }
-    summary = (
+    title = (
         f"{recipe.dataset_name}, {len(train)} training / {len(test)} test pairs, {steps} steps, losses "
         f"{args.losses}, temperature {args.temperature}, seed {args.seed}; ROUGE-1 F1 of greedy outputs on "
         f"{min(recipe.eval_examples, len(test))} test pairs"
-        f"\n\n{markdown_table(results, ['perplexity', 'rouge1', 'parameters'])}\n"
     )
-    print("\n" + summary)
-    if trainer.is_world_process_zero():
-        with open(os.path.join(args.output_dir, "results.md"), "w") as handle:
-            handle.write(summary)
-        with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
-            json.dump(results, handle, indent=2)
+    report_results(
+        results, ["perplexity", "rouge1", "parameters"], title, args.output_dir, trainer.is_world_process_zero()
+    )
 
     if args.push_to_hub:
         distilled = results[list(rows)[-1]]

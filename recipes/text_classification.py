@@ -30,9 +30,7 @@ steps and the same seed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -50,6 +48,7 @@ from transformers import (
 )
 
 from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd.baselines import optimizer_steps, plain_args, train_plainly
 from hf_kd.cli import parse_args, refuse_deepspeed_for_multi_model_recipes
 from hf_kd.data import add_sample_index, split_labeled_transfer
 from hf_kd.evaluation import compare_models
@@ -208,21 +207,14 @@ def main():
     set_seed(args.seed)
     student = build_student(recipe, teacher)
     # Same optimizer steps for both students: the scratch run cycles over its few labels as often as needed.
-    steps = (
-        args.max_steps
-        if args.max_steps > 0
-        else math.ceil(
-            args.num_train_epochs * len(transfer) / (args.train_batch_size * args.gradient_accumulation_steps)
-        )
-    )
-    scratch_args = dataclasses.replace(
-        args,
+    steps = optimizer_steps(args, len(transfer))
+    train_plainly(
+        scratch,
+        plain_args(args, steps),
+        labeled,
         output_dir=os.path.join(args.output_dir, "scratch"),
-        max_steps=steps,
-        save_strategy="no",
-        push_to_hub=False,
+        data_collator=collator,
     )
-    Trainer(model=scratch, args=scratch_args, train_dataset=labeled, data_collator=collator).train()
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,

@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from conftest import classification_data, tiny_bert
+import torch
+from conftest import classification_data, config, tiny_bert
 from datasets import Dataset
 from transformers import EvalPrediction
 
@@ -80,3 +81,18 @@ def test_bpe_tokenizer_trained_offline_puts_special_tokens_first():
     assert tokenizer.decode(ids) == "the cat sat" and len(ids) < len("the cat sat")
     gpt_style = train_bpe_tokenizer(texts, 300)
     assert gpt_style.pad_token == gpt_style.eos_token == "<|endoftext|>"
+
+
+def test_baselines_use_the_students_steps_and_save_the_teacher(tmp_path):
+    from hf_kd.baselines import optimizer_steps, plain_args, train_teacher
+
+    epochs = config(tmp_path, max_steps=-1, num_train_epochs=2, per_device_train_batch_size=8)
+    assert optimizer_steps(epochs, 30) == 8  # ceil(2 × 30 / 8)
+    assert optimizer_steps(config(tmp_path, max_steps=5), 30) == 5
+    args = plain_args(config(tmp_path, push_to_hub=False), 3)
+    assert (args.max_steps, args.save_strategy, args.push_to_hub) == (3, "no", False)
+    teacher = tiny_bert(seed=1)
+    before = teacher.classifier.weight.clone()
+    train_teacher(teacher, args, classification_data(), steps=2)
+    assert not torch.equal(teacher.classifier.weight, before)
+    assert (tmp_path / "teacher" / "model.safetensors").exists()
