@@ -19,38 +19,28 @@ from hf_kd.generation import (
 )
 
 
-def tiny_llama(seed=0):
+def _tiny_grouped_query_lm(config_class, model_class, seed):
     torch.manual_seed(seed)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=64,
-            bos_token_id=None,
-            eos_token_id=None,
-        )
+    config = config_class(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        bos_token_id=None,
+        eos_token_id=None,
     )
+    return model_class(config)
+
+
+def tiny_llama(seed=0):
+    return _tiny_grouped_query_lm(LlamaConfig, LlamaForCausalLM, seed)
 
 
 def tiny_qwen2(seed=0):
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=64,
-            bos_token_id=None,
-            eos_token_id=None,
-        )
-    )
+    return _tiny_grouped_query_lm(Qwen2Config, Qwen2ForCausalLM, seed)
 
 
 def word_tokenizer():
