@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import DataCollatorWithPadding, default_data_collator
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, default_data_collator
 
 from .data import SAMPLE_INDEX
 from .evaluation import count_parameters
@@ -104,7 +104,8 @@ def write_teacher_cache(
     """Run ``teacher`` once over ``dataset`` (tokenised, in its row order) and write its outputs to ``path``.
 
     ``top_k`` is k (ids kept per position, or draws per position in ``sampled`` mode). ``data_collator``
-    batches rows as in training (default: padding with ``tokenizer``, else ``default_data_collator``).
+    batches rows as in training (default: padding with ``tokenizer`` — per-token labels with -100 —, else
+    ``default_data_collator``).
     ``tokenizer`` and ``max_length`` are recorded so a mismatch at training time is caught. Rerunning with the
     same arguments resumes after the last complete shard; different arguments on an existing cache raise.
     """
@@ -123,7 +124,7 @@ def write_teacher_cache(
     shift = token_level and is_causal_lm(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if data_collator is None:
-        data_collator = DataCollatorWithPadding(tokenizer) if tokenizer is not None else default_data_collator
+        data_collator = _default_collator(dataset, tokenizer)
 
     columns = [c for c in dataset.column_names if c != SAMPLE_INDEX] if hasattr(dataset, "column_names") else None
     rows = dataset.select_columns(columns) if columns is not None else dataset
@@ -217,6 +218,16 @@ def write_teacher_cache(
     bar.close()
     _write_json(manifest_path, {**manifest, "vocab_size": vocab_size, "shards": sorted(shards, key=_first)})
     return TeacherCache.load(path, verify_checksums=False)
+
+
+def _default_collator(dataset, tokenizer):
+    """Padding with ``tokenizer`` (labels too, with -100, when they are per token), else stacking."""
+    if tokenizer is None:
+        return default_data_collator
+    labels = dataset[0].get("labels") if len(dataset) else None
+    if isinstance(labels, (list, tuple)) or (torch.is_tensor(labels) and labels.dim() > 0):
+        return DataCollatorForSeq2Seq(tokenizer)
+    return DataCollatorWithPadding(tokenizer)
 
 
 def _first(shard: dict) -> int:

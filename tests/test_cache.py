@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from conftest import VOCAB, classification_data, config, lm_data, tiny_bert, tiny_gpt2
+from datasets import Dataset
 
 from hf_kd import DistillationTrainer
 from hf_kd.cache import MANIFEST_NAME, TeacherCache, _sparsify, densify, write_teacher_cache
@@ -230,3 +231,34 @@ def test_a_cache_written_with_another_tokenizer_is_refused(tmp_path):
             train_dataset=add_sample_index(data),
             processing_class=_word_tokenizer(["x"]),
         )
+
+
+def test_rows_of_different_lengths_are_padded_with_the_tokenizer(tmp_path):
+    from transformers import DataCollatorForSeq2Seq
+
+    tokenizer = _word_tokenizer([f"w{i}" for i in range(VOCAB - 2)])
+    generator = torch.Generator().manual_seed(0)
+    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    for length in (5, 9, 3, 7, 6, 8):
+        ids = torch.randint(2, VOCAB, (length,), generator=generator).tolist()
+        rows["input_ids"].append(ids)
+        rows["attention_mask"].append([1] * length)
+        rows["labels"].append([-100] + ids[1:])
+    data = add_sample_index(Dataset.from_dict(rows))
+    teacher = tiny_gpt2(seed=1)
+    cache = write_teacher_cache(
+        teacher, data, str(tmp_path / "cache"), top_k=VOCAB, dtype="float32", tokenizer=tokenizer, batch_size=4
+    )
+    assert cache.manifest["num_examples"] == 6
+    args = config(tmp_path / "out", per_device_train_batch_size=6)
+    collator = DataCollatorForSeq2Seq(tokenizer)
+    losses = [
+        _losses(
+            DistillationTrainer(
+                model=tiny_gpt2(), teacher_model=source, args=args, train_dataset=data, data_collator=collator
+            ),
+            data,
+        )[0]
+        for source in (teacher, cache)
+    ]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
