@@ -44,6 +44,7 @@ def refuse_deepspeed_for_multi_model_recipes(args) -> None:
     if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise SystemExit(
             "this recipe trains three models (teacher, scratch baseline, distilled student) in one process, which "
-            "DeepSpeed does not allow; launch it on one device or with DDP (recipes/accelerate/ddp.yaml), or use "
+            "DeepSpeed does not allow; launch it on one device or with DDP (recipes/accelerate/ddp.yaml), distil only "
+            "with --baselines false --teacher PATH where the recipe offers it (causal_lm.py), or use "
             "DistillationTrainer under DeepSpeed in a script that trains only the student."
         )

@@ -9,6 +9,10 @@ the student trained from scratch on the same blocks with the same steps and seed
     python recipes/causal_lm.py --config recipes/configs/causal_lm.yaml --chunk_size 256 # never the B×T×V logits
     python recipes/causal_lm.py --config recipes/configs/causal_lm.yaml --losses jsd:1.0:beta=0.5
     torchrun --nproc_per_node 2 recipes/causal_lm.py --config recipes/configs/causal_lm.yaml
+    # DeepSpeed: distil only (one Trainer per process), from a trained teacher
+    torchrun --nproc_per_node 2 recipes/causal_lm.py --config recipes/configs/causal_lm.yaml --baselines false \
+        --teacher outputs/causal_lm/teacher --tokenizer outputs/causal_lm/teacher \
+        --deepspeed recipes/accelerate/ds_zero3.json
 """
 
 from __future__ import annotations
@@ -59,6 +63,13 @@ class CausalLMRecipeArguments:
     teacher_width: int = field(default=256)
     student_layers: int = field(default=2)
     student_width: int = field(default=128)
+    baselines: bool = field(
+        default=True,
+        metadata={
+            "help": "Also train a scratch student (and, without --teacher, the teacher) and report all perplexities. "
+            "false: distil only, with --teacher — one Trainer per process, which DeepSpeed requires."
+        },
+    )
 
 
 def load_texts(recipe: CausalLMRecipeArguments, cache_dir: str):
@@ -109,7 +120,14 @@ def perplexity(model, dataset, args) -> float:
 
 def main():
     recipe, args = parse_args((CausalLMRecipeArguments, DistillationConfig))
-    refuse_deepspeed_for_multi_model_recipes(args)
+    if recipe.baselines:
+        refuse_deepspeed_for_multi_model_recipes(args)
+    elif not recipe.teacher:
+        raise SystemExit("--baselines false distils only: give a trained teacher with --teacher (and --tokenizer).")
+    if args.deepspeed:  # ZeRO-3 loading (from_pretrained under zero.Init) needs DeepSpeed's process group first
+        import deepspeed
+
+        deepspeed.init_distributed()
     set_seed(args.seed)
 
     # ---- data: documents split first (no block straddles train and test), a tokenizer, fixed-size blocks ----
@@ -142,16 +160,17 @@ def main():
 
     # ---- students: from scratch vs distilled, same blocks, steps and seed ----
     set_seed(args.seed)
-    scratch = gpt2(vocab_size, recipe.student_layers, recipe.student_width, recipe.block_size)
-    set_seed(args.seed)
     student = gpt2(vocab_size, recipe.student_layers, recipe.student_width, recipe.block_size)
-    train_plainly(
-        scratch,
-        baseline_args,
-        train,
-        output_dir=os.path.join(args.output_dir, "scratch"),
-        data_collator=default_data_collator,
-    )
+    if recipe.baselines:
+        set_seed(args.seed)
+        scratch = gpt2(vocab_size, recipe.student_layers, recipe.student_width, recipe.block_size)
+        train_plainly(
+            scratch,
+            baseline_args,
+            train,
+            output_dir=os.path.join(args.output_dir, "scratch"),
+            data_collator=default_data_collator,
+        )
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
@@ -163,15 +182,23 @@ def main():
     trainer.train()
 
     # ---- results: test perplexity ----
-    rows = {
-        f"teacher (GPT-2 {recipe.teacher_layers}×{recipe.teacher_width})" if not recipe.teacher else "teacher": teacher,
-        "student from scratch": scratch,
-        "student distilled": student,
-    }
-    results = {
-        name: {"perplexity": perplexity(model, test, baseline_args), "parameters": count_parameters(model)}
-        for name, model in rows.items()
-    }
+    if recipe.baselines:
+        rows = {
+            f"teacher (GPT-2 {recipe.teacher_layers}×{recipe.teacher_width})" if not recipe.teacher else "teacher": (
+                teacher
+            ),
+            "student from scratch": scratch,
+            "student distilled": student,
+        }
+        results = {
+            name: {"perplexity": perplexity(model, test, baseline_args), "parameters": count_parameters(model)}
+            for name, model in rows.items()
+        }
+    else:  # the distillation trainer itself evaluates: its eval_ce is the student's next-token cross-entropy
+        metrics = trainer.evaluate(test)
+        results = {
+            "student distilled": {"perplexity": math.exp(metrics["eval_ce"]), "parameters": count_parameters(student)}
+        }
     title = (
         f"{recipe.dataset_name}, {len(train)} training / {len(test)} test blocks of {recipe.block_size} "
         f"tokens, {steps} steps, losses {args.losses}, temperature {args.temperature}, seed {args.seed}"
@@ -183,8 +210,8 @@ def main():
         trainer.set_model_card_details(
             dataset=None if recipe.dataset_name == "bbcnews" else recipe.dataset_name,
             dataset_description=f"{recipe.dataset_name}: {len(train)} blocks of {recipe.block_size} tokens; test "
-            f"perplexity teacher {results[next(iter(rows))]['perplexity']:.1f}, distilled student "
-            f"{results['student distilled']['perplexity']:.1f}",
+            f"perplexity of the distilled student {results['student distilled']['perplexity']:.1f}"
+            + (f", teacher {next(iter(results.values()))['perplexity']:.1f}" if recipe.baselines else ""),
         )
     trainer.save_model(os.path.join(args.output_dir, "student"))  # Trainer semantics: pushes with --push_to_hub
 

@@ -176,3 +176,74 @@ def test_seq2seq_recipe_trains_a_t5_teacher_and_a_sequence_level_student(tmp_pat
     assert {"model.safetensors", "tokenizer.json", "distillation_config.json"} <= set(os.listdir(tmp_path / "student"))
     summary = json.loads((tmp_path / "student" / "distillation_config.json").read_text())
     assert summary["token_level"] and summary["teacher_class"] == "T5ForConditionalGeneration"
+
+
+@pytest.mark.slow
+def test_causal_lm_recipe_distils_only_under_deepspeed_zero3(tmp_path):
+    pytest.importorskip("deepspeed")
+    run_recipe(  # a teacher and tokenizer to start from, trained plainly
+        "causal_lm.py",
+        "--config",
+        "recipes/configs/causal_lm.yaml",
+        "--output_dir",
+        str(tmp_path / "first"),
+        "--teacher_steps",
+        "3",
+        "--max_steps",
+        "1",
+        "--vocab_size",
+        "512",
+        "--test_fraction",
+        "0.02",
+    )
+    teacher = str(tmp_path / "first" / "teacher")
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29535",
+            os.path.join(ROOT, "recipes", "causal_lm.py"),
+            "--config",
+            "recipes/configs/causal_lm.yaml",
+            "--output_dir",
+            str(tmp_path / "zero3"),
+            "--max_steps",
+            "2",
+            "--test_fraction",
+            "0.02",
+            "--baselines",
+            "false",
+            "--teacher",
+            teacher,
+            "--tokenizer",
+            teacher,
+            "--chunk_size",
+            "64",
+            "--deepspeed",
+            "recipes/accelerate/ds_zero3.json",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results = json.loads((tmp_path / "zero3" / "results.json").read_text())
+    assert list(results) == ["student distilled"] and results["student distilled"]["perplexity"] > 1
+    summary = json.loads((tmp_path / "zero3" / "student" / "distillation_config.json").read_text())
+    assert summary["teacher_parameters"] > summary["student_parameters"] > 0  # counted from ZeRO-3 shards
+    with pytest.raises(AssertionError, match="--baselines false distils only"):
+        run_recipe(
+            "causal_lm.py",
+            "--config",
+            "recipes/configs/causal_lm.yaml",
+            "--baselines",
+            "false",
+            "--output_dir",
+            str(tmp_path / "no_teacher"),
+        )
