@@ -251,6 +251,11 @@ class DistillationTrainer(Trainer):
         return batch_samples, self._get_num_items_in_batch(batch_samples, device)
 
     def _rollout(self, batch: dict) -> dict:
+        if TEACHER_COLUMNS[0] in batch:
+            raise ValueError(
+                "on-policy distillation across tokenizers is not supported: the student's samples would need "
+                "re-tokenising for the teacher. Use on_policy_fraction=0 with teacher_input_ids."
+            )
         batch = self._prepare_inputs(batch)
         inputs, sample_index = _split_sample_index(batch)
         deepspeed = self.accelerator.state.deepspeed_plugin

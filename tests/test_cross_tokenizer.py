@@ -105,3 +105,15 @@ def test_different_vocabularies_fail_at_start_and_name_the_options(tmp_path):
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     with pytest.raises(ValueError, match=r"teacher_input_ids .* \['kl'\] cannot compare"):
         trainer.compute_loss(trainer.model, batch)
+
+
+def test_on_policy_across_tokenizers_is_refused(tmp_path):
+    trainer = DistillationTrainer(
+        model=tiny_gpt2(vocab=43),
+        teacher_model=tiny_gpt2(vocab=14),
+        train_dataset=paired_rows(),
+        data_collator=CrossTokenizerCollator(0, 0),
+        args=config(tmp_path, losses="uld", on_policy_fraction=1.0, max_steps=1),
+    )
+    with pytest.raises(ValueError, match="on-policy distillation across tokenizers is not supported"):
+        trainer.train()
