@@ -45,6 +45,21 @@ def refuse_deepspeed_for_multi_model_recipes(args) -> None:
         raise SystemExit(
             "this recipe trains three models (teacher, scratch baseline, distilled student) in one process, which "
             "DeepSpeed does not allow; launch it on one device or with DDP (recipes/accelerate/ddp.yaml), distil only "
-            "with --baselines false --teacher PATH where the recipe offers it (causal_lm.py), or use "
+            "with --baselines false --teacher PATH (causal_lm.py, image_classification.py), or use "
             "DistillationTrainer under DeepSpeed in a script that trains only the student."
         )
+
+
+def check_recipe_engine(args, *, baselines: bool, teacher: str | None) -> None:
+    """Recipes with baselines train several models per process: no DeepSpeed. Distilling only (``--baselines
+    false``) needs a trained ``--teacher`` and, under DeepSpeed, its process group before any ``from_pretrained``
+    (ZeRO-3 loads through ``zero.Init``, which reads the world size)."""
+    if baselines:
+        refuse_deepspeed_for_multi_model_recipes(args)
+        return
+    if not teacher:
+        raise SystemExit("--baselines false distils only: give a trained teacher with --teacher.")
+    if getattr(args, "deepspeed", None):
+        import deepspeed
+
+        deepspeed.init_distributed()

@@ -37,7 +37,7 @@ from transformers import (
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
-from hf_kd.cli import parse_args, refuse_deepspeed_for_multi_model_recipes
+from hf_kd.cli import check_recipe_engine, parse_args
 from hf_kd.data import train_bpe_tokenizer
 from hf_kd.evaluation import count_parameters, report_results
 
@@ -120,14 +120,7 @@ def perplexity(model, dataset, args) -> float:
 
 def main():
     recipe, args = parse_args((CausalLMRecipeArguments, DistillationConfig))
-    if recipe.baselines:
-        refuse_deepspeed_for_multi_model_recipes(args)
-    elif not recipe.teacher:
-        raise SystemExit("--baselines false distils only: give a trained teacher with --teacher (and --tokenizer).")
-    if args.deepspeed:  # ZeRO-3 loading (from_pretrained under zero.Init) needs DeepSpeed's process group first
-        import deepspeed
-
-        deepspeed.init_distributed()
+    check_recipe_engine(args, baselines=recipe.baselines, teacher=recipe.teacher)
     set_seed(args.seed)
 
     # ---- data: documents split first (no block straddles train and test), a tokenizer, fixed-size blocks ----

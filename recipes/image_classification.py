@@ -37,9 +37,9 @@ from transformers import (
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
-from hf_kd.cli import parse_args, refuse_deepspeed_for_multi_model_recipes
+from hf_kd.cli import check_recipe_engine, parse_args
 from hf_kd.data import add_sample_index, split_labeled_transfer
-from hf_kd.evaluation import compare_models
+from hf_kd.evaluation import compare_models, count_parameters, report_results
 from hf_kd.metrics import get_compute_metrics
 
 
@@ -58,6 +58,13 @@ class ImageRecipeArguments:
     test_fraction: float = field(default=0.2)
     num_labeled: int = field(default=100, metadata={"help": "Labeled training images the students may use."})
     teacher: str | None = field(default=None, metadata={"help": "A trained teacher; default: train one here."})
+    baselines: bool = field(
+        default=True,
+        metadata={
+            "help": "Also train a scratch student (and, without --teacher, the teacher) and compare all three. "
+            "false: distil only, with --teacher — one Trainer per process, which DeepSpeed requires."
+        },
+    )
     teacher_steps: int = field(default=1500)
     teacher_hidden_size: int = field(default=64)
     teacher_layers: int = field(default=4)
@@ -98,7 +105,7 @@ def vit(recipe: ImageRecipeArguments, hidden_size: int, layers: int, num_labels:
 
 def main():
     recipe, args = parse_args((ImageRecipeArguments, DistillationConfig))
-    refuse_deepspeed_for_multi_model_recipes(args)
+    check_recipe_engine(args, baselines=recipe.baselines, teacher=recipe.teacher)
     set_seed(args.seed)
     compute_metrics = get_compute_metrics(recipe.metric)
 
@@ -146,10 +153,11 @@ def main():
 
     # ---- students: from scratch on the labeled images vs distilled on labeled + unlabeled, same steps/seed ----
     set_seed(args.seed)
-    scratch = vit(recipe, recipe.student_hidden_size, recipe.student_layers, num_labels)
-    set_seed(args.seed)
     student = vit(recipe, recipe.student_hidden_size, recipe.student_layers, num_labels)
-    train_plainly(scratch, baseline_args, labeled, output_dir=os.path.join(args.output_dir, "scratch"))
+    if recipe.baselines:
+        set_seed(args.seed)
+        scratch = vit(recipe, recipe.student_hidden_size, recipe.student_layers, num_labels)
+        train_plainly(scratch, baseline_args, labeled, output_dir=os.path.join(args.output_dir, "scratch"))
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
@@ -161,30 +169,42 @@ def main():
     trainer.train()
 
     # ---- results on the held-out test split ----
-    rows = {
-        f"teacher (ViT {recipe.teacher_layers}×{recipe.teacher_hidden_size}, all {len(train)} labels)": teacher,
-        f"student from scratch ({len(labeled)} labels)": scratch,
-        f"student distilled ({len(labeled)} labels + {len(transfer) - len(labeled)} unlabeled)": student,
-    }
-    results = compare_models(
-        rows,
-        test,
-        title=(
-            f"digits, test split of {len(test)} images, {steps} steps, losses {args.losses}, "
-            f"temperature {args.temperature}, seed {args.seed}"
-        ),
-        output_dir=args.output_dir,
-        compute_metrics=compute_metrics,
-        data_collator=None,
-        use_cpu=args.use_cpu,
-        write=trainer.is_world_process_zero(),
+    title = (
+        f"digits, test split of {len(test)} images, {steps} steps, losses {args.losses}, "
+        f"temperature {args.temperature}, seed {args.seed}"
     )
+    distilled = f"student distilled ({len(labeled)} labels + {len(transfer) - len(labeled)} unlabeled)"
+    if recipe.baselines:
+        rows = {
+            f"teacher (ViT {recipe.teacher_layers}×{recipe.teacher_hidden_size}, all {len(train)} labels)": teacher,
+            f"student from scratch ({len(labeled)} labels)": scratch,
+            distilled: student,
+        }
+        results = compare_models(
+            rows,
+            test,
+            title=title,
+            output_dir=args.output_dir,
+            compute_metrics=compute_metrics,
+            data_collator=None,
+            use_cpu=args.use_cpu,
+            write=trainer.is_world_process_zero(),
+        )
+        teacher_row, _, student_row = results.values()
+        comparison = {"teacher": teacher_row, "student": student_row}
+    else:  # distil only: the distillation trainer evaluates its own student
+        metrics = trainer.evaluate(test)
+        row = {name: metrics[f"eval_{name}"] for name in ("accuracy", "macro_f1")}
+        results = {distilled: {**row, "parameters": count_parameters(student)}}
+        report_results(
+            results, ["accuracy", "macro_f1", "parameters"], title, args.output_dir, trainer.is_world_process_zero()
+        )
+        comparison = {"student": results[distilled]}
 
     # ---- save (and with --push_to_hub share) the student: weights, processor, distillation_config.json, card ----
     if args.push_to_hub:
-        teacher_row, _, student_row = results.values()
         trainer.set_model_card_details(
-            comparison={"teacher": teacher_row, "student": student_row},
+            comparison=comparison,
             eval_examples=len(test),
             dataset=None if recipe.dataset_name == "digits" else recipe.dataset_name,
             dataset_description=f"{recipe.dataset_name}: {len(labeled)} labeled + {len(transfer) - len(labeled)} "

@@ -247,3 +247,52 @@ def test_causal_lm_recipe_distils_only_under_deepspeed_zero3(tmp_path):
             "--output_dir",
             str(tmp_path / "no_teacher"),
         )
+
+
+@pytest.mark.slow
+def test_image_recipe_distils_only_under_deepspeed_zero2(tmp_path):
+    pytest.importorskip("deepspeed")
+    run_recipe(  # a teacher (and its image processor) to start from
+        "image_classification.py",
+        "--config",
+        "recipes/configs/image_classification.yaml",
+        "--output_dir",
+        str(tmp_path / "first"),
+        "--teacher_steps",
+        "20",
+        "--max_steps",
+        "1",
+    )
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29536",
+            os.path.join(ROOT, "recipes", "image_classification.py"),
+            "--config",
+            "recipes/configs/image_classification.yaml",
+            "--output_dir",
+            str(tmp_path / "zero2"),
+            "--max_steps",
+            "2",
+            "--baselines",
+            "false",
+            "--teacher",
+            str(tmp_path / "first" / "teacher"),
+            "--deepspeed",
+            "recipes/accelerate/ds_zero2.json",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    (row,) = json.loads((tmp_path / "zero2" / "results.json").read_text()).values()
+    assert 0 <= row["accuracy"] <= 1 and row["parameters"] > 0
+    assert {"model.safetensors", "preprocessor_config.json"} <= set(os.listdir(tmp_path / "zero2" / "student"))
