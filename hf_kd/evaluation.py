@@ -102,3 +102,17 @@ def report_results(
         with open(os.path.join(output_dir, "results.json"), "w") as handle:
             json.dump(results, handle, indent=2)
     return summary
+
+
+def report_student_only(trainer, dataset, *, name: str, metrics: list[str], title: str) -> dict[str, dict]:
+    """Distil-only runs: the distillation trainer evaluates its own student (no second Trainer in the process, as
+    DeepSpeed requires), and the one-row table is printed and saved like :func:`compare_models`'."""
+    scores = trainer.evaluate(dataset)
+    results = {
+        name: {
+            **{metric: scores[f"eval_{metric}"] for metric in metrics},
+            "parameters": count_parameters(trainer.model),
+        }
+    }
+    report_results(results, [*metrics, "parameters"], title, trainer.args.output_dir, trainer.is_world_process_zero())
+    return results

@@ -39,7 +39,7 @@ from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
 from hf_kd.cli import check_recipe_engine, parse_args
 from hf_kd.data import add_sample_index, split_labeled_transfer
-from hf_kd.evaluation import compare_models, count_parameters, report_results
+from hf_kd.evaluation import compare_models, report_student_only
 from hf_kd.metrics import get_compute_metrics
 
 
@@ -192,13 +192,8 @@ def main():
         )
         teacher_row, _, student_row = results.values()
         comparison = {"teacher": teacher_row, "student": student_row}
-    else:  # distil only: the distillation trainer evaluates its own student
-        metrics = trainer.evaluate(test)
-        row = {name: metrics[f"eval_{name}"] for name in ("accuracy", "macro_f1")}
-        results = {distilled: {**row, "parameters": count_parameters(student)}}
-        report_results(
-            results, ["accuracy", "macro_f1", "parameters"], title, args.output_dir, trainer.is_world_process_zero()
-        )
+    else:
+        results = report_student_only(trainer, test, name=distilled, metrics=["accuracy", "macro_f1"], title=title)
         comparison = {"student": results[distilled]}
 
     # ---- save (and with --push_to_hub share) the student: weights, processor, distillation_config.json, card ----

@@ -49,9 +49,9 @@ from transformers import (
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly
-from hf_kd.cli import parse_args, refuse_deepspeed_for_multi_model_recipes
+from hf_kd.cli import check_recipe_engine, parse_args
 from hf_kd.data import add_sample_index, split_labeled_transfer
-from hf_kd.evaluation import compare_models
+from hf_kd.evaluation import compare_models, report_student_only
 from hf_kd.metrics import get_compute_metrics
 
 
@@ -95,6 +95,13 @@ class TextRecipeArguments:
         },
     )
     metric: str = field(default="accuracy", metadata={"help": "'accuracy' or a local evaluate module path."})
+    baselines: bool = field(
+        default=True,
+        metadata={
+            "help": "Also train a scratch student (and, without --teacher, fine-tune the teacher) and compare all "
+            "three. false: distil only, with --teacher — one Trainer per process, which DeepSpeed requires."
+        },
+    )
 
 
 def load_text_dataset(recipe: TextRecipeArguments, cache_dir: str):
@@ -156,7 +163,7 @@ def build_student(recipe: TextRecipeArguments, teacher) -> BertForSequenceClassi
 
 def main():
     recipe, args = parse_args((TextRecipeArguments, DistillationConfig))
-    refuse_deepspeed_for_multi_model_recipes(args)
+    check_recipe_engine(args, baselines=recipe.baselines, teacher=recipe.teacher)
     set_seed(args.seed)
     compute_metrics = get_compute_metrics(recipe.metric)
 
@@ -203,18 +210,19 @@ def main():
 
     # ---- students: from scratch on the labeled split vs distilled on labeled + transfer, same steps/seed ----
     set_seed(args.seed)
-    scratch = build_student(recipe, teacher)
-    set_seed(args.seed)
     student = build_student(recipe, teacher)
-    # Same optimizer steps for both students: the scratch run cycles over its few labels as often as needed.
-    steps = optimizer_steps(args, len(transfer))
-    train_plainly(
-        scratch,
-        plain_args(args, steps),
-        labeled,
-        output_dir=os.path.join(args.output_dir, "scratch"),
-        data_collator=collator,
-    )
+    if recipe.baselines:
+        set_seed(args.seed)
+        scratch = build_student(recipe, teacher)
+        # Same optimizer steps for both students: the scratch run cycles over its few labels as often as needed.
+        steps = optimizer_steps(args, len(transfer))
+        train_plainly(
+            scratch,
+            plain_args(args, steps),
+            labeled,
+            output_dir=os.path.join(args.output_dir, "scratch"),
+            data_collator=collator,
+        )
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
@@ -227,30 +235,37 @@ def main():
     trainer.train()
 
     # ---- results on the held-out test split ----
-    rows = {
-        f"teacher (MiniLM, fine-tuned on {len(labeled)} labels)": teacher,
-        f"student from scratch ({len(labeled)} labels)": scratch,
-        f"student distilled ({len(labeled)} labels + {len(transfer) - len(labeled)} unlabeled)": student,
-    }
-    results = compare_models(
-        rows,
-        test,
-        title=(
-            f"BBC-style text classification, test split of {len(test)} examples, {args.max_steps} steps, "
-            f"losses {args.losses}, temperature {args.temperature}, seed {args.seed}"
-        ),
-        output_dir=args.output_dir,
-        compute_metrics=compute_metrics,
-        data_collator=collator,
-        use_cpu=args.use_cpu,
-        write=trainer.is_world_process_zero(),
+    title = (
+        f"BBC-style text classification, test split of {len(test)} examples, {args.max_steps} steps, "
+        f"losses {args.losses}, temperature {args.temperature}, seed {args.seed}"
     )
+    distilled = f"student distilled ({len(labeled)} labels + {len(transfer) - len(labeled)} unlabeled)"
+    if recipe.baselines:
+        rows = {
+            f"teacher (MiniLM, fine-tuned on {len(labeled)} labels)": teacher,
+            f"student from scratch ({len(labeled)} labels)": scratch,
+            distilled: student,
+        }
+        results = compare_models(
+            rows,
+            test,
+            title=title,
+            output_dir=args.output_dir,
+            compute_metrics=compute_metrics,
+            data_collator=collator,
+            use_cpu=args.use_cpu,
+            write=trainer.is_world_process_zero(),
+        )
+        teacher_row, _, student_row = results.values()
+        comparison = {"teacher": teacher_row, "student": student_row}
+    else:
+        results = report_student_only(trainer, test, name=distilled, metrics=["accuracy", "macro_f1"], title=title)
+        comparison = {"student": results[distilled]}
 
     # ---- save (and with --push_to_hub share) the student: weights, processor, distillation_config.json, card ----
     if args.push_to_hub:
-        teacher_row, _, student_row = results.values()
         trainer.set_model_card_details(
-            comparison={"teacher": teacher_row, "student": student_row},
+            comparison=comparison,
             eval_examples=len(test),
             dataset=None if recipe.dataset_name == "bbcnews" else recipe.dataset_name,
             dataset_description=f"{recipe.dataset_name}: {len(labeled)} labeled + {len(transfer) - len(labeled)} "

@@ -84,6 +84,46 @@ def test_text_recipe_runs_on_bbc_news_with_the_packaged_minilm(tmp_path):
     saved = load_file(str(tmp_path / "student" / "model.safetensors"))
     assert not any(key.startswith("hf_kd_losses") for key in saved)  # projectors and CRD heads stay behind
 
+    # Distil only from the teacher fine-tuned above, under DeepSpeed ZeRO-2 on 2 processes.
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29537",
+            os.path.join(ROOT, "recipes", "text_classification.py"),
+            "--config",
+            "recipes/configs/text_classification.yaml",
+            "--output_dir",
+            str(tmp_path / "zero2"),
+            "--max_steps",
+            "2",
+            "--num_labeled",
+            "20",
+            "--test_fraction",
+            "0.05",
+            "--baselines",
+            "false",
+            "--teacher",
+            str(tmp_path / "teacher"),
+            "--use_cpu",  # this config leaves the device to Accelerate; gloo processes need it
+            "true",
+            "--deepspeed",
+            "recipes/accelerate/ds_zero2.json",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    (row,) = json.loads((tmp_path / "zero2" / "results.json").read_text()).values()
+    assert 0 <= row["accuracy"] <= 1 and (tmp_path / "zero2" / "student" / "model.safetensors").exists()
+
 
 @pytest.mark.slow
 def test_image_recipe_pushes_the_student_with_its_card(tmp_path):
