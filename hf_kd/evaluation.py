@@ -104,15 +104,30 @@ def report_results(
     return summary
 
 
-def report_student_only(trainer, dataset, *, name: str, metrics: list[str], title: str) -> dict[str, dict]:
-    """Distil-only runs: the distillation trainer evaluates its own student (no second Trainer in the process, as
-    DeepSpeed requires), and the one-row table is printed and saved like :func:`compare_models`'."""
+def compare_recipe_models(
+    trainer, dataset, models: dict[str, nn.Module], *, title: str, data_collator=None
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The recipes' test-split table and the card's teacher-vs-student rows. ``models`` lists the teacher first
+    and the distilled student last; with the student alone (distil-only runs) the distillation trainer evaluates
+    it itself, since DeepSpeed allows no second Trainer in the process."""
+    write = trainer.is_world_process_zero()
+    if len(models) > 1:
+        results = compare_models(
+            models,
+            dataset,
+            title=title,
+            output_dir=trainer.args.output_dir,
+            compute_metrics=trainer.compute_metrics,
+            data_collator=data_collator,
+            use_cpu=trainer.args.use_cpu,
+            write=write,
+        )
+        rows = list(results.values())
+        return results, {"teacher": rows[0], "student": rows[-1]}
+    ((name, model),) = models.items()
     scores = trainer.evaluate(dataset)
-    results = {
-        name: {
-            **{metric: scores[f"eval_{metric}"] for metric in metrics},
-            "parameters": count_parameters(trainer.model),
-        }
-    }
-    report_results(results, [*metrics, "parameters"], title, trainer.args.output_dir, trainer.is_world_process_zero())
-    return results
+    metrics = ["accuracy", "macro_f1"]
+    row = {metric: scores[f"eval_{metric}"] for metric in metrics if f"eval_{metric}" in scores}
+    results = {name: {**row, "parameters": count_parameters(model)}}
+    report_results(results, [*row, "parameters"], title, trainer.args.output_dir, write)
+    return results, {"student": results[name]}

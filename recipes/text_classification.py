@@ -51,7 +51,7 @@ from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly
 from hf_kd.cli import check_recipe_engine, parse_args
 from hf_kd.data import add_sample_index, split_labeled_transfer
-from hf_kd.evaluation import compare_models, report_student_only
+from hf_kd.evaluation import compare_recipe_models
 from hf_kd.metrics import get_compute_metrics
 
 
@@ -240,27 +240,14 @@ def main():
         f"losses {args.losses}, temperature {args.temperature}, seed {args.seed}"
     )
     distilled = f"student distilled ({len(labeled)} labels + {len(transfer) - len(labeled)} unlabeled)"
+    rows = {distilled: student}
     if recipe.baselines:
         rows = {
             f"teacher (MiniLM, fine-tuned on {len(labeled)} labels)": teacher,
             f"student from scratch ({len(labeled)} labels)": scratch,
-            distilled: student,
+            **rows,
         }
-        results = compare_models(
-            rows,
-            test,
-            title=title,
-            output_dir=args.output_dir,
-            compute_metrics=compute_metrics,
-            data_collator=collator,
-            use_cpu=args.use_cpu,
-            write=trainer.is_world_process_zero(),
-        )
-        teacher_row, _, student_row = results.values()
-        comparison = {"teacher": teacher_row, "student": student_row}
-    else:
-        results = report_student_only(trainer, test, name=distilled, metrics=["accuracy", "macro_f1"], title=title)
-        comparison = {"student": results[distilled]}
+    _, comparison = compare_recipe_models(trainer, test, rows, title=title, data_collator=collator)
 
     # ---- save (and with --push_to_hub share) the student: weights, processor, distillation_config.json, card ----
     if args.push_to_hub:

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -130,6 +132,25 @@ def lm_data(n=16, length=10, seed=0, padded=True):
         rows["attention_mask"].append([1] * real + [0] * (length - real))
         rows["labels"].append([-100] * prompt + ids[prompt:] + [-100] * (length - real))
     return Dataset.from_dict(rows)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_two_processes(script, *args, port, timeout=600):
+    """``torchrun --nproc_per_node 2 script args`` from the repository root (gloo on CPU, offline); asserts it
+    succeeded and returns the completed process."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), script]
+        + [str(arg) for arg in args],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return completed
 
 
 def config(tmp_path, **overrides):

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import run_two_processes
 from safetensors.torch import load_file
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed", "train_worker.py")
@@ -81,24 +82,11 @@ def test_deepspeed_zero_on_two_processes_matches_one_process(tmp_path, engine):
 def test_fsdp2_teacher_is_sharded_frozen_and_exact(tmp_path):
     output = tmp_path / "fsdp.json"
     worker = os.path.join(os.path.dirname(WORKER), "fsdp_teacher_worker.py")
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29534",
-            worker,
-            str(output),
-        ],
-        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_two_processes(
+        worker,
+        str(output),
+        port=29534,
     )
-    assert completed.returncode == 0, completed.stderr[-4000:]
     result = json.loads(output.read_text())
     assert result["max_abs_difference"] < 1e-5  # the same logits as the whole teacher
     assert result["sharded_after_forward"] and result["local_fraction"] < 0.6  # each process holds about half

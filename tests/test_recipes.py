@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_two_processes
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,42 +86,28 @@ def test_text_recipe_runs_on_bbc_news_with_the_packaged_minilm(tmp_path):
     assert not any(key.startswith("hf_kd_losses") for key in saved)  # projectors and CRD heads stay behind
 
     # Distil only from the teacher fine-tuned above, under DeepSpeed ZeRO-2 on 2 processes.
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29537",
-            os.path.join(ROOT, "recipes", "text_classification.py"),
-            "--config",
-            "recipes/configs/text_classification.yaml",
-            "--output_dir",
-            str(tmp_path / "zero2"),
-            "--max_steps",
-            "2",
-            "--num_labeled",
-            "20",
-            "--test_fraction",
-            "0.05",
-            "--baselines",
-            "false",
-            "--teacher",
-            str(tmp_path / "teacher"),
-            "--use_cpu",  # this config leaves the device to Accelerate; gloo processes need it
-            "true",
-            "--deepspeed",
-            "recipes/accelerate/ds_zero2.json",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_two_processes(
+        os.path.join(ROOT, "recipes", "text_classification.py"),
+        "--config",
+        "recipes/configs/text_classification.yaml",
+        "--output_dir",
+        str(tmp_path / "zero2"),
+        "--max_steps",
+        "2",
+        "--num_labeled",
+        "20",
+        "--test_fraction",
+        "0.05",
+        "--baselines",
+        "false",
+        "--teacher",
+        str(tmp_path / "teacher"),
+        "--use_cpu",  # this config leaves the device to Accelerate; gloo processes need it
+        "true",
+        "--deepspeed",
+        "recipes/accelerate/ds_zero2.json",
+        port=29537,
     )
-    assert completed.returncode == 0, completed.stderr[-4000:]
     (row,) = json.loads((tmp_path / "zero2" / "results.json").read_text()).values()
     assert 0 <= row["accuracy"] <= 1 and (tmp_path / "zero2" / "student" / "model.safetensors").exists()
 
@@ -237,42 +224,28 @@ def test_causal_lm_recipe_distils_only_under_deepspeed_zero3(tmp_path):
         "0.02",
     )
     teacher = str(tmp_path / "first" / "teacher")
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29535",
-            os.path.join(ROOT, "recipes", "causal_lm.py"),
-            "--config",
-            "recipes/configs/causal_lm.yaml",
-            "--output_dir",
-            str(tmp_path / "zero3"),
-            "--max_steps",
-            "2",
-            "--test_fraction",
-            "0.02",
-            "--baselines",
-            "false",
-            "--teacher",
-            teacher,
-            "--tokenizer",
-            teacher,
-            "--chunk_size",
-            "64",
-            "--deepspeed",
-            "recipes/accelerate/ds_zero3.json",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_two_processes(
+        os.path.join(ROOT, "recipes", "causal_lm.py"),
+        "--config",
+        "recipes/configs/causal_lm.yaml",
+        "--output_dir",
+        str(tmp_path / "zero3"),
+        "--max_steps",
+        "2",
+        "--test_fraction",
+        "0.02",
+        "--baselines",
+        "false",
+        "--teacher",
+        teacher,
+        "--tokenizer",
+        teacher,
+        "--chunk_size",
+        "64",
+        "--deepspeed",
+        "recipes/accelerate/ds_zero3.json",
+        port=29535,
     )
-    assert completed.returncode == 0, completed.stderr[-4000:]
     results = json.loads((tmp_path / "zero3" / "results.json").read_text())
     assert list(results) == ["student distilled"] and results["student distilled"]["perplexity"] > 1
     summary = json.loads((tmp_path / "zero3" / "student" / "distillation_config.json").read_text())
@@ -303,36 +276,22 @@ def test_image_recipe_distils_only_under_deepspeed_zero2(tmp_path):
         "--max_steps",
         "1",
     )
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29536",
-            os.path.join(ROOT, "recipes", "image_classification.py"),
-            "--config",
-            "recipes/configs/image_classification.yaml",
-            "--output_dir",
-            str(tmp_path / "zero2"),
-            "--max_steps",
-            "2",
-            "--baselines",
-            "false",
-            "--teacher",
-            str(tmp_path / "first" / "teacher"),
-            "--deepspeed",
-            "recipes/accelerate/ds_zero2.json",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_two_processes(
+        os.path.join(ROOT, "recipes", "image_classification.py"),
+        "--config",
+        "recipes/configs/image_classification.yaml",
+        "--output_dir",
+        str(tmp_path / "zero2"),
+        "--max_steps",
+        "2",
+        "--baselines",
+        "false",
+        "--teacher",
+        str(tmp_path / "first" / "teacher"),
+        "--deepspeed",
+        "recipes/accelerate/ds_zero2.json",
+        port=29536,
     )
-    assert completed.returncode == 0, completed.stderr[-4000:]
     (row,) = json.loads((tmp_path / "zero2" / "results.json").read_text()).values()
     assert 0 <= row["accuracy"] <= 1 and row["parameters"] > 0
     assert {"model.safetensors", "preprocessor_config.json"} <= set(os.listdir(tmp_path / "zero2" / "student"))
