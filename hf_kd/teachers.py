@@ -12,7 +12,7 @@ from torch import nn
 
 from .evaluation import count_parameters
 from .features import ModelFeatures, run_model
-from .losses.chunked import output_logits
+from .losses.chunked import FSDPModule, output_logits
 
 # transformers names task models "<Arch><Suffix>"; the Auto class for a suffix loads a teacher with the same head.
 _AUTO_CLASS_BY_SUFFIX = (
@@ -171,6 +171,9 @@ class TeacherSource:
         logits (called under ``no_grad``)."""
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Free what ``token_rows`` held for the chunks once the backward pass that recomputes them is done."""
+
     def describe(self) -> dict:
         """``teacher`` (name or path), ``teacher_class`` and ``teacher_parameters`` for summaries and cards."""
         raise NotImplementedError
@@ -225,8 +228,21 @@ class LiveTeacher(TeacherSource):
         # logits_to_keep=1: the model projects only its last position; the chunks project the rest.
         outputs = self.outputs(inputs, output_hidden_states=True, logits_to_keep=1)
         model = unwrap(self.model)
+        if isinstance(self.model, FSDPModule):
+            # The chunks call the LM head outside the teacher's forward (and again when the backward pass recomputes
+            # them): gather the unit holding it (Accelerate gives the head its own) until release().
+            self._head_unit().unshard()
         head, config = model.get_output_embeddings(), model.config
         return (outputs.hidden_states[-1][:, :-1][mask],), lambda hidden: output_logits(hidden, head, config)
+
+    def release(self) -> None:
+        if isinstance(self.model, FSDPModule):
+            self._head_unit().reshard()
+
+    def _head_unit(self) -> nn.Module:
+        """The FSDP2 unit whose parameters include the LM head's: its own when it has one, else the root."""
+        head = self.model.get_output_embeddings()
+        return head if isinstance(head, FSDPModule) else self.model
 
     def describe(self) -> dict:
         model = unwrap(self.model)

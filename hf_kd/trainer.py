@@ -13,7 +13,7 @@ import torch
 from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import DistillationConfig
@@ -40,6 +40,7 @@ from .teachers import (
 DISTILLATION_CONFIG_NAME = "distillation_config.json"
 HUB_UPLOAD_FOLDER = "_hub_upload"  # what push_to_hub uploads; "_*" is skipped by the Trainer's own pushes
 LOSS_PARTS_NAME = "hf_kd_losses.safetensors"  # learned loss parts (projectors, banks) inside each checkpoint
+LOSS_OPTIMIZER_NAME = "hf_kd_loss_optimizer.pt"  # their optimizer and schedule, under DeepSpeed and FSDP
 
 
 @dataclass
@@ -142,7 +143,13 @@ class DistillationTrainer(Trainer):
         self.shift_labels = is_causal_lm(model)
 
         if args.chunk_size is not None:
-            _check_chunkable(self.distillation_losses, self.shift_labels, self.token_level, self.is_fsdp_enabled)
+            _check_chunkable(
+                self.distillation_losses,
+                self.shift_labels,
+                self.token_level,
+                self.is_fsdp_enabled,
+                self.accelerator.is_fsdp2,
+            )
         if source is None:
             self.teacher: TeacherSource = LiveTeacher(prepare_teacher(teacher, self.accelerator))
         else:
@@ -176,6 +183,8 @@ class DistillationTrainer(Trainer):
         self.comparison: dict[str, dict] | None = None
         self.model_card_kwargs: dict = {}
         self.comparison_examples: int | None = None
+        self.loss_optimizer: torch.optim.Optimizer | None = None  # DeepSpeed and FSDP (see _prepare_for_training)
+        self.loss_lr_scheduler = None
 
     # ---- learned parts of losses ----------------------------------------------------------------------------
 
@@ -207,10 +216,10 @@ class DistillationTrainer(Trainer):
         if self.accelerator.num_processes > 1:  # every process starts from rank 0's initialisation
             for tensor in self.distillation_losses.state_dict().values():
                 torch.distributed.broadcast(tensor, src=0)
-        if self.is_deepspeed_enabled and any(True for _ in self.distillation_losses.parameters()):
+        if self._engine_owns_optimizer() and self.args.fp16 and self.loss_parameters():
             raise ValueError(
-                f"losses {[loss.name for loss in pending]} learn parameters, which DeepSpeed's optimizer cannot "
-                "take besides the model's; use DDP or FSDP, or losses without learned parts."
+                f"losses {[loss.name for loss in pending]} learn parameters beside the student, whose gradients "
+                "DeepSpeed's or FSDP's fp16 loss scaling would leave scaled: use bf16 (or fp32) with these engines."
             )
 
     def loss_parameters(self) -> list[nn.Parameter]:
@@ -221,10 +230,31 @@ class DistillationTrainer(Trainer):
         optimizer = super().create_optimizer(model)
         parameters = self.loss_parameters()
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if parameters and not known.issuperset(id(p) for p in parameters):
+        if parameters and not self._engine_owns_optimizer() and not known.issuperset(id(p) for p in parameters):
             # Same learning rate and schedule as the student, no weight decay (as for biases and norms).
-            optimizer.add_param_group({"params": parameters, "weight_decay": 0.0})
+            optimizer.add_param_group({"params": [p for p in parameters if id(p) not in known], "weight_decay": 0.0})
         return optimizer
+
+    def _engine_owns_optimizer(self) -> bool:
+        """DeepSpeed and FSDP build, shard and checkpoint the student's optimizer from the model's parameters alone."""
+        return self.is_deepspeed_enabled or self.is_fsdp_enabled
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        # Under DeepSpeed and FSDP the learned loss parts get an optimizer of their own, of the student's kind and
+        # schedule, stepped with it (_DistillationCallback) and checkpointed beside it.
+        self.loss_optimizer, self.loss_lr_scheduler = None, None
+        parameters = self.loss_parameters()
+        if self._engine_owns_optimizer() and parameters:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            self.loss_optimizer = optimizer_cls([{"params": parameters, "weight_decay": 0.0}], **optimizer_kwargs)
+            self.loss_lr_scheduler = get_scheduler(
+                self.args.lr_scheduler_type,
+                optimizer=self.loss_optimizer,
+                num_warmup_steps=self.args.get_warmup_steps(max_steps),
+                num_training_steps=max_steps,
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+            )
+        return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -284,6 +314,13 @@ class DistillationTrainer(Trainer):
             counts = self.accelerator.gather(counts[None]).sum(0)
             scale = self.accelerator.num_processes
         return ItemCounts(labels=counts[0], positions=counts[1], scale=scale)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:  # after the backward pass, which recomputed the chunks' logits
+            if self.args.chunk_size is not None:
+                self.teacher.release()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         counts = num_items_in_batch
@@ -430,6 +467,8 @@ class DistillationTrainer(Trainer):
             chunk_size=self.args.chunk_size,
             min_chunks=min_chunks,
         )
+        if not model.training:  # no backward pass will recompute the chunks
+            self.teacher.release()
         terms: dict[str, torch.Tensor] = {}
         total = sums.new_zeros(())
         if with_label_loss:
@@ -471,17 +510,32 @@ class DistillationTrainer(Trainer):
                 {key: value.detach().contiguous() for key, value in state.items()},
                 os.path.join(folder, LOSS_PARTS_NAME),
             )
+            if self.loss_optimizer is not None:
+                torch.save(
+                    {"optimizer": self.loss_optimizer.state_dict(), "scheduler": self.loss_lr_scheduler.state_dict()},
+                    os.path.join(folder, LOSS_OPTIMIZER_NAME),
+                )
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, LOSS_PARTS_NAME)
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # Every engine resumes through here (DeepSpeed skips _load_from_checkpoint), after the optimizers exist.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, LOSS_PARTS_NAME)
         if os.path.exists(path):
-            self.distillation_losses.load_state_dict(load_file(path, device=str(self.args.device)))
+            self.distillation_losses.load_state_dict(load_file(path))  # copied onto the parameters' device
         elif self.distillation_losses.state_dict():
             raise ValueError(
-                f"{resume_from_checkpoint} has no {LOSS_PARTS_NAME}: it was not written by a "
+                f"{checkpoint} has no {LOSS_PARTS_NAME}: it was not written by a "
                 "DistillationTrainer with these losses, whose learned parts would restart from scratch."
             )
+        if self.loss_optimizer is not None:
+            path = os.path.join(checkpoint, LOSS_OPTIMIZER_NAME)
+            if not os.path.exists(path):
+                raise ValueError(f"{checkpoint} has no {LOSS_OPTIMIZER_NAME} for the learned loss parts' optimizer.")
+            state = torch.load(path, map_location="cpu", weights_only=True)  # moved to the parameters' device
+            self.loss_optimizer.load_state_dict(state["optimizer"])
+            self.loss_lr_scheduler.load_state_dict(state["scheduler"])
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the student only — no teacher, no projectors or other learned loss parts — plus
@@ -660,6 +714,9 @@ class _DistillationCallback(TrainerCallback):
             torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.loss_optimizer is not None:  # DeepSpeed, FSDP: the loss parts' own optimizer
+            self.trainer.loss_optimizer.step()
+            self.trainer.loss_lr_scheduler.step()
         for parameter in self.trainer.loss_parameters():
             parameter.grad = None  # the Trainer zeroes only the model's gradients
 
@@ -708,7 +765,7 @@ def _unique_name(name: str, earlier: list[str]) -> str:
     return short if repeats == 0 else f"{short}_{repeats + 1}"
 
 
-def _check_chunkable(losses, causal: bool, token_level: bool, fsdp: bool) -> None:
+def _check_chunkable(losses, causal: bool, token_level: bool, fsdp: bool, fsdp2: bool) -> None:
     if not (causal and token_level):
         raise ValueError(
             "chunk_size applies to causal LMs (…ForCausalLM), whose logits come from an LM head; "
@@ -720,10 +777,10 @@ def _check_chunkable(losses, causal: bool, token_level: bool, fsdp: bool) -> Non
             f"chunk_size works with logit losses only; {unchunkable} read other features. Leave "
             "chunk_size unset to combine them."
         )
-    if fsdp:
+    if fsdp and not fsdp2:
         raise ValueError(
-            "chunk_size is not supported under FSDP yet (the LM heads, called outside the models' forward, would "
-            "need gathering from their shards); leave it unset."
+            "chunk_size under FSDP needs FSDP2 (fsdp_config version 2), whose units hf_kd can gather for the LM "
+            "heads called outside the models' forward; leave it unset with FSDP1."
         )
 
 

@@ -5,7 +5,9 @@ import torch
 from conftest import classification_data, config, lm_data, tiny_bert, tiny_gpt2
 
 from hf_kd import DistillationTrainer
+from hf_kd.losses import get_loss
 from hf_kd.losses.chunked import output_logits
+from hf_kd.trainer import _check_chunkable
 
 RESPONSE_LOSSES = [
     "kl",
@@ -122,6 +124,14 @@ def test_chunk_size_errors(tmp_path, model, losses, message):
         )
     with pytest.raises(ValueError, match="chunk_size must be a positive"):
         config(tmp_path, chunk_size=0)
+
+
+def test_chunk_size_under_fsdp1_is_refused():
+    # FSDP1 flattens parameters into units hf_kd cannot gather for the heads; FSDP2 is supported (test_distributed).
+    losses = [get_loss("kl")]
+    with pytest.raises(ValueError, match="needs FSDP2"):
+        _check_chunkable(losses, causal=True, token_level=True, fsdp=True, fsdp2=False)
+    _check_chunkable(losses, causal=True, token_level=True, fsdp=True, fsdp2=True)
 
 
 def test_chunked_equals_plain_with_final_logit_softcapping(tmp_path):

@@ -37,16 +37,18 @@ def run(output_dir, batch_size, accumulation, processes=1, engine="ddp"):
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     history = json.loads((output_dir / "logs.json").read_text())
-    logs = [entry for entry in history if "loss" in entry]
-    if engine.startswith("zero"):  # how the teacher was placed, and the parameter counts the card will show
-        logs.append(history[-1])
-    return load_file(str(output_dir / "weights.safetensors")), logs
+    placement = history[-1]  # how the teacher was placed, and the parameter counts the card will show
+    return (
+        load_file(str(output_dir / "weights.safetensors")),
+        [entry for entry in history if "loss" in entry],
+        placement,
+    )
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    single, single_logs = run(tmp_path / "single", batch_size=8, accumulation=1)
-    ddp, ddp_logs = run(tmp_path / "ddp", batch_size=2, accumulation=2, processes=2)
+    single, single_logs, _ = run(tmp_path / "single", batch_size=8, accumulation=1)
+    ddp, ddp_logs, _ = run(tmp_path / "ddp", batch_size=2, accumulation=2, processes=2)
     assert set(single) == set(ddp) and any(key.startswith("losses.") for key in single)
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
@@ -56,25 +58,33 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["zero2", "zero3", "zero3-chunked"])
-def test_deepspeed_zero_on_two_processes_matches_one_process(tmp_path, engine):
-    # zero3-chunked: chunk_size=5 with sharded LM heads; the processes hold different numbers of supervised tokens,
-    # so hf_kd pads their chunk loops to the same length (each head call is a collective gather).
-    pytest.importorskip("deepspeed")
-    single_engine = "none-chunked" if engine.endswith("chunked") else "none"
-    single, single_logs = run(tmp_path / "single", batch_size=8, accumulation=1, engine=single_engine)
-    sharded, sharded_logs = run(tmp_path / engine, batch_size=2, accumulation=2, processes=2, engine=engine)
-    student_keys = [key for key in single if key.startswith("student.")]
-    assert student_keys and set(student_keys) <= set(sharded)
-    for key in student_keys:
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "zero3-chunked", "fsdp2", "fsdp2-chunked"])
+def test_sharded_engines_on_two_processes_match_one_process(tmp_path, engine):
+    # DeepSpeed on its CPU accelerator; FSDP2 over gloo (Accelerate keeps FSDP for GPUs only: see cpu_fsdp.py).
+    # Plain runs include the hidden-state loss's learned projector, which DeepSpeed's optimizer does not hold (hf_kd
+    # gives it its own) and which FSDP2's optimizer preparation would not find among the model's parameters.
+    # *-chunked: chunk_size=5 with sharded LM heads; under ZeRO-3 the processes hold different numbers of supervised
+    # tokens, so hf_kd pads their chunk loops to the same length (each head call is a collective gather); under FSDP2
+    # the heads' units are gathered once per micro-batch instead.
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    chunked = engine.endswith("chunked")
+    single, single_logs, _ = run(
+        tmp_path / "single", batch_size=8, accumulation=1, engine="ddp-chunked" if chunked else "ddp"
+    )
+    sharded, sharded_logs, placement = run(tmp_path / engine, batch_size=2, accumulation=2, processes=2, engine=engine)
+    assert any(key.startswith("losses.") for key in single) != chunked
+    # Single-process and ZeRO-3 saves drop the LM head tied to the embeddings; the other engines save both.
+    assert single and set(single) <= set(sharded)
+    for key in single:
         torch.testing.assert_close(sharded[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
-    for one, two in zip(single_logs, sharded_logs[:-1]):
-        for key in ("loss", "ce", "kl", "tvd"):
+    for one, two in zip(single_logs, sharded_logs, strict=True):
+        for key in ("loss", "ce", "kl", "tvd") + (() if chunked else ("hidden_mse",)):
             assert two[key] == pytest.approx(one[key], rel=1e-4), key
-    placement = sharded_logs[-1]
-    # An inference-only DeepSpeed engine: sharded like the student under ZeRO-3, replicated (stage 0) under ZeRO-2.
-    assert placement["teacher_type"] == "DeepSpeedEngine"
-    assert placement["teacher_sharded"] == engine.startswith("zero3")
+    # DeepSpeed: an inference-only engine, sharded like the student under ZeRO-3, replicated (stage 0) under ZeRO-2.
+    # FSDP2: fully_shard per layer with the student's plugin.
+    assert placement["teacher_type"] == ("DeepSpeedEngine" if engine.startswith("zero") else "FSDPGPT2LMHeadModel")
+    assert placement["teacher_sharded"] == (not engine.startswith("zero2"))
     assert placement["summary"]["teacher_parameters"] > placement["summary"]["student_parameters"] > 0
 
 
@@ -91,3 +101,18 @@ def test_fsdp2_teacher_is_sharded_frozen_and_exact(tmp_path):
     assert result["max_abs_difference"] < 1e-5  # the same logits as the whole teacher
     assert result["sharded_after_forward"] and result["local_fraction"] < 0.6  # each process holds about half
     assert not result["training"] and not result["requires_grad"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero3-resume", "fsdp2-resume"])
+def test_resuming_under_sharded_engines_continues_the_learned_loss_parts_exactly(tmp_path, engine):
+    # The engines checkpoint the student's optimizer; hf_kd checkpoints the projector and its own AdamW state beside
+    # it. A run resumed after step 1 ends where the uninterrupted run did (a fresh AdamW state would not).
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    resumed, _, _ = run(tmp_path, batch_size=2, accumulation=2, processes=2, engine=engine)
+    uninterrupted = load_file(str(tmp_path / "uninterrupted.safetensors"))
+    assert set(resumed) == set(uninterrupted) and any(key.startswith("losses.") for key in resumed)
+    assert (tmp_path / "checkpoint-1" / "hf_kd_loss_optimizer.pt").exists()
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6, msg=key)

@@ -190,3 +190,18 @@ def test_bf16_autocast_with_a_bf16_teacher_and_feature_losses(tmp_path):
     assert all(
         torch.isfinite(torch.tensor([e[k] for k in ("loss", "kl", "hidden_mse", "vid", "infonce")])).all() for e in logs
     )
+
+
+def test_engines_owning_the_optimizer_refuse_fp16_with_learned_loss_parts(tmp_path, monkeypatch):
+    # DeepSpeed / FSDP: the projector gets its own optimizer, outside the engine's fp16 loss scaling.
+    trainer = DistillationTrainer(
+        model=tiny_bert(hidden=16, layers=2, heads=2, seed=2),
+        teacher_model=tiny_bert(hidden=32, layers=4, heads=4, seed=1),
+        args=config(tmp_path, losses=[{"name": "hidden_mse", "projector": "linear"}]),
+        train_dataset=classification_data(),
+    )
+    assert trainer.loss_parameters() and trainer.loss_optimizer is None  # one device: a group of the student's
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+    monkeypatch.setattr(trainer.args, "fp16", True)
+    with pytest.raises(ValueError, match="use bf16"):
+        trainer._setup_learned_losses()

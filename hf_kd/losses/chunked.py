@@ -16,12 +16,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # torch built without distributed support
+    FSDPModule = ()
+
 from ..features import ModelFeatures
 
 
 def output_logits(hidden: torch.Tensor, head: nn.Module, config) -> torch.Tensor:
     """The LM head's logits, with the output scaling some models apply (``logit_scale``, final soft-capping)."""
-    logits = head(hidden)
+    if isinstance(head, FSDPModule) and isinstance(head, nn.Linear):
+        # An FSDP2 unit of its own: calling it would run its hooks on every chunk (re-gathering a teacher's head,
+        # reducing the student's gradients before the backward pass is done). The caller holds it gathered.
+        logits = F.linear(hidden, head.weight, head.bias)
+    else:
+        logits = head(hidden)
     scale = getattr(config, "logit_scale", None)
     if scale is not None:
         logits = logits * scale

@@ -1,11 +1,11 @@
 """One distillation run for the multi-process tests: `python train_worker.py OUT BATCH ACCUM [ENGINE]` under torchrun
-or not, ENGINE being `ddp` (default), `zero2` or `zero3` (DeepSpeed, CPU accelerator).
+or not, ENGINE being `ddp` (default), `zero2` or `zero3` (DeepSpeed, CPU accelerator) or `fsdp2` (see cpu_fsdp.py).
 
 Tiny GPT-2 teacher/student, rows with uneven supervised-token counts (exact for the per-token response losses), KL +
-TVD + a hidden-state loss with a learned projector (so the loss's own parameters must be synchronised too; rows are
-unpadded because that loss averages per micro-batch over real tokens). DeepSpeed runs leave the projector out (its
-optimizer takes only the model's parameters). Rank 0 writes the final student weights, the loss parameters and the
-log history to OUT.
+TVD + a hidden-state loss with a learned projector (so the loss's own parameters must be synchronised too, and under
+DeepSpeed optimised beside the engine's optimizer; rows are unpadded because that loss averages per micro-batch over
+real tokens). Chunked runs leave the projector out (chunk_size takes logit losses only). Rank 0 writes the final
+student weights, the loss parameters and the log history to OUT.
 """
 
 import json
@@ -13,10 +13,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import cpu_fsdp  # noqa: E402
 import torch  # noqa: E402
 from conftest import config, lm_data, tiny_gpt2  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 from hf_kd import DistillationTrainer  # noqa: E402
 
@@ -29,41 +32,52 @@ def deepspeed_config(stage: int) -> str:
 
 
 def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp") -> None:
-    """``engine``: ``ddp`` (default), ``none`` (one process, the DeepSpeed runs' losses), ``zero2`` or ``zero3``;
-    with ``-chunked`` (``none-chunked``, ``zero3-chunked``) the token KD is chunked (``chunk_size=5``)."""
+    """``engine``: ``ddp`` (default; one process without torchrun), ``zero2``, ``zero3`` or ``fsdp2``; with
+    ``-chunked`` (``ddp-chunked``, ``zero3-chunked``) the token KD is chunked (``chunk_size=5``); with ``-resume`` a
+    second run resumes from the first one's step-1 checkpoint (``uninterrupted.safetensors`` holds the first's)."""
     torch.set_num_threads(1)
     engine, _, variant = engine.partition("-")
     extra = {"deepspeed": deepspeed_config(int(engine[-1]))} if engine.startswith("zero") else {}
+    if engine == "fsdp2":
+        cpu_fsdp.enable()
+        extra["fsdp"] = True
+        extra["fsdp_config"] = {"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]}
     if variant == "chunked":
         extra["chunk_size"] = 5
-    args = config(
-        output_dir,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation,
-        max_steps=2,
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        train_sampling_strategy="sequential",
-        losses="kl,tvd,hidden_mse:1.0:projector=linear" if engine == "ddp" else "kl,tvd",
-        **extra,
-    )
-    trainer = DistillationTrainer(
-        model=tiny_gpt2(hidden=16, layers=1, seed=2),
-        teacher_model=tiny_gpt2(seed=1),
-        args=args,
-        train_dataset=lm_data(n=16, padded=False),
-    )
+    if variant == "resume":  # AdamW: the optimizers' state must resume too; a checkpoint after the first step
+        extra.update(optim="adamw_torch", learning_rate=0.05, save_strategy="steps", save_steps=1)
+
+    def make_trainer(folder):
+        args = config(
+            folder,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=2,
+            **{"optim": "sgd", "learning_rate": 0.5, **extra},
+            lr_scheduler_type="constant",
+            train_sampling_strategy="sequential",
+            losses="kl,tvd" if variant == "chunked" else "kl,tvd,hidden_mse:1.0:projector=linear",
+        )
+        return DistillationTrainer(
+            model=tiny_gpt2(hidden=16, layers=1, seed=2),
+            teacher_model=tiny_gpt2(seed=1),
+            args=args,
+            train_dataset=lm_data(n=16, padded=False),
+        )
+
+    trainer = make_trainer(output_dir)
     trainer.train()
-    trainer.save_model(os.path.join(output_dir, "student"))  # under ZeRO-3 this gathers the shards
+    if variant == "resume":
+        save_weights(trainer, output_dir, "uninterrupted.safetensors")
+        trainer = make_trainer(os.path.join(output_dir, "resumed"))
+        trainer.train(resume_from_checkpoint=os.path.join(output_dir, "checkpoint-1"))
+    save_weights(trainer, output_dir, "weights.safetensors")
     if trainer.is_world_process_zero():
-        student = load_file(os.path.join(output_dir, "student", "model.safetensors"))
-        weights = {f"student.{k}": v for k, v in student.items()}
-        weights.update({f"losses.{k}": v.detach().clone() for k, v in trainer.distillation_losses.state_dict().items()})
-        save_file(weights, os.path.join(output_dir, "weights.safetensors"))
         placement = {
             "teacher_type": type(trainer.teacher_model).__name__,
-            "teacher_sharded": all(hasattr(p, "ds_id") for p in trainer.teacher_model.parameters()),
+            "teacher_sharded": all(
+                hasattr(p, "ds_id") or isinstance(p, DTensor) for p in trainer.teacher_model.parameters()
+            ),
             "summary": trainer.distillation_summary(),
         }
         with open(os.path.join(output_dir, "logs.json"), "w") as handle:
@@ -71,6 +85,16 @@ def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def save_weights(trainer, output_dir, name):
+    """The student's saved weights (``student.*``) and the losses' learned parts (``losses.*``) in one file."""
+    folder = os.path.join(output_dir, "student")
+    trainer.save_model(folder)  # under ZeRO-3 and FSDP2 this gathers the shards
+    if trainer.is_world_process_zero():
+        weights = {f"student.{k}": v for k, v in load_file(os.path.join(folder, "model.safetensors")).items()}
+        weights.update({f"losses.{k}": v.detach().clone() for k, v in trainer.distillation_losses.state_dict().items()})
+        save_file(weights, os.path.join(output_dir, name))
 
 
 if __name__ == "__main__":
