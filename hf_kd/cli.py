@@ -45,7 +45,7 @@ def refuse_deepspeed_for_multi_model_recipes(args) -> None:
         raise SystemExit(
             "this recipe trains three models (teacher, scratch baseline, distilled student) in one process, which "
             "DeepSpeed does not allow; launch it on one device or with DDP (recipes/accelerate/ddp.yaml), distil only "
-            "with --baselines false --teacher PATH (all recipes but seq2seq.py), or use "
+            "with --baselines false --teacher PATH, or use "
             "DistillationTrainer under DeepSpeed in a script that trains only the student."
         )
 

@@ -47,9 +47,11 @@ def generate_teacher_outputs(
     top_p: float = 1.0,
     seed: int = 0,
     progress: bool = True,
+    synced_gpus: bool = False,
 ) -> Dataset:
     """``dataset`` with ``output_column`` holding the teacher's text for each prompt (greedy by default; beams
-    with ``num_beams``, sampling with ``do_sample``). Batched; save the result with ``save_to_disk`` to reuse it."""
+    with ``num_beams``, sampling with ``do_sample``). Batched; save the result with ``save_to_disk`` to reuse it.
+    ``synced_gpus``: a model sharded by DeepSpeed ZeRO-3 (inside its engine), generating on every process."""
     if prompt_column not in dataset.column_names:
         raise ValueError(f"dataset has no column {prompt_column!r} (columns: {dataset.column_names}).")
     if tokenizer.pad_token is None:
@@ -71,6 +73,7 @@ def generate_teacher_outputs(
             temperature=temperature if do_sample else None,
             top_p=top_p if do_sample else None,
             pad_token_id=tokenizer.pad_token_id,
+            synced_gpus=synced_gpus,
         )
     if output_column in dataset.column_names:
         dataset = dataset.remove_columns(output_column)

@@ -10,6 +10,12 @@ the teacher's own headlines instead of the references, Kim & Rush 2016).
 
     python recipes/seq2seq.py --config recipes/configs/seq2seq.yaml                        # ~8 min on 2 CPU cores
     python recipes/seq2seq.py --config recipes/configs/seq2seq.yaml --sequence_level_kd true
+
+Under DeepSpeed it distils only (one Trainer per process), from a trained teacher:
+
+    torchrun --nproc_per_node 2 recipes/seq2seq.py --config recipes/configs/seq2seq.yaml --baselines false \
+        --teacher outputs/seq2seq/teacher --tokenizer outputs/seq2seq/teacher \
+        --deepspeed recipes/accelerate/ds_zero3.json
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ from transformers import (
     Trainer,
     set_seed,
 )
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
-from hf_kd.cli import parse_args, refuse_deepspeed_for_multi_model_recipes
+from hf_kd.cli import check_recipe_engine, parse_args
 from hf_kd.data import train_bpe_tokenizer
 from hf_kd.evaluation import count_parameters, report_results
 from hf_kd.generation import generate_teacher_outputs
@@ -68,6 +75,13 @@ class Seq2SeqRecipeArguments:
         default=False, metadata={"help": "Train the distilled student on the teacher's greedy outputs."}
     )
     eval_examples: int = field(default=200, metadata={"help": "Test examples for ROUGE-1 (greedy generation)."})
+    baselines: bool = field(
+        default=True,
+        metadata={
+            "help": "Also train a scratch student (and, without --teacher, the teacher) and report all three. "
+            "false: distil only, with --teacher — one Trainer per process, which DeepSpeed requires."
+        },
+    )
 
 
 def load_pairs(recipe: Seq2SeqRecipeArguments, cache_dir: str) -> Dataset:
@@ -127,6 +141,12 @@ def rouge1_f1(prediction: str, reference: str) -> float:
 def evaluate(model, test_tokens, test_pairs, tokenizer, collator, args, recipe) -> dict:
     evaluator = Trainer(model=model, args=dataclasses.replace(args, report_to=[]), data_collator=collator)
     loss = evaluator.evaluate(test_tokens)["eval_loss"]
+    rouge = rouge1(model, test_pairs, tokenizer, args, recipe)
+    return {"perplexity": math.exp(loss), "rouge1": rouge, "parameters": count_parameters(model)}
+
+
+def rouge1(model, test_pairs, tokenizer, args, recipe, synced_gpus: bool = False) -> float:
+    """Mean ROUGE-1 F1 (×100) of the model's greedy outputs on the first ``eval_examples`` test pairs."""
     pairs = test_pairs.select(range(min(recipe.eval_examples, len(test_pairs))))
     generated = generate_teacher_outputs(  # the same batched greedy decoding for every model
         model,
@@ -136,14 +156,20 @@ def evaluate(model, test_tokens, test_pairs, tokenizer, collator, args, recipe) 
         max_prompt_length=recipe.max_source_length,
         batch_size=args.per_device_eval_batch_size,
         progress=False,
+        synced_gpus=synced_gpus,
     )
-    rouge = sum(rouge1_f1(p, r) for p, r in zip(generated["completion"], pairs["target"])) / len(pairs)
-    return {"perplexity": math.exp(loss), "rouge1": 100 * rouge, "parameters": count_parameters(model)}
+    return 100 * sum(rouge1_f1(p, r) for p, r in zip(generated["completion"], pairs["target"])) / len(pairs)
 
 
 def main():
     recipe, args = parse_args((Seq2SeqRecipeArguments, DistillationConfig))
-    refuse_deepspeed_for_multi_model_recipes(args)
+    check_recipe_engine(args, baselines=recipe.baselines, teacher=recipe.teacher)
+    zero3 = is_deepspeed_zero3_enabled()  # models load sharded, and generate on every process together
+    if zero3 and recipe.sequence_level_kd:
+        raise SystemExit(
+            "--sequence_level_kd generates with the teacher before training, which under ZeRO-3 is loaded sharded "
+            "without an engine to gather it: generate the headlines with one process or DDP (or ZeRO-2) first."
+        )
     set_seed(args.seed)
 
     with args.main_process_first(desc="export the corpus"):
@@ -184,13 +210,14 @@ def main():
             recipe,
         )
 
-    set_seed(args.seed)
-    scratch = t5(vocab_size, recipe.student_layers, recipe.student_width, tokenizer)
+    if recipe.baselines:
+        set_seed(args.seed)
+        scratch = t5(vocab_size, recipe.student_layers, recipe.student_width, tokenizer)
+        train_plainly(
+            scratch, baseline_args, train, output_dir=os.path.join(args.output_dir, "scratch"), data_collator=collator
+        )
     set_seed(args.seed)
     student = t5(vocab_size, recipe.student_layers, recipe.student_width, tokenizer)
-    train_plainly(
-        scratch, baseline_args, train, output_dir=os.path.join(args.output_dir, "scratch"), data_collator=collator
-    )
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
@@ -201,15 +228,29 @@ def main():
     )
     trainer.train()
 
-    rows = {
-        f"teacher (T5 {recipe.teacher_layers}×{recipe.teacher_width})" if not recipe.teacher else "teacher": teacher,
-        "student from scratch": scratch,
-        "student distilled" + (" (sequence-level)" if recipe.sequence_level_kd else ""): student,
-    }
-    results = {
-        name: evaluate(model, test, split["test"], tokenizer, collator, baseline_args, recipe)
-        for name, model in rows.items()
-    }
+    distilled = "student distilled" + (" (sequence-level)" if recipe.sequence_level_kd else "")
+    if recipe.baselines:
+        rows = {
+            f"teacher (T5 {recipe.teacher_layers}×{recipe.teacher_width})" if not recipe.teacher else "teacher": (
+                teacher
+            ),
+            "student from scratch": scratch,
+            distilled: student,
+        }
+        results = {
+            name: evaluate(model, test, split["test"], tokenizer, collator, baseline_args, recipe)
+            for name, model in rows.items()
+        }
+    else:  # the distillation trainer itself evaluates: its eval_ce is the student's label cross-entropy
+        metrics = trainer.evaluate(test)
+        model = trainer.accelerator.unwrap_model(trainer.model)  # under ZeRO-3, still inside its engine's hooks
+        results = {
+            distilled: {
+                "perplexity": math.exp(metrics["eval_ce"]),
+                "rouge1": rouge1(model, split["test"], tokenizer, args, recipe, synced_gpus=zero3),
+                "parameters": count_parameters(student),
+            }
+        }
     title = (
         f"{recipe.dataset_name}, {len(train)} training / {len(test)} test pairs, {steps} steps, losses "
         f"{args.losses}, temperature {args.temperature}, seed {args.seed}; ROUGE-1 F1 of greedy outputs on "
@@ -220,11 +261,11 @@ def main():
     )
 
     if args.push_to_hub:
-        distilled = results[list(rows)[-1]]
+        teacher_rouge = f"teacher {next(iter(results.values()))['rouge1']:.1f}, " if recipe.baselines else ""
         trainer.set_model_card_details(
             dataset=None if recipe.dataset_name == "bbcnews" else recipe.dataset_name,
             dataset_description=f"{recipe.dataset_name}: {len(train)} source→target pairs; test ROUGE-1 "
-            f"teacher {results[next(iter(rows))]['rouge1']:.1f}, distilled student {distilled['rouge1']:.1f}",
+            f"{teacher_rouge}distilled student {results[distilled]['rouge1']:.1f}",
         )
     trainer.save_model(os.path.join(args.output_dir, "student"))
 

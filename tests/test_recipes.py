@@ -1,5 +1,6 @@
 """The recipes end to end on real shipped data, with small budgets (marked slow; they run in CI)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -203,6 +204,37 @@ def test_seq2seq_recipe_trains_a_t5_teacher_and_a_sequence_level_student(tmp_pat
     assert {"model.safetensors", "tokenizer.json", "distillation_config.json"} <= set(os.listdir(tmp_path / "student"))
     summary = json.loads((tmp_path / "student" / "distillation_config.json").read_text())
     assert summary["token_level"] and summary["teacher_class"] == "T5ForConditionalGeneration"
+    if importlib.util.find_spec("deepspeed") is None:
+        return
+    # Distil only from that teacher under ZeRO-3: both T5s sharded, ROUGE from greedy decoding on every process.
+    teacher = str(tmp_path / "teacher")
+    run_two_processes(
+        os.path.join(ROOT, "recipes", "seq2seq.py"),
+        "--config",
+        "recipes/configs/seq2seq.yaml",
+        "--output_dir",
+        str(tmp_path / "zero3"),
+        "--max_steps",
+        "2",
+        "--test_fraction",
+        "0.02",
+        "--eval_examples",
+        "8",
+        "--baselines",
+        "false",
+        "--teacher",
+        teacher,
+        "--tokenizer",
+        teacher,
+        "--deepspeed",
+        "recipes/accelerate/ds_zero3.json",
+        port=29537,
+    )
+    (name, row), *others = json.loads((tmp_path / "zero3" / "results.json").read_text()).items()
+    assert name == "student distilled" and not others
+    assert row["perplexity"] > 1 and 0 <= row["rouge1"] <= 100 and row["parameters"] > 0
+    student = tmp_path / "zero3" / "student"
+    assert saved_parameter_count(student) == row["parameters"]  # gathered from the ZeRO-3 shards on save
 
 
 @pytest.mark.slow
