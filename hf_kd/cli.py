@@ -37,25 +37,35 @@ def parse_args(dataclass_types, args: list[str] | None = None):
     return parser.parse_args_into_dataclasses(args=args)
 
 
-def refuse_deepspeed_for_multi_model_recipes(args) -> None:
-    """The recipes train a teacher and a scratch baseline beside the distilled student in one process; Accelerate
-    allows one DeepSpeed engine set-up per process, so they run on one device or with DDP. Under DeepSpeed, use
-    ``DistillationTrainer`` in a script that trains the student only (README, "Scale out")."""
+def sharding_engine(args) -> str | None:
+    """``"DeepSpeed"`` or ``"FSDP"`` when the run uses one (from the arguments or an ``accelerate launch`` config)."""
     if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "DeepSpeed"
+    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "FSDP"
+    return None
+
+
+def refuse_engines_for_multi_model_recipes(args) -> None:
+    """The recipes train a teacher and a scratch baseline beside the distilled student in one process and evaluate
+    them with plain Trainers. Accelerate allows one DeepSpeed set-up per process, and FSDP2 prepares a model only
+    with its optimizer, so with baselines they run on one device or with DDP (README, "Scale out")."""
+    engine = sharding_engine(args)
+    if engine is not None:
         raise SystemExit(
-            "this recipe trains three models (teacher, scratch baseline, distilled student) in one process, which "
-            "DeepSpeed does not allow; launch it on one device or with DDP (recipes/accelerate/ddp.yaml), distil only "
-            "with --baselines false --teacher PATH, or use "
-            "DistillationTrainer under DeepSpeed in a script that trains only the student."
+            "this recipe trains and evaluates three models (teacher, scratch baseline, distilled student) with "
+            f"separate Trainers in one process, which {engine} does not support; distil only with --baselines false "
+            "--teacher PATH, launch it on one device or with DDP (recipes/accelerate/ddp.yaml), or use "
+            f"DistillationTrainer under {engine} in a script that trains only the student."
         )
 
 
 def check_recipe_engine(args, *, baselines: bool, teacher: str | None) -> None:
-    """Recipes with baselines train several models per process: no DeepSpeed. Distilling only (``--baselines
-    false``) needs a trained ``--teacher`` and, under DeepSpeed, its process group before any ``from_pretrained``
-    (ZeRO-3 loads through ``zero.Init``, which reads the world size)."""
+    """Recipes with baselines train several models per process: no DeepSpeed or FSDP. Distilling only
+    (``--baselines false``) needs a trained ``--teacher`` and, under DeepSpeed, its process group before any
+    ``from_pretrained`` (ZeRO-3 loads through ``zero.Init``, which reads the world size)."""
     if baselines:
-        refuse_deepspeed_for_multi_model_recipes(args)
+        refuse_engines_for_multi_model_recipes(args)
         return
     if not teacher:
         raise SystemExit("--baselines false distils only: give a trained teacher with --teacher.")

@@ -537,6 +537,11 @@ class DistillationTrainer(Trainer):
             self.loss_optimizer.load_state_dict(state["optimizer"])
             self.loss_lr_scheduler.load_state_dict(state["scheduler"])
 
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        if state_dict is not None:  # gathered by an engine (ZeRO-1/2, FSDP2): tied weights arrive as separate copies
+            state_dict = _without_tied_copies(self.accelerator.unwrap_model(self.model), state_dict)
+        super()._save(output_dir, state_dict)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the student only — no teacher, no projectors or other learned loss parts — plus
         ``distillation_config.json`` describing how it was distilled."""
@@ -740,6 +745,18 @@ def _drop_last_position(features: ModelFeatures) -> ModelFeatures:
     if features.logits is None:
         return features
     return dataclasses.replace(features, logits=features.logits[:, :-1])
+
+
+def _without_tied_copies(model: nn.Module, state_dict: dict) -> dict:
+    """Drop the weights the model ties to another (``lm_head.weight`` to the input embeddings), which
+    ``from_pretrained`` re-ties: saved whole they would double an embedding-sized file entry."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    drop = {
+        target
+        for target, source in tied.items()
+        if target in state_dict and source in state_dict and torch.equal(state_dict[target], state_dict[source])
+    }
+    return {key: value for key, value in state_dict.items() if key not in drop} if drop else state_dict
 
 
 def _split_sample_index(inputs: dict) -> tuple[dict, torch.Tensor | None]:

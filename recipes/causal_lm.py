@@ -9,10 +9,13 @@ the student trained from scratch on the same blocks with the same steps and seed
     python recipes/causal_lm.py --config recipes/configs/causal_lm.yaml --chunk_size 256 # never the B×T×V logits
     python recipes/causal_lm.py --config recipes/configs/causal_lm.yaml --losses jsd:1.0:beta=0.5
     torchrun --nproc_per_node 2 recipes/causal_lm.py --config recipes/configs/causal_lm.yaml
-    # DeepSpeed: distil only (one Trainer per process), from a trained teacher
+    # DeepSpeed or FSDP2: distil only (one Trainer per process), from a trained teacher
     torchrun --nproc_per_node 2 recipes/causal_lm.py --config recipes/configs/causal_lm.yaml --baselines false \
         --teacher outputs/causal_lm/teacher --tokenizer outputs/causal_lm/teacher \
         --deepspeed recipes/accelerate/ds_zero3.json
+    accelerate launch --config_file recipes/accelerate/fsdp2.yaml recipes/causal_lm.py \
+        --config recipes/configs/causal_lm.yaml --baselines false --teacher outputs/causal_lm/teacher \
+        --tokenizer outputs/causal_lm/teacher
 """
 
 from __future__ import annotations

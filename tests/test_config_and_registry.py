@@ -158,14 +158,21 @@ def test_config_serialises(tmp_path):
     assert '"beta": 4' in args.to_json_string()
 
 
-def test_recipes_refuse_deepspeed_with_a_way_out(monkeypatch):
+def test_recipes_with_baselines_refuse_deepspeed_and_fsdp_with_a_way_out(monkeypatch):
     from types import SimpleNamespace
 
-    from hf_kd.cli import refuse_deepspeed_for_multi_model_recipes
+    from hf_kd.cli import refuse_engines_for_multi_model_recipes
 
-    refuse_deepspeed_for_multi_model_recipes(SimpleNamespace(deepspeed=None))  # one device / DDP: fine
-    with pytest.raises(SystemExit, match="launch it on one device or with DDP"):
-        refuse_deepspeed_for_multi_model_recipes(SimpleNamespace(deepspeed="recipes/accelerate/ds_zero3.json"))
+    for variable in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(variable, raising=False)
+    refuse_engines_for_multi_model_recipes(SimpleNamespace(deepspeed=None, fsdp=None))  # one device / DDP: fine
+    with pytest.raises(SystemExit, match="which DeepSpeed does not support; distil only with --baselines false"):
+        refuse_engines_for_multi_model_recipes(SimpleNamespace(deepspeed="recipes/accelerate/ds_zero3.json"))
+    with pytest.raises(SystemExit, match="which FSDP does not support"):
+        refuse_engines_for_multi_model_recipes(SimpleNamespace(deepspeed=None, fsdp=True))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch --config_file fsdp2.yaml sets
+    with pytest.raises(SystemExit, match="DistillationTrainer under FSDP"):
+        refuse_engines_for_multi_model_recipes(SimpleNamespace(deepspeed=None, fsdp=None))
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(SystemExit, match="DistillationTrainer under DeepSpeed"):
-        refuse_deepspeed_for_multi_model_recipes(SimpleNamespace(deepspeed=None))
+        refuse_engines_for_multi_model_recipes(SimpleNamespace(deepspeed=None, fsdp=None))

@@ -238,7 +238,7 @@ def test_seq2seq_recipe_trains_a_t5_teacher_and_a_sequence_level_student(tmp_pat
 
 
 @pytest.mark.slow
-def test_causal_lm_recipe_distils_only_under_deepspeed_zero3(tmp_path):
+def test_causal_lm_recipe_distils_only_under_deepspeed_zero3_and_fsdp2(tmp_path):
     pytest.importorskip("deepspeed")
     run_recipe(  # a teacher and tokenizer to start from, trained plainly
         "causal_lm.py",
@@ -282,6 +282,37 @@ def test_causal_lm_recipe_distils_only_under_deepspeed_zero3(tmp_path):
     assert list(results) == ["student distilled"] and results["student distilled"]["perplexity"] > 1
     summary = json.loads((tmp_path / "zero3" / "student" / "distillation_config.json").read_text())
     assert summary["teacher_parameters"] > summary["student_parameters"] > 0  # counted from ZeRO-3 shards
+    # The same, unchanged, under FSDP2 (on CPU processes through tests/distributed/fsdp2_recipe.py).
+    run_two_processes(
+        os.path.join(ROOT, "tests", "distributed", "fsdp2_recipe.py"),
+        os.path.join(ROOT, "recipes", "causal_lm.py"),
+        "--config",
+        "recipes/configs/causal_lm.yaml",
+        "--output_dir",
+        str(tmp_path / "fsdp2"),
+        "--max_steps",
+        "2",
+        "--test_fraction",
+        "0.02",
+        "--baselines",
+        "false",
+        "--teacher",
+        teacher,
+        "--tokenizer",
+        teacher,
+        "--chunk_size",
+        "64",
+        "--fsdp",
+        "full_shard",
+        "--fsdp_config",
+        json.dumps({"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]}),
+        port=29538,
+    )
+    fsdp2 = json.loads((tmp_path / "fsdp2" / "results.json").read_text())["student distilled"]
+    assert fsdp2["perplexity"] > 1 and fsdp2["parameters"] == summary["student_parameters"]
+    fsdp2_summary = json.loads((tmp_path / "fsdp2" / "student" / "distillation_config.json").read_text())
+    assert fsdp2_summary["teacher_parameters"] == summary["teacher_parameters"]  # counted from FSDP2 shards
+    assert saved_parameter_count(tmp_path / "fsdp2" / "student") == fsdp2["parameters"]  # no duplicate tied head
     with pytest.raises(AssertionError, match="--baselines false distils only"):
         run_recipe(
             "causal_lm.py",

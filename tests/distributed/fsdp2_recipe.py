@@ -1,0 +1,20 @@
+"""Run a recipe under FSDP2 on CPU processes: `torchrun --nproc_per_node 2 fsdp2_recipe.py RECIPE.py ARGS...`.
+
+Accelerate enables FSDP on GPU back-ends only; cpu_fsdp keeps the Trainer's Accelerator in FSDP mode over gloo, and
+the recipe then runs unchanged, as `accelerate launch --config_file recipes/accelerate/fsdp2.yaml RECIPE.py` would.
+"""
+
+import os
+import runpy
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import cpu_fsdp  # noqa: E402
+
+if __name__ == "__main__":
+    cpu_fsdp.enable()
+    recipe, sys.argv = sys.argv[1], sys.argv[1:]
+    runpy.run_path(recipe, run_name="__main__")
+    sys.stdout.flush()
+    os._exit(0)  # everything is written; see train_worker.py
