@@ -31,6 +31,29 @@ def saved_parameter_count(folder):
     return sum(tensor.numel() for tensor in load_file(os.path.join(folder, "model.safetensors")).values())
 
 
+def distil_only_on_two_processes(script, output_dir, teacher, *flags, port, launcher=None):
+    """``recipes/SCRIPT --baselines false --teacher TEACHER`` for 2 steps on 2 gloo processes (the path the recipes
+    take under DeepSpeed and FSDP), through ``launcher`` when given (a script that runs the recipe)."""
+    command = [os.path.join(ROOT, "recipes", script)]
+    if launcher is not None:
+        command.insert(0, launcher)
+    run_two_processes(
+        *command,
+        "--config",
+        f"recipes/configs/{script.removesuffix('.py')}.yaml",
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        "2",
+        "--baselines",
+        "false",
+        "--teacher",
+        str(teacher),
+        *flags,
+        port=port,
+    )
+
+
 @pytest.mark.slow
 def test_image_recipe_distilled_student_beats_scratch(tmp_path):
     # The learning bar on real data: same student, steps and seed; distillation adds the unlabeled images.
@@ -87,22 +110,14 @@ def test_text_recipe_runs_on_bbc_news_with_the_packaged_minilm(tmp_path):
     assert not any(key.startswith("hf_kd_losses") for key in saved)  # projectors and CRD heads stay behind
 
     # Distil only from the teacher fine-tuned above, under DeepSpeed ZeRO-2 on 2 processes.
-    run_two_processes(
-        os.path.join(ROOT, "recipes", "text_classification.py"),
-        "--config",
-        "recipes/configs/text_classification.yaml",
-        "--output_dir",
-        str(tmp_path / "zero2"),
-        "--max_steps",
-        "2",
+    distil_only_on_two_processes(
+        "text_classification.py",
+        tmp_path / "zero2",
+        tmp_path / "teacher",
         "--num_labeled",
         "20",
         "--test_fraction",
         "0.05",
-        "--baselines",
-        "false",
-        "--teacher",
-        str(tmp_path / "teacher"),
         "--use_cpu",  # this config leaves the device to Accelerate; gloo processes need it
         "true",
         "--deepspeed",
@@ -208,27 +223,19 @@ def test_seq2seq_recipe_trains_a_t5_teacher_and_a_sequence_level_student(tmp_pat
         return
     # Distil only from that teacher under ZeRO-3: both T5s sharded, ROUGE from greedy decoding on every process.
     teacher = str(tmp_path / "teacher")
-    run_two_processes(
-        os.path.join(ROOT, "recipes", "seq2seq.py"),
-        "--config",
-        "recipes/configs/seq2seq.yaml",
-        "--output_dir",
-        str(tmp_path / "zero3"),
-        "--max_steps",
-        "2",
+    distil_only_on_two_processes(
+        "seq2seq.py",
+        tmp_path / "zero3",
+        teacher,
+        "--tokenizer",
+        teacher,
         "--test_fraction",
         "0.02",
         "--eval_examples",
         "8",
-        "--baselines",
-        "false",
-        "--teacher",
-        teacher,
-        "--tokenizer",
-        teacher,
         "--deepspeed",
         "recipes/accelerate/ds_zero3.json",
-        port=29537,
+        port=29539,
     )
     (name, row), *others = json.loads((tmp_path / "zero3" / "results.json").read_text()).items()
     assert name == "student distilled" and not others
@@ -256,24 +263,12 @@ def test_causal_lm_recipe_distils_only_under_deepspeed_zero3_and_fsdp2(tmp_path)
         "0.02",
     )
     teacher = str(tmp_path / "first" / "teacher")
-    run_two_processes(
-        os.path.join(ROOT, "recipes", "causal_lm.py"),
-        "--config",
-        "recipes/configs/causal_lm.yaml",
-        "--output_dir",
-        str(tmp_path / "zero3"),
-        "--max_steps",
-        "2",
-        "--test_fraction",
-        "0.02",
-        "--baselines",
-        "false",
-        "--teacher",
+    flags = ("--tokenizer", teacher, "--test_fraction", "0.02", "--chunk_size", "64")
+    distil_only_on_two_processes(
+        "causal_lm.py",
+        tmp_path / "zero3",
         teacher,
-        "--tokenizer",
-        teacher,
-        "--chunk_size",
-        "64",
+        *flags,
         "--deepspeed",
         "recipes/accelerate/ds_zero3.json",
         port=29535,
@@ -283,30 +278,17 @@ def test_causal_lm_recipe_distils_only_under_deepspeed_zero3_and_fsdp2(tmp_path)
     summary = json.loads((tmp_path / "zero3" / "student" / "distillation_config.json").read_text())
     assert summary["teacher_parameters"] > summary["student_parameters"] > 0  # counted from ZeRO-3 shards
     # The same, unchanged, under FSDP2 (on CPU processes through tests/distributed/fsdp2_recipe.py).
-    run_two_processes(
-        os.path.join(ROOT, "tests", "distributed", "fsdp2_recipe.py"),
-        os.path.join(ROOT, "recipes", "causal_lm.py"),
-        "--config",
-        "recipes/configs/causal_lm.yaml",
-        "--output_dir",
-        str(tmp_path / "fsdp2"),
-        "--max_steps",
-        "2",
-        "--test_fraction",
-        "0.02",
-        "--baselines",
-        "false",
-        "--teacher",
+    distil_only_on_two_processes(
+        "causal_lm.py",
+        tmp_path / "fsdp2",
         teacher,
-        "--tokenizer",
-        teacher,
-        "--chunk_size",
-        "64",
+        *flags,
         "--fsdp",
         "full_shard",
         "--fsdp_config",
         json.dumps({"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]}),
         port=29538,
+        launcher=os.path.join(ROOT, "tests", "distributed", "fsdp2_recipe.py"),
     )
     fsdp2 = json.loads((tmp_path / "fsdp2" / "results.json").read_text())["student distilled"]
     assert fsdp2["perplexity"] > 1 and fsdp2["parameters"] == summary["student_parameters"]
@@ -339,18 +321,10 @@ def test_image_recipe_distils_only_under_deepspeed_zero2(tmp_path):
         "--max_steps",
         "1",
     )
-    run_two_processes(
-        os.path.join(ROOT, "recipes", "image_classification.py"),
-        "--config",
-        "recipes/configs/image_classification.yaml",
-        "--output_dir",
-        str(tmp_path / "zero2"),
-        "--max_steps",
-        "2",
-        "--baselines",
-        "false",
-        "--teacher",
-        str(tmp_path / "first" / "teacher"),
+    distil_only_on_two_processes(
+        "image_classification.py",
+        tmp_path / "zero2",
+        tmp_path / "first" / "teacher",
         "--deepspeed",
         "recipes/accelerate/ds_zero2.json",
         port=29536,
