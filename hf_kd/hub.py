@@ -96,6 +96,7 @@ def render_student_card(
         temperature=summary["temperature"],
         dataset_description=dataset_description or (", ".join(card_data.datasets) if card_data.datasets else "–"),
         steps=summary.get("steps", "–"),
+        engine=summary.get("engine"),
         losses=rows,
         comparison=markdown_table(comparison, columns) if comparison else None,
         eval_examples=eval_examples,

@@ -564,8 +564,22 @@ class DistillationTrainer(Trainer):
             "distillation_weight": self.args.distillation_weight,
             "token_level": self.token_level,
             "steps": self.state.global_step,
+            "engine": self._engine_description(),
             **({"adapter": adapter} if (adapter := _adapter_summary(self.model)) else {}),
         }
+
+    def _engine_description(self) -> str:
+        """How the student was trained: ``"DeepSpeed ZeRO-3, 8 processes"``, ``"1 process (cuda)"``..."""
+        processes = self.accelerator.num_processes
+        if self.is_deepspeed_enabled:
+            engine = f"DeepSpeed ZeRO-{self.accelerator.state.deepspeed_plugin.zero_stage}"
+        elif self.is_fsdp_enabled:
+            engine = f"FSDP{self.accelerator.state.fsdp_plugin.fsdp_version}"
+        elif processes > 1:
+            engine = "DDP"
+        else:
+            return f"1 process ({self.args.device.type})"
+        return f"{engine}, {processes} processes"
 
     # ---- sharing --------------------------------------------------------------------------------------------
 

@@ -87,6 +87,8 @@ def test_sharded_engines_on_two_processes_match_one_process(tmp_path, engine):
     assert placement["teacher_type"] == ("DeepSpeedEngine" if engine.startswith("zero") else "FSDPGPT2LMHeadModel")
     assert placement["teacher_sharded"] == (not engine.startswith("zero2"))
     assert placement["summary"]["teacher_parameters"] > placement["summary"]["student_parameters"] > 0
+    engine_name = {"zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}[engine.split("-")[0]]
+    assert placement["summary"]["engine"] == f"{engine_name}, 2 processes"
 
 
 @pytest.mark.slow

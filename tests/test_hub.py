@@ -63,6 +63,7 @@ def test_push_uploads_the_student_its_card_and_config_only(tmp_path):
         "| student |",
         "accuracy",
         "BertForSequenceClassification",
+        "(1 process (cpu))",  # how it was trained, after the steps
     ):
         assert expected in card, expected
 

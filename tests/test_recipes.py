@@ -14,15 +14,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_recipe(script, *args, env=None):
+    return run_command([sys.executable, os.path.join(ROOT, "recipes", script), *args], env=env)
+
+
+def run_command(command, env=None):
+    """Run from the repository root, offline; assert success and return stdout."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    completed = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "recipes", script), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return completed.stdout
 
@@ -31,14 +29,12 @@ def saved_parameter_count(folder):
     return sum(tensor.numel() for tensor in load_file(os.path.join(folder, "model.safetensors")).values())
 
 
-def distil_only_on_two_processes(script, output_dir, teacher, *flags, port, launcher=None):
+def distil_only_on_two_processes(script, output_dir, teacher, *flags, port, launcher=None, accelerate_config=None):
     """``recipes/SCRIPT --baselines false --teacher TEACHER`` for 2 steps on 2 gloo processes (the path the recipes
-    take under DeepSpeed and FSDP), through ``launcher`` when given (a script that runs the recipe)."""
-    command = [os.path.join(ROOT, "recipes", script)]
-    if launcher is not None:
-        command.insert(0, launcher)
-    run_two_processes(
-        *command,
+    take under DeepSpeed and FSDP): under torchrun, through ``launcher`` when given (a script that runs the recipe),
+    or with ``accelerate launch --config_file ACCELERATE_CONFIG``."""
+    recipe = os.path.join(ROOT, "recipes", script)
+    arguments = [
         "--config",
         f"recipes/configs/{script.removesuffix('.py')}.yaml",
         "--output_dir",
@@ -50,8 +46,13 @@ def distil_only_on_two_processes(script, output_dir, teacher, *flags, port, laun
         "--teacher",
         str(teacher),
         *flags,
-        port=port,
-    )
+    ]
+    if accelerate_config is None:
+        run_two_processes(*([launcher] if launcher else []), recipe, *arguments, port=port)
+        return
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
+    env = {"OMP_NUM_THREADS": "1"}  # torchrun sets one thread per process; keep the two processes off each other
+    run_command([*accelerate, "--main_process_port", str(port), recipe, *arguments], env=env)
 
 
 @pytest.mark.slow
@@ -264,19 +265,21 @@ def test_causal_lm_recipe_distils_only_under_deepspeed_zero3_and_fsdp2(tmp_path)
     )
     teacher = str(tmp_path / "first" / "teacher")
     flags = ("--tokenizer", teacher, "--test_fraction", "0.02", "--chunk_size", "64")
-    distil_only_on_two_processes(
+    distil_only_on_two_processes(  # the shipped Accelerate config, on CPU processes
         "causal_lm.py",
         tmp_path / "zero3",
         teacher,
         *flags,
-        "--deepspeed",
-        "recipes/accelerate/ds_zero3.json",
+        "--use_cpu",
+        "true",
         port=29535,
+        accelerate_config="recipes/accelerate/zero3.yaml",
     )
     results = json.loads((tmp_path / "zero3" / "results.json").read_text())
     assert list(results) == ["student distilled"] and results["student distilled"]["perplexity"] > 1
     summary = json.loads((tmp_path / "zero3" / "student" / "distillation_config.json").read_text())
     assert summary["teacher_parameters"] > summary["student_parameters"] > 0  # counted from ZeRO-3 shards
+    assert summary["engine"] == "DeepSpeed ZeRO-3, 2 processes"  # what zero3.yaml asks for
     # The same, unchanged, under FSDP2 (on CPU processes through tests/distributed/fsdp2_recipe.py).
     distil_only_on_two_processes(
         "causal_lm.py",
@@ -294,6 +297,7 @@ def test_causal_lm_recipe_distils_only_under_deepspeed_zero3_and_fsdp2(tmp_path)
     assert fsdp2["perplexity"] > 1 and fsdp2["parameters"] == summary["student_parameters"]
     fsdp2_summary = json.loads((tmp_path / "fsdp2" / "student" / "distillation_config.json").read_text())
     assert fsdp2_summary["teacher_parameters"] == summary["teacher_parameters"]  # counted from FSDP2 shards
+    assert fsdp2_summary["engine"] == "FSDP2, 2 processes"
     assert saved_parameter_count(tmp_path / "fsdp2" / "student") == fsdp2["parameters"]  # no duplicate tied head
     with pytest.raises(AssertionError, match="--baselines false distils only"):
         run_recipe(

@@ -205,6 +205,7 @@ def test_save_model_writes_student_and_distillation_config(tmp_path):
     assert summary["temperature"] == 4.0
     assert summary["losses"] == [{"name": "kl", "weight": 1.0}, {"name": "logit_mse", "weight": 0.2}]
     assert summary["teacher_parameters"] > summary["student_parameters"]
+    assert summary["engine"] == "1 process (cpu)"
 
 
 def test_teacher_from_path_in_bfloat16(tmp_path):
