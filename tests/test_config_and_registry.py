@@ -1,8 +1,11 @@
 """DistillationConfig validation, the command line / YAML forms, and the loss registry."""
 
+import json
+import os
+
 import pytest
 import torch
-from conftest import config, tiny_bert
+from conftest import ROOT, config, tiny_bert
 
 from hf_kd import DistillationConfig, DistillationLoss, ModelFeatures, available_losses, get_loss
 from hf_kd.cli import parse_args
@@ -176,3 +179,26 @@ def test_recipes_with_baselines_refuse_deepspeed_and_fsdp_with_a_way_out(monkeyp
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(SystemExit, match="DistillationTrainer under DeepSpeed"):
         refuse_engines_for_multi_model_recipes(SimpleNamespace(deepspeed=None, fsdp=None))
+
+
+def test_shipped_accelerate_configs_load_with_the_engines_the_readme_names():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    folder = os.path.join(ROOT, "recipes", "accelerate")
+    expected = {
+        "single_device.yaml": DistributedType.NO,
+        "ddp.yaml": DistributedType.MULTI_GPU,
+        "zero2.yaml": DistributedType.DEEPSPEED,
+        "zero3.yaml": DistributedType.DEEPSPEED,
+        "fsdp2.yaml": DistributedType.FSDP,
+    }
+    assert {name for name in os.listdir(folder) if name.endswith(".yaml")} == set(expected)
+    for name, engine in expected.items():
+        config = load_config_from_file(os.path.join(folder, name))
+        assert config.distributed_type == engine, name
+        if engine == DistributedType.DEEPSPEED:
+            with open(os.path.join(ROOT, config.deepspeed_config["deepspeed_config_file"])) as handle:
+                assert json.load(handle)["zero_optimization"]["stage"] == int(name[4]), name
+        if engine == DistributedType.FSDP:
+            assert config.fsdp_config["fsdp_version"] == 2
