@@ -327,6 +327,7 @@ class DistillationTrainer(Trainer):
         if not isinstance(counts, ItemCounts):  # called outside the training loop
             counts = self._get_num_items_in_batch([inputs], self.args.device)
         mode = "train" if model.training else "eval"
+        self.distillation_losses.train(mode == "train")  # e.g. crd writes its memory banks in training only
         on_policy = bool(inputs.get(ON_POLICY_KEY))
         inputs, teacher_inputs = split_teacher_inputs({k: v for k, v in inputs.items() if k != ON_POLICY_KEY})
         if teacher_inputs is not None and self.args.chunk_size is not None:

@@ -119,3 +119,18 @@ def test_resuming_under_sharded_engines_continues_the_learned_loss_parts_exactly
     assert (tmp_path / "checkpoint-1" / "hf_kd_loss_optimizer.pt").exists()
     for key in uninterrupted:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_crd_memory_banks_stay_identical_across_processes(tmp_path):
+    # Each process sees its own rows; every bank update gathers all processes' rows, so both processes end with the
+    # same banks, written at every training row (2 steps × 2 processes × 2 micro-batches × 2 rows = all 16).
+    run(tmp_path, batch_size=2, accumulation=2, processes=2, engine="ddp-crd")
+    before, after = (
+        [load_file(str(tmp_path / f"banks_{when}_{rank}.safetensors")) for rank in (0, 1)]
+        for when in ("before", "after")
+    )
+    for name in ("student", "teacher"):
+        torch.testing.assert_close(before[0][name], before[1][name], rtol=0, atol=0)  # rank 0's initialisation
+        torch.testing.assert_close(after[0][name], after[1][name], rtol=0, atol=0)
+        assert (after[0][name] != before[0][name]).any(1).all()

@@ -260,6 +260,24 @@ def test_crd_needs_sample_indices_and_updates_its_memory():
     assert abs(value.item() / 2 - math.log(6)) < 1.5
 
 
+def test_crd_evaluates_with_in_batch_negatives_and_leaves_its_memory_alone():
+    student = ModelFeatures(hidden_states=(torch.randn(4, 3, 8),))
+    teacher = ModelFeatures(hidden_states=(torch.randn(4, 3, 16),))
+    loss = get_loss("crd", num_negatives=5, nce_temperature=0.5, pooling="cls")
+    loss.setup(student, teacher, num_samples=20)
+    banks = [loss.student_memory.clone(), loss.teacher_memory.clone()]
+    loss.eval()
+    value = loss(student, teacher)  # held-out rows: no sample_index needed
+    s = torch.nn.functional.normalize(loss.student_head(student.hidden_states[0][:, 0]), dim=1)
+    t = torch.nn.functional.normalize(loss.teacher_head(teacher.hidden_states[0][:, 0]), dim=1)
+    targets = torch.arange(4)
+    expected = torch.nn.functional.cross_entropy(s @ t.T / 0.5, targets) + torch.nn.functional.cross_entropy(
+        t @ s.T / 0.5, targets
+    )
+    torch.testing.assert_close(value, expected)
+    assert torch.equal(loss.student_memory, banks[0]) and torch.equal(loss.teacher_memory, banks[1])
+
+
 def test_crd_softmax_form_reference():
     student = ModelFeatures(hidden_states=(torch.randn(3, 2, 4),))
     teacher = ModelFeatures(hidden_states=(torch.randn(3, 2, 6),))

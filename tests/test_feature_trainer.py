@@ -119,6 +119,9 @@ def test_crd_reads_sample_indices_and_explains_when_missing(tmp_path):
     before = memory.clone()
     trainer.train()
     assert (memory != before).any(1).sum() == 16  # 2 steps × 8 rows were written back
+    trained = memory.clone()
+    metrics = trainer.evaluate(classification_data(n=8))  # held-out rows: no sample_index, in-batch negatives
+    assert metrics["eval_crd"] > 0 and torch.equal(memory, trained)  # evaluation never writes the banks
 
 
 def test_layer_map_past_the_depth_fails_at_construction(tmp_path):

@@ -88,6 +88,10 @@ class ContrastiveRepresentationDistillation(EmbeddingRelationLoss):
     random entries, and each teacher embedding its example's entry of the student bank, at temperature
     ``nce_temperature``; banks are updated with momentum ``momentum``. Needs the dataset row of every example
     (a ``sample_index`` column: :func:`hf_kd.data.add_sample_index`). Weight 0.8 as in the paper.
+
+    Across processes every bank update gathers all processes' rows, so the banks stay identical everywhere. In
+    evaluation (module in eval mode) held-out examples have no bank entries: the same two contrasts use the batch's
+    other examples as negatives, and the banks are left alone.
     """
 
     default_weight = 0.8
@@ -124,27 +128,51 @@ class ContrastiveRepresentationDistillation(EmbeddingRelationLoss):
             self.register_buffer(name, torch_F.normalize(bank, dim=1))
 
     def forward(self, student, teacher, mask=None, labels=None, sample_index=None):
+        if not hasattr(self, "student_head"):
+            raise RuntimeError("crd has no heads yet: DistillationTrainer creates them from a first batch.")
+        s = torch_F.normalize(self.student_head(self.embeddings(student, "student")), dim=1)
+        t = torch_F.normalize(self.teacher_head(self.embeddings(teacher, "teacher")), dim=1)
+        if not self.training:  # evaluation: in-batch negatives (candidate row i is example i's positive)
+            in_batch = torch.arange(len(s), device=s.device)[:, None].sub(torch.arange(len(s), device=s.device))
+            order = in_batch.remainder(len(s))  # row i lists i, i-1, ...: column 0 is the positive
+            return self._contrast(s, t[order]) + self._contrast(t, s[order])
         if sample_index is None:
             raise ValueError(
                 "crd needs the dataset row of every example: add a sample_index column to the training "
                 "set with hf_kd.data.add_sample_index(dataset)."
             )
-        if not hasattr(self, "student_head"):
-            raise RuntimeError("crd has no heads yet: DistillationTrainer creates them from a first batch.")
         index = sample_index.long().to(self.student_memory.device)
-        s = torch_F.normalize(self.student_head(self.embeddings(student, "student")), dim=1)
-        t = torch_F.normalize(self.teacher_head(self.embeddings(teacher, "teacher")), dim=1)
         size = len(self.student_memory)
         negatives = torch.randint(0, size, (len(index), min(self.num_negatives, size)), device=index.device)
         candidates = torch.cat([index[:, None], negatives], dim=1)  # column 0 is the positive
         loss = self._contrast(s, self.teacher_memory[candidates]) + self._contrast(t, self.student_memory[candidates])
-        with torch.no_grad():  # momentum update of the banks at this batch's rows
+        with torch.no_grad():  # momentum update of the banks at the rows of this batch, on every process
+            index, s, t = _rows_of_every_process(index, s.detach(), t.detach())
             for bank, fresh in ((self.student_memory, s), (self.teacher_memory, t)):
-                bank[index] = torch_F.normalize(
-                    self.momentum * bank[index] + (1 - self.momentum) * fresh.detach(), dim=1
-                )
+                bank[index] = torch_F.normalize(self.momentum * bank[index] + (1 - self.momentum) * fresh, dim=1)
         return loss
 
     def _contrast(self, anchors: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         logits = torch.einsum("bd,bkd->bk", anchors, candidates.to(anchors.dtype)) / self.nce_temperature
         return torch_F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+def _rows_of_every_process(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor's rows from all processes, in rank order (the same result on every process); one process: as is."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensors
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return tensors
+    size = torch.tensor([len(tensors[0])], device=tensors[0].device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    torch.distributed.all_gather(sizes, size)
+    longest = int(max(sizes))
+    gathered = []
+    for tensor in tensors:  # all_gather wants equal shapes: pad to the longest batch, then trim
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: len(tensor)] = tensor
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        torch.distributed.all_gather(parts, padded)
+        gathered.append(torch.cat([part[: int(n)] for part, n in zip(parts, sizes)]))
+    return tuple(gathered)

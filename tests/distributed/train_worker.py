@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from hf_kd import DistillationTrainer  # noqa: E402
+from hf_kd.data import add_sample_index  # noqa: E402
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "recipes")
 
@@ -34,7 +35,8 @@ def deepspeed_config(stage: int) -> str:
 def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp") -> None:
     """``engine``: ``ddp`` (default; one process without torchrun), ``zero2``, ``zero3`` or ``fsdp2``; with
     ``-chunked`` (``ddp-chunked``, ``zero3-chunked``) the token KD is chunked (``chunk_size=5``); with ``-resume`` a
-    second run resumes from the first one's step-1 checkpoint (``uninterrupted.safetensors`` holds the first's)."""
+    second run resumes from the first one's step-1 checkpoint (``uninterrupted.safetensors`` holds the first's); with
+    ``-crd`` the losses are KL + CRD and every process writes its memory banks before and after training."""
     torch.set_num_threads(1)
     engine, _, variant = engine.partition("-")
     extra = {"deepspeed": deepspeed_config(int(engine[-1]))} if engine.startswith("zero") else {}
@@ -56,17 +58,22 @@ def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp
             **{"optim": "sgd", "learning_rate": 0.5, **extra},
             lr_scheduler_type="constant",
             train_sampling_strategy="sequential",
-            losses="kl,tvd" if variant == "chunked" else "kl,tvd,hidden_mse:1.0:projector=linear",
+            losses=LOSSES.get(variant, "kl,tvd,hidden_mse:1.0:projector=linear"),
         )
+        data = lm_data(n=16, padded=False)
         return DistillationTrainer(
             model=tiny_gpt2(hidden=16, layers=1, seed=2),
             teacher_model=tiny_gpt2(seed=1),
             args=args,
-            train_dataset=lm_data(n=16, padded=False),
+            train_dataset=add_sample_index(data) if variant == "crd" else data,
         )
 
     trainer = make_trainer(output_dir)
+    if variant == "crd":  # each process's memory banks before and after training
+        save_file(banks(trainer), os.path.join(output_dir, f"banks_before_{trainer.args.process_index}.safetensors"))
     trainer.train()
+    if variant == "crd":
+        save_file(banks(trainer), os.path.join(output_dir, f"banks_after_{trainer.args.process_index}.safetensors"))
     if variant == "resume":
         save_weights(trainer, output_dir, "uninterrupted.safetensors")
         trainer = make_trainer(os.path.join(output_dir, "resumed"))
@@ -85,6 +92,14 @@ def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+LOSSES = {"chunked": "kl,tvd", "crd": "kl,crd:0.8:num_negatives=8"}  # default: kl,tvd,hidden_mse with a projector
+
+
+def banks(trainer):
+    crd = trainer.distillation_losses[1]
+    return {"student": crd.student_memory.clone(), "teacher": crd.teacher_memory.clone()}
 
 
 def save_weights(trainer, output_dir, name):
