@@ -73,3 +73,13 @@ def check_recipe_engine(args, *, baselines: bool, teacher: str | None) -> None:
         import deepspeed
 
         deepspeed.init_distributed()
+
+
+def leave_process_group() -> None:
+    """End a recipe run by several processes cleanly: wait for all, then destroy the process group (left to
+    interpreter teardown, DeepSpeed's CPU threads now and then abort the process after a successful run)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

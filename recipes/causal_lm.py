@@ -26,7 +26,6 @@ import math
 import os
 from dataclasses import dataclass, field
 
-import torch
 from datasets import load_dataset
 from transformers import (
     AutoModelForCausalLM,
@@ -40,7 +39,7 @@ from transformers import (
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
-from hf_kd.cli import check_recipe_engine, parse_args
+from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.data import train_bpe_tokenizer
 from hf_kd.evaluation import count_parameters, report_results
 
@@ -213,5 +212,5 @@ def main():
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     main()
+    leave_process_group()

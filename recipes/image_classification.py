@@ -24,7 +24,6 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from datasets import load_dataset
 from transformers import (
     AutoImageProcessor,
@@ -37,7 +36,7 @@ from transformers import (
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
-from hf_kd.cli import check_recipe_engine, parse_args
+from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.data import add_sample_index, split_labeled_transfer
 from hf_kd.evaluation import compare_recipe_models
 from hf_kd.metrics import get_compute_metrics
@@ -196,5 +195,5 @@ def main():
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     main()
+    leave_process_group()

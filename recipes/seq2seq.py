@@ -27,7 +27,6 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
 from datasets import Dataset, load_dataset
 from transformers import (
     AutoModelForSeq2SeqLM,
@@ -42,7 +41,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
-from hf_kd.cli import check_recipe_engine, parse_args
+from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.data import train_bpe_tokenizer
 from hf_kd.evaluation import count_parameters, report_results
 from hf_kd.generation import generate_teacher_outputs
@@ -271,5 +270,5 @@ def main():
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     main()
+    leave_process_group()

@@ -34,7 +34,6 @@ import json
 import os
 from dataclasses import dataclass, field
 
-import torch
 from datasets import ClassLabel, load_dataset
 from transformers import (
     AutoModelForSequenceClassification,
@@ -49,7 +48,7 @@ from transformers import (
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly
-from hf_kd.cli import check_recipe_engine, parse_args
+from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.data import add_sample_index, split_labeled_transfer
 from hf_kd.evaluation import compare_recipe_models
 from hf_kd.metrics import get_compute_metrics
@@ -268,5 +267,5 @@ def _packaged_minilm() -> str:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     main()
+    leave_process_group()
