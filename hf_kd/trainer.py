@@ -289,9 +289,11 @@ class DistillationTrainer(Trainer):
         batch = self._prepare_inputs(batch)
         inputs, sample_index = _split_sample_index(batch)
         deepspeed = self.accelerator.state.deepspeed_plugin
-        zero3 = deepspeed is not None and deepspeed.zero_stage == 3  # sharded weights: every rank must generate
+        # Sharded weights (ZeRO-3, FSDP): every decoding step gathers them collectively, so every process keeps
+        # stepping until all are done (as transformers' Seq2SeqTrainer decides).
+        sharded = (deepspeed is not None and deepspeed.zero_stage == 3) or self.is_fsdp_enabled
         rollout = student_rollout(
-            self.accelerator.unwrap_model(self.model), inputs, self.args.generation_kwargs, synced_gpus=zero3
+            self.accelerator.unwrap_model(self.model), inputs, self.args.generation_kwargs, synced_gpus=sharded
         )
         return rollout if sample_index is None else {**rollout, SAMPLE_INDEX: sample_index}
 

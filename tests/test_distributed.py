@@ -134,3 +134,16 @@ def test_crd_memory_banks_stay_identical_across_processes(tmp_path):
         torch.testing.assert_close(before[0][name], before[1][name], rtol=0, atol=0)  # rank 0's initialisation
         torch.testing.assert_close(after[0][name], after[1][name], rtol=0, atol=0)
         assert (after[0][name] != before[0][name]).any(1).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero3-onpolicy", "fsdp2-onpolicy"])
+def test_on_policy_rollouts_under_sharded_engines_decode_in_lock_step(tmp_path, engine):
+    # The student stops on many tokens, so the processes' samples end after different numbers of decoding steps;
+    # every step gathers the sharded weights collectively, so all processes must keep stepping (synced_gpus). Without
+    # it the FSDP2 run breaks off (a gloo peer hangs up).
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    _, logs, placement = run(tmp_path, batch_size=2, accumulation=2, processes=2, engine=engine)
+    assert len(logs) == 2 and all(entry["jsd"] >= 0 and "ce" not in entry for entry in logs)  # own samples only
+    assert placement["summary"]["steps"] == 2

@@ -46,6 +46,8 @@ def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp
         extra["fsdp_config"] = {"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]}
     if variant == "chunked":
         extra["chunk_size"] = 5
+    if variant == "onpolicy":  # the student's own samples: generation steps in lock-step with sharded weights
+        extra.update(on_policy_fraction=1.0, generation_max_new_tokens=4)
     if variant == "resume":  # AdamW: the optimizers' state must resume too; a checkpoint after the first step
         extra.update(optim="adamw_torch", learning_rate=0.05, save_strategy="steps", save_steps=1)
 
@@ -61,8 +63,12 @@ def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp
             losses=LOSSES.get(variant, "kl,tvd,hidden_mse:1.0:projector=linear"),
         )
         data = lm_data(n=16, padded=False)
+        student = tiny_gpt2(hidden=16, layers=1, seed=2)
+        if variant == "onpolicy":  # many stop tokens: processes finish their samples after different numbers of steps
+            student.generation_config.eos_token_id = list(range(1, 40))
+            student.generation_config.pad_token_id = 0
         return DistillationTrainer(
-            model=tiny_gpt2(hidden=16, layers=1, seed=2),
+            model=student,
             teacher_model=tiny_gpt2(seed=1),
             args=args,
             train_dataset=add_sample_index(data) if variant == "crd" else data,
@@ -74,6 +80,8 @@ def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp
     trainer.train()
     if variant == "crd":
         save_file(banks(trainer), os.path.join(output_dir, f"banks_after_{trainer.args.process_index}.safetensors"))
+    if variant == "onpolicy":  # the student's own samples: generation steps in lock-step with sharded weights
+        extra.update(on_policy_fraction=1.0, generation_max_new_tokens=4)
     if variant == "resume":
         save_weights(trainer, output_dir, "uninterrupted.safetensors")
         trainer = make_trainer(os.path.join(output_dir, "resumed"))
@@ -94,7 +102,11 @@ def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp
         torch.distributed.destroy_process_group()
 
 
-LOSSES = {"chunked": "kl,tvd", "crd": "kl,crd:0.8:num_negatives=8"}  # default: kl,tvd,hidden_mse with a projector
+LOSSES = {
+    "chunked": "kl,tvd",
+    "crd": "kl,crd:0.8:num_negatives=8",
+    "onpolicy": "jsd",
+}  # default: kl,tvd,hidden_mse with a projector
 
 
 def banks(trainer):
