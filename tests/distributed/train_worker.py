@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cpu_fsdp  # noqa: E402
+import peft  # noqa: E402
 import torch  # noqa: E402
 from conftest import config, lm_data, tiny_gpt2  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -67,6 +68,9 @@ def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp
         if variant == "onpolicy":  # many stop tokens: processes finish their samples after different numbers of steps
             student.generation_config.eos_token_id = list(range(1, 40))
             student.generation_config.pad_token_id = 0
+        if variant == "lora":  # a LoRA student: only its adapters train and are saved
+            lora = peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
+            student = peft.get_peft_model(student, lora)
         return DistillationTrainer(
             model=student,
             teacher_model=tiny_gpt2(seed=1),
@@ -119,7 +123,8 @@ def save_weights(trainer, output_dir, name):
     folder = os.path.join(output_dir, "student")
     trainer.save_model(folder)  # under ZeRO-3 and FSDP2 this gathers the shards
     if trainer.is_world_process_zero():
-        weights = {f"student.{k}": v for k, v in load_file(os.path.join(folder, "model.safetensors")).items()}
+        saved = "adapter_model.safetensors" if hasattr(trainer.model, "peft_config") else "model.safetensors"
+        weights = {f"student.{k}": v for k, v in load_file(os.path.join(folder, saved)).items()}
         weights.update({f"losses.{k}": v.detach().clone() for k, v in trainer.distillation_losses.state_dict().items()})
         save_file(weights, os.path.join(output_dir, name))
 
