@@ -59,7 +59,18 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "engine", ["zero2", "zero3", "zero3-chunked", "zero3-lora", "fsdp2", "fsdp2-chunked", "fsdp2-lora"]
+    "engine",
+    [
+        "zero2",
+        "zero3",
+        "zero3-chunked",
+        "zero3-lora",
+        "zero3-adapterbase",
+        "fsdp2",
+        "fsdp2-chunked",
+        "fsdp2-lora",
+        "fsdp2-adapterbase",
+    ],
 )
 def test_sharded_engines_on_two_processes_match_one_process(tmp_path, engine):
     # DeepSpeed on its CPU accelerator; FSDP2 over gloo (Accelerate keeps FSDP for GPUs only: see cpu_fsdp.py).
@@ -67,7 +78,8 @@ def test_sharded_engines_on_two_processes_match_one_process(tmp_path, engine):
     # gives it its own) and which FSDP2's optimizer preparation would not find among the model's parameters.
     # *-chunked: chunk_size=5 with sharded LM heads; under ZeRO-3 the processes hold different numbers of supervised
     # tokens, so hf_kd pads their chunk loops to the same length (each head call is a collective gather); under FSDP2
-    # the heads' units are gathered once per micro-batch instead. *-lora: a LoRA student (with the projector).
+    # the heads' units are gathered once per micro-batch instead. *-lora: a LoRA student (with the projector);
+    # *-adapterbase: the same student taught by its own base, adapters off (AdapterBaseTeacher, no second network).
     if engine.startswith("zero"):
         pytest.importorskip("deepspeed")
     chunked = engine.endswith("chunked")
@@ -83,13 +95,17 @@ def test_sharded_engines_on_two_processes_match_one_process(tmp_path, engine):
     for one, two in zip(single_logs, sharded_logs, strict=True):
         for key in ("loss", "ce", "kl", "tvd") + (() if chunked else ("hidden_mse",)):
             assert two[key] == pytest.approx(one[key], rel=1e-4, abs=2e-6), key  # logs keep 6 decimals
+    engine_name = {"zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}[engine.split("-")[0]]
+    assert placement["summary"]["engine"] == f"{engine_name}, 2 processes"
+    if variant == "adapterbase":  # no teacher network to place: the student's own (sharded) base
+        assert placement["teacher_type"] == "NoneType"
+        assert placement["summary"]["teacher_class"].endswith("(the student's base, adapters off)")
+        return
     # DeepSpeed: an inference-only engine, sharded like the student under ZeRO-3, replicated (stage 0) under ZeRO-2.
     # FSDP2: fully_shard per layer with the student's plugin.
     assert placement["teacher_type"] == ("DeepSpeedEngine" if engine.startswith("zero") else "FSDPGPT2LMHeadModel")
     assert placement["teacher_sharded"] == (not engine.startswith("zero2"))
     assert placement["summary"]["teacher_parameters"] > placement["summary"]["student_parameters"] > 0
-    engine_name = {"zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}[engine.split("-")[0]]
-    assert placement["summary"]["engine"] == f"{engine_name}, 2 processes"
 
 
 @pytest.mark.slow

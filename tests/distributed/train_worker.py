@@ -22,7 +22,7 @@ from conftest import config, lm_data, tiny_gpt2  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from hf_kd import DistillationTrainer  # noqa: E402
+from hf_kd import AdapterBaseTeacher, DistillationTrainer  # noqa: E402
 from hf_kd.data import add_sample_index  # noqa: E402
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "recipes")
@@ -68,12 +68,13 @@ def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp
         if variant == "onpolicy":  # many stop tokens: processes finish their samples after different numbers of steps
             student.generation_config.eos_token_id = list(range(1, 40))
             student.generation_config.pad_token_id = 0
-        if variant == "lora":  # a LoRA student: only its adapters train and are saved
+        if variant in ("lora", "adapterbase"):  # a LoRA student: only its adapters train and are saved
             lora = peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
             student = peft.get_peft_model(student, lora)
         return DistillationTrainer(
             model=student,
-            teacher_model=tiny_gpt2(seed=1),
+            # adapterbase: the teacher is the student's own base, adapters off
+            teacher_model=AdapterBaseTeacher(student) if variant == "adapterbase" else tiny_gpt2(seed=1),
             args=args,
             train_dataset=add_sample_index(data) if variant == "crd" else data,
         )
@@ -92,11 +93,10 @@ def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp
         trainer.train(resume_from_checkpoint=os.path.join(output_dir, "checkpoint-1"))
     save_weights(trainer, output_dir, "weights.safetensors")
     if trainer.is_world_process_zero():
+        teacher_parameters = [] if trainer.teacher_model is None else list(trainer.teacher_model.parameters())
         placement = {
             "teacher_type": type(trainer.teacher_model).__name__,
-            "teacher_sharded": all(
-                hasattr(p, "ds_id") or isinstance(p, DTensor) for p in trainer.teacher_model.parameters()
-            ),
+            "teacher_sharded": all(hasattr(p, "ds_id") or isinstance(p, DTensor) for p in teacher_parameters),
             "summary": trainer.distillation_summary(),
         }
         with open(os.path.join(output_dir, "logs.json"), "w") as handle:
