@@ -124,9 +124,32 @@ def prepare_teacher(teacher: nn.Module, accelerator) -> nn.Module:
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage != 3:
         config["zero_optimization"] = {"stage": 0}  # nothing to shard without optimizer state: replicate
+    _size_zero_buckets(config["zero_optimization"], teacher)
     engine, *_ = deepspeed.initialize(model=teacher, config=config)
     engine.eval()
     return engine
+
+
+def _size_zero_buckets(zero: dict, model: nn.Module) -> None:
+    """Fill the ``"auto"`` ZeRO bucket sizes from the teacher's width, by the rule transformers applies to the
+    student at ``train()`` (left as they are, DeepSpeed would take them as 500M-element defaults)."""
+    auto = [key for key, value in zero.items() if value == "auto"]
+    if not auto:
+        return
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    hidden = getattr(config, "hidden_size", None) or max(getattr(config, "hidden_sizes", None) or [0]) or None
+    if hidden is None:
+        raise ValueError(
+            f"the DeepSpeed config sets {auto} to 'auto', sized from the model's hidden_size, which the teacher's "
+            "config lacks: give them numbers."
+        )
+    sizes = {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
+    zero.update({key: sizes[key] for key in auto if key in sizes})
 
 
 def unwrap(model: nn.Module) -> nn.Module:

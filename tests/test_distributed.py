@@ -164,3 +164,18 @@ def test_on_policy_rollouts_under_sharded_engines_decode_in_lock_step(tmp_path, 
     _, logs, placement = run(tmp_path, batch_size=2, accumulation=2, processes=2, engine=engine)
     assert len(logs) == 2 and all(entry["jsd"] >= 0 and "ce" not in entry for entry in logs)  # own samples only
     assert placement["summary"]["steps"] == 2
+
+
+def test_teacher_deepspeed_buckets_are_sized_from_the_teachers_width():
+    # The shipped ZeRO configs leave bucket sizes to "auto"; transformers fills them for the student at train(),
+    # hf_kd for the teacher's inference engine (left "auto", DeepSpeed would not take them; absent, it would
+    # allocate 500M-element buckets — 2 GiB per process, found by benchmarks/engine_memory.py).
+    from conftest import tiny_bert
+
+    from hf_kd.teachers import _size_zero_buckets
+
+    zero = {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto", "overlap_comm": True}
+    _size_zero_buckets(zero, tiny_bert(hidden=32, seed=0))
+    assert zero == {"stage": 3, "reduce_bucket_size": 1024, "stage3_prefetch_bucket_size": 921, "overlap_comm": True}
+    with pytest.raises(ValueError, match="give them numbers"):
+        _size_zero_buckets({"stage3_param_persistence_threshold": "auto"}, torch.nn.Linear(2, 2))
