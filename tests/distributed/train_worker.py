@@ -18,11 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cpu_fsdp  # noqa: E402
 import peft  # noqa: E402
 import torch  # noqa: E402
-from conftest import config, lm_data, tiny_gpt2  # noqa: E402
+from conftest import VOCAB, config, lm_data, tiny_gpt2  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from hf_kd import AdapterBaseTeacher, DistillationTrainer  # noqa: E402
+from hf_kd import AdapterBaseTeacher, DistillationTrainer, write_teacher_cache  # noqa: E402
 from hf_kd.data import add_sample_index  # noqa: E402
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "recipes")
@@ -37,7 +37,9 @@ def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp
     """``engine``: ``ddp`` (default; one process without torchrun), ``zero2``, ``zero3`` or ``fsdp2``; with
     ``-chunked`` (``ddp-chunked``, ``zero3-chunked``) the token KD is chunked (``chunk_size=5``); with ``-resume`` a
     second run resumes from the first one's step-1 checkpoint (``uninterrupted.safetensors`` holds the first's); with
-    ``-crd`` the losses are KL + CRD and every process writes its memory banks before and after training."""
+    ``-crd`` the losses are KL + CRD and every process writes its memory banks before and after training; ``-lora``
+    a LoRA student, ``-adapterbase`` taught by its own base; ``-onpolicy`` on its own samples; ``-cache`` taught from
+    a full-vocabulary teacher cache."""
     torch.set_num_threads(1)
     engine, _, variant = engine.partition("-")
     extra = {"deepspeed": deepspeed_config(int(engine[-1]))} if engine.startswith("zero") else {}
@@ -71,13 +73,16 @@ def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp
         if variant in ("lora", "adapterbase"):  # a LoRA student: only its adapters train and are saved
             lora = peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
             student = peft.get_peft_model(student, lora)
-        return DistillationTrainer(
-            model=student,
-            # adapterbase: the teacher is the student's own base, adapters off
-            teacher_model=AdapterBaseTeacher(student) if variant == "adapterbase" else tiny_gpt2(seed=1),
-            args=args,
-            train_dataset=add_sample_index(data) if variant == "crd" else data,
-        )
+        if variant in ("crd", "cache"):  # row ids: CRD's memory banks, the cache's rows
+            data = add_sample_index(data)
+        teacher = tiny_gpt2(seed=1)
+        if variant == "adapterbase":  # the teacher is the student's own base, adapters off
+            teacher = AdapterBaseTeacher(student)
+        if variant == "cache":  # the teacher's full distributions on disk, written once (by the main process)
+            with args.main_process_first():
+                path = os.path.join(output_dir, "cache")
+                teacher = write_teacher_cache(teacher, data, path, top_k=VOCAB, dtype="float32", progress=False)
+        return DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
 
     trainer = make_trainer(output_dir)
     if variant == "crd":  # each process's memory banks before and after training
@@ -110,6 +115,7 @@ LOSSES = {
     "chunked": "kl,tvd",
     "crd": "kl,crd:0.8:num_negatives=8",
     "onpolicy": "jsd",
+    "cache": "kl",
 }  # default: kl,tvd,hidden_mse with a projector
 
 
