@@ -175,9 +175,9 @@ def freeze(model: nn.Module) -> nn.Module:
 class TeacherSource:
     """Where the teacher's outputs come from: a model run live, a cache on disk, the student's own base model.
 
-    ``model`` is the teacher network held in memory (``None`` for a cache): what ``compare_with_teacher``
-    evaluates. ``covers_eval`` says whether outputs exist for evaluation data too (a cache covers the data it was
-    written for only).
+    ``model`` is a separate teacher network held in memory (``None`` for a cache or the student's own base).
+    ``covers_eval`` says whether outputs exist for evaluation data too (a cache covers the data it was written for
+    only); ``compare_with_teacher`` measures the teacher through ``__call__``.
     """
 
     model: nn.Module | None = None
@@ -200,11 +200,6 @@ class TeacherSource:
     def describe(self) -> dict:
         """``teacher`` (name or path), ``teacher_class`` and ``teacher_parameters`` for summaries and cards."""
         raise NotImplementedError
-
-    @contextlib.contextmanager
-    def evaluation_model(self):
-        """The teacher as a model to evaluate (``compare_with_teacher``), or ``None`` when there is none."""
-        yield self.model
 
     def check_needs(self, needs: frozenset[str]) -> None:
         if self.provides is not None and not needs <= self.provides:
@@ -288,7 +283,7 @@ class AdapterBaseTeacher(TeacherSource):
                 f"model is the teacher; got {type(student).__name__}."
             )
         self.student = student
-        self.model = None  # the base is not a separate network: compare_with_teacher evaluates it adapters off
+        self.model = None  # the base is not a separate network
         self._live = LiveTeacher(student)
 
     @contextlib.contextmanager
@@ -325,8 +320,3 @@ class AdapterBaseTeacher(TeacherSource):
             # The adapters are the only trainable parameters (modules_to_save copies included): the rest is the base.
             "teacher_parameters": sum(p.numel() for p in base.parameters() if not p.requires_grad),
         }
-
-    @contextlib.contextmanager
-    def evaluation_model(self):
-        with self.student.disable_adapter():
-            yield self.student

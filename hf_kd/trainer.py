@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -19,7 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .config import DistillationConfig
 from .cross_tokenizer import TEACHER_COLUMNS, aligned_positions, split_teacher_inputs
 from .data import SAMPLE_INDEX
-from .evaluation import count_parameters, evaluate_model
+from .evaluation import count_parameters
 from .features import ModelFeatures, output_field, run_model
 from .generation import ON_POLICY_KEY, student_rollout
 from .hub import render_student_card
@@ -183,6 +183,7 @@ class DistillationTrainer(Trainer):
         self.comparison: dict[str, dict] | None = None
         self.model_card_kwargs: dict = {}
         self.comparison_examples: int | None = None
+        self._comparing: str | None = None  # "teacher" / "student" while compare_with_teacher runs
         self.loss_optimizer: torch.optim.Optimizer | None = None  # DeepSpeed and FSDP (see _prepare_for_training)
         self.loss_lr_scheduler = None
 
@@ -589,29 +590,58 @@ class DistillationTrainer(Trainer):
     def compare_with_teacher(self, eval_dataset=None) -> dict[str, dict]:
         """Metrics (``compute_metrics``), parameters and ms per example of the teacher and the student.
 
-        With a cached teacher there is no teacher network: only the student's row is measured.
-
-        The rows go into the model card's teacher-vs-student table (kept in ``self.comparison``).
+        Both are run by this trainer's own evaluation loop, each model alone, so under DDP, ZeRO-3 or FSDP every
+        process takes part as in training. With a cached teacher there is no teacher network: only the student's
+        row is measured. The rows go into the model card's teacher-vs-student table (kept in ``self.comparison``).
         """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("compare_with_teacher needs an eval_dataset (here or in DistillationTrainer).")
-        evaluate = functools.partial(
-            evaluate_model,
-            dataset=dataset,
-            compute_metrics=self.compute_metrics,
-            data_collator=self.data_collator,
-            batch_size=self.args.per_device_eval_batch_size,
-            use_cpu=self.args.use_cpu,
-        )
-        rows = {}
-        with self.teacher.evaluation_model() as teacher:
-            if teacher is not None:  # a cache has no teacher network to evaluate
-                rows["teacher"] = evaluate(teacher)
-        rows["student"] = evaluate(self.model)
+        roles = ("teacher", "student") if self.teacher.covers_eval else ("student",)
+        rows = {role: self._measure_alone(role, dataset) for role in roles}
         self.comparison = rows
         self.comparison_examples = len(dataset)
         return rows
+
+    def _measure_alone(self, role: str, dataset) -> dict[str, float]:
+        """One model's row: its metrics on ``dataset``, parameters and wall-clock ms per example (after one
+        warm-up batch, so the latency is not the first call's)."""
+        self._comparing = role
+        try:
+            if hasattr(dataset, "select"):
+                warm_up = dataset.select(range(min(self.args.per_device_eval_batch_size, len(dataset))))
+                self.evaluation_loop(self.get_eval_dataloader(warm_up), role, metric_key_prefix=role)
+            start = time.perf_counter()
+            output = self.evaluation_loop(self.get_eval_dataloader(dataset), role, metric_key_prefix=role)
+            seconds = time.perf_counter() - start
+        finally:
+            self._comparing = None
+        prefix = f"{role}_"
+        row = {
+            key.removeprefix(prefix): value
+            for key, value in output.metrics.items()
+            if key.removeprefix(prefix) not in ("loss", "runtime", "samples_per_second", "steps_per_second")
+            and not key.endswith("model_preparation_time")
+        }
+        teacher = role == "teacher"
+        row["parameters"] = self.teacher.describe()["teacher_parameters"] if teacher else count_parameters(self.model)
+        row["ms_per_example"] = 1000 * seconds / len(dataset)
+        return row
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self._comparing is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        # compare_with_teacher: one model's logits alone, no distillation loss.
+        inputs, _ = _split_sample_index(self._prepare_inputs(inputs))
+        inputs, teacher_inputs = split_teacher_inputs(inputs)
+        inputs = self._with_decoder_inputs(model, inputs)
+        with torch.no_grad():
+            if self._comparing == "teacher":
+                inputs = teacher_inputs or inputs
+                logits = self.teacher(inputs, frozenset({"logits"})).dense_logits()
+            else:
+                logits = output_field(model(**{k: v for k, v in inputs.items() if k != "labels"}), "logits")
+        return None, logits, inputs.get("labels")
 
     def set_model_card_details(
         self, comparison: dict[str, dict] | None = None, eval_examples: int | None = None, **card_kwargs
@@ -640,6 +670,8 @@ class DistillationTrainer(Trainer):
         Arguments left out fall back to ``self.model_card_kwargs`` (e.g. ``{"dataset_description": ...}``), which
         also reach the card when ``save_model`` pushes because ``push_to_hub=True``.
         """
+        if self.comparison is None and self.eval_dataset is not None:
+            self.compare_with_teacher()  # on every process: the evaluation is collective
         if not self.is_world_process_zero():
             return
         defaults = self.model_card_kwargs
@@ -648,8 +680,6 @@ class DistillationTrainer(Trainer):
         tags = tags if tags is not None else defaults.get("tags")
         license = license or defaults.get("license")
         language = language or defaults.get("language")
-        if self.comparison is None and self.eval_dataset is not None:
-            self.compare_with_teacher()
         repo_id = (
             self.hub_model_id
             or self.args.hub_model_id
@@ -690,9 +720,9 @@ class DistillationTrainer(Trainer):
         """
         folder = os.path.join(self.args.output_dir, HUB_UPLOAD_FOLDER)
         self.save_model(folder, _internal_call=True)  # an internal save: the Trainer would push again
+        self.create_model_card(output_dir=folder, **card_kwargs)  # every process: it may evaluate collectively
         if not self.is_world_process_zero():
             return None
-        self.create_model_card(output_dir=folder, **card_kwargs)
         try:
             if self.hub_model_id is None:
                 self.init_hf_repo(token=token)

@@ -16,7 +16,10 @@ from hf_kd.hub import hub_url
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed", "push_worker.py")
 
 
-def push(tmp_path, endpoint, *extra):
+def push(tmp_path, endpoint, *extra, processes=1):
+    launcher = (
+        [] if processes == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    )
     env = dict(
         os.environ,
         HF_ENDPOINT=endpoint,
@@ -24,9 +27,10 @@ def push(tmp_path, endpoint, *extra):
         HF_TOKEN="hf_test_token",
         HF_HUB_DISABLE_TELEMETRY="1",
         HF_HUB_DISABLE_XET="1",
+        OMP_NUM_THREADS="1",
     )
     return subprocess.run(
-        [sys.executable, WORKER, str(tmp_path / "out"), "alice/tiny-student", *extra],
+        [sys.executable, *launcher, WORKER, str(tmp_path / "out"), "alice/tiny-student", *extra],
         env=env,
         capture_output=True,
         text=True,
@@ -66,6 +70,27 @@ def test_push_uploads_the_student_its_card_and_config_only(tmp_path):
         "(1 process (cpu))",  # how it was trained, after the steps
     ):
         assert expected in card, expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "zero3", "fsdp2"])
+def test_push_from_two_processes_measures_both_models_on_every_process(tmp_path, engine):
+    # The card's teacher-vs-student table is measured by the trainer's own evaluation loop on every process (under
+    # ZeRO-3 and FSDP2 each forward gathers shards collectively); only the main process uploads.
+    if engine == "zero3":
+        pytest.importorskip("deepspeed")
+    with LocalHub() as hub:
+        completed = push(tmp_path, hub.endpoint, *([engine] if engine != "ddp" else []), processes=2)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (commit,) = hub.state.commits
+    files = commit["files"]
+    assert {"model.safetensors", "config.json", "distillation_config.json", "README.md"} <= set(files)
+    assert not any("projector" in key for key in load(files["model.safetensors"]))
+    card = files["README.md"].decode()
+    name = {"ddp": "DDP", "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}[engine]
+    assert f"- Steps: 2 ({name}, 2 processes)" in card
+    rows = [line for line in card.splitlines() if line.startswith(("| teacher |", "| student |"))]
+    assert len(rows) == 2 and all("%" in row for row in rows)  # accuracy and macro-F1 of both models
 
 
 @pytest.mark.slow

@@ -9,17 +9,26 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from conftest import classification_data, config, tiny_bert  # noqa: E402
+import cpu_fsdp  # noqa: E402
+from conftest import ROOT, classification_data, config, tiny_bert  # noqa: E402
 
 from hf_kd import DistillationTrainer  # noqa: E402
 from hf_kd.metrics import classification_metrics  # noqa: E402
 from hf_kd.teachers import AdapterBaseTeacher  # noqa: E402
 
 
-def main(output_dir: str, repo_id: str, create_pr: bool, lora: bool) -> None:
+def main(output_dir: str, repo_id: str, create_pr: bool, lora: bool, engine: str | None = None) -> None:
+    extra = {}
+    if engine == "zero3":
+        extra["deepspeed"] = os.path.join(ROOT, "recipes", "accelerate", "ds_zero3.json")
+    if engine == "fsdp2":
+        cpu_fsdp.enable()
+        extra.update(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]})
     args = config(
         output_dir,
+        **extra,
         max_steps=2,
         hub_model_id=repo_id,
         hub_private_repo=True,
@@ -48,10 +57,14 @@ def main(output_dir: str, repo_id: str, create_pr: bool, lora: bool) -> None:
         compute_metrics=classification_metrics,
     )
     trainer.train()
-    if trainer.teacher_model is not None:  # like the recipes: a teacher copy beside the student, not uploaded
+    if trainer.teacher_model is not None and engine is None:  # like the recipes: a teacher copy, not uploaded
         trainer.teacher_model.save_pretrained(os.path.join(output_dir, "teacher"))
     trainer.push_to_hub(dataset="synthetic-tokens", create_pr=create_pr, revision="main")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], "create_pr" in sys.argv[3:], "lora" in sys.argv[3:])
+    flags = sys.argv[3:]
+    engine = next((flag for flag in flags if flag in ("zero3", "fsdp2")), None)
+    main(sys.argv[1], sys.argv[2], "create_pr" in flags, "lora" in flags, engine)
+    sys.stdout.flush()
+    os._exit(0)  # see train_worker.py
