@@ -45,12 +45,19 @@ def run(output_dir, batch_size, accumulation, processes=1, engine="ddp"):
     )
 
 
+def run_on_two_processes(output_dir, engine):
+    """2 processes × 2 micro-batches of 2 rows (the global batch of one process with 8) under ``engine``."""
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    return run(output_dir, batch_size=2, accumulation=2, processes=2, engine=engine)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["", "cache"])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, variant):
     # cache: the teacher replayed from disk (sample_index rows), each process reading its own rows.
     single, single_logs, _ = run(tmp_path / "single", batch_size=8, accumulation=1, engine=f"ddp-{variant}")
-    ddp, ddp_logs, _ = run(tmp_path / "ddp", batch_size=2, accumulation=2, processes=2, engine=f"ddp-{variant}")
+    ddp, ddp_logs, _ = run_on_two_processes(tmp_path / "ddp", f"ddp-{variant}")
     assert set(single) == set(ddp) and any(key.startswith("losses.") for key in single) == (variant == "")
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
@@ -82,12 +89,10 @@ def test_sharded_engines_on_two_processes_match_one_process(tmp_path, engine):
     # tokens, so hf_kd pads their chunk loops to the same length (each head call is a collective gather); under FSDP2
     # the heads' units are gathered once per micro-batch instead. *-lora: a LoRA student (with the projector);
     # *-adapterbase: the same student taught by its own base, adapters off (AdapterBaseTeacher, no second network).
-    if engine.startswith("zero"):
-        pytest.importorskip("deepspeed")
     chunked = engine.endswith("chunked")
     variant = engine.partition("-")[2]  # chunked, lora (a LoRA student: its adapter weights compared) or none
     single, single_logs, _ = run(tmp_path / "single", batch_size=8, accumulation=1, engine=f"ddp-{variant}")
-    sharded, sharded_logs, placement = run(tmp_path / engine, batch_size=2, accumulation=2, processes=2, engine=engine)
+    sharded, sharded_logs, placement = run_on_two_processes(tmp_path / engine, engine)
     assert any(key.startswith("losses.") for key in single) != chunked
     # Every engine saves the same files: the LM head tied to the embeddings left out (ZeRO-2 and FSDP2 gather it as
     # a separate copy, which hf_kd drops).
@@ -130,9 +135,7 @@ def test_fsdp2_teacher_is_sharded_frozen_and_exact(tmp_path):
 def test_resuming_under_sharded_engines_continues_the_learned_loss_parts_exactly(tmp_path, engine):
     # The engines checkpoint the student's optimizer; hf_kd checkpoints the projector and its own AdamW state beside
     # it. A run resumed after step 1 ends where the uninterrupted run did (a fresh AdamW state would not).
-    if engine.startswith("zero"):
-        pytest.importorskip("deepspeed")
-    resumed, _, _ = run(tmp_path, batch_size=2, accumulation=2, processes=2, engine=engine)
+    resumed, _, _ = run_on_two_processes(tmp_path, engine)
     uninterrupted = load_file(str(tmp_path / "uninterrupted.safetensors"))
     assert set(resumed) == set(uninterrupted) and any(key.startswith("losses.") for key in resumed)
     assert (tmp_path / "checkpoint-1" / "hf_kd_loss_optimizer.pt").exists()
@@ -144,7 +147,7 @@ def test_resuming_under_sharded_engines_continues_the_learned_loss_parts_exactly
 def test_crd_memory_banks_stay_identical_across_processes(tmp_path):
     # Each process sees its own rows; every bank update gathers all processes' rows, so both processes end with the
     # same banks, written at every training row (2 steps × 2 processes × 2 micro-batches × 2 rows = all 16).
-    run(tmp_path, batch_size=2, accumulation=2, processes=2, engine="ddp-crd")
+    run_on_two_processes(tmp_path, "ddp-crd")
     before, after = (
         [load_file(str(tmp_path / f"banks_{when}_{rank}.safetensors")) for rank in (0, 1)]
         for when in ("before", "after")
@@ -161,9 +164,7 @@ def test_on_policy_rollouts_under_sharded_engines_decode_in_lock_step(tmp_path, 
     # The student stops on many tokens, so the processes' samples end after different numbers of decoding steps;
     # every step gathers the sharded weights collectively, so all processes must keep stepping (synced_gpus). Without
     # it the FSDP2 run breaks off (a gloo peer hangs up).
-    if engine.startswith("zero"):
-        pytest.importorskip("deepspeed")
-    _, logs, placement = run(tmp_path, batch_size=2, accumulation=2, processes=2, engine=engine)
+    _, logs, placement = run_on_two_processes(tmp_path, engine)
     assert len(logs) == 2 and all(entry["jsd"] >= 0 and "ce" not in entry for entry in logs)  # own samples only
     assert placement["summary"]["steps"] == 2
 
