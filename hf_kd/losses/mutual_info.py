@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as torch_F
+from accelerate.utils import gather, pad_across_processes
 from torch import nn
 
 from ..projectors import Projector, channel_width
@@ -157,22 +158,10 @@ class ContrastiveRepresentationDistillation(EmbeddingRelationLoss):
         return torch_F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
-def _rows_of_every_process(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Each tensor's rows from all processes, in rank order (the same result on every process); one process: as is."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return tensors
-    world = torch.distributed.get_world_size()
-    if world == 1:
-        return tensors
-    size = torch.tensor([len(tensors[0])], device=tensors[0].device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    torch.distributed.all_gather(sizes, size)
-    longest = int(max(sizes))
-    gathered = []
-    for tensor in tensors:  # all_gather wants equal shapes: pad to the longest batch, then trim
-        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-        padded[: len(tensor)] = tensor
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        torch.distributed.all_gather(parts, padded)
-        gathered.append(torch.cat([part[: int(n)] for part, n in zip(parts, sizes)]))
-    return tuple(gathered)
+def _rows_of_every_process(index: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``index`` and ``rows`` from all processes, in rank order (the same result on every process); one process:
+    as is. Shorter batches are padded with index -1 for the gather and those rows dropped after it."""
+    index = gather(pad_across_processes(index, pad_index=-1))
+    rows = [gather(pad_across_processes(row)) for row in rows]
+    keep = index >= 0
+    return (index[keep], *(row[keep] for row in rows))
