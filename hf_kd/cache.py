@@ -12,9 +12,10 @@ causal/seq2seq LM, attended tokens without labels, one row per example for class
 
 Layout: ``manifest.json`` (format version, teacher, tokenizer and example fingerprints' digest, settings, one
 entry per shard with its sha256) and ``shard-NNNNN.safetensors`` files (``ids`` int32 N×k, ``logprobs`` N×k,
-``offsets`` per example, ``fingerprints`` per example). No pickle. Writing resumes at the first missing shard;
-loading checks the version and checksums, and the trainer checks the examples, tokenizer and vocabulary against
-the cache, with errors that say what differs.
+``offsets`` per example, ``fingerprints`` per example). No pickle. Writing again over an existing cache verifies
+every shard it lists (present, checksum, readable) and rewrites the missing or bad ones, then the rest; loading
+checks the version and checksums, and the trainer checks the examples, tokenizer and vocabulary against the
+cache, with errors that say what differs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import os
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -35,14 +36,26 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, defaul
 from .data import SAMPLE_INDEX
 from .evaluation import count_parameters
 from .features import ModelFeatures, SparseDistribution
-from .teachers import LiveTeacher, TeacherSource, is_causal_lm, is_token_level, output_size, unwrap
-from .trainer import distillation_mask
+from .model_kinds import is_causal_lm, is_token_level, labels_mark_distilled_positions, output_size
+from .positions import distillation_mask
+from .teachers import LiveTeacher, TeacherSource, unwrap
 
-CACHE_FORMAT_VERSION = 1
+# 2: attention_mask and token_type_ids joined the fingerprints; token classifiers distil every attended token.
+CACHE_FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 MODES = ("top_k", "sampled")
 # The columns an example's cached rows depend on: what the teacher reads and what decides the distilled positions.
-FINGERPRINT_COLUMNS = ("input_ids", "labels", "decoder_input_ids", "pixel_values", "input_values", "input_features")
+FINGERPRINT_COLUMNS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "labels",
+    "decoder_input_ids",
+    "decoder_attention_mask",
+    "pixel_values",
+    "input_values",
+    "input_features",
+)
 _VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -107,7 +120,9 @@ def write_teacher_cache(
     batches rows as in training (default: padding with ``tokenizer`` — per-token labels with -100 —, else
     ``default_data_collator``).
     ``tokenizer`` and ``max_length`` are recorded so a mismatch at training time is caught. Rerunning with the
-    same arguments resumes after the last complete shard; different arguments on an existing cache raise.
+    same arguments resumes: every shard already listed is verified (present, checksum, readable) and the missing
+    or bad ones are rewritten with the rest, so a repaired cache equals an unbroken run's. Different arguments on
+    an existing cache raise.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -122,6 +137,7 @@ def write_teacher_cache(
     model = unwrap(teacher)
     token_level = is_token_level(model) if token_level is None else token_level
     shift = token_level and is_causal_lm(model)
+    by_labels = labels_mark_distilled_positions(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if data_collator is None:
         data_collator = _default_collator(dataset, tokenizer)
@@ -137,6 +153,7 @@ def write_teacher_cache(
         "seed": seed,
         "token_level": token_level,
         "causal": shift,
+        "positions_by_labels": by_labels,
         "teacher": getattr(model, "name_or_path", None) or None,
         "teacher_class": type(model).__name__,
         "teacher_parameters": count_parameters(model),
@@ -164,6 +181,7 @@ def write_teacher_cache(
                 f"{path} already holds a teacher cache written with different {differing}; resume with the same "
                 "teacher, data and settings, or write to an empty folder."
             )
+    shards = [shard for shard in shards if _shard_problem(path, shard) is None]  # the others are written again
     vocab_size = existing.get("vocab_size") if shards else None
     done = {shard["first"] for shard in shards}
     live = LiveTeacher(teacher)
@@ -184,7 +202,7 @@ def write_teacher_cache(
             batch = data_collator([rows[index] for index in range(start, stop)])
             batch = {key: value.to(device) for key, value in batch.items() if torch.is_tensor(value)}
             logits = live(batch, frozenset({"logits"})).logits
-            mask = distillation_mask(batch, token_level, shift)
+            mask = distillation_mask(batch, token_level, shift, by_labels)
             if shift:
                 logits = logits[:, :-1]
             if mask is None:  # every position: one row per example (classifiers) or every token
@@ -213,11 +231,27 @@ def write_teacher_cache(
             file + ".tmp",
         )
         os.replace(file + ".tmp", file)
+        shards = [shard for shard in shards if shard["first"] != first]
         shards.append({"file": name, "first": first, "count": count, "sha256": _sha256(file)})
         _write_json(manifest_path, {**manifest, "vocab_size": vocab_size, "shards": sorted(shards, key=_first)})
     bar.close()
     _write_json(manifest_path, {**manifest, "vocab_size": vocab_size, "shards": sorted(shards, key=_first)})
-    return TeacherCache.load(path, verify_checksums=False)
+    return TeacherCache.load(path)
+
+
+def _shard_problem(path: str, shard: dict) -> str | None:
+    """Why a listed shard cannot be used (missing, checksum, unreadable), or ``None`` when it is sound."""
+    file = os.path.join(path, shard["file"])
+    if not os.path.exists(file):
+        return "is missing"
+    if _sha256(file) != shard["sha256"]:
+        return "does not match its checksum (corrupt or changed)"
+    try:
+        with safe_open(file, "pt") as handle:
+            missing = {"ids", "logprobs", "offsets", "fingerprints"} - set(handle.keys())
+    except (SafetensorError, OSError) as error:
+        return f"is not a readable safetensors file ({error})"
+    return f"lacks the tensors {sorted(missing)}" if missing else None
 
 
 def _default_collator(dataset, tokenizer):
@@ -283,7 +317,13 @@ class TeacherCache(TeacherSource):
         self.model = None
         self.vocab_size = manifest["vocab_size"]
         self._firsts = np.asarray([shard["first"] for shard in manifest["shards"]])
-        self._handles = [safe_open(os.path.join(path, shard["file"]), "pt") for shard in manifest["shards"]]
+        try:
+            self._handles = [safe_open(os.path.join(path, shard["file"]), "pt") for shard in manifest["shards"]]
+        except SafetensorError as error:  # only without checksum verification: a garbage file
+            raise ValueError(
+                f"a shard of the teacher cache in {path} is not a readable safetensors file ({error}). Run "
+                "write_teacher_cache again with the same arguments to rewrite it."
+            ) from error
         self._offsets = [handle.get_tensor("offsets") for handle in self._handles]
 
     @classmethod
@@ -315,13 +355,15 @@ class TeacherCache(TeacherSource):
                 f"{path} is incomplete: {cached} of {manifest['num_examples']} examples were written. Run "
                 "write_teacher_cache again with the same arguments to resume."
             )
-        if verify_checksums:
-            for shard in manifest["shards"]:
-                if _sha256(os.path.join(path, shard["file"])) != shard["sha256"]:
-                    raise ValueError(
-                        f"{shard['file']} in {path} does not match its checksum: the file is corrupt or was "
-                        "changed. Delete it and run write_teacher_cache again to rewrite it."
-                    )
+        for shard in manifest["shards"]:
+            problem = _shard_problem(path, shard) if verify_checksums else None
+            if problem is None and not os.path.exists(os.path.join(path, shard["file"])):
+                problem = "is missing"
+            if problem is not None:
+                raise ValueError(
+                    f"{shard['file']} in {path} {problem}. Run write_teacher_cache again with the same arguments: it "
+                    "verifies every shard and rewrites the missing or bad ones."
+                )
         expected = {
             "teacher": teacher,
             "tokenizer": None if tokenizer is None else tokenizer_fingerprint(tokenizer),
@@ -352,7 +394,11 @@ class TeacherCache(TeacherSource):
         """Raise, saying what differs, unless the cache fits this student, training set, tokenizer and losses."""
         manifest = self.manifest
         if is_token_level(student) != manifest["token_level"] or (
-            manifest["token_level"] and is_causal_lm(student) != manifest["causal"]
+            manifest["token_level"]
+            and (
+                is_causal_lm(student) != manifest["causal"]
+                or labels_mark_distilled_positions(student) != manifest["positions_by_labels"]
+            )
         ):
             raise ValueError(
                 f"the cache was written by a {manifest['teacher_class']} (token level: {manifest['token_level']}), "
@@ -430,7 +476,9 @@ class TeacherCache(TeacherSource):
         are; other losses get them dense)."""
         reference = inputs.get("input_ids", next(v for v in inputs.values() if torch.is_tensor(v)))
         device = reference.device
-        mask = distillation_mask(inputs, self.manifest["token_level"], self.manifest["causal"])
+        mask = distillation_mask(
+            inputs, self.manifest["token_level"], self.manifest["causal"], self.manifest["positions_by_labels"]
+        )
         batch = reference.shape[0]
         if not self.manifest["token_level"]:
             ids, values = self._batch_rows(sample_index, [1] * batch)

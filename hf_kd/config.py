@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,7 @@ import yaml
 from transformers import TrainingArguments
 
 from .losses import resolve_loss_class
+from .losses.registry import check_loss_options
 
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -38,7 +40,14 @@ def parse_losses(value: str | list | None) -> list[LossSpec]:
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            value = json.loads(text)
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"losses looks like a JSON list but does not parse ({error.msg} at character {error.pos}): "
+                    f'{text!r}. Write it as JSON, e.g. \'[{{"name": "kl", "weight": 1.0}}]\', or in the '
+                    "compact form 'kl:1.0,hidden_mse:0.5:layer_map=last'."
+                ) from None
         else:
             value = [_parse_compact(item) for item in text.split(",") if item.strip()]
     if not isinstance(value, (list, tuple)):
@@ -56,7 +65,11 @@ def parse_losses(value: str | list | None) -> list[LossSpec]:
             name = options.pop("name")
             weight = options.pop("weight", None)
             options.update(options.pop("kwargs", {}) or {})
-            specs.append(LossSpec(str(name), None if weight is None else float(weight), options))
+            try:
+                weight = None if weight is None else float(weight)
+            except (TypeError, ValueError):
+                raise ValueError(f"the weight of loss {name!r} must be a number, got {weight!r}.") from None
+            specs.append(LossSpec(str(name), weight, options))
         else:
             raise ValueError(f"cannot read loss entry {item!r}: give a name, a dict or a LossSpec.")
     return [
@@ -146,6 +159,15 @@ class DistillationConfig(TrainingArguments):
     )
     generation_top_k: int | None = field(default=None, metadata={"help": "On-policy rollouts: top-k sampling."})
     generation_top_p: float | None = field(default=None, metadata={"help": "On-policy rollouts: nucleus sampling."})
+    check_finite: bool = field(
+        default=True,
+        metadata={
+            "help": "Stop training with an error naming the term (and whether the teacher or the student produced "
+            "it) as soon as a loss term or the teacher's outputs are NaN or infinite (-inf logits of masked "
+            "vocabulary entries are allowed). One device-to-host sync and one pass over the teacher's outputs "
+            "per micro-batch; turn off only to measure that cost."
+        },
+    )
     token_level: bool | None = field(
         default=None,
         metadata={
@@ -155,29 +177,54 @@ class DistillationConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        if (
+            isinstance(self.losses, str)
+            and not self.losses.strip()
+            or isinstance(self.losses, (list, tuple))
+            and (len(self.losses) == 0)
+        ):
+            raise ValueError(
+                f"losses is empty ({self.losses!r}): a DistillationTrainer needs at least one distillation loss "
+                "(leave losses unset for kl). To train the student on its labels alone, use transformers.Trainer."
+            )
         specs = parse_losses(self.losses)  # raises for unknown ids, listing the valid ones
         for spec in specs:
-            if spec.weight < 0:
-                raise ValueError(f"losses: weight of {spec.name!r} must be >= 0, got {spec.weight}.")
+            if not (math.isfinite(spec.weight) and spec.weight >= 0):
+                raise ValueError(
+                    f"losses: the weight of {spec.name!r} must be a finite number >= 0, got {spec.weight}."
+                )
+            check_loss_options(spec.name, spec.options)  # a typo fails here, not at the first step
         # Stored as plain dicts so the config serialises to JSON (checkpoints, model cards).
         self.losses = [spec.to_dict() for spec in specs]
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}; 1.0 means no softening.")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(
+                f"temperature must be a finite number > 0, got {self.temperature}; 1.0 means no softening."
+            )
         if self.alpha is not None:
-            if not 0.0 <= self.alpha <= 1.0:
+            if not 0.0 <= self.alpha <= 1.0:  # False for NaN too
                 raise ValueError(
                     f"alpha must lie in [0, 1], got {self.alpha}; or leave it unset and use "
                     "hard_label_weight for the additive form."
                 )
             if self.hard_label_weight is not None:
                 raise ValueError("set either alpha (convex form) or hard_label_weight (additive form), not both.")
-        elif self.hard_label_weight is not None and self.hard_label_weight < 0:
-            raise ValueError(f"hard_label_weight must be >= 0, got {self.hard_label_weight}.")
+        elif self.hard_label_weight is not None and not (
+            math.isfinite(self.hard_label_weight) and self.hard_label_weight >= 0
+        ):
+            raise ValueError(f"hard_label_weight must be a finite number >= 0, got {self.hard_label_weight}.")
+        if self.chunk_size is not None and self.label_smoothing_factor > 0:
+            raise ValueError(
+                f"label_smoothing_factor={self.label_smoothing_factor} is not applied on the chunk_size path, "
+                "whose label loss is the plain cross-entropy: leave chunk_size unset to smooth the labels, or set "
+                "label_smoothing_factor=0."
+            )
         if self.chunk_size is not None and self.chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive number of tokens, got {self.chunk_size}.")
-        if not 0.0 <= self.on_policy_fraction <= 1.0:
+        if not 0.0 <= self.on_policy_fraction <= 1.0:  # False for NaN too
             raise ValueError(f"on_policy_fraction must lie in [0, 1], got {self.on_policy_fraction}.")
-        if self.generation_max_new_tokens <= 0 or self.generation_temperature < 0:
+        if self.generation_max_new_tokens <= 0 or not (
+            math.isfinite(self.generation_temperature) and self.generation_temperature >= 0
+        ):
             raise ValueError(
                 "generation_max_new_tokens must be > 0 and generation_temperature >= 0, got "
                 f"{self.generation_max_new_tokens} and {self.generation_temperature}."

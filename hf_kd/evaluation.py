@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 
@@ -43,6 +44,37 @@ def evaluate_model(
     row["parameters"] = count_parameters(model)
     row["ms_per_example"] = 1000 * metrics["eval_runtime"] / len(dataset)
     return row
+
+
+def token_perplexity(model: nn.Module, dataset, *, data_collator, batch_size: int = 32) -> float:
+    """``exp`` of the mean label cross-entropy per supervised token over ``dataset`` (labels -100 ignored): the
+    same quantity as ``exp(eval_ce)`` of a :class:`~hf_kd.DistillationTrainer` evaluation, for any model. Causal LMs
+    shift their labels by one, as their own loss does."""
+    import torch
+
+    from .model_kinds import is_causal_lm
+
+    shift = is_causal_lm(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = data_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            batch = {key: value.to(device) for key, value in batch.items()}
+            labels = batch.pop("labels")
+            if "decoder_input_ids" not in batch and getattr(model.config, "is_encoder_decoder", False):
+                batch["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+            logits = model(**batch).logits
+            if shift:
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            total += torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+            ).item()
+            tokens += int(labels.ne(-100).sum())
+    model.train(was_training)
+    return math.exp(total / max(tokens, 1))
 
 
 def markdown_table(rows: dict[str, dict[str, float]], columns: list[str] | None = None) -> str:

@@ -26,6 +26,13 @@ def _parameters(count: int) -> str:
     return f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e3:.1f}k"
 
 
+def _describe_data(description: str | None, datasets: list[str] | None, configs: str | list[str] | None) -> str:
+    text = description or (", ".join(datasets) if datasets else "–")
+    if configs:
+        text += f" (configuration: {configs if isinstance(configs, str) else ', '.join(configs)})"
+    return text
+
+
 def render_student_card(
     summary: dict,
     losses: list,
@@ -40,11 +47,16 @@ def render_student_card(
     license: str | None = None,
     language: str | list[str] | None = None,
     device: str | None = None,
+    dataset_configs: str | list[str] | None = None,
+    base_model: str | None = None,
+    pipeline_tag: str | None = None,
 ) -> ModelCard:
     """A card saying what the student was distilled from, with which losses, on what data, and how it compares.
 
     ``summary`` is :meth:`DistillationTrainer.distillation_summary`; ``losses`` the built loss modules (for their
     papers); ``comparison`` maps row names (teacher, student) to :func:`~hf_kd.evaluation.evaluate_model` rows.
+    ``base_model`` overrides the card's base model (by default the teacher, or a PEFT student's base, when it is a
+    Hub repo); ``dataset_configs`` are named beside the data.
     """
     teacher = summary["teacher"] or "a teacher model"
     teacher_url = hub_url(summary["teacher"])
@@ -52,11 +64,12 @@ def render_student_card(
     adapter = summary.get("adapter")
     if adapter:
         adapter = {**adapter, "parameters": _parameters(adapter["parameters"])}
-        base_model = adapter["base_model"] if hub_url(adapter["base_model"]) else None
+        default_base = adapter["base_model"] if hub_url(adapter["base_model"]) else None
     else:
-        base_model = summary["teacher"] if teacher_url else None
+        default_base = summary["teacher"] if teacher_url else None
     card_data = ModelCardData(
-        base_model=base_model,
+        base_model=base_model if base_model is not None else default_base,
+        pipeline_tag=pipeline_tag,
         library_name="peft" if adapter else "transformers",
         tags=tags,
         datasets=[dataset] if isinstance(dataset, str) else dataset,
@@ -94,7 +107,7 @@ def render_student_card(
         compression=f"{summary['student_parameters'] / summary['teacher_parameters']:.1%}",
         objective=objective,
         temperature=summary["temperature"],
-        dataset_description=dataset_description or (", ".join(card_data.datasets) if card_data.datasets else "–"),
+        dataset_description=_describe_data(dataset_description, card_data.datasets, dataset_configs),
         steps=summary.get("steps", "–"),
         engine=summary.get("engine"),
         losses=rows,

@@ -5,96 +5,62 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import os
 
 import torch
-import transformers
 from torch import nn
 
 from .evaluation import count_parameters
 from .features import ModelFeatures, run_model
 from .losses.chunked import FSDPModule, output_logits
-
-# transformers names task models "<Arch><Suffix>"; the Auto class for a suffix loads a teacher with the same head.
-_AUTO_CLASS_BY_SUFFIX = (
-    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
-    ("ForImageClassification", "AutoModelForImageClassification"),
-    ("ForAudioClassification", "AutoModelForAudioClassification"),
-    ("ForTokenClassification", "AutoModelForTokenClassification"),
-    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
-    ("ForMultipleChoice", "AutoModelForMultipleChoice"),
-    ("ForMaskedLM", "AutoModelForMaskedLM"),
-    ("ForCausalLM", "AutoModelForCausalLM"),
-    ("LMHeadModel", "AutoModelForCausalLM"),
-    ("ForConditionalGeneration", "AutoModelForSeq2SeqLM"),
-)
-
-_TOKEN_LEVEL_SUFFIXES = (
-    "ForCausalLM",
-    "LMHeadModel",
-    "ForConditionalGeneration",
-    "ForMaskedLM",
-    "ForTokenClassification",
+from .model_kinds import (  # noqa: F401  (re-exported: where these lived before)
+    auto_class_for,
+    base_model_class_name,
+    is_causal_lm,
+    is_token_level,
+    output_size,
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def base_model_class_name(model: nn.Module) -> str:
-    """The class name of the model under any PEFT or DDP wrapper."""
-    while True:
-        if hasattr(model, "get_base_model"):  # peft.PeftModel
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP and friends
-            model = model.module
-        else:
-            return type(model).__name__
-
-
-def is_token_level(model: nn.Module) -> bool:
-    """Whether the model's logits are per token (B×T×V) rather than per example, judged from its class."""
-    return base_model_class_name(model).endswith(_TOKEN_LEVEL_SUFFIXES)
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """Whether logits at position t predict token t + 1 (decoder-only LMs), so labels shift by one."""
-    config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
-        return False
-    return base_model_class_name(model).endswith(("ForCausalLM", "LMHeadModel"))
-
-
-def output_size(model: nn.Module) -> int | None:
-    """Rows of the model's LM head (its vocabulary size as the logits see it), also when ZeRO-3 has sharded the
-    weight; ``None`` for models without output embeddings."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if weight is None:
-        return None
-    return tuple(getattr(weight, "ds_shape", weight.shape))[0]
-
-
-def auto_class_for(student: nn.Module):
-    """The ``AutoModelFor…`` class that loads a model with the same task head as ``student``."""
-    name = base_model_class_name(student)
-    for suffix, auto_name in _AUTO_CLASS_BY_SUFFIX:
-        if name.endswith(suffix):
-            return getattr(transformers, auto_name)
-    raise ValueError(
-        f"cannot tell which Auto class loads a teacher for a student of class {name}; "
-        "load the teacher yourself and pass it as teacher_model=."
-    )
 
 
 def load_teacher(teacher: nn.Module | str, student: nn.Module, dtype: str = "auto") -> nn.Module:
     """Load (from a path or hub id, through ``from_pretrained``), cast and freeze a teacher."""
     torch_dtype = _DTYPES.get(dtype)
     if isinstance(teacher, str):
-        teacher = auto_class_for(student).from_pretrained(teacher, dtype=torch_dtype or "auto")
+        if looks_like_local_path(teacher) and not os.path.isdir(teacher):
+            raise FileNotFoundError(
+                f"teacher_model {teacher!r} is not a folder (resolved: {os.path.abspath(os.path.expanduser(teacher))}):"
+                " give the folder a teacher was saved to with save_pretrained, or a Hub repo id (owner/name)."
+            )
+        try:
+            teacher = auto_class_for(student).from_pretrained(os.path.expanduser(teacher), dtype=torch_dtype or "auto")
+        except OSError as error:  # not found on the Hub, offline, no weights in the folder
+            raise OSError(f"could not load the teacher {teacher!r} with from_pretrained: {error}") from error
     elif not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher_model must be an nn.Module or a path, got {type(teacher).__name__}.")
     elif torch_dtype is not None:
         teacher = teacher.to(torch_dtype)
+    check_materialized(teacher, "teacher")
     return freeze(teacher)
+
+
+def looks_like_local_path(name: str) -> bool:
+    """A name that can only mean a folder: absolute, relative with ./ or ../, home-relative, or with more than one
+    '/' (a Hub repo id is ``owner/name``)."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_materialized(model: nn.Module, role: str) -> None:
+    """Refuse a model whose weights are on the meta device (built under ``init_empty_weights`` or
+    ``device_map="meta"``): its outputs would be empty tensors, not numbers."""
+    meta = [name for name, parameter in model.named_parameters() if parameter.is_meta]
+    if meta:
+        raise ValueError(
+            f"the {role}'s weights are on the meta device ({len(meta)} tensors, e.g. {meta[0]!r}): it was built "
+            "without loading them (init_empty_weights, device_map='meta'). Load it with from_pretrained, or "
+            "load_state_dict(..., assign=True), before distillation."
+        )
 
 
 def prepare_teacher(teacher: nn.Module, accelerator) -> nn.Module:

@@ -6,77 +6,66 @@ import dataclasses
 import json
 import os
 import time
-from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, get_scheduler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
+from transformers.utils import logging
+from transformers.utils.hub import PushInProgress
 
+from .checks import (
+    check_batch_relations,
+    check_chunkable,
+    check_compatible,
+    check_logit_width,
+    check_sample_index,
+    check_vocabularies,
+    with_default_temperature,
+)
 from .config import DistillationConfig
 from .cross_tokenizer import TEACHER_COLUMNS, aligned_positions, split_teacher_inputs
 from .data import SAMPLE_INDEX
 from .evaluation import count_parameters
-from .features import ModelFeatures, output_field, run_model
+from .features import ModelFeatures, finite_outputs, non_finite_fields, output_field, run_model
 from .generation import ON_POLICY_KEY, student_rollout
 from .hub import render_student_card
 from .losses import DistillationLoss, get_loss
 from .losses.chunked import chunked_token_terms
-from .teachers import (
-    LiveTeacher,
-    TeacherSource,
+from .model_kinds import (
     auto_class_for,
     is_causal_lm,
     is_token_level,
-    load_teacher,
-    output_size,
-    prepare_teacher,
-    use_eager_attention,
+    labels_mark_distilled_positions,
 )
+from .positions import ItemCounts, distillation_mask, num_positions, split_sample_index
+from .teachers import LiveTeacher, TeacherSource, check_materialized, load_teacher, prepare_teacher, use_eager_attention
+from .term_log import TermLog
+
+logger = logging.get_logger(__name__)
 
 DISTILLATION_CONFIG_NAME = "distillation_config.json"
 HUB_UPLOAD_FOLDER = "_hub_upload"  # what push_to_hub uploads; "_*" is skipped by the Trainer's own pushes
 LOSS_PARTS_NAME = "hf_kd_losses.safetensors"  # learned loss parts (projectors, banks) inside each checkpoint
 LOSS_OPTIMIZER_NAME = "hf_kd_loss_optimizer.pt"  # their optimizer and schedule, under DeepSpeed and FSDP
-
-
-@dataclass
-class ItemCounts:
-    """How many items the loss terms are normalised by, over every micro-batch of one optimizer step.
-
-    ``labels`` counts supervised label entries (for the student's own loss); ``positions`` counts the positions
-    that carry distillation (every example at sequence level, every supervised or attended token at token level).
-    ``scale`` is the number of processes whose counts were summed, undoing DDP's gradient averaging.
-    """
-
-    labels: torch.Tensor
-    positions: torch.Tensor
-    scale: int = 1
-
-
-def distillation_mask(inputs: dict, token_level: bool, shift: bool) -> torch.Tensor | None:
-    """Bool mask of the positions that carry distillation, or ``None`` when every position does.
-
-    Sequence level: every example (labeled or not, so unlabeled transfer data is distilled). Token level: tokens
-    with a label other than -100 when labels are given, else attended tokens; shifted by one for causal LMs,
-    whose logits at position t predict token t + 1.
-    """
-    if not token_level:
-        return None
-    labels = inputs.get("labels")
-    if labels is not None:
-        mask = labels.ne(-100)
-    elif "decoder_input_ids" in inputs:
-        mask = inputs.get("decoder_attention_mask")
-    else:
-        mask = inputs.get("attention_mask")
-    if mask is None:
-        return None
-    mask = mask.bool()
-    return mask[:, 1:] if shift else mask
+# What a checkpoint holds beside the student: resumable state, never part of the student pushed to the repo root.
+CHECKPOINT_ONLY_FILES = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+    "trainer_state.json",
+    LOSS_PARTS_NAME,
+    LOSS_OPTIMIZER_NAME,
+    "global_step*",
+    "latest",
+    "zero_to_fp32.py",
+    "pytorch_model_fsdp*",
+    "optimizer_*",
+)
 
 
 class DistillationTrainer(Trainer):
@@ -121,14 +110,30 @@ class DistillationTrainer(Trainer):
                 "no teacher: pass teacher_model= (a model, a path, a TeacherCache or AdapterBaseTeacher) or set "
                 "DistillationConfig.teacher_model_name_or_path."
             )
+        if teacher_model is model:
+            raise ValueError(
+                "teacher_model is the student itself: it would be frozen with the teacher and learn nothing. For a "
+                "frozen copy, pass copy.deepcopy(model); for a LoRA student taught by its own base, "
+                "AdapterBaseTeacher(model)."
+            )
+        check_materialized(model, "student")
+        train_dataset = kwargs.get("train_dataset")
+        if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+            raise ValueError("train_dataset is empty (0 rows): check the data loading and filtering before training.")
+        # Built before the Trainer: a loss that cannot take effect with this model and batch fails here.
+        specs = args.loss_specs
+        losses = nn.ModuleList(
+            get_loss(spec.name, **with_default_temperature(spec, args.temperature)) for spec in specs
+        )
+        check_batch_relations(losses, args.per_device_train_batch_size)
+        check_logit_width(model, losses)
+        check_sample_index(losses, train_dataset)
         source = teacher_model if isinstance(teacher_model, TeacherSource) else None
         teacher = None if source is not None else load_teacher(teacher_model, model, args.teacher_dtype)
+        check_vocabularies(model, teacher, losses)
         super().__init__(model=model, args=args, **kwargs)
 
-        specs = args.loss_specs
-        self.distillation_losses = nn.ModuleList(
-            get_loss(spec.name, **{"temperature": args.temperature, **spec.options}) for spec in specs
-        ).to(self.args.device)
+        self.distillation_losses = losses.to(self.args.device)
         self.loss_names = [_unique_name(spec.name, [s.name for s in specs[:i]]) for i, spec in enumerate(specs)]
         self.loss_weights = [spec.weight for spec in specs]
         self.needs = {
@@ -141,9 +146,10 @@ class DistillationTrainer(Trainer):
                 use_eager_attention(teacher)
         self.token_level = args.token_level if args.token_level is not None else is_token_level(model)
         self.shift_labels = is_causal_lm(model)
+        self.labels_mark_positions = labels_mark_distilled_positions(model)
 
         if args.chunk_size is not None:
-            _check_chunkable(
+            check_chunkable(
                 self.distillation_losses,
                 self.shift_labels,
                 self.token_level,
@@ -162,7 +168,6 @@ class DistillationTrainer(Trainer):
                     losses=list(self.distillation_losses),
                 )
         self.teacher.check_needs(self.needs["teacher"])
-        _check_vocabularies(self.accelerator.unwrap_model(model), teacher, self.distillation_losses)
         if args.on_policy_fraction > 0:
             student_config = getattr(self.accelerator.unwrap_model(model), "config", None)
             if not self.token_level or not (self.shift_labels or getattr(student_config, "is_encoder_decoder", False)):
@@ -174,11 +179,8 @@ class DistillationTrainer(Trainer):
                 )
         self.teacher_model = self.teacher.model  # the teacher network in memory, None for a cache
         self._setup_learned_losses()
-        self._term_sums: dict[str, dict[str, list[torch.Tensor]]] = {
-            "train": defaultdict(list),
-            "eval": defaultdict(list),
-        }
-        self._steps_at_last_log = 0
+        self.term_log = TermLog(["ce", *self.loss_names], self.args.device)
+        self._warned_unlabeled_eval = False
         self.add_callback(_DistillationCallback(self))
         self.comparison: dict[str, dict] | None = None
         self.model_card_kwargs: dict = {}
@@ -202,7 +204,7 @@ class DistillationTrainer(Trainer):
             )
         with torch.random.fork_rng(devices=[]):  # the dry run must not shift the training shuffle
             batch = self._prepare_inputs(next(iter(self.get_train_dataloader())))
-        batch, sample_index = _split_sample_index(batch)
+        batch, sample_index = split_sample_index(batch)
         model_inputs = {key: value for key, value in batch.items() if key != "labels"}
         was_training = self.model.training
         self.model.eval()  # no dropout, no batch-norm statistics update in the dry run
@@ -279,7 +281,19 @@ class DistillationTrainer(Trainer):
             draw = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
             if torch.rand((), generator=draw).item() < fraction:
                 batch_samples = [self._rollout(batch) for batch in batch_samples]
-        return batch_samples, self._get_num_items_in_batch(batch_samples, device)
+        counts = self._get_num_items_in_batch(batch_samples, device)
+        if batch_samples and self.token_level and (counts.scale > 1 or self.accelerator.num_processes == 1):
+            # Counts over the whole step (every process): a step in which no token carries a label or
+            # distillation has loss 0 and teaches nothing, which a mislabeled data set does at every step.
+            if (counts.labels + counts.positions).item() == 0:
+                raise ValueError(
+                    f"step {self.state.global_step + 1}: none of the tokens of its "
+                    f"{sum(len(next(v for v in b.values() if torch.is_tensor(v))) for b in batch_samples)} rows per "
+                    "process carries a label or distillation (labels are -100 everywhere, so the loss would be 0). "
+                    "Label the tokens to learn (the completion of a prompt), e.g. with "
+                    "hf_kd.generation.tokenize_prompt_completion, or drop rows without supervised tokens."
+                )
+        return batch_samples, counts
 
     def _rollout(self, batch: dict) -> dict:
         if TEACHER_COLUMNS[0] in batch:
@@ -288,7 +302,7 @@ class DistillationTrainer(Trainer):
                 "re-tokenising for the teacher. Use on_policy_fraction=0 with teacher_input_ids."
             )
         batch = self._prepare_inputs(batch)
-        inputs, sample_index = _split_sample_index(batch)
+        inputs, sample_index = split_sample_index(batch)
         deepspeed = self.accelerator.state.deepspeed_plugin
         # Sharded weights (ZeRO-3, FSDP): every decoding step gathers them collectively, so every process keeps
         # stepping until all are done (as transformers' Seq2SeqTrainer decides).
@@ -308,15 +322,18 @@ class DistillationTrainer(Trainer):
                 batch_labels = batch["labels"][..., 1:] if shift else batch["labels"]
                 counts[0] += batch_labels.ne(-100).sum().to(device)
             batch, teacher_batch = split_teacher_inputs(batch)
-            mask = distillation_mask(batch, self.token_level, shift)
+            mask = self._distillation_mask(batch)
             if teacher_batch is not None and mask is not None:  # different tokenizers: the aligned positions
-                mask = aligned_positions(mask, distillation_mask(teacher_batch, self.token_level, shift))[0]
-            counts[1] += mask.sum().to(device) if mask is not None else _num_positions(batch, self.token_level, shift)
+                mask = aligned_positions(mask, self._distillation_mask(teacher_batch))[0]
+            counts[1] += mask.sum().to(device) if mask is not None else num_positions(batch, self.token_level, shift)
         scale = 1
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             counts = self.accelerator.gather(counts[None]).sum(0)
             scale = self.accelerator.num_processes
         return ItemCounts(labels=counts[0], positions=counts[1], scale=scale)
+
+    def _distillation_mask(self, inputs: dict) -> torch.Tensor | None:
+        return distillation_mask(inputs, self.token_level, self.shift_labels, self.labels_mark_positions)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         try:
@@ -333,19 +350,50 @@ class DistillationTrainer(Trainer):
         self.distillation_losses.train(mode == "train")  # e.g. crd writes its memory banks in training only
         on_policy = bool(inputs.get(ON_POLICY_KEY))
         inputs, teacher_inputs = split_teacher_inputs({k: v for k, v in inputs.items() if k != ON_POLICY_KEY})
+        # The share of an optimizer step this micro-batch stands for; outside training there is no accumulation.
+        accumulation = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
+        label_weight = 0.0 if on_policy else self.args.label_loss_weight
         if teacher_inputs is not None and self.args.chunk_size is not None:
             raise ValueError("chunk_size does not support teacher_input_ids (different tokenizers); leave it unset.")
         if self.args.chunk_size is not None:
-            total, terms, outputs = self._chunked_token_loss(model, inputs, counts, with_label_loss=not on_policy)
-            self._record_terms(mode, terms)
-            return (total, outputs) if return_outputs else total
-        # Outside training there is no accumulation: a term that is a per-batch mean is used as is.
-        accumulation = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
+            total, terms, outputs, distilled = self._chunked_token_loss(
+                model, inputs, counts, with_label_loss=label_weight > 0, mode=mode
+            )
+        else:
+            total, terms, outputs, distilled = self._token_or_sequence_loss(
+                model, inputs, teacher_inputs, counts, label_weight, accumulation, mode
+            )
+        self._record_terms(
+            mode, terms, counts, accumulation, distilled, label_weight > 0 and inputs.get("labels") is not None
+        )
+        return (total, outputs) if return_outputs else total
 
-        inputs, sample_index = _split_sample_index(inputs)
+    def _record_terms(self, mode, terms, counts: ItemCounts, accumulation: int, distilled: bool, labeled: bool):
+        """Training: each term's share of its step, weighed 1 per step (the log is the mean per step). Evaluation:
+        each term weighed by the items it averages (label tokens, distilled positions; 1 per batch for batch-level
+        losses), so the log is the mean per item over the whole evaluation set, whatever the batch sizes.
+
+        Weights come from the step's counts — every process's, when they were summed — so a process whose rows have
+        no label still weighs the step in, and every process divides the same sums by the same weights."""
+        if mode == "train":
+            weights = {name: 1.0 / accumulation for name in self.loss_names} if distilled else {}
+            if labeled:
+                weights["ce"] = counts.labels.gt(0).float() / accumulation
+            self.term_log.record(mode, terms, weights)
+            return
+        weights = {}
+        if distilled:
+            for name, loss in zip(self.loss_names, self.distillation_losses):
+                weights[name] = counts.positions / counts.scale if loss.per_position else 1.0
+        if labeled:
+            weights["ce"] = counts.labels / counts.scale
+        self.term_log.record(mode, {name: value * weights[name] for name, value in terms.items()}, weights)
+
+    def _token_or_sequence_loss(self, model, inputs, teacher_inputs, counts, label_weight, accumulation, mode):
+        """``(total, terms, student outputs, whether distillation ran)`` of one micro-batch on the plain path."""
+        inputs, sample_index = split_sample_index(inputs)
         inputs = self._with_decoder_inputs(model, inputs)
         labels = inputs.get("labels")
-        label_weight = 0.0 if on_policy else self.args.label_loss_weight
         student_inputs = inputs if label_weight > 0 else {k: v for k, v in inputs.items() if k != "labels"}
         outputs, student = run_model(
             model, student_inputs, self.needs["student"], module_root=self.accelerator.unwrap_model(model)
@@ -357,13 +405,18 @@ class DistillationTrainer(Trainer):
             batch_labels = labels[..., 1:] if self.shift_labels else labels
             local_count = batch_labels.ne(-100).sum()
             if local_count > 0:  # a batch of unlabeled transfer data has no label loss
+                model_loss = output_field(outputs, "loss")
+                if self.label_smoother is not None:  # label_smoothing_factor: the smoothed CE, same mean
+                    model_loss = self.label_smoother(outputs, labels, shift_labels=self.shift_labels)
                 # The model's loss is a mean over this micro-batch; re-normalise it by the step's count.
-                terms["ce"] = output_field(outputs, "loss") * local_count * counts.scale / counts.labels
+                terms["ce"] = model_loss * local_count * counts.scale / counts.labels
                 total = label_weight * terms["ce"]
 
-        if self.distillation_losses and (mode == "train" or self.teacher.covers_eval):
+        teacher = mask = None
+        distilled = bool(self.distillation_losses) and (mode == "train" or self.teacher.covers_eval)
+        if distilled:
             teacher = self.teacher(teacher_inputs or inputs, self.needs["teacher"], sample_index=sample_index)
-            mask = distillation_mask(inputs, self.token_level, self.shift_labels)
+            mask = self._distillation_mask(inputs)
             position_labels = labels
             if self.token_level and self.shift_labels:
                 student, teacher = _drop_last_position(student), _drop_last_position(teacher)
@@ -372,7 +425,7 @@ class DistillationTrainer(Trainer):
                 student, teacher, mask = self._align_tokenizations(student, teacher, mask, teacher_inputs)
                 position_labels = None
             else:
-                _check_compatible(student, teacher)
+                check_compatible(student, teacher)
             for name, weight, loss in zip(self.loss_names, self.loss_weights, self.distillation_losses):
                 value = loss(student, teacher, mask=mask, labels=position_labels, sample_index=sample_index)
                 if loss.per_position:
@@ -382,6 +435,8 @@ class DistillationTrainer(Trainer):
                 terms[name] = value
                 weighted = self.args.distillation_weight * weight * value
                 total = weighted if total is None else total + weighted
+        if self.args.check_finite:
+            self._check_finite(mode, terms, student, teacher, mask)
         if total is None and mode == "eval" and not self.teacher.covers_eval:
             # A cache has no outputs for evaluation data: evaluation reports the student's own label loss.
             total = output_field(outputs, "loss")
@@ -390,9 +445,40 @@ class DistillationTrainer(Trainer):
                 "no loss term was computed: the batch has no labels and no distillation loss is "
                 "configured, or every loss weight is 0."
             )
+        return total, terms, outputs, distilled
 
-        self._record_terms(mode, terms)
-        return (total, outputs) if return_outputs else total
+    def _check_finite(self, mode: str, terms: dict, student: ModelFeatures | None, teacher, mask) -> None:
+        """Raise before the backward pass (so no update is made) when a term or the teacher's outputs are not
+        finite, saying which term and which model; one host sync when all is well."""
+        flags = [torch.isfinite(value.detach()).all() for value in terms.values()]
+        flags += [finite_outputs(teacher, mask)] if teacher is not None else []
+        if not flags or bool(torch.stack([flag.to(self.args.device) for flag in flags]).all()):
+            return
+        bad_terms = {
+            name: float(value.detach()) for name, value in terms.items() if not torch.isfinite(value.detach()).all()
+        }
+        broken = {
+            role: fields
+            for role, features in (("teacher", teacher), ("student", student))
+            if features is not None and (fields := non_finite_fields(features, mask))
+        }
+        what = ", ".join(f"{name} = {value}" for name, value in bad_terms.items()) or "every loss term is finite"
+        if "teacher" in broken:
+            cause = (
+                f"the teacher's {', '.join(broken['teacher'])} hold NaN or +inf (a broken teacher, or one that "
+                "overflows in its dtype: try teacher_dtype='float32')"
+            )
+        elif "student" in broken:
+            cause = (
+                f"the student's {', '.join(broken['student'])} hold NaN or +inf (it diverged: lower learning_rate, "
+                "set max_grad_norm, or train in bf16/fp32 rather than fp16)"
+            )
+        else:
+            cause = "both models' outputs are finite, so the loss itself overflowed (a very low temperature?)"
+        raise FloatingPointError(
+            f"{mode} step {self.state.global_step + 1}: non-finite distillation ({what}): {cause}. Training stopped "
+            "before this step's update; the student's weights hold no NaN."
+        )
 
     def _align_tokenizations(self, student, teacher, mask, teacher_inputs):
         """Different tokenizers: the k-th supervised student position meets the k-th supervised teacher position
@@ -403,7 +489,7 @@ class DistillationTrainer(Trainer):
                 f"the batch has teacher_input_ids (the teacher has its own tokenizer), which {unaligned} cannot "
                 "compare: they need one vocabulary. Use the uld loss."
             )
-        teacher_mask = distillation_mask(teacher_inputs, self.token_level, self.shift_labels)
+        teacher_mask = self._distillation_mask(teacher_inputs)
         if mask is None or teacher_mask is None:
             raise ValueError("teacher_input_ids need labels or attention masks on both sides to align positions.")
         keep_student, keep_teacher = aligned_positions(mask, teacher_mask)
@@ -412,11 +498,6 @@ class DistillationTrainer(Trainer):
             ModelFeatures(logits=teacher.dense_logits()[keep_teacher]),
             None,
         )
-
-    def _record_terms(self, mode: str, terms: dict[str, torch.Tensor]) -> None:
-        """Keep each term's value for :meth:`log` (detached: logging must not hold the graph)."""
-        for name, value in terms.items():
-            self._term_sums[mode][name].append(value.detach())
 
     def _with_decoder_inputs(self, model, inputs: dict) -> dict:
         """Encoder-decoder models: the decoder inputs the student would derive from its labels, made explicit so
@@ -431,17 +512,17 @@ class DistillationTrainer(Trainer):
         decoder_input_ids = student.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
         return {**inputs, "decoder_input_ids": decoder_input_ids}
 
-    def _chunked_token_loss(self, model, inputs, counts: ItemCounts, with_label_loss: bool = True):
+    def _chunked_token_loss(self, model, inputs, counts: ItemCounts, with_label_loss: bool, mode: str):
         """The causal-LM loss from final hidden states and LM heads, chunk by chunk (``chunk_size``).
 
         Only the supervised positions are projected to the vocabulary, by both models; the models themselves
         compute logits for their last position only (``logits_to_keep=1``).
         """
-        inputs, sample_index = _split_sample_index(inputs)
+        inputs, sample_index = split_sample_index(inputs)
         labels = inputs.get("labels")
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
         outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1)
-        mask = distillation_mask(inputs, token_level=True, shift=True)
+        mask = distillation_mask(inputs, token_level=True, shift=True)  # chunk_size: causal LMs only
         student_hidden = outputs.hidden_states[-1][:, :-1]
         if mask is None:
             mask = torch.ones(student_hidden.shape[:2], dtype=torch.bool, device=student_hidden.device)
@@ -481,35 +562,42 @@ class DistillationTrainer(Trainer):
         for index, (name, weight) in enumerate(zip(self.loss_names[: len(losses)], self.loss_weights)):
             terms[name] = sums[index + int(with_label_loss)] * counts.scale / counts.positions.clamp(min=1)
             total = total + self.args.distillation_weight * weight * terms[name]
-        return total, terms, outputs
+        if self.args.check_finite:  # the rows the chunks read stand for each side's outputs
+            rows = [row for row in teacher_rows if row.is_floating_point()]
+            self._check_finite(
+                mode,
+                terms,
+                ModelFeatures(hidden_states=(student_hidden[mask],)),
+                ModelFeatures(hidden_states=tuple(rows)) if rows else None,
+                None,
+            )
+        return total, terms, outputs, bool(losses)
 
     # ---- logging and saving ---------------------------------------------------------------------------------
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        sums = self._term_sums[mode]
-        if mode == "train" and "loss" in logs:
-            # Train terms are normalised per optimizer step, so their sum over a logging window / its steps is
-            # the mean per step, like the Trainer's own "loss".
-            steps = max(1, self.state.global_step - self._steps_at_last_log)
-            self._steps_at_last_log = self.state.global_step
-            for name, values in sums.items():
-                logs[name] = self._mean_across_processes(torch.stack(values).sum() / steps)
-            sums.clear()
-        elif mode == "eval":
-            for name, values in sums.items():
-                logs[f"eval_{name}"] = self._mean_across_processes(torch.stack(values).mean())
-            sums.clear()
+        if "loss" in logs:  # a training log (evaluation terms go into the evaluation's metrics)
+            # Train terms are normalised per optimizer step: the mean over the window's steps, like "loss".
+            logs.update(self.term_log.reduce("train", self.accelerator))
         super().log(logs, start_time)
 
-    def _mean_across_processes(self, value: torch.Tensor) -> float:
-        return round(self.accelerator.reduce(value, reduction="mean").item(), 6)
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, **kwargs):
+        """The Trainer's loop, plus each term's mean per item over the evaluation set under the loop's own prefix
+        (``eval_kl``; ``test_kl`` from ``predict``; ``eval_NAME_kl`` for a dict of eval sets): ``exp(eval_ce)`` of
+        an LM is its per-token perplexity."""
+        prefix = kwargs.get("metric_key_prefix", "eval")
+        self.term_log.reset("eval")
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, **kwargs)
+        terms = self.term_log.reduce("eval", self.accelerator)  # every process: the loop runs on all of them
+        output.metrics.update({f"{prefix}_{name}": value for name, value in terms.items()})
+        return output
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        # Learned loss parts first: the Trainer pushes the checkpoint (hub_strategy) inside its own save.
         state = self.distillation_losses.state_dict()
         if state and self.args.should_save:  # learned loss parts resume with the student, outside its weights
             folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
             save_file(
                 {key: value.detach().contiguous() for key, value in state.items()},
                 os.path.join(folder, LOSS_PARTS_NAME),
@@ -519,6 +607,66 @@ class DistillationTrainer(Trainer):
                     {"optimizer": self.loss_optimizer.state_dict(), "scheduler": self.loss_lr_scheduler.state_dict()},
                     os.path.join(folder, LOSS_OPTIMIZER_NAME),
                 )
+        super()._save_checkpoint(model, trial)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # transformers' version pickles the arguments (training_args.bin) into both uploads; this one uploads the
+        # student's files of the checkpoint to the repo root and, with hub_strategy checkpoint / all_checkpoints,
+        # the checkpoint (learned loss parts included, so a run resumes from the Hub) — no pickle in either.
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(checkpoint_folder)
+        step = self.state.global_step
+        message = (
+            f"Training in progress, step {step}"
+            if self.args.save_strategy == "steps"
+            else (f"Training in progress, epoch {int(self.state.epoch)}")
+        )
+        upload = dict(
+            repo_id=self.hub_model_id, token=self.args.hub_token, run_as_future=True, revision=self.args.hub_revision
+        )
+        jobs = [
+            HfApi().upload_folder(
+                folder_path=checkpoint_folder,
+                commit_message=message,
+                ignore_patterns=[*CHECKPOINT_ONLY_FILES, TRAINING_ARGS_NAME],
+                **upload,
+            )
+        ]
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            path_in_repo = (
+                "last-checkpoint"
+                if self.args.hub_strategy == HubStrategy.CHECKPOINT
+                else (os.path.basename(checkpoint_folder))
+            )
+            jobs.append(
+                HfApi().upload_folder(
+                    folder_path=checkpoint_folder,
+                    path_in_repo=path_in_repo,
+                    commit_message=message + ", checkpoint",
+                    ignore_patterns=[TRAINING_ARGS_NAME],
+                    **upload,
+                )
+            )
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        try:
+            super().init_hf_repo(token=token, private=private)
+        except Exception as error:  # offline mode, connection refused, no permission
+            raise RuntimeError(
+                f"push_to_hub=True creates the Hub repo {self.args.hub_model_id or self.args.output_dir!r} when the "
+                f"trainer is built, and that failed ({type(error).__name__}: {error}). Connect to the Hub (or unset "
+                "HF_HUB_OFFLINE), or set push_to_hub=False and call trainer.push_to_hub() once it can be reached: "
+                "save_model keeps the student locally meanwhile."
+            ) from error
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # Every engine resumes through here (DeepSpeed skips _load_from_checkpoint), after the optimizers exist.
@@ -629,10 +777,13 @@ class DistillationTrainer(Trainer):
         return row
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        has_labels = bool(self.label_names) and all(inputs.get(name) is not None for name in self.label_names)
+        if self._comparing is None and not has_labels:
+            return self._unlabeled_prediction_step(model, inputs, prediction_loss_only)
         if self._comparing is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         # compare_with_teacher: one model's logits alone, no distillation loss.
-        inputs, _ = _split_sample_index(self._prepare_inputs(inputs))
+        inputs, _ = split_sample_index(self._prepare_inputs(inputs))
         inputs, teacher_inputs = split_teacher_inputs(inputs)
         inputs = self._with_decoder_inputs(model, inputs)
         with torch.no_grad():
@@ -642,6 +793,28 @@ class DistillationTrainer(Trainer):
             else:
                 logits = output_field(model(**{k: v for k, v in inputs.items() if k != "labels"}), "logits")
         return None, logits, inputs.get("labels")
+
+    def _unlabeled_prediction_step(self, model, inputs, prediction_loss_only):
+        """An evaluation batch without labels (a transfer set): the Trainer would skip the loss, so no distillation
+        term would be reported; here the loss is the distillation total. A cached teacher has nothing to compare
+        on evaluation data: the loss is then None, and a warning says why nothing is reported."""
+        if not self.teacher.covers_eval:
+            if not self._warned_unlabeled_eval:
+                logger.warning(
+                    "the evaluation set has no labels and the teacher is a cache, which covers the training rows "
+                    "only: evaluation reports neither a label loss nor distillation terms. Give the evaluation set "
+                    "labels, or use a live teacher."
+                )
+                self._warned_unlabeled_eval = True
+            with torch.no_grad():
+                plain, _ = split_teacher_inputs(split_sample_index(self._prepare_inputs(inputs))[0])
+                logits = output_field(model(**plain), "logits")
+            return None, None if prediction_loss_only else logits, None
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            counts = self._get_num_items_in_batch([inputs], self.args.device)
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=counts)
+        return loss.detach(), None if prediction_loss_only else output_field(outputs, "logits"), None
 
     def set_model_card_details(
         self, comparison: dict[str, dict] | None = None, eval_examples: int | None = None, **card_kwargs
@@ -655,20 +828,28 @@ class DistillationTrainer(Trainer):
 
     def create_model_card(
         self,
-        output_dir: str | None = None,
-        model_name: str | None = None,
-        dataset: str | list[str] | None = None,
-        dataset_description: str | None = None,
-        tags: str | list[str] | None = None,
-        license: str | None = None,
         language: str | list[str] | None = None,
-        **unused,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        *,
+        dataset_description: str | None = None,
+        output_dir: str | None = None,
     ) -> None:
         """Write ``README.md``: teacher, losses with their papers, data, and the teacher-vs-student table.
 
         The table comes from :meth:`compare_with_teacher`, run here when an eval set is known and it has not been.
-        Arguments left out fall back to ``self.model_card_kwargs`` (e.g. ``{"dataset_description": ...}``), which
-        also reach the card when ``save_model`` pushes because ``push_to_hub=True``.
+        The arguments are ``Trainer.create_model_card``'s, in its order (``finetuned_from`` sets the card's
+        ``base_model``, ``tasks`` its ``pipeline_tag``, ``dataset_tags`` its ``datasets``, ``dataset_args`` the
+        configurations named beside the data), plus ``dataset_description`` and ``output_dir`` (default: the
+        output folder). Arguments left out fall back to ``self.model_card_kwargs`` (e.g.
+        ``{"dataset_description": ...}``), which also reach the card when ``save_model`` pushes because
+        ``push_to_hub=True``.
         """
         if self.comparison is None and self.eval_dataset is not None:
             self.compare_with_teacher()  # on every process: the evaluation is collective
@@ -680,6 +861,10 @@ class DistillationTrainer(Trainer):
         tags = tags if tags is not None else defaults.get("tags")
         license = license or defaults.get("license")
         language = language or defaults.get("language")
+        dataset_tags = dataset_tags if dataset_tags is not None else defaults.get("dataset_tags")
+        tasks = tasks if tasks is not None else defaults.get("tasks")
+        if isinstance(tasks, (list, tuple)) and len(tasks) > 1:
+            raise ValueError(f"a model card has one pipeline_tag; tasks={tasks!r} names {len(tasks)}.")
         repo_id = (
             self.hub_model_id
             or self.args.hub_model_id
@@ -693,12 +878,15 @@ class DistillationTrainer(Trainer):
             auto_class=auto_class_for(self.model).__name__,
             comparison=self.comparison,
             eval_examples=self.comparison_examples,
-            dataset=dataset,
+            dataset=dataset_tags if dataset_tags is not None else dataset,
             dataset_description=dataset_description,
+            dataset_configs=dataset_args if dataset_args is not None else defaults.get("dataset_args"),
             tags=[tags] if isinstance(tags, str) else tags,
             license=license,
             language=language,
             device=str(self.args.device),
+            base_model=finetuned_from if finetuned_from is not None else defaults.get("finetuned_from"),
+            pipeline_tag=tasks[0] if isinstance(tasks, (list, tuple)) else tasks,
         )
         card.save(os.path.join(output_dir or self.args.output_dir, "README.md"))
 
@@ -708,24 +896,31 @@ class DistillationTrainer(Trainer):
         blocking: bool = True,
         token: str | None = None,
         revision: str | None = None,
+        private: bool | None = None,
+        *,
         create_pr: bool = False,
         **card_kwargs,
     ):
         """Upload the student — weights (or a PEFT adapter), config, processor, ``distillation_config.json`` and
-        a model card — to ``args.hub_model_id``, and nothing else from the output folder.
+        a model card — to ``args.hub_model_id``, and nothing else from the output folder (no pickled
+        ``training_args.bin``: ``distillation_config.json`` records the set-up).
 
         The files are first written to ``OUTPUT_DIR/_hub_upload``; if the upload fails (offline, server down,
         no permission) they stay there and the error says so. ``revision`` (default ``args.hub_revision``) and
-        ``create_pr`` go to ``upload_folder``; ``hub_private_repo`` applies when the repo is created.
+        ``create_pr`` go to ``upload_folder``; ``private`` (default ``args.hub_private_repo``) applies when the repo
+        is created. Other keyword arguments go to :meth:`create_model_card`, which refuses unknown ones.
         """
         folder = os.path.join(self.args.output_dir, HUB_UPLOAD_FOLDER)
         self.save_model(folder, _internal_call=True)  # an internal save: the Trainer would push again
         self.create_model_card(output_dir=folder, **card_kwargs)  # every process: it may evaluate collectively
         if not self.is_world_process_zero():
             return None
+        pickled_arguments = os.path.join(folder, TRAINING_ARGS_NAME)
+        if os.path.exists(pickled_arguments):
+            os.remove(pickled_arguments)
         try:
             if self.hub_model_id is None:
-                self.init_hf_repo(token=token)
+                Trainer.init_hf_repo(self, token=token, private=private)
             return HfApi().upload_folder(
                 repo_id=self.hub_model_id,
                 folder_path=folder,
@@ -751,8 +946,7 @@ class _DistillationCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         # Each train() call, fresh or resumed, counts term logs from its first step.
-        self.trainer._steps_at_last_log = state.global_step
-        self.trainer._term_sums["train"].clear()
+        self.trainer.term_log.reset("train")
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         parameters = [p for p in self.trainer.loss_parameters() if p.grad is not None]
@@ -806,78 +1000,8 @@ def _without_tied_copies(model: nn.Module, state_dict: dict) -> dict:
     return {key: value for key, value in state_dict.items() if key not in drop} if drop else state_dict
 
 
-def _split_sample_index(inputs: dict) -> tuple[dict, torch.Tensor | None]:
-    """The model inputs without the dataset-row column, and that column (None when absent)."""
-    if SAMPLE_INDEX not in inputs:
-        return inputs, None
-    inputs = dict(inputs)
-    return inputs, inputs.pop(SAMPLE_INDEX)
-
-
-def _num_positions(batch: dict, token_level: bool, shift: bool) -> int:
-    first = next(value for value in batch.values() if torch.is_tensor(value))
-    if not token_level:
-        return first.shape[0]
-    ids = batch.get("decoder_input_ids", batch.get("input_ids", first))
-    return ids.shape[0] * (ids.shape[1] - 1 if shift else ids.shape[1])
-
-
 def _unique_name(name: str, earlier: list[str]) -> str:
     """Log name of a loss: its id, its class name for dotted paths, numbered when an id repeats."""
     short = name.rpartition(".")[2]
     repeats = sum(1 for other in earlier if other.rpartition(".")[2] == short)
     return short if repeats == 0 else f"{short}_{repeats + 1}"
-
-
-def _check_chunkable(losses, causal: bool, token_level: bool, fsdp: bool, fsdp2: bool) -> None:
-    if not (causal and token_level):
-        raise ValueError(
-            "chunk_size applies to causal LMs (…ForCausalLM), whose logits come from an LM head; "
-            "leave it unset for other models."
-        )
-    unchunkable = [loss.name for loss in losses if loss.side_needs("student") != {"logits"} or not loss.per_position]
-    if unchunkable:
-        raise ValueError(
-            f"chunk_size works with logit losses only; {unchunkable} read other features. Leave "
-            "chunk_size unset to combine them."
-        )
-    if fsdp and not fsdp2:
-        raise ValueError(
-            "chunk_size under FSDP needs FSDP2 (fsdp_config version 2), whose units hf_kd can gather for the LM "
-            "heads called outside the models' forward; leave it unset with FSDP1."
-        )
-
-
-def _check_vocabularies(student: nn.Module, teacher: nn.Module | None, losses) -> None:
-    """Fail at start-up, not at the first step, when LM vocabularies differ and no loss can bridge them."""
-    if teacher is None:  # a cache or the student's own base: checked where they are built
-        return
-    sizes = [output_size(student), output_size(teacher)]
-    if None in sizes or sizes[0] == sizes[1]:
-        return
-    unaligned = [loss.name for loss in losses if not loss.cross_vocabulary]
-    if unaligned:
-        raise ValueError(
-            f"the student's vocabulary has {sizes[0]} entries and the teacher's {sizes[1]}: the tokenizers differ, "
-            f"and {unaligned} compare distributions entry by entry. Options: give the student the teacher's "
-            "tokenizer; or distil across tokenizers with losses='uld' on rows tokenised for both "
-            "(hf_kd.cross_tokenizer.add_teacher_tokenization + CrossTokenizerCollator); or replay sequence-level "
-            "KD (hf_kd.generation.generate_teacher_outputs), which needs no shared vocabulary."
-        )
-
-
-def _check_compatible(student: ModelFeatures, teacher: ModelFeatures) -> None:
-    if student.logits is not None and teacher.logits_shape is not None:
-        s, t = student.logits.shape, teacher.logits_shape
-        if s[-1] != t[-1]:
-            raise ValueError(
-                f"the student has {s[-1]} output classes/vocabulary entries and the teacher {t[-1]}: logit-based "
-                "losses need the same label set or tokenizer. Give the student the teacher's label set "
-                "(num_labels, id2label) or tokenizer, or, for different tokenizers, use the uld loss with rows "
-                "tokenised for both (hf_kd.cross_tokenizer.add_teacher_tokenization)."
-            )
-        if s[:-1] != t[:-1]:
-            raise ValueError(
-                f"student logits {tuple(s)} and teacher logits {tuple(t)} cover different positions; "
-                "feed both models the same inputs."
-            )

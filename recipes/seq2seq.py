@@ -20,7 +20,6 @@ Under DeepSpeed it distils only (one Trainer per process), from a trained teache
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -34,7 +33,6 @@ from transformers import (
     DataCollatorForSeq2Seq,
     T5Config,
     T5ForConditionalGeneration,
-    Trainer,
     set_seed,
 )
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -43,7 +41,7 @@ from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
 from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.data import train_bpe_tokenizer
-from hf_kd.evaluation import count_parameters, report_results
+from hf_kd.evaluation import count_parameters, report_results, token_perplexity
 from hf_kd.generation import generate_teacher_outputs
 
 
@@ -138,10 +136,12 @@ def rouge1_f1(prediction: str, reference: str) -> float:
 
 
 def evaluate(model, test_tokens, test_pairs, tokenizer, collator, args, recipe) -> dict:
-    evaluator = Trainer(model=model, args=dataclasses.replace(args, report_to=[]), data_collator=collator)
-    loss = evaluator.evaluate(test_tokens)["eval_loss"]
+    # Per target token, as exp(eval_ce) of the distil-only path, so every row of the table measures the same thing.
+    perplexity = token_perplexity(
+        model, test_tokens, data_collator=collator, batch_size=args.per_device_eval_batch_size
+    )
     rouge = rouge1(model, test_pairs, tokenizer, args, recipe)
-    return {"perplexity": math.exp(loss), "rouge1": rouge, "parameters": count_parameters(model)}
+    return {"perplexity": perplexity, "rouge1": rouge, "parameters": count_parameters(model)}
 
 
 def rouge1(model, test_pairs, tokenizer, args, recipe, synced_gpus: bool = False) -> float:

@@ -55,6 +55,21 @@ def tiny_gpt2(hidden=32, layers=2, vocab=VOCAB, seed=0):
     return GPT2LMHeadModel(config)
 
 
+def grouped_query_lm_config(config_class, hidden=32, layers=2):
+    """A tiny config of a Llama-style LM (Llama, Qwen2, a Llava's text model): one key/value head, no bos/eos."""
+    return config_class(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+
+
 def tiny_vit(hidden=32, layers=2, seed=0):
     torch.manual_seed(seed)
     config = ViTConfig(

@@ -5,9 +5,9 @@ import torch
 from conftest import classification_data, config, lm_data, tiny_bert, tiny_gpt2
 
 from hf_kd import DistillationTrainer
+from hf_kd.checks import check_chunkable as _check_chunkable
 from hf_kd.losses import get_loss
 from hf_kd.losses.chunked import output_logits
-from hf_kd.trainer import _check_chunkable
 
 RESPONSE_LOSSES = [
     "kl",

@@ -36,6 +36,12 @@ class DistillationLoss(nn.Module):
     linear_in_teacher: ClassVar[bool] = False
     # Compares distributions without matching vocabulary entries, so teacher and student tokenizers may differ.
     cross_vocabulary: ClassVar[bool] = False
+    # Reads a softmax over the logits (kl, jsd, ...): identically 0 on a one-logit head, so refused there.
+    compares_distributions: ClassVar[bool] = False
+    # Relates the examples of a batch to each other: below this many per process the loss is identically 0.
+    min_batch_size: ClassVar[int] = 1
+    # Reads each example's dataset row (memory banks): the training set needs a sample_index column.
+    needs_sample_index: ClassVar[bool] = False
 
     def side_needs(self, side: str) -> frozenset[str]:
         """What this loss reads from ``side`` (``"student"`` or ``"teacher"``)."""

@@ -273,13 +273,14 @@ def soft_ce(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduc
 def logit_mse(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction: Reduction = "mean"):
     """Mean over classes of ((z_S − z_T)/τ)² per position (TextBrewer's ``kd_mse_loss``; Ba & Caruana 2014).
 
-    Entries where either logit is infinite (masked vocabulary) are left out.
+    Entries where either logit is −inf (masked vocabulary) are left out; NaN and +inf are not, so a broken model
+    gives a non-finite loss rather than a silently smaller one.
     """
     _check(student_logits, teacher_logits, temperature)
     z_s, z_t = student_logits.float(), teacher_logits.float()
-    finite = torch.isfinite(z_s) & torch.isfinite(z_t)
-    diff = torch.where(finite, z_s - z_t.masked_fill(~finite, 0.0), torch.zeros_like(z_s)) / temperature
-    values = diff.pow(2).sum(-1) / finite.sum(-1).clamp(min=1)
+    masked = torch.isneginf(z_s) | torch.isneginf(z_t)
+    diff = torch.where(masked, torch.zeros_like(z_s), z_s - z_t.masked_fill(masked, 0.0)) / temperature
+    values = diff.pow(2).sum(-1) / (~masked).sum(-1).clamp(min=1)
     return reduce_positions(values, mask, reduction)
 
 

@@ -58,6 +58,8 @@ class InfoNCE(EmbeddingRelationLoss):
     """In-batch InfoNCE between student and teacher embeddings (a lower bound of their mutual information);
     a learned Linear maps the student to the teacher's width when they differ."""
 
+    min_batch_size = 2  # with one example the positive is the only candidate: log 1 = 0
+
     def __init__(
         self,
         source="hidden_states:-1",
@@ -96,6 +98,7 @@ class ContrastiveRepresentationDistillation(EmbeddingRelationLoss):
     """
 
     default_weight = 0.8
+    needs_sample_index = True
 
     def __init__(
         self,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
+import math
 
 from .base import DistillationLoss
 
@@ -50,18 +52,36 @@ def resolve_loss_class(name: str) -> type[DistillationLoss]:
     )
 
 
-def get_loss(name: str, **kwargs) -> DistillationLoss:
-    """Build the loss ``name`` (a registered id or a dotted class path) with ``kwargs``.
-
-    ``temperature`` is dropped for losses that take none, so a trainer-wide temperature can be passed to all.
-    """
-    cls = resolve_loss_class(name)
+def accepted_options(cls: type[DistillationLoss]) -> list[str] | None:
+    """The option names a loss class takes (``None`` when its ``__init__`` takes any keyword)."""
     parameters = inspect.signature(cls.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    if "temperature" in kwargs and "temperature" not in parameters and not takes_any:
-        kwargs.pop("temperature")
-    unknown = [key for key in kwargs if key not in parameters] if not takes_any else []
-    if unknown:
-        valid = [key for key in parameters if key != "self"]
-        raise ValueError(f"loss {name!r} got unknown option(s) {unknown}; it accepts {valid}.")
-    return cls(**kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return [key for key in parameters if key != "self"]
+
+
+def takes_option(name: str, option: str) -> bool:
+    """Whether the loss ``name`` takes the option ``option``."""
+    accepted = accepted_options(resolve_loss_class(name))
+    return accepted is None or option in accepted
+
+
+def check_loss_options(name: str, options: dict) -> None:
+    """Raise for an option the loss does not take (naming the closest valid one) or a non-finite number."""
+    accepted = accepted_options(resolve_loss_class(name))
+    if accepted is not None:
+        for key in options:
+            if key not in accepted:
+                close = difflib.get_close_matches(key, accepted, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"loss {name!r} got unknown option {key!r}; it accepts {accepted}.{hint}")
+    for key, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"option {key}={value} of loss {name!r} is not a finite number.")
+
+
+def get_loss(name: str, **kwargs) -> DistillationLoss:
+    """Build the loss ``name`` (a registered id or a dotted class path) with the options ``kwargs``, each of which
+    it must take."""
+    check_loss_options(name, kwargs)
+    return resolve_loss_class(name)(**kwargs)

@@ -24,6 +24,7 @@ class RKDDistance(_EmbeddingPairLoss):
     __doc__ = F.rkd_distance.__doc__ + " Weight 25 as in the paper."
     function = F.rkd_distance
     default_weight = 25.0
+    min_batch_size = 3  # two examples have one distance, which divided by the batch mean is 1 on both sides
 
 
 @register_loss("rkd_angle", paper="Park et al. 2019, Relational Knowledge Distillation, arXiv:1904.05068")
@@ -31,6 +32,7 @@ class RKDAngle(_EmbeddingPairLoss):
     __doc__ = F.rkd_angle.__doc__ + " Weight 50 as in the paper."
     function = F.rkd_angle
     default_weight = 50.0
+    min_batch_size = 3  # an angle needs three examples
 
 
 @register_loss(
@@ -41,6 +43,7 @@ class SimilarityPreserving(_EmbeddingPairLoss):
     __doc__ = F.similarity_preserving.__doc__ + " Weight 3000 as in the paper; ``pooling='flatten'`` by default."
     function = F.similarity_preserving
     default_weight = 3000.0
+    min_batch_size = 2  # a 1×1 row-normalised Gram matrix is 1 on both sides
 
     def __init__(self, source="hidden_states:-1", pooling="flatten", student_source=None, teacher_source=None):
         super().__init__(source, pooling, student_source, teacher_source)
@@ -55,6 +58,7 @@ class ProbabilisticKT(_EmbeddingPairLoss):
     __doc__ = F.pkt.__doc__
     function = F.pkt
     default_weight = 30000.0  # the authors' CRD-benchmark setting
+    min_batch_size = 2  # a 1×1 row-normalised affinity is 1 on both sides
 
 
 @register_loss(
@@ -64,6 +68,8 @@ class ProbabilisticKT(_EmbeddingPairLoss):
 class InstanceRelationGraph(LayerPairLoss):
     """Instance relation graph (Liu et al. 2019) on pooled embeddings of mapped layers (uniform by default),
     with the cross-layer (transformation) edges weighted by ``cross_layer_weight``."""
+
+    min_batch_size = 3  # its graphs are mean-normalised distances: with two examples, 1 on both sides
 
     def __init__(self, layer_map="uniform", pooling: str = "auto", cross_layer_weight: float = 1.0):
         super().__init__(layer_map=layer_map)

@@ -5,6 +5,7 @@ Each class wires one function of :mod:`hf_kd.losses.functional`; see there for f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -21,12 +22,15 @@ class ResponseLoss(DistillationLoss):
     # Reads a sparse teacher (a cache's top-k rows) directly; without one the teacher is made dense first.
     sparse_function: ClassVar[Callable | None] = None
 
-    def __init__(self, temperature: float = 1.0, **options):
+    # Reads a distribution over the classes (softmax of the logits): meaningless for a one-logit head.
+    compares_distributions: ClassVar[bool] = True
+
+    def __init__(self, temperature: float = 1.0):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature} for loss {self.name!r}.")
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature} for loss {self.name!r}.")
         self.temperature = temperature
-        self.options = options
+        self.options: dict = {}  # a subclass's own options, passed on to its function
 
     def forward(self, student, teacher, mask=None, labels=None, sample_index=None):
         function, teacher_logits = type(self).function, teacher.logits
@@ -74,7 +78,8 @@ class GeneralizedJSD(ResponseLoss):
     def __init__(self, temperature: float = 1.0, beta: float = 0.5):
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"jsd needs 0 <= beta <= 1, got beta={beta}.")
-        super().__init__(temperature, beta=beta)
+        super().__init__(temperature)
+        self.options = {"beta": beta}
 
 
 @register_loss(
@@ -88,7 +93,8 @@ class SkewKL(ResponseLoss):
     def __init__(self, temperature: float = 1.0, skew: float = 0.1):
         if not 0.0 <= skew < 1.0:
             raise ValueError(f"skew_kl needs 0 <= skew < 1, got skew={skew}.")
-        super().__init__(temperature, skew=skew)
+        super().__init__(temperature)
+        self.options = {"skew": skew}
 
 
 @register_loss(
@@ -102,7 +108,8 @@ class SkewReverseKL(ResponseLoss):
     def __init__(self, temperature: float = 1.0, skew: float = 0.1):
         if not 0.0 <= skew < 1.0:
             raise ValueError(f"skew_reverse_kl needs 0 <= skew < 1, got skew={skew}.")
-        super().__init__(temperature, skew=skew)
+        super().__init__(temperature)
+        self.options = {"skew": skew}
 
 
 @register_loss(
@@ -129,6 +136,7 @@ class SoftCrossEntropy(ResponseLoss):
 class LogitMSE(ResponseLoss):
     __doc__ = F.logit_mse.__doc__
     function = F.logit_mse
+    compares_distributions = False  # compares raw logits: a one-logit head (a score, a regression) works
 
 
 @register_loss("dkd", paper="Zhao et al. 2022, Decoupled Knowledge Distillation, arXiv:2203.08679")
@@ -139,7 +147,8 @@ class DecoupledKD(ResponseLoss):
     def __init__(self, temperature: float = 1.0, alpha: float = 1.0, beta: float = 8.0):
         if alpha < 0 or beta < 0:
             raise ValueError(f"dkd needs alpha >= 0 and beta >= 0, got alpha={alpha}, beta={beta}.")
-        super().__init__(temperature, alpha=alpha, beta=beta)
+        super().__init__(temperature)
+        self.options = {"alpha": alpha, "beta": beta}
 
     def forward(self, student, teacher, mask=None, labels=None, sample_index=None):
         # Only integer labels of the positions' shape are class targets; else dkd uses the teacher's top class.

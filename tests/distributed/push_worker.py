@@ -1,6 +1,10 @@
-"""Distil a tiny student for 2 steps and push it: `python push_worker.py OUTPUT_DIR REPO_ID [create_pr] [lora]`.
+"""Distil a tiny student for 2 steps and push it: `python push_worker.py OUTPUT_DIR REPO_ID [create_pr] [lora]
+[private] [checkpoints] [zero3|fsdp2]`.
 
 ``lora``: the student is a LoRA adapter on the teacher's own base (``AdapterBaseTeacher``), pushed as an adapter.
+``private``: the repo is made private by ``push_to_hub(private=True)`` rather than ``hub_private_repo``.
+``checkpoints``: ``push_to_hub=True`` with ``hub_strategy="checkpoint"`` and a checkpoint every step, so the Trainer
+pushes during training.
 
 Run in a subprocess so that HF_ENDPOINT (read when huggingface_hub is imported) points at the test hub.
 """
@@ -19,8 +23,11 @@ from hf_kd.metrics import classification_metrics  # noqa: E402
 from hf_kd.teachers import AdapterBaseTeacher  # noqa: E402
 
 
-def main(output_dir: str, repo_id: str, create_pr: bool, lora: bool, engine: str | None = None) -> None:
+def main(output_dir: str, repo_id: str, flags: list[str], engine: str | None = None) -> None:
+    lora = "lora" in flags
     extra = {}
+    if "checkpoints" in flags:
+        extra.update(push_to_hub=True, hub_strategy="checkpoint", save_strategy="steps", save_steps=1)
     if engine == "zero3":
         extra["deepspeed"] = os.path.join(ROOT, "recipes", "accelerate", "ds_zero3.json")
     if engine == "fsdp2":
@@ -31,7 +38,7 @@ def main(output_dir: str, repo_id: str, create_pr: bool, lora: bool, engine: str
         **extra,
         max_steps=2,
         hub_model_id=repo_id,
-        hub_private_repo=True,
+        hub_private_repo="private" not in flags,
         per_device_eval_batch_size=8,
         losses="kl" if lora else "kl,hidden_mse:0.5:projector=linear",
     )
@@ -59,12 +66,17 @@ def main(output_dir: str, repo_id: str, create_pr: bool, lora: bool, engine: str
     trainer.train()
     if trainer.teacher_model is not None and engine is None:  # like the recipes: a teacher copy, not uploaded
         trainer.teacher_model.save_pretrained(os.path.join(output_dir, "teacher"))
-    trainer.push_to_hub(dataset="synthetic-tokens", create_pr=create_pr, revision="main")
+    trainer.push_to_hub(
+        dataset="synthetic-tokens",
+        create_pr="create_pr" in flags,
+        revision="main",
+        **({"private": True} if "private" in flags else {}),
+    )
 
 
 if __name__ == "__main__":
     flags = sys.argv[3:]
     engine = next((flag for flag in flags if flag in ("zero3", "fsdp2")), None)
-    main(sys.argv[1], sys.argv[2], "create_pr" in flags, "lora" in flags, engine)
+    main(sys.argv[1], sys.argv[2], flags, engine)
     sys.stdout.flush()
     os._exit(0)  # see train_worker.py

@@ -1,0 +1,125 @@
+"""Checks that refuse, before training starts, a set-up whose distillation could not take effect.
+
+Each raises with what was wrong, the value seen and what to set instead (the README's "What hf_kd refuses").
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .config import LossSpec
+from .data import SAMPLE_INDEX
+from .features import ModelFeatures
+from .losses.registry import takes_option
+from .model_kinds import is_classifier, num_classes, output_size
+
+
+def with_default_temperature(spec: LossSpec, temperature: float) -> dict:
+    """A loss's options with the trainer-wide temperature added where the loss takes one and sets none."""
+    if "temperature" in spec.options or not takes_option(spec.name, "temperature"):
+        return dict(spec.options)
+    return {"temperature": temperature, **spec.options}
+
+
+def check_batch_relations(losses, batch_size: int) -> None:
+    """Relation losses compare the examples of a batch: below their minimum they are identically 0."""
+    for loss in losses:
+        if batch_size < loss.min_batch_size:
+            raise ValueError(
+                f"{loss.name} relates the examples of a batch to each other and is identically 0 below "
+                f"{loss.min_batch_size} examples per process; per_device_train_batch_size is {batch_size}. Use at "
+                f"least {loss.min_batch_size} (relation losses work best with dozens), or a loss that compares "
+                "each example alone."
+            )
+
+
+def check_logit_width(student: nn.Module, losses) -> None:
+    """A softmax over one logit is 1 whatever the logit: distribution losses are identically 0 on such heads."""
+    if num_classes(student) != 1:
+        return
+    refused = [loss.name for loss in losses if loss.compares_distributions]
+    if refused:
+        raise ValueError(
+            f"the student has a one-logit head (num_labels=1: a regression or a relevance score), on which "
+            f"{refused} compare softmax distributions that are 1 whatever the logit, so they would be identically 0. "
+            "Use logit_mse (or a regression/ranking loss) for one-logit heads."
+        )
+
+
+def check_sample_index(losses, train_dataset) -> None:
+    needing = [loss.name for loss in losses if loss.needs_sample_index]
+    columns = getattr(train_dataset, "column_names", None)
+    if needing and columns is not None and SAMPLE_INDEX not in columns:
+        raise ValueError(
+            f"{needing} keep a memory entry per training example and need each row's index: add a sample_index "
+            "column with hf_kd.data.add_sample_index(train_dataset)."
+        )
+
+
+def check_chunkable(losses, causal: bool, token_level: bool, fsdp: bool, fsdp2: bool) -> None:
+    if not (causal and token_level):
+        raise ValueError(
+            "chunk_size applies to causal LMs (…ForCausalLM), whose logits come from an LM head; "
+            "leave it unset for other models."
+        )
+    unchunkable = [loss.name for loss in losses if loss.side_needs("student") != {"logits"} or not loss.per_position]
+    if unchunkable:
+        raise ValueError(
+            f"chunk_size works with logit losses only; {unchunkable} read other features. Leave "
+            "chunk_size unset to combine them."
+        )
+    if fsdp and not fsdp2:
+        raise ValueError(
+            "chunk_size under FSDP needs FSDP2 (fsdp_config version 2), whose units hf_kd can gather for the LM "
+            "heads called outside the models' forward; leave it unset with FSDP1."
+        )
+
+
+def _compares_logits_entrywise(loss) -> bool:
+    return loss.per_position and all("logits" in loss.side_needs(side) for side in ("student", "teacher"))
+
+
+def check_vocabularies(student: nn.Module, teacher: nn.Module | None, losses) -> None:
+    """Fail at start-up, not at the first step, when label sets or LM vocabularies differ and no loss can bridge
+    them."""
+    if teacher is None:  # a cache or the student's own base: checked where they are built
+        return
+    if is_classifier(student) and is_classifier(teacher):
+        classes = [num_classes(student), num_classes(teacher)]
+        entrywise = [loss.name for loss in losses if _compares_logits_entrywise(loss)]
+        if None not in classes and classes[0] != classes[1] and entrywise:
+            raise ValueError(
+                f"the student predicts {classes[0]} classes (config.num_labels) and the teacher {classes[1]}: "
+                f"{entrywise} compare their logits class by class, so both need the same label set. Build the "
+                "student with the teacher's num_labels, id2label and label2id."
+            )
+        return
+    sizes = [output_size(student), output_size(teacher)]
+    if None in sizes or sizes[0] == sizes[1]:
+        return
+    unaligned = [loss.name for loss in losses if not loss.cross_vocabulary]
+    if unaligned:
+        raise ValueError(
+            f"the student's vocabulary has {sizes[0]} entries and the teacher's {sizes[1]}: the tokenizers differ, "
+            f"and {unaligned} compare distributions entry by entry. Options: give the student the teacher's "
+            "tokenizer; or distil across tokenizers with losses='uld' on rows tokenised for both "
+            "(hf_kd.cross_tokenizer.add_teacher_tokenization + CrossTokenizerCollator); or replay sequence-level "
+            "KD (hf_kd.generation.generate_teacher_outputs), which needs no shared vocabulary."
+        )
+
+
+def check_compatible(student: ModelFeatures, teacher: ModelFeatures) -> None:
+    if student.logits is not None and teacher.logits_shape is not None:
+        s, t = student.logits.shape, teacher.logits_shape
+        if s[-1] != t[-1]:
+            raise ValueError(
+                f"the student has {s[-1]} output classes/vocabulary entries and the teacher {t[-1]}: logit-based "
+                "losses need the same label set or tokenizer. Give the student the teacher's label set "
+                "(num_labels, id2label) or tokenizer, or, for different tokenizers, use the uld loss with rows "
+                "tokenised for both (hf_kd.cross_tokenizer.add_teacher_tokenization)."
+            )
+        if s[:-1] != t[:-1]:
+            raise ValueError(
+                f"student logits {tuple(s)} and teacher logits {tuple(t)} cover different positions; "
+                "feed both models the same inputs."
+            )

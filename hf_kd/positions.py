@@ -1,0 +1,66 @@
+"""Which positions carry distillation, and the item counts the loss terms are normalised by.
+
+Below the trainer: the trainer, the teacher cache's writer and its reader all decide positions here, the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data import SAMPLE_INDEX
+
+
+@dataclass
+class ItemCounts:
+    """How many items the loss terms are normalised by, over every micro-batch of one optimizer step.
+
+    ``labels`` counts supervised label entries (for the student's own loss); ``positions`` counts the positions
+    that carry distillation (every example at sequence level, every supervised or attended token at token level).
+    ``scale`` is the number of processes whose counts were summed, undoing DDP's gradient averaging.
+    """
+
+    labels: torch.Tensor
+    positions: torch.Tensor
+    scale: int = 1
+
+
+def distillation_mask(inputs: dict, token_level: bool, shift: bool, by_labels: bool = True) -> torch.Tensor | None:
+    """Bool mask of the positions that carry distillation, or ``None`` when every position does.
+
+    Sequence level: every example (labeled or not, so unlabeled transfer data is distilled). Token level with
+    ``by_labels`` (LMs): tokens with a label other than -100 when labels are given, else attended tokens; without
+    ``by_labels`` (token classifiers): attended tokens, labeled or not. Shifted by one for causal LMs, whose logits
+    at position t predict token t + 1.
+    """
+    if not token_level:
+        return None
+    labels = inputs.get("labels") if by_labels else None
+    if labels is not None:
+        mask = labels.ne(-100)
+    elif "decoder_input_ids" in inputs:
+        mask = inputs.get("decoder_attention_mask")
+    else:
+        mask = inputs.get("attention_mask")
+    if mask is None:
+        return None
+    mask = mask.bool()
+    return mask[:, 1:] if shift else mask
+
+
+def num_positions(batch: dict, token_level: bool, shift: bool) -> int:
+    """Positions of a batch when every one carries distillation (no mask)."""
+    first = next(value for value in batch.values() if torch.is_tensor(value))
+    if not token_level:
+        return first.shape[0]
+    ids = batch.get("decoder_input_ids", batch.get("input_ids", first))
+    return ids.shape[0] * (ids.shape[1] - 1 if shift else ids.shape[1])
+
+
+def split_sample_index(inputs: dict) -> tuple[dict, torch.Tensor | None]:
+    """The model inputs without the dataset-row column, and that column (None when absent)."""
+    if SAMPLE_INDEX not in inputs:
+        return inputs, None
+    inputs = dict(inputs)
+    return inputs, inputs.pop(SAMPLE_INDEX)
