@@ -8,8 +8,10 @@ import torch
 from conftest import ROOT, config, tiny_bert
 
 from hf_kd import DistillationConfig, DistillationLoss, ModelFeatures, available_losses, get_loss
+from hf_kd.checks import with_default_temperature
 from hf_kd.cli import parse_args
-from hf_kd.config import parse_losses
+from hf_kd.config import LossSpec, parse_losses
+from hf_kd.teachers import LiveTeacher
 
 ALL_IDS = """at attention_kl attention_mse crd dkd fsp hidden_cosine hidden_mse hint infonce irg jsd kl logit_mse
     pkd pkt reverse_kl rkd_angle rkd_distance skew_kl skew_reverse_kl soft_ce sp tvd uld vid""".split()
@@ -48,9 +50,10 @@ def test_every_registered_loss_builds_with_defaults_and_backpropagates(name):
         model.set_attn_implementation("eager")
     inputs = {"input_ids": torch.randint(0, 64, (6, 7)), "attention_mask": torch.ones(6, 7, dtype=torch.long)}
     inputs["attention_mask"][0, 5:] = 0
-    loss = get_loss(name, temperature=2.0)
-    with torch.no_grad():
-        teacher = _features(teacher_model, inputs, loss, "teacher")
+    loss = get_loss(name, **with_default_temperature(LossSpec(name), 2.0))
+    # The teacher's weights could take gradients (requires_grad); the trainer's teacher path must give them none.
+    assert all(p.requires_grad for p in teacher_model.parameters())
+    teacher = LiveTeacher(teacher_model)(inputs, loss.side_needs("teacher"))
     student = _features(student_model, inputs, loss, "student")
     loss.setup(student, teacher, num_samples=10)
     value = loss(student, teacher, labels=torch.tensor([0, 1, 2, 0, 1, 2]), sample_index=torch.arange(6))
@@ -67,7 +70,9 @@ def test_unknown_loss_lists_valid_ids():
 
 
 def test_unknown_loss_option_lists_accepted_ones():
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['betta'\].*beta"):
+    with pytest.raises(
+        ValueError, match=r"unknown option 'betta'; it accepts \['temperature', 'beta'\]. Did you mean 'beta'"
+    ):
         get_loss("jsd", betta=0.3)
 
 
@@ -101,12 +106,12 @@ def test_loss_forms(value, expected):
     ("overrides", "message"),
     [
         ({"losses": "kl,kll"}, "unknown loss 'kll'.*Valid ids"),
-        ({"temperature": 0.0}, "temperature must be > 0"),
-        ({"temperature": -1.0}, "temperature must be > 0"),
-        ({"losses": "kl:-1"}, "weight of 'kl' must be >= 0"),
+        ({"temperature": 0.0}, "temperature must be a finite number > 0"),
+        ({"temperature": -1.0}, "temperature must be a finite number > 0"),
+        ({"losses": "kl:-1"}, "weight of 'kl' must be a finite number >= 0"),
         ({"alpha": 1.5}, r"alpha must lie in \[0, 1\]"),
         ({"alpha": 0.5, "hard_label_weight": 1.0}, "either alpha .* or hard_label_weight"),
-        ({"hard_label_weight": -0.1}, "hard_label_weight must be >= 0"),
+        ({"hard_label_weight": -0.1}, "hard_label_weight must be a finite number >= 0"),
         ({"teacher_dtype": "int8"}, "teacher_dtype must be one of"),
         ({"losses": "kl:abc"}, "neither a weight nor key=value"),
         ({"losses": [{"weight": 1.0}]}, "needs a 'name'"),

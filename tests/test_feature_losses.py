@@ -1,7 +1,5 @@
 """Intermediate, relation-based and mutual-information losses: references, invariances, layer maps, projectors."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -244,20 +242,36 @@ def test_hint_uses_a_1x1_convolution_on_feature_maps():
 def test_crd_needs_sample_indices_and_updates_its_memory():
     student = ModelFeatures(hidden_states=(torch.randn(4, 3, 8),))
     teacher = ModelFeatures(hidden_states=(torch.randn(4, 3, 16),))
-    loss = get_loss("crd", num_negatives=5)
+    loss = get_loss("crd", num_negatives=5, pooling="cls")
     with pytest.raises(ValueError, match="training set size"):
         loss.setup(student, teacher, num_samples=None)
     loss.setup(student, teacher, num_samples=20)
     with pytest.raises(ValueError, match="add_sample_index"):
         loss(student, teacher)
-    before = loss.teacher_memory.clone()
-    value = loss(student, teacher, sample_index=torch.tensor([0, 3, 7, 19]))
-    assert torch.isfinite(value) and value > 0
-    changed = (loss.teacher_memory != before).any(1)
-    assert changed.nonzero().flatten().tolist() == [0, 3, 7, 19]
-    assert torch.allclose(loss.teacher_memory.norm(dim=1), torch.ones(20))
-    # the softmax form over 1 positive + K negatives starts near log(K + 1)
-    assert abs(value.item() / 2 - math.log(6)) < 1.5
+    banks = {"student": loss.student_memory.clone(), "teacher": loss.teacher_memory.clone()}
+    index = torch.tensor([0, 3, 7, 19])
+    torch.manual_seed(7)
+    value = loss(student, teacher, sample_index=index)
+    # By hand: each side's normalised head output picks its row among [positive, the same 5 drawn negatives].
+    torch.manual_seed(7)
+    candidates = torch.cat([index[:, None], torch.randint(0, 20, (4, 5))], dim=1)
+    normalize = torch.nn.functional.normalize
+    with torch.no_grad():
+        s = normalize(loss.student_head(student.hidden_states[0][:, 0]), dim=1)
+        t = normalize(loss.teacher_head(teacher.hidden_states[0][:, 0]), dim=1)
+    target = torch.zeros(4, dtype=torch.long)
+
+    def contrast(anchors, bank):
+        return torch.nn.functional.cross_entropy(torch.einsum("bd,bkd->bk", anchors, bank[candidates]) / 0.07, target)
+
+    expected = contrast(s, banks["teacher"]) + contrast(t, banks["student"])
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    # Momentum 0.5 updates exactly the batch's rows, re-normalised.
+    assert torch.allclose(loss.teacher_memory[index], normalize(0.5 * banks["teacher"][index] + 0.5 * t, dim=1))
+    assert torch.allclose(loss.student_memory[index], normalize(0.5 * banks["student"][index] + 0.5 * s, dim=1))
+    untouched = torch.ones(20, dtype=torch.bool)
+    untouched[index] = False
+    assert torch.equal(loss.teacher_memory[untouched], banks["teacher"][untouched])
 
 
 def test_crd_evaluates_with_in_batch_negatives_and_leaves_its_memory_alone():

@@ -2,7 +2,17 @@
 
 import pytest
 import torch
-from conftest import VOCAB, classification_data, config, lm_data, seq2seq_data, tiny_bert, tiny_gpt2, tiny_t5
+from conftest import (
+    VOCAB,
+    classification_data,
+    config,
+    grouped_query_lm_config,
+    lm_data,
+    seq2seq_data,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_t5,
+)
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -21,18 +31,7 @@ from hf_kd.generation import (
 
 def _tiny_grouped_query_lm(config_class, model_class, seed):
     torch.manual_seed(seed)
-    config = config_class(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    return model_class(config)
+    return model_class(grouped_query_lm_config(config_class))
 
 
 def tiny_llama(seed=0):
@@ -99,9 +98,27 @@ def test_on_policy_training_scores_student_samples_without_label_loss(tmp_path, 
     trainer = DistillationTrainer(
         model=make_model(seed=2), teacher_model=make_model(seed=1), args=args, train_dataset=data
     )
+    seen = []
+    compute_loss = trainer.compute_loss
+
+    def spy(model, inputs, *args, **kwargs):  # the batches the loss is computed on
+        seen.append({key: value.clone() if torch.is_tensor(value) else value for key, value in inputs.items()})
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = spy
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "jsd" in entry]
     assert len(logged) == 2 and all("ce" not in entry for entry in logged)  # own samples are no target
+    assert len(seen) == 2 and all(batch.get(ON_POLICY_KEY) for batch in seen)
+    originals = [
+        (ids[: sum(mask)], labels.index(next(x for x in labels if x != -100)))
+        for ids, mask, labels in zip(data["input_ids"], data["attention_mask"], data["labels"])
+    ]
+    for batch in seen:
+        for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+            row = ids[: sum(mask)]
+            assert all(row != original for original, _ in originals)  # not a data row: the student's sample
+            assert any(row[:prompt] == original[:prompt] for original, prompt in originals)  # after a data prompt
 
 
 def test_on_policy_fraction_picks_steps_reproducibly(tmp_path):

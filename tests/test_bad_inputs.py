@@ -1,0 +1,576 @@
+"""Every input hf_kd refuses, and every case that once gave a silent wrong result, with the outcome it must give.
+
+One table (``CASES``): what a user did, and either the error it must raise (type and a phrase of its message) or a
+check of the correct result. A refusal must leave nothing in the output folder that could pass for a result. The
+README's "What hf_kd refuses" table is generated from the refusals here (``python tests/test_bad_inputs.py``) and
+checked against them (``test_readme_lists_every_refusal``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import (
+    ROOT,
+    VOCAB,
+    classification_data,
+    config,
+    grouped_query_lm_config,
+    lm_data,
+    tiny_bert,
+    tiny_gpt2,
+)
+from datasets import Dataset
+
+from hf_kd import DistillationTrainer, TeacherCache, get_loss, write_teacher_cache
+from hf_kd.data import add_sample_index
+from hf_kd.features import ModelFeatures
+
+README_START, README_END = "<!-- refusals:start -->", "<!-- refusals:end -->"
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    input: str  # what the user did, as the README shows it
+    run: Callable  # run(tmp_path): raises, or returns what ``check`` inspects
+    error: type[BaseException] | None = None
+    says: str = ""  # a phrase the error must contain (README: what hf_kd says)
+    check: Callable | None = None  # check(result, tmp_path) for cases whose correct outcome is a value
+
+
+def trainer(tmp_path, student=None, teacher=None, data=None, **overrides):
+    return DistillationTrainer(
+        model=student if student is not None else tiny_bert(hidden=16, seed=2),
+        teacher_model=teacher if teacher is not None else tiny_bert(seed=1),
+        args=config(tmp_path / "out", **overrides),
+        train_dataset=data if data is not None else classification_data(),
+    )
+
+
+def nan_model(model, module="classifier"):
+    getattr(model, module).bias.data.fill_(float("nan"))
+    return model
+
+
+def produced_result(folder) -> list[str]:
+    """Files in ``folder`` that could pass for a trained student: weights, cards, checkpoints, configs."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(
+        name
+        for name in os.listdir(folder)
+        if name.endswith((".safetensors", ".bin"))
+        or name.startswith("checkpoint-")
+        or name in ("README.md", "distillation_config.json", "config.json")
+    )
+
+
+# ---- cases whose correct outcome is a value ---------------------------------------------------------------------
+
+
+def _train_on_nan_teacher(tmp_path, losses):
+    student = tiny_bert(hidden=16, seed=2)
+    before = {name: p.detach().clone() for name, p in student.named_parameters()}
+    run = trainer(tmp_path, student, nan_model(tiny_bert(seed=1)), losses=losses, save_strategy="steps", save_steps=1)
+    try:
+        run.train()
+    finally:  # the error stopped the first step before its update: the weights are untouched and finite
+        assert all(torch.equal(before[name], p) for name, p in student.named_parameters())
+
+
+def _labels_all_ignored(tmp_path):
+    data = lm_data(n=8)
+    data = data.remove_columns("labels").add_column("labels", [[-100] * 10] * 8)
+    trainer(tmp_path, tiny_gpt2(hidden=16, seed=2), tiny_gpt2(seed=1), data).train()
+
+
+def _smoothed_ce(tmp_path):
+    run = trainer(tmp_path, label_smoothing_factor=0.2, losses="kl:0")
+    batch = run._prepare_inputs(next(iter(run.get_train_dataloader())))
+    run.compute_loss(run.model, batch)
+    logged = run.term_log.reduce("train")["ce"]
+    with torch.no_grad():
+        log_p = run.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.log_softmax(-1)
+    nll = -log_p.gather(1, batch["labels"][:, None]).mean()
+    uniform = -log_p.mean()
+    return logged, (0.8 * nll + 0.2 * uniform).item()
+
+
+def _eval_terms(tmp_path):
+    data = classification_data(n=16)
+    run = trainer(tmp_path, data=data)
+    run.eval_dataset = data
+    first = run.evaluate()
+    predicted = run.predict(data).metrics
+    again = run.evaluate()
+    other = classification_data(n=16, seed=5)
+    both = run.evaluate({"a": data, "b": other})
+    alone_b = run.evaluate(other, metric_key_prefix="b")
+    unlabeled = run.evaluate(data.remove_columns("labels"), metric_key_prefix="transfer")
+    return first, predicted, again, both, alone_b, unlabeled
+
+
+def _check_eval_terms(result, tmp_path):
+    first, predicted, again, both, alone_b, unlabeled = result
+    assert again["eval_kl"] == first["eval_kl"]  # predict() leaves nothing queued for the next evaluate()
+    assert predicted["test_kl"] == first["eval_kl"]
+    assert both["eval_a_kl"] == first["eval_kl"] and both["eval_b_kl"] == alone_b["b_kl"]
+    assert both["eval_a_kl"] != both["eval_b_kl"]
+    assert unlabeled["transfer_kl"] == first["eval_kl"] and "transfer_ce" not in unlabeled
+
+
+def _card_language_first(tmp_path):
+    run = trainer(tmp_path)
+    run.create_model_card("en", "apache-2.0")
+    return (tmp_path / "out" / "README.md").read_text()
+
+
+def _token_classifier_transfer_rows(tmp_path):
+    from transformers import BertConfig, BertForTokenClassification
+
+    def tagger(seed, hidden):
+        torch.manual_seed(seed)
+        return BertForTokenClassification(
+            BertConfig(
+                vocab_size=VOCAB,
+                hidden_size=hidden,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=2 * hidden,
+                num_labels=5,
+                hidden_dropout_prob=0.0,
+            )
+        )
+
+    data = Dataset.from_dict(
+        {
+            "input_ids": torch.randint(0, VOCAB, (4, 6), generator=torch.Generator().manual_seed(0)).tolist(),
+            "attention_mask": [[1] * 6, [1] * 6, [1] * 4 + [0] * 2, [1] * 5 + [0]],
+            "labels": [[-100] * 6] * 4,  # a transfer set: no gold tags
+        }
+    )
+    run = trainer(tmp_path, tagger(2, 16), tagger(1, 32), data, per_device_train_batch_size=4)
+    batch = run._prepare_inputs(next(iter(run.get_train_dataloader())))
+    counts = run._get_num_items_in_batch([batch], run.args.device)
+    run.compute_loss(run.model, batch, num_items_in_batch=counts)
+    return counts, run.term_log.reduce("train")
+
+
+def _llava_pair():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    def llava(seed):
+        torch.manual_seed(seed)
+        vision = CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=8,
+            patch_size=4,
+            projection_dim=16,
+        )
+        text = grouped_query_lm_config(LlamaConfig, hidden=16, layers=1)
+        return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=63))
+
+    return llava(2), llava(1)
+
+
+def _vision_language_shift(tmp_path):
+    student, teacher = _llava_pair()
+    data = lm_data(n=4)
+    run = trainer(tmp_path, student, teacher, data, per_device_train_batch_size=4, losses="kl", hard_label_weight=0)
+    batch = run._prepare_inputs(next(iter(run.get_train_dataloader())))
+    run.compute_loss(run.model, batch)
+    with torch.no_grad():
+        plain = {k: v for k, v in batch.items() if k != "labels"}
+        s, t = student(**plain).logits[:, :-1], teacher(**plain).logits[:, :-1]  # position t predicts token t + 1
+    mask = batch["labels"][:, 1:].ne(-100)
+    expected = get_loss("kl", temperature=2.0)(ModelFeatures(logits=s), ModelFeatures(logits=t), mask=mask)
+    return run.shift_labels, run.term_log.reduce("train")["kl"], expected.item() / mask.sum().item()
+
+
+def _cache_and_damage(tmp_path, damage):
+    data = lm_data(n=12)
+    teacher = tiny_gpt2(seed=1)
+    whole = write_teacher_cache(teacher, data, str(tmp_path / "whole"), top_k=4, shard_size=4)
+    folder = tmp_path / "cache"
+    write_teacher_cache(teacher, data, str(folder), top_k=4, shard_size=4)
+    damage(folder / "shard-00001.safetensors")
+    return whole, folder, teacher, data
+
+
+def _rewrite_damaged_shard(tmp_path, damage):
+    whole, folder, teacher, data = _cache_and_damage(tmp_path, damage)
+    repaired = write_teacher_cache(teacher, data, str(folder), top_k=4, shard_size=4)
+    return whole.manifest["shards"], repaired.manifest["shards"], TeacherCache.load(str(folder)).manifest["shards"]
+
+
+def _check_repaired(result, tmp_path):
+    whole, repaired, reloaded = result
+    assert repaired == whole == reloaded  # same files, same checksums as an unbroken run
+
+
+def _flip_last_byte(path):
+    path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 0xFF]))
+
+
+def _open_garbage_shard_unverified(tmp_path):
+    _, folder, _, _ = _cache_and_damage(tmp_path, lambda path: path.write_bytes(b"not a safetensors file"))
+    TeacherCache.load(str(folder), verify_checksums=False)
+
+
+def _cache_with_changed_attention_mask(tmp_path):
+    data = add_sample_index(lm_data(n=8))
+    cache = write_teacher_cache(tiny_gpt2(seed=1), data, str(tmp_path / "cache"), top_k=4)
+    masks = [row[:-1] + [0] for row in data["attention_mask"]]  # same token ids, the last token now padding
+    changed = data.remove_columns("attention_mask").add_column("attention_mask", masks)
+    trainer(tmp_path, tiny_gpt2(hidden=16, seed=2), cache, changed)
+
+
+def _push(tmp_path, *flags):
+    from hub_server import LocalHub
+
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="0",
+        HF_TOKEN="hf_test_token",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_XET="1",
+        OMP_NUM_THREADS="1",
+    )
+    worker = os.path.join(ROOT, "tests", "distributed", "push_worker.py")
+    with LocalHub() as hub:
+        completed = subprocess.run(
+            [sys.executable, worker, str(tmp_path / "out"), "alice/tiny-student", *flags],
+            env={**env, "HF_ENDPOINT": hub.endpoint},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return hub.state
+
+
+def _check_pushed_checkpoints(state, tmp_path):
+    files = [path for commit in state.commits for path in commit["files"]]
+    assert "last-checkpoint/hf_kd_losses.safetensors" in files  # a run resumed from the Hub finds its projector
+    assert "last-checkpoint/optimizer.pt" in files and "model.safetensors" in files
+    assert not any(path.endswith("training_args.bin") for path in files)  # no pickle in any upload
+    assert not any(path in ("optimizer.pt", "hf_kd_losses.safetensors") for path in files)  # root: student only
+
+
+CASES = [
+    # ---- configuration ----
+    Case(
+        "weight-nan",
+        '`losses="kl:nan"`',
+        lambda p: config(p, losses="kl:nan"),
+        ValueError,
+        "weight of 'kl' must be a finite number >= 0",
+    ),
+    Case(
+        "temperature-inf",
+        "`temperature=inf`",
+        lambda p: config(p, temperature=math.inf),
+        ValueError,
+        "temperature must be a finite number > 0",
+    ),
+    Case(
+        "option-inf",
+        '`losses="kl:1:temperature=.inf"`',
+        lambda p: config(p, losses="kl:1:temperature=.inf"),
+        ValueError,
+        "option temperature=inf of loss 'kl' is not a finite number",
+    ),
+    Case("alpha-nan", "`alpha=nan`", lambda p: config(p, alpha=math.nan), ValueError, "alpha must lie in [0, 1]"),
+    Case("losses-empty", '`losses=""`', lambda p: config(p, losses=""), ValueError, "losses is empty"),
+    Case(
+        "option-typo",
+        '`losses="kl:1.0:temprature=2"`',
+        lambda p: config(p, losses="kl:1.0:temprature=2"),
+        ValueError,
+        "unknown option 'temprature'",
+    ),
+    Case(
+        "option-not-taken",
+        '`losses="hidden_mse:1:temperature=2"` (takes no temperature)',
+        lambda p: config(p, losses="hidden_mse:1:temperature=2"),
+        ValueError,
+        "got unknown option 'temperature'",
+    ),
+    Case(
+        "json-broken",
+        '`losses=\'[{"name": "kl",\'` (broken JSON)',
+        lambda p: config(p, losses='[{"name": "kl",'),
+        ValueError,
+        "looks like a JSON list but does not parse",
+    ),
+    Case(
+        "smoothing-chunked",
+        "`label_smoothing_factor=0.1` with `chunk_size`",
+        lambda p: config(p, label_smoothing_factor=0.1, chunk_size=8),
+        ValueError,
+        "is not applied on the chunk_size path",
+    ),
+    # ---- models and data, refused when the trainer is built ----
+    Case(
+        "label-sets",
+        "student with 3 classes, teacher with 5",
+        lambda p: trainer(p, tiny_bert(num_labels=3), tiny_bert(num_labels=5)),
+        ValueError,
+        "the student predicts 3 classes (config.num_labels) and the teacher 5",
+    ),
+    Case(
+        "one-logit",
+        "`kl` on a one-logit head (`num_labels=1`)",
+        lambda p: trainer(p, tiny_bert(num_labels=1), tiny_bert(num_labels=1, seed=1)),
+        ValueError,
+        "one-logit head",
+    ),
+    Case(
+        "relation-batch-1",
+        "`sp` at `per_device_train_batch_size=1`",
+        lambda p: trainer(p, losses="sp", per_device_train_batch_size=1),
+        ValueError,
+        "identically 0 below 2 examples per process",
+    ),
+    Case(
+        "distance-batch-2",
+        "`rkd_distance` at `per_device_train_batch_size=2`",
+        lambda p: trainer(p, losses="rkd_distance", per_device_train_batch_size=2),
+        ValueError,
+        "identically 0 below 3 examples per process",
+    ),
+    Case(
+        "angle-batch-2",
+        "`rkd_angle` at `per_device_train_batch_size=2`",
+        lambda p: trainer(p, losses="rkd_angle", per_device_train_batch_size=2),
+        ValueError,
+        "identically 0 below 3 examples per process",
+    ),
+    Case(
+        "crd-no-index",
+        "`crd` on a training set without `sample_index`",
+        lambda p: trainer(p, losses="crd"),
+        ValueError,
+        "add a sample_index column",
+    ),
+    Case(
+        "teacher-path",
+        'teacher `"./no/such/teacher"`',
+        lambda p: trainer(p, teacher="./no/such/teacher"),
+        FileNotFoundError,
+        "is not a folder",
+    ),
+    Case(
+        "teacher-meta",
+        "a teacher built on the meta device",
+        lambda p: trainer(p, teacher=_on_meta_device(tiny_bert)),
+        ValueError,
+        "on the meta device",
+    ),
+    Case(
+        "empty-train",
+        "an empty `train_dataset`",
+        lambda p: trainer(p, data=classification_data().select([])),
+        ValueError,
+        "train_dataset is empty",
+    ),
+    Case(
+        "own-teacher",
+        "the student passed as its own teacher",
+        lambda p: _own_teacher(p),
+        ValueError,
+        "teacher_model is the student itself",
+    ),
+    Case(
+        "hub-unreachable",
+        "`push_to_hub=True` with the Hub unreachable",
+        lambda p: trainer(p, push_to_hub=True, hub_model_id="alice/x"),
+        RuntimeError,
+        "push_to_hub=True creates the Hub repo",
+    ),
+    Case(
+        "cache-attention-mask",
+        "a cache written for other attention masks",
+        _cache_with_changed_attention_mask,
+        ValueError,
+        "is not the example the cache holds",
+    ),
+    # ---- found while training ----
+    Case(
+        "teacher-nan",
+        "a teacher whose logits are NaN",
+        lambda p: _train_on_nan_teacher(p, "kl"),
+        FloatingPointError,
+        "the teacher's logits hold NaN or +inf",
+    ),
+    Case(
+        "teacher-nan-logit-mse",
+        "a teacher whose logits are NaN, with `logit_mse`",
+        lambda p: _train_on_nan_teacher(p, "logit_mse"),
+        FloatingPointError,
+        "logit_mse = nan",
+    ),
+    Case(
+        "student-nan",
+        "a student whose logits are NaN",
+        lambda p: trainer(p, nan_model(tiny_bert(hidden=16, seed=2))).train(),
+        FloatingPointError,
+        "the student's logits hold NaN or +inf",
+    ),
+    Case(
+        "labels-all-ignored",
+        "a causal-LM data set whose labels are all -100",
+        _labels_all_ignored,
+        ValueError,
+        "labels are -100 everywhere",
+    ),
+    Case(
+        "cache-garbage-shard",
+        "a cache shard replaced by garbage (read without checksums)",
+        _open_garbage_shard_unverified,
+        ValueError,
+        "is not a readable safetensors file",
+    ),
+    # ---- once silently wrong, now correct ----
+    Case(
+        "cache-corrupt-rerun",
+        "`write_teacher_cache` again over a corrupted shard",
+        lambda p: _rewrite_damaged_shard(p, _flip_last_byte),
+        check=_check_repaired,
+    ),
+    Case(
+        "cache-deleted-rerun",
+        "`write_teacher_cache` again after deleting a shard",
+        lambda p: _rewrite_damaged_shard(p, os.remove),
+        check=_check_repaired,
+    ),
+    Case(
+        "eval-terms",
+        "`predict()`, `evaluate(metric_key_prefix=...)`, a dict of eval sets, an unlabeled eval set",
+        _eval_terms,
+        check=_check_eval_terms,
+    ),
+    Case(
+        "label-smoothing",
+        "`label_smoothing_factor=0.2`",
+        _smoothed_ce,
+        check=lambda result, _: pytest.approx(result[1], abs=1e-5) == result[0],
+    ),
+    Case(
+        "card-language",
+        '`create_model_card("en", "apache-2.0")` (Trainer\'s order)',
+        _card_language_first,
+        check=lambda card, _: "language:\n- en" in card and "license: apache-2.0" in card,
+    ),
+    Case(
+        "token-classifier-transfer",
+        "token-classification rows without labels",
+        _token_classifier_transfer_rows,
+        check=lambda result, _: result[0].positions.item() == 21 and result[1]["kl"] > 0 and "ce" not in result[1],
+    ),
+    Case(
+        "vision-language-shift",
+        "a decoder-only `…ForConditionalGeneration` (Llava)",
+        _vision_language_shift,
+        check=lambda result, _: result[0] and result[1] == pytest.approx(result[2], abs=1e-6),
+    ),
+    Case(
+        "push-private",
+        "`push_to_hub(private=True)`",
+        lambda p: _push(p, "private"),
+        check=lambda state, _: state.repos == {"alice/tiny-student": {"private": True}},
+    ),
+    Case(
+        "push-checkpoints",
+        '`push_to_hub=True, hub_strategy="checkpoint"` with a learned projector',
+        lambda p: _push(p, "checkpoints"),
+        check=_check_pushed_checkpoints,
+    ),
+]
+
+
+def _on_meta_device(build):
+    with torch.device("meta"):
+        return build(seed=1)
+
+
+def _own_teacher(tmp_path):
+    student = tiny_bert(seed=2)
+    return trainer(tmp_path, student, student)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input(case, tmp_path):
+    if case.error is not None:
+        with pytest.raises(case.error) as raised:
+            case.run(tmp_path)
+        assert case.says in str(raised.value)
+        assert produced_result(tmp_path / "out") == []
+    else:
+        case.check(case.run(tmp_path), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["rkd_distance", "rkd_angle", "sp", "pkt", "irg", "infonce"])
+def test_relation_losses_are_zero_below_their_minimum_batch(name):
+    # The measurement behind the batch-size refusals: exactly 0 just below the minimum, not 0 at it.
+    loss = get_loss(name)
+    torch.manual_seed(0)
+
+    def value(batch):
+        hidden = lambda: (torch.randn(batch, 4, 8), torch.randn(batch, 4, 8))  # noqa: E731
+        student, teacher = ModelFeatures(hidden_states=hidden()), ModelFeatures(hidden_states=hidden())
+        loss.setup(student, teacher)
+        return loss(student, teacher).item()
+
+    assert value(loss.min_batch_size - 1) == 0.0
+    assert value(loss.min_batch_size) != 0.0
+
+
+def refusal_table() -> str:
+    rows = ["| input | hf_kd says |", "|---|---|"]
+    rows += [f"| {case.input} | `{type_name(case)}`: “{case.says}…” |" for case in CASES if case.error is not None]
+    return "\n".join(rows)
+
+
+def type_name(case: Case) -> str:
+    return case.error.__name__
+
+
+def test_readme_lists_every_refusal():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    section = readme.split(README_START)[1].split(README_END)[0].strip()
+    assert section == refusal_table(), "regenerate the README table with: python tests/test_bad_inputs.py"
+
+
+def test_every_logged_term_survives_a_process_without_labels(tmp_path):
+    # 2 labeled rows of 64, 2 rows per process, a log every step: the process whose rows are unlabeled never computes
+    # ce. Both processes must reduce the same terms (a hang before) and log what one process logs.
+    from conftest import run_two_processes
+
+    worker = os.path.join(ROOT, "tests", "distributed", "sparse_labels_worker.py")
+    run_two_processes(worker, tmp_path / "two", 2, port=29561, timeout=300)
+    subprocess.run([sys.executable, worker, str(tmp_path / "one"), "4"], check=True, cwd=ROOT, timeout=300)
+    two, one = (json.loads((tmp_path / run / "log.json").read_text()) for run in ("two", "one"))
+    assert len(one) == len(two) == 16
+    assert sum("ce" in entry for entry in one) == 2  # the two steps with a labeled row
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], abs=2e-6), key
+
+
+if __name__ == "__main__":
+    print(refusal_table())
