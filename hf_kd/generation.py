@@ -24,11 +24,17 @@ ON_POLICY_KEY = "hf_kd_on_policy"
 @contextlib.contextmanager
 def _left_padding(tokenizer):
     side = tokenizer.padding_side
+    backend = getattr(tokenizer, "_tokenizer", None)  # a fast tokenizer's Rust state, saved into tokenizer.json
+    padding = backend.padding if backend is not None else None
     tokenizer.padding_side = "left"  # decoder-only models continue from the last real token
     try:
         yield tokenizer
     finally:
         tokenizer.padding_side = side
+        # Padding with the side set enables it in the backend too; left as "Left" there, a tokenizer saved later
+        # (the student's) would reload left-padding, and pad labels on the left.
+        if backend is not None:
+            backend.no_padding() if padding is None else backend.enable_padding(**padding)
 
 
 def generate_teacher_outputs(

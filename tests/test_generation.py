@@ -223,3 +223,20 @@ def test_sampled_teacher_generation_is_seeded_and_leaves_the_callers_rng_alone()
     torch.manual_seed(123)
     sample(7)
     assert torch.equal(torch.rand(3), expected)  # the caller's random stream is where it was
+
+
+def test_left_padding_for_generation_does_not_leak_into_a_saved_tokenizer(tmp_path):
+    # Padding on the left enables padding in the fast tokenizer's backend, which save_pretrained writes into
+    # tokenizer.json: the student's saved tokenizer then reloaded left-padding (and padded seq2seq labels left).
+    from transformers import AutoTokenizer
+
+    from hf_kd.data import train_bpe_tokenizer
+    from hf_kd.generation import _left_padding
+
+    tokenizer = train_bpe_tokenizer(["a b c d", "e f g", "a c e g"], 300, eos_token="</s>", pad_token="<pad>")
+    with _left_padding(tokenizer):
+        assert tokenizer(["a b", "a b c d"], padding=True)["attention_mask"][0][0] == 0  # padded on the left
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer.padding_side == reloaded.padding_side == "right"
+    assert reloaded(["a b", "a b c d"], padding=True)["attention_mask"][0][-1] == 0
