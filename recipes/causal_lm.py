@@ -20,7 +20,6 @@ the student trained from scratch on the same blocks with the same steps and seed
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -32,7 +31,6 @@ from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
-    Trainer,
     default_data_collator,
     set_seed,
 )
@@ -41,7 +39,7 @@ from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
 from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.data import train_bpe_tokenizer
-from hf_kd.evaluation import count_parameters, report_results
+from hf_kd.evaluation import count_parameters, report_results, token_perplexity
 
 
 @dataclass
@@ -115,9 +113,11 @@ def gpt2(vocab_size: int, layers: int, width: int, block_size: int) -> GPT2LMHea
 
 
 def perplexity(model, dataset, args) -> float:
-    """exp(mean next-token cross-entropy) on ``dataset``."""
-    evaluator = Trainer(model=model, args=dataclasses.replace(args, report_to=[]), data_collator=default_data_collator)
-    return math.exp(evaluator.evaluate(dataset)["eval_loss"])
+    """exp(mean cross-entropy per predicted token) on ``dataset``, as exp(eval_ce) of the distil-only path (a plain
+    Trainer's eval_loss divides by every label, T per block, where a causal LM predicts T − 1)."""
+    return token_perplexity(
+        model, dataset, data_collator=default_data_collator, batch_size=args.per_device_eval_batch_size
+    )
 
 
 def main():
