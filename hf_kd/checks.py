@@ -7,11 +7,76 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import LossSpec
+from .config import DistillationConfig, LossSpec
 from .data import SAMPLE_INDEX
 from .features import ModelFeatures
 from .losses.registry import takes_option
 from .model_kinds import is_classifier, num_classes, output_size
+from .teachers import check_materialized
+
+
+def check_setup(model, teacher_model, args, trainer_kwargs: dict) -> None:
+    """What a DistillationTrainer refuses before anything is loaded."""
+    if not isinstance(args, DistillationConfig):
+        raise TypeError(
+            f"args must be a DistillationConfig, got {type(args).__name__}; "
+            "DistillationConfig takes every TrainingArguments field."
+        )
+    if trainer_kwargs.get("compute_loss_func") is not None:
+        raise ValueError(
+            "DistillationTrainer computes its own loss; configure it with DistillationConfig.losses "
+            "instead of compute_loss_func."
+        )
+    if model is None:
+        raise ValueError("DistillationTrainer needs the student as model=.")
+    if teacher_model is None or (isinstance(teacher_model, (list, tuple, dict)) and len(teacher_model) == 0):
+        raise ValueError(
+            "no teacher: pass teacher_model= (a model, a path, a TeacherCache or AdapterBaseTeacher, or a list or "
+            "dict of them) or set DistillationConfig.teacher_model_name_or_path."
+        )
+    several = (
+        teacher_model.values()
+        if isinstance(teacher_model, dict)
+        else (teacher_model if isinstance(teacher_model, (list, tuple)) else [teacher_model])
+    )
+    if any(teacher is model for teacher in several):
+        raise ValueError(
+            "teacher_model is the student itself: it would be frozen with the teacher and learn nothing. For a "
+            "frozen copy, pass copy.deepcopy(model); for a LoRA student taught by its own base, "
+            "AdapterBaseTeacher(model)."
+        )
+    check_materialized(model, "student")
+    train_dataset = trainer_kwargs.get("train_dataset")
+    if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+        raise ValueError("train_dataset is empty (0 rows): check the data loading and filtering before training.")
+
+
+def check_teachers(model, teachers: dict, objective, args, train_dataset) -> None:
+    """What the objective cannot do with this student, these teachers and this batch size."""
+    check_batch_relations(objective.losses, args.per_device_train_batch_size)
+    check_logit_width(model, objective.losses)
+    check_sample_index(objective.losses, train_dataset)
+    for name, teacher in teachers.items():
+        if isinstance(teacher, nn.Module):
+            check_vocabularies(model, teacher, [term.loss for term in objective.terms_of(name)])
+    if args.chunk_size is not None and len(teachers) > 1:
+        raise ValueError(
+            f"chunk_size runs one teacher's LM head chunk by chunk; {len(teachers)} teachers were given. Leave "
+            "chunk_size unset with several teachers."
+        )
+
+
+def check_on_policy(args, token_level: bool, causal: bool, student: nn.Module, teachers: dict) -> None:
+    if args.on_policy_fraction <= 0:
+        return
+    config = getattr(student, "config", None)
+    if not token_level or not (causal or getattr(config, "is_encoder_decoder", False)):
+        raise ValueError("on_policy_fraction applies to causal and seq2seq LMs, which generate.")
+    if not all(source.covers_eval for source in teachers.values()):
+        raise ValueError(
+            "on-policy distillation scores the student's new samples, which a teacher cache has no outputs "
+            "for: use a live teacher, or on_policy_fraction=0."
+        )
 
 
 def with_default_temperature(spec: LossSpec, temperature: float) -> dict:
@@ -75,7 +140,8 @@ def check_chunkable(losses, causal: bool, token_level: bool, fsdp: bool, fsdp2: 
         )
 
 
-def _compares_logits_entrywise(loss) -> bool:
+def compares_logits_entrywise(loss) -> bool:
+    """Whether a loss compares the two sides' logits class by class (the response losses)."""
     return loss.per_position and all("logits" in loss.side_needs(side) for side in ("student", "teacher"))
 
 
@@ -86,7 +152,7 @@ def check_vocabularies(student: nn.Module, teacher: nn.Module | None, losses) ->
         return
     if is_classifier(student) and is_classifier(teacher):
         classes = [num_classes(student), num_classes(teacher)]
-        entrywise = [loss.name for loss in losses if _compares_logits_entrywise(loss)]
+        entrywise = [loss.name for loss in losses if compares_logits_entrywise(loss)]
         if None not in classes and classes[0] != classes[1] and entrywise:
             raise ValueError(
                 f"the student predicts {classes[0]} classes (config.num_labels) and the teacher {classes[1]}: "

@@ -18,22 +18,25 @@ TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class LossSpec:
-    """One configured loss: its registry id (or dotted class path), its weight and its options."""
+    """One configured loss: its registry id (or dotted class path), its weight, its options, and the teacher it
+    reads (a name of ``teacher_model``'s mapping; ``None``: every teacher, one term each)."""
 
     name: str
     weight: float | None = None  # None: the loss class's default_weight (the value of its paper)
     options: dict[str, Any] = field(default_factory=dict)
+    teacher: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "weight": self.weight, **self.options}
+        teacher = {} if self.teacher is None else {"teacher": self.teacher}
+        return {"name": self.name, "weight": self.weight, **teacher, **self.options}
 
 
 def parse_losses(value: str | list | None) -> list[LossSpec]:
     """Read losses from Python, YAML or the command line.
 
-    Accepted forms: a list of ``{"name": ..., "weight": ..., **options}`` dicts (or bare names); a JSON list
-    of such dicts; or the compact command-line form ``"kl:1.0,jsd:0.5:beta=0.9"`` (``name[:weight][:key=value
-    ...]`` separated by commas).
+    Accepted forms: a list of ``{"name": ..., "weight": ..., "teacher": ..., **options}`` dicts (or bare names); a
+    JSON list of such dicts; or the compact command-line form ``"kl:1.0,jsd:0.5:beta=0.9,hint:1:teacher=vit"``
+    (``name[:weight][:key=value ...]`` separated by commas).
     """
     if value is None:
         return [LossSpec("kl", 1.0)]
@@ -64,18 +67,19 @@ def parse_losses(value: str | list | None) -> list[LossSpec]:
                 raise ValueError(f"each entry of losses needs a 'name', got {item!r}.")
             name = options.pop("name")
             weight = options.pop("weight", None)
+            teacher = options.pop("teacher", None)
             options.update(options.pop("kwargs", {}) or {})
             try:
                 weight = None if weight is None else float(weight)
             except (TypeError, ValueError):
                 raise ValueError(f"the weight of loss {name!r} must be a number, got {weight!r}.") from None
-            specs.append(LossSpec(str(name), weight, options))
+            specs.append(LossSpec(str(name), weight, options, None if teacher is None else str(teacher)))
         else:
             raise ValueError(f"cannot read loss entry {item!r}: give a name, a dict or a LossSpec.")
     return [
         spec
         if spec.weight is not None
-        else LossSpec(spec.name, resolve_loss_class(spec.name).default_weight, spec.options)
+        else LossSpec(spec.name, resolve_loss_class(spec.name).default_weight, spec.options, spec.teacher)
         for spec in specs
     ]
 
@@ -159,6 +163,28 @@ class DistillationConfig(TrainingArguments):
     )
     generation_top_k: int | None = field(default=None, metadata={"help": "On-policy rollouts: top-k sampling."})
     generation_top_p: float | None = field(default=None, metadata={"help": "On-policy rollouts: nucleus sampling."})
+    teacher_aggregation: str = field(
+        default="mean_probs",
+        metadata={
+            "help": "Several teachers: how logit losses combine them, per position (hf_kd.schemes.multi_teacher).",
+            "choices": ["mean_probs", "mean_logits", "weighted", "adaptive", "best"],
+        },
+    )
+    teacher_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "teacher_aggregation='weighted': one weight per teacher, in teacher_model's order."},
+    )
+    adaptive_temperature: float = field(
+        default=1.0,
+        metadata={"help": "teacher_aggregation='adaptive': τ_w in the weights softmax(−CE/τ_w)."},
+    )
+    adaptive_confidence: bool = field(
+        default=False,
+        metadata={
+            "help": "teacher_aggregation='adaptive': on unlabeled positions, also weigh each teacher by its "
+            "confidence (max probability) there, beside its reliability on the labels so far."
+        },
+    )
     check_finite: bool = field(
         default=True,
         metadata={
@@ -212,6 +238,21 @@ class DistillationConfig(TrainingArguments):
             math.isfinite(self.hard_label_weight) and self.hard_label_weight >= 0
         ):
             raise ValueError(f"hard_label_weight must be a finite number >= 0, got {self.hard_label_weight}.")
+        from .schemes.multi_teacher import AGGREGATIONS
+
+        if self.teacher_aggregation not in AGGREGATIONS:
+            raise ValueError(f"teacher_aggregation must be one of {AGGREGATIONS}, got {self.teacher_aggregation!r}.")
+        if self.teacher_weights is not None:
+            if self.teacher_aggregation != "weighted":
+                raise ValueError(
+                    f"teacher_weights apply to teacher_aggregation='weighted', not {self.teacher_aggregation!r}."
+                )
+            if isinstance(self.teacher_weights, str):  # the command line: "0.7,0.3"
+                self.teacher_weights = [float(part) for part in self.teacher_weights.split(",")]
+            if not all(math.isfinite(w) and w >= 0 for w in self.teacher_weights) or sum(self.teacher_weights) <= 0:
+                raise ValueError(f"teacher_weights must be finite, >= 0 and not all 0, got {self.teacher_weights}.")
+        if not (math.isfinite(self.adaptive_temperature) and self.adaptive_temperature > 0):
+            raise ValueError(f"adaptive_temperature must be a finite number > 0, got {self.adaptive_temperature}.")
         if self.chunk_size is not None and self.label_smoothing_factor > 0:
             raise ValueError(
                 f"label_smoothing_factor={self.label_smoothing_factor} is not applied on the chunk_size path, "

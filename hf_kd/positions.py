@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .cross_tokenizer import aligned_positions, split_teacher_inputs
 from .data import SAMPLE_INDEX
 
 
@@ -47,6 +48,24 @@ def distillation_mask(inputs: dict, token_level: bool, shift: bool, by_labels: b
         return None
     mask = mask.bool()
     return mask[:, 1:] if shift else mask
+
+
+def count_items(
+    batches: list[dict], token_level: bool, shift: bool, by_labels: bool, device: torch.device, label_key: str
+) -> torch.Tensor:
+    """``[label entries, distilled positions]`` over ``batches`` (one process), summed as tensors where the batches
+    live (no host sync). Batches whose ``label_key`` is set carry the student's own samples: no label loss."""
+    counts = torch.zeros(2, dtype=torch.float32, device=device)
+    for batch in batches:
+        if batch.get("labels") is not None and not batch.get(label_key):
+            batch_labels = batch["labels"][..., 1:] if shift else batch["labels"]
+            counts[0] += batch_labels.ne(-100).sum().to(device)
+        batch, teacher_batch = split_teacher_inputs(batch)
+        mask = distillation_mask(batch, token_level, shift, by_labels)
+        if teacher_batch is not None and mask is not None:  # different tokenizers: the aligned positions
+            mask = aligned_positions(mask, distillation_mask(teacher_batch, token_level, shift, by_labels))[0]
+        counts[1] += mask.sum().to(device) if mask is not None else num_positions(batch, token_level, shift)
+    return counts
 
 
 def num_positions(batch: dict, token_level: bool, shift: bool) -> int:

@@ -45,6 +45,45 @@ def load_teacher(teacher: nn.Module | str, student: nn.Module, dtype: str = "aut
     return freeze(teacher)
 
 
+SINGLE_TEACHER = "teacher"  # the name of a lone teacher (a list's are teacher0, teacher1, ...)
+
+
+def build_teachers(teacher_model, student: nn.Module, dtype: str = "auto") -> dict:
+    """``teacher_model`` as a mapping name → frozen model or :class:`TeacherSource`: one teacher (a model, a path,
+    a source) is ``{"teacher": ...}``, a list ``{"teacher0": ..., "teacher1": ...}``, a dict keeps its names."""
+    if isinstance(teacher_model, dict):
+        named = dict(teacher_model)
+        for name in named:
+            if not isinstance(name, str) or not name or "/" in name or name == "student":
+                raise ValueError(
+                    f"teacher names must be non-empty strings without '/' other than 'student' (they name log "
+                    f"entries such as kl/NAME and card rows), got {name!r}."
+                )
+    elif isinstance(teacher_model, (list, tuple)):
+        named = {f"{SINGLE_TEACHER}{index}": teacher for index, teacher in enumerate(teacher_model)}
+    else:
+        named = {SINGLE_TEACHER: teacher_model}
+    return {
+        name: teacher if isinstance(teacher, TeacherSource) else load_teacher(teacher, student, dtype)
+        for name, teacher in named.items()
+    }
+
+
+def place_teacher(teacher, trainer, losses) -> TeacherSource:
+    """A frozen model placed for the way ``trainer``'s student is trained, or a source (a cache) checked against
+    its student, training set, tokenizer and ``losses``."""
+    if not isinstance(teacher, TeacherSource):
+        return LiveTeacher(prepare_teacher(teacher, trainer.accelerator))
+    if hasattr(teacher, "check_compatible"):  # a cache: same examples, vocabulary and tokenizer
+        teacher.check_compatible(
+            student=trainer.accelerator.unwrap_model(trainer.model),
+            train_dataset=trainer.train_dataset,
+            tokenizer=trainer.processing_class,
+            losses=list(losses),
+        )
+    return teacher
+
+
 def looks_like_local_path(name: str) -> bool:
     """A name that can only mean a folder: absolute, relative with ./ or ../, home-relative, or with more than one
     '/' (a Hub repo id is ``owner/name``)."""

@@ -1,0 +1,171 @@
+"""The distillation objective: terms (name, weight, loss, teacher) and the one mix of them into the total.
+
+``total = label_weight·CE + distillation_weight·Σ wᵢ·Lᵢ`` (see :class:`~hf_kd.DistillationConfig`). The plain and the
+chunked path of the trainer compute the terms' values differently and hand them here to be normalised and mixed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .checks import compares_logits_entrywise, with_default_temperature
+from .config import LossSpec
+from .features import ModelFeatures, finite_outputs, non_finite_fields
+from .losses import DistillationLoss, get_loss
+from .positions import ItemCounts
+from .schemes.multi_teacher import ENSEMBLE, TeacherAggregator
+
+LABEL_TERM = "ce"
+WEIGHT_PREFIX = "teacher_weight/"  # each teacher's mean weight in the ensemble, logged
+
+
+@dataclass(frozen=True)
+class Term:
+    """One distillation term: ``loss`` between the student and the teacher ``teacher``, weighed ``weight`` in the
+    total and logged as ``name``."""
+
+    name: str
+    weight: float
+    loss: DistillationLoss
+    teacher: str
+
+
+class Objective:
+    """The configured terms over named teachers; ``losses`` holds their modules (learned parts included).
+
+    With several teachers, a logit loss that names none reads their combination (:data:`ENSEMBLE`, made by
+    ``aggregator``: one term, logged under the loss's name); any other loss that names none is one term per
+    teacher (``hidden_mse/vit``), each with its own layer map and projector. A loss that names a teacher reads it.
+    """
+
+    def __init__(self, specs: list[LossSpec], teachers: list[str], args, aggregator: TeacherAggregator | None = None):
+        """``args``: the :class:`~hf_kd.DistillationConfig` (temperature, distillation weight)."""
+        unknown = sorted({spec.teacher for spec in specs if spec.teacher is not None} - set(teachers))
+        if unknown:
+            raise ValueError(f"losses name the teachers {unknown}, which are not among the teachers {teachers}.")
+        temperature, self.distillation_weight = args.temperature, args.distillation_weight
+        self.teachers = list(teachers)
+        self.aggregator = aggregator if len(self.teachers) > 1 else None
+        terms, earlier = [], []
+        for spec in specs:
+            probe = get_loss(spec.name, **with_default_temperature(spec, temperature))
+            if spec.teacher is not None:
+                readers = [spec.teacher]
+            elif len(self.teachers) > 1 and compares_logits_entrywise(probe):
+                readers = [ENSEMBLE]
+            else:
+                readers = self.teachers
+            for index, teacher in enumerate(readers):
+                loss = probe if index == 0 else get_loss(spec.name, **with_default_temperature(spec, temperature))
+                base = _log_name(spec.name, [name for other, name in earlier if other == teacher])
+                earlier.append((teacher, spec.name))
+                name = base if teacher == ENSEMBLE or len(self.teachers) == 1 else f"{base}/{teacher}"
+                terms.append(Term(name, spec.weight, loss, teacher))
+        self.terms = terms
+        self.losses = nn.ModuleList(term.loss for term in terms)
+
+    @property
+    def names(self) -> list[str]:
+        return [term.name for term in self.terms]
+
+    @property
+    def logged_names(self) -> list[str]:
+        """Every name the term log carries: the label loss, the terms, each teacher's mean ensemble weight."""
+        weights = [f"{WEIGHT_PREFIX}{name}" for name in self.teachers] if self.reads_ensemble else []
+        return [LABEL_TERM, *self.names, *weights]
+
+    @property
+    def reads_ensemble(self) -> bool:
+        return any(term.teacher == ENSEMBLE for term in self.terms)
+
+    def terms_of(self, teacher: str) -> list[Term]:
+        """The terms that read ``teacher``'s outputs: its own, and the ensemble's, which combine its logits."""
+        return [term for term in self.terms if term.teacher in (teacher, ENSEMBLE)]
+
+    def needs(self, side: str, teacher: str | None = None) -> frozenset[str]:
+        """The features the terms read from the student (``side="student"``) or from one teacher."""
+        terms = self.terms if teacher is None else self.terms_of(teacher)
+        return frozenset().union(*(term.loss.side_needs(side) for term in terms))
+
+    def ensemble(self, teachers: dict[str, ModelFeatures], labels, mask=None, accelerator=None):
+        """``({temperature: combined teacher}, {teacher: mean weight})`` for the ensemble terms: the teachers'
+        logits combined per position by the aggregator, once per temperature a term softens at; the mean weights
+        are over the distilled positions (``mask``)."""
+        logits = [teachers[name].dense_logits() for name in self.teachers]
+        shape = logits[0].shape
+        flat = [z.reshape(-1, shape[-1]) for z in logits]
+        position_labels = None
+        if labels is not None and not labels.is_floating_point() and tuple(labels.shape) == tuple(shape[:-1]):
+            position_labels = labels.reshape(-1)
+        weights = self.aggregator(flat, position_labels, accelerator)
+        combined = {}
+        for term in self.terms:
+            temperature = float(getattr(term.loss, "temperature", 1.0))
+            if term.teacher == ENSEMBLE and temperature not in combined:
+                mixed = self.aggregator.combine(flat, weights, temperature).reshape(shape)
+                combined[temperature] = ModelFeatures(logits=mixed)
+        if mask is not None and tuple(mask.shape) == tuple(shape[:-1]) and mask.any():
+            weights = weights[mask.reshape(-1).bool()]
+        mean_weights = {f"{WEIGHT_PREFIX}{name}": weights[:, k].mean() for k, name in enumerate(self.teachers)}
+        return combined, mean_weights
+
+    def normalise(self, term: Term, value: torch.Tensor, counts: ItemCounts, accumulation: int) -> torch.Tensor:
+        """A term's value per item of the whole step: per-position losses return sums (divided by the step's
+        positions, over processes), batch-level losses means (divided by the micro-batches)."""
+        if term.loss.per_position:
+            return value * counts.scale / counts.positions.clamp(min=1)
+        return value / accumulation
+
+    def total(self, terms: dict[str, torch.Tensor], label_weight: float) -> torch.Tensor | None:
+        """The weighted mix of the computed terms (``None`` when none was computed)."""
+        total = label_weight * terms[LABEL_TERM] if LABEL_TERM in terms else None
+        for term in self.terms:
+            if term.name in terms:
+                weighted = self.distillation_weight * term.weight * terms[term.name]
+                total = weighted if total is None else total + weighted
+        return total
+
+
+def check_finite(where: str, terms: dict, student: ModelFeatures | None, teachers: dict, mask, device) -> None:
+    """Raise before the backward pass (so no update is made) when a term or a teacher's outputs are not finite,
+    saying which term and which model; one host sync when all is well."""
+    flags = [torch.isfinite(value.detach()).all() for value in terms.values()]
+    flags += [finite_outputs(features, mask) for features in teachers.values()]
+    if not flags or bool(torch.stack([flag.to(device) for flag in flags]).all()):
+        return
+    bad_terms = {
+        name: float(value.detach()) for name, value in terms.items() if not torch.isfinite(value.detach()).all()
+    }
+    what = ", ".join(f"{name} = {value}" for name, value in bad_terms.items()) or "every loss term is finite"
+    broken_teachers = {
+        name: fields for name, features in teachers.items() if (fields := non_finite_fields(features, mask))
+    }
+    broken_student = non_finite_fields(student, mask) if student is not None else []
+    if broken_teachers:
+        name, fields = next(iter(broken_teachers.items()))
+        role = "the teacher" if len(teachers) == 1 else f"the teacher {name!r}"
+        cause = (
+            f"{role}'s {', '.join(fields)} hold NaN or +inf (a broken teacher, or one that overflows in its dtype: "
+            "try teacher_dtype='float32')"
+        )
+    elif broken_student:
+        cause = (
+            f"the student's {', '.join(broken_student)} hold NaN or +inf (it diverged: lower learning_rate, set "
+            "max_grad_norm, or train in bf16/fp32 rather than fp16)"
+        )
+    else:
+        cause = "both models' outputs are finite, so the loss itself overflowed (a very low temperature?)"
+    raise FloatingPointError(
+        f"{where}: non-finite distillation ({what}): {cause}. Training stopped before this step's update; the "
+        "student's weights hold no NaN."
+    )
+
+
+def _log_name(name: str, earlier: list[str]) -> str:
+    """Log name of a loss: its id, its class name for dotted paths, numbered when an id repeats."""
+    short = name.rpartition(".")[2]
+    repeats = sum(1 for other in earlier if other.rpartition(".")[2] == short)
+    return short if repeats == 0 else f"{short}_{repeats + 1}"

@@ -1,0 +1,1 @@
+"""Teacher-student schemes beyond one frozen teacher: each one a module, found by its name."""

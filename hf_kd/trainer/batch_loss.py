@@ -1,0 +1,232 @@
+"""One micro-batch's loss terms: the plain path (both models' outputs as asked for by the objective) and the chunked
+path for causal LMs (``chunk_size``: final hidden states and LM heads, chunk by chunk). Both hand their values to
+the :class:`~hf_kd.objective.Objective` for the one mix into the total. Functions of a ``DistillationTrainer``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers.utils import logging
+
+from ..checks import check_compatible
+from ..cross_tokenizer import aligned_positions
+from ..features import ModelFeatures, output_field, run_model
+from ..losses.chunked import chunked_token_terms
+from ..objective import LABEL_TERM, WEIGHT_PREFIX, check_finite
+from ..positions import ItemCounts, distillation_mask, split_sample_index
+
+logger = logging.get_logger(__name__)
+
+
+def plain_terms(trainer, model, inputs, teacher_inputs, counts: ItemCounts, label_weight, accumulation, mode):
+    """``(terms, student outputs, whether distillation ran)``."""
+    objective = trainer.objective
+    inputs, sample_index = split_sample_index(inputs)
+    inputs = with_decoder_inputs(trainer, model, inputs)
+    labels = inputs.get("labels")
+    student_inputs = inputs if label_weight > 0 else {k: v for k, v in inputs.items() if k != "labels"}
+    outputs, student = run_model(
+        model, student_inputs, objective.needs("student"), module_root=trainer.accelerator.unwrap_model(model)
+    )
+
+    terms: dict[str, torch.Tensor] = {}
+    if labels is not None and label_weight > 0 and output_field(outputs, "loss") is not None:
+        batch_labels = labels[..., 1:] if trainer.shift_labels else labels
+        local_count = batch_labels.ne(-100).sum()
+        if local_count > 0:  # a batch of unlabeled transfer data has no label loss
+            model_loss = output_field(outputs, "loss")
+            if trainer.label_smoother is not None:  # label_smoothing_factor: the smoothed CE, same mean
+                model_loss = trainer.label_smoother(outputs, labels, shift_labels=trainer.shift_labels)
+            # The model's loss is a mean over this micro-batch; re-normalise it by the step's count.
+            terms[LABEL_TERM] = model_loss * local_count * counts.scale / counts.labels
+
+    teachers, mask = {}, None
+    distilled = bool(objective.terms) and (mode == "train" or trainer.teachers_cover_eval)
+    if distilled:
+        if teacher_inputs is not None and len(trainer.teachers) > 1:
+            raise ValueError("teacher_input_ids (a teacher's own tokenizer) work with one teacher; several were given.")
+        mask = trainer._distillation_mask(inputs)
+        position_labels = labels
+        for name in objective.teachers:
+            if objective.terms_of(name):
+                source = trainer.teachers[name]
+                teachers[name] = source(
+                    teacher_inputs or inputs, objective.needs("teacher", name), sample_index=sample_index
+                )
+        if trainer.token_level and trainer.shift_labels:
+            student = _drop_last_position(student)
+            teachers = {name: _drop_last_position(features) for name, features in teachers.items()}
+            position_labels = None if labels is None else labels[:, 1:]
+        student_view, views, view_mask = student, {}, mask
+        for name, features in teachers.items():
+            if teacher_inputs is not None:
+                student_view, views[name], view_mask = align_tokenizations(
+                    trainer, student, features, mask, teacher_inputs
+                )
+            else:
+                check_compatible(student, features)
+                views[name] = features
+        combined = {}
+        if objective.reads_ensemble:
+            combined, mean_weights = objective.ensemble(teachers, position_labels, mask, trainer.accelerator)
+            terms.update(mean_weights)
+        labels_view = None if teacher_inputs is not None else position_labels
+        for term in objective.terms:
+            teacher = views.get(term.teacher) or combined[float(getattr(term.loss, "temperature", 1.0))]
+            value = term.loss(student_view, teacher, mask=view_mask, labels=labels_view, sample_index=sample_index)
+            terms[term.name] = objective.normalise(term, value, counts, accumulation)
+    if trainer.args.check_finite:
+        check_finite(_where(trainer, mode), terms, student, teachers, mask, trainer.args.device)
+    return terms, outputs, distilled
+
+
+def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: bool, mode: str):
+    """The causal-LM terms from final hidden states and LM heads, chunk by chunk (``chunk_size``).
+
+    Only the supervised positions are projected to the vocabulary, by both models; the models themselves compute
+    logits for their last position only (``logits_to_keep=1``).
+    """
+    (teacher_name,) = trainer.teachers  # one teacher (checked at construction)
+    teacher = trainer.teachers[teacher_name]
+    inputs, sample_index = split_sample_index(inputs)
+    labels = inputs.get("labels")
+    model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+    outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1)
+    mask = distillation_mask(inputs, token_level=True, shift=True)  # chunk_size: causal LMs only
+    student_hidden = outputs.hidden_states[-1][:, :-1]
+    if mask is None:
+        mask = torch.ones(student_hidden.shape[:2], dtype=torch.bool, device=student_hidden.device)
+    targets = None if labels is None else labels[:, 1:][mask]
+    with_label_loss = with_label_loss and labels is not None and trainer.args.label_loss_weight > 0
+    if not model.training and not teacher.covers_eval:
+        teacher_rows, teacher_logits, terms_run = (), None, []
+    else:
+        teacher_rows, teacher_logits = teacher.token_rows(model_inputs, mask, sample_index=sample_index)
+        terms_run = list(trainer.objective.terms)
+    student = trainer.accelerator.unwrap_model(model)
+    min_chunks = 0
+    if trainer.is_deepspeed_enabled and trainer.accelerator.num_processes > 1:
+        # ZeRO-3 gathers a sharded LM head on every call, collectively: all processes make the same number.
+        chunks = torch.tensor(-(-int(mask.sum()) // trainer.args.chunk_size), device=mask.device)
+        torch.distributed.all_reduce(chunks, op=torch.distributed.ReduceOp.MAX)
+        min_chunks = int(chunks)
+    sums = chunked_token_terms(
+        student_hidden[mask],
+        teacher_rows,
+        targets,
+        student_head=student.get_output_embeddings(),
+        student_config=student.config,
+        teacher_logits=teacher_logits,
+        losses=[term.loss for term in terms_run],
+        with_label_loss=with_label_loss,
+        chunk_size=trainer.args.chunk_size,
+        min_chunks=min_chunks,
+    )
+    if not model.training:  # no backward pass will recompute the chunks
+        teacher.release()
+    terms: dict[str, torch.Tensor] = {}
+    if with_label_loss:
+        terms[LABEL_TERM] = sums[0] * counts.scale / counts.labels.clamp(min=1)
+    for index, term in enumerate(terms_run):
+        terms[term.name] = trainer.objective.normalise(term, sums[index + int(with_label_loss)], counts, 1)
+    if trainer.args.check_finite:  # the rows the chunks read stand for each side's outputs
+        rows = [row for row in teacher_rows if row.is_floating_point()]
+        check_finite(
+            _where(trainer, mode),
+            terms,
+            ModelFeatures(hidden_states=(student_hidden[mask],)),
+            {teacher_name: ModelFeatures(hidden_states=tuple(rows))} if rows else {},
+            None,
+            trainer.args.device,
+        )
+    return terms, outputs, bool(terms_run)
+
+
+def record_terms(trainer, mode, terms, counts: ItemCounts, accumulation: int, distilled: bool, labeled: bool):
+    """Training: each term's share of its step, weighed 1 per step (the log is the mean per step). Evaluation:
+    each term weighed by the items it averages (label tokens, distilled positions; 1 per batch for batch-level
+    losses), so the log is the mean per item over the whole evaluation set, whatever the batch sizes.
+
+    Weights come from the step's counts — every process's, when they were summed — so a process whose rows have
+    no label still weighs the step in, and every process divides the same sums by the same weights."""
+    ensemble_weights = [name for name in terms if name.startswith(WEIGHT_PREFIX)]
+    if mode == "train":
+        weights = (
+            {name: 1.0 / accumulation for name in [*trainer.objective.names, *ensemble_weights]} if distilled else {}
+        )
+        if labeled:
+            weights[LABEL_TERM] = counts.labels.gt(0).float() / accumulation
+        trainer.term_log.record(mode, terms, weights)
+        return
+    weights = {name: 1.0 for name in ensemble_weights}
+    if distilled:
+        for term in trainer.objective.terms:
+            weights[term.name] = counts.positions / counts.scale if term.loss.per_position else 1.0
+    if labeled:
+        weights[LABEL_TERM] = counts.labels / counts.scale
+    trainer.term_log.record(mode, {name: value * weights[name] for name, value in terms.items()}, weights)
+
+
+def unlabeled_prediction(trainer, model, inputs, plain, prediction_loss_only):
+    """An evaluation batch without labels (a transfer set): the loss is the distillation total. Cached teachers
+    have nothing for evaluation data: then no loss, and a warning says why nothing is reported."""
+    if not trainer.teachers_cover_eval:
+        if not trainer._warned_unlabeled_eval:
+            logger.warning(
+                "the evaluation set has no labels and a teacher is a cache, which covers the training rows "
+                "only: evaluation reports neither a label loss nor distillation terms. Give the evaluation set "
+                "labels, or use live teachers."
+            )
+            trainer._warned_unlabeled_eval = True
+        logits = output_field(model(**plain), "logits")
+        return None, None if prediction_loss_only else logits, None
+    counts = trainer._get_num_items_in_batch([inputs], trainer.args.device)
+    loss, outputs = trainer.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=counts)
+    return loss.detach(), None if prediction_loss_only else output_field(outputs, "logits"), None
+
+
+def align_tokenizations(trainer, student, teacher, mask, teacher_inputs):
+    """Different tokenizers: the k-th supervised student position meets the k-th supervised teacher position
+    (see :mod:`hf_kd.cross_tokenizer`); returns flat ``N×V`` features of the aligned positions and no mask."""
+    unaligned = [loss.name for loss in trainer.distillation_losses if not loss.cross_vocabulary]
+    if unaligned:
+        raise ValueError(
+            f"the batch has teacher_input_ids (the teacher has its own tokenizer), which {unaligned} cannot "
+            "compare: they need one vocabulary. Use the uld loss."
+        )
+    teacher_mask = trainer._distillation_mask(teacher_inputs)
+    if mask is None or teacher_mask is None:
+        raise ValueError("teacher_input_ids need labels or attention masks on both sides to align positions.")
+    keep_student, keep_teacher = aligned_positions(mask, teacher_mask)
+    return (
+        ModelFeatures(logits=student.logits[keep_student]),
+        ModelFeatures(logits=teacher.dense_logits()[keep_teacher]),
+        None,
+    )
+
+
+def with_decoder_inputs(trainer, model, inputs: dict) -> dict:
+    """Encoder-decoder models: the decoder inputs the student would derive from its labels, made explicit so the
+    teacher (which never gets labels) and a student trained without the label loss decode the same sequence."""
+    if "labels" not in inputs or "decoder_input_ids" in inputs or "decoder_inputs_embeds" in inputs:
+        return inputs
+    student = trainer.accelerator.unwrap_model(model)
+    student = student.get_base_model() if hasattr(student, "get_base_model") else student
+    if not getattr(student.config, "is_encoder_decoder", False):
+        return inputs
+    decoder_input_ids = student.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+    return {**inputs, "decoder_input_ids": decoder_input_ids}
+
+
+def _drop_last_position(features: ModelFeatures) -> ModelFeatures:
+    """Causal LMs: logits at the last position predict nothing in the batch."""
+    if features.sparse_logits is not None and features.logits is None:
+        return dataclasses.replace(features, sparse_logits=features.sparse_logits[:, :-1])
+    if features.logits is None:
+        return features
+    return dataclasses.replace(features, logits=features.logits[:, :-1])
+
+
+def _where(trainer, mode: str) -> str:
+    return f"{mode} step {trainer.state.global_step + 1}"

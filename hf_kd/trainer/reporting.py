@@ -1,0 +1,196 @@
+"""What a distillation run reports and shares: its summary (``distillation_config.json``), the teacher-vs-student
+comparison, the model card and the push to the Hub. Functions of a :class:`~hf_kd.DistillationTrainer`."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from huggingface_hub import HfApi
+from torch import nn
+from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from ..evaluation import count_parameters
+from ..hub import render_student_card
+from ..model_kinds import auto_class_for
+
+DISTILLATION_CONFIG_NAME = "distillation_config.json"
+HUB_UPLOAD_FOLDER = "_hub_upload"  # what push_to_hub uploads; "_*" is skipped by the Trainer's own pushes
+STUDENT_ROLE = "student"
+
+
+def write_summary(trainer, output_dir: str) -> None:
+    with open(os.path.join(output_dir, DISTILLATION_CONFIG_NAME), "w") as handle:
+        json.dump(distillation_summary(trainer), handle, indent=2)
+
+
+def distillation_summary(trainer) -> dict:
+    """What was distilled from what, with which losses: the content of ``distillation_config.json``. One teacher's
+    description is at the top level (``teacher``, ``teacher_class``, ``teacher_parameters``); several teachers
+    are listed under ``teachers`` by name."""
+    descriptions = {name: source.describe() for name, source in trainer.teachers.items()}
+    if len(descriptions) == 1:
+        (described,) = descriptions.values()
+        teachers = {**described, "teacher": described["teacher"] or trainer.args.teacher_model_name_or_path}
+    else:
+        teachers = {
+            "teacher": ", ".join(description["teacher"] or name for name, description in descriptions.items()),
+            "teacher_class": ", ".join(
+                dict.fromkeys(description["teacher_class"] for description in descriptions.values())
+            ),
+            "teacher_parameters": sum(description["teacher_parameters"] for description in descriptions.values()),
+            "teachers": descriptions,
+            "teacher_aggregation": trainer.args.teacher_aggregation,
+            **({"teacher_weights": trainer.args.teacher_weights} if trainer.args.teacher_weights else {}),
+        }
+    return {
+        **teachers,
+        "student_parameters": count_parameters(trainer.model),
+        "losses": trainer.args.losses,
+        "temperature": trainer.args.temperature,
+        "label_loss_weight": trainer.args.label_loss_weight,
+        "distillation_weight": trainer.args.distillation_weight,
+        "token_level": trainer.token_level,
+        "steps": trainer.state.global_step,
+        "engine": engine_description(trainer),
+        **({"adapter": adapter} if (adapter := adapter_summary(trainer.model)) else {}),
+        # Set by the multi-stage schemes (hf_kd.schemes.stages): every teacher before this stage, and its metrics.
+        **({"lineage": trainer.lineage} if getattr(trainer, "lineage", None) else {}),
+        **({"metrics": trainer.stage_metrics} if getattr(trainer, "stage_metrics", None) else {}),
+    }
+
+
+def engine_description(trainer) -> str:
+    """How the student was trained: ``"DeepSpeed ZeRO-3, 8 processes"``, ``"1 process (cuda)"``..."""
+    processes = trainer.accelerator.num_processes
+    if trainer.is_deepspeed_enabled:
+        engine = f"DeepSpeed ZeRO-{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
+    elif trainer.is_fsdp_enabled:
+        engine = f"FSDP{trainer.accelerator.state.fsdp_plugin.fsdp_version}"
+    elif processes > 1:
+        engine = "DDP"
+    else:
+        return f"1 process ({trainer.args.device.type})"
+    return f"{engine}, {processes} processes"
+
+
+def adapter_summary(model: nn.Module) -> dict | None:
+    """Type, base model and trainable parameters of a PEFT student (``None`` for a plain model)."""
+    if not hasattr(model, "peft_config") or not hasattr(model, "get_base_model"):
+        return None
+    config = model.peft_config[getattr(model, "active_adapter", "default")]
+    return {
+        "type": str(getattr(config.peft_type, "value", config.peft_type)),
+        "base_model": config.base_model_name_or_path or getattr(model.get_base_model(), "name_or_path", None),
+        "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+def compare_with_teacher(trainer, eval_dataset=None) -> dict[str, dict]:
+    """Rows of every teacher that covers evaluation data (a cache does not) and of the student: metrics
+    (``compute_metrics``), parameters and ms per example, each model run alone by the trainer's own evaluation loop
+    (so under DDP, ZeRO-3 or FSDP every process takes part as in training)."""
+    dataset = eval_dataset if eval_dataset is not None else trainer.eval_dataset
+    if dataset is None:
+        raise ValueError("compare_with_teacher needs an eval_dataset (here or in DistillationTrainer).")
+    roles = [name for name, source in trainer.teachers.items() if source.covers_eval] + [STUDENT_ROLE]
+    rows = {role: measure_alone(trainer, role, dataset) for role in roles}
+    trainer.comparison, trainer.comparison_examples = rows, len(dataset)
+    return rows
+
+
+def measure_alone(trainer, role: str, dataset) -> dict[str, float]:
+    """One model's row: its metrics on ``dataset``, parameters and wall-clock ms per example (after one warm-up
+    batch, so the latency is not the first call's)."""
+    trainer._comparing = role
+    try:
+        if hasattr(dataset, "select"):
+            warm_up = dataset.select(range(min(trainer.args.per_device_eval_batch_size, len(dataset))))
+            trainer.evaluation_loop(trainer.get_eval_dataloader(warm_up), role, metric_key_prefix=role)
+        start = time.perf_counter()
+        output = trainer.evaluation_loop(trainer.get_eval_dataloader(dataset), role, metric_key_prefix=role)
+        seconds = time.perf_counter() - start
+    finally:
+        trainer._comparing = None
+    prefix = f"{role}_"
+    row = {
+        key.removeprefix(prefix): value
+        for key, value in output.metrics.items()
+        if key.removeprefix(prefix) not in ("loss", "runtime", "samples_per_second", "steps_per_second")
+        and not key.endswith("model_preparation_time")
+    }
+    if role == STUDENT_ROLE:
+        row["parameters"] = count_parameters(trainer.model)
+    else:
+        row["parameters"] = trainer.teachers[role].describe()["teacher_parameters"]
+    row["ms_per_example"] = 1000 * seconds / len(dataset)
+    return row
+
+
+def create_model_card(trainer, output_dir: str | None = None, **card) -> None:
+    """See :meth:`DistillationTrainer.create_model_card`; ``card`` holds its arguments, those left out (``None``)
+    fall back to ``trainer.model_card_kwargs``."""
+    if trainer.comparison is None and trainer.eval_dataset is not None:
+        compare_with_teacher(trainer)  # on every process: the evaluation is collective
+    if not trainer.is_world_process_zero():
+        return
+    card = {key: value if value is not None else trainer.model_card_kwargs.get(key) for key, value in card.items()}
+    tasks, tags = card["tasks"], card["tags"]
+    if isinstance(tasks, (list, tuple)) and len(tasks) > 1:
+        raise ValueError(f"a model card has one pipeline_tag; tasks={tasks!r} names {len(tasks)}.")
+    repo_id = (
+        trainer.hub_model_id
+        or trainer.args.hub_model_id
+        or card["model_name"]
+        or os.path.basename(os.path.abspath(trainer.args.output_dir))
+    )
+    rendered = render_student_card(
+        distillation_summary(trainer),
+        list(trainer.distillation_losses),
+        repo_id=repo_id,
+        auto_class=auto_class_for(trainer.model).__name__,
+        comparison=trainer.comparison,
+        eval_examples=trainer.comparison_examples,
+        dataset=card["dataset_tags"] if card["dataset_tags"] is not None else card["dataset"],
+        dataset_description=card["dataset_description"],
+        dataset_configs=card["dataset_args"],
+        tags=[tags] if isinstance(tags, str) else tags,
+        license=card["license"],
+        language=card["language"],
+        device=str(trainer.args.device),
+        base_model=card["finetuned_from"],
+        pipeline_tag=tasks[0] if isinstance(tasks, (list, tuple)) else tasks,
+    )
+    rendered.save(os.path.join(output_dir or trainer.args.output_dir, "README.md"))
+
+
+def push_to_hub(trainer, commit_message, blocking, token, revision, private, create_pr, card_kwargs):
+    """See :meth:`DistillationTrainer.push_to_hub`."""
+    folder = os.path.join(trainer.args.output_dir, HUB_UPLOAD_FOLDER)
+    trainer.save_model(folder, _internal_call=True)  # an internal save: the Trainer would push again
+    trainer.create_model_card(output_dir=folder, **card_kwargs)  # every process: it may evaluate collectively
+    if not trainer.is_world_process_zero():
+        return None
+    pickled_arguments = os.path.join(folder, TRAINING_ARGS_NAME)
+    if os.path.exists(pickled_arguments):
+        os.remove(pickled_arguments)
+    try:
+        if trainer.hub_model_id is None:
+            Trainer.init_hf_repo(trainer, token=token, private=private)
+        return HfApi().upload_folder(
+            repo_id=trainer.hub_model_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            token=token if token is not None else trainer.args.hub_token,
+            revision=revision if revision is not None else trainer.args.hub_revision,
+            create_pr=create_pr,
+            run_as_future=not blocking,
+        )
+    except Exception as error:  # offline mode, connection refused, HTTP errors: keep the files, say where
+        raise RuntimeError(
+            f"pushing the student to the Hub failed ({type(error).__name__}: {error}). Nothing local was lost: "
+            f"the student, its card and distillation_config.json are in {folder}; push them again with "
+            "trainer.push_to_hub() or huggingface_hub.upload_folder."
+        ) from error
