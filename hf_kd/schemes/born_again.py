@@ -1,0 +1,47 @@
+"""Born-again networks (Furlanello et al. 2018, *Born Again Neural Networks*, arXiv:1805.04770): students of the
+teacher's own architecture, generation after generation, the teacher of generation k being generation k − 1; the
+last generation may learn from the ensemble of all before it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from ..config import DistillationConfig
+from .stages import Stage, describe, run_stage
+from .teacher_assistant import _describe_teacher
+
+
+def born_again(
+    teacher,
+    make_student: Callable[[int], nn.Module],
+    args: DistillationConfig,
+    *,
+    generations: int = 3,
+    ensemble_last: bool = False,
+    load_student=None,
+    **trainer_kwargs,
+) -> list[Stage]:
+    """Train ``generations`` students, ``make_student(k)`` for generation k = 1…N (freshly initialised, the
+    teacher's architecture), each distilled from generation k − 1 (the first from ``teacher``) in
+    ``args.output_dir/generation{k}``. With ``ensemble_last`` the last generation's teachers are ``teacher`` and
+    every earlier generation (a dict, combined by ``args.teacher_aggregation``). Resuming and lineage as in
+    :func:`~hf_kd.schemes.teacher_assistant.teacher_assistant`. Returns the generations in order.
+    """
+    if generations < 1:
+        raise ValueError(f"born_again needs generations >= 1, got {generations}.")
+    if ensemble_last and generations < 2:
+        raise ValueError("ensemble_last needs generations >= 2: the last generation's ensemble has earlier ones.")
+    lineage = [_describe_teacher(teacher)]
+    stages: list[Stage] = []
+    current = teacher
+    for generation in range(1, generations + 1):
+        if ensemble_last and generation == generations:
+            current = {"teacher": teacher, **{stage.name: stage.model for stage in stages}}
+        name = f"generation{generation}"
+        stage = run_stage(name, make_student(generation), current, args, lineage, load_student, **trainer_kwargs)
+        stages.append(stage)
+        lineage = [*lineage, describe(name, stage.model, stage.metrics)]
+        current = stage.model
+    return stages

@@ -1,0 +1,81 @@
+"""Schemes made of several distillation runs in a row (teacher → assistant → student; generations): each stage a
+:class:`~hf_kd.DistillationTrainer` run in its own folder, resumed from its last checkpoint when the chain is run
+again, skipped once its model is saved, and its lineage (every teacher before it) recorded in its
+``distillation_config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+from torch import nn
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..config import DistillationConfig
+
+MODEL_FOLDER = "model"  # a stage's saved student, inside the stage folder
+LINEAGE_KEY = "lineage"
+
+
+@dataclass
+class Stage:
+    """One finished stage: its name, folder, the student it trained (in memory) and the metrics of ``evaluate``."""
+
+    name: str
+    folder: str
+    model: nn.Module
+    metrics: dict
+
+    @property
+    def model_folder(self) -> str:
+        return os.path.join(self.folder, MODEL_FOLDER)
+
+
+def run_stage(
+    name: str,
+    student: nn.Module,
+    teacher,
+    args: DistillationConfig,
+    lineage: list[dict],
+    load_student=None,
+    **trainer_kwargs,
+) -> Stage:
+    """Distil ``student`` from ``teacher`` into ``args.output_dir/name`` (or load it when that stage finished
+    before: ``load_student(folder)`` reads a saved student back)."""
+    from ..trainer import DistillationTrainer
+
+    folder = os.path.join(args.output_dir, name)
+    model_folder = os.path.join(folder, MODEL_FOLDER)
+    if os.path.exists(os.path.join(model_folder, "distillation_config.json")):
+        if load_student is None:
+            raise ValueError(
+                f"stage {name!r} finished in an earlier run ({model_folder}); pass load_student (e.g. "
+                "AutoModelForSequenceClassification.from_pretrained) to read it back, or remove the folder to redo it."
+            )
+        with open(os.path.join(model_folder, "distillation_config.json")) as handle:
+            metrics = json.load(handle).get("metrics", {})
+        return Stage(name, folder, load_student(model_folder), metrics)
+    stage_args = dataclasses.replace(args, output_dir=folder)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=stage_args, **trainer_kwargs)
+    trainer.lineage = lineage
+    checkpoint = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+    trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    trainer.stage_metrics = metrics
+    trainer.save_model(model_folder)  # last: a stage counts as finished only once its model is there
+    return Stage(name, folder, trainer.accelerator.unwrap_model(trainer.model), metrics)
+
+
+def describe(name: str, model: nn.Module, metrics: dict | None = None) -> dict:
+    """A lineage entry: a stage (or the first teacher) by name, class, size and its evaluation metrics."""
+    from ..evaluation import count_parameters
+
+    return {
+        "stage": name,
+        "class": type(model).__name__,
+        "parameters": count_parameters(model),
+        **({"metrics": metrics} if metrics else {}),
+    }

@@ -1,0 +1,48 @@
+"""Teacher assistant (Mirzadeh et al. 2020, *Improved Knowledge Distillation via Teacher Assistant*,
+arXiv:1902.03393): across a large size gap, distil teacher → assistant(s) → student, each assistant the next one's
+teacher, so that no stage has to bridge the whole gap."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import DistillationConfig
+from .stages import Stage, describe, run_stage
+
+
+def teacher_assistant(
+    teacher,
+    assistants: list[nn.Module],
+    student: nn.Module,
+    args: DistillationConfig,
+    *,
+    load_student=None,
+    **trainer_kwargs,
+) -> list[Stage]:
+    """Run the chain ``teacher → assistants[0] → … → student``: one :class:`~hf_kd.DistillationTrainer` run per
+    stage with ``args`` (the stage's folder is ``args.output_dir/assistant1``, …, ``/student``; its saved model in
+    ``model/``) and ``trainer_kwargs`` (datasets, collator, ``compute_metrics``…). Returns the stages in order.
+
+    Running the chain again resumes the unfinished stage from its last checkpoint and reads the finished ones back
+    with ``load_student(folder)`` (e.g. ``AutoModelForSequenceClassification.from_pretrained``), so a failed stage
+    leaves the earlier stages' outputs intact. Each stage's ``distillation_config.json`` lists its lineage: the
+    teacher and every stage before it, with their metrics.
+    """
+    if not assistants:
+        raise ValueError("teacher_assistant needs at least one assistant between the teacher and the student.")
+    names = [f"assistant{index + 1}" for index in range(len(assistants))] + ["student"]
+    lineage = [_describe_teacher(teacher)]
+    stages: list[Stage] = []
+    current = teacher
+    for name, model in zip(names, [*assistants, student]):
+        stage = run_stage(name, model, current, args, lineage, load_student, **trainer_kwargs)
+        stages.append(stage)
+        lineage = [*lineage, describe(name, stage.model, stage.metrics)]
+        current = stage.model
+    return stages
+
+
+def _describe_teacher(teacher) -> dict:
+    if isinstance(teacher, nn.Module):
+        return describe("teacher", teacher)
+    return {"stage": "teacher", "source": str(getattr(teacher, "path", teacher))}

@@ -1,0 +1,119 @@
+"""Multi-stage schemes: teacher assistant chains and born-again generations — stage folders, lineage, reloading
+each stage, resuming after a failed stage without redoing the finished ones."""
+
+import json
+
+import pytest
+import torch
+from conftest import classification_data, config, tiny_bert
+from transformers import BertForSequenceClassification
+
+from hf_kd.metrics import classification_metrics
+from hf_kd.schemes.born_again import born_again
+from hf_kd.schemes.teacher_assistant import teacher_assistant
+
+
+def summary(stage):
+    with open(f"{stage.model_folder}/distillation_config.json") as handle:
+        return json.load(handle)
+
+
+def test_teacher_assistant_chain_records_lineage_and_reloads_every_stage(tmp_path):
+    teacher = tiny_bert(hidden=32, layers=4, seed=1)
+    assistant, student = tiny_bert(hidden=24, layers=2, seed=2), tiny_bert(hidden=16, layers=1, seed=3)
+    data = classification_data()
+    stages = teacher_assistant(
+        teacher,
+        [assistant],
+        student,
+        config(tmp_path, max_steps=2),
+        train_dataset=data,
+        eval_dataset=data,
+        compute_metrics=classification_metrics,
+    )
+    assert [stage.name for stage in stages] == ["assistant1", "student"]
+    first, last = summary(stages[0]), summary(stages[1])
+    assert [entry["stage"] for entry in first["lineage"]] == ["teacher"]
+    assert [entry["stage"] for entry in last["lineage"]] == ["teacher", "assistant1"]
+    assert last["lineage"][1]["parameters"] == sum(p.numel() for p in assistant.parameters())
+    assert "eval_accuracy" in last["lineage"][1]["metrics"] and "eval_accuracy" in last["metrics"]
+    # The student's teacher is the assistant, not the original teacher.
+    assert last["teacher_parameters"] == sum(p.numel() for p in assistant.parameters())
+    for stage, model in zip(stages, (assistant, student)):
+        reloaded = BertForSequenceClassification.from_pretrained(stage.model_folder)
+        assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+
+
+class _Broken(torch.nn.Module):
+    """A student that fails in its forward: the stage it is in dies."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = tiny_bert().config
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        raise RuntimeError("this student is broken")
+
+
+def test_a_failed_stage_leaves_the_earlier_ones_and_the_rerun_does_not_redo_them(tmp_path):
+    data = classification_data()
+    args = config(tmp_path, max_steps=2)
+    teacher, assistant = tiny_bert(hidden=32, layers=4, seed=1), tiny_bert(hidden=24, layers=2, seed=2)
+    with pytest.raises(RuntimeError, match="this student is broken"):
+        teacher_assistant(teacher, [assistant], _Broken(), args, train_dataset=data)
+    saved = (tmp_path / "assistant1" / "model" / "model.safetensors").stat().st_mtime_ns
+    loaded = []
+
+    def load(folder):
+        loaded.append(folder)
+        return BertForSequenceClassification.from_pretrained(folder)
+
+    with pytest.raises(ValueError, match="finished in an earlier run"):
+        teacher_assistant(teacher, [assistant], tiny_bert(hidden=16, layers=1, seed=3), args, train_dataset=data)
+    stages = teacher_assistant(
+        teacher, [assistant], tiny_bert(hidden=16, layers=1, seed=3), args, load_student=load, train_dataset=data
+    )
+    assert loaded == [str(tmp_path / "assistant1" / "model")]  # read back, not trained again
+    assert (tmp_path / "assistant1" / "model" / "model.safetensors").stat().st_mtime_ns == saved
+    assert summary(stages[1])["lineage"][1]["stage"] == "assistant1"
+
+
+def test_a_stage_resumes_from_its_last_checkpoint(tmp_path):
+    data = classification_data()
+    teacher, assistant = tiny_bert(hidden=32, layers=4, seed=1), tiny_bert(hidden=24, layers=2, seed=2)
+    args = config(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    stages = teacher_assistant(teacher, [assistant], tiny_bert(hidden=16, layers=1, seed=3), args, train_dataset=data)
+    (tmp_path / "student" / "model" / "distillation_config.json").unlink()  # as if it died after its last checkpoint
+    again = teacher_assistant(
+        teacher,
+        [assistant],
+        tiny_bert(hidden=16, layers=1, seed=3),
+        args,
+        load_student=BertForSequenceClassification.from_pretrained,
+        train_dataset=data,
+    )
+    assert summary(again[1])["steps"] == 4
+    state = json.loads((tmp_path / "student" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    reloaded = BertForSequenceClassification.from_pretrained(stages[1].model_folder)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), again[1].model.state_dict().values()))
+
+
+def test_born_again_generations_learn_from_the_previous_one_and_the_last_from_all(tmp_path):
+    teacher = tiny_bert(hidden=16, seed=1)
+    generations = born_again(
+        teacher,
+        lambda generation: tiny_bert(hidden=16, seed=10 + generation),
+        config(tmp_path, max_steps=2),
+        generations=3,
+        ensemble_last=True,
+        train_dataset=classification_data(),
+    )
+    assert [stage.name for stage in generations] == ["generation1", "generation2", "generation3"]
+    second, third = summary(generations[1]), summary(generations[2])
+    assert [entry["stage"] for entry in second["lineage"]] == ["teacher", "generation1"]
+    assert list(third["teachers"]) == ["teacher", "generation1", "generation2"]  # the ensemble of all before it
+    assert [entry["stage"] for entry in third["lineage"]] == ["teacher", "generation1", "generation2"]
+    with pytest.raises(ValueError, match="generations >= 1"):
+        born_again(teacher, lambda generation: tiny_bert(), config(tmp_path), generations=0)
