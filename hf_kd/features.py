@@ -248,14 +248,11 @@ def resolve_layer_map(layer_map, student_layers: int, teacher_layers: int) -> li
     return pairs
 
 
-def _named_tensors(features: ModelFeatures, mask: torch.Tensor | None):
-    """``(field, tensor, is_logits)`` of every tensor a side holds; logits at the distilled positions only."""
-    logits = features.logits
+def _named_tensors(features: ModelFeatures):
+    """``(field, tensor, is_logits)`` of every tensor a side holds."""
     sparse = features.sparse_logits
-    for name, value in (("logits", logits), ("logits", None if sparse is None else sparse.logprobs)):
+    for name, value in (("logits", features.logits), ("logits", None if sparse is None else sparse.logprobs)):
         if value is not None:
-            if mask is not None and tuple(mask.shape) == tuple(value.shape[:-1]):
-                value = value[mask.bool()]
             yield name, value, True
     for name in ("hidden_states", "attentions"):
         for index, value in enumerate(getattr(features, name) or ()):
@@ -265,17 +262,24 @@ def _named_tensors(features: ModelFeatures, mask: torch.Tensor | None):
             yield f"module {path}", value, False
 
 
-def _bad_entries(value: torch.Tensor, is_logits: bool) -> torch.Tensor:
-    # -inf logits (log-probabilities) are masked vocabulary entries, legal; NaN and +inf never are.
-    if not value.is_floating_point():
+def _bad_entries(value: torch.Tensor, is_logits: bool, mask: torch.Tensor | None) -> torch.Tensor:
+    """A 0-d bool: NaN or +inf anywhere (logits: at the distilled positions of ``mask``; -inf logits are masked
+    vocabulary entries, legal). Reductions only — no temporary of the tensor's size (amax/amin propagate NaN)."""
+    if not value.is_floating_point() or value.numel() == 0:
         return torch.zeros((), dtype=torch.bool, device=value.device)
-    return (value.isnan() | value.isposinf()).any() if is_logits else (~value.isfinite()).any()
+    if is_logits:
+        bad = ~(value.detach().amax(-1) < float("inf"))  # per position: NaN or +inf
+        if mask is not None and tuple(mask.shape) == tuple(bad.shape):
+            bad = bad & mask.bool()
+        return bad.any()
+    value = value.detach()
+    return ~((value.amax() < float("inf")) & (value.amin() > float("-inf")))
 
 
 def finite_outputs(features: ModelFeatures, mask: torch.Tensor | None = None) -> torch.Tensor:
     """A 0-d bool tensor: whether every output of a side is finite (see :func:`non_finite_fields`), computed
     without a host sync."""
-    flags = [~_bad_entries(value, is_logits) for _, value, is_logits in _named_tensors(features, mask)]
+    flags = [~_bad_entries(value, is_logits, mask) for _, value, is_logits in _named_tensors(features)]
     if not flags:
         return torch.ones((), dtype=torch.bool)
     return torch.stack([flag.to(flags[0].device) for flag in flags]).all()
@@ -284,5 +288,5 @@ def finite_outputs(features: ModelFeatures, mask: torch.Tensor | None = None) ->
 def non_finite_fields(features: ModelFeatures, mask: torch.Tensor | None = None) -> list[str]:
     """The fields of a side holding NaN or +inf (logits also -inf is allowed: masked vocabulary entries; at the
     distilled positions only, when ``mask`` is given)."""
-    names = [name for name, value, is_logits in _named_tensors(features, mask) if bool(_bad_entries(value, is_logits))]
+    names = [name for name, value, is_logits in _named_tensors(features) if bool(_bad_entries(value, is_logits, mask))]
     return list(dict.fromkeys(names))

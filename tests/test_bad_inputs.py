@@ -574,3 +574,20 @@ def test_every_logged_term_survives_a_process_without_labels(tmp_path):
 
 if __name__ == "__main__":
     print(refusal_table())
+
+
+def test_finite_outputs_allow_masked_vocabulary_and_undistilled_positions_only():
+    from hf_kd.features import finite_outputs, non_finite_fields
+
+    logits = torch.randn(2, 3, 5)
+    logits[..., -1] = float("-inf")  # a masked vocabulary entry: legal
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    assert finite_outputs(ModelFeatures(logits=logits), mask)
+    logits[0, 2, 0] = float("nan")  # at a position that is not distilled
+    assert finite_outputs(ModelFeatures(logits=logits), mask) and not finite_outputs(ModelFeatures(logits=logits))
+    logits[1, 0, 1] = float("inf")
+    assert not finite_outputs(ModelFeatures(logits=logits), mask)
+    hidden = (torch.zeros(2, 3, 4), torch.full((2, 3, 4), float("-inf")))  # -inf is not legal in features
+    assert non_finite_fields(ModelFeatures(logits=torch.zeros(2, 3, 5), hidden_states=hidden), mask) == [
+        "hidden_states[1]"
+    ]
