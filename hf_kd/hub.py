@@ -117,4 +117,38 @@ def render_student_card(
         auto_class=auto_class,
         adapter=adapter,
         papers=sorted({loss.paper for loss in losses if loss.paper}),
+        lineage=_lineage_rows(summary),
     )
+
+
+_TIMING_METRICS = ("runtime", "per_second", "epoch")
+
+
+def _lineage_rows(summary: dict) -> list[dict] | None:
+    """The card's lineage table: every stage before this student (teacher assistant, born-again, noisy student)
+    and this student, with their evaluation metrics (timings left out)."""
+    if not summary.get("lineage"):
+        return None
+
+    def metrics(values: dict) -> str:
+        shown = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not k.endswith(_TIMING_METRICS)}
+        return ", ".join(f"{key} {value:.4g}" for key, value in shown.items()) or "–"
+
+    rows = []
+    this = {
+        "stage": "this student",
+        "class": summary.get("student_class"),
+        "parameters": summary["student_parameters"],
+        "metrics": summary.get("metrics", {}),
+    }
+    for entry in [*summary["lineage"], this]:
+        parameters = entry.get("parameters")
+        rows.append(
+            {
+                "stage": entry["stage"],
+                "model": entry.get("class") or entry.get("source") or "–",
+                "parameters": _parameters(parameters) if parameters else "–",
+                "metrics": metrics(entry.get("metrics", {})),
+            }
+        )
+    return rows

@@ -28,6 +28,8 @@ class Stage:
     folder: str
     model: nn.Module
     metrics: dict
+    details: dict = dataclasses.field(default_factory=dict)  # what the scheme records about the stage
+    trainer: object | None = dataclasses.field(default=None, repr=False)  # None when read back from an earlier run
 
     @property
     def model_folder(self) -> str:
@@ -41,32 +43,40 @@ def run_stage(
     args: DistillationConfig,
     lineage: list[dict],
     load_student=None,
+    details: dict | None = None,
     **trainer_kwargs,
 ) -> Stage:
     """Distil ``student`` from ``teacher`` into ``args.output_dir/name`` (or load it when that stage finished
-    before: ``load_student(folder)`` reads a saved student back)."""
+    before: ``load_student(folder)`` reads a saved student back). ``details`` (e.g. a round's pseudo-labels) go
+    into the stage's ``distillation_config.json`` under ``"stage"``."""
     from ..trainer import DistillationTrainer
 
     folder = os.path.join(args.output_dir, name)
     model_folder = os.path.join(folder, MODEL_FOLDER)
-    if os.path.exists(os.path.join(model_folder, "distillation_config.json")):
+    if finished_stage(args, name):
         if load_student is None:
             raise ValueError(
                 f"stage {name!r} finished in an earlier run ({model_folder}); pass load_student (e.g. "
                 "AutoModelForSequenceClassification.from_pretrained) to read it back, or remove the folder to redo it."
             )
         with open(os.path.join(model_folder, "distillation_config.json")) as handle:
-            metrics = json.load(handle).get("metrics", {})
-        return Stage(name, folder, load_student(model_folder), metrics)
+            saved = json.load(handle)
+        return Stage(name, folder, load_student(model_folder), saved.get("metrics", {}), saved.get("stage", {}))
     stage_args = dataclasses.replace(args, output_dir=folder)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=stage_args, **trainer_kwargs)
     trainer.lineage = lineage
+    trainer.stage_details = details or {}
     checkpoint = get_last_checkpoint(folder) if os.path.isdir(folder) else None
     trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     trainer.stage_metrics = metrics
     trainer.save_model(model_folder)  # last: a stage counts as finished only once its model is there
-    return Stage(name, folder, trainer.accelerator.unwrap_model(trainer.model), metrics)
+    return Stage(name, folder, trainer.accelerator.unwrap_model(trainer.model), metrics, details or {}, trainer)
+
+
+def finished_stage(args: DistillationConfig, name: str) -> bool:
+    """Whether stage ``name`` saved its model in an earlier run (and so is read back, not trained)."""
+    return os.path.exists(os.path.join(args.output_dir, name, MODEL_FOLDER, "distillation_config.json"))
 
 
 def describe(name: str, model: nn.Module, metrics: dict | None = None) -> dict:

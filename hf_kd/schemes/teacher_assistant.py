@@ -43,6 +43,12 @@ def teacher_assistant(
 
 
 def _describe_teacher(teacher) -> dict:
+    if isinstance(teacher, (list, tuple, dict)):  # several teachers: each described under its trainer name
+        from ..teachers import SINGLE_TEACHER
+
+        named = teacher if isinstance(teacher, dict) else {f"{SINGLE_TEACHER}{i}": t for i, t in enumerate(teacher)}
+        described = {name: _describe_teacher(source) for name, source in named.items()}
+        return {"stage": "teacher", "teachers": {name: {**entry, "stage": name} for name, entry in described.items()}}
     if isinstance(teacher, nn.Module):
         return describe("teacher", teacher)
     return {"stage": "teacher", "source": str(getattr(teacher, "path", teacher))}

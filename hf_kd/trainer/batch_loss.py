@@ -19,11 +19,15 @@ from ..positions import ItemCounts, distillation_mask, split_sample_index
 logger = logging.get_logger(__name__)
 
 
-def plain_terms(trainer, model, inputs, teacher_inputs, counts: ItemCounts, label_weight, accumulation, mode):
-    """``(terms, student outputs, whether distillation ran)``."""
+def plain_terms(
+    trainer, model, inputs, teacher_inputs, counts: ItemCounts, label_weight, accumulation, mode, clean_inputs=None
+):
+    """``(terms, student outputs, whether distillation ran)``. ``clean_inputs``: the batch before the student's
+    noise, which the teachers read and which decides the distilled positions."""
     objective = trainer.objective
     inputs, sample_index = split_sample_index(inputs)
     inputs = with_decoder_inputs(trainer, model, inputs)
+    clean = inputs if clean_inputs is None else with_decoder_inputs(trainer, model, split_sample_index(clean_inputs)[0])
     labels = inputs.get("labels")
     student_inputs = inputs if label_weight > 0 else {k: v for k, v in inputs.items() if k != "labels"}
     outputs, student = run_model(
@@ -46,13 +50,13 @@ def plain_terms(trainer, model, inputs, teacher_inputs, counts: ItemCounts, labe
     if distilled:
         if teacher_inputs is not None and len(trainer.teachers) > 1:
             raise ValueError("teacher_input_ids (a teacher's own tokenizer) work with one teacher; several were given.")
-        mask = trainer._distillation_mask(inputs)
+        mask = trainer._distillation_mask(clean)
         position_labels = labels
         for name in objective.teachers:
             if objective.terms_of(name):
                 source = trainer.teachers[name]
                 teachers[name] = source(
-                    teacher_inputs or inputs, objective.needs("teacher", name), sample_index=sample_index
+                    teacher_inputs or clean, objective.needs("teacher", name), sample_index=sample_index
                 )
         if trainer.token_level and trainer.shift_labels:
             student = _drop_last_position(student)

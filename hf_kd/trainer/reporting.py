@@ -47,6 +47,7 @@ def distillation_summary(trainer) -> dict:
         }
     return {
         **teachers,
+        "student_class": type(trainer.accelerator.unwrap_model(trainer.model)).__name__,
         "student_parameters": count_parameters(trainer.model),
         "losses": trainer.args.losses,
         "temperature": trainer.args.temperature,
@@ -59,6 +60,7 @@ def distillation_summary(trainer) -> dict:
         # Set by the multi-stage schemes (hf_kd.schemes.stages): every teacher before this stage, and its metrics.
         **({"lineage": trainer.lineage} if getattr(trainer, "lineage", None) else {}),
         **({"metrics": trainer.stage_metrics} if getattr(trainer, "stage_metrics", None) else {}),
+        **({"stage": trainer.stage_details} if getattr(trainer, "stage_details", None) else {}),
     }
 
 

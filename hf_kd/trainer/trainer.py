@@ -12,6 +12,7 @@ from ..cross_tokenizer import split_teacher_inputs
 from ..features import output_field
 from ..generation import ON_POLICY_KEY
 from ..model_kinds import is_causal_lm, is_token_level, labels_mark_distilled_positions
+from ..noise import compose_noise
 from ..objective import Objective
 from ..positions import ItemCounts, distillation_mask, split_sample_index
 from ..schemes.multi_teacher import TeacherAggregator
@@ -32,6 +33,9 @@ class DistillationTrainer(TrainerCompat):
     term each. Everything ``transformers.Trainer`` accepts keeps working. Live teachers are frozen, kept in eval
     mode, run under ``no_grad``, placed by Accelerate, and never saved into checkpoints or the output model.
 
+    ``student_noise`` (a callable ``batch → batch`` or a list, see :mod:`hf_kd.noise`) perturbs the student's
+    training inputs only: teachers, distilled positions and evaluation read the clean batch (noisy student).
+
     Each term is logged under its own name (``ce``, ``kl``, ...; ``kl/vit`` with several teachers; ``eval_kl``
     during evaluation); ``loss`` is the weighted total that is backpropagated.
     """
@@ -45,6 +49,7 @@ class DistillationTrainer(TrainerCompat):
         model: nn.Module | None = None,
         teacher_model: nn.Module | str | TeacherSource | list | dict | None = None,
         args: DistillationConfig | None = None,
+        student_noise=None,
         **kwargs,
     ):
         args = args if args is not None else DistillationConfig(output_dir="hf_kd_output")
@@ -52,6 +57,9 @@ class DistillationTrainer(TrainerCompat):
             teacher_model if teacher_model is not None else getattr(args, "teacher_model_name_or_path", None)
         )
         check_setup(model, teacher_model, args, kwargs)
+        self.student_noise = compose_noise(student_noise)  # training only; teachers read the clean batch
+        if self.student_noise is not None and args.chunk_size is not None:
+            raise ValueError("student_noise does not work with chunk_size (both models read one batch); unset one.")
         teachers = build_teachers(teacher_model, model, args.teacher_dtype)  # name → source or frozen model
         aggregator = TeacherAggregator.from_config(list(teachers), args) if len(teachers) > 1 else None
         objective = Objective(args.loss_specs, list(teachers), args, aggregator)
@@ -134,6 +142,9 @@ class DistillationTrainer(TrainerCompat):
         self.distillation_losses.train(mode == "train")  # e.g. crd writes its memory banks in training only
         on_policy = bool(inputs.get(ON_POLICY_KEY))
         inputs, teacher_inputs = split_teacher_inputs({k: v for k, v in inputs.items() if k != ON_POLICY_KEY})
+        clean_inputs = None
+        if self.student_noise is not None and mode == "train":
+            clean_inputs, inputs = inputs, self.student_noise(inputs)
         # The share of an optimizer step this micro-batch stands for; outside training there is no accumulation.
         accumulation = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
         label_weight = 0.0 if on_policy else self.args.label_loss_weight
@@ -143,7 +154,7 @@ class DistillationTrainer(TrainerCompat):
             terms, outputs, distilled = chunked_terms(self, model, inputs, counts, label_weight > 0, mode)
         else:
             terms, outputs, distilled = plain_terms(
-                self, model, inputs, teacher_inputs, counts, label_weight, accumulation, mode
+                self, model, inputs, teacher_inputs, counts, label_weight, accumulation, mode, clean_inputs
             )
         total = self.objective.total(terms, label_weight)
         if total is None and mode == "eval" and not self.teachers_cover_eval:

@@ -1,0 +1,146 @@
+"""Input noise for the student only (noisy student, Xie et al. 2020): each noise is a callable ``batch → batch`` that
+returns a new batch with its fields perturbed and every other field (labels, ``sample_index``…) untouched. Pass
+one or a list to ``DistillationTrainer(student_noise=...)``: in training the student reads the noised batch while
+every teacher reads the clean one (a cached teacher finds its rows by ``sample_index``, so noise never meets the
+cache's fingerprints). Random draws use torch's generator of the batch's device, which ``set_seed`` seeds and
+checkpoints save and restore.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+StudentNoise = Callable[[dict], dict]
+
+
+class TokenMasking:
+    """Replace each attended, non-special token by ``mask_token_id`` with probability ``probability`` (BERT-style
+    masking as input noise; the labels are not touched)."""
+
+    def __init__(self, probability: float, mask_token_id: int, protected_ids: Sequence[int] = ()):
+        _check_probability("TokenMasking", probability)
+        self.probability, self.mask_token_id = probability, int(mask_token_id)
+        self.protected_ids = torch.tensor(sorted(set(protected_ids)), dtype=torch.long)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, probability: float) -> TokenMasking:
+        """The tokenizer's mask token (else its unknown token, else its end-of-text token: a byte-level BPE has
+        neither of the first two); its special tokens are never masked."""
+        candidates = (tokenizer.mask_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id)
+        mask_id = next((token for token in candidates if token is not None), None)
+        if mask_id is None:
+            raise ValueError("TokenMasking.from_tokenizer needs a tokenizer with a mask, unknown or end-of-text token.")
+        return cls(probability, mask_id, tokenizer.all_special_ids)
+
+    def __call__(self, batch: dict) -> dict:
+        input_ids = _field(batch, "input_ids", "TokenMasking")
+        chosen = _maskable(batch, input_ids, self.protected_ids) & _draw(input_ids, self.probability)
+        return {**batch, "input_ids": input_ids.masked_fill(chosen, self.mask_token_id)}
+
+
+class TokenDropout:
+    """Drop each attended, non-special token with probability ``probability`` by removing it from the attention
+    mask (positions stay where they are, so token-level outputs keep their alignment); every row keeps at least one
+    token."""
+
+    def __init__(self, probability: float, protected_ids: Sequence[int] = ()):
+        _check_probability("TokenDropout", probability)
+        self.probability = probability
+        self.protected_ids = torch.tensor(sorted(set(protected_ids)), dtype=torch.long)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, probability: float) -> TokenDropout:
+        return cls(probability, tokenizer.all_special_ids)
+
+    def __call__(self, batch: dict) -> dict:
+        input_ids = _field(batch, "input_ids", "TokenDropout")
+        attention_mask = batch.get("attention_mask", torch.ones_like(input_ids))
+        droppable = _maskable(batch, input_ids, self.protected_ids)
+        dropped = droppable & _draw(input_ids, self.probability)
+        kept = attention_mask.bool() & ~dropped
+        emptied = ~kept.any(dim=1)  # give such a row its first droppable token back
+        if emptied.any():
+            first = torch.zeros_like(dropped)
+            first[torch.arange(len(first), device=first.device), droppable.int().argmax(dim=1)] = True
+            dropped &= ~(first & emptied[:, None])
+        return {**batch, "attention_mask": attention_mask.masked_fill(dropped, 0)}
+
+
+class GaussianNoise:
+    """Add N(0, std²) noise to a float input (``pixel_values`` by default; ``input_values`` for audio)."""
+
+    def __init__(self, std: float, field: str = "pixel_values"):
+        if not std > 0:
+            raise ValueError(f"GaussianNoise needs std > 0, got {std}.")
+        self.std, self.field = std, field
+
+    def __call__(self, batch: dict) -> dict:
+        values = _field(batch, self.field, "GaussianNoise")
+        return {**batch, self.field: values + self.std * torch.randn_like(values)}
+
+
+class RandomShift:
+    """Translate each image by a random whole number of pixels in [−max_pixels, max_pixels] along height and width,
+    filling the uncovered border with ``fill`` (the augmentation of small images such as 8×8 digits)."""
+
+    def __init__(self, max_pixels: int, fill: float = 0.0, field: str = "pixel_values"):
+        if max_pixels < 1:
+            raise ValueError(f"RandomShift needs max_pixels >= 1, got {max_pixels}.")
+        self.max_pixels, self.fill, self.field = int(max_pixels), float(fill), field
+
+    def __call__(self, batch: dict) -> dict:
+        images = _field(batch, self.field, "RandomShift")
+        if images.dim() != 4:
+            raise ValueError(f"RandomShift needs {self.field} of shape (batch, channels, height, width).")
+        shifts = torch.randint(-self.max_pixels, self.max_pixels + 1, (len(images), 2), device=images.device)
+        height, width = images.shape[-2:]
+        rows = torch.arange(height, device=images.device)[None, :] - shifts[:, :1]  # source row of each target row
+        cols = torch.arange(width, device=images.device)[None, :] - shifts[:, 1:]
+        inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
+        index = rows.clamp(0, height - 1)[:, :, None] * width + cols.clamp(0, width - 1)[:, None, :]
+        flat = images.flatten(2).gather(2, index.flatten(1)[:, None, :].expand(-1, images.shape[1], -1))
+        shifted = flat.view_as(images).masked_fill(~inside[:, None], self.fill)
+        return {**batch, self.field: shifted}
+
+
+def compose_noise(noise: StudentNoise | Sequence[StudentNoise] | None) -> StudentNoise | None:
+    """One callable applying ``noise`` in order (``None`` for no noise); refuses what is not callable."""
+    if noise is None:
+        return None
+    steps = list(noise) if isinstance(noise, (list, tuple)) else [noise]
+    for step in steps:
+        if not callable(step):
+            raise TypeError(f"student_noise must be a callable batch → batch or a list of them, got {step!r}.")
+    if len(steps) == 1:
+        return steps[0]
+
+    def apply(batch: dict) -> dict:
+        for step in steps:
+            batch = step(batch)
+        return batch
+
+    return apply
+
+
+def _check_probability(name: str, probability: float) -> None:
+    if not 0 < probability < 1:
+        raise ValueError(f"{name} needs a probability in (0, 1), got {probability}.")
+
+
+def _field(batch: dict, name: str, noise: str) -> torch.Tensor:
+    if name not in batch:
+        raise ValueError(f"{noise} perturbs {name!r}, which this batch does not have (it has {sorted(batch)}).")
+    return batch[name]
+
+
+def _draw(reference: torch.Tensor, probability: float) -> torch.Tensor:
+    return torch.rand(reference.shape, device=reference.device) < probability
+
+
+def _maskable(batch: dict, input_ids: torch.Tensor, protected_ids: torch.Tensor) -> torch.Tensor:
+    maskable = ~torch.isin(input_ids, protected_ids.to(input_ids.device))
+    if "attention_mask" in batch:
+        maskable &= batch["attention_mask"].bool()
+    return maskable

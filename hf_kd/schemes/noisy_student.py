@@ -1,0 +1,248 @@
+"""Noisy student (Xie et al. 2020, *Self-training with Noisy Student improves ImageNet classification*,
+arXiv:1911.04252) — the expansion objective: the teacher labels the unlabeled rows, an equal-or-larger student
+learns from the labels and those pseudo-labels under noise (dropout, and input noise on the student's side only:
+:mod:`hf_kd.noise`), then becomes the next round's teacher.
+
+Pseudo-labels are **soft** (the rows stay unlabeled and the configured distillation losses carry the teacher's
+distribution, which the teacher computes on the clean inputs) or **hard** (the teacher's class becomes the row's
+label for the student's CE; the distillation losses still apply on top — set ``alpha=0`` for CE alone, as in the
+paper's hard variant). Rows whose teacher confidence is below ``threshold`` are left out; ``balance`` evens the
+classes the teacher assigns (the most confident rows of the large classes, duplicates in the small ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from datasets import Dataset, concatenate_datasets
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import default_data_collator
+from transformers.utils import logging
+
+from ..cache import TeacherCache
+from ..config import DistillationConfig
+from ..data import SAMPLE_INDEX, UNLABELED
+from ..evaluation import count_parameters
+from ..model_kinds import is_token_level
+from ..noise import compose_noise
+from .stages import Stage, describe, finished_stage, run_stage
+from .teacher_assistant import _describe_teacher
+
+logger = logging.get_logger(__name__)
+
+MODES = ("soft", "hard")
+
+
+@dataclass
+class PseudoLabels:
+    """The rows the teacher labelled: ``dataset`` (kept rows, duplicates included, labels −100 for soft
+    pseudo-labels or the teacher's class for hard ones), and per kept row the teacher's class and confidence."""
+
+    dataset: Dataset
+    classes: np.ndarray
+    confidence: np.ndarray
+    considered: int  # unlabeled rows the teacher saw
+    num_classes: int
+
+    def summary(self) -> dict:
+        counts = np.bincount(self.classes, minlength=self.num_classes).tolist()
+        return {
+            "unlabeled_rows": self.considered,
+            "kept_rows": len(self.dataset),
+            "distinct_rows": len(set(self.dataset[SAMPLE_INDEX]))
+            if SAMPLE_INDEX in self.dataset.column_names
+            else None,
+            "rows_per_class": counts,
+            "mean_confidence": float(self.confidence.mean()) if len(self.confidence) else None,
+        }
+
+
+def pseudo_label(
+    teacher: nn.Module | TeacherCache,
+    dataset: Dataset,
+    *,
+    mode: str = "soft",
+    threshold: float = 0.0,
+    balance: bool | int = False,
+    data_collator=None,
+    batch_size: int = 64,
+    label_column: str = "labels",
+) -> PseudoLabels:
+    """Label ``dataset`` (the unlabeled rows) with ``teacher`` — a sequence/image/audio classifier, or a
+    :class:`~hf_kd.TeacherCache` of one (rows found by ``sample_index``) — on its clean inputs. Keeps the rows whose
+    top probability is ≥ ``threshold``; ``balance=True`` brings every class the teacher assigns to the mean count
+    per class (``balance=N``: to N): the most confident rows of a larger class, the rows of a smaller one repeated,
+    most confident first."""
+    _check_options(mode, threshold, balance)
+    if len(dataset) == 0:
+        raise ValueError("there are no unlabeled rows to pseudo-label.")
+    probabilities = _teacher_probabilities(teacher, dataset, data_collator, batch_size, label_column)
+    confidence, classes = probabilities.max(dim=-1)
+    confidence, classes = confidence.numpy(), classes.numpy()
+    kept = np.flatnonzero(confidence >= threshold)
+    if len(kept) == 0:
+        logger.warning(f"pseudo_label: no unlabeled row reaches the confidence threshold {threshold}.")
+    if balance:
+        kept = _balanced(kept, classes, confidence, None if balance is True else int(balance))
+    rows = dataset.select(kept.tolist()).flatten_indices()  # add_column needs the rows materialised
+    labels = classes[kept].tolist() if mode == "hard" else [UNLABELED] * len(kept)
+    if len(rows):  # (an empty dataset takes no new column; it keeps its label column as it is)
+        rows = rows.remove_columns(label_column) if label_column in rows.column_names else rows
+        rows = rows.add_column(label_column, labels).cast_column(label_column, dataset.features[label_column])
+    rows = rows.with_format(dataset.format["type"])
+    return PseudoLabels(rows, classes[kept], confidence[kept], len(dataset), probabilities.shape[-1])
+
+
+def noisy_student(
+    teacher,
+    make_student: Callable[[int], nn.Module],
+    args: DistillationConfig,
+    *,
+    train_dataset: Dataset,
+    rounds: int = 1,
+    pseudo_labels: str = "soft",
+    threshold: float = 0.0,
+    balance: bool | int = False,
+    student_noise=None,
+    dropout: float | None = None,
+    load_student=None,
+    label_column: str = "labels",
+    **trainer_kwargs,
+) -> list[Stage]:
+    """``rounds`` rounds of noisy-student training in ``args.output_dir/round{k}``. ``train_dataset`` holds the
+    labeled rows and the unlabeled ones (label −100, as :func:`hf_kd.data.split_labeled_transfer` makes them;
+    with none, e.g. language modelling, each round is noisy self-distillation on the labeled rows). In round k
+    the round's teacher (``teacher``, then round k − 1's student) pseudo-labels the unlabeled rows and
+    ``make_student(k)`` learns from the labeled rows plus the kept pseudo-labeled ones with ``student_noise`` on its
+    inputs (:mod:`hf_kd.noise`) and, with ``dropout``, every ``nn.Dropout`` of the student at that rate while it
+    trains. ``trainer_kwargs`` go to each round's :class:`~hf_kd.DistillationTrainer` (``data_collator`` also
+    batches the pseudo-labelling). Each round's ``distillation_config.json`` records its pseudo-labels (rows kept
+    per class, mean confidence) and its lineage; running again resumes as
+    :func:`~hf_kd.schemes.teacher_assistant.teacher_assistant` does. Returns the rounds in order."""
+    if rounds < 1:
+        raise ValueError(f"noisy_student needs rounds >= 1, got {rounds}.")
+    _check_options(pseudo_labels, threshold, balance)
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}.")
+    if pseudo_labels == "hard" and isinstance(teacher, TeacherCache):
+        raise ValueError(
+            "hard pseudo-labels rewrite the labels column, which a TeacherCache fingerprints per row; use "
+            "pseudo_labels='soft' with a cached teacher, or pass the teacher model."
+        )
+    if label_column not in train_dataset.column_names:
+        raise ValueError(f"train_dataset has no {label_column!r} column (−100 marks its unlabeled rows).")
+    noise = compose_noise(student_noise)
+    unlabeled_rows = _unlabeled_rows(train_dataset[label_column])
+    labeled = train_dataset.select(np.flatnonzero(~unlabeled_rows).tolist())
+    unlabeled = train_dataset.select(np.flatnonzero(unlabeled_rows).tolist())
+    lineage = [_describe_teacher(teacher)]
+    stages: list[Stage] = []
+    current = teacher
+    for round_number in range(1, rounds + 1):
+        name = f"round{round_number}"
+        student = make_student(round_number)
+        details, dataset = None, train_dataset
+        if not finished_stage(args, name):  # a finished round is read back: no labelling, no training
+            if isinstance(current, nn.Module) and count_parameters(student) < count_parameters(current):
+                logger.warning(
+                    f"noisy student round {round_number}: the student ({count_parameters(student):,} parameters) is "
+                    f"smaller than its teacher ({count_parameters(current):,}); the method expects an equal-or-larger "
+                    "student."
+                )
+            if dropout is not None:
+                _set_dropout(student, dropout)
+            details = {"pseudo_labels": None, "unlabeled_rows": 0}  # e.g. language modelling: every row has text
+            if len(unlabeled):
+                labelled = pseudo_label(
+                    current,
+                    unlabeled,
+                    mode=pseudo_labels,
+                    threshold=threshold,
+                    balance=balance,
+                    data_collator=trainer_kwargs.get("data_collator"),
+                    batch_size=args.per_device_eval_batch_size,
+                    label_column=label_column,
+                )
+                details = {"pseudo_labels": pseudo_labels, "threshold": threshold, **labelled.summary()}
+                dataset = concatenate_datasets([labeled, labelled.dataset]).with_format(train_dataset.format["type"])
+        stage = run_stage(
+            name,
+            student,
+            current,
+            args,
+            lineage,
+            load_student,
+            details=details,
+            train_dataset=dataset,
+            student_noise=noise,
+            **trainer_kwargs,
+        )
+        stages.append(stage)
+        lineage = [*lineage, {**describe(name, stage.model, stage.metrics), **stage.details}]
+        current = stage.model
+    return stages
+
+
+def _check_options(mode: str, threshold: float, balance) -> None:
+    if mode not in MODES:
+        raise ValueError(f"pseudo-labels are 'soft' or 'hard', got {mode!r}.")
+    if not 0.0 <= threshold < 1.0:  # False for NaN too
+        raise ValueError(f"the confidence threshold must lie in [0, 1), got {threshold}.")
+    if not isinstance(balance, bool) and (not isinstance(balance, int) or balance < 1):
+        raise ValueError(f"balance is True, False or a number of rows per class >= 1, got {balance!r}.")
+
+
+def _unlabeled_rows(labels: list) -> np.ndarray:
+    """Rows without a label: −100, or (token-level rows) −100 at every position."""
+    return np.asarray([np.all(np.asarray(label) == UNLABELED) for label in labels], dtype=bool)
+
+
+def _teacher_probabilities(teacher, dataset: Dataset, data_collator, batch_size: int, label_column: str):
+    if isinstance(teacher, TeacherCache):
+        if teacher.manifest["token_level"]:
+            raise ValueError("pseudo_label labels whole examples; this cache holds a token-level teacher.")
+        if SAMPLE_INDEX not in dataset.column_names:
+            raise ValueError("a cached teacher finds its rows by sample_index: add it with add_sample_index.")
+        rows = [teacher.rows(int(index)) for index in dataset[SAMPLE_INDEX]]
+        return torch.stack([teacher._sparse(ids, values).dense().softmax(-1)[0] for ids, values in rows])
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"pseudo_label needs a teacher model or a TeacherCache, got {type(teacher).__name__}.")
+    if is_token_level(teacher):
+        raise ValueError(f"pseudo_label labels whole examples; {type(teacher).__name__} predicts per token.")
+    dropped = [c for c in (label_column, SAMPLE_INDEX) if c in dataset.column_names]
+    loader = DataLoader(
+        dataset.remove_columns(dropped), batch_size=batch_size, collate_fn=data_collator or default_data_collator
+    )
+    device = next(teacher.parameters()).device
+    was_training = teacher.training
+    teacher.eval()
+    chunks = []
+    with torch.no_grad():
+        for batch in loader:
+            batch = {key: value.to(device) for key, value in batch.items() if torch.is_tensor(value)}
+            chunks.append(teacher(**batch).logits.float().softmax(-1).cpu())
+    teacher.train(was_training)
+    return torch.cat(chunks)
+
+
+def _balanced(kept: np.ndarray, classes: np.ndarray, confidence: np.ndarray, target: int | None) -> np.ndarray:
+    by_class = {}
+    for cls in np.unique(classes[kept]):
+        rows = kept[classes[kept] == cls]
+        by_class[cls] = rows[np.argsort(-confidence[rows], kind="stable")]  # most confident first
+    if not by_class:  # nothing passed the threshold
+        return kept
+    if target is None:
+        target = int(round(np.mean([len(rows) for rows in by_class.values()])))
+    chosen = [np.resize(rows, target) for rows in by_class.values()]  # truncates, or repeats in order
+    return np.sort(np.concatenate(chosen))
+
+
+def _set_dropout(model: nn.Module, rate: float) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = rate

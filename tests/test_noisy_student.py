@@ -1,0 +1,239 @@
+"""Noisy student: input noise for the student alone (hf_kd.noise), pseudo-labels (threshold, hard/soft, class
+balancing) and rounds in which each student becomes the next teacher."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import VOCAB, classification_data, config, tiny_bert
+from transformers import BertForSequenceClassification
+
+from hf_kd import DistillationTrainer, write_teacher_cache
+from hf_kd.data import UNLABELED, add_sample_index
+from hf_kd.noise import GaussianNoise, RandomShift, TokenDropout, TokenMasking
+from hf_kd.schemes.noisy_student import noisy_student, pseudo_label
+
+MASK, PAD = 1, 0
+
+
+def test_token_masking_masks_attended_unprotected_tokens_at_its_rate_and_nothing_else():
+    torch.manual_seed(0)
+    input_ids = torch.randint(6, VOCAB, (64, 100))  # 5 only where put below
+    input_ids[:, 0] = 5  # a protected token (e.g. [CLS]) in every row
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[:, 80:] = 0
+    labels = torch.arange(64)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    noised = TokenMasking(0.3, MASK, protected_ids=[5])(batch)
+    masked = noised["input_ids"].eq(MASK)
+    assert not masked[:, 0].any() and not masked[:, 80:].any()
+    assert masked[:, 1:80].float().mean().item() == pytest.approx(0.3, abs=0.02)
+    unmasked = ~masked
+    assert torch.equal(noised["input_ids"][unmasked], input_ids[unmasked])
+    assert noised["labels"] is labels and noised["attention_mask"] is attention_mask
+    assert torch.equal(batch["input_ids"], input_ids)  # the clean batch is not modified in place
+
+
+def test_token_dropout_removes_tokens_from_the_attention_and_keeps_one_per_row():
+    torch.manual_seed(0)
+    input_ids = torch.randint(2, VOCAB, (200, 3))
+    noised = TokenDropout(0.9, protected_ids=[])({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)})
+    kept = noised["attention_mask"]
+    assert torch.equal(noised["input_ids"], input_ids)
+    assert kept.sum(1).min().item() >= 1  # 0.9³ of the rows would otherwise be empty
+    assert kept.float().mean().item() < 0.4
+
+
+def test_random_shift_translates_each_image_by_whole_pixels_and_fills_the_border():
+    torch.manual_seed(0)
+    images = torch.arange(1, 2 * 1 * 4 * 4 + 1, dtype=torch.float32).view(2, 1, 4, 4)
+    shifted = RandomShift(1, fill=-1.0)({"pixel_values": images})["pixel_values"]
+    for image, result in zip(images, shifted):
+        candidates = []
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):  # by hand: roll, then blank the rows/columns that wrapped around
+                expected = torch.roll(image, shifts=(dy, dx), dims=(-2, -1)).clone()
+                if dy == 1:
+                    expected[:, 0] = -1
+                if dy == -1:
+                    expected[:, -1] = -1
+                if dx == 1:
+                    expected[:, :, 0] = -1
+                if dx == -1:
+                    expected[:, :, -1] = -1
+                candidates.append(expected)
+        assert any(torch.equal(result, expected) for expected in candidates)
+
+
+def test_gaussian_noise_has_its_standard_deviation():
+    torch.manual_seed(0)
+    values = torch.zeros(100, 1, 8, 8)
+    noised = GaussianNoise(0.5)({"pixel_values": values})["pixel_values"]
+    assert noised.std().item() == pytest.approx(0.5, rel=0.05) and values.abs().sum() == 0
+
+
+def _recorder(model, seen):
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True
+    )
+    return model
+
+
+def test_noise_reaches_the_student_only_and_never_evaluation(tmp_path):
+    data = classification_data(n=16)
+    student_seen, teacher_seen = [], []
+    student, teacher = _recorder(tiny_bert(hidden=16, seed=2), student_seen), _recorder(tiny_bert(seed=1), teacher_seen)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, max_steps=2, per_device_train_batch_size=16),
+        train_dataset=data,
+        eval_dataset=data,
+        student_noise=[TokenMasking(0.5, MASK)],
+    )
+    trainer.train()
+    clean = torch.tensor(data["input_ids"])
+    assert len(student_seen) == len(teacher_seen) == 2
+    for noisy, seen in zip(student_seen, teacher_seen):
+        rows = [clean.tolist().index(row) for row in seen.tolist()]  # the teacher saw clean rows of the data
+        assert noisy.eq(MASK).float().mean() > 0.3  # ~half the tokens masked for the student
+        kept = noisy.ne(MASK)
+        assert torch.equal(noisy[kept], clean[rows][kept])  # ...of the same rows
+    student_seen.clear()
+    trainer.evaluate()
+    assert all(not row.eq(MASK).any() or clean.eq(MASK).any() for row in student_seen)
+    assert sum(row.eq(MASK).sum().item() for row in student_seen) == clean.eq(MASK).sum().item()
+
+
+def test_a_cached_teacher_accepts_noised_students_and_equals_the_live_teacher(tmp_path):
+    teacher = tiny_bert(seed=1)
+    data = add_sample_index(classification_data(n=16))
+    cache = write_teacher_cache(teacher, data, str(tmp_path / "cache"), top_k=3, dtype="float32")
+    losses = []
+    for name, source in (("live", teacher), ("cached", cache)):
+        trainer = DistillationTrainer(
+            model=tiny_bert(hidden=16, seed=2),
+            teacher_model=source,
+            args=config(tmp_path / name, max_steps=3),
+            train_dataset=data,
+            student_noise=TokenMasking(0.3, MASK),
+        )
+        torch.manual_seed(7)
+        trainer.train()
+        losses.append([entry["kl"] for entry in trainer.state.log_history if "kl" in entry])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5) and len(losses[0]) == 3
+
+
+def _teacher_probabilities(teacher, data):
+    with torch.no_grad():
+        logits = teacher(
+            input_ids=torch.tensor(data["input_ids"]), attention_mask=torch.tensor(data["attention_mask"])
+        ).logits
+    return logits.softmax(-1)
+
+
+def test_pseudo_labels_respect_the_threshold_and_hard_labels_are_the_teachers_class():
+    teacher, data = tiny_bert(seed=1), add_sample_index(classification_data(n=64))
+    probabilities = _teacher_probabilities(teacher, data)
+    confidence = probabilities.max(-1).values
+    threshold = float(confidence.median())
+    hard = pseudo_label(teacher, data, mode="hard", threshold=threshold)
+    expected = torch.nonzero(confidence >= threshold).flatten().tolist()
+    assert hard.dataset["sample_index"] == expected and 0 < len(expected) < 64
+    assert hard.dataset["labels"] == probabilities.argmax(-1)[expected].tolist()
+    assert hard.confidence.min() >= threshold
+    soft = pseudo_label(teacher, data, mode="soft", threshold=threshold)
+    assert soft.dataset["sample_index"] == expected and set(soft.dataset["labels"]) == {UNLABELED}
+
+
+def test_class_balancing_keeps_the_most_confident_rows_of_large_classes_and_repeats_small_ones():
+    teacher, data = tiny_bert(seed=1), add_sample_index(classification_data(n=64))
+    probabilities = _teacher_probabilities(teacher, data)
+    confidence, classes = probabilities.max(-1)
+    labelled = pseudo_label(teacher, data, mode="hard", balance=10)
+    counts = np.bincount(labelled.dataset["labels"], minlength=3)
+    present = np.bincount(classes.numpy(), minlength=3) > 0
+    assert (counts[present] == 10).all() and (counts[~present] == 0).all()
+    for cls in np.flatnonzero(present):
+        rows = [i for i, c in zip(labelled.dataset["sample_index"], labelled.dataset["labels"]) if c == cls]
+        members = torch.nonzero(classes == cls).flatten()
+        if len(members) >= 10:  # the 10 most confident of the class
+            top = members[confidence[members].argsort(descending=True)[:10]].tolist()
+            assert sorted(rows) == sorted(top)
+        else:  # every member, repeated most confident first
+            assert set(rows) == set(members.tolist())
+
+
+def test_rounds_chain_teachers_record_pseudo_labels_and_reload(tmp_path):
+    data = classification_data(n=32)
+    labels = [label if index < 8 else UNLABELED for index, label in enumerate(data["labels"])]
+    train = data.remove_columns("labels").add_column("labels", labels)
+    teacher = tiny_bert(seed=1)
+    students = []
+
+    def make_student(round_number):
+        students.append(tiny_bert(hidden=32, layers=2, seed=10 + round_number))
+        return students[-1]
+
+    stages = noisy_student(
+        teacher,
+        make_student,
+        config(tmp_path, max_steps=2),
+        train_dataset=train,
+        rounds=2,
+        threshold=0.0,
+        pseudo_labels="hard",
+        student_noise=TokenMasking(0.2, MASK),
+        dropout=0.1,
+        eval_dataset=data,
+    )
+    assert [stage.name for stage in stages] == ["round1", "round2"]
+    assert all(
+        module.p == 0.1 for student in students for module in student.modules() if isinstance(module, torch.nn.Dropout)
+    )
+    with open(f"{stages[1].model_folder}/distillation_config.json") as handle:
+        second = json.load(handle)
+    assert [entry["stage"] for entry in second["lineage"]] == ["teacher", "round1"]
+    assert second["lineage"][1]["kept_rows"] == 24 and second["stage"]["unlabeled_rows"] == 24
+    assert sum(second["stage"]["rows_per_class"]) == 24 and second["stage"]["pseudo_labels"] == "hard"
+    # Round 2's pseudo-labels come from round 1's student: its classes on the unlabeled rows.
+    round1 = stages[0].model.eval()
+    expected = _teacher_probabilities(round1, train.select(range(8, 32))).argmax(-1)
+    assert second["stage"]["rows_per_class"] == np.bincount(expected.numpy(), minlength=3).tolist()
+    reloaded = []
+    again = noisy_student(
+        teacher,
+        make_student,
+        config(tmp_path, max_steps=2),
+        train_dataset=train,
+        rounds=2,
+        load_student=lambda folder: reloaded.append(folder) or BertForSequenceClassification.from_pretrained(folder),
+    )
+    assert len(reloaded) == 2 and again[1].details["kept_rows"] == 24
+
+
+def test_the_card_shows_the_lineage_with_each_stages_metrics(tmp_path):
+    lineage = [
+        {"stage": "teacher", "class": "BertForSequenceClassification", "parameters": 52_000},
+        {
+            "stage": "round1",
+            "class": "BertForSequenceClassification",
+            "parameters": 60_500,
+            "metrics": {"eval_accuracy": 0.8125, "eval_runtime": 0.5, "eval_kl": 0.123456},
+        },
+    ]
+    trainer = DistillationTrainer(
+        model=tiny_bert(seed=2),
+        teacher_model=tiny_bert(seed=1),
+        args=config(tmp_path),
+        train_dataset=classification_data(),
+    )
+    trainer.lineage, trainer.stage_metrics = lineage, {"eval_accuracy": 0.875}
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    assert "## Lineage" in card
+    assert "| teacher | `BertForSequenceClassification` | 52.0k | – |" in card
+    assert "| round1 | `BertForSequenceClassification` | 60.5k | eval_accuracy 0.8125, eval_kl 0.1235 |" in card
+    student = sum(p.numel() for p in trainer.model.parameters()) / 1e3
+    assert f"| this student | `BertForSequenceClassification` | {student:.1f}k | eval_accuracy 0.875 |" in card
