@@ -137,18 +137,19 @@ def report_results(
 
 
 def compare_recipe_models(
-    trainer, dataset, models: dict[str, nn.Module], *, title: str, data_collator=None
+    trainer, dataset, models: dict[str, nn.Module], *, title: str, data_collator=None, output_dir: str | None = None
 ) -> tuple[dict[str, dict], dict[str, dict]]:
-    """The recipes' test-split table and the card's teacher-vs-student rows. ``models`` lists the teacher first
-    and the distilled student last; with the student alone (distil-only runs) the distillation trainer evaluates
-    it itself, since DeepSpeed allows no second Trainer in the process."""
+    """The recipes' test-split table (in ``output_dir``, default the trainer's) and the card's teacher-vs-student
+    rows. ``models`` lists the teacher first and the distilled student last; with the student alone (distil-only
+    runs) the distillation trainer evaluates it itself, since DeepSpeed allows no second Trainer in the process."""
     write = trainer.is_world_process_zero()
+    output_dir = output_dir or trainer.args.output_dir
     if len(models) > 1:
         results = compare_models(
             models,
             dataset,
             title=title,
-            output_dir=trainer.args.output_dir,
+            output_dir=output_dir,
             compute_metrics=trainer.compute_metrics,
             data_collator=data_collator,
             use_cpu=trainer.args.use_cpu,
@@ -161,5 +162,5 @@ def compare_recipe_models(
     metrics = ["accuracy", "macro_f1"]
     row = {metric: scores[f"eval_{metric}"] for metric in metrics if f"eval_{metric}" in scores}
     results = {name: {**row, "parameters": count_parameters(model)}}
-    report_results(results, [*row, "parameters"], title, trainer.args.output_dir, write)
+    report_results(results, [*row, "parameters"], title, output_dir, write)
     return results, {"student": results[name]}

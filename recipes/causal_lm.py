@@ -16,6 +16,11 @@ the student trained from scratch on the same blocks with the same steps and seed
     accelerate launch --config_file recipes/accelerate/fsdp2.yaml recipes/causal_lm.py \
         --config recipes/configs/causal_lm.yaml --baselines false --teacher outputs/causal_lm/teacher \
         --tokenizer outputs/causal_lm/teacher
+    # Schemes (every block has text, so noisy student is noisy self-distillation: masked inputs for the student)
+    python recipes/causal_lm.py --config recipes/configs/causal_lm.yaml --scheme teacher_assistant
+    python recipes/causal_lm.py --config recipes/configs/causal_lm.yaml --scheme born_again --generations 3
+    python recipes/causal_lm.py --config recipes/configs/causal_lm.yaml --teachers A,B --teacher_aggregation adaptive \
+        --tokenizer A
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ from transformers import (
     set_seed,
 )
 
-from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd import DistillationConfig
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
 from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.data import train_bpe_tokenizer
 from hf_kd.evaluation import count_parameters, report_results, token_perplexity
+from hf_kd.noise import TokenMasking
+from hf_kd.schemes.recipes import SchemeArguments, distil, stage_rows
 
 
 @dataclass
@@ -121,8 +128,9 @@ def perplexity(model, dataset, args) -> float:
 
 
 def main():
-    recipe, args = parse_args((CausalLMRecipeArguments, DistillationConfig))
-    check_recipe_engine(args, baselines=recipe.baselines, teacher=recipe.teacher)
+    recipe, scheme, args = parse_args((CausalLMRecipeArguments, SchemeArguments, DistillationConfig))
+    teacher_paths = scheme.teacher_paths(recipe.teacher)
+    check_recipe_engine(args, baselines=recipe.baselines, teacher=",".join(teacher_paths))
     set_seed(args.seed)
 
     # ---- data: documents split first (no block straddles train and test), a tokenizer, fixed-size blocks ----
@@ -140,12 +148,12 @@ def main():
     # ---- teacher: a given causal LM, or a larger GPT-2 trained here ----
     steps = optimizer_steps(args, len(train))
     baseline_args = plain_args(args, steps)
-    if recipe.teacher:
-        teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher)
+    if teacher_paths:
+        teachers = [AutoModelForCausalLM.from_pretrained(path) for path in teacher_paths]
     else:
-        teacher = gpt2(vocab_size, recipe.teacher_layers, recipe.teacher_width, recipe.block_size)
+        teachers = [gpt2(vocab_size, recipe.teacher_layers, recipe.teacher_width, recipe.block_size)]
         train_teacher(
-            teacher,
+            teachers[0],
             baseline_args,
             train,
             steps=recipe.teacher_steps,
@@ -153,12 +161,23 @@ def main():
             data_collator=default_data_collator,
         )
 
+    teacher = teachers[0] if len(teachers) == 1 else teachers
+
     # ---- students: from scratch vs distilled, same blocks, steps and seed ----
-    set_seed(args.seed)
-    student = gpt2(vocab_size, recipe.student_layers, recipe.student_width, recipe.block_size)
-    if recipe.baselines:
+    def make_student(generation: int) -> GPT2LMHeadModel:
+        set_seed(args.seed + generation - 1)  # generation / round 1: the scratch student's initialisation
+        return gpt2(vocab_size, recipe.student_layers, recipe.student_width, recipe.block_size)
+
+    def make_assistant() -> GPT2LMHeadModel:
+        width = scheme.assistant_hidden_size or 64 * max(
+            1, round((teachers[0].config.n_embd * recipe.student_width) ** 0.5 / 64)
+        )
+        layers = scheme.assistant_layers or max(1, (teachers[0].config.n_layer + recipe.student_layers) // 2)
         set_seed(args.seed)
-        scratch = gpt2(vocab_size, recipe.student_layers, recipe.student_width, recipe.block_size)
+        return gpt2(vocab_size, layers, width, recipe.block_size)
+
+    if recipe.baselines:
+        scratch = make_student(1)
         train_plainly(
             scratch,
             baseline_args,
@@ -166,25 +185,27 @@ def main():
             output_dir=os.path.join(args.output_dir, "scratch"),
             data_collator=default_data_collator,
         )
-    trainer = DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=args,
+    trainer, stages = distil(
+        scheme,
+        args,
+        teacher=teacher,
+        make_student=make_student,
+        make_assistant=make_assistant,
+        student_noise=TokenMasking.from_tokenizer(tokenizer, scheme.input_noise),
+        load_student=AutoModelForCausalLM.from_pretrained,
         train_dataset=train,
         data_collator=default_data_collator,
         processing_class=tokenizer,
     )
-    trainer.train()
+    student = trainer.accelerator.unwrap_model(trainer.model)
 
     # ---- results: test perplexity ----
     if recipe.baselines:
-        rows = {
-            f"teacher (GPT-2 {recipe.teacher_layers}×{recipe.teacher_width})" if not recipe.teacher else "teacher": (
-                teacher
-            ),
-            "student from scratch": scratch,
-            "student distilled": student,
-        }
+        if teacher_paths:
+            teacher_rows = {f"teacher {path}": model for path, model in zip(teacher_paths, teachers)}
+        else:
+            teacher_rows = {f"teacher (GPT-2 {recipe.teacher_layers}×{recipe.teacher_width})": teachers[0]}
+        rows = {**teacher_rows, "student from scratch": scratch, **stage_rows(stages), "student distilled": student}
         results = {
             name: {"perplexity": perplexity(model, test, baseline_args), "parameters": count_parameters(model)}
             for name, model in rows.items()
@@ -196,7 +217,8 @@ def main():
         }
     title = (
         f"{recipe.dataset_name}, {len(train)} training / {len(test)} test blocks of {recipe.block_size} "
-        f"tokens, {steps} steps, losses {args.losses}, temperature {args.temperature}, seed {args.seed}"
+        f"tokens, {steps} steps, losses {args.losses}, temperature {args.temperature}, seed {args.seed}, "
+        f"scheme {scheme.scheme}" + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 else "")
     )
     report_results(results, ["perplexity", "parameters"], title, args.output_dir, trainer.is_world_process_zero())
 

@@ -14,6 +14,13 @@ scratch with the same steps and seed, and the distilled student.
         --losses kl,hint,rkd_distance,crd --output_dir outputs/digits-feat
     python recipes/image_classification.py --config recipes/configs/image_classification.yaml \
         --push_to_hub --hub_model_id you/digits-vit-student --hub_private_repo
+    # Schemes: via an assistant, born-again generations, noisy-student rounds, several teachers
+    python recipes/image_classification.py --config recipes/configs/image_classification.yaml \
+        --scheme teacher_assistant --output_dir outputs/digits-ta
+    python recipes/image_classification.py --config recipes/configs/image_classification.yaml \
+        --scheme noisy_student --rounds 2 --pseudo_label_threshold 0.5 --output_dir outputs/digits-ns
+    python recipes/image_classification.py --config recipes/configs/image_classification.yaml \
+        --teachers outputs/digits/teacher,outputs/digits-ta/teacher --teacher_aggregation adaptive
     accelerate launch recipes/image_classification.py --teacher outputs/digits/teacher --output_dir outputs/d2
 """
 
@@ -34,12 +41,14 @@ from transformers import (
     set_seed,
 )
 
-from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd import DistillationConfig
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
 from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.data import add_sample_index, split_labeled_transfer
 from hf_kd.evaluation import compare_recipe_models
 from hf_kd.metrics import get_compute_metrics
+from hf_kd.noise import GaussianNoise, RandomShift
+from hf_kd.schemes.recipes import SchemeArguments, distil, stage_rows
 
 
 @dataclass
@@ -103,8 +112,9 @@ def vit(recipe: ImageRecipeArguments, hidden_size: int, layers: int, num_labels:
 
 
 def main():
-    recipe, args = parse_args((ImageRecipeArguments, DistillationConfig))
-    check_recipe_engine(args, baselines=recipe.baselines, teacher=recipe.teacher)
+    recipe, scheme, args = parse_args((ImageRecipeArguments, SchemeArguments, DistillationConfig))
+    teacher_paths = scheme.teacher_paths(recipe.teacher)
+    check_recipe_engine(args, baselines=recipe.baselines, teacher=",".join(teacher_paths))
     set_seed(args.seed)
     compute_metrics = get_compute_metrics(recipe.metric)
 
@@ -113,8 +123,8 @@ def main():
         dataset = load_image_dataset(recipe, cache_dir=os.path.join(args.output_dir, "data"))
     dataset = dataset.class_encode_column("label").rename_column("label", "labels")
     num_labels = dataset.features["labels"].num_classes
-    if recipe.teacher:
-        processor = AutoImageProcessor.from_pretrained(recipe.teacher)
+    if teacher_paths:
+        processor = AutoImageProcessor.from_pretrained(teacher_paths[0])
     else:
         processor = ViTImageProcessorPil(
             do_resize=False,
@@ -143,44 +153,69 @@ def main():
     steps = optimizer_steps(args, len(transfer))
     baseline_args = plain_args(args, steps)
 
-    # ---- teacher: loaded, or trained on every training label ----
-    if recipe.teacher:
-        teacher = AutoModelForImageClassification.from_pretrained(recipe.teacher)
+    # ---- teachers: loaded (--teacher, or several with --teachers), or one trained on every training label ----
+    if teacher_paths:
+        teachers = [AutoModelForImageClassification.from_pretrained(path) for path in teacher_paths]
     else:
-        teacher = vit(recipe, recipe.teacher_hidden_size, recipe.teacher_layers, num_labels)
-        train_teacher(teacher, baseline_args, train, steps=recipe.teacher_steps, processor=processor, alpha=None)
+        teachers = [vit(recipe, recipe.teacher_hidden_size, recipe.teacher_layers, num_labels)]
+        train_teacher(teachers[0], baseline_args, train, steps=recipe.teacher_steps, processor=processor, alpha=None)
+    teacher = teachers[0] if len(teachers) == 1 else teachers
 
     # ---- students: from scratch on the labeled images vs distilled on labeled + unlabeled, same steps/seed ----
-    set_seed(args.seed)
-    student = vit(recipe, recipe.student_hidden_size, recipe.student_layers, num_labels)
-    if recipe.baselines:
+    def make_student(generation: int) -> ViTForImageClassification:
+        set_seed(args.seed + generation - 1)  # generation / round 1: the scratch student's initialisation
+        return vit(recipe, recipe.student_hidden_size, recipe.student_layers, num_labels)
+
+    def make_assistant() -> ViTForImageClassification:
+        hidden = scheme.assistant_hidden_size or 16 * round(
+            (recipe.teacher_hidden_size * recipe.student_hidden_size) ** 0.5 / 16
+        )
+        layers = scheme.assistant_layers or max(1, (recipe.teacher_layers + recipe.student_layers) // 2)
         set_seed(args.seed)
-        scratch = vit(recipe, recipe.student_hidden_size, recipe.student_layers, num_labels)
+        return vit(recipe, hidden, layers, num_labels)
+
+    if recipe.baselines:
+        scratch = make_student(1)
         train_plainly(scratch, baseline_args, labeled, output_dir=os.path.join(args.output_dir, "scratch"))
-    trainer = DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=args,
+    # Noisy student: the pixels are normalised to [-1, 1], so a shifted-in border is background (-1).
+    noise = [RandomShift(1, fill=-1.0), GaussianNoise(scheme.input_noise)]
+    trainer, stages = distil(
+        scheme,
+        args,
+        teacher=teacher,
+        make_student=make_student,
+        make_assistant=make_assistant,
+        student_noise=noise,
+        load_student=AutoModelForImageClassification.from_pretrained,
         train_dataset=transfer,
         processing_class=processor,
         compute_metrics=compute_metrics,
     )
-    trainer.train()
+    student = trainer.accelerator.unwrap_model(trainer.model)
 
     # ---- results on the held-out test split ----
     title = (
         f"digits, test split of {len(test)} images, {steps} steps, losses {args.losses}, "
-        f"temperature {args.temperature}, seed {args.seed}"
+        f"temperature {args.temperature}, seed {args.seed}, scheme {scheme.scheme}"
+        + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 else "")
     )
     distilled = f"student distilled ({len(labeled)} labels + {len(transfer) - len(labeled)} unlabeled)"
     rows = {distilled: student}
     if recipe.baselines:
+        if teacher_paths:
+            teacher_rows = {f"teacher {path}": model for path, model in zip(teacher_paths, teachers)}
+        else:
+            name = f"teacher (ViT {recipe.teacher_layers}×{recipe.teacher_hidden_size}, all {len(train)} labels)"
+            teacher_rows = {name: teacher}
         rows = {
-            f"teacher (ViT {recipe.teacher_layers}×{recipe.teacher_hidden_size}, all {len(train)} labels)": teacher,
+            **teacher_rows,
             f"student from scratch ({len(labeled)} labels)": scratch,
+            **stage_rows(stages),
             **rows,
         }
-    _, comparison = compare_recipe_models(trainer, test, rows, title=title, data_collator=None)
+    _, comparison = compare_recipe_models(
+        trainer, test, rows, title=title, data_collator=None, output_dir=args.output_dir
+    )
 
     # ---- save (and with --push_to_hub share) the student: weights, processor, distillation_config.json, card ----
     if args.push_to_hub:

@@ -10,6 +10,11 @@ the teacher's own headlines instead of the references, Kim & Rush 2016).
 
     python recipes/seq2seq.py --config recipes/configs/seq2seq.yaml                        # ~8 min on 2 CPU cores
     python recipes/seq2seq.py --config recipes/configs/seq2seq.yaml --sequence_level_kd true
+    # Schemes: via an assistant, born-again generations, noisy-student rounds (masked source tokens), two teachers
+    python recipes/seq2seq.py --config recipes/configs/seq2seq.yaml --scheme teacher_assistant
+    python recipes/seq2seq.py --config recipes/configs/seq2seq.yaml --scheme noisy_student --rounds 2
+    python recipes/seq2seq.py --config recipes/configs/seq2seq.yaml --teachers A,B --tokenizer A \
+        --teacher_aggregation adaptive
 
 Under DeepSpeed it distils only (one Trainer per process), from a trained teacher:
 
@@ -37,12 +42,14 @@ from transformers import (
 )
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd import DistillationConfig
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
 from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.data import train_bpe_tokenizer
 from hf_kd.evaluation import count_parameters, report_results, token_perplexity
 from hf_kd.generation import generate_teacher_outputs
+from hf_kd.noise import TokenMasking
+from hf_kd.schemes.recipes import SchemeArguments, distil, stage_rows
 
 
 @dataclass
@@ -161,8 +168,11 @@ def rouge1(model, test_pairs, tokenizer, args, recipe, synced_gpus: bool = False
 
 
 def main():
-    recipe, args = parse_args((Seq2SeqRecipeArguments, DistillationConfig))
-    check_recipe_engine(args, baselines=recipe.baselines, teacher=recipe.teacher)
+    recipe, scheme, args = parse_args((Seq2SeqRecipeArguments, SchemeArguments, DistillationConfig))
+    teacher_paths = scheme.teacher_paths(recipe.teacher)
+    check_recipe_engine(args, baselines=recipe.baselines, teacher=",".join(teacher_paths))
+    if recipe.sequence_level_kd and len(teacher_paths) > 1:
+        raise SystemExit("--sequence_level_kd trains on one teacher's outputs; give one --teacher, not --teachers.")
     zero3 = is_deepspeed_zero3_enabled()  # models load sharded, and generate on every process together
     if zero3 and recipe.sequence_level_kd:
         raise SystemExit(
@@ -185,13 +195,14 @@ def main():
 
     steps = optimizer_steps(args, len(train))
     baseline_args = plain_args(args, steps)
-    if recipe.teacher:
-        teacher = AutoModelForSeq2SeqLM.from_pretrained(recipe.teacher)
+    if teacher_paths:
+        teachers = [AutoModelForSeq2SeqLM.from_pretrained(path) for path in teacher_paths]
     else:
-        teacher = t5(vocab_size, recipe.teacher_layers, recipe.teacher_width, tokenizer)
+        teachers = [t5(vocab_size, recipe.teacher_layers, recipe.teacher_width, tokenizer)]
         train_teacher(
-            teacher, baseline_args, train, steps=recipe.teacher_steps, processor=tokenizer, data_collator=collator
+            teachers[0], baseline_args, train, steps=recipe.teacher_steps, processor=tokenizer, data_collator=collator
         )
+    teacher = teachers[0]
 
     distill_train = train
     if recipe.sequence_level_kd:  # the teacher's own headlines become the targets
@@ -209,33 +220,44 @@ def main():
             recipe,
         )
 
-    if recipe.baselines:
+    def make_student(generation: int) -> T5ForConditionalGeneration:
+        set_seed(args.seed + generation - 1)  # generation / round 1: the scratch student's initialisation
+        return t5(vocab_size, recipe.student_layers, recipe.student_width, tokenizer)
+
+    def make_assistant() -> T5ForConditionalGeneration:
+        width = scheme.assistant_hidden_size or 8 * max(
+            1, round((teacher.config.d_model * recipe.student_width) ** 0.5 / 8)
+        )
+        layers = scheme.assistant_layers or max(1, (teacher.config.num_layers + recipe.student_layers) // 2)
         set_seed(args.seed)
-        scratch = t5(vocab_size, recipe.student_layers, recipe.student_width, tokenizer)
+        return t5(vocab_size, layers, width, tokenizer)
+
+    if recipe.baselines:
+        scratch = make_student(1)
         train_plainly(
             scratch, baseline_args, train, output_dir=os.path.join(args.output_dir, "scratch"), data_collator=collator
         )
-    set_seed(args.seed)
-    student = t5(vocab_size, recipe.student_layers, recipe.student_width, tokenizer)
-    trainer = DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=args,
+    trainer, stages = distil(
+        scheme,
+        args,
+        teacher=teacher if len(teachers) == 1 else teachers,
+        make_student=make_student,
+        make_assistant=make_assistant,
+        student_noise=TokenMasking.from_tokenizer(tokenizer, scheme.input_noise),  # source tokens only
+        load_student=AutoModelForSeq2SeqLM.from_pretrained,
         train_dataset=distill_train,
         data_collator=collator,
         processing_class=tokenizer,
     )
-    trainer.train()
+    student = trainer.accelerator.unwrap_model(trainer.model)
 
     distilled = "student distilled" + (" (sequence-level)" if recipe.sequence_level_kd else "")
     if recipe.baselines:
-        rows = {
-            f"teacher (T5 {recipe.teacher_layers}×{recipe.teacher_width})" if not recipe.teacher else "teacher": (
-                teacher
-            ),
-            "student from scratch": scratch,
-            distilled: student,
-        }
+        if teacher_paths:
+            teacher_rows = {f"teacher {path}": model for path, model in zip(teacher_paths, teachers)}
+        else:
+            teacher_rows = {f"teacher (T5 {recipe.teacher_layers}×{recipe.teacher_width})": teacher}
+        rows = {**teacher_rows, "student from scratch": scratch, **stage_rows(stages), distilled: student}
         results = {
             name: evaluate(model, test, split["test"], tokenizer, collator, baseline_args, recipe)
             for name, model in rows.items()
@@ -252,7 +274,9 @@ def main():
         }
     title = (
         f"{recipe.dataset_name}, {len(train)} training / {len(test)} test pairs, {steps} steps, losses "
-        f"{args.losses}, temperature {args.temperature}, seed {args.seed}; ROUGE-1 F1 of greedy outputs on "
+        f"{args.losses}, temperature {args.temperature}, seed {args.seed}, scheme {scheme.scheme}"
+        + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 else "")
+        + "; ROUGE-1 F1 of greedy outputs on "
         f"{min(recipe.eval_examples, len(test))} test pairs"
     )
     report_results(

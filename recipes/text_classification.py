@@ -23,6 +23,13 @@ steps and the same seed.
     python recipes/text_classification.py --config recipes/configs/text_classification.yaml \
         --push_to_hub --hub_model_id you/bbc-minilm-student
 
+    # Schemes: via an assistant, born-again generations, noisy-student rounds, several teachers
+    python recipes/text_classification.py --scheme teacher_assistant --output_dir outputs/bbc-ta
+    python recipes/text_classification.py --scheme noisy_student --rounds 2 --pseudo_labels hard \
+        --pseudo_label_threshold 0.6 --input_noise 0.15 --output_dir outputs/bbc-ns
+    python recipes/text_classification.py --teachers outputs/bbc/teacher,outputs/bbc-ta/teacher \
+        --teacher_aggregation adaptive --output_dir outputs/bbc-two
+
     # Your own data: any dataset load_dataset can read, with a text and a label column
     python recipes/text_classification.py --dataset_name csv --data_files my.csv --text_column text \
         --label_column label --output_dir outputs/mine
@@ -46,12 +53,14 @@ from transformers import (
     set_seed,
 )
 
-from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd import DistillationConfig
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly
 from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.data import add_sample_index, split_labeled_transfer
 from hf_kd.evaluation import compare_recipe_models
 from hf_kd.metrics import get_compute_metrics
+from hf_kd.noise import TokenMasking
+from hf_kd.schemes.recipes import SchemeArguments, distil, stage_rows
 
 
 @dataclass
@@ -134,9 +143,10 @@ def load_text_dataset(recipe: TextRecipeArguments, cache_dir: str):
     return dataset.select_columns(["text", "labels"])
 
 
-def build_student(recipe: TextRecipeArguments, teacher) -> BertForSequenceClassification:
+def build_student(recipe: TextRecipeArguments, teacher, hidden=None, layers=None, heads=None):
+    """The recipe's student (or, with ``hidden``/``layers``/``heads``, a teacher assistant of that size)."""
     teacher_config = teacher.config
-    if recipe.student_init_from_teacher:
+    if recipe.student_init_from_teacher and hidden is None:
         config = BertConfig(**{**teacher_config.to_dict(), "num_hidden_layers": recipe.student_layers})
         student = BertForSequenceClassification(config)
         source = teacher.bert if hasattr(teacher, "bert") else teacher.base_model
@@ -148,10 +158,10 @@ def build_student(recipe: TextRecipeArguments, teacher) -> BertForSequenceClassi
         return student
     config = BertConfig(
         vocab_size=teacher_config.vocab_size,
-        hidden_size=recipe.student_hidden_size,
-        num_hidden_layers=recipe.student_layers,
-        num_attention_heads=recipe.student_heads,
-        intermediate_size=4 * recipe.student_hidden_size,
+        hidden_size=hidden or recipe.student_hidden_size,
+        num_hidden_layers=layers or recipe.student_layers,
+        num_attention_heads=heads or recipe.student_heads,
+        intermediate_size=4 * (hidden or recipe.student_hidden_size),
         max_position_embeddings=teacher_config.max_position_embeddings,
         num_labels=teacher_config.num_labels,
         id2label=teacher_config.id2label,
@@ -161,8 +171,9 @@ def build_student(recipe: TextRecipeArguments, teacher) -> BertForSequenceClassi
 
 
 def main():
-    recipe, args = parse_args((TextRecipeArguments, DistillationConfig))
-    check_recipe_engine(args, baselines=recipe.baselines, teacher=recipe.teacher)
+    recipe, scheme, args = parse_args((TextRecipeArguments, SchemeArguments, DistillationConfig))
+    teacher_paths = scheme.teacher_paths(recipe.teacher)
+    check_recipe_engine(args, baselines=recipe.baselines, teacher=",".join(teacher_paths))
     set_seed(args.seed)
     compute_metrics = get_compute_metrics(recipe.metric)
 
@@ -175,7 +186,7 @@ def main():
     label_names = dataset.features["labels"].names
 
     # ---- teacher: a given fine-tuned model, or the pretrained MiniLM fine-tuned on the labeled split ----
-    teacher_path = recipe.teacher or recipe.teacher_base or _packaged_minilm()
+    teacher_path = (teacher_paths[0] if teacher_paths else None) or recipe.teacher_base or _packaged_minilm()
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
 
     def tokenize(batch):
@@ -189,7 +200,7 @@ def main():
     teacher = AutoModelForSequenceClassification.from_pretrained(
         teacher_path, num_labels=len(label_names), id2label=id2label, label2id={v: k for k, v in id2label.items()}
     )
-    if recipe.teacher is None:
+    if not teacher_paths:
         teacher_args = TrainingArguments(
             output_dir=os.path.join(args.output_dir, "teacher"),
             num_train_epochs=recipe.teacher_epochs,
@@ -207,12 +218,23 @@ def main():
         teacher.save_pretrained(teacher_args.output_dir)
         tokenizer.save_pretrained(teacher_args.output_dir)
 
+    teachers = [teacher] + [AutoModelForSequenceClassification.from_pretrained(path) for path in teacher_paths[1:]]
+
     # ---- students: from scratch on the labeled split vs distilled on labeled + transfer, same steps/seed ----
-    set_seed(args.seed)
-    student = build_student(recipe, teacher)
-    if recipe.baselines:
+    def make_student(generation: int) -> BertForSequenceClassification:
+        set_seed(args.seed + generation - 1)  # generation / round 1: the scratch student's initialisation
+        return build_student(recipe, teacher)
+
+    def make_assistant() -> BertForSequenceClassification:
+        hidden = scheme.assistant_hidden_size or 64 * max(
+            1, round((teacher.config.hidden_size * recipe.student_hidden_size) ** 0.5 / 64)
+        )
+        layers = scheme.assistant_layers or max(1, (teacher.config.num_hidden_layers + recipe.student_layers) // 2)
         set_seed(args.seed)
-        scratch = build_student(recipe, teacher)
+        return build_student(recipe, teacher, hidden=hidden, layers=layers, heads=max(1, hidden // 64))
+
+    if recipe.baselines:
+        scratch = make_student(1)
         # Same optimizer steps for both students: the scratch run cycles over its few labels as often as needed.
         steps = optimizer_steps(args, len(transfer))
         train_plainly(
@@ -222,31 +244,43 @@ def main():
             output_dir=os.path.join(args.output_dir, "scratch"),
             data_collator=collator,
         )
-    trainer = DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=args,
+    trainer, stages = distil(
+        scheme,
+        args,
+        teacher=teacher if len(teachers) == 1 else teachers,
+        make_student=make_student,
+        make_assistant=make_assistant,
+        student_noise=TokenMasking.from_tokenizer(tokenizer, scheme.input_noise),
+        load_student=AutoModelForSequenceClassification.from_pretrained,
         train_dataset=transfer,
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
     )
-    trainer.train()
+    student = trainer.accelerator.unwrap_model(trainer.model)
 
     # ---- results on the held-out test split ----
     title = (
         f"BBC-style text classification, test split of {len(test)} examples, {args.max_steps} steps, "
-        f"losses {args.losses}, temperature {args.temperature}, seed {args.seed}"
+        f"losses {args.losses}, temperature {args.temperature}, seed {args.seed}, scheme {scheme.scheme}"
+        + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 else "")
     )
     distilled = f"student distilled ({len(labeled)} labels + {len(transfer) - len(labeled)} unlabeled)"
     rows = {distilled: student}
     if recipe.baselines:
+        if teacher_paths:
+            teacher_rows = {f"teacher {path}": model for path, model in zip(teacher_paths, teachers)}
+        else:
+            teacher_rows = {f"teacher (MiniLM, fine-tuned on {len(labeled)} labels)": teacher}
         rows = {
-            f"teacher (MiniLM, fine-tuned on {len(labeled)} labels)": teacher,
+            **teacher_rows,
             f"student from scratch ({len(labeled)} labels)": scratch,
+            **stage_rows(stages),
             **rows,
         }
-    _, comparison = compare_recipe_models(trainer, test, rows, title=title, data_collator=collator)
+    _, comparison = compare_recipe_models(
+        trainer, test, rows, title=title, data_collator=collator, output_dir=args.output_dir
+    )
 
     # ---- save (and with --push_to_hub share) the student: weights, processor, distillation_config.json, card ----
     if args.push_to_hub:

@@ -33,6 +33,7 @@ from datasets import Dataset
 from hf_kd import DistillationTrainer, TeacherCache, get_loss, write_teacher_cache
 from hf_kd.data import add_sample_index
 from hf_kd.features import ModelFeatures
+from hf_kd.schemes.recipes import SchemeArguments
 
 README_START, README_END = "<!-- refusals:start -->", "<!-- refusals:end -->"
 
@@ -47,12 +48,13 @@ class Case:
     check: Callable | None = None  # check(result, tmp_path) for cases whose correct outcome is a value
 
 
-def trainer(tmp_path, student=None, teacher=None, data=None, **overrides):
+def trainer(tmp_path, student=None, teacher=None, data=None, student_noise=None, **overrides):
     return DistillationTrainer(
         model=student if student is not None else tiny_bert(hidden=16, seed=2),
         teacher_model=teacher if teacher is not None else tiny_bert(seed=1),
         args=config(tmp_path / "out", **overrides),
         train_dataset=data if data is not None else classification_data(),
+        student_noise=student_noise,
     )
 
 
@@ -486,6 +488,63 @@ CASES = [
         _vision_language_shift,
         check=lambda result, _: result[0] and result[1] == pytest.approx(result[2], abs=1e-6),
     ),
+    # ---- schemes ----
+    Case(
+        "noise-not-callable",
+        '`student_noise="mask"`',
+        lambda p: trainer(p, student_noise="mask"),
+        TypeError,
+        "student_noise must be a callable batch → batch",
+    ),
+    Case(
+        "noise-chunked",
+        "`student_noise` with `chunk_size`",
+        lambda p: trainer(p, tiny_gpt2(seed=2), tiny_gpt2(seed=1), lm_data(), chunk_size=4, student_noise=_masking()),
+        ValueError,
+        "student_noise does not work with chunk_size",
+    ),
+    Case(
+        "noisy-hard-cache",
+        '`noisy_student(cache, ..., pseudo_labels="hard")`',
+        lambda p: _noisy(p, teacher="cache", pseudo_labels="hard"),
+        ValueError,
+        "hard pseudo-labels rewrite the labels column, which a TeacherCache fingerprints",
+    ),
+    Case(
+        "noisy-threshold",
+        "`noisy_student(..., threshold=1.0)`",
+        lambda p: _noisy(p, threshold=1.0),
+        ValueError,
+        "the confidence threshold must lie in [0, 1)",
+    ),
+    Case(
+        "noisy-rounds",
+        "`noisy_student(..., rounds=0)`",
+        lambda p: _noisy(p, rounds=0),
+        ValueError,
+        "noisy_student needs rounds >= 1",
+    ),
+    Case(
+        "pseudo-label-tokens",
+        "`pseudo_label(a causal LM, ...)`",
+        lambda p: _pseudo_label_lm(),
+        ValueError,
+        "pseudo_label labels whole examples; GPT2LMHeadModel predicts per token",
+    ),
+    Case(
+        "recipe-one-of-teachers",
+        "a recipe with `--teachers A` (one folder)",
+        lambda p: SchemeArguments(teachers="outputs/a").teacher_paths(None),
+        ValueError,
+        "--teachers needs at least two comma-separated folders",
+    ),
+    Case(
+        "recipe-chain-of-teachers",
+        "a recipe with `--teachers A,B --scheme teacher_assistant`",
+        lambda p: SchemeArguments(teachers="a,b", scheme="teacher_assistant"),
+        ValueError,
+        "--teachers with --scheme teacher_assistant: it starts from one teacher",
+    ),
     Case(
         "push-private",
         "`push_to_hub(private=True)`",
@@ -499,6 +558,28 @@ CASES = [
         check=_check_pushed_checkpoints,
     ),
 ]
+
+
+def _masking():
+    from hf_kd.noise import TokenMasking
+
+    return TokenMasking(0.1, 1)
+
+
+def _noisy(tmp_path, teacher="model", **options):
+    from hf_kd.schemes.noisy_student import noisy_student
+
+    data = add_sample_index(classification_data(n=8))
+    source = tiny_bert(seed=1)
+    if teacher == "cache":
+        source = write_teacher_cache(source, data, str(tmp_path / "cache"), top_k=3)
+    return noisy_student(source, lambda k: tiny_bert(seed=k), config(tmp_path / "out"), train_dataset=data, **options)
+
+
+def _pseudo_label_lm():
+    from hf_kd.schemes.noisy_student import pseudo_label
+
+    return pseudo_label(tiny_gpt2(), lm_data(n=2))
 
 
 def _on_meta_device(build):

@@ -451,3 +451,81 @@ def test_image_recipe_distils_only_under_deepspeed_zero2(tmp_path):
     # The reported accuracy is the saved student's on the held-out split, re-measured here from the saved files.
     assert row["accuracy"] == pytest.approx(digits_test_accuracy(tmp_path / "zero2"), abs=1e-9)
     assert row["parameters"] == saved_parameter_count(tmp_path / "zero2" / "student")
+
+
+@pytest.mark.slow
+def test_image_recipe_runs_every_scheme_and_several_teachers(tmp_path):
+    common = ["--config", "recipes/configs/image_classification.yaml", "--teacher_steps", "60", "--max_steps", "20"]
+    # Noisy student: 2 rounds; round 2's teacher is round 1's student; pseudo-labels recorded.
+    ns = tmp_path / "ns"
+    run_recipe(
+        "image_classification.py",
+        *common,
+        "--output_dir",
+        str(ns),
+        "--scheme",
+        "noisy_student",
+        "--rounds",
+        "2",
+        "--pseudo_label_threshold",
+        "0.15",
+        "--balance_pseudo_labels",
+        "true",
+    )
+    results = json.loads((ns / "results.json").read_text())
+    assert [name.split(" (")[0] for name in results] == [
+        "teacher",
+        "student from scratch",
+        "round1",
+        "student distilled",
+    ]
+    summary = json.loads((ns / "student" / "distillation_config.json").read_text())
+    assert [entry["stage"] for entry in summary["lineage"]] == ["teacher", "round1"]
+    assert summary["stage"]["unlabeled_rows"] == 1337 and summary["stage"]["threshold"] == 0.15
+    assert summary["teacher_parameters"] == summary["student_parameters"]  # round 1's student taught round 2
+    kept = summary["lineage"][1]["rows_per_class"]
+    assert len(set(kept)) <= 1 and summary["lineage"][1]["kept_rows"] == sum(kept)  # balanced classes
+    distilled = results[next(name for name in results if name.startswith("student distilled"))]
+    assert distilled["accuracy"] == pytest.approx(digits_test_accuracy(ns), abs=1e-9)
+
+    # Two teachers (the trained teacher and round 1's student), adaptive weights, born-again generations.
+    two = tmp_path / "two"
+    run_recipe(
+        "image_classification.py",
+        *common,
+        "--output_dir",
+        str(two),
+        "--teachers",
+        f"{ns / 'teacher'},{ns / 'round1' / 'model'}",
+        "--teacher_aggregation",
+        "adaptive",
+        "--scheme",
+        "born_again",
+        "--generations",
+        "2",
+    )
+    results = json.loads((two / "results.json").read_text())
+    assert [name.split(" ")[0] for name in results][:2] == ["teacher", "teacher"] and len(results) == 5
+    summary = json.loads((two / "student" / "distillation_config.json").read_text())
+    assert [entry["stage"] for entry in summary["lineage"]] == ["teacher", "generation1"]
+    described = summary["lineage"][0]["teachers"]
+    assert [entry["parameters"] for entry in described.values()] == [202186, summary["student_parameters"]]
+    first = json.loads((two / "generation1" / "model" / "distillation_config.json").read_text())
+    assert set(first["teachers"]) == {"teacher0", "teacher1"} and first["teacher_aggregation"] == "adaptive"
+
+    # Teacher assistant: teacher → a ViT between the two sizes → the student.
+    ta = tmp_path / "ta"
+    run_recipe(
+        "image_classification.py",
+        *common,
+        "--output_dir",
+        str(ta),
+        "--teacher",
+        str(ns / "teacher"),
+        "--scheme",
+        "teacher_assistant",
+    )
+    summary = json.loads((ta / "student" / "distillation_config.json").read_text())
+    teacher, assistant = summary["lineage"][0]["parameters"], summary["lineage"][1]["parameters"]
+    assert [entry["stage"] for entry in summary["lineage"]] == ["teacher", "assistant1"]
+    assert teacher > assistant > summary["student_parameters"] and summary["teacher_parameters"] == assistant

@@ -1,0 +1,162 @@
+"""The recipes' scheme flags: ``--scheme offline|teacher_assistant|born_again|noisy_student`` and ``--teachers A,B``
+(several teachers, combined by ``--teacher_aggregation``). A recipe builds its data, teacher and a student factory,
+then :func:`distil` runs the chosen scheme and hands back the trainer of the final student (for its evaluation,
+save and push) with every stage before it."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..cli import sharding_engine
+from ..config import DistillationConfig
+from .stages import MODEL_FOLDER, Stage
+
+SCHEMES = ("offline", "teacher_assistant", "born_again", "noisy_student")
+
+
+@dataclass
+class SchemeArguments:
+    scheme: str = field(
+        default="offline",
+        metadata={
+            "help": "offline: one distillation run. teacher_assistant: teacher → assistant → student. born_again: "
+            "--generations students of the student's architecture, each taught by the one before. noisy_student: "
+            "--rounds of pseudo-labels + noised student inputs, each student the next teacher.",
+            "choices": list(SCHEMES),
+        },
+    )
+    teachers: str | None = field(
+        default=None,
+        metadata={
+            "help": "Several trained teachers (comma-separated folders), combined by --teacher_aggregation; they "
+            "replace --teacher (the first one's tokenizer/processor is used)."
+        },
+    )
+    assistant_hidden_size: int | None = field(
+        default=None, metadata={"help": "teacher_assistant: the assistant's width (default: between the two)."}
+    )
+    assistant_layers: int | None = field(
+        default=None, metadata={"help": "teacher_assistant: the assistant's depth (default: between the two)."}
+    )
+    generations: int = field(default=2, metadata={"help": "born_again: the number of generations."})
+    ensemble_last: bool = field(
+        default=False, metadata={"help": "born_again: the last generation learns from all earlier ones."}
+    )
+    rounds: int = field(default=1, metadata={"help": "noisy_student: the number of rounds."})
+    pseudo_labels: str = field(
+        default="soft", metadata={"help": "noisy_student: soft or hard.", "choices": ["soft", "hard"]}
+    )
+    pseudo_label_threshold: float = field(
+        default=0.0, metadata={"help": "noisy_student: keep unlabeled rows the teacher is at least this sure of."}
+    )
+    balance_pseudo_labels: bool = field(default=False, metadata={"help": "noisy_student: even the classes."})
+    input_noise: float = field(
+        default=0.1,
+        metadata={"help": "noisy_student: token masking probability (text) or pixel noise std (images)."},
+    )
+    student_dropout: float | None = field(
+        default=0.1, metadata={"help": "noisy_student: the student's dropout rate while it trains."}
+    )
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"--scheme is one of {', '.join(SCHEMES)}; got {self.scheme!r}.")
+        if self.teachers is not None and self.scheme in ("teacher_assistant", "noisy_student"):
+            raise ValueError(f"--teachers with --scheme {self.scheme}: it starts from one teacher.")
+
+    def teacher_paths(self, teacher: str | None) -> list[str]:
+        """The trained teachers given on the command line: ``--teachers``, else ``--teacher`` (may be none)."""
+        if self.teachers is None:
+            return [teacher] if teacher else []
+        if teacher:
+            raise ValueError("give either --teacher or --teachers, not both.")
+        paths = [path.strip() for path in self.teachers.split(",") if path.strip()]
+        if len(paths) < 2:
+            raise ValueError(f"--teachers needs at least two comma-separated folders, got {self.teachers!r}.")
+        return paths
+
+
+def distil(
+    scheme: SchemeArguments,
+    args: DistillationConfig,
+    *,
+    teacher,
+    make_student: Callable[[int], nn.Module],
+    train_dataset,
+    load_student: Callable[[str], nn.Module],
+    make_assistant: Callable[[], nn.Module] | None = None,
+    student_noise=None,
+    **trainer_kwargs,
+):
+    """Run ``scheme`` and return ``(trainer of the final student, stages)``; the stages (none for ``offline``) are
+    those before the final student, in order, for the recipes' results table. ``make_student(k)`` builds a fresh
+    student (k: the generation or round); ``load_student(folder)`` reads a finished stage back on a rerun."""
+    from ..trainer import DistillationTrainer
+
+    if scheme.scheme == "offline":
+        trainer = DistillationTrainer(
+            model=make_student(1), teacher_model=teacher, args=args, train_dataset=train_dataset, **trainer_kwargs
+        )
+        trainer.train()
+        return trainer, []
+    engine = sharding_engine(args)
+    if engine is not None:
+        raise SystemExit(
+            f"--scheme {scheme.scheme} runs one Trainer per stage in one process, which {engine} does not support."
+        )
+    common = dict(load_student=load_student, train_dataset=train_dataset, **trainer_kwargs)
+    if scheme.scheme == "teacher_assistant":
+        from .teacher_assistant import teacher_assistant
+
+        if make_assistant is None:
+            raise ValueError("this recipe has no assistant model for --scheme teacher_assistant.")
+        stages = teacher_assistant(teacher, [make_assistant()], make_student(1), args, **common)
+    elif scheme.scheme == "born_again":
+        from .born_again import born_again
+
+        stages = born_again(
+            teacher, make_student, args, generations=scheme.generations, ensemble_last=scheme.ensemble_last, **common
+        )
+    else:
+        from .noisy_student import noisy_student
+
+        stages = noisy_student(
+            teacher,
+            make_student,
+            args,
+            rounds=scheme.rounds,
+            pseudo_labels=scheme.pseudo_labels,
+            threshold=scheme.pseudo_label_threshold,
+            balance=scheme.balance_pseudo_labels,
+            student_noise=student_noise,
+            dropout=scheme.student_dropout,
+            **common,
+        )
+    return _final_trainer(stages[-1], stages, args, teacher, trainer_kwargs), stages[:-1]
+
+
+def _final_trainer(last: Stage, stages: list[Stage], args, teacher, trainer_kwargs):
+    if last.trainer is not None:
+        return last.trainer
+    # The final stage finished in an earlier run and was read back: a trainer around it, for evaluation and saving.
+    from ..trainer import DistillationTrainer
+
+    with open(os.path.join(last.folder, MODEL_FOLDER, "distillation_config.json")) as handle:
+        saved = json.load(handle)
+    previous = stages[-2].model if len(stages) > 1 else teacher
+    trainer = DistillationTrainer(model=last.model, teacher_model=previous, args=args, **trainer_kwargs)
+    trainer.lineage, trainer.stage_metrics = saved.get("lineage"), saved.get("metrics")
+    trainer.stage_details = saved.get("stage")
+    return trainer
+
+
+def stage_rows(stages: list[Stage]) -> dict[str, nn.Module]:
+    """Results-table rows for the stages before the final student."""
+    from ..evaluation import count_parameters
+
+    return {f"{stage.name} ({count_parameters(stage.model):,} parameters)": stage.model for stage in stages}
