@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
-import json
 import os
 import statistics
-import sys
 
 import torch
+from schemes_digits import load_recipe, write_scores
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -38,16 +36,6 @@ from hf_kd.evaluation import evaluate_model
 from hf_kd.metrics import classification_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def text_recipe():
-    spec = importlib.util.spec_from_file_location(
-        "text_recipe", os.path.join(ROOT, "recipes", "text_classification.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None:
@@ -162,30 +150,16 @@ def main():
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--output_dir", default="outputs/schemes_bbc")
     options = parser.parse_args()
-    module = text_recipe()
+    module = load_recipe("text_classification")
     os.makedirs(options.output_dir, exist_ok=True)
     scores: dict[str, list[float]] = {}
     for seed in options.seeds:
         run_seed(seed, options, module, scores)
-    lines = [
+    title = (
         f"BBC News, held-out 20% (445 articles), {options.num_labeled} labels + the other training articles "
-        f"unlabeled, {options.steps} steps per student, seeds {options.seeds}",
-        "",
-        "| model | test accuracy (mean ± std) |",
-        "|---|---:|",
-    ]
-    for name, values in scores.items():
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        if name.startswith("adaptive:"):
-            lines.append(f"| {name} | {statistics.mean(values):.3f} ± {spread:.3f} |")
-        else:
-            lines.append(f"| {name} | {100 * statistics.mean(values):.1f}% ± {100 * spread:.1f} |")
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.join(options.output_dir, "schemes_bbc.md"), "w") as handle:
-        handle.write(table + "\n")
-    with open(os.path.join(options.output_dir, "schemes_bbc.json"), "w") as handle:
-        json.dump(scores, handle, indent=1)
+        f"unlabeled, {options.steps} steps per student, seeds {options.seeds}"
+    )
+    write_scores(scores, title, os.path.join(options.output_dir, "schemes_bbc"))
 
 
 if __name__ == "__main__":

@@ -45,10 +45,9 @@ from hf_kd.schemes.teacher_assistant import teacher_assistant
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def image_recipe():
-    spec = importlib.util.spec_from_file_location(
-        "image_recipe", os.path.join(ROOT, "recipes", "image_classification.py")
-    )
+def load_recipe(name: str):
+    """``recipes/NAME.py`` imported as a module (its data loading and model builders)."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(ROOT, "recipes", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -198,6 +197,24 @@ def noisy_student_rounds(seed, options, plain, vit, accuracy, record, labeled, t
         record(f"noisy student {stage.name}", accuracy(stage.model))
 
 
+def write_scores(scores: dict[str, list[float]], title: str, stem: str) -> None:
+    """Print the mean ± std table of ``scores`` (accuracies; ``adaptive:`` rows are weights) and write it to
+    ``STEM.md``, the raw values to ``STEM.json``."""
+    lines = [title, "", "| model | test accuracy (mean ± std) |", "|---|---:|"]
+    for name, values in scores.items():
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        if name.startswith("adaptive:"):
+            lines.append(f"| {name} | {statistics.mean(values):.3f} ± {spread:.3f} |")
+        else:
+            lines.append(f"| {name} | {100 * statistics.mean(values):.1f}% ± {100 * spread:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    with open(f"{stem}.md", "w") as handle:
+        handle.write(table + "\n")
+    with open(f"{stem}.json", "w") as handle:
+        json.dump(scores, handle, indent=1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -209,32 +226,18 @@ def main():
         "--parts", nargs="+", default=["multi", "ta", "ban", "ns"], choices=["multi", "ta", "ban", "ns"]
     )
     options = parser.parse_args()
-    recipe_module = image_recipe()
+    recipe_module = load_recipe("image_classification")
     os.makedirs(options.output_dir, exist_ok=True)
     scores: dict[str, list[float]] = {}
 
     for seed in options.seeds:
         run_seed(seed, options, recipe_module, scores)
 
-    lines = [
+    title = (
         f"digits, test split of 360 images, {options.num_labeled} labels + {1437 - options.num_labeled} unlabeled "
-        f"for the students, {options.steps} steps per student, seeds {options.seeds}",
-        "",
-        "| model | test accuracy (mean ± std) |",
-        "|---|---:|",
-    ]
-    for name, values in scores.items():
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        if name.startswith("adaptive:"):
-            lines.append(f"| {name} | {statistics.mean(values):.3f} ± {spread:.3f} |")
-        else:
-            lines.append(f"| {name} | {100 * statistics.mean(values):.1f}% ± {100 * spread:.1f} |")
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.join(options.output_dir, "schemes_digits.md"), "w") as handle:
-        handle.write(table + "\n")
-    with open(os.path.join(options.output_dir, "schemes_digits.json"), "w") as handle:
-        json.dump(scores, handle, indent=1)
+        f"for the students, {options.steps} steps per student, seeds {options.seeds}"
+    )
+    write_scores(scores, title, os.path.join(options.output_dir, "schemes_digits"))
 
 
 if __name__ == "__main__":
