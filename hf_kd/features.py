@@ -11,6 +11,7 @@ came from.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,25 @@ class SparseDistribution:
         dtype = torch.promote_types(self.logprobs.dtype, torch.float32)
         dense = self.fill.to(dtype)[..., None].expand(self.shape).clone()
         return dense.scatter_(-1, self.ids.long(), self.logprobs.to(dtype))
+
+    def softened(self, temperature: float) -> SparseDistribution:
+        """p^(1/τ) renormalised, in the same form: the kept entries and the one value of every other entry."""
+        others = self.vocab_size - self.ids.shape[-1]
+        dtype = torch.promote_types(self.logprobs.dtype, torch.float32)
+        kept, fill = self.logprobs.to(dtype) / temperature, self.fill.to(dtype) / temperature
+        parts = [kept] if others == 0 else [kept, (fill + math.log(others))[..., None]]
+        log_z = torch.logsumexp(torch.cat(parts, dim=-1), dim=-1)
+        return SparseDistribution(self.ids, kept - log_z[..., None], fill - log_z, self.vocab_size)
+
+    def reshape(self, *leading: int) -> SparseDistribution:
+        """The same entries with the leading (position) dimensions reshaped to ``leading``."""
+        k = self.ids.shape[-1]
+        return SparseDistribution(
+            self.ids.reshape(*leading, k),
+            self.logprobs.reshape(*leading, k),
+            self.fill.reshape(*leading),
+            self.vocab_size,
+        )
 
     def __getitem__(self, index) -> SparseDistribution:
         """The positions ``index`` selects (a slice or a boolean mask over the leading dimensions)."""

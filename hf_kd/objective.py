@@ -13,7 +13,7 @@ from torch import nn
 
 from .checks import compares_logits_entrywise, with_default_temperature
 from .config import LossSpec
-from .features import ModelFeatures, finite_outputs, non_finite_fields
+from .features import ModelFeatures, SparseDistribution, finite_outputs, non_finite_fields
 from .losses import DistillationLoss, get_loss
 from .positions import ItemCounts
 from .schemes.multi_teacher import ENSEMBLE, TeacherAggregator
@@ -94,9 +94,10 @@ class Objective:
         """``({temperature: combined teacher}, {teacher: mean weight})`` for the ensemble terms: the teachers'
         logits combined per position by the aggregator, once per temperature a term softens at; the mean weights
         are over the distilled positions (``mask``)."""
-        logits = [teachers[name].dense_logits() for name in self.teachers]
-        shape = logits[0].shape
-        flat = [z.reshape(-1, shape[-1]) for z in logits]
+        outputs = [teachers[name].logits for name in self.teachers]
+        outputs = [z if z is not None else teachers[name].sparse_logits for z, name in zip(outputs, self.teachers)]
+        shape = teachers[self.teachers[0]].logits_shape
+        flat = [z.reshape(-1) if isinstance(z, SparseDistribution) else z.reshape(-1, shape[-1]) for z in outputs]
         position_labels = None
         if labels is not None and not labels.is_floating_point() and tuple(labels.shape) == tuple(shape[:-1]):
             position_labels = labels.reshape(-1)
@@ -105,8 +106,11 @@ class Objective:
         for term in self.terms:
             temperature = float(getattr(term.loss, "temperature", 1.0))
             if term.teacher == ENSEMBLE and temperature not in combined:
-                mixed = self.aggregator.combine(flat, weights, temperature).reshape(shape)
-                combined[temperature] = ModelFeatures(logits=mixed)
+                mixed = self.aggregator.combine(flat, weights, temperature)
+                if isinstance(mixed, SparseDistribution):
+                    combined[temperature] = ModelFeatures(sparse_logits=mixed.reshape(*shape[:-1]))
+                else:
+                    combined[temperature] = ModelFeatures(logits=mixed.reshape(shape))
         if mask is not None and tuple(mask.shape) == tuple(shape[:-1]) and mask.any():
             weights = weights[mask.reshape(-1).bool()]
         mean_weights = {f"{WEIGHT_PREFIX}{name}": weights[:, k].mean() for k, name in enumerate(self.teachers)}

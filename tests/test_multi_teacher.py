@@ -15,6 +15,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_kd import DistillationTrainer, write_teacher_cache
 from hf_kd.data import add_sample_index
+from hf_kd.features import SparseDistribution
+from hf_kd.losses import functional as F
 from hf_kd.schemes.multi_teacher import AGGREGATIONS, TeacherAggregator
 
 CLASSES = 3
@@ -66,6 +68,65 @@ def test_every_aggregation_gives_weights_that_sum_to_one_and_combines_as_documen
     mean_ce = -label_log_probs[labeled].double().mean(0)  # the running estimate after this one batch
     assert torch.allclose(adaptive.ce_sum / adaptive.ce_count, mean_ce)
     assert torch.allclose(weights[~labeled], (-mean_ce / 0.5).softmax(-1).float().expand(2, -1), atol=1e-6)
+
+
+def sparse_teacher(logits, k, sampled_fillers=0):
+    """``logits`` (N×V) kept at their top ``k`` entries with a uniform remainder, as a top-k cache stores them;
+    ``sampled_fillers``: that many of the kept entries carry no probability (a sampled cache's zero-count ids)."""
+    log_probs = logits.log_softmax(-1)
+    top = log_probs.topk(k, dim=-1)
+    rest = (1 - top.values.exp().sum(-1)).clamp(min=0)
+    fill = (rest / (logits.shape[-1] - k)).log()
+    values = top.values.clone()
+    if sampled_fillers:
+        values[:, -sampled_fillers:] = float("-inf")
+    return SparseDistribution(top.indices, values, fill, logits.shape[-1])
+
+
+@pytest.mark.parametrize("mode", ["mean_probs", "weighted", "adaptive", "best"])
+def test_sparse_teachers_mix_without_their_dense_form_to_the_dense_mixture(mode):
+    # Three cached teachers of different widths whose kept ids overlap (repeats across teachers): one with
+    # zero-probability fillers, one whose kept entries hold all its probability (no remainder: fill -inf).
+    torch.manual_seed(0)
+    vocab, count, tau = 40, 12, 2.0
+    base = torch.randn(count, vocab) * 3
+    first = sparse_teacher(base + 0.3 * torch.randn(count, vocab), 6)
+    second = sparse_teacher(base + 0.3 * torch.randn(count, vocab), 4, sampled_fillers=1)
+    top = base.log_softmax(-1).topk(8, dim=-1)
+    whole = SparseDistribution(top.indices, top.values.log_softmax(-1), torch.full((count,), -torch.inf), vocab)
+    teachers = [first, second, whole]
+    labels = torch.tensor([0, 3, -100, 5, -100, 7, 1, -100, 2, 9, -100, 4])
+    aggregator = TeacherAggregator(["a", "b", "c"], mode, static_weights=[3.0, 1.0, 2.0])
+    dense_aggregator = TeacherAggregator(["a", "b", "c"], mode, static_weights=[3.0, 1.0, 2.0])
+    weights = aggregator(teachers, labels)
+    dense = [teacher.dense() for teacher in teachers]
+    assert torch.allclose(weights, dense_aggregator(dense, labels), atol=1e-6)  # the same evidence either way
+    mixed = aggregator.combine(teachers, weights, tau)
+    assert isinstance(mixed, SparseDistribution) and mixed.ids.shape == (count, 18)
+    assert all(len(set(row)) == 18 for row in mixed.ids.tolist())  # repeats replaced by fresh distinct ids
+    assert mixed.ids.max() < vocab
+    expected = (dense_aggregator.combine(dense, weights, tau) / tau).softmax(-1)
+    assert torch.allclose((mixed.dense() / tau).softmax(-1), expected, atol=1e-6)
+    student = torch.randn(count, vocab, requires_grad=True)
+    for function in (F.sparse_forward_kl, F.sparse_soft_ce):
+        reference = {F.sparse_forward_kl: F.forward_kl, F.sparse_soft_ce: F.soft_ce}[function]
+        value = function(student, mixed, temperature=tau)
+        target = reference(student, expected.log() * tau, temperature=tau)
+        assert value.item() == pytest.approx(target.item(), rel=1e-5)
+        (gradient,) = torch.autograd.grad(value, student)
+        (target_gradient,) = torch.autograd.grad(target, student)
+        assert torch.allclose(gradient, target_gradient, atol=1e-6)
+
+
+def test_sparse_teachers_wider_than_the_vocabulary_are_mixed_densely():
+    torch.manual_seed(1)
+    logits = [torch.randn(4, 6), torch.randn(4, 6)]
+    teachers = [sparse_teacher(z, 4) for z in logits]
+    aggregator = TeacherAggregator(["a", "b"], "mean_probs")
+    mixed = aggregator.combine(teachers, aggregator(teachers, None), 1.0)  # 4 + 4 kept ids > 6 classes
+    assert isinstance(mixed, torch.Tensor)
+    expected = (teachers[0].dense().exp() + teachers[1].dense().exp()) / 2
+    assert torch.allclose(mixed.softmax(-1), expected, atol=1e-6)
 
 
 def test_best_takes_the_teacher_that_is_right_with_the_highest_confidence():
@@ -188,7 +249,7 @@ def test_adaptive_reliability_checkpoints_with_the_loss_parts(tmp_path):
 
 def test_adaptive_ensemble_on_two_processes_equals_one_process(tmp_path):
     worker = os.path.join(ROOT, "tests", "distributed", "sparse_labels_worker.py")
-    run_two_processes(worker, tmp_path / "two", 2, "adaptive", port=29563, timeout=300)
+    run_two_processes(worker, tmp_path / "two", 2, "adaptive", timeout=300)
     subprocess.run([sys.executable, worker, str(tmp_path / "one"), "4", "adaptive"], check=True, cwd=ROOT, timeout=300)
     two, one = (json.loads((tmp_path / run / "log.json").read_text()) for run in ("two", "one"))
     assert len(one) == len(two) == 16 and "teacher_weight/weak" in one[-1]

@@ -13,7 +13,6 @@ model, as long as the teacher gives them zero probability) produce neither NaN v
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -178,14 +177,9 @@ def uld(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction
 
 def _tempered_sparse(teacher, temperature: float):
     """log p_T^τ of a :class:`~hf_kd.features.SparseDistribution`: at the kept entries (…×k), at each other entry
-    (…), and how many other entries there are. Softening keeps the form: p^(1/τ) renormalised."""
-    others = teacher.vocab_size - teacher.ids.shape[-1]
-    dtype = torch.promote_types(teacher.logprobs.dtype, torch.float32)
-    kept = teacher.logprobs.to(dtype) / temperature
-    fill = teacher.fill.to(dtype) / temperature
-    parts = [kept] if others == 0 else [kept, (fill + math.log(others))[..., None]]
-    log_z = torch.logsumexp(torch.cat(parts, dim=-1), dim=-1)
-    return kept - log_z[..., None], fill - log_z, others
+    (…), and how many other entries there are."""
+    softened = teacher.softened(temperature)
+    return softened.logprobs, softened.fill, teacher.vocab_size - teacher.ids.shape[-1]
 
 
 class _SparseTeacherCrossEntropy(torch.autograd.Function):
