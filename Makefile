@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 install: $(STAMP)
 
+# Tests run on every core (pytest-xdist; conftest gives each worker its share of threads); the slowest are listed.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n auto --dist worksteal --durations=15
 
 demo: $(STAMP)
 	$(BIN)/python recipes/text_classification.py --config recipes/configs/text_classification.yaml

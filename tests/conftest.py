@@ -1,9 +1,13 @@
 import os
+import socket
 import subprocess
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n N: the cores shared out, for this process and its children
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -152,12 +156,32 @@ def lm_data(n=16, length=10, seed=0, padded=True):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_two_processes(script, *args, port, timeout=600):
+def free_port() -> int:
+    """A TCP port nothing listens on now, so that multi-process tests running side by side (``pytest -n``) do not
+    meet on one rendezvous port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun(processes: int = 2) -> list[str]:
+    """``python -m torch.distributed.run`` for ``processes`` local processes on a free port."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(free_port()),
+    ]
+
+
+def run_two_processes(script, *args, timeout=600):
     """``torchrun --nproc_per_node 2 script args`` from the repository root (gloo on CPU, offline); asserts it
     succeeded and returns the completed process."""
     completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), script]
-        + [str(arg) for arg in args],
+        [*torchrun(2), script] + [str(arg) for arg in args],
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
         capture_output=True,

@@ -642,7 +642,7 @@ def test_every_logged_term_survives_a_process_without_labels(tmp_path):
     from conftest import run_two_processes
 
     worker = os.path.join(ROOT, "tests", "distributed", "sparse_labels_worker.py")
-    run_two_processes(worker, tmp_path / "two", 2, port=29561, timeout=300)
+    run_two_processes(worker, tmp_path / "two", 2, timeout=300)
     subprocess.run([sys.executable, worker, str(tmp_path / "one"), "4"], check=True, cwd=ROOT, timeout=300)
     two, one = (json.loads((tmp_path / run / "log.json").read_text()) for run in ("two", "one"))
     assert len(one) == len(two) == 16

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_two_processes
+from conftest import run_two_processes, torchrun
 from safetensors.torch import load_file
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed", "train_worker.py")
@@ -18,16 +18,7 @@ def run(output_dir, batch_size, accumulation, processes=1, engine="ddp"):
     if processes == 1:
         command = [sys.executable, WORKER]
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(processes),
-            "--master_port",
-            "29533",
-            WORKER,
-        ]
+        command = [*torchrun(processes), WORKER]
     completed = subprocess.run(
         [*command, str(output_dir), str(batch_size), str(accumulation), engine],
         env=env,
@@ -122,7 +113,6 @@ def test_fsdp2_teacher_is_sharded_frozen_and_exact(tmp_path):
     run_two_processes(
         worker,
         str(output),
-        port=29534,
     )
     result = json.loads(output.read_text())
     assert result["max_abs_difference"] < 1e-5  # the same logits as the whole teacher

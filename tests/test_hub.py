@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import classification_data, config, tiny_bert
+from conftest import classification_data, config, tiny_bert, torchrun
 from hub_server import LocalHub
 from safetensors.torch import load
 
@@ -17,9 +17,7 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed",
 
 
 def push(tmp_path, endpoint, *extra, processes=1):
-    launcher = (
-        [] if processes == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
-    )
+    launcher = [] if processes == 1 else torchrun(2)[1:]
     env = dict(
         os.environ,
         HF_ENDPOINT=endpoint,

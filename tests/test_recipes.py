@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_two_processes
+from conftest import free_port, run_two_processes
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -32,7 +32,7 @@ def saved_parameter_count(folder):
     return sum(tensor.numel() for tensor in load_file(os.path.join(folder, "model.safetensors")).values())
 
 
-def distil_only_on_two_processes(script, output_dir, teacher, *flags, port, launcher=None, accelerate_config=None):
+def distil_only_on_two_processes(script, output_dir, teacher, *flags, launcher=None, accelerate_config=None):
     """``recipes/SCRIPT --baselines false --teacher TEACHER`` for 2 steps on 2 gloo processes (the path the recipes
     take under DeepSpeed and FSDP): under torchrun, through ``launcher`` when given (a script that runs the recipe),
     or with ``accelerate launch --config_file ACCELERATE_CONFIG``."""
@@ -51,11 +51,11 @@ def distil_only_on_two_processes(script, output_dir, teacher, *flags, port, laun
         *flags,
     ]
     if accelerate_config is None:
-        run_two_processes(*([launcher] if launcher else []), recipe, *arguments, port=port)
+        run_two_processes(*([launcher] if launcher else []), recipe, *arguments)
         return
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
     env = {"OMP_NUM_THREADS": "1"}  # torchrun sets one thread per process; keep the two processes off each other
-    run_command([*accelerate, "--main_process_port", str(port), recipe, *arguments], env=env)
+    run_command([*accelerate, "--main_process_port", str(free_port()), recipe, *arguments], env=env)
 
 
 def recipe_module(name: str):
@@ -221,7 +221,6 @@ def test_text_recipe_runs_on_bbc_news_with_the_packaged_minilm(tmp_path):
         "true",
         "--deepspeed",
         "recipes/accelerate/ds_zero2.json",
-        port=29537,
     )
     (row,) = json.loads((tmp_path / "zero2" / "results.json").read_text()).values()
     # The reported accuracy is the saved student's on the held-out split, re-measured here from the saved files.
@@ -340,7 +339,6 @@ def test_seq2seq_recipe_trains_a_t5_teacher_and_a_sequence_level_student(tmp_pat
         "8",
         "--deepspeed",
         "recipes/accelerate/ds_zero3.json",
-        port=29539,
     )
     (name, row), *others = json.loads((tmp_path / "zero3" / "results.json").read_text()).items()
     assert name == "student distilled" and not others
@@ -379,7 +377,6 @@ def test_causal_lm_recipe_distils_only_under_deepspeed_zero3_and_fsdp2(tmp_path)
         *flags,
         "--use_cpu",
         "true",
-        port=29535,
         accelerate_config="recipes/accelerate/zero3.yaml",
     )
     results = json.loads((tmp_path / "zero3" / "results.json").read_text())
@@ -401,7 +398,6 @@ def test_causal_lm_recipe_distils_only_under_deepspeed_zero3_and_fsdp2(tmp_path)
         "full_shard",
         "--fsdp_config",
         json.dumps({"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]}),
-        port=29538,
         launcher=os.path.join(ROOT, "tests", "distributed", "fsdp2_recipe.py"),
     )
     fsdp2 = json.loads((tmp_path / "fsdp2" / "results.json").read_text())["student distilled"]
@@ -444,7 +440,6 @@ def test_image_recipe_distils_only_under_deepspeed_zero2(tmp_path):
         tmp_path / "first" / "teacher",
         "--deepspeed",
         "recipes/accelerate/ds_zero2.json",
-        port=29536,
     )
     (row,) = json.loads((tmp_path / "zero2" / "results.json").read_text()).values()
     assert {"model.safetensors", "preprocessor_config.json"} <= set(os.listdir(tmp_path / "zero2" / "student"))
