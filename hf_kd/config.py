@@ -139,6 +139,13 @@ class DistillationConfig(TrainingArguments):
             "list of {name, weight, ...options}. Default: kl with weight 1."
         },
     )
+    distillation_rampup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Ramp the distillation terms' weight up over the first N optimizer steps by exp(-5(1 - t/N)^2) "
+            "(Laine & Aila 2017; the mean teacher's consistency ramp-up), 1 afterwards. 0: no ramp."
+        },
+    )
     chunk_size: int | None = field(
         default=None,
         metadata={
@@ -251,6 +258,11 @@ class DistillationConfig(TrainingArguments):
                 self.teacher_weights = [float(part) for part in self.teacher_weights.split(",")]
             if not all(math.isfinite(w) and w >= 0 for w in self.teacher_weights) or sum(self.teacher_weights) <= 0:
                 raise ValueError(f"teacher_weights must be finite, >= 0 and not all 0, got {self.teacher_weights}.")
+        if not (isinstance(self.distillation_rampup_steps, int) and self.distillation_rampup_steps >= 0):
+            raise ValueError(
+                "distillation_rampup_steps must be an integer >= 0 (0: no ramp), got "
+                f"{self.distillation_rampup_steps!r}."
+            )
         if not (math.isfinite(self.adaptive_temperature) and self.adaptive_temperature > 0):
             raise ValueError(f"adaptive_temperature must be a finite number > 0, got {self.adaptive_temperature}.")
         if self.chunk_size is not None and self.label_smoothing_factor > 0:

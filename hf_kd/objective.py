@@ -6,6 +6,7 @@ chunked path of the trainer compute the terms' values differently and hand them 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,7 @@ class Objective:
         if unknown:
             raise ValueError(f"losses name the teachers {unknown}, which are not among the teachers {teachers}.")
         temperature, self.distillation_weight = args.temperature, args.distillation_weight
+        self.rampup_steps = args.distillation_rampup_steps
         self.teachers = list(teachers)
         self.aggregator = aggregator if len(self.teachers) > 1 else None
         terms, earlier = [], []
@@ -123,12 +125,23 @@ class Objective:
             return value * counts.scale / counts.positions.clamp(min=1)
         return value / accumulation
 
-    def total(self, terms: dict[str, torch.Tensor], label_weight: float) -> torch.Tensor | None:
-        """The weighted mix of the computed terms (``None`` when none was computed)."""
+    def ramp(self, step: int | None) -> float:
+        """The distillation weight's ramp-up factor after ``step`` optimizer steps: ``exp(−5(1 − step/N)²)`` for
+        ``N = distillation_rampup_steps`` (1 without a ramp, at and after step N, and outside training)."""
+        if not self.rampup_steps or step is None or step >= self.rampup_steps:
+            return 1.0
+        return math.exp(-5.0 * (1.0 - step / self.rampup_steps) ** 2)
+
+    def total(
+        self, terms: dict[str, torch.Tensor], label_weight: float, step: int | None = None
+    ) -> torch.Tensor | None:
+        """The weighted mix of the computed terms (``None`` when none was computed); ``step``: the optimizer steps
+        done, for the ramp-up (``None`` outside training)."""
         total = label_weight * terms[LABEL_TERM] if LABEL_TERM in terms else None
+        scale = self.distillation_weight * self.ramp(step)
         for term in self.terms:
             if term.name in terms:
-                weighted = self.distillation_weight * term.weight * terms[term.name]
+                weighted = scale * term.weight * terms[term.name]
                 total = weighted if total is None else total + weighted
         return total
 

@@ -81,6 +81,7 @@ def place_teacher(teacher, trainer, losses) -> TeacherSource:
             tokenizer=trainer.processing_class,
             losses=list(losses),
         )
+    teacher.attach(trainer)
     return teacher
 
 
@@ -201,6 +202,18 @@ class TeacherSource:
 
     def release(self) -> None:
         """Free what ``token_rows`` held for the chunks once the backward pass that recomputes them is done."""
+
+    def attach(self, trainer) -> None:
+        """Called once by the trainer that will read this source (a teacher that learns during training places
+        itself on the trainer's device and adds its callbacks here)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """State that changes during training (a mean teacher's weights): checkpointed and resumed with the loss
+        parts. Frozen teachers and caches have none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
 
     def describe(self) -> dict:
         """``teacher`` (name or path), ``teacher_class`` and ``teacher_parameters`` for summaries and cards."""

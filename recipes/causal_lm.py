@@ -217,7 +217,7 @@ def main():
         }
     title = (
         f"{recipe.dataset_name}, {len(train)} training / {len(test)} test blocks of {recipe.block_size} "
-        f"tokens, {steps} steps, losses {args.losses}, temperature {args.temperature}, seed {args.seed}, "
+        f"tokens, {steps} steps, losses {trainer.args.losses}, temperature {args.temperature}, seed {args.seed}, "
         f"scheme {scheme.scheme}" + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 else "")
     )
     report_results(results, ["perplexity", "parameters"], title, args.output_dir, trainer.is_world_process_zero())

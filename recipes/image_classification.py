@@ -195,7 +195,7 @@ def main():
 
     # ---- results on the held-out test split ----
     title = (
-        f"digits, test split of {len(test)} images, {steps} steps, losses {args.losses}, "
+        f"digits, test split of {len(test)} images, {steps} steps, losses {trainer.args.losses}, "
         f"temperature {args.temperature}, seed {args.seed}, scheme {scheme.scheme}"
         + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 else "")
     )

@@ -274,7 +274,7 @@ def main():
         }
     title = (
         f"{recipe.dataset_name}, {len(train)} training / {len(test)} test pairs, {steps} steps, losses "
-        f"{args.losses}, temperature {args.temperature}, seed {args.seed}, scheme {scheme.scheme}"
+        f"{trainer.args.losses}, temperature {args.temperature}, seed {args.seed}, scheme {scheme.scheme}"
         + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 else "")
         + "; ROUGE-1 F1 of greedy outputs on "
         f"{min(recipe.eval_examples, len(test))} test pairs"

@@ -262,7 +262,7 @@ def main():
     # ---- results on the held-out test split ----
     title = (
         f"BBC-style text classification, test split of {len(test)} examples, {args.max_steps} steps, "
-        f"losses {args.losses}, temperature {args.temperature}, seed {args.seed}, scheme {scheme.scheme}"
+        f"losses {trainer.args.losses}, temperature {args.temperature}, seed {args.seed}, scheme {scheme.scheme}"
         + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 else "")
     )
     distilled = f"student distilled ({len(labeled)} labels + {len(transfer) - len(labeled)} unlabeled)"

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ from datasets import Dataset
 from hf_kd import DistillationTrainer, TeacherCache, get_loss, write_teacher_cache
 from hf_kd.data import add_sample_index
 from hf_kd.features import ModelFeatures
+from hf_kd.schemes.mean_teacher import EMATeacher
 from hf_kd.schemes.recipes import SchemeArguments
 
 README_START, README_END = "<!-- refusals:start -->", "<!-- refusals:end -->"
@@ -544,6 +546,41 @@ CASES = [
         lambda p: SchemeArguments(teachers="a,b", scheme="teacher_assistant"),
         ValueError,
         "--teachers with --scheme teacher_assistant: it starts from one teacher",
+    ),
+    Case(
+        "mean-teacher-decay",
+        "`EMATeacher(student, decay=1.0)`",
+        lambda p: EMATeacher(tiny_bert(), decay=1.0),
+        ValueError,
+        "the mean teacher's decay must lie in [0, 1)",
+    ),
+    Case(
+        "mean-teacher-other-student",
+        "`DistillationTrainer(model=B, teacher_model=EMATeacher(A))`",
+        lambda p: trainer(p, tiny_bert(hidden=32), EMATeacher(tiny_bert(hidden=16))),
+        ValueError,
+        "the EMATeacher was copied from another model than the trainer's student",
+    ),
+    Case(
+        "mean-teacher-sharded",
+        "an `EMATeacher` under DeepSpeed or FSDP",
+        lambda p: EMATeacher(tiny_bert()).attach(SimpleNamespace(is_deepspeed_enabled=True, is_fsdp_enabled=False)),
+        ValueError,
+        "DeepSpeed / FSDP shard or own its parameters",
+    ),
+    Case(
+        "rampup-negative",
+        "`distillation_rampup_steps=-1`",
+        lambda p: config(p, distillation_rampup_steps=-1),
+        ValueError,
+        "distillation_rampup_steps must be an integer >= 0",
+    ),
+    Case(
+        "recipe-mean-teacher-of-teachers",
+        "a recipe with `--teachers A,B --scheme mean_teacher`",
+        lambda p: SchemeArguments(teachers="a,b", scheme="mean_teacher"),
+        ValueError,
+        "--teachers with --scheme mean_teacher: its teacher is the student's moving average",
     ),
     Case(
         "push-private",

@@ -129,15 +129,16 @@ def seq2seq_test_perplexity(run_dir, test_fraction, seed=42, source_length=96, t
     return math.exp(total / tokens)
 
 
-def digits_test_accuracy(run_dir, test_fraction=0.2, seed=42) -> float:
-    """Accuracy of ``run_dir/student`` on the recipe's held-out digits split (its data copy, split and processor)."""
+def digits_test_accuracy(run_dir, model_dir=None, test_fraction=0.2, seed=42) -> float:
+    """Accuracy of ``run_dir/student`` (or ``model_dir``) on the recipe's held-out digits split (its data copy,
+    split and processor)."""
     import numpy as np
     from datasets import load_dataset
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     student_dir = os.path.join(run_dir, "student")
     processor = AutoImageProcessor.from_pretrained(student_dir)
-    model = AutoModelForImageClassification.from_pretrained(student_dir).eval()
+    model = AutoModelForImageClassification.from_pretrained(model_dir or student_dir).eval()
     data = load_dataset("json", data_files=os.path.join(run_dir, "data", "digits.jsonl"), split="train")
     data = data.class_encode_column("label").rename_column("label", "labels")
     test = data.train_test_split(test_size=test_fraction, stratify_by_column="labels", seed=seed)["test"]
@@ -524,3 +525,28 @@ def test_image_recipe_runs_every_scheme_and_several_teachers(tmp_path):
     teacher, assistant = summary["lineage"][0]["parameters"], summary["lineage"][1]["parameters"]
     assert [entry["stage"] for entry in summary["lineage"]] == ["teacher", "assistant1"]
     assert teacher > assistant > summary["student_parameters"] and summary["teacher_parameters"] == assistant
+
+    # Mean teacher: the student's EMA teaches it (the recipe's teacher is only a reference row); both are rows.
+    mt = tmp_path / "mt"
+    run_recipe(
+        "image_classification.py",
+        *common,
+        "--output_dir",
+        str(mt),
+        "--teacher",
+        str(ns / "teacher"),
+        "--scheme",
+        "mean_teacher",
+        "--ema_decay",
+        "0.9",
+        "--distillation_rampup_steps",
+        "10",
+    )
+    results = json.loads((mt / "results.json").read_text())
+    rows = [name.split(" (")[0] for name in results]
+    assert rows == [f"teacher {ns / 'teacher'}", "student from scratch", "ema_teacher", "student distilled"]
+    summary = json.loads((mt / "student" / "distillation_config.json").read_text())
+    assert summary["losses"] == [{"name": "logit_mse", "weight": 1.0}] and summary["stage"]["decay"] == 0.9
+    assert summary["teacher_parameters"] == summary["student_parameters"]
+    ema = results[next(name for name in results if name.startswith("ema_teacher"))]
+    assert ema["accuracy"] == pytest.approx(digits_test_accuracy(mt, model_dir=mt / "ema_teacher" / "model"), abs=1e-9)

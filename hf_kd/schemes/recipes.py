@@ -1,4 +1,5 @@
-"""The recipes' scheme flags: ``--scheme offline|teacher_assistant|born_again|noisy_student`` and ``--teachers A,B``
+"""The recipes' scheme flags: ``--scheme offline|teacher_assistant|born_again|noisy_student|mean_teacher`` and
+``--teachers A,B``
 (several teachers, combined by ``--teacher_aggregation``). A recipe builds its data, teacher and a student factory,
 then :func:`distil` runs the chosen scheme and hands back the trainer of the final student (for its evaluation,
 save and push) with every stage before it."""
@@ -16,7 +17,7 @@ from ..cli import sharding_engine
 from ..config import DistillationConfig
 from .stages import MODEL_FOLDER, Stage
 
-SCHEMES = ("offline", "teacher_assistant", "born_again", "noisy_student")
+SCHEMES = ("offline", "teacher_assistant", "born_again", "noisy_student", "mean_teacher")
 
 
 @dataclass
@@ -26,7 +27,9 @@ class SchemeArguments:
         metadata={
             "help": "offline: one distillation run. teacher_assistant: teacher → assistant → student. born_again: "
             "--generations students of the student's architecture, each taught by the one before. noisy_student: "
-            "--rounds of pseudo-labels + noised student inputs, each student the next teacher.",
+            "--rounds of pseudo-labels + noised student inputs, each student the next teacher. mean_teacher: the "
+            "student's exponential moving average is its teacher (--ema_decay, --consistency_loss); the recipe's "
+            "teacher is then only a reference row of the results.",
             "choices": list(SCHEMES),
         },
     )
@@ -62,10 +65,19 @@ class SchemeArguments:
     student_dropout: float | None = field(
         default=0.1, metadata={"help": "noisy_student: the student's dropout rate while it trains."}
     )
+    ema_decay: float = field(default=0.999, metadata={"help": "mean_teacher: the EMA decay d (ramped up from 0)."})
+    consistency_loss: str = field(
+        default="logit_mse",
+        metadata={
+            "help": "mean_teacher: the consistency loss (logit_mse as in the paper, kl, ...), replacing --losses."
+        },
+    )
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise ValueError(f"--scheme is one of {', '.join(SCHEMES)}; got {self.scheme!r}.")
+        if self.teachers is not None and self.scheme == "mean_teacher":
+            raise ValueError("--teachers with --scheme mean_teacher: its teacher is the student's moving average.")
         if self.teachers is not None and self.scheme in ("teacher_assistant", "noisy_student"):
             raise ValueError(f"--teachers with --scheme {self.scheme}: it starts from one teacher.")
 
@@ -104,6 +116,20 @@ def distil(
         )
         trainer.train()
         return trainer, []
+    if scheme.scheme == "mean_teacher":  # one trainer: refused under DeepSpeed/FSDP by EMATeacher, with its reason
+        from .mean_teacher import mean_teacher
+
+        student, ema = mean_teacher(
+            make_student(1),
+            args,
+            decay=scheme.ema_decay,
+            consistency=scheme.consistency_loss,
+            teacher_noise=student_noise,  # the same kind of noise, drawn separately: two views
+            student_noise=student_noise,
+            train_dataset=train_dataset,
+            **trainer_kwargs,
+        )
+        return student.trainer, [ema]
     engine = sharding_engine(args)
     if engine is not None:
         raise SystemExit(

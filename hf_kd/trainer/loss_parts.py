@@ -17,6 +17,7 @@ from ..positions import split_sample_index
 LOSS_PARTS_NAME = "hf_kd_losses.safetensors"  # learned loss parts (projectors, banks) inside each checkpoint
 LOSS_OPTIMIZER_NAME = "hf_kd_loss_optimizer.pt"  # their optimizer and schedule, under DeepSpeed and FSDP
 AGGREGATOR_PREFIX = "aggregator."  # the multi-teacher aggregator's state, beside the losses' in the same file
+TEACHER_PREFIX = "teacher."  # teachers that learn (a mean teacher): teacher.NAME.KEY, in the same file
 
 
 class LossParts:
@@ -28,9 +29,10 @@ class LossParts:
     checkpointed beside it.
     """
 
-    def __init__(self, losses: nn.ModuleList, aggregator: nn.Module | None = None):
+    def __init__(self, losses: nn.ModuleList, aggregator: nn.Module | None = None, teachers: dict | None = None):
         self.losses = losses
         self.aggregator = aggregator  # several teachers: its running reliability checkpoints with the parts
+        self.teachers = dict(teachers or {})  # name → TeacherSource; those with a state_dict checkpoint here
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
 
@@ -103,16 +105,18 @@ class LossParts:
         state = dict(self.losses.state_dict())
         if self.aggregator is not None:
             state.update({f"{AGGREGATOR_PREFIX}{key}": value for key, value in self.aggregator.state_dict().items()})
+        for name, teacher in self.teachers.items():
+            state.update({f"{TEACHER_PREFIX}{name}.{key}": value for key, value in teacher.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        own = {key: value for key, value in state.items() if not key.startswith(AGGREGATOR_PREFIX)}
-        self.losses.load_state_dict(own)
+        prefixes = (AGGREGATOR_PREFIX, TEACHER_PREFIX)
+        self.losses.load_state_dict({key: value for key, value in state.items() if not key.startswith(prefixes)})
         if self.aggregator is not None:
-            prefix = len(AGGREGATOR_PREFIX)
-            self.aggregator.load_state_dict(
-                {k[prefix:]: v for k, v in state.items() if k.startswith(AGGREGATOR_PREFIX)}
-            )
+            self.aggregator.load_state_dict(_under(state, AGGREGATOR_PREFIX))
+        for name, teacher in self.teachers.items():
+            if teacher.state_dict():
+                teacher.load_state_dict(_under(state, f"{TEACHER_PREFIX}{name}."))
 
     def save(self, folder: str) -> None:
         state = self.state_dict()
@@ -144,6 +148,11 @@ class LossParts:
             state = torch.load(path, map_location="cpu", weights_only=True)  # moved to the parameters' device
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _under(state: dict, prefix: str) -> dict:
+    """The entries of ``state`` whose keys start with ``prefix``, the prefix cut off."""
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
 
 
 def engine_owns_optimizer(trainer) -> bool:

@@ -89,7 +89,9 @@ class DistillationTrainer(TrainerCompat):
             source.check_needs(objective.needs("teacher", name))
         check_on_policy(args, self.token_level, self.shift_labels, self.accelerator.unwrap_model(model), self.teachers)
         self.teacher_model = self.teacher.model if len(self.teachers) == 1 else None  # a network in memory, or None
-        self.loss_parts = LossParts(self.distillation_losses, aggregator.to(self.args.device) if aggregator else None)
+        self.loss_parts = LossParts(
+            self.distillation_losses, aggregator.to(self.args.device) if aggregator else None, self.teachers
+        )
         self.loss_parts.setup(self, objective.terms)
         self.term_log = TermLog(objective.logged_names, self.args.device)
         self._warned_unlabeled_eval = False
@@ -156,7 +158,7 @@ class DistillationTrainer(TrainerCompat):
             terms, outputs, distilled = plain_terms(
                 self, model, inputs, teacher_inputs, counts, label_weight, accumulation, mode, clean_inputs
             )
-        total = self.objective.total(terms, label_weight)
+        total = self.objective.total(terms, label_weight, self.state.global_step if mode == "train" else None)
         if total is None and mode == "eval" and not self.teachers_cover_eval:
             # A cache has no outputs for evaluation data: evaluation reports the student's own label loss.
             total = output_field(outputs, "loss")
