@@ -6,9 +6,15 @@ MiniLM fine-tuned on 100 other training articles ("other": another training subs
 classes permuted ("broken": as confident as the good one, always wrong). Each teacher is cached once over the
 transfer set (``write_teacher_cache``, all 5 classes kept), so every student replays cached teachers — the mixed
 ensembles run on the cache path. Students: BERT 2×128 for the same steps and seed, from scratch on the labels, and
-distilled from the good teacher alone or from all three by mean_probs and by adaptive weights.
+distilled from the good teacher alone or from all three by mean_probs and by adaptive weights (at the default
+τ_w = 1 and at 0.1), with each teacher's mean adaptive weight (part ``multi``). The other parts, on the same
+transfer set: ``ta`` the good teacher → a BERT 4×192 assistant → the student, vs the good teacher alone; ``ban``
+born-again generations 1–3 of the student's architecture, the first taught by the scratch student; ``ns``
+noisy-student rounds 1–3 (soft pseudo-labels, threshold 0.5, token masking 0.1, dropout 0.1) from the scratch
+student.
 
-    python benchmarks/schemes_bbc.py --seeds 0          # ~20 min per seed on 2 CPU cores
+    python benchmarks/schemes_bbc.py --seeds 0 --parts multi     # ~20 min per seed on 2 CPU cores
+    python benchmarks/schemes_bbc.py --seeds 0 1 2 --parts ta ban ns
 """
 
 from __future__ import annotations
@@ -34,6 +40,10 @@ from hf_kd.baselines import train_plainly
 from hf_kd.data import add_sample_index, split_labeled_transfer
 from hf_kd.evaluation import evaluate_model
 from hf_kd.metrics import classification_metrics
+from hf_kd.noise import TokenMasking
+from hf_kd.schemes.born_again import born_again
+from hf_kd.schemes.noisy_student import noisy_student
+from hf_kd.schemes.teacher_assistant import teacher_assistant
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,22 +97,25 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
         Trainer(model=model, args=teacher_args, train_dataset=data, data_collator=collator).train()
         return model.eval()
 
-    good, other = fine_tuned(labeled, "good"), fine_tuned(other_labeled, "other")
-    broken = AutoModelForSequenceClassification.from_pretrained(path, num_labels=5)
-    broken.load_state_dict(good.state_dict())
-    permutation = torch.roll(torch.arange(5), 1)
-    with torch.no_grad():
-        broken.classifier.weight.copy_(good.classifier.weight[permutation])
-        broken.classifier.bias.copy_(good.classifier.bias[permutation])
-    teachers = {"good": good, "other": other, "broken": broken}
+    good = fine_tuned(labeled, "good")
+    teachers = {"good": good}
+    if "multi" in options.parts:  # another training subset, and the good teacher with its classes permuted
+        other = fine_tuned(other_labeled, "other")
+        broken = AutoModelForSequenceClassification.from_pretrained(path, num_labels=5)
+        broken.load_state_dict(good.state_dict())
+        permutation = torch.roll(torch.arange(5), 1)
+        with torch.no_grad():
+            broken.classifier.weight.copy_(good.classifier.weight[permutation])
+            broken.classifier.bias.copy_(good.classifier.bias[permutation])
+        teachers.update(other=other, broken=broken)
     for name, model in teachers.items():
         record(f"teacher: {name}", accuracy(model))
-    caches = {
-        name: write_teacher_cache(
-            model, transfer, f"{folder}/cache_{name}", top_k=5, dtype="float32", data_collator=collator, progress=False
+    caches = {}
+    for name, model in teachers.items() if "multi" in options.parts else ():
+        cache_folder = f"{folder}/cache_{name}"
+        caches[name] = write_teacher_cache(
+            model, transfer, cache_folder, top_k=5, dtype="float32", data_collator=collator, progress=False
         )
-        for name, model in teachers.items()
-    }
 
     args = DistillationConfig(
         output_dir=folder,
@@ -123,24 +136,74 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
         disable_tqdm=True,
     )
 
-    def student():
-        set_seed(seed)
+    def fresh_student(init_seed):
+        set_seed(init_seed)
         return module.build_student(recipe, good)
+
+    def student():
+        return fresh_student(seed)
 
     scratch = train_plainly(student(), args, labeled, output_dir=f"{folder}/scratch", data_collator=collator)
     record("student BERT 2×128 from scratch (labels only)", accuracy(scratch))
-    runs = [("student ← good teacher alone", caches["good"], "mean_probs")]
-    runs += [(f"student ← 3 teachers, {mode}", caches, mode) for mode in ("mean_probs", "adaptive")]
-    for name, teacher, aggregation in runs:
-        run_args = dataclasses.replace(args, output_dir=f"{folder}/{aggregation}", teacher_aggregation=aggregation)
+    if "multi" in options.parts:
+        several_teachers(seed, options, folder, caches, args, student, transfer, collator, accuracy, record)
+    common = dict(train_dataset=transfer, data_collator=collator)
+    if "ta" in options.parts:  # MiniLM 6×384 → BERT 4×192 → the 2×128 student
+        assistant = module.build_student(recipe, good, hidden=192, layers=4, heads=3)
+        stages = teacher_assistant(
+            good, [assistant], student(), dataclasses.replace(args, output_dir=f"{folder}/ta"), **common
+        )
+        record("student ← assistant BERT 4×192 ← good teacher", accuracy(stages[-1].model))
+    if "ban" in options.parts:  # the scratch student (labels only) teaches generations of its own architecture
+        generations = born_again(
+            scratch,
+            lambda k: fresh_student(seed + 10 + k),
+            dataclasses.replace(args, output_dir=f"{folder}/ban"),
+            generations=3,
+            **common,
+        )
+        for stage in generations:
+            record(f"born-again {stage.name}", accuracy(stage.model))
+    if "ns" in options.parts:  # the scratch student pseudo-labels the transfer set for equal-size rounds
+        rounds = noisy_student(
+            scratch,
+            lambda k: fresh_student(seed + 20 + k),
+            dataclasses.replace(args, output_dir=f"{folder}/ns"),
+            rounds=3,
+            threshold=0.5,
+            student_noise=TokenMasking.from_tokenizer(tokenizer, 0.1),
+            dropout=0.1,
+            **common,
+        )
+        for stage in rounds:
+            record(f"noisy student {stage.name}", accuracy(stage.model))
+
+
+def several_teachers(seed, options, folder, caches, args, student, transfer, collator, accuracy, record):
+    """The good teacher alone vs all three, mean_probs vs adaptive, every student replaying the caches."""
+    # (row, teacher, aggregation, τ_w): adaptive at the default τ_w = 1 and at a sharper 0.1
+    runs = [("student ← good teacher alone", caches["good"], "mean_probs", 1.0)]
+    runs += [("student ← 3 teachers, mean_probs", caches, "mean_probs", 1.0)]
+    runs += [(f"student ← 3 teachers, adaptive τ_w={tau:g}", caches, "adaptive", tau) for tau in (1.0, 0.1)]
+    for name, teacher, aggregation, tau in runs:
+        run_args = dataclasses.replace(
+            args,
+            output_dir=f"{folder}/{aggregation}-{tau:g}",
+            teacher_aggregation=aggregation,
+            adaptive_temperature=tau,
+        )
         trainer = DistillationTrainer(
             model=student(), teacher_model=teacher, args=run_args, train_dataset=transfer, data_collator=collator
         )
         trainer.train()
         record(name, accuracy(trainer.model))
-        weights = [e["teacher_weight/broken"] for e in trainer.state.log_history if "teacher_weight/broken" in e]
-        if aggregation == "adaptive" and weights:
-            record("adaptive: mean weight of the broken teacher", statistics.mean(weights))
+        if aggregation != "adaptive":
+            continue
+        for teacher_name in caches:  # one value per logging window
+            key = f"teacher_weight/{teacher_name}"
+            weights = [entry[key] for entry in trainer.state.log_history if key in entry]
+            if weights:
+                record(f"adaptive: τ_w={tau:g}: mean weight of the {teacher_name} teacher", statistics.mean(weights))
 
 
 def main():
@@ -149,17 +212,20 @@ def main():
     parser.add_argument("--num_labeled", type=int, default=100)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--output_dir", default="outputs/schemes_bbc")
+    parser.add_argument(
+        "--parts", nargs="+", default=["multi", "ta", "ban", "ns"], choices=["multi", "ta", "ban", "ns"]
+    )
     options = parser.parse_args()
     module = load_recipe("text_classification")
     os.makedirs(options.output_dir, exist_ok=True)
     scores: dict[str, list[float]] = {}
-    for seed in options.seeds:
+    for done, seed in enumerate(options.seeds, start=1):
         run_seed(seed, options, module, scores)
-    title = (
-        f"BBC News, held-out 20% (445 articles), {options.num_labeled} labels + the other training articles "
-        f"unlabeled, {options.steps} steps per student, seeds {options.seeds}"
-    )
-    write_scores(scores, title, os.path.join(options.output_dir, "schemes_bbc"))
+        title = (  # rewritten after every seed, so an interrupted sweep keeps the seeds it finished
+            f"BBC News, held-out 20% (445 articles), {options.num_labeled} labels + the other training articles "
+            f"unlabeled, {options.steps} steps per student, seeds {options.seeds[:done]}"
+        )
+        write_scores(scores, title, os.path.join(options.output_dir, "schemes_bbc"))
 
 
 if __name__ == "__main__":
