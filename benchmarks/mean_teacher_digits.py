@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 from datasets import concatenate_datasets
-from schemes_digits import digits, load_recipe, write_scores
+from schemes_digits import digits, load_recipe, sweep
 from scipy.ndimage import rotate
 from transformers import TrainingArguments, set_seed
 
@@ -119,16 +119,15 @@ def main():
     parser.add_argument("--output_dir", default="outputs/mean_teacher_digits")
     options = parser.parse_args()
     recipe_module = load_recipe("image_classification")
-    os.makedirs(options.output_dir, exist_ok=True)
-    scores: dict[str, list[float]] = {}
-    for done, seed in enumerate(options.seeds, start=1):
-        run_seed(seed, options, recipe_module, scores)
-        title = (
-            f"digits → digits rotated {options.angle:g}°: 718 labeled upright + 719 unlabeled rotated training "
-            f"images, 360 rotated test images, {options.steps} steps, decay {options.decay}, seeds "
-            f"{options.seeds[:done]}"
-        )
-        write_scores(scores, title, os.path.join(options.output_dir, "mean_teacher_digits"))
+    sweep(
+        options,
+        lambda seed, scores: run_seed(seed, options, recipe_module, scores),
+        lambda seeds: (
+            f"digits → digits rotated {options.angle:g}°: 718 labeled upright + 719 unlabeled rotated "
+            f"training images, 360 rotated test images, {options.steps} steps, decay {options.decay}, seeds {seeds}"
+        ),
+        "mean_teacher_digits",
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import os
 import statistics
 
 import torch
-from schemes_digits import load_recipe, write_scores
+from schemes_digits import load_recipe, sweep
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -217,15 +217,15 @@ def main():
     )
     options = parser.parse_args()
     module = load_recipe("text_classification")
-    os.makedirs(options.output_dir, exist_ok=True)
-    scores: dict[str, list[float]] = {}
-    for done, seed in enumerate(options.seeds, start=1):
-        run_seed(seed, options, module, scores)
-        title = (  # rewritten after every seed, so an interrupted sweep keeps the seeds it finished
-            f"BBC News, held-out 20% (445 articles), {options.num_labeled} labels + the other training articles "
-            f"unlabeled, {options.steps} steps per student, seeds {options.seeds[:done]}"
-        )
-        write_scores(scores, title, os.path.join(options.output_dir, "schemes_bbc"))
+    sweep(
+        options,
+        lambda seed, scores: run_seed(seed, options, module, scores),
+        lambda seeds: (
+            f"BBC News, held-out 20% (445 articles), {options.num_labeled} labels + the other training "
+            f"articles unlabeled, {options.steps} steps per student, seeds {seeds}"
+        ),
+        "schemes_bbc",
+    )
 
 
 if __name__ == "__main__":

@@ -235,16 +235,25 @@ def main():
     )
     options = parser.parse_args()
     recipe_module = load_recipe("image_classification")
+    sweep(
+        options,
+        lambda seed, scores: run_seed(seed, options, recipe_module, scores),
+        lambda seeds: (
+            f"digits, test split of 360 images, {options.num_labeled} labels + "
+            f"{1437 - options.num_labeled} unlabeled for the students, {options.steps} steps per student, seeds {seeds}"
+        ),
+        "schemes_digits",
+    )
+
+
+def sweep(options, run_seed, title, stem: str) -> None:
+    """``run_seed(seed, scores)`` for each of ``options.seeds``; the table (``title(seeds done)``) is rewritten to
+    ``options.output_dir/STEM.md`` after every seed, so an interrupted sweep keeps the seeds it finished."""
     os.makedirs(options.output_dir, exist_ok=True)
     scores: dict[str, list[float]] = {}
-
     for done, seed in enumerate(options.seeds, start=1):
-        run_seed(seed, options, recipe_module, scores)
-        title = (  # rewritten after every seed, so an interrupted sweep keeps the seeds it finished
-            f"digits, test split of 360 images, {options.num_labeled} labels + {1437 - options.num_labeled} "
-            f"unlabeled for the students, {options.steps} steps per student, seeds {options.seeds[:done]}"
-        )
-        write_scores(scores, title, os.path.join(options.output_dir, "schemes_digits"))
+        run_seed(seed, scores)
+        write_scores(scores, title(options.seeds[:done]), os.path.join(options.output_dir, stem))
 
 
 if __name__ == "__main__":
