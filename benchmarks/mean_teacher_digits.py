@@ -24,9 +24,9 @@ import os
 
 import numpy as np
 from datasets import concatenate_datasets
-from schemes_digits import digits, load_recipe, sweep
+from schemes_digits import TRAINING, digits, load_recipe, sweep
 from scipy.ndimage import rotate
-from transformers import TrainingArguments, set_seed
+from transformers import set_seed
 
 from hf_kd import DistillationConfig
 from hf_kd.baselines import train_plainly
@@ -54,20 +54,13 @@ def run_seed(seed: int, options, recipe_module, scores: dict[str, list[float]]) 
     halves = train.train_test_split(test_size=0.5, stratify_by_column="labels", seed=seed)
     source, target = halves["train"], rotated(halves["test"], options.angle)
     unlabeled = target.with_format(None).map(lambda row: {"labels": -100}).with_format("torch")
-    plain_args = TrainingArguments(
+    plain_args = DistillationConfig(
         output_dir=folder,
         max_steps=options.steps,
-        per_device_train_batch_size=64,
-        per_device_eval_batch_size=256,
-        learning_rate=3e-3,
-        warmup_steps=50,
-        weight_decay=0.01,
-        logging_steps=100,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
         seed=seed,
-        disable_tqdm=True,
+        temperature=1.0,
+        distillation_rampup_steps=options.steps // 3,
+        **TRAINING,
     )
 
     def student():
@@ -85,12 +78,7 @@ def run_seed(seed: int, options, recipe_module, scores: dict[str, list[float]]) 
         "source only (upright labels)",
         accuracy(train_plainly(student(), plain_args, source, output_dir=f"{folder}/source")),
     )
-    args = DistillationConfig(
-        **{f.name: getattr(plain_args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init},
-        temperature=1.0,
-        distillation_rampup_steps=options.steps // 3,
-    )
-    args = dataclasses.replace(args, output_dir=f"{folder}/mean_teacher")
+    args = dataclasses.replace(plain_args, output_dir=f"{folder}/mean_teacher")
     trained, ema = mean_teacher(
         student(),
         args,

@@ -44,6 +44,19 @@ from hf_kd.schemes.noisy_student import noisy_student
 from hf_kd.schemes.teacher_assistant import teacher_assistant
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# How every digits student and teacher trains (the digits benchmarks share it).
+TRAINING = dict(
+    per_device_train_batch_size=64,
+    per_device_eval_batch_size=256,
+    learning_rate=3e-3,
+    warmup_steps=50,
+    weight_decay=0.01,
+    logging_steps=100,
+    save_strategy="no",
+    report_to=[],
+    use_cpu=True,
+    disable_tqdm=True,
+)
 
 
 def load_recipe(name: str):
@@ -77,22 +90,7 @@ def run_seed(seed: int, options, recipe_module, scores: dict[str, list[float]]) 
     labeled, transfer = labeled.with_format("torch"), add_sample_index(transfer).with_format("torch")
     half, _ = split_labeled_transfer(train, len(train) // 2, seed=seed + 100)
     args = DistillationConfig(
-        output_dir=folder,
-        max_steps=options.steps,
-        per_device_train_batch_size=64,
-        per_device_eval_batch_size=256,
-        learning_rate=3e-3,
-        warmup_steps=50,
-        weight_decay=0.01,
-        losses="kl",
-        temperature=2.0,
-        alpha=0.5,
-        logging_steps=100,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=seed,
-        disable_tqdm=True,
+        output_dir=folder, max_steps=options.steps, seed=seed, losses="kl", temperature=2.0, alpha=0.5, **TRAINING
     )
 
     def vit(hidden, layers, init_seed):
