@@ -18,6 +18,7 @@ RESPONSE_LOSSES = [
     "tvd",
     "soft_ce",
     "logit_mse",
+    "prob_mse",
     "dkd",
     "uld",
 ]

@@ -72,6 +72,17 @@ def test_tvd_soft_ce_logit_mse():
     assert F.logit_mse(STUDENT, TEACHER, temperature=tau).item() == pytest.approx(np.mean(mse), rel=1e-6)
 
 
+def test_prob_mse_is_the_mean_teachers_softmax_mse():
+    tau = 2.0
+    # The mean teacher's softmax_mse_loss: Σ over classes of (p_S − p_T)², divided by the number of classes.
+    reference = per_row(lambda s, t: ((softmax(s, tau) - softmax(t, tau)) ** 2).sum() / s.shape[-1])
+    assert F.prob_mse(STUDENT, TEACHER, temperature=tau).item() == pytest.approx(np.mean(reference), rel=1e-6)
+    assert F.prob_mse(TEACHER, TEACHER).item() == 0.0
+    # Bounded: two one-hot distributions on different classes are 2/C apart.
+    far = F.prob_mse(torch.tensor([[100.0, 0.0, 0.0, 0.0]]), torch.tensor([[0.0, 100.0, 0.0, 0.0]]))
+    assert far.item() == pytest.approx(2 / 4, rel=1e-6)
+
+
 def test_dkd_reference():
     tau, alpha, beta = 2.0, 1.0, 8.0
     target = torch.tensor([1, 2])

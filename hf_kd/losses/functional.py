@@ -264,6 +264,17 @@ def soft_ce(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduc
     return reduce_positions(values * temperature**2, mask, reduction)
 
 
+def prob_mse(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction: Reduction = "mean"):
+    """Mean over classes of (p_S^τ − p_T^τ)² per position: the squared distance between the two softmax outputs,
+    the consistency cost of the mean teacher (Tarvainen & Valpola 2017, their ``softmax_mse_loss``) and of
+    Π-model/temporal ensembling (Laine & Aila 2017). Bounded by 2/C per position, unlike ``logit_mse``.
+    """
+    _check(student_logits, teacher_logits, temperature)
+    p_s = _log_probs(student_logits, temperature).exp()
+    p_t = _log_probs(teacher_logits, temperature).exp()
+    return reduce_positions((p_s - p_t).pow(2).mean(-1), mask, reduction)
+
+
 def logit_mse(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction: Reduction = "mean"):
     """Mean over classes of ((z_S − z_T)/τ)² per position (TextBrewer's ``kd_mse_loss``; Ba & Caruana 2014).
 

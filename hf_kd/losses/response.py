@@ -139,6 +139,15 @@ class LogitMSE(ResponseLoss):
     compares_distributions = False  # compares raw logits: a one-logit head (a score, a regression) works
 
 
+@register_loss(
+    "prob_mse",
+    paper="Tarvainen & Valpola 2017, Mean teachers are better role models, arXiv:1703.01780",
+)
+class ProbabilityMSE(ResponseLoss):
+    __doc__ = F.prob_mse.__doc__
+    function = F.prob_mse
+
+
 @register_loss("dkd", paper="Zhao et al. 2022, Decoupled Knowledge Distillation, arXiv:2203.08679")
 class DecoupledKD(ResponseLoss):
     __doc__ = F.dkd.__doc__
