@@ -15,7 +15,19 @@ from hf_kd.teachers import LiveTeacher
 
 ALL_IDS = """at attention_kl attention_mse crd dkd fsp hidden_cosine hidden_mse hint infonce irg jsd kl logit_mse
     pkd pkt prob_mse reverse_kl rkd_angle rkd_distance skew_kl skew_reverse_kl soft_ce sp tvd uld vid""".split()
-RESPONSE_IDS = ["dkd", "jsd", "kl", "logit_mse", "prob_mse", "reverse_kl", "skew_kl", "skew_reverse_kl", "soft_ce", "tvd", "uld"]
+RESPONSE_IDS = [
+    "dkd",
+    "jsd",
+    "kl",
+    "logit_mse",
+    "prob_mse",
+    "reverse_kl",
+    "skew_kl",
+    "skew_reverse_kl",
+    "soft_ce",
+    "tvd",
+    "uld",
+]
 
 
 class HalfKL(DistillationLoss):

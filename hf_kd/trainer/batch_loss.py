@@ -35,15 +35,8 @@ def plain_terms(
     )
 
     terms: dict[str, torch.Tensor] = {}
-    if labels is not None and label_weight > 0 and output_field(outputs, "loss") is not None:
-        batch_labels = labels[..., 1:] if trainer.shift_labels else labels
-        local_count = batch_labels.ne(-100).sum()
-        if local_count > 0:  # a batch of unlabeled transfer data has no label loss
-            model_loss = output_field(outputs, "loss")
-            if trainer.label_smoother is not None:  # label_smoothing_factor: the smoothed CE, same mean
-                model_loss = trainer.label_smoother(outputs, labels, shift_labels=trainer.shift_labels)
-            # The model's loss is a mean over this micro-batch; re-normalise it by the step's count.
-            terms[LABEL_TERM] = model_loss * local_count * counts.scale / counts.labels
+    if label_weight > 0:
+        terms.update(label_term(trainer, outputs, labels, counts))
 
     teachers, mask = {}, None
     distilled = bool(objective.terms) and (mode == "train" or trainer.teachers_cover_eval)
@@ -83,6 +76,21 @@ def plain_terms(
     if trainer.args.check_finite:
         check_finite(_where(trainer, mode), terms, student, teachers, mask, trainer.args.device)
     return terms, outputs, distilled
+
+
+def label_term(trainer, outputs, labels, counts: ItemCounts) -> dict[str, torch.Tensor]:
+    """``{"ce": the model's own label loss as a share of the step}``, or nothing when the micro-batch has no label."""
+    model_loss = output_field(outputs, "loss")
+    if labels is None or model_loss is None:
+        return {}
+    batch_labels = labels[..., 1:] if trainer.shift_labels else labels
+    local_count = batch_labels.ne(-100).sum()
+    if local_count == 0:  # a batch of unlabeled transfer data has no label loss
+        return {}
+    if trainer.label_smoother is not None:  # label_smoothing_factor: the smoothed CE, same mean
+        model_loss = trainer.label_smoother(outputs, labels, shift_labels=trainer.shift_labels)
+    # The model's loss is a mean over this micro-batch; re-normalise it by the step's count.
+    return {LABEL_TERM: model_loss * local_count * counts.scale / counts.labels}
 
 
 def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: bool, mode: str):
@@ -147,13 +155,16 @@ def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: b
     return terms, outputs, bool(terms_run)
 
 
-def record_terms(trainer, mode, terms, counts: ItemCounts, accumulation: int, distilled: bool, labeled: bool):
+def record_terms(
+    trainer, mode, terms, counts: ItemCounts, accumulation: int, distilled: bool, labeled: bool, suffix: str = ""
+):
     """Training: each term's share of its step, weighed 1 per step (the log is the mean per step). Evaluation:
     each term weighed by the items it averages (label tokens, distilled positions; 1 per batch for batch-level
     losses), so the log is the mean per item over the whole evaluation set, whatever the batch sizes.
 
     Weights come from the step's counts — every process's, when they were summed — so a process whose rows have
-    no label still weighs the step in, and every process divides the same sums by the same weights."""
+    no label still weighs the step in, and every process divides the same sums by the same weights. ``suffix``
+    goes after every logged name (``/peer0``: one model's terms among several trained together)."""
     ensemble_weights = [name for name in terms if name.startswith(WEIGHT_PREFIX)]
     if mode == "train":
         weights = (
@@ -161,15 +172,19 @@ def record_terms(trainer, mode, terms, counts: ItemCounts, accumulation: int, di
         )
         if labeled:
             weights[LABEL_TERM] = counts.labels.gt(0).float() / accumulation
-        trainer.term_log.record(mode, terms, weights)
-        return
-    weights = {name: 1.0 for name in ensemble_weights}
-    if distilled:
-        for term in trainer.objective.terms:
-            weights[term.name] = counts.positions / counts.scale if term.loss.per_position else 1.0
-    if labeled:
-        weights[LABEL_TERM] = counts.labels / counts.scale
-    trainer.term_log.record(mode, {name: value * weights[name] for name, value in terms.items()}, weights)
+    else:
+        weights = {name: 1.0 for name in ensemble_weights}
+        if distilled:
+            for term in trainer.objective.terms:
+                weights[term.name] = counts.positions / counts.scale if term.loss.per_position else 1.0
+        if labeled:
+            weights[LABEL_TERM] = counts.labels / counts.scale
+        terms = {name: value * weights[name] for name, value in terms.items()}
+    trainer.term_log.record(
+        mode,
+        {f"{name}{suffix}": value for name, value in terms.items()},
+        {f"{name}{suffix}": weight for name, weight in weights.items()},
+    )
 
 
 def unlabeled_prediction(trainer, model, inputs, plain, prediction_loss_only):

@@ -21,6 +21,7 @@ from ..cross_tokenizer import TEACHER_COLUMNS
 from ..data import SAMPLE_INDEX
 from ..generation import ON_POLICY_KEY, student_rollout
 from ..positions import ItemCounts, count_items, split_sample_index
+from ..schemes.peer_cohort import PeerCohort
 from .loss_parts import LOSS_OPTIMIZER_NAME, LOSS_PARTS_NAME
 
 # What a checkpoint holds beside the student: resumable state, never part of the student pushed to the repo root.
@@ -42,7 +43,10 @@ CHECKPOINT_ONLY_FILES = (
 
 class TrainerCompat(Trainer):
     def _set_signature_columns_if_needed(self):
-        # Columns the student's forward does not take but the losses (sample_index) or the teacher read.
+        # Columns the student's forward does not take but the losses (sample_index) or the teacher read. Peers
+        # trained together (a PeerCohort, whose forward passes everything on) take what any of them takes.
+        if self._signature_columns is None and isinstance(self.model, PeerCohort):
+            self._signature_columns = [*self.model.signature_columns(), "label", "label_ids", *self.label_names]
         super()._set_signature_columns_if_needed()
         for column in (SAMPLE_INDEX, *TEACHER_COLUMNS):
             if column not in self._signature_columns:
@@ -125,10 +129,22 @@ class TrainerCompat(Trainer):
             self.loss_parts.load(checkpoint)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
+        # Peers trained together: each its own from_pretrained folder (checkpoints too), never one merged state dict.
+        if isinstance(self.model, PeerCohort):
+            if self.args.should_save:
+                self.model.save(output_dir or self.args.output_dir, self.processing_class)
+            return
         # Engines (ZeRO-1/2, FSDP2) hand over gathered state dicts in which tied weights arrive as separate copies.
         if state_dict is not None:
             state_dict = _without_tied_copies(self.accelerator.unwrap_model(self.model), state_dict)
         super()._save(output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # A PeerCohort's checkpoint holds one folder per peer (see _save), which the Trainer's loader cannot find.
+        if isinstance(model if model is not None else self.model, PeerCohort):
+            (model if model is not None else self.model).load(resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # transformers' version pickles the arguments (training_args.bin) into both uploads; this one uploads the

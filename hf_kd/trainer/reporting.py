@@ -45,10 +45,14 @@ def distillation_summary(trainer) -> dict:
             "teacher_aggregation": trainer.args.teacher_aggregation,
             **({"teacher_weights": trainer.args.teacher_weights} if trainer.args.teacher_weights else {}),
         }
+    return {**teachers, **run_summary(trainer, trainer.accelerator.unwrap_model(trainer.model))}
+
+
+def run_summary(trainer, student: nn.Module) -> dict:
+    """The part of a summary about the student and how it was trained (everything but its teachers)."""
     return {
-        **teachers,
-        "student_class": type(trainer.accelerator.unwrap_model(trainer.model)).__name__,
-        "student_parameters": count_parameters(trainer.model),
+        "student_class": type(student).__name__,
+        "student_parameters": count_parameters(student),
         "losses": trainer.args.losses,
         "temperature": trainer.args.temperature,
         "label_loss_weight": trainer.args.label_loss_weight,
@@ -56,7 +60,7 @@ def distillation_summary(trainer) -> dict:
         "token_level": trainer.token_level,
         "steps": trainer.state.global_step,
         "engine": engine_description(trainer),
-        **({"adapter": adapter} if (adapter := adapter_summary(trainer.model)) else {}),
+        **({"adapter": adapter} if (adapter := adapter_summary(student)) else {}),
         # Set by the multi-stage schemes (hf_kd.schemes.stages): every teacher before this stage, and its metrics.
         **({"lineage": trainer.lineage} if getattr(trainer, "lineage", None) else {}),
         **({"metrics": trainer.stage_metrics} if getattr(trainer, "stage_metrics", None) else {}),
@@ -123,10 +127,7 @@ def measure_alone(trainer, role: str, dataset) -> dict[str, float]:
         if key.removeprefix(prefix) not in ("loss", "runtime", "samples_per_second", "steps_per_second")
         and not key.endswith("model_preparation_time")
     }
-    if role == STUDENT_ROLE:
-        row["parameters"] = count_parameters(trainer.model)
-    else:
-        row["parameters"] = trainer.teachers[role].describe()["teacher_parameters"]
+    row["parameters"] = trainer.parameters_of(role)
     row["ms_per_example"] = 1000 * seconds / len(dataset)
     return row
 

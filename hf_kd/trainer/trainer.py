@@ -9,6 +9,7 @@ from transformers import TrainerCallback
 from ..checks import check_chunkable, check_on_policy, check_setup, check_teachers
 from ..config import DistillationConfig
 from ..cross_tokenizer import split_teacher_inputs
+from ..evaluation import count_parameters
 from ..features import output_field
 from ..generation import ON_POLICY_KEY
 from ..model_kinds import is_causal_lm, is_token_level, labels_mark_distilled_positions
@@ -113,6 +114,12 @@ class DistillationTrainer(TrainerCompat):
     def teachers_cover_eval(self) -> bool:
         """Whether every teacher has outputs for evaluation data (a cache covers the data it was written for)."""
         return all(source.covers_eval for source in self.teachers.values())
+
+    def parameters_of(self, role: str) -> int:
+        """The parameter count of ``"student"`` or of a teacher, by its name (for comparison rows)."""
+        if role == reporting.STUDENT_ROLE:
+            return count_parameters(self.model)
+        return self.teachers[role].describe()["teacher_parameters"]
 
     def loss_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the losses (projectors, regressors, heads), optimised beside the student."""

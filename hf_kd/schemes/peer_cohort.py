@@ -1,0 +1,57 @@
+"""Several models trained together as one module (the peers of deep mutual learning): one optimizer over all of
+them, one DDP wrapper, and one checkpoint folder per peer that ``from_pretrained`` reads."""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+from safetensors.torch import load_file
+from torch import nn
+
+from ..features import run_model
+
+PEER_PREFIX = "peer"  # peers given as a list are named peer0, peer1, ...
+
+
+class PeerCohort(nn.Module):
+    """``peers`` (name → model) as one module. ``forward`` runs every peer on the same inputs, through the one
+    wrapper DDP puts around the cohort, so that every peer's gradients are synchronised."""
+
+    def __init__(self, peers: dict[str, nn.Module]):
+        super().__init__()
+        self.peers = nn.ModuleDict(peers)
+
+    def forward(self, needs: frozenset[str] = frozenset({"logits"}), **inputs) -> dict[str, tuple]:
+        """``{name: (outputs, ModelFeatures)}``: each peer's own outputs (its label loss among them when ``inputs``
+        hold labels) and the features ``needs`` asks for."""
+        return {name: run_model(peer, inputs, needs) for name, peer in self.peers.items()}
+
+    def signature_columns(self) -> list[str]:
+        """The inputs any peer's forward takes (the Trainer keeps those data columns)."""
+        columns = (inspect.signature(peer.forward).parameters for peer in self.peers.values())
+        return sorted({name for parameters in columns for name in parameters})
+
+    def save(self, folder: str, processing_class=None) -> None:
+        """Every peer to ``folder/NAME`` with ``save_pretrained`` (and the processor beside it)."""
+        for name, peer in self.peers.items():
+            peer.save_pretrained(os.path.join(folder, name))
+            if processing_class is not None:
+                processing_class.save_pretrained(os.path.join(folder, name))
+
+    def load(self, folder: str) -> None:
+        """Every peer's weights from ``folder/NAME`` (a checkpoint that :meth:`save` wrote)."""
+        for name, peer in self.peers.items():
+            path = os.path.join(folder, name, "model.safetensors")
+            if not os.path.exists(path):
+                raise ValueError(
+                    f"{folder} has no {name}/model.safetensors: it is not a checkpoint of these peers "
+                    f"{list(self.peers)}."
+                )
+            missing, unexpected = peer.load_state_dict(load_file(path), strict=False)
+            tied = set(getattr(peer, "all_tied_weights_keys", None) or {})
+            if unexpected or set(missing) - tied:  # save_pretrained leaves out only weights tied to another
+                raise ValueError(
+                    f"the checkpoint of {name} in {folder} does not fit it: missing {sorted(set(missing) - tied)}, "
+                    f"unexpected {sorted(unexpected)}."
+                )
