@@ -35,6 +35,7 @@ from hf_kd import DistillationTrainer, TeacherCache, get_loss, write_teacher_cac
 from hf_kd.data import add_sample_index
 from hf_kd.features import ModelFeatures
 from hf_kd.schemes.mean_teacher import EMATeacher
+from hf_kd.schemes.mutual_learning import MutualLearningTrainer
 from hf_kd.schemes.recipes import SchemeArguments
 
 README_START, README_END = "<!-- refusals:start -->", "<!-- refusals:end -->"
@@ -580,7 +581,65 @@ CASES = [
         "a recipe with `--teachers A,B --scheme mean_teacher`",
         lambda p: SchemeArguments(teachers="a,b", scheme="mean_teacher"),
         ValueError,
-        "--teachers with --scheme mean_teacher: its teacher is the student's moving average",
+        "--teachers with --scheme mean_teacher: its teachers are trained with the student",
+    ),
+    Case(
+        "recipe-dml-one-peer",
+        "a recipe with `--scheme dml --peers 1`",
+        lambda p: SchemeArguments(scheme="dml", peers=1),
+        ValueError,
+        "--peers needs at least 2",
+    ),
+    Case(
+        "dml-one-peer",
+        "`MutualLearningTrainer([model])`",
+        lambda p: _peers(p, [tiny_bert()]),
+        ValueError,
+        "mutual learning needs at least two peers",
+    ),
+    Case(
+        "dml-same-model-twice",
+        "`MutualLearningTrainer([model, model])`",
+        lambda p: (lambda model: _peers(p, [model, model]))(tiny_bert()),
+        ValueError,
+        "the same model is given twice as a peer",
+    ),
+    Case(
+        "dml-label-sets",
+        "peers with 3 and 4 classes",
+        lambda p: _peers(p, [tiny_bert(), tiny_bert(num_labels=4)]),
+        ValueError,
+        "the peers' outputs differ in width (peer0: 3, peer1: 4",
+    ),
+    Case(
+        "dml-kinds",
+        "a sequence classifier and a causal LM as peers",
+        lambda p: _peers(p, [tiny_bert(num_labels=VOCAB), tiny_gpt2()]),
+        ValueError,
+        "the peers are of different kinds",
+    ),
+    Case(
+        "dml-feature-loss",
+        '`losses="kl,hidden_mse"` for peers',
+        lambda p: _peers(p, [tiny_bert(), tiny_bert()], losses="kl,hidden_mse"),
+        ValueError,
+        "mutual learning exchanges the peers' predictions",
+    ),
+    Case(
+        "dml-load-best",
+        "`load_best_model_at_end=True` for peers",
+        lambda p: _peers(
+            p, [tiny_bert(), tiny_bert()], load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps"
+        ),
+        ValueError,
+        "mutual learning keeps every peer",
+    ),
+    Case(
+        "dml-push",
+        "`push_to_hub=True` for peers",
+        lambda p: _peers(p, [tiny_bert(), tiny_bert()], push_to_hub=True, hub_model_id="alice/peers"),
+        ValueError,
+        "a MutualLearningTrainer does not push",
     ),
     Case(
         "push-private",
@@ -595,6 +654,10 @@ CASES = [
         check=_check_pushed_checkpoints,
     ),
 ]
+
+
+def _peers(tmp_path, peers, **overrides):
+    return MutualLearningTrainer(peers, config(tmp_path / "out", **overrides), train_dataset=classification_data())
 
 
 def _masking():

@@ -173,24 +173,6 @@ def test_two_processes_match_one_process(tmp_path):
             assert torch.allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "peers, overrides, kwargs, error",
-    [
-        (lambda: [tiny_bert()], {}, {}, "at least two peers, got 1"),
-        (lambda: (lambda m: [m, m])(tiny_bert()), {}, {}, "the same model is given twice"),
-        (lambda: [tiny_bert(), tiny_bert(num_labels=4)], {}, {}, "differ in width .*peer0: 3, peer1: 4"),
-        (lambda: [tiny_bert(), tiny_gpt2()], {}, {}, "different kinds"),
-        (lambda: [tiny_bert(), tiny_bert()], {"losses": "kl,hidden_mse"}, {}, "exchanges the peers' predictions"),
-        (lambda: [tiny_bert(), tiny_bert()], {}, {"towards": "teacher"}, "towards must be one of"),
-        (
-            lambda: [tiny_bert(), tiny_bert()],
-            {"load_best_model_at_end": True, "eval_strategy": "steps", "save_strategy": "steps"},
-            {},
-            "keeps every peer",
-        ),
-        (lambda: {"a/b": tiny_bert(), "c": tiny_bert()}, {}, {}, "without '/'"),
-    ],
-)
-def test_refusals(tmp_path, peers, overrides, kwargs, error):
-    with pytest.raises(ValueError, match=error):
-        MutualLearningTrainer(peers(), config(tmp_path, **overrides), train_dataset=classification_data(), **kwargs)
+def test_towards_names_a_known_variant(tmp_path):
+    with pytest.raises(ValueError, match="towards must be one of"):
+        MutualLearningTrainer([tiny_bert(), tiny_bert()], config(tmp_path), towards="teacher")

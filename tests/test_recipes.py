@@ -550,3 +550,28 @@ def test_image_recipe_runs_every_scheme_and_several_teachers(tmp_path):
     assert summary["teacher_parameters"] == summary["student_parameters"]
     ema = results[next(name for name in results if name.startswith("ema_teacher"))]
     assert ema["accuracy"] == pytest.approx(digits_test_accuracy(mt, model_dir=mt / "ema_teacher" / "model"), abs=1e-9)
+
+    # Deep mutual learning: 3 peers of the student's architecture, no teacher; every peer a row and a folder.
+    dml = tmp_path / "dml"
+    run_recipe(
+        "image_classification.py",
+        *common,
+        "--output_dir",
+        str(dml),
+        "--teacher",
+        str(ns / "teacher"),
+        "--scheme",
+        "dml",
+        "--peers",
+        "3",
+    )
+    results = json.loads((dml / "results.json").read_text())
+    rows = [name.split(" (")[0] for name in results]
+    assert rows == [f"teacher {ns / 'teacher'}", "student from scratch", "peer1", "peer2", "student distilled"]
+    summary = json.loads((dml / "student" / "distillation_config.json").read_text())
+    assert summary["stage"]["scheme"] == "mutual_learning" and summary["stage"]["peers"] == ["peer0", "peer1", "peer2"]
+    assert set(summary["teachers"]) == {"peer1", "peer2"} and summary["steps"] == 20
+    for peer in ("peer0", "peer1", "peer2"):
+        assert (dml / peer / "model.safetensors").exists() and (dml / peer / "README.md").exists()
+    distilled = results[next(name for name in results if name.startswith("student distilled"))]
+    assert distilled["accuracy"] == pytest.approx(digits_test_accuracy(dml, model_dir=dml / "peer0"), abs=1e-9)

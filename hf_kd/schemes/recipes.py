@@ -1,4 +1,4 @@
-"""The recipes' scheme flags: ``--scheme offline|teacher_assistant|born_again|noisy_student|mean_teacher`` and
+"""The recipes' scheme flags: ``--scheme offline|teacher_assistant|born_again|noisy_student|mean_teacher|dml`` and
 ``--teachers A,B``
 (several teachers, combined by ``--teacher_aggregation``). A recipe builds its data, teacher and a student factory,
 then :func:`distil` runs the chosen scheme and hands back the trainer of the final student (for its evaluation,
@@ -17,7 +17,7 @@ from ..cli import sharding_engine
 from ..config import DistillationConfig
 from .stages import MODEL_FOLDER, Stage
 
-SCHEMES = ("offline", "teacher_assistant", "born_again", "noisy_student", "mean_teacher")
+SCHEMES = ("offline", "teacher_assistant", "born_again", "noisy_student", "mean_teacher", "dml")
 
 
 @dataclass
@@ -29,7 +29,8 @@ class SchemeArguments:
             "--generations students of the student's architecture, each taught by the one before. noisy_student: "
             "--rounds of pseudo-labels + noised student inputs, each student the next teacher. mean_teacher: the "
             "student's exponential moving average is its teacher (--ema_decay, --consistency_loss); the recipe's "
-            "teacher is then only a reference row of the results.",
+            "teacher is then only a reference row of the results. dml: --peers students of the student's "
+            "architecture learn from each other (deep mutual learning), no teacher; the best peer is the student.",
             "choices": list(SCHEMES),
         },
     )
@@ -73,11 +74,22 @@ class SchemeArguments:
         },
     )
 
+    peers: int = field(default=2, metadata={"help": "dml: the number of peers (each a fresh student)."})
+    dml_towards: str = field(
+        default="peers",
+        metadata={
+            "help": "dml: each peer learns from every other peer (averaged), or from their ensemble.",
+            "choices": ["peers", "ensemble"],
+        },
+    )
+
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise ValueError(f"--scheme is one of {', '.join(SCHEMES)}; got {self.scheme!r}.")
-        if self.teachers is not None and self.scheme == "mean_teacher":
-            raise ValueError("--teachers with --scheme mean_teacher: its teacher is the student's moving average.")
+        if self.teachers is not None and self.scheme in ("mean_teacher", "dml"):
+            raise ValueError(f"--teachers with --scheme {self.scheme}: its teachers are trained with the student.")
+        if self.peers < 2:
+            raise ValueError(f"--peers needs at least 2 (deep mutual learning), got {self.peers}.")
         if self.teachers is not None and self.scheme in ("teacher_assistant", "noisy_student"):
             raise ValueError(f"--teachers with --scheme {self.scheme}: it starts from one teacher.")
 
@@ -133,8 +145,22 @@ def distil(
     engine = sharding_engine(args)
     if engine is not None:
         raise SystemExit(
-            f"--scheme {scheme.scheme} runs one Trainer per stage in one process, which {engine} does not support."
+            f"--scheme {scheme.scheme} runs more than one Trainer in one process (its stages, or the best peer after "
+            f"mutual learning), which {engine} does not support."
         )
+    if scheme.scheme == "dml":
+        from .mutual_learning import mutual_learning
+
+        peers = mutual_learning(
+            [make_student(k) for k in range(1, scheme.peers + 1)],
+            args,
+            towards=scheme.dml_towards,
+            train_dataset=train_dataset,
+            **trainer_kwargs,
+        )
+        best = next((peer for peer in peers if peer.details["best"]), peers[0])
+        others = [peer for peer in peers if peer is not best]
+        return _best_peer_trainer(best, others, args, trainer_kwargs), others
     common = dict(load_student=load_student, train_dataset=train_dataset, **trainer_kwargs)
     if scheme.scheme == "teacher_assistant":
         from .teacher_assistant import teacher_assistant
@@ -178,6 +204,20 @@ def _final_trainer(last: Stage, stages: list[Stage], args, teacher, trainer_kwar
     trainer = DistillationTrainer(model=last.model, teacher_model=previous, args=args, **trainer_kwargs)
     trainer.lineage, trainer.stage_metrics = saved.get("lineage"), saved.get("metrics")
     trainer.stage_details = saved.get("stage")
+    return trainer
+
+
+def _best_peer_trainer(best: Stage, others: list[Stage], args, trainer_kwargs):
+    """After deep mutual learning: a trainer around the best peer (its teachers, the other peers, now frozen), for
+    the recipe's evaluation, save and push; it records the cohort's run (steps, peers, metrics)."""
+    from ..trainer import DistillationTrainer
+
+    trainer = DistillationTrainer(
+        model=best.model, teacher_model={peer.name: peer.model for peer in others}, args=args, **trainer_kwargs
+    )
+    summary = best.trainer.peer_summary(best.name)
+    trainer.state.global_step = best.trainer.state.global_step
+    trainer.stage_metrics, trainer.stage_details = summary.get("metrics"), summary["stage"]
     return trainer
 
 
