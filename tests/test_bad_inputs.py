@@ -623,7 +623,7 @@ CASES = [
         '`losses="kl,hidden_mse"` for peers',
         lambda p: _peers(p, [tiny_bert(), tiny_bert()], losses="kl,hidden_mse"),
         ValueError,
-        "mutual learning exchanges the peers' predictions",
+        "mutual learning exchanges predictions, and ['hidden_mse'] read other features",
     ),
     Case(
         "dml-load-best",

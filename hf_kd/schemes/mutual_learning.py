@@ -18,12 +18,10 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 from torch import nn
 from transformers.trainer_utils import get_last_checkpoint
-from transformers.utils import find_labels
 
-from ..checks import check_compatible, check_logit_width
+from ..checks import check_logit_width
 from ..config import DistillationConfig
 from ..evaluation import count_parameters
 from ..features import ModelFeatures, output_field
@@ -32,37 +30,29 @@ from ..model_kinds import (
     auto_class_for,
     is_causal_lm,
     is_token_level,
-    labels_mark_distilled_positions,
     num_classes,
 )
-from ..objective import LABEL_TERM, Objective, check_finite
-from ..positions import ItemCounts, split_sample_index
 from ..teachers import check_materialized
-from ..term_log import TermLog
-from ..trainer import DistillationTrainer
-from ..trainer.batch_loss import _drop_last_position, label_term, record_terms
 from ..trainer.compat import TrainerCompat
-from ..trainer.loss_parts import LossParts
-from ..trainer.reporting import DISTILLATION_CONFIG_NAME, measure_alone, run_summary
-from ..trainer.trainer import _TermLogReset
-from .multi_teacher import TeacherAggregator
+from ..trainer.reporting import DISTILLATION_CONFIG_NAME, run_summary
+from .online import OnlineTrainer, best_member, mean_prediction
 from .peer_cohort import PEER_PREFIX, PeerCohort
 from .stages import Stage
 
 TOWARDS = ("peers", "ensemble")
-_PEERS = "peers"  # the one teacher name the objective's terms read: whichever peers a peer learns from
 
 
-class MutualLearningTrainer(DistillationTrainer):
+class MutualLearningTrainer(OnlineTrainer):
     """Trains ``peers`` (a list, named ``peer0``, ``peer1``, …, or a dict name → model) together by deep mutual
-    learning. It shares :class:`~hf_kd.DistillationTrainer`'s loss bookkeeping, logging, evaluation and checkpoints;
-    its model is the :class:`PeerCohort` of the peers.
+    learning; its model is the :class:`PeerCohort` of the peers.
 
     Logged per peer: ``ce/peer0``, ``kl/peer0``, … in training and ``eval_ce/peer0``, … in evaluation. With
     ``compute_metrics``, evaluation reports the cohort's mean prediction (``eval_accuracy``) and each peer alone
     (``eval_peer0_accuracy``). ``save_model(DIR)`` writes every peer to ``DIR/NAME`` with its own
     ``distillation_config.json`` and card; checkpoints hold one such folder per peer and resume all of them.
     """
+
+    scheme, member_kind = "mutual learning", "peer"
 
     def __init__(
         self,
@@ -72,25 +62,11 @@ class MutualLearningTrainer(DistillationTrainer):
         towards: str = "peers",
         **kwargs,
     ):
-        args = args if args is not None else DistillationConfig(output_dir="hf_kd_output")
         named = _named_peers(peers)
-        if not isinstance(args, DistillationConfig):
-            raise TypeError(f"args must be a DistillationConfig, got {type(args).__name__}.")
         if towards not in TOWARDS:
             raise ValueError(f"towards must be one of {TOWARDS}, got {towards!r}.")
-        if kwargs.get("compute_loss_func") is not None or kwargs.get("model") is not None:
-            raise ValueError("MutualLearningTrainer trains the peers it is given (peers=) with its own loss.")
-        if args.push_to_hub:
+        if args is not None and args.push_to_hub:
             raise ValueError(_NO_PUSH)
-        if args.load_best_model_at_end:
-            raise ValueError(
-                "load_best_model_at_end reloads one model; mutual learning keeps every peer (mutual_learning() marks "
-                "the best one): leave it False."
-            )
-        objective = Objective(args.loss_specs, [_PEERS], args)
-        _check_response_losses(objective)
-        for peer in named.values():
-            check_logit_width(peer, objective.losses)
         widths = {name: num_classes(peer) for name, peer in named.items()}
         if len(set(widths.values()) - {None}) > 1:
             raise ValueError(
@@ -102,28 +78,10 @@ class MutualLearningTrainer(DistillationTrainer):
             raise ValueError(
                 "the peers are of different kinds (sequence vs token outputs, causal or not): give peers of one task."
             )
-        TrainerCompat.__init__(self, model=PeerCohort(named), args=args, **kwargs)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(
-                "mutual learning is not supported under DeepSpeed or FSDP: they wrap one model per engine, and the "
-                "peers are trained as one cohort module. Use one device or DDP (accelerate launch without a "
-                "DeepSpeed or FSDP config)."
-            )
-        first = next(iter(named.values()))
-        if args.label_names is None:  # the cohort's forward hides the peers' label arguments
-            self.label_names = find_labels(type(first))
-        self.objective, self.towards = objective, towards
-        self.distillation_losses = objective.losses.to(self.args.device)
-        self.token_level = args.token_level if args.token_level is not None else is_token_level(first)
-        self.shift_labels = is_causal_lm(first)
-        self.labels_mark_positions = labels_mark_distilled_positions(first)
-        self.teachers, self.student_noise = {}, None
-        self.loss_parts = LossParts(nn.ModuleList())  # response losses learn nothing; the hooks expect the parts
-        names = [LABEL_TERM, *objective.names]
-        self.term_log = TermLog([f"{term}/{peer}" for peer in named for term in names], self.args.device)
-        self.add_callback(_TermLogReset(self.term_log))
-        self._warned_unlabeled_eval, self._comparing = False, None
-        self.comparison, self.comparison_examples, self.model_card_kwargs = None, None, {}
+        super().__init__(PeerCohort(named), list(named), next(iter(named.values())), args, **kwargs)
+        for peer in named.values():  # distribution losses on a one-logit head
+            check_logit_width(peer, self.objective.losses)
+        self.towards = towards
         self.peer_metrics: dict[str, dict] = {}  # set by mutual_learning(): each peer's evaluation
         self.best_peer: str | None = None
 
@@ -131,97 +89,20 @@ class MutualLearningTrainer(DistillationTrainer):
     def peers(self) -> nn.ModuleDict:
         return self.accelerator.unwrap_model(self.model).peers
 
-    def parameters_of(self, role: str) -> int:
-        return count_parameters(self.peers[role])
+    def forward_members(self, model, inputs):
+        return model(**inputs)  # through the cohort's (DDP) wrapper
 
-    # ---- loss -----------------------------------------------------------------------------------------------
+    def teachers_of(self, member, detached, term):
+        others = [features for name, features in detached.items() if name != member]
+        if self.towards == "ensemble":
+            return [ModelFeatures(logits=mean_prediction(others, float(getattr(term.loss, "temperature", 1.0))))]
+        return others
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        counts = num_items_in_batch
-        if not isinstance(counts, ItemCounts):  # called outside the training loop
-            counts = self._get_num_items_in_batch([inputs], self.args.device)
-        mode = "train" if model.training else "eval"
-        accumulation = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
-        inputs, _ = split_sample_index(inputs)
-        labels, label_weight = inputs.get("labels"), self.args.label_loss_weight
-        results = model(**inputs)  # every peer once; each computes its own label loss
-        mask = self._distillation_mask(inputs)
-        features = {name: peer_features for name, (_, peer_features) in results.items()}
-        position_labels = labels
-        if self.token_level and self.shift_labels:
-            features = {name: _drop_last_position(peer_features) for name, peer_features in features.items()}
-            position_labels = None if labels is None else labels[:, 1:]
-        detached = {
-            name: ModelFeatures(logits=peer_features.logits.detach()) for name, peer_features in features.items()
-        }
-        step = self.state.global_step if mode == "train" else None
-        labeled = label_weight > 0 and labels is not None
-        total = None
-        for name, (outputs, _) in results.items():
-            student = features[name]
-            others = [peer_features for other, peer_features in detached.items() if other != name]
-            terms = label_term(self, outputs, labels, counts) if label_weight > 0 else {}
-            for term in self.objective.terms:
-                teachers = [self._ensemble(others, term)] if self.towards == "ensemble" else others
-                values = []
-                for teacher in teachers:
-                    check_compatible(student, teacher)
-                    values.append(term.loss(student, teacher, mask=mask, labels=position_labels))
-                terms[term.name] = self.objective.normalise(term, sum(values) / len(values), counts, accumulation)
-            if self.args.check_finite:
-                check_finite(
-                    f"{mode} step {self.state.global_step + 1}, {name}", terms, student, {}, mask, self.args.device
-                )
-            peer_total = self.objective.total(terms, label_weight, step)
-            total = peer_total if total is None else total + peer_total
-            record_terms(self, mode, terms, counts, accumulation, True, labeled, suffix=f"/{name}")
-        if not return_outputs:
-            return total
-        # What evaluation's compute_metrics reads: the cohort's mean prediction (each peer: evaluate()).
-        return total, {"logits": self._mean_prediction(list(detached.values()), 1.0)}
+    def member_logits(self, member, inputs):
+        return output_field(self.peers[member](**inputs), "logits")
 
-    def _ensemble(self, others: list[ModelFeatures], term) -> ModelFeatures:
-        return ModelFeatures(logits=self._mean_prediction(others, float(getattr(term.loss, "temperature", 1.0))))
-
-    @staticmethod
-    def _mean_prediction(features: list[ModelFeatures], temperature: float) -> torch.Tensor:
-        """Logits that soften at ``temperature`` into the mean of the peers' softened probabilities."""
-        shape = features[0].logits.shape
-        flat = [peer.logits.reshape(-1, shape[-1]) for peer in features]
-        weights = torch.full((flat[0].shape[0], len(flat)), 1.0 / len(flat), device=flat[0].device)
-        combined = TeacherAggregator([str(k) for k in range(len(flat))]).combine(flat, weights, temperature)
-        return combined.reshape(shape)
-
-    # ---- evaluation -----------------------------------------------------------------------------------------
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """The Trainer's evaluation of the cohort (every peer's terms; with ``compute_metrics`` the cohort's mean
-        prediction), plus ``compute_metrics`` of each peer alone under ``{prefix}_{peer}_``."""
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if self.compute_metrics is None or isinstance(dataset, dict):  # a dict: evaluate() was called per set
-            return metrics
-        peer_metrics = {}
-        for name in self.peers:
-            self._comparing = name
-            try:
-                output = self.evaluation_loop(
-                    self.get_eval_dataloader(dataset), name, metric_key_prefix=f"{metric_key_prefix}_{name}"
-                )
-            finally:
-                self._comparing = None
-            peer_metrics.update({key: value for key, value in output.metrics.items() if not key.endswith(_LOOP_FIELDS)})
-        self.log(peer_metrics)
-        return {**metrics, **peer_metrics}
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        if self._comparing not in self.peers:
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        plain = split_sample_index(self._prepare_inputs(inputs))[0]
-        with torch.no_grad():
-            peer = self.peers[self._comparing]
-            logits = output_field(peer(**{key: value for key, value in plain.items() if key != "labels"}), "logits")
-        return None, logits, plain.get("labels")
+    def member_model(self, member):
+        return self.peers[member]
 
     # ---- saving ---------------------------------------------------------------------------------------------
 
@@ -272,9 +153,8 @@ class MutualLearningTrainer(DistillationTrainer):
             comparison=rows,
             eval_examples=self.comparison_examples,
             device=str(self.args.device),
-            **{
-                key: value for key, value in self.model_card_kwargs.items() if key in ("dataset_description", "license")
-            },
+            dataset_description=self.model_card_kwargs.get("dataset_description"),
+            license=self.model_card_kwargs.get("license"),
         )
 
     def create_model_card(self, *args, **kwargs):
@@ -283,22 +163,12 @@ class MutualLearningTrainer(DistillationTrainer):
     def push_to_hub(self, *args, **kwargs):
         raise NotImplementedError(_NO_PUSH)
 
-    def compare_with_teacher(self, eval_dataset=None) -> dict[str, dict]:
-        """Each peer's row (metrics, parameters, ms per example), measured alone; kept for the peers' cards."""
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError("compare_with_teacher needs an eval_dataset (here or in MutualLearningTrainer).")
-        self.comparison = {name: measure_alone(self, name, dataset) for name in self.peers}
-        self.comparison_examples = len(dataset)
-        return self.comparison
-
 
 _NO_PUSH = (
     "a MutualLearningTrainer does not push (push_to_hub=False): save_model() writes every peer to OUTPUT_DIR/NAME "
     "with its weights, distillation_config.json and card; push the one you want with "
     "huggingface_hub.upload_folder(folder_path='OUTPUT_DIR/peer0', repo_id=...)."
 )
-_LOOP_FIELDS = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time", "_loss")
 
 
 def mutual_learning(
@@ -327,7 +197,9 @@ def mutual_learning(
             name: {key: value for key, value in row.items() if key not in ("parameters", "ms_per_example")}
             for name, row in rows.items()
         }
-        trainer.best_peer = _best(trainer.peer_metrics, metric or args.metric_for_best_model, args.greater_is_better)
+        trainer.best_peer = best_member(
+            trainer.peer_metrics, metric or args.metric_for_best_model, args.greater_is_better
+        )
     trainer.save_model(folder)
     stages = []
     for name, peer in trainer.peers.items():
@@ -335,16 +207,6 @@ def mutual_learning(
         stage = Stage(name, os.path.join(folder, name), peer, metrics, {"best": name == trainer.best_peer}, trainer)
         stages.append(stage)
     return stages
-
-
-def _best(metrics: dict[str, dict], metric: str | None, greater_is_better: bool | None) -> str | None:
-    """The peer with the best ``metric`` (``accuracy`` by default when reported; else none is marked)."""
-    metric = (metric or "accuracy").removeprefix("eval_")
-    scored = {name: row[metric] for name, row in metrics.items() if metric in row}
-    if len(scored) != len(metrics) or not scored:
-        return None
-    higher = greater_is_better if greater_is_better is not None else not metric.endswith("loss")
-    return (max if higher else min)(scored, key=scored.get)
 
 
 def _named_peers(peers) -> dict[str, nn.Module]:
@@ -375,14 +237,3 @@ def _named_peers(peers) -> dict[str, nn.Module]:
             raise ValueError("two peers share parameters: each peer must be a separate model (copy.deepcopy).")
         shared |= {id(p) for p in peer.parameters()}
     return named
-
-
-def _check_response_losses(objective: Objective) -> None:
-    """Peers exchange predictions: only losses that read logits alone apply."""
-    other = [term.loss.name for term in objective.terms if term.loss.side_needs("student") != {"logits"}]
-    if other:
-        raise ValueError(
-            f"mutual learning exchanges the peers' predictions, and {other} read other features (hidden states, "
-            "embeddings) with learned parts sized for one teacher: use response losses (kl, reverse_kl, jsd, "
-            "soft_ce, tvd, prob_mse, logit_mse, dkd)."
-        )

@@ -156,7 +156,15 @@ def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: b
 
 
 def record_terms(
-    trainer, mode, terms, counts: ItemCounts, accumulation: int, distilled: bool, labeled: bool, suffix: str = ""
+    trainer,
+    mode,
+    terms,
+    counts: ItemCounts,
+    accumulation: int,
+    distilled: bool,
+    labeled: bool,
+    suffix: str = "",
+    extra: dict | None = None,
 ):
     """Training: each term's share of its step, weighed 1 per step (the log is the mean per step). Evaluation:
     each term weighed by the items it averages (label tokens, distilled positions; 1 per batch for batch-level
@@ -164,16 +172,19 @@ def record_terms(
 
     Weights come from the step's counts — every process's, when they were summed — so a process whose rows have
     no label still weighs the step in, and every process divides the same sums by the same weights. ``suffix``
-    goes after every logged name (``/peer0``: one model's terms among several trained together)."""
+    goes after every logged name (``/peer0``: one model's terms among several trained together); ``extra`` are a
+    scheme's own batch-level terms (shares of the step, like the batch-level losses)."""
     ensemble_weights = [name for name in terms if name.startswith(WEIGHT_PREFIX)]
+    terms = {**terms, **(extra or {})}
     if mode == "train":
         weights = (
             {name: 1.0 / accumulation for name in [*trainer.objective.names, *ensemble_weights]} if distilled else {}
         )
+        weights.update({name: 1.0 / accumulation for name in extra or {}})
         if labeled:
             weights[LABEL_TERM] = counts.labels.gt(0).float() / accumulation
     else:
-        weights = {name: 1.0 for name in ensemble_weights}
+        weights = {name: 1.0 for name in [*ensemble_weights, *(extra or {})]}
         if distilled:
             for term in trainer.objective.terms:
                 weights[term.name] = counts.positions / counts.scale if term.loss.per_position else 1.0
