@@ -197,7 +197,7 @@ def main():
         data_collator=default_data_collator,
         processing_class=tokenizer,
     )
-    student = trainer.accelerator.unwrap_model(trainer.model)
+    student = trainer.student
 
     # ---- results: test perplexity ----
     if recipe.baselines:

@@ -249,7 +249,7 @@ def main():
         data_collator=collator,
         processing_class=tokenizer,
     )
-    student = trainer.accelerator.unwrap_model(trainer.model)
+    student = trainer.student
 
     distilled = "student distilled" + (" (sequence-level)" if recipe.sequence_level_kd else "")
     if recipe.baselines:

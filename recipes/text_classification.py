@@ -257,7 +257,7 @@ def main():
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
     )
-    student = trainer.accelerator.unwrap_model(trainer.model)
+    student = trainer.student
 
     # ---- results on the held-out test split ----
     title = (

@@ -37,6 +37,7 @@ from hf_kd.features import ModelFeatures
 from hf_kd.schemes.mean_teacher import EMATeacher
 from hf_kd.schemes.mutual_learning import MutualLearningTrainer
 from hf_kd.schemes.recipes import SchemeArguments
+from hf_kd.schemes.self_distillation import EarlyExitModel, SelfDistillationTrainer
 
 README_START, README_END = "<!-- refusals:start -->", "<!-- refusals:end -->"
 
@@ -633,6 +634,50 @@ CASES = [
         ),
         ValueError,
         "mutual learning keeps every peer",
+    ),
+    Case(
+        "byot-token-level",
+        "`EarlyExitModel(a causal LM, exits_after=[1])`",
+        lambda p: EarlyExitModel(tiny_gpt2(), exits_after=[1]),
+        ValueError,
+        "early exits pool each example to one vector",
+    ),
+    Case(
+        "byot-exit-after-last-block",
+        "`EarlyExitModel(a 2-block BERT, exits_after=[2])`",
+        lambda p: EarlyExitModel(tiny_bert(layers=2), exits_after=[2]),
+        ValueError,
+        "an exit after block 2: BertForSequenceClassification has blocks 1..2",
+    ),
+    Case(
+        "byot-no-exits",
+        "`EarlyExitModel(model, exits_after=[])`",
+        lambda p: EarlyExitModel(tiny_bert(), exits_after=[]),
+        ValueError,
+        "exits_after is empty",
+    ),
+    Case(
+        "byot-hint-without-projector",
+        "`SelfDistillationTrainer(hint_weight=1)` on exits built without `hint=True`",
+        lambda p: SelfDistillationTrainer(
+            EarlyExitModel(tiny_bert(layers=3), exits_after=[1]), config(p / "out"), hint_weight=1.0
+        ),
+        ValueError,
+        "hint_weight > 0 needs exits with hint projectors",
+    ),
+    Case(
+        "byot-plain-model",
+        "`SelfDistillationTrainer(model)` without exits",
+        lambda p: SelfDistillationTrainer(tiny_bert(), config(p / "out")),
+        TypeError,
+        "SelfDistillationTrainer trains an EarlyExitModel",
+    ),
+    Case(
+        "recipe-byot-exits",
+        "a recipe with `--scheme byot --exits first`",
+        lambda p: SchemeArguments(scheme="byot", exits="first"),
+        ValueError,
+        "--exits takes comma-separated block numbers",
     ),
     Case(
         "dml-push",

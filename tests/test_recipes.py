@@ -575,3 +575,30 @@ def test_image_recipe_runs_every_scheme_and_several_teachers(tmp_path):
         assert (dml / peer / "model.safetensors").exists() and (dml / peer / "README.md").exists()
     distilled = results[next(name for name in results if name.startswith("student distilled"))]
     assert distilled["accuracy"] == pytest.approx(digits_test_accuracy(dml, model_dir=dml / "peer0"), abs=1e-9)
+
+    # Self-distillation: exits after blocks 1 and 2 of a 3-block student; each exit a row, the plain model saved.
+    byot = tmp_path / "byot"
+    run_recipe(
+        "image_classification.py",
+        *common,
+        "--output_dir",
+        str(byot),
+        "--teacher",
+        str(ns / "teacher"),
+        "--scheme",
+        "byot",
+        "--student_layers",
+        "3",
+        "--hint_weight",
+        "0.1",
+    )
+    results = json.loads((byot / "results.json").read_text())
+    rows = [name.split(" (")[0] for name in results]
+    assert rows == [f"teacher {ns / 'teacher'}", "student from scratch", "exit1", "exit2", "student distilled"]
+    sizes = [results[name]["parameters"] for name in results][2:]
+    assert sizes[0] < sizes[1] < sizes[2]  # an exit uses the blocks before it and its head only
+    summary = json.loads((byot / "student" / "distillation_config.json").read_text())
+    assert summary["stage"]["exits"]["exits_after"] == [1, 2] and summary["stage"]["hint_weight"] == 0.1
+    assert not (byot / "student" / "early_exits.json").exists()
+    distilled = results[next(name for name in results if name.startswith("student distilled"))]
+    assert distilled["accuracy"] == pytest.approx(digits_test_accuracy(byot), abs=1e-9)

@@ -40,8 +40,8 @@ class OnlineTrainer(DistillationTrainer):
     (:meth:`member_logits`, :meth:`member_model`).
 
     Logged per member: ``ce/NAME``, ``kl/NAME``, … in training and ``eval_ce/NAME``, … in evaluation. With
-    ``compute_metrics``, evaluation reports the members' mean prediction (``eval_accuracy``) and each member alone
-    (``eval_NAME_accuracy``).
+    ``compute_metrics``, evaluation reports :meth:`evaluation_logits` (``eval_accuracy``: the members' mean
+    prediction, unless the scheme says otherwise) and each member alone (``eval_NAME_accuracy``).
     """
 
     scheme = "online distillation"  # in messages
@@ -166,12 +166,19 @@ class OnlineTrainer(DistillationTrainer):
             member_total = self.objective.total(terms, label_weight, step)
             for value in extra.values():
                 member_total = value if member_total is None else member_total + value
-            total = member_total if total is None else total + member_total
+            if member_total is not None:  # None: an unlabeled batch for a member that no one teaches
+                total = member_total if total is None else total + member_total
             record_terms(self, mode, terms, counts, accumulation, taught, labeled, suffix=f"/{name}", extra=extra)
+        if total is None:
+            raise ValueError("no loss term was computed: the batch has no labels and no member learns from another.")
         if not return_outputs:
             return total
-        # What evaluation's compute_metrics reads: the members' mean prediction (each member: evaluate()).
-        return total, {"logits": mean_prediction(list(detached.values()), 1.0)}
+        return total, {"logits": self.evaluation_logits(detached)}
+
+    def evaluation_logits(self, detached: dict[str, ModelFeatures]) -> torch.Tensor:
+        """What evaluation's ``compute_metrics`` reads (each member alone: :meth:`evaluate`): the members' mean
+        prediction."""
+        return mean_prediction(list(detached.values()), 1.0)
 
     # ---- evaluation -----------------------------------------------------------------------------------------
 

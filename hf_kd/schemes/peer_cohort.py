@@ -32,15 +32,16 @@ class PeerCohort(nn.Module):
         columns = (inspect.signature(peer.forward).parameters for peer in self.peers.values())
         return sorted({name for parameters in columns for name in parameters})
 
-    def save(self, folder: str, processing_class=None) -> None:
+    # What the trainer's checkpoints hold: one from_pretrained folder per peer (see hf_kd.trainer.compat).
+    def save_checkpoint(self, folder: str, processing_class=None) -> None:
         """Every peer to ``folder/NAME`` with ``save_pretrained`` (and the processor beside it)."""
         for name, peer in self.peers.items():
             peer.save_pretrained(os.path.join(folder, name))
             if processing_class is not None:
                 processing_class.save_pretrained(os.path.join(folder, name))
 
-    def load(self, folder: str) -> None:
-        """Every peer's weights from ``folder/NAME`` (a checkpoint that :meth:`save` wrote)."""
+    def load_checkpoint(self, folder: str) -> None:
+        """Every peer's weights from ``folder/NAME`` (a checkpoint that :meth:`save_checkpoint` wrote)."""
         for name, peer in self.peers.items():
             path = os.path.join(folder, name, "model.safetensors")
             if not os.path.exists(path):
@@ -48,10 +49,16 @@ class PeerCohort(nn.Module):
                     f"{folder} has no {name}/model.safetensors: it is not a checkpoint of these peers "
                     f"{list(self.peers)}."
                 )
-            missing, unexpected = peer.load_state_dict(load_file(path), strict=False)
-            tied = set(getattr(peer, "all_tied_weights_keys", None) or {})
-            if unexpected or set(missing) - tied:  # save_pretrained leaves out only weights tied to another
-                raise ValueError(
-                    f"the checkpoint of {name} in {folder} does not fit it: missing {sorted(set(missing) - tied)}, "
-                    f"unexpected {sorted(unexpected)}."
-                )
+            load_model_weights(peer, path)
+
+
+def load_model_weights(model: nn.Module, path: str) -> None:
+    """A transformers model's weights from the ``model.safetensors`` its ``save_pretrained`` wrote (which leaves out
+    the weights it ties to others, such as an LM head on the embeddings)."""
+    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    if unexpected or set(missing) - tied:
+        raise ValueError(
+            f"{path} does not fit {type(model).__name__}: missing {sorted(set(missing) - tied)}, unexpected "
+            f"{sorted(unexpected)}."
+        )

@@ -1,4 +1,4 @@
-"""The recipes' scheme flags: ``--scheme offline|teacher_assistant|born_again|noisy_student|mean_teacher|dml`` and
+"""The recipes' scheme flags: ``--scheme offline|teacher_assistant|born_again|noisy_student|mean_teacher|dml|byot`` and
 ``--teachers A,B``
 (several teachers, combined by ``--teacher_aggregation``). A recipe builds its data, teacher and a student factory,
 then :func:`distil` runs the chosen scheme and hands back the trainer of the final student (for its evaluation,
@@ -17,7 +17,7 @@ from ..cli import sharding_engine
 from ..config import DistillationConfig
 from .stages import MODEL_FOLDER, Stage
 
-SCHEMES = ("offline", "teacher_assistant", "born_again", "noisy_student", "mean_teacher", "dml")
+SCHEMES = ("offline", "teacher_assistant", "born_again", "noisy_student", "mean_teacher", "dml", "byot")
 
 
 @dataclass
@@ -30,7 +30,8 @@ class SchemeArguments:
             "--rounds of pseudo-labels + noised student inputs, each student the next teacher. mean_teacher: the "
             "student's exponential moving average is its teacher (--ema_decay, --consistency_loss); the recipe's "
             "teacher is then only a reference row of the results. dml: --peers students of the student's "
-            "architecture learn from each other (deep mutual learning), no teacher; the best peer is the student.",
+            "architecture learn from each other (deep mutual learning), no teacher; the best peer is the student. "
+            "byot: exits after --exits blocks of the student learn from its own head (self-distillation).",
             "choices": list(SCHEMES),
         },
     )
@@ -83,11 +84,29 @@ class SchemeArguments:
         },
     )
 
+    exits: str | None = field(
+        default=None,
+        metadata={"help": "byot: the blocks to put exits after, e.g. 1,2 (default: every block but the last)."},
+    )
+    exit_bottleneck: int | None = field(default=None, metadata={"help": "byot: the exits' bottleneck width."})
+    hint_weight: float = field(default=0.0, metadata={"help": "byot: the weight of the exits' feature hint."})
+    save_exits: bool = field(
+        default=False, metadata={"help": "byot: save the student with its exits (EarlyExitModel.from_pretrained)."}
+    )
+
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise ValueError(f"--scheme is one of {', '.join(SCHEMES)}; got {self.scheme!r}.")
         if self.teachers is not None and self.scheme in ("mean_teacher", "dml"):
             raise ValueError(f"--teachers with --scheme {self.scheme}: its teachers are trained with the student.")
+        if self.exits is not None:
+            try:
+                self.exit_blocks = [int(block) for block in self.exits.split(",") if block.strip()]
+            except ValueError:
+                message = f"--exits takes comma-separated block numbers, e.g. 1,2; got {self.exits!r}."
+                raise ValueError(message) from None
+        else:
+            self.exit_blocks = None
         if self.peers < 2:
             raise ValueError(f"--peers needs at least 2 (deep mutual learning), got {self.peers}.")
         if self.teachers is not None and self.scheme in ("teacher_assistant", "noisy_student"):
@@ -142,6 +161,26 @@ def distil(
             **trainer_kwargs,
         )
         return student.trainer, [ema]
+    if scheme.scheme == "byot":  # one trainer: refused under DeepSpeed/FSDP by SelfDistillationTrainer
+        from .self_distillation import ExitView, block_paths, self_distillation
+
+        student = make_student(1)
+        blocks = scheme.exit_blocks or list(range(1, len(block_paths(student))))
+        if not blocks:
+            raise ValueError("--scheme byot puts exits after blocks before the last: give the student 2 or more.")
+        trainer = self_distillation(
+            student,
+            args,
+            exits_after=blocks,
+            bottleneck=scheme.exit_bottleneck,
+            hint_weight=scheme.hint_weight,
+            save_exits=scheme.save_exits,
+            train_dataset=train_dataset,
+            **trainer_kwargs,
+        )
+        early, batch = trainer.early_exit_model, trainer.example_inputs()
+        exits = [Stage(name, args.output_dir, ExitView(early, name, batch), {}) for name in early.exit_paths]
+        return trainer, exits
     engine = sharding_engine(args)
     if engine is not None:
         raise SystemExit(

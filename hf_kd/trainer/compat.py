@@ -21,7 +21,6 @@ from ..cross_tokenizer import TEACHER_COLUMNS
 from ..data import SAMPLE_INDEX
 from ..generation import ON_POLICY_KEY, student_rollout
 from ..positions import ItemCounts, count_items, split_sample_index
-from ..schemes.peer_cohort import PeerCohort
 from .loss_parts import LOSS_OPTIMIZER_NAME, LOSS_PARTS_NAME
 
 # What a checkpoint holds beside the student: resumable state, never part of the student pushed to the repo root.
@@ -43,9 +42,9 @@ CHECKPOINT_ONLY_FILES = (
 
 class TrainerCompat(Trainer):
     def _set_signature_columns_if_needed(self):
-        # Columns the student's forward does not take but the losses (sample_index) or the teacher read. Peers
-        # trained together (a PeerCohort, whose forward passes everything on) take what any of them takes.
-        if self._signature_columns is None and isinstance(self.model, PeerCohort):
+        # Columns the student's forward does not take but the losses (sample_index) or the teacher read. A module
+        # around models (peers, a model with exits), whose forward passes everything on, says what they take.
+        if self._signature_columns is None and hasattr(self.model, "signature_columns"):
             self._signature_columns = [*self.model.signature_columns(), "label", "label_ids", *self.label_names]
         super()._set_signature_columns_if_needed()
         for column in (SAMPLE_INDEX, *TEACHER_COLUMNS):
@@ -129,10 +128,11 @@ class TrainerCompat(Trainer):
             self.loss_parts.load(checkpoint)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
-        # Peers trained together: each its own from_pretrained folder (checkpoints too), never one merged state dict.
-        if isinstance(self.model, PeerCohort):
+        # A module around models (peers, a model with exits) saves them as from_pretrained folders, not as one
+        # merged state dict (checkpoints too).
+        if hasattr(self.model, "save_checkpoint"):
             if self.args.should_save:
-                self.model.save(output_dir or self.args.output_dir, self.processing_class)
+                self.model.save_checkpoint(output_dir or self.args.output_dir, self.processing_class)
             return
         # Engines (ZeRO-1/2, FSDP2) hand over gathered state dicts in which tied weights arrive as separate copies.
         if state_dict is not None:
@@ -140,9 +140,10 @@ class TrainerCompat(Trainer):
         super()._save(output_dir, state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        # A PeerCohort's checkpoint holds one folder per peer (see _save), which the Trainer's loader cannot find.
-        if isinstance(model if model is not None else self.model, PeerCohort):
-            (model if model is not None else self.model).load(resume_from_checkpoint)
+        # ... and reads them back itself (the Trainer's loader looks for one state dict).
+        model = model if model is not None else self.model
+        if hasattr(model, "load_checkpoint"):
+            model.load_checkpoint(resume_from_checkpoint)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 

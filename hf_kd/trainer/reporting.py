@@ -23,7 +23,7 @@ STUDENT_ROLE = "student"
 
 def write_summary(trainer, output_dir: str) -> None:
     with open(os.path.join(output_dir, DISTILLATION_CONFIG_NAME), "w") as handle:
-        json.dump(distillation_summary(trainer), handle, indent=2)
+        json.dump(trainer.distillation_summary(), handle, indent=2)
 
 
 def distillation_summary(trainer) -> dict:
@@ -45,7 +45,7 @@ def distillation_summary(trainer) -> dict:
             "teacher_aggregation": trainer.args.teacher_aggregation,
             **({"teacher_weights": trainer.args.teacher_weights} if trainer.args.teacher_weights else {}),
         }
-    return {**teachers, **run_summary(trainer, trainer.accelerator.unwrap_model(trainer.model))}
+    return {**teachers, **run_summary(trainer, trainer.student)}
 
 
 def run_summary(trainer, student: nn.Module) -> dict:
@@ -150,10 +150,10 @@ def create_model_card(trainer, output_dir: str | None = None, **card) -> None:
         or os.path.basename(os.path.abspath(trainer.args.output_dir))
     )
     rendered = render_student_card(
-        distillation_summary(trainer),
+        trainer.distillation_summary(),
         list(trainer.distillation_losses),
         repo_id=repo_id,
-        auto_class=auto_class_for(trainer.model).__name__,
+        auto_class=auto_class_for(trainer.student).__name__,
         comparison=trainer.comparison,
         eval_examples=trainer.comparison_examples,
         dataset=card["dataset_tags"] if card["dataset_tags"] is not None else card["dataset"],

@@ -111,6 +111,11 @@ class DistillationTrainer(TrainerCompat):
         return next(iter(self.teachers.values()))
 
     @property
+    def student(self) -> nn.Module:
+        """The student model as saved and shared (unwrapped from DDP or an engine)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
     def teachers_cover_eval(self) -> bool:
         """Whether every teacher has outputs for evaluation data (a cache covers the data it was written for)."""
         return all(source.covers_eval for source in self.teachers.values())
@@ -118,7 +123,7 @@ class DistillationTrainer(TrainerCompat):
     def parameters_of(self, role: str) -> int:
         """The parameter count of ``"student"`` or of a teacher, by its name (for comparison rows)."""
         if role == reporting.STUDENT_ROLE:
-            return count_parameters(self.model)
+            return count_parameters(self.student)
         return self.teachers[role].describe()["teacher_parameters"]
 
     def loss_parameters(self) -> list[nn.Parameter]:

@@ -1,0 +1,518 @@
+"""Self-distillation through early exits (Zhang et al. 2019, *Be Your Own Teacher*, arXiv:1905.08094): classifier
+exits are attached after chosen blocks of a network — a transformers encoder (BERT-like, ViT) or a CNN (ResNet) —
+by forward hooks, with no change to the model's code. Every exit trains on the labels; the model's own head (the
+deepest exit) teaches the shallower ones with the configured response losses and, optionally, a feature hint:
+
+    L = CE(y, p_final) + Σ_exits [ w_ce·CE(y, p_e) + w_kd·Σᵢ wᵢ·Lᵢ(p_e, sg(p_final)) + λ·‖r_e(f_e) − sg(f_final)‖² ]
+
+(``sg``: the teacher signal is detached, so the deepest exit gets no distillation gradient.) An exit pools the
+block's output (mean over real tokens, or over the spatial grid), optionally through a bottleneck, into a linear
+classifier; ``r_e`` projects its features onto the width of the final block's pooled output for the hint.
+
+Saving writes the plain model (exits dropped: ``from_pretrained`` reads it as ever), or with ``save_exits=True`` also
+the exits (``early_exits.json`` + ``early_exits.safetensors``), which :meth:`EarlyExitModel.from_pretrained` reads
+back. :func:`exit_report` measures each exit's quality and latency, and the anytime rule "leave at the first exit
+whose confidence reaches a threshold" with the accuracy-vs-latency trade-off it gives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..config import DistillationConfig
+from ..evaluation import count_parameters
+from ..features import ModelFeatures, capture_modules, pool
+from ..model_kinds import is_token_level, num_classes
+from ..trainer.compat import TrainerCompat
+from ..trainer.reporting import DISTILLATION_CONFIG_NAME, run_summary
+from .online import OnlineTrainer
+from .peer_cohort import load_model_weights
+
+FINAL = "final"  # the member that is the model's own head (the deepest exit, the teacher)
+EXITS_CONFIG, EXITS_WEIGHTS = "early_exits.json", "early_exits.safetensors"
+_BLOCK_LISTS = ("layer", "layers", "stages", "blocks", "h")  # how models name the list of their blocks
+
+
+def block_paths(model: nn.Module) -> list[str]:
+    """The dotted paths of the model's blocks, in order (``bert.encoder.layer.0``, …; ``vit.layers.0``, …;
+    ``resnet.encoder.stages.0``, …): the longest ``nn.ModuleList`` named like a block list."""
+    lists = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and name.rpartition(".")[2] in _BLOCK_LISTS
+    ]
+    if not lists:
+        raise ValueError(
+            f"{type(model).__name__} has no list of blocks named {_BLOCK_LISTS}: give the exits' module paths "
+            "(exits_after=['encoder.block.1', ...]) instead of layer numbers."
+        )
+    name, blocks = max(lists, key=lambda item: len(item[1]))
+    return [f"{name}.{index}" for index in range(len(blocks))]
+
+
+class ExitHead(nn.Module):
+    """An exit: the block's output pooled to one vector, normalised, optionally through a bottleneck, classified;
+    ``project`` maps its features to the final block's width for the hint."""
+
+    def __init__(self, width: int, num_labels: int, bottleneck: int | None, hint_width: int | None):
+        super().__init__()
+        layers: list[nn.Module] = [nn.LayerNorm(width)]
+        if bottleneck:
+            layers += [nn.Linear(width, bottleneck), nn.GELU()]
+        self.features = nn.Sequential(*layers)
+        feature_width = bottleneck or width
+        self.classifier = nn.Linear(feature_width, num_labels)
+        self.project = nn.Linear(feature_width, hint_width) if hint_width else None
+
+    def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(pooled)
+        return self.classifier(features), features
+
+
+class _ExitReached(Exception):
+    def __init__(self, output):
+        self.output = output
+
+
+class EarlyExitModel(nn.Module):
+    """``model`` (a sequence or image classifier) with exits after the blocks ``exits_after`` — layer numbers (1 = the
+    first block) or module paths. ``forward(**inputs)`` runs the model once and returns ``{member: (outputs,
+    ModelFeatures)}`` for every exit (``exit1``, …; a path's exit is named ``exit@PATH``) and ``final`` (the model's
+    own outputs); with ``labels``, every member's outputs carry its cross-entropy.
+
+    ``widths``: the hidden width after each exit's block, when it cannot be read from the block's last parameter.
+    ``hint``: give each exit a projector onto the final block's width (for the feature hint).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        exits_after: list[int | str],
+        *,
+        bottleneck: int | None = None,
+        pooling: str = "auto",
+        hint: bool = False,
+        widths: list[int] | None = None,
+    ):
+        super().__init__()
+        if is_token_level(model):
+            raise ValueError(
+                f"early exits pool each example to one vector and classify it; {type(model).__name__} predicts per "
+                "token. Use a sequence or image classifier."
+            )
+        blocks = block_paths(model) if any(isinstance(point, int) for point in exits_after) else []
+        if not exits_after:
+            raise ValueError("exits_after is empty: name at least one block to put an exit after.")
+        paths, names = [], []
+        for point in exits_after:
+            if isinstance(point, int):
+                if not 1 <= point < len(blocks):
+                    raise ValueError(
+                        f"an exit after block {point}: {type(model).__name__} has blocks 1..{len(blocks)}, and after "
+                        f"the last one its own head is the deepest exit; choose among 1..{len(blocks) - 1}."
+                    )
+                paths.append(blocks[point - 1])
+                names.append(f"exit{point}")
+            else:
+                model.get_submodule(point)  # a clear AttributeError for a wrong path
+                paths.append(point)
+                names.append(f"exit@{point}")
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"exits_after names a block twice: {exits_after}.")
+        self.model = model
+        self.exit_paths = dict(zip(names, paths))
+        self.final_path = (blocks or block_paths(model))[-1]
+        if widths is None:
+            widths = [_block_width(model.get_submodule(path)) for path in paths]
+        self.final_width = _block_width(model.get_submodule(self.final_path))
+        self.bottleneck, self.pooling, self.hint = bottleneck, pooling, hint
+        classes = num_classes(model)
+        self.exits = nn.ModuleDict(
+            {
+                name: ExitHead(width, classes, bottleneck, self.final_width if hint else None)
+                for name, width in zip(names, widths)
+            }
+        )
+        self.exits_after = list(exits_after)
+
+    def signature_columns(self) -> list[str]:
+        """The inputs the model's forward takes (the Trainer keeps those data columns)."""
+        return list(inspect.signature(self.model.forward).parameters)
+
+    @property
+    def members(self) -> list[str]:
+        return [*self.exit_paths, FINAL]
+
+    def forward(self, labels=None, **inputs) -> dict[str, tuple]:
+        paths = [*self.exit_paths.values(), self.final_path]
+        with capture_modules(self.model, paths) as captured:
+            outputs = self.model(**inputs, labels=labels)
+        mask = inputs.get("attention_mask")
+        final_features = pool(captured[self.final_path], self.pooling, mask)
+        results = {}
+        for name, path in self.exit_paths.items():
+            logits, features = self.exits[name](pool(captured[path], self.pooling, mask))
+            hint = self.exits[name].project(features) if self.exits[name].project is not None else None
+            loss = None if labels is None else F.cross_entropy(logits.float(), labels, ignore_index=-100)
+            results[name] = (
+                SequenceClassifierOutput(loss=loss, logits=logits),
+                ModelFeatures(logits=logits, hidden_states=None if hint is None else (hint,)),
+            )
+        results[FINAL] = (outputs, ModelFeatures(logits=outputs.logits, hidden_states=(final_features,)))
+        return results
+
+    def exit_logits(self, member: str, inputs: dict) -> torch.Tensor:
+        """One member's logits, computing only what it needs: the model stops at the exit's block."""
+        if member == FINAL:
+            return self.model(**inputs).logits
+        try:
+            with _stop_at(self.model, self.exit_paths[member]):
+                self.model(**inputs)
+        except _ExitReached as reached:
+            pooled = pool(reached.output, self.pooling, inputs.get("attention_mask"))
+            return self.exits[member](pooled)[0]
+        raise RuntimeError(f"the forward pass never reached the block of {member}.")
+
+    def used_parameters(self, member: str, inputs: dict) -> list[nn.Parameter]:
+        """The parameters ``member`` uses: those of every module that runs before its exit, and its head."""
+        if member == FINAL:
+            return list(self.model.parameters())
+        ran: list[nn.Module] = []
+        handles = [m.register_forward_pre_hook(lambda module, _: ran.append(module)) for m in self.model.modules()]
+        try:
+            with torch.no_grad():
+                self.exit_logits(member, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        used = {id(p): p for module in ran for p in module.parameters(recurse=False)}
+        return [*used.values(), *self.exits[member].parameters()]
+
+    def exits_config(self) -> dict:
+        return {
+            "exits_after": self.exits_after,
+            "exit_paths": self.exit_paths,
+            "bottleneck": self.bottleneck,
+            "pooling": self.pooling,
+            "hint": self.hint,
+            "widths": [head.features[0].normalized_shape[0] for head in self.exits.values()],
+        }
+
+    def save_pretrained(self, folder: str, with_exits: bool = True) -> None:
+        """The model by ``save_pretrained`` (``from_pretrained`` reads it without exits) and, with ``with_exits``,
+        its exits beside it."""
+        self.model.save_pretrained(folder)
+        if with_exits:
+            with open(os.path.join(folder, EXITS_CONFIG), "w") as handle:
+                json.dump(self.exits_config(), handle, indent=2)
+            state = {key: value.detach().contiguous() for key, value in self.exits.state_dict().items()}
+            save_file(state, os.path.join(folder, EXITS_WEIGHTS))
+
+    def load_exits(self, folder: str) -> None:
+        self.exits.load_state_dict(load_file(os.path.join(folder, EXITS_WEIGHTS)))
+
+    @classmethod
+    def from_pretrained(cls, folder: str, model_class=None, **kwargs) -> EarlyExitModel:
+        """A folder :meth:`save_pretrained` wrote with its exits: the model through ``model_class.from_pretrained``
+        (default: the class its config names) and the exits on it."""
+        path = os.path.join(folder, EXITS_CONFIG)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{folder} has no {EXITS_CONFIG}: it holds the model without exits (load it with from_pretrained), or "
+                "save it with save_exits=True."
+            )
+        with open(path) as handle:
+            config = json.load(handle)
+        if model_class is None:
+            architectures = transformers.AutoConfig.from_pretrained(folder).architectures or []
+            if not architectures:
+                raise ValueError(f"the config in {folder} names no architecture: pass model_class=.")
+            model_class = getattr(transformers, architectures[0])
+        model = model_class.from_pretrained(folder, **kwargs)
+        exits = [point if isinstance(point, str) else int(point) for point in config["exits_after"]]
+        early = cls(
+            model,
+            exits,
+            bottleneck=config["bottleneck"],
+            pooling=config["pooling"],
+            hint=config["hint"],
+            widths=config["widths"],
+        )
+        early.load_exits(folder)
+        return early
+
+    # What the trainer's checkpoints hold: the model and its exits, one folder (see hf_kd.trainer.compat).
+    def save_checkpoint(self, folder: str, processing_class=None) -> None:
+        self.save_pretrained(folder, with_exits=True)
+        if processing_class is not None:
+            processing_class.save_pretrained(folder)
+
+    def load_checkpoint(self, folder: str) -> None:
+        weights = os.path.join(folder, "model.safetensors")
+        if not os.path.exists(weights) or not os.path.exists(os.path.join(folder, EXITS_WEIGHTS)):
+            raise ValueError(
+                f"{folder} is not a checkpoint of this model with exits (model.safetensors, {EXITS_WEIGHTS})."
+            )
+        load_model_weights(self.model, weights)
+        self.load_exits(folder)
+
+
+class ExitView(nn.Module):
+    """One member of an :class:`EarlyExitModel` as a model of its own: ``forward`` runs the network up to the exit's
+    block only (as an early-exit deployment would) and returns its logits — for evaluation tables and latency."""
+
+    def __init__(self, early: EarlyExitModel, member: str, example_inputs: dict):
+        """``example_inputs``: one batch, to find the parameters the member uses (``parameters()`` yields those)."""
+        super().__init__()
+        self.early, self.member = early, member
+        self.config = early.model.config  # what evaluation helpers read (num_labels, ...)
+        self._used = early.used_parameters(member, example_inputs)
+
+    def parameters(self, recurse: bool = True):
+        return iter(self._used)
+
+    # The inputs named, so that a Trainer's column filter (which reads this signature) keeps them.
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        pixel_values=None,
+        input_values=None,
+        labels=None,
+        **kwargs,
+    ):
+        given = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            pixel_values=pixel_values,
+            input_values=input_values,
+        )
+        inputs = {key: value for key, value in given.items() if value is not None} | kwargs
+        logits = self.early.exit_logits(self.member, inputs)
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels, ignore_index=-100)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def _block_width(block: nn.Module) -> int:
+    """The width of a block's output, read from its last parameter (a final norm's or convolution's)."""
+    parameters = list(block.parameters())
+    if not parameters:
+        raise ValueError(f"cannot read the output width of {type(block).__name__} (no parameters): pass widths=.")
+    return parameters[-1].shape[0]
+
+
+@contextlib.contextmanager
+def _stop_at(model: nn.Module, path: str):
+    """End the forward pass at the block ``path``, raising ``_ExitReached`` with its output."""
+
+    def hook(_module, _inputs, output):
+        raise _ExitReached(output[0] if isinstance(output, (tuple, list)) else output)
+
+    handle = model.get_submodule(path).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class SelfDistillationTrainer(OnlineTrainer):
+    """Trains an :class:`EarlyExitModel` by self-distillation: every exit on the labels, the model's own head
+    (``final``) teaching the exits with the configured response losses and, with ``hint_weight`` > 0, the feature
+    hint. Logged per member: ``ce/exit1``, ``kl/exit1``, ``hint/exit1``, …, ``ce/final``; evaluation adds each
+    member's ``compute_metrics`` (``eval_exit1_accuracy``, …).
+
+    ``save_model`` writes the plain model (exits dropped), or with ``save_exits=True`` also the exits; checkpoints
+    always hold both, and resume them.
+    """
+
+    scheme, member_kind = "self-distillation", "exit"
+
+    def __init__(
+        self,
+        model: EarlyExitModel,
+        args: DistillationConfig | None = None,
+        *,
+        hint_weight: float = 0.0,
+        save_exits: bool = False,
+        **kwargs,
+    ):
+        if not isinstance(model, EarlyExitModel):
+            raise TypeError(
+                f"SelfDistillationTrainer trains an EarlyExitModel (the model with its exits), got "
+                f"{type(model).__name__}: wrap it as EarlyExitModel(model, exits_after=[1, 2])."
+            )
+        if not (hint_weight >= 0 and hint_weight != float("inf")):
+            raise ValueError(f"hint_weight must be a finite number >= 0, got {hint_weight}.")
+        if hint_weight > 0 and not model.hint:
+            raise ValueError("hint_weight > 0 needs exits with hint projectors: EarlyExitModel(..., hint=True).")
+        if args is not None and args.push_to_hub and save_exits:
+            raise ValueError("push_to_hub uploads the plain model; push a model saved with its exits by hand.")
+        super().__init__(model, model.members, model.model, args, ("hint",) if hint_weight > 0 else (), **kwargs)
+        self.hint_weight, self.save_exits = float(hint_weight), save_exits
+
+    @property
+    def early_exit_model(self) -> EarlyExitModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def student(self) -> nn.Module:
+        """The model without its exits (what ``save_model`` writes by default)."""
+        return self.early_exit_model.model
+
+    def evaluation_logits(self, detached):
+        return detached[FINAL].logits  # the model's own head: the model as deployed without exits
+
+    def forward_members(self, model, inputs):
+        return model(**inputs)
+
+    def teachers_of(self, member, detached, term):
+        return [] if member == FINAL else [detached[FINAL]]
+
+    def extra_terms(self, member, results):
+        if self.hint_weight == 0 or member == FINAL:
+            return {}
+        exit_features = results[member][1].hidden_states[-1]
+        final_features = results[FINAL][1].hidden_states[-1].detach()
+        return {"hint": self.hint_weight * F.mse_loss(exit_features.float(), final_features.float())}
+
+    def member_logits(self, member, inputs):
+        return self.early_exit_model.exit_logits(member, inputs)
+
+    def member_model(self, member):
+        return self.early_exit_model.model if member == FINAL else self.early_exit_model.exits[member]
+
+    def parameters_of(self, role: str) -> int:
+        return sum(p.numel() for p in self.early_exit_model.used_parameters(role, self.example_inputs()))
+
+    def example_inputs(self) -> dict:
+        """One batch of model inputs (no labels), from the evaluation set or else the training set."""
+        loader = self.get_eval_dataloader() if self.eval_dataset is not None else self.get_train_dataloader()
+        taken = set(self.early_exit_model.signature_columns()) - {"labels"}
+        return {key: value for key, value in self._prepare_inputs(next(iter(loader))).items() if key in taken}
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The plain model (``from_pretrained`` reads it; exits dropped), with ``save_exits`` its exits too, and
+        ``distillation_config.json``. Checkpoints always hold the exits."""
+        output_dir = output_dir or self.args.output_dir
+        TrainerCompat.save_model(self, output_dir, _internal_call)  # compat._save: the model with its exits
+        if not self.args.should_save:
+            return
+        if not _internal_call and not self.save_exits:
+            for name in (EXITS_CONFIG, EXITS_WEIGHTS):
+                path = os.path.join(output_dir, name)
+                if os.path.exists(path):
+                    os.remove(path)
+        with open(os.path.join(output_dir, DISTILLATION_CONFIG_NAME), "w") as handle:
+            json.dump(self.distillation_summary(), handle, indent=2)
+
+    def distillation_summary(self) -> dict:
+        early = self.early_exit_model
+        return {
+            "teacher": "its own deepest exit (self-distillation)",
+            "teacher_class": type(early.model).__name__,
+            "teacher_parameters": count_parameters(early.model),
+            **run_summary(self, early.model),
+            "stage": {
+                "scheme": "self_distillation",
+                "exits": early.exits_config(),
+                "hint_weight": self.hint_weight,
+                "exits_saved": self.save_exits,
+                **({"metrics": self.comparison} if self.comparison else {}),
+            },
+        }
+
+
+def self_distillation(
+    model: nn.Module,
+    args: DistillationConfig,
+    *,
+    exits_after: list[int | str],
+    bottleneck: int | None = None,
+    hint_weight: float = 0.0,
+    save_exits: bool = False,
+    **trainer_kwargs,
+) -> SelfDistillationTrainer:
+    """Attach exits after the blocks ``exits_after`` of ``model``, train it by self-distillation in
+    ``args.output_dir`` (resuming from its last checkpoint there), measure every exit on ``eval_dataset``
+    (``trainer.comparison``) and save the model to ``OUTPUT_DIR/model`` (with its exits when ``save_exits``).
+    Returns the trainer; ``trainer.early_exit_model`` is the model with its exits."""
+    early = EarlyExitModel(model, exits_after, bottleneck=bottleneck, hint=hint_weight > 0)
+    trainer = SelfDistillationTrainer(early, args, hint_weight=hint_weight, save_exits=save_exits, **trainer_kwargs)
+    folder = args.output_dir
+    checkpoint = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.eval_dataset is not None:
+        trainer.compare_with_teacher()
+    trainer.save_model(os.path.join(folder, "model"))
+    return trainer
+
+
+@torch.no_grad()
+def exit_report(
+    model: EarlyExitModel,
+    dataset,
+    *,
+    data_collator=None,
+    batch_size: int = 64,
+    thresholds: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99),
+    device: str | torch.device = "cpu",
+) -> dict[str, dict]:
+    """Accuracy and latency of every exit alone (the model stopped at its block), and of the anytime rule "leave at
+    the first exit whose top probability reaches the threshold, else at the final head" for each threshold:
+    its accuracy, mean milliseconds per example (each example charged the measured latency of the exit it left at)
+    and the share of examples leaving at each member. Rows are keyed ``exit1``…, ``final``, ``threshold 0.9``…"""
+    from torch.utils.data import DataLoader
+
+    model = model.to(device).eval()
+    collate = data_collator or transformers.default_data_collator
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    members = model.members
+    seconds = dict.fromkeys(members, 0.0)
+    probabilities = {member: [] for member in members}
+    labels = []
+    for batch in loader:
+        batch = {key: value.to(device) for key, value in batch.items() if torch.is_tensor(value)}
+        labels.append(batch.pop("labels"))
+        inputs = {key: value for key, value in batch.items() if key != "sample_index"}
+        for member in members:
+            model.exit_logits(member, inputs)  # warm-up, so the timing is not the first call's
+            start = time.perf_counter()
+            logits = model.exit_logits(member, inputs)
+            seconds[member] += time.perf_counter() - start
+            probabilities[member].append(logits.float().softmax(-1))
+    labels = torch.cat(labels)
+    probabilities = {member: torch.cat(values) for member, values in probabilities.items()}
+    n = len(labels)
+    ms = {member: 1000 * seconds[member] / n for member in members}
+    rows = {}
+    for member in members:
+        correct = probabilities[member].argmax(-1).eq(labels).float().mean().item()
+        rows[member] = {"accuracy": correct, "ms_per_example": ms[member]}
+    for threshold in thresholds:
+        chosen = torch.full((n,), len(members) - 1, dtype=torch.long)
+        for index in reversed(range(len(members) - 1)):  # the first confident exit wins
+            confident = probabilities[members[index]].max(-1).values >= threshold
+            chosen[confident] = index
+        stacked = torch.stack([probabilities[member].argmax(-1) for member in members], dim=1)
+        predicted = stacked[torch.arange(n), chosen]
+        latency = torch.tensor([ms[member] for member in members])[chosen]
+        rows[f"threshold {threshold:g}"] = {
+            "accuracy": predicted.eq(labels).float().mean().item(),
+            "ms_per_example": latency.mean().item(),
+            **{f"share {member}": chosen.eq(index).float().mean().item() for index, member in enumerate(members)},
+        }
+    return rows
