@@ -7,8 +7,8 @@ The same ViT 2×32 student, steps and seed for every row:
 
 - source only: trained on the labeled upright images;
 - mean teacher: the labeled source rows + the unlabeled target rows, the student's EMA as teacher (consistency
-  ``logit_mse``, ramped up over the first third of the steps; Gaussian input noise for each model, drawn
-  separately), the student and its EMA teacher both measured;
+  --consistency, default ``logit_mse``, ramped up over the first third of the steps; Gaussian input noise --noise
+  for each model, drawn separately), the student and its EMA teacher both measured;
 - upper bound: trained with the target rows' labels too.
 
 Prints the rotated-test accuracy (mean ± std over seeds) and writes it to --output_dir/mean_teacher_digits.md.
@@ -83,9 +83,9 @@ def run_seed(seed: int, options, recipe_module, scores: dict[str, list[float]]) 
         student(),
         args,
         decay=options.decay,
-        consistency=f"logit_mse:{options.consistency_weight}",
-        student_noise=GaussianNoise(0.1),
-        teacher_noise=GaussianNoise(0.1),
+        consistency=f"{options.consistency}:{options.consistency_weight}",
+        student_noise=GaussianNoise(options.noise) if options.noise else None,
+        teacher_noise=GaussianNoise(options.noise) if options.noise else None,
         train_dataset=concatenate_datasets([source, unlabeled]).shuffle(seed=seed),
     )
     record("mean teacher: the student", accuracy(trained.model))
@@ -103,7 +103,9 @@ def main():
     parser.add_argument("--angle", type=float, default=30.0, help="The target domain's rotation, degrees.")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--decay", type=float, default=0.99)
+    parser.add_argument("--consistency", default="logit_mse", help="The consistency loss (logit_mse, prob_mse, kl).")
     parser.add_argument("--consistency_weight", type=float, default=1.0)
+    parser.add_argument("--noise", type=float, default=0.1, help="Gaussian input noise std for each model (0: none).")
     parser.add_argument("--output_dir", default="outputs/mean_teacher_digits")
     options = parser.parse_args()
     recipe_module = load_recipe("image_classification")
@@ -112,7 +114,8 @@ def main():
         lambda seed, scores: run_seed(seed, options, recipe_module, scores),
         lambda seeds: (
             f"digits → digits rotated {options.angle:g}°: 718 labeled upright + 719 unlabeled rotated "
-            f"training images, 360 rotated test images, {options.steps} steps, decay {options.decay}, seeds {seeds}"
+            f"training images, 360 rotated test images, {options.steps} steps, decay {options.decay}, consistency "
+            f"{options.consistency}:{options.consistency_weight:g}, noise {options.noise:g}, seeds {seeds}"
         ),
         "mean_teacher_digits",
     )

@@ -204,12 +204,12 @@ def noisy_student_rounds(seed, options, plain, vit, accuracy, record, labeled, t
 
 
 def write_scores(scores: dict[str, list[float]], title: str, stem: str) -> None:
-    """Print the mean ± std table of ``scores`` (accuracies; ``adaptive:`` rows are weights) and write it to
-    ``STEM.md``, the raw values to ``STEM.json``."""
+    """Print the mean ± std table of ``scores`` (accuracies; ``adaptive:`` rows are weights, ``… ms per example``
+    rows latencies) and write it to ``STEM.md``, the raw values to ``STEM.json``."""
     lines = [title, "", "| model | test accuracy (mean ± std) |", "|---|---:|"]
     for name, values in scores.items():
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        if name.startswith("adaptive:"):
+        if name.startswith("adaptive:") or name.endswith("ms per example"):  # weights and latencies, as numbers
             lines.append(f"| {name} | {statistics.mean(values):.3f} ± {spread:.3f} |")
         else:
             lines.append(f"| {name} | {100 * statistics.mean(values):.1f}% ± {100 * spread:.1f} |")
