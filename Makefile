@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.hf_kd-installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test demo demo-image demo-lm demo-seq2seq lint
+.PHONY: install test demo demo-image demo-lm demo-seq2seq demo-regression lint
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ demo-lm: $(STAMP)
 
 demo-seq2seq: $(STAMP)
 	$(BIN)/python recipes/seq2seq.py --config recipes/configs/seq2seq.yaml
+
+demo-regression: $(STAMP)
+	$(BIN)/python recipes/regression.py --config recipes/configs/regression.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check hf_kd recipes tests benchmarks

@@ -23,15 +23,23 @@ def split_labeled_transfer(
     """Split ``dataset`` into a labeled part and an unlabeled transfer part.
 
     The labeled part keeps ``num_labeled`` examples, stratified by class (as equal per class as the data
-    allows). Returns ``(labeled, transfer)`` where ``transfer`` is the whole dataset with the labels of
-    every non-labeled example set to -100: the student's label loss ignores them while distillation uses
-    all of them, the usual semi-supervised KD set-up in which the teacher's knowledge matters most.
+    allows; drawn at random for regression targets). Returns ``(labeled, transfer)`` where ``transfer`` is the
+    whole dataset with the labels of every non-labeled example set to -100 (NaN for float regression targets):
+    the student's label loss ignores them while distillation uses all of them, the usual semi-supervised KD
+    set-up in which the teacher's knowledge matters most.
     """
     labels = np.asarray(dataset[label_column])
-    classes = np.unique(labels)
     if not 0 < num_labeled <= len(labels):
         raise ValueError(f"num_labeled must be in [1, {len(labels)}], got {num_labeled}.")
     rng = np.random.default_rng(seed)
+    if np.issubdtype(labels.dtype, np.floating):  # regression targets: a random draw, NaN marks the rest
+        chosen = np.sort(rng.permutation(len(labels))[:num_labeled])
+        keep = np.zeros(len(labels), dtype=bool)
+        keep[chosen] = True
+        marked = np.where(keep.reshape(-1, *[1] * (labels.ndim - 1)), labels, np.nan).tolist()
+        transfer = dataset.remove_columns(label_column).add_column(label_column, marked)
+        return dataset.select(chosen.tolist()), transfer.cast(dataset.features)
+    classes = np.unique(labels)
     per_class = {cls: rng.permutation(np.flatnonzero(labels == cls)).tolist() for cls in classes}
     chosen: list[int] = []
     while len(chosen) < num_labeled:  # round-robin over classes: stratified, exact count

@@ -77,6 +77,10 @@ def token_perplexity(model: nn.Module, dataset, *, data_collator, batch_size: in
     return math.exp(total / max(tokens, 1))
 
 
+CLASSIFICATION_COLUMNS = ("accuracy", "macro_f1")
+REGRESSION_COLUMNS = ("mse", "mae")
+
+
 def markdown_table(rows: dict[str, dict[str, float]], columns: list[str] | None = None) -> str:
     """A markdown table with one row per model; floats in [0, 1] are shown as percentages."""
     columns = columns or sorted({key for row in rows.values() for key in row})
@@ -108,16 +112,18 @@ def compare_models(
     data_collator=None,
     use_cpu: bool = False,
     write: bool = True,
+    metrics: tuple[str, ...] = CLASSIFICATION_COLUMNS,
 ) -> dict[str, dict]:
-    """Evaluate ``models`` side by side on ``dataset``, print the table under ``title``, and (when ``write``) save
-    it to ``output_dir/results.md`` and the rows to ``output_dir/results.json``. Returns the rows."""
+    """Evaluate ``models`` side by side on ``dataset``, print the table (``metrics`` columns, then parameters and
+    latency) under ``title``, and (when ``write``) save it to ``output_dir/results.md`` and the rows to
+    ``output_dir/results.json``. Returns the rows."""
     results = {
         name: evaluate_model(
             model, dataset, compute_metrics=compute_metrics, data_collator=data_collator, use_cpu=use_cpu
         )
         for name, model in models.items()
     }
-    report_results(results, ["accuracy", "macro_f1", "parameters", "ms_per_example"], title, output_dir, write)
+    report_results(results, [*metrics, "parameters", "ms_per_example"], title, output_dir, write)
     return results
 
 
@@ -137,7 +143,14 @@ def report_results(
 
 
 def compare_recipe_models(
-    trainer, dataset, models: dict[str, nn.Module], *, title: str, data_collator=None, output_dir: str | None = None
+    trainer,
+    dataset,
+    models: dict[str, nn.Module],
+    *,
+    title: str,
+    data_collator=None,
+    output_dir: str | None = None,
+    metrics: tuple[str, ...] = CLASSIFICATION_COLUMNS,
 ) -> tuple[dict[str, dict], dict[str, dict]]:
     """The recipes' test-split table (in ``output_dir``, default the trainer's) and the card's teacher-vs-student
     rows. ``models`` lists the teacher first and the distilled student last; with the student alone (distil-only
@@ -154,12 +167,12 @@ def compare_recipe_models(
             data_collator=data_collator,
             use_cpu=trainer.args.use_cpu,
             write=write,
+            metrics=metrics,
         )
         rows = list(results.values())
         return results, {"teacher": rows[0], "student": rows[-1]}
     ((name, model),) = models.items()
     scores = trainer.evaluate(dataset)
-    metrics = ["accuracy", "macro_f1"]
     row = {metric: scores[f"eval_{metric}"] for metric in metrics if f"eval_{metric}" in scores}
     results = {name: {**row, "parameters": count_parameters(model)}}
     report_results(results, [*row, "parameters"], title, output_dir, write)

@@ -35,16 +35,32 @@ def classification_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
     return {"accuracy": float(np.mean(predictions == labels)), "macro_f1": float(np.mean(f1_scores))}
 
 
+def regression_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
+    """Mean squared and mean absolute error of the predictions (one or several outputs; NaN targets, the unlabeled
+    rows, are ignored)."""
+    predictions = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+    labels = np.asarray(eval_pred.label_ids, dtype=np.float64)
+    predictions = np.asarray(predictions, dtype=np.float64).reshape(labels.shape)
+    given = ~np.isnan(labels)
+    if not given.any():
+        return {"mse": float("nan"), "mae": float("nan")}
+    errors = predictions[given] - labels[given]
+    return {"mse": float(np.mean(errors**2)), "mae": float(np.mean(np.abs(errors)))}
+
+
 def get_compute_metrics(metric: str | Callable | None = "accuracy") -> Callable | None:
     """A ``compute_metrics`` for ``Trainer``.
 
-    ``"accuracy"`` → :func:`classification_metrics`; a path to a local ``evaluate`` module (folder or script) →
-    that module applied to argmax predictions; a callable is returned as is; ``None`` → no metrics.
+    ``"accuracy"`` → :func:`classification_metrics`; ``"mse"`` → :func:`regression_metrics`; a path to a local
+    ``evaluate`` module (folder or script) → that module applied to argmax predictions; a callable is returned as
+    is; ``None`` → no metrics.
     """
     if metric is None or callable(metric):
         return metric
     if metric == "accuracy":
         return classification_metrics
+    if metric == "mse":
+        return regression_metrics
     if os.path.exists(metric):
         import evaluate
 
@@ -56,6 +72,6 @@ def get_compute_metrics(metric: str | Callable | None = "accuracy") -> Callable 
 
         return compute
     raise ValueError(
-        f"metric {metric!r} is neither 'accuracy' nor a local evaluate module path; evaluate.load() of a Hub "
+        f"metric {metric!r} is neither 'accuracy', 'mse' nor a local evaluate module path; evaluate.load() of a Hub "
         "metric needs the network, so give the path of a local copy of its script."
     )

@@ -119,3 +119,11 @@ def auto_class_for(student: nn.Module):
         f"cannot tell which Auto class loads a teacher for a student of class {name}; "
         "load the teacher yourself and pass it as teacher_model=."
     )
+
+
+def is_regression(model: nn.Module) -> bool:
+    """A regression head, as transformers decides it: ``problem_type="regression"``, or one label without a
+    problem type."""
+    config = getattr(base_model(model), "config", None)
+    problem = getattr(config, "problem_type", None)
+    return problem == "regression" or (problem is None and getattr(config, "num_labels", None) == 1)

@@ -59,13 +59,21 @@ def count_items(
     for batch in batches:
         if batch.get("labels") is not None and not batch.get(label_key):
             batch_labels = batch["labels"][..., 1:] if shift else batch["labels"]
-            counts[0] += batch_labels.ne(-100).sum().to(device)
+            counts[0] += labeled_entries(batch_labels).sum().to(device)
         batch, teacher_batch = split_teacher_inputs(batch)
         mask = distillation_mask(batch, token_level, shift, by_labels)
         if teacher_batch is not None and mask is not None:  # different tokenizers: the aligned positions
             mask = aligned_positions(mask, distillation_mask(teacher_batch, token_level, shift, by_labels))[0]
         counts[1] += mask.sum().to(device) if mask is not None else num_positions(batch, token_level, shift)
     return counts
+
+
+def labeled_entries(labels: torch.Tensor) -> torch.Tensor:
+    """Which label entries are given: not -100 (class ids, tokens), not NaN (regression targets of unlabeled
+    rows, see :func:`hf_kd.data.split_labeled_transfer`)."""
+    if labels.is_floating_point():
+        return ~torch.isnan(labels)
+    return labels.ne(-100)
 
 
 def num_positions(batch: dict, token_level: bool, shift: bool) -> int:

@@ -680,6 +680,31 @@ CASES = [
         "--exits takes comma-separated block numbers",
     ),
     Case(
+        "byot-regression",
+        "`EarlyExitModel(a num_labels=1 regression head, ...)`",
+        lambda p: EarlyExitModel(tiny_bert(layers=3, num_labels=1), exits_after=[1]),
+        ValueError,
+        "early exits are classifiers trained with cross-entropy",
+    ),
+    Case(
+        "teacher-bounded-class-labels",
+        "`teacher_bounded` on class labels",
+        lambda p: get_loss("teacher_bounded")(
+            ModelFeatures(logits=torch.zeros(2, 1)),
+            ModelFeatures(logits=torch.zeros(2, 1)),
+            labels=torch.tensor([0, 1]),
+        ),
+        ValueError,
+        "it needs float labels (NaN for unlabeled rows)",
+    ),
+    Case(
+        "teacher-bounded-margin",
+        '`losses="teacher_bounded:1:margin=-1"`',
+        lambda p: trainer(p, tiny_bert(num_labels=1), tiny_bert(num_labels=1), losses="teacher_bounded:1:margin=-1"),
+        ValueError,
+        "teacher_bounded needs a finite margin >= 0",
+    ),
+    Case(
         "dml-push",
         "`push_to_hub=True` for peers",
         lambda p: _peers(p, [tiny_bert(), tiny_bert()], push_to_hub=True, hub_model_id="alice/peers"),

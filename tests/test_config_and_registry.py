@@ -14,7 +14,8 @@ from hf_kd.config import LossSpec, parse_losses
 from hf_kd.teachers import LiveTeacher
 
 ALL_IDS = """at attention_kl attention_mse crd dkd fsp hidden_cosine hidden_mse hint infonce irg jsd kl logit_mse
-    pkd pkt prob_mse reverse_kl rkd_angle rkd_distance skew_kl skew_reverse_kl soft_ce sp tvd uld vid""".split()
+    pkd pkt prob_mse regression_mse reverse_kl rkd_angle rkd_distance skew_kl skew_reverse_kl soft_ce sp
+    teacher_bounded tvd uld vid""".split()
 RESPONSE_IDS = [
     "dkd",
     "jsd",
@@ -68,7 +69,9 @@ def test_every_registered_loss_builds_with_defaults_and_backpropagates(name):
     teacher = LiveTeacher(teacher_model)(inputs, loss.side_needs("teacher"))
     student = _features(student_model, inputs, loss, "student")
     loss.setup(student, teacher, num_samples=10)
-    value = loss(student, teacher, labels=torch.tensor([0, 1, 2, 0, 1, 2]), sample_index=torch.arange(6))
+    # teacher_bounded reads regression targets (here 3 outputs per example), the others class ids.
+    labels = torch.randn(6, 3) if name == "teacher_bounded" else torch.tensor([0, 1, 2, 0, 1, 2])
+    value = loss(student, teacher, labels=labels, sample_index=torch.arange(6))
     assert value.dim() == 0 and torch.isfinite(value)
     value.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student_model.parameters())

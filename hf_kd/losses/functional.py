@@ -289,6 +289,34 @@ def logit_mse(student_logits, teacher_logits, *, temperature=1.0, mask=None, red
     return reduce_positions(values, mask, reduction)
 
 
+def regression_mse(student_predictions, teacher_predictions, *, mask=None, reduction: Reduction = "mean"):
+    """Mean over outputs of (R_S − R_T)² per example: the student regresses onto the teacher's prediction (the
+    label's own MSE is the student's label loss, mixed in by its weight)."""
+    if student_predictions.shape != teacher_predictions.shape:
+        raise ValueError(
+            f"student predictions {tuple(student_predictions.shape)} and teacher predictions "
+            f"{tuple(teacher_predictions.shape)} differ in shape: give both models the same outputs (num_labels)."
+        )
+    values = (student_predictions.float() - teacher_predictions.float()).pow(2).mean(-1)
+    return reduce_positions(values, mask, reduction)
+
+
+def teacher_bounded(
+    student_predictions, teacher_predictions, targets, *, margin=0.0, mask=None, reduction: Reduction = "mean"
+):
+    """Teacher-bounded regression (Chen et al. 2017): ‖R_S − y‖² where it exceeds ‖R_T − y‖² − m, else 0 — the
+    student pays its own squared error only while it is worse than the teacher (by more than the margin m).
+    ``targets`` of the predictions' shape (or one per example for one output); NaN marks an unlabeled example,
+    which adds 0. ‖·‖² sums over outputs."""
+    targets = targets.float().reshape(student_predictions.shape)
+    given = ~torch.isnan(targets).any(-1)
+    targets = torch.nan_to_num(targets)
+    student_error = (student_predictions.float() - targets).pow(2).sum(-1)
+    teacher_error = (teacher_predictions.float() - targets).pow(2).sum(-1)
+    values = torch.where(given & (student_error + margin > teacher_error), student_error, 0.0)
+    return reduce_positions(values, mask, reduction)
+
+
 def dkd(
     student_logits,
     teacher_logits,

@@ -17,7 +17,7 @@ from ..checks import check_compatible, check_logit_width
 from ..config import DistillationConfig
 from ..evaluation import count_parameters
 from ..features import ModelFeatures
-from ..model_kinds import is_causal_lm, is_token_level, labels_mark_distilled_positions
+from ..model_kinds import is_causal_lm, is_regression, is_token_level, labels_mark_distilled_positions
 from ..objective import LABEL_TERM, Objective, check_finite
 from ..positions import ItemCounts, split_sample_index
 from ..term_log import TermLog
@@ -89,6 +89,7 @@ class OnlineTrainer(DistillationTrainer):
         self.token_level = args.token_level if args.token_level is not None else is_token_level(reference)
         self.shift_labels = is_causal_lm(reference)
         self.labels_mark_positions = labels_mark_distilled_positions(reference)
+        self.regression = is_regression(reference)
         self.teachers, self.student_noise = {}, None
         self.loss_parts = LossParts(nn.ModuleList())  # response losses learn nothing; the hooks expect the parts
         self.members = list(members)

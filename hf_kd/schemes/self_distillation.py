@@ -34,7 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..config import DistillationConfig
 from ..evaluation import count_parameters
 from ..features import ModelFeatures, capture_modules, pool
-from ..model_kinds import is_token_level, num_classes
+from ..model_kinds import is_regression, is_token_level, num_classes
 from ..trainer.compat import TrainerCompat
 from ..trainer.reporting import DISTILLATION_CONFIG_NAME, run_summary
 from .online import OnlineTrainer
@@ -111,6 +111,11 @@ class EarlyExitModel(nn.Module):
             raise ValueError(
                 f"early exits pool each example to one vector and classify it; {type(model).__name__} predicts per "
                 "token. Use a sequence or image classifier."
+            )
+        if is_regression(model):
+            raise ValueError(
+                f"early exits are classifiers trained with cross-entropy; {type(model).__name__} is a regression "
+                "head (num_labels=1 or problem_type='regression')."
             )
         blocks = block_paths(model) if any(isinstance(point, int) for point in exits_after) else []
         if not exits_after:

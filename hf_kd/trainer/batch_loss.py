@@ -14,7 +14,7 @@ from ..cross_tokenizer import aligned_positions
 from ..features import ModelFeatures, output_field, run_model
 from ..losses.chunked import chunked_token_terms
 from ..objective import LABEL_TERM, WEIGHT_PREFIX, check_finite
-from ..positions import ItemCounts, distillation_mask, split_sample_index
+from ..positions import ItemCounts, distillation_mask, labeled_entries, split_sample_index
 
 logger = logging.get_logger(__name__)
 
@@ -84,10 +84,16 @@ def label_term(trainer, outputs, labels, counts: ItemCounts) -> dict[str, torch.
     if labels is None or model_loss is None:
         return {}
     batch_labels = labels[..., 1:] if trainer.shift_labels else labels
-    local_count = batch_labels.ne(-100).sum()
+    given = labeled_entries(batch_labels)
+    local_count = given.sum()
     if local_count == 0:  # a batch of unlabeled transfer data has no label loss
         return {}
-    if trainer.label_smoother is not None:  # label_smoothing_factor: the smoothed CE, same mean
+    if trainer.regression:
+        # The model's own MSE would read the NaN targets of unlabeled rows: the mean over the given ones.
+        predictions = output_field(outputs, "logits").float().reshape(labels.shape)
+        targets = labels.float().nan_to_num()  # a NaN left in would reach the gradient through the mask (NaN·0)
+        model_loss = (predictions - targets).pow(2)[given].mean()
+    elif trainer.label_smoother is not None:  # label_smoothing_factor: the smoothed CE, same mean
         model_loss = trainer.label_smoother(outputs, labels, shift_labels=trainer.shift_labels)
     # The model's loss is a mean over this micro-batch; re-normalise it by the step's count.
     return {LABEL_TERM: model_loss * local_count * counts.scale / counts.labels}

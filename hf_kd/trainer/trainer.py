@@ -12,7 +12,7 @@ from ..cross_tokenizer import split_teacher_inputs
 from ..evaluation import count_parameters
 from ..features import output_field
 from ..generation import ON_POLICY_KEY
-from ..model_kinds import is_causal_lm, is_token_level, labels_mark_distilled_positions
+from ..model_kinds import is_causal_lm, is_regression, is_token_level, labels_mark_distilled_positions
 from ..noise import compose_noise
 from ..objective import Objective
 from ..positions import ItemCounts, distillation_mask, split_sample_index
@@ -75,6 +75,7 @@ class DistillationTrainer(TrainerCompat):
         self.token_level = args.token_level if args.token_level is not None else is_token_level(model)
         self.shift_labels = is_causal_lm(model)
         self.labels_mark_positions = labels_mark_distilled_positions(model)
+        self.regression = is_regression(model)  # its label loss: MSE over the given targets (NaN: unlabeled)
         if args.chunk_size is not None:
             check_chunkable(
                 self.distillation_losses,
