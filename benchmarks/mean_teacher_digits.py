@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 from datasets import concatenate_datasets
-from schemes_digits import TRAINING, digits, load_recipe, sweep
+from schemes_digits import TRAINING, digits, load_recipe, recorder, sweep
 from scipy.ndimage import rotate
 from transformers import set_seed
 
@@ -70,9 +70,7 @@ def run_seed(seed: int, options, recipe_module, scores: dict[str, list[float]]) 
     def accuracy(model):
         return evaluate_model(model, test, compute_metrics=classification_metrics, use_cpu=True)["accuracy"]
 
-    def record(name, value):
-        scores.setdefault(name, []).append(value)
-        print(f"seed {seed}: {name}: {value:.4f}", flush=True)
+    record = recorder(scores, seed)
 
     record(
         "source only (upright labels)",

@@ -21,8 +21,9 @@ import argparse
 import dataclasses
 import os
 
-from schemes_digits import load_recipe, sweep
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
+from schemes_bbc import BBC_TRAINING, bbc_splits
+from schemes_digits import load_recipe, recorder, sweep
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, set_seed
 
 from hf_kd import DistillationConfig
 from hf_kd.baselines import train_plainly
@@ -39,42 +40,21 @@ BYOT_VARIANTS = [("exits on labels only", 0.0, 0.0), ("KL 0.3 + hint 0.1", 0.3, 
 
 def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None:
     folder = os.path.join(options.output_dir, f"seed{seed}")
-    recipe = module.TextRecipeArguments()
-    dataset = module.load_text_dataset(recipe, cache_dir=os.path.join(options.output_dir, "data"))
-    splits = dataset.train_test_split(test_size=0.2, stratify_by_column="labels", seed=seed)
+    recipe, splits, tokenizer, tokenize = bbc_splits(module, options.output_dir, seed, options.max_length)
     path = module._packaged_minilm()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-
-    def tokenize(split):
-        return split.map(
-            lambda batch: tokenizer(batch["text"], truncation=True, max_length=options.max_length),
-            batched=True,
-            remove_columns=["text"],
-        )
-
     train, test = tokenize(splits["train"]), tokenize(splits["test"])
     collator = DataCollatorWithPadding(tokenizer)
     args = DistillationConfig(
         output_dir=folder,
         max_steps=options.steps,
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=64,
-        learning_rate=1e-3,
-        warmup_steps=30,
-        weight_decay=0.01,
         losses="kl",
         temperature=1.0,
         logging_steps=50,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
         seed=seed,
-        disable_tqdm=True,
+        **BBC_TRAINING,
     )
 
-    def record(name, value):
-        scores.setdefault(name, []).append(value)
-        print(f"seed {seed}: {name}: {value:.4f}", flush=True)
+    record = recorder(scores, seed)
 
     def accuracy(model):
         return evaluate_model(

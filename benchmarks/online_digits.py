@@ -25,7 +25,7 @@ import argparse
 import dataclasses
 import os
 
-from schemes_digits import TRAINING, digits, load_recipe, sweep
+from schemes_digits import TRAINING, digits, load_recipe, recorder, sweep
 from transformers import set_seed
 
 from hf_kd import DistillationConfig
@@ -58,9 +58,7 @@ def run_seed(seed: int, options, recipe_module, scores: dict[str, list[float]]) 
     def accuracy(model):
         return evaluate_model(model, test, compute_metrics=classification_metrics, use_cpu=True)["accuracy"]
 
-    def record(name, value):
-        scores.setdefault(name, []).append(value)
-        print(f"seed {seed}: {name}: {value:.4f}", flush=True)
+    record = recorder(scores, seed)
 
     if "dml" in options.parts:
         for k, (name, hidden, layers) in enumerate(PEERS):

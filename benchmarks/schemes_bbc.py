@@ -25,7 +25,7 @@ import os
 import statistics
 
 import torch
-from schemes_digits import load_recipe, sweep
+from schemes_digits import load_recipe, recorder, sweep
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -48,30 +48,49 @@ from hf_kd.schemes.teacher_assistant import teacher_assistant
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None:
-    folder = os.path.join(options.output_dir, f"seed{seed}")
-    recipe = module.TextRecipeArguments(num_labeled=options.num_labeled)
-    dataset = module.load_text_dataset(recipe, cache_dir=os.path.join(options.output_dir, "data"))
+# How every BBC student trains (the BBC benchmarks share it).
+BBC_TRAINING = dict(
+    per_device_train_batch_size=32,
+    per_device_eval_batch_size=64,
+    learning_rate=1e-3,
+    warmup_steps=30,
+    weight_decay=0.01,
+    save_strategy="no",
+    report_to=[],
+    use_cpu=True,
+    disable_tqdm=True,
+)
+
+
+def bbc_splits(module, output_dir: str, seed: int, max_length: int = 128):
+    """The text recipe's BBC News split for ``seed`` (20% held out, stratified), MiniLM's tokenizer and
+    ``tokenize(split)``, which cuts the articles at ``max_length`` tokens."""
+    recipe = module.TextRecipeArguments()
+    dataset = module.load_text_dataset(recipe, cache_dir=os.path.join(output_dir, "data"))
     splits = dataset.train_test_split(test_size=0.2, stratify_by_column="labels", seed=seed)
-    labeled, transfer = split_labeled_transfer(splits["train"], options.num_labeled, seed=seed)
-    other_labeled, _ = split_labeled_transfer(splits["train"], options.num_labeled, seed=seed + 100)
-    path = module._packaged_minilm()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(module._packaged_minilm())
 
     def tokenize(split):
         return split.map(
-            lambda batch: tokenizer(batch["text"], truncation=True, max_length=128),
+            lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
             batched=True,
             remove_columns=["text"],
         )
 
+    return recipe, splits, tokenizer, tokenize
+
+
+def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None:
+    folder = os.path.join(options.output_dir, f"seed{seed}")
+    recipe, splits, tokenizer, tokenize = bbc_splits(module, options.output_dir, seed)
+    labeled, transfer = split_labeled_transfer(splits["train"], options.num_labeled, seed=seed)
+    other_labeled, _ = split_labeled_transfer(splits["train"], options.num_labeled, seed=seed + 100)
+    path = module._packaged_minilm()
     labeled, other_labeled, test = tokenize(labeled), tokenize(other_labeled), tokenize(splits["test"])
     transfer = add_sample_index(tokenize(transfer))
     collator = DataCollatorWithPadding(tokenizer)
 
-    def record(name, value):
-        scores.setdefault(name, []).append(value)
-        print(f"seed {seed}: {name}: {value:.4f}", flush=True)
+    record = recorder(scores, seed)
 
     def accuracy(model):
         return evaluate_model(
@@ -120,20 +139,12 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
     args = DistillationConfig(
         output_dir=folder,
         max_steps=options.steps,
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=64,
-        learning_rate=1e-3,
-        warmup_steps=30,
-        weight_decay=0.01,
         losses="kl",
         temperature=2.0,
         alpha=0.9,
         logging_steps=25,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
         seed=seed,
-        disable_tqdm=True,
+        **BBC_TRAINING,
     )
 
     def fresh_student(init_seed):

@@ -59,6 +59,16 @@ TRAINING = dict(
 )
 
 
+def recorder(scores: dict[str, list[float]], seed: int):
+    """``record(name, value)``: appends ``value`` to ``scores[name]`` and prints it with the seed."""
+
+    def record(name: str, value: float) -> None:
+        scores.setdefault(name, []).append(value)
+        print(f"seed {seed}: {name}: {value:.4f}", flush=True)
+
+    return record
+
+
 def load_recipe(name: str):
     """``recipes/NAME.py`` imported as a module (its data loading and model builders)."""
     spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(ROOT, "recipes", f"{name}.py"))
@@ -100,9 +110,7 @@ def run_seed(seed: int, options, recipe_module, scores: dict[str, list[float]]) 
     def accuracy(model):
         return evaluate_model(model, test, compute_metrics=classification_metrics, use_cpu=True)["accuracy"]
 
-    def record(name, value):
-        scores.setdefault(name, []).append(value)
-        print(f"seed {seed}: {name}: {value:.4f}", flush=True)
+    record = recorder(scores, seed)
 
     def plain(model, data, steps, name):
         return train_plainly(model, dataclasses.replace(args, max_steps=steps), data, output_dir=f"{folder}/{name}")
