@@ -48,21 +48,28 @@ def load_teacher(teacher: nn.Module | str, student: nn.Module, dtype: str = "aut
 SINGLE_TEACHER = "teacher"  # the name of a lone teacher (a list's are teacher0, teacher1, ...)
 
 
+def name_models(models, prefix: str, reserved: tuple[str, ...] = ()) -> dict:
+    """Models by name: a dict keeps its names (checked), a list is numbered ``PREFIX0``, ``PREFIX1``, …, anything
+    else is the one model ``PREFIX``. Names become log entries (``kl/NAME``), folders and card rows: non-empty
+    strings without '/', none of ``reserved``."""
+    if isinstance(models, dict):
+        for name in models:
+            if not isinstance(name, str) or not name or "/" in name or name in reserved:
+                others = f" other than {', '.join(repr(r) for r in reserved)}" if reserved else ""
+                raise ValueError(
+                    f"{prefix} names must be non-empty strings without '/'{others} (they name log entries such as "
+                    f"kl/NAME, folders and card rows), got {name!r}."
+                )
+        return dict(models)
+    if isinstance(models, (list, tuple)):
+        return {f"{prefix}{index}": model for index, model in enumerate(models)}
+    return {prefix: models}
+
+
 def build_teachers(teacher_model, student: nn.Module, dtype: str = "auto") -> dict:
     """``teacher_model`` as a mapping name → frozen model or :class:`TeacherSource`: one teacher (a model, a path,
     a source) is ``{"teacher": ...}``, a list ``{"teacher0": ..., "teacher1": ...}``, a dict keeps its names."""
-    if isinstance(teacher_model, dict):
-        named = dict(teacher_model)
-        for name in named:
-            if not isinstance(name, str) or not name or "/" in name or name == "student":
-                raise ValueError(
-                    f"teacher names must be non-empty strings without '/' other than 'student' (they name log "
-                    f"entries such as kl/NAME and card rows), got {name!r}."
-                )
-    elif isinstance(teacher_model, (list, tuple)):
-        named = {f"{SINGLE_TEACHER}{index}": teacher for index, teacher in enumerate(teacher_model)}
-    else:
-        named = {SINGLE_TEACHER: teacher_model}
+    named = name_models(teacher_model, SINGLE_TEACHER, reserved=("student",))
     return {
         name: teacher if isinstance(teacher, TeacherSource) else load_teacher(teacher, student, dtype)
         for name, teacher in named.items()

@@ -176,3 +176,10 @@ def test_two_processes_match_one_process(tmp_path):
 def test_towards_names_a_known_variant(tmp_path):
     with pytest.raises(ValueError, match="towards must be one of"):
         MutualLearningTrainer([tiny_bert(), tiny_bert()], config(tmp_path), towards="teacher")
+
+
+def test_peer_names_are_checked_like_teacher_names(tmp_path):
+    with pytest.raises(ValueError, match="peer names must be non-empty strings without '/'"):
+        MutualLearningTrainer({"a/b": tiny_bert(), "c": tiny_bert()}, config(tmp_path))
+    with pytest.raises(TypeError, match="peers must be a list or dict of models"):
+        MutualLearningTrainer(tiny_bert(), config(tmp_path))

@@ -86,6 +86,30 @@ def test_unlabeled_regression_rows_carry_nan_and_the_label_loss_reads_only_the_o
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_multi_output_regression_marks_unlabeled_rows_and_learns_from_the_given_targets(tmp_path):
+    data = classification_data(n=12).remove_columns("labels")
+    targets = torch.randn(12, 2, generator=torch.Generator().manual_seed(3))
+    data = data.add_column("labels", targets.tolist())
+    labeled, transfer = split_labeled_transfer(data, 4, seed=1)
+    marked = torch.tensor(transfer["labels"])
+    assert marked.shape == (12, 2) and torch.isnan(marked).all(-1).sum() == 8 and not torch.isnan(marked).any(-1).all()
+    student = tiny_bert(num_labels=2, seed=1)
+    student.config.problem_type = "regression"  # two outputs: transformers would read float labels as multi-label
+    teacher = tiny_bert(num_labels=2, seed=2)
+    args = config(tmp_path, losses="regression_mse,teacher_bounded")
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=transfer)
+    batch = {key: torch.tensor(transfer[:12][key]) for key in ("input_ids", "attention_mask", "labels")}
+    loss = trainer.compute_loss(student, dict(batch))
+    given = ~torch.isnan(batch["labels"])
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        s, t = student(**inputs).logits, teacher(**inputs).logits
+        y = batch["labels"].nan_to_num()
+        bounded = F.teacher_bounded(s, t, batch["labels"], reduction="mean")
+    expected = ((s - y)[given] ** 2).mean() + ((s - t) ** 2).mean() + bounded
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_a_distribution_loss_on_a_regression_head_is_refused(tmp_path):
     with pytest.raises(ValueError, match="one-logit head"):
         DistillationTrainer(

@@ -32,7 +32,7 @@ from ..model_kinds import (
     is_token_level,
     num_classes,
 )
-from ..teachers import check_materialized
+from ..teachers import check_materialized, name_models
 from ..trainer.compat import TrainerCompat
 from ..trainer.reporting import DISTILLATION_CONFIG_NAME, run_summary
 from .online import OnlineTrainer, best_member, mean_prediction
@@ -210,18 +210,9 @@ def mutual_learning(
 
 
 def _named_peers(peers) -> dict[str, nn.Module]:
-    if isinstance(peers, dict):
-        named = dict(peers)
-        for name in named:
-            if not isinstance(name, str) or not name or "/" in name:
-                raise ValueError(
-                    f"peer names must be non-empty strings without '/' (they name log entries "
-                    f"such as ce/NAME and folders), got {name!r}."
-                )
-    elif isinstance(peers, (list, tuple)):
-        named = {f"{PEER_PREFIX}{index}": peer for index, peer in enumerate(peers)}
-    else:
+    if not isinstance(peers, (list, tuple, dict)):
         raise TypeError(f"peers must be a list or dict of models, got {type(peers).__name__}.")
+    named = name_models(peers, PEER_PREFIX)
     if len(named) < 2:
         raise ValueError(f"mutual learning needs at least two peers, got {len(named)}.")
     models = list(named.values())
