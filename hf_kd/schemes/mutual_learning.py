@@ -26,12 +26,7 @@ from ..config import DistillationConfig
 from ..evaluation import count_parameters
 from ..features import ModelFeatures, output_field
 from ..hub import render_student_card
-from ..model_kinds import (
-    auto_class_for,
-    is_causal_lm,
-    is_token_level,
-    num_classes,
-)
+from ..model_kinds import auto_class_for, is_causal_lm, is_token_level, num_classes
 from ..teachers import check_materialized, name_models
 from ..trainer.compat import TrainerCompat
 from ..trainer.reporting import DISTILLATION_CONFIG_NAME, run_summary

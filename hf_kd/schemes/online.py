@@ -26,7 +26,7 @@ from ..trainer.batch_loss import _drop_last_position, label_term, record_terms
 from ..trainer.compat import TrainerCompat
 from ..trainer.loss_parts import LossParts
 from ..trainer.reporting import measure_alone
-from ..trainer.trainer import _TermLogReset
+from ..trainer.trainer import TermLogReset
 from .multi_teacher import TeacherAggregator
 
 _MEMBERS = "members"  # the one teacher name the objective's terms read: whichever members teach a member
@@ -44,7 +44,7 @@ class OnlineTrainer(DistillationTrainer):
     prediction, unless the scheme says otherwise) and each member alone (``eval_NAME_accuracy``).
     """
 
-    scheme = "online distillation"  # in messages
+    scheme, member_kind = "online distillation", "member"  # in messages
 
     def __init__(
         self,
@@ -95,11 +95,9 @@ class OnlineTrainer(DistillationTrainer):
         self.members = list(members)
         logged = [LABEL_TERM, *objective.names, *self.extra_term_names]
         self.term_log = TermLog([f"{term}/{member}" for member in members for term in logged], self.args.device)
-        self.add_callback(_TermLogReset(self.term_log))
+        self.add_callback(TermLogReset(self.term_log))
         self._warned_unlabeled_eval, self._comparing = False, None
         self.comparison, self.comparison_examples, self.model_card_kwargs = None, None, {}
-
-    member_kind = "member"
 
     # ---- what a scheme defines ------------------------------------------------------------------------------
 

@@ -98,7 +98,7 @@ class DistillationTrainer(TrainerCompat):
         self.term_log = TermLog(objective.logged_names, self.args.device)
         self._warned_unlabeled_eval = False
         self.add_callback(LossPartsCallback(self.loss_parts, self.accelerator))
-        self.add_callback(_TermLogReset(self.term_log))
+        self.add_callback(TermLogReset(self.term_log))
         self.comparison: dict[str, dict] | None = None
         self.model_card_kwargs: dict = {}
         self.comparison_examples: int | None = None
@@ -301,7 +301,7 @@ class DistillationTrainer(TrainerCompat):
         return reporting.push_to_hub(self, commit_message, blocking, token, revision, private, create_pr, card_kwargs)
 
 
-class _TermLogReset(TrainerCallback):
+class TermLogReset(TrainerCallback):
     """Each train() call, fresh or resumed, logs terms from its own first step."""
 
     def __init__(self, term_log: TermLog):
