@@ -1,7 +1,9 @@
 """What a loss compares: the per-side record both models' outputs are brought into.
 
 A loss declares the fields it needs (``DistillationLoss.needs``): ``"logits"``, ``"hidden_states"``,
-``"attentions"`` or ``"module:<dotted.path>"`` for the output of any submodule. The trainer asks each model
+``"attentions"``, ``"embeddings"`` (one vector per text from a sentence encoder,
+:class:`~hf_kd.sentence_embeddings.SentenceEmbeddingModel`) or ``"module:<dotted.path>"`` for the output of any
+submodule. The trainer asks each model
 for exactly those — ``output_hidden_states`` / ``output_attentions`` flags for transformers models, forward
 hooks (removed after each forward) for module outputs — and hands the loss one :class:`ModelFeatures` per
 side, so a loss reads ``student.hidden_states[i]`` and ``teacher.hidden_states[j]`` without knowing where they
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-FIELD_NEEDS = frozenset({"logits", "hidden_states", "attentions"})
+FIELD_NEEDS = frozenset({"logits", "hidden_states", "attentions", "embeddings"})
 MODULE_PREFIX = "module:"
 
 
@@ -72,13 +74,15 @@ class ModelFeatures:
 
     ``hidden_states`` follows transformers: entry 0 is the embedding output, entry ℓ the output of layer ℓ
     (feature maps ``B×C×H×W`` for CNNs, tokens ``B×T×H`` for transformers). ``attentions[ℓ - 1]`` holds layer ℓ's
-    attention probabilities ``B×heads×T×T``. ``modules`` maps a dotted module path to that module's output.
+    attention probabilities ``B×heads×T×T``. ``embeddings`` (``B×D``) is a sentence encoder's pooled output.
+    ``modules`` maps a dotted module path to that module's output.
     ``attention_mask`` (``B×T``) marks real tokens, for losses that average over tokens.
     """
 
     logits: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    embeddings: torch.Tensor | None = None
     modules: dict[str, torch.Tensor] = field(default_factory=dict)
     attention_mask: torch.Tensor | None = None
     sparse_logits: SparseDistribution | None = None  # instead of logits, for a cached teacher
@@ -108,9 +112,12 @@ class ModelFeatures:
                         "output with a 'module' option.",
                         "attentions": "Attention losses need attention probabilities: the trainer switches "
                         "transformers models to eager attention; custom models must return them.",
+                        "embeddings": "Sentence embeddings come from a sentence encoder: wrap the model in "
+                        "hf_kd.sentence_embeddings.SentenceEmbeddingModel (a SentenceTransformer or an AutoModel "
+                        "with pooling), or read token states with source='hidden_states:-1' and a pooling.",
                     }[name]
                 )
-            setattr(features, name, tuple(value) if name != "logits" else value)
+            setattr(features, name, tuple(value) if name in ("hidden_states", "attentions") else value)
         return features
 
 
@@ -187,14 +194,19 @@ def output_field(outputs, name: str):
 
 
 def select(features: ModelFeatures, source: str) -> torch.Tensor:
-    """One tensor of a side's features: ``"logits"``, ``"hidden_states:-1"`` (any index) or ``"module:PATH"``."""
+    """One tensor of a side's features: ``"logits"``, ``"embeddings"``, ``"hidden_states:-1"`` (any index) or
+    ``"module:PATH"``."""
     if source == "logits":
         return features.dense_logits()
+    if source == "embeddings":
+        return features.embeddings
     if source.startswith(MODULE_PREFIX):
         return features.modules[source[len(MODULE_PREFIX) :]]
     name, _, index = source.partition(":")
     if name != "hidden_states":
-        raise ValueError(f"feature source must be 'logits', 'hidden_states[:INDEX]' or 'module:PATH', got {source!r}.")
+        raise ValueError(
+            f"feature source must be 'logits', 'embeddings', 'hidden_states[:INDEX]' or 'module:PATH', got {source!r}."
+        )
     return features.hidden_states[int(index or -1)]
 
 
@@ -277,6 +289,8 @@ def _named_tensors(features: ModelFeatures):
     for name in ("hidden_states", "attentions"):
         for index, value in enumerate(getattr(features, name) or ()):
             yield f"{name}[{index}]", value, False
+    if features.embeddings is not None:
+        yield "embeddings", features.embeddings, False
     for path, value in features.modules.items():
         if torch.is_tensor(value):
             yield f"module {path}", value, False

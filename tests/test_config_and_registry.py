@@ -11,11 +11,12 @@ from hf_kd import DistillationConfig, DistillationLoss, ModelFeatures, available
 from hf_kd.checks import with_default_temperature
 from hf_kd.cli import parse_args
 from hf_kd.config import LossSpec, parse_losses
+from hf_kd.sentence_embeddings import SentenceEmbeddingModel
 from hf_kd.teachers import LiveTeacher
 
-ALL_IDS = """at attention_kl attention_mse crd dkd fsp hidden_cosine hidden_mse hint infonce irg jsd kl logit_mse
-    pkd pkt prob_mse regression_mse reverse_kl rkd_angle rkd_distance skew_kl skew_reverse_kl soft_ce sp
-    teacher_bounded tvd uld vid""".split()
+ALL_IDS = """at attention_kl attention_mse crd dkd embedding_cosine embedding_mse fsp hidden_cosine hidden_mse hint
+    infonce irg jsd kl logit_mse pkd pkt prob_mse regression_mse reverse_kl rkd_angle rkd_distance skew_kl
+    skew_reverse_kl soft_ce sp teacher_bounded tvd uld vid""".split()
 RESPONSE_IDS = [
     "dkd",
     "jsd",
@@ -61,6 +62,11 @@ def test_every_registered_loss_builds_with_defaults_and_backpropagates(name):
     student_model, teacher_model = tiny_bert(layers=2, heads=2, seed=1), tiny_bert(layers=3, heads=4, seed=2)
     for model in (student_model, teacher_model):
         model.set_attn_implementation("eager")
+    if name.startswith("embedding_"):  # sentence embeddings: the encoders under the heads, mean-pooled
+        student_model, teacher_model = (
+            SentenceEmbeddingModel(student_model.bert),
+            SentenceEmbeddingModel(teacher_model.bert),
+        )
     inputs = {"input_ids": torch.randint(0, 64, (6, 7)), "attention_mask": torch.ones(6, 7, dtype=torch.long)}
     inputs["attention_mask"][0, 5:] = 0
     loss = get_loss(name, **with_default_temperature(LossSpec(name), 2.0))

@@ -560,6 +560,27 @@ def irg(student_layers, teacher_layers, *, cross_layer_weight=1.0):
 # ---- mutual information ------------------------------------------------------------------------------------------
 
 
+def _same_shape(name: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"{name} needs embeddings of equal shape, got {tuple(student.shape)} and {tuple(teacher.shape)}; "
+            "project the student first."
+        )
+
+
+def embedding_mse(student, teacher):
+    """Mean squared error between student and teacher sentence embeddings, over examples and dimensions
+    (sentence-transformers' MSELoss for distillation, Reimers & Gurevych 2020)."""
+    _same_shape("embedding_mse", student, teacher)
+    return (student.float() - teacher.float()).pow(2).mean()
+
+
+def embedding_cosine(student, teacher):
+    """Mean over examples of 1 − cos(s_i, t_i): the direction of each embedding, not its length."""
+    _same_shape("embedding_cosine", student, teacher)
+    return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
 def info_nce(student, teacher, *, temperature=0.07):
     """In-batch InfoNCE: each student embedding must pick its own teacher embedding among the batch's.
 
