@@ -48,6 +48,53 @@ def regression_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
     return {"mse": float(np.mean(errors**2)), "mae": float(np.mean(np.abs(errors)))}
 
 
+RETRIEVAL_METRICS = ("mrr@10", "recall@10", "ndcg@10")
+
+
+# Our names → ir-measures' (RR is the reciprocal rank, whose mean over queries is the MRR).
+_IR_MEASURES = {"mrr": "RR", "recall": "R", "ndcg": "nDCG", "precision": "P", "map": "AP"}
+
+
+def retrieval_metrics(
+    scores: dict[str, dict[str, float]],
+    relevant: dict[str, dict[str, int]],
+    metrics: tuple[str, ...] = RETRIEVAL_METRICS,
+) -> dict[str, float]:
+    """Ranking quality, averaged over queries, by ir-measures (trec_eval's definitions; ``pip install
+    ir-measures``): ``scores[query][document]`` is a model's score of a candidate, ``relevant[query][document]`` a
+    relevance grade (≥ 1: relevant). ``metrics``: ``mrr@k``, ``recall@k``, ``ndcg@k``, ``precision@k``, ``map@k``."""
+    try:
+        import ir_measures
+    except ImportError as error:
+        raise ImportError("ranking metrics need ir-measures: pip install ir-measures (or hf_kd[recipes]).") from error
+    measures = {}
+    for name in metrics:
+        kind, _, cutoff = name.partition("@")
+        if kind not in _IR_MEASURES or not cutoff.isdigit():
+            raise ValueError(
+                f"retrieval metrics look like mrr@10 ({', '.join(_IR_MEASURES)} @ a cutoff), got {name!r}."
+            )
+        measures[name] = ir_measures.parse_measure(f"{_IR_MEASURES[kind]}@{cutoff}")
+    missing = sorted(set(relevant) - set(scores))
+    if missing:  # trec_eval would skip them silently and report a mean over the others
+        raise ValueError(f"{len(missing)} queries have relevance grades but no scores, e.g. {missing[:3]}.")
+    values = ir_measures.calc_aggregate(list(measures.values()), relevant, scores)
+    return {name: float(values[measure]) for name, measure in measures.items()}
+
+
+def nearest_neighbours(
+    queries: np.ndarray, documents: np.ndarray, query_ids: list[str], document_ids: list[str], k: int = 100
+) -> dict[str, dict[str, float]]:
+    """``{query: {document: cosine}}`` for each query's ``k`` most similar documents (embeddings as rows), the run
+    that :func:`retrieval_metrics` scores."""
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True).clip(min=1e-12)
+    d = documents / np.linalg.norm(documents, axis=1, keepdims=True).clip(min=1e-12)
+    similarity = q @ d.T
+    k = min(k, len(document_ids))
+    top = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+    return {query: {document_ids[j]: float(similarity[i, j]) for j in top[i]} for i, query in enumerate(query_ids)}
+
+
 def get_compute_metrics(metric: str | Callable | None = "accuracy") -> Callable | None:
     """A ``compute_metrics`` for ``Trainer``.
 

@@ -34,10 +34,12 @@ from datasets import Dataset
 from hf_kd import DistillationTrainer, TeacherCache, get_loss, write_teacher_cache
 from hf_kd.data import add_sample_index
 from hf_kd.features import ModelFeatures
+from hf_kd.metrics import retrieval_metrics
 from hf_kd.schemes.mean_teacher import EMATeacher
 from hf_kd.schemes.mutual_learning import MutualLearningTrainer
 from hf_kd.schemes.recipes import SchemeArguments
 from hf_kd.schemes.self_distillation import EarlyExitModel, SelfDistillationTrainer
+from hf_kd.sentence_embeddings import SentenceEmbeddingModel
 
 README_START, README_END = "<!-- refusals:start -->", "<!-- refusals:end -->"
 
@@ -703,6 +705,46 @@ CASES = [
         lambda p: trainer(p, tiny_bert(num_labels=1), tiny_bert(num_labels=1), losses="teacher_bounded:1:margin=-1"),
         ValueError,
         "teacher_bounded needs a finite margin >= 0",
+    ),
+    Case(
+        "embeddings-without-encoder",
+        '`losses="embedding_mse"` on a classifier',
+        lambda p: trainer(p, losses="embedding_mse"),
+        ValueError,
+        "wrap the model in hf_kd.sentence_embeddings.SentenceEmbeddingModel",
+    ),
+    Case(
+        "embeddings-narrow-no-projector",
+        '`losses="embedding_mse:1:projector=None"`, student 16 wide, teacher 32',
+        lambda p: trainer(
+            p,
+            SentenceEmbeddingModel(tiny_bert(hidden=16).bert),
+            SentenceEmbeddingModel(tiny_bert(seed=1).bert),
+            losses='[{"name": "embedding_mse", "projector": null}]',
+        ),
+        ValueError,
+        "the student's embeddings are 16 wide and the teacher's 32",
+    ),
+    Case(
+        "embeddings-pca-equal-widths",
+        "`init_projector_from_pca` with equal widths (no projector)",
+        lambda p: get_loss("embedding_mse").init_projector_from_pca(torch.zeros(4, 2)),
+        ValueError,
+        "init_projector_from_pca needs a linear projector",
+    ),
+    Case(
+        "retrieval-metric-name",
+        '`retrieval_metrics(scores, relevant, ("mrr",))`',
+        lambda p: retrieval_metrics({"q": {"d": 1.0}}, {"q": {"d": 1}}, ("mrr",)),
+        ValueError,
+        "retrieval metrics look like mrr@10",
+    ),
+    Case(
+        "retrieval-missing-query",
+        "`retrieval_metrics` with a judged query that has no scores",
+        lambda p: retrieval_metrics({"q1": {"d": 1.0}}, {"q1": {"d": 1}, "q2": {"d": 1}}),
+        ValueError,
+        "1 queries have relevance grades but no scores",
     ),
     Case(
         "dml-push",

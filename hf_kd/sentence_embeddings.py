@@ -1,0 +1,198 @@
+"""Sentence encoders as hf_kd models: token ids in, one embedding per text out.
+
+:class:`SentenceEmbeddingModel` wraps a ``sentence_transformers.SentenceTransformer`` (the format embedding models
+are shared in) or a transformers encoder (``AutoModel``) with a pooling, so that a ``DistillationTrainer`` trains one
+as the student and runs one as the teacher. Its forward returns ``embeddings`` (``B×D``; losses read them with
+``source="embeddings"``) and, when asked, the encoder's ``hidden_states`` (for intermediate losses). Saving writes a
+SentenceTransformer folder, which ``SentenceTransformer(path)`` and :meth:`SentenceEmbeddingModel.from_pretrained`
+load; checkpoints resume from the same folders.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .features import pool
+
+ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+POOLING_MODES = ("mean", "cls", "last")  # hf_kd.features.pool names; sentence-transformers calls last "lasttoken"
+_ST_POOLING = {"mean": "mean", "cls": "cls", "last": "lasttoken"}
+
+
+@dataclass
+class SentenceEmbeddingOutput(ModelOutput):
+    embeddings: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+def _sentence_transformers():
+    try:
+        import sentence_transformers
+    except ImportError as error:  # an extra of the recipes, not of the core
+        raise ImportError(
+            "SentenceTransformer models need sentence-transformers: pip install sentence-transformers "
+            "(or hf_kd[recipes])."
+        ) from error
+    return sentence_transformers
+
+
+class SentenceEmbeddingModel(nn.Module):
+    """A sentence encoder the trainer can distil into or from.
+
+    ``encoder`` is a ``SentenceTransformer`` whose first module is a transformers ``Transformer`` (its own pooling,
+    normalisation and dense modules run as they are), or a transformers encoder (``AutoModel``) whose token states
+    are pooled here (``pooling``: ``mean`` over real tokens, ``cls`` or ``last``; ``normalize``: unit length).
+    """
+
+    def __init__(self, encoder: nn.Module, pooling: str = "mean", normalize: bool = False):
+        super().__init__()
+        st = _sentence_transformers() if not isinstance(encoder, PreTrainedModel) else None
+        if st is not None and isinstance(encoder, st.SentenceTransformer):
+            first = encoder[0]
+            if not isinstance(getattr(first, "auto_model", None), PreTrainedModel):
+                raise ValueError(
+                    "SentenceEmbeddingModel needs a SentenceTransformer whose first module is a transformers "
+                    f"Transformer; this one starts with {type(first).__name__}."
+                )
+            self.sentence_transformer, self.encoder = encoder, first.auto_model
+        elif isinstance(encoder, PreTrainedModel):
+            if pooling not in POOLING_MODES:
+                raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}.")
+            self.sentence_transformer, self.encoder = None, encoder
+        else:
+            raise TypeError(
+                "SentenceEmbeddingModel wraps a sentence_transformers.SentenceTransformer or a transformers encoder "
+                f"(AutoModel), got {type(encoder).__name__}."
+            )
+        self.pooling, self.normalize = pooling, normalize
+        self.config = self.encoder.config  # what the Trainer and the model card read
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | None = "cpu") -> SentenceEmbeddingModel:
+        """A saved SentenceTransformer folder (a student saved by the trainer, or a shared model)."""
+        return cls(_sentence_transformers().SentenceTransformer(path, device=device))
+
+    @property
+    def tokenizer(self):
+        """The SentenceTransformer's tokenizer (``None`` for a bare encoder: pass yours)."""
+        return getattr(self.sentence_transformer, "tokenizer", None)
+
+    @property
+    def embedding_dimension(self) -> int:
+        if self.sentence_transformer is not None:
+            return self.sentence_transformer.get_sentence_embedding_dimension()
+        return self.encoder.config.hidden_size
+
+    def signature_columns(self) -> list[str]:
+        """The inputs the forward takes (the Trainer keeps those data columns)."""
+        return list(ENCODER_INPUTS)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, output_hidden_states=False, **ignored):
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        if attention_mask is None:
+            inputs["attention_mask"] = torch.ones_like(input_ids)
+        if self.sentence_transformer is None:
+            outputs = self.encoder(**inputs, output_hidden_states=output_hidden_states, return_dict=True)
+            embeddings = pool(outputs.last_hidden_state, self.pooling, inputs["attention_mask"])
+            if self.normalize:
+                embeddings = nn.functional.normalize(embeddings, dim=-1)
+            return SentenceEmbeddingOutput(embeddings=embeddings, hidden_states=outputs.hidden_states)
+        if not output_hidden_states:
+            return SentenceEmbeddingOutput(embeddings=self.sentence_transformer(inputs)["sentence_embedding"])
+        # The Transformer module keeps only the last states (and calls the encoder's forward past any hook): the
+        # encoder runs here, and its last states go on through the other modules as the Transformer's would.
+        first, rest = self.sentence_transformer[0], list(self.sentence_transformer)[1:]
+        text = getattr(first, "modality_config", {}).get("text", {})
+        if text.get("method", "forward") != "forward" or text.get("method_output_name", "last_hidden_state") != (
+            "last_hidden_state"
+        ):
+            raise ValueError(
+                f"hidden states of this SentenceTransformer's {type(first).__name__} (text modality {text}) are not "
+                "available: use losses on source='embeddings'."
+            )
+        outputs = self.encoder(**inputs, output_hidden_states=True, return_dict=True)
+        features = {**inputs, getattr(first, "module_output_name", "token_embeddings"): outputs.last_hidden_state}
+        for module in rest:
+            features = module(features)
+        return SentenceEmbeddingOutput(embeddings=features["sentence_embedding"], hidden_states=outputs.hidden_states)
+
+    # ---- saving: a SentenceTransformer folder, for the final student and for every checkpoint ----
+
+    def to_sentence_transformer(self, folder: str, processing_class=None):
+        """This model as a ``SentenceTransformer`` (a bare encoder is first written to ``folder`` with its
+        tokenizer, ``processing_class``, and read back with a pooling module)."""
+        if self.sentence_transformer is not None:
+            return self.sentence_transformer
+        st = _sentence_transformers()
+        if processing_class is None:
+            raise ValueError(
+                "saving a bare encoder as a SentenceTransformer needs its tokenizer: give the trainer "
+                "processing_class=tokenizer."
+            )
+        self.encoder.save_pretrained(folder)
+        processing_class.save_pretrained(folder)
+        try:  # sentence-transformers ≥ 6 moved its modules; 3–5 have them under models
+            from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+        except ImportError:
+            from sentence_transformers.models import Normalize, Pooling, Transformer
+        modules = [Transformer(folder), Pooling(self.encoder.config.hidden_size, _ST_POOLING[self.pooling])]
+        if self.normalize:
+            modules.append(Normalize())
+        return st.SentenceTransformer(modules=modules, device=str(self.encoder.device))
+
+    def save_checkpoint(self, folder: str, processing_class=None) -> None:
+        os.makedirs(folder, exist_ok=True)
+        # hf_kd's card (distillation details, the comparison) is written on push; no sentence-transformers card.
+        self.to_sentence_transformer(folder, processing_class).save(folder, create_model_card=False)
+
+    def load_checkpoint(self, folder: str) -> None:
+        if not os.path.exists(os.path.join(folder, "modules.json")):
+            raise ValueError(f"{folder} is not a SentenceTransformer folder (no modules.json).")
+        saved = SentenceEmbeddingModel.from_pretrained(folder, device=str(self.encoder.device))
+        self.encoder.load_state_dict(saved.encoder.state_dict())
+        if self.sentence_transformer is not None:
+            self.sentence_transformer.load_state_dict(saved.sentence_transformer.state_dict())
+
+
+# ---- using an encoder: embeddings of many texts, and how fast ----
+
+
+@torch.no_grad()
+def encode(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128) -> np.ndarray:
+    """``len(texts) × D`` float32 embeddings from a :class:`SentenceEmbeddingModel` (evaluation mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    chunks = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            batch = {key: value.to(device) for key, value in batch.items() if key in ENCODER_INPUTS}
+            chunks.append(model(**batch).embeddings.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
+
+
+def encoding_speed(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128):
+    """Texts encoded per second (one warm-up batch first, then ``texts`` in batches)."""
+    encode(model, tokenizer, texts[:batch_size], batch_size, max_length)
+    start = time.perf_counter()
+    encode(model, tokenizer, texts, batch_size, max_length)
+    return len(texts) / (time.perf_counter() - start)
