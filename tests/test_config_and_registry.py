@@ -15,8 +15,8 @@ from hf_kd.sentence_embeddings import SentenceEmbeddingModel
 from hf_kd.teachers import LiveTeacher
 
 ALL_IDS = """at attention_kl attention_mse crd dkd embedding_cosine embedding_mse fsp hidden_cosine hidden_mse hint
-    infonce irg jsd kl logit_mse pkd pkt prob_mse regression_mse reverse_kl rkd_angle rkd_distance skew_kl
-    skew_reverse_kl soft_ce sp teacher_bounded tvd uld vid""".split()
+    infonce irg jsd kl listwise_kl logit_mse margin_mse pkd pkt prob_mse regression_mse reverse_kl rkd_angle
+    rkd_distance skew_kl skew_reverse_kl soft_ce sp teacher_bounded tvd uld vid""".split()
 RESPONSE_IDS = [
     "dkd",
     "jsd",
@@ -75,8 +75,10 @@ def test_every_registered_loss_builds_with_defaults_and_backpropagates(name):
     teacher = LiveTeacher(teacher_model)(inputs, loss.side_needs("teacher"))
     student = _features(student_model, inputs, loss, "student")
     loss.setup(student, teacher, num_samples=10)
-    # teacher_bounded reads regression targets (here 3 outputs per example), the others class ids.
+    # teacher_bounded reads regression targets (here 3 outputs per example), the others class ids, and
+    # margin_mse relevance grades per candidate (the three logits as a query's candidates).
     labels = torch.randn(6, 3) if name == "teacher_bounded" else torch.tensor([0, 1, 2, 0, 1, 2])
+    labels = torch.eye(3, dtype=torch.long)[labels] if name == "margin_mse" else labels
     value = loss(student, teacher, labels=labels, sample_index=torch.arange(6))
     assert value.dim() == 0 and torch.isfinite(value)
     value.backward()

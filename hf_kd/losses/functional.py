@@ -317,6 +317,52 @@ def teacher_bounded(
     return reduce_positions(values, mask, reduction)
 
 
+def _check_groups(name: str, student_scores: torch.Tensor, teacher_scores: torch.Tensor) -> None:
+    if student_scores.dim() != 2 or student_scores.shape[-1] < 2:
+        raise ValueError(
+            f"{name} compares each query's candidates: scores must be B×G with G >= 2 candidates per query, got "
+            f"{tuple(student_scores.shape)}. Score groups with hf_kd.ranking (RankingCollator + CrossEncoderRanker "
+            "or BiEncoderRanker)."
+        )
+    if student_scores.shape != teacher_scores.shape:
+        raise ValueError(
+            f"{name}: the student scored {tuple(student_scores.shape)} candidates and the teacher "
+            f"{tuple(teacher_scores.shape)}; both must score the same groups."
+        )
+
+
+def margin_mse(student_scores, teacher_scores, labels=None, *, mask=None, reduction: Reduction = "mean"):
+    """Margin-MSE (Hofstätter et al. 2020) per query: the mean over candidate pairs (i, j) of
+    ((s_i − s_j) − (t_i − t_j))². Pairs: with relevance ``labels`` (B×G, -100 unjudged), those with
+    label_i > label_j (a positive against a negative, the paper's triples); a query without such a pair, or no
+    labels, uses every pair i < j. Candidates scored -inf (padding of ragged groups) are skipped."""
+    _check_groups("margin_mse", student_scores, teacher_scores)
+    present = torch.isfinite(teacher_scores) & torch.isfinite(student_scores)
+    gap = torch.where(present, student_scores.float() - teacher_scores.float(), 0.0)
+    differences = (gap[:, :, None] - gap[:, None, :]).pow(2)  # B×G×G: (d_i − d_j)², d = s − t
+    both = present[:, :, None] & present[:, None, :]
+    upper = torch.ones_like(both[0]).triu(diagonal=1)
+    pairs = both & upper
+    if labels is not None:
+        if labels.shape != student_scores.shape:
+            raise ValueError(
+                f"margin_mse reads one relevance grade per candidate (labels {tuple(student_scores.shape)}, -100 "
+                f"unjudged), got labels of shape {tuple(labels.shape)}."
+            )
+        grades = labels.float().masked_fill(labels.eq(-100) | labels.isnan(), float("nan"))
+        ordered = both & (grades[:, :, None] > grades[:, None, :])  # NaN compares false: unjudged pairs drop out
+        pairs = torch.where(ordered.flatten(1).any(1)[:, None, None], ordered, pairs)
+    counts = pairs.flatten(1).sum(1)
+    values = (differences * pairs).flatten(1).sum(1) / counts.clamp(min=1)
+    return reduce_positions(values, mask, reduction)
+
+
+def listwise_kl(student_scores, teacher_scores, *, temperature=1.0, mask=None, reduction: Reduction = "mean"):
+    """τ²·KL(softmax(t/τ) ‖ softmax(s/τ)) over each query's candidates (candidates scored -inf take no part)."""
+    _check_groups("listwise_kl", student_scores, teacher_scores)
+    return forward_kl(student_scores, teacher_scores, temperature=temperature, mask=mask, reduction=reduction)
+
+
 def dkd(
     student_logits,
     teacher_logits,

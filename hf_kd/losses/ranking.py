@@ -1,0 +1,35 @@
+"""Ranking knowledge: how the teacher scores each query's candidates, for rerankers and retrievers that score
+groups (``B×G`` logits from :mod:`hf_kd.ranking`: cross-encoders, bi-encoders, or precomputed teacher scores)."""
+
+from __future__ import annotations
+
+from . import functional as F
+from .base import DistillationLoss
+from .registry import register_loss
+from .response import ResponseLoss
+
+
+@register_loss(
+    "margin_mse",
+    paper="Hofstätter et al. 2020, Improving Efficient Neural Ranking Models with Cross-Architecture Knowledge "
+    "Distillation, arXiv:2010.02666",
+)
+class MarginMSE(DistillationLoss):
+    __doc__ = F.margin_mse.__doc__
+
+    def __init__(self):  # scores are compared as they are: no temperature
+        super().__init__()
+
+    def forward(self, student, teacher, mask=None, labels=None, sample_index=None):
+        return F.margin_mse(student.logits, teacher.dense_logits(), labels, mask=mask, reduction="sum")
+
+
+@register_loss(
+    "listwise_kl",
+    paper="Hinton et al. 2015's KD over each query's candidates, as listwise reranker distillation does (e.g. "
+    "Reddi et al. 2021, RankDistil)",
+)
+class ListwiseKL(ResponseLoss):
+    __doc__ = F.listwise_kl.__doc__
+    function = F.listwise_kl
+    compares_distributions = False  # a softmax over each query's candidates, not over one head's logits
