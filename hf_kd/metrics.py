@@ -82,6 +82,27 @@ def retrieval_metrics(
     return {name: float(values[measure]) for name, measure in measures.items()}
 
 
+def ranking_metrics(groups, metrics: tuple[str, ...] = ("mrr@10", "ndcg@10")) -> dict[str, float]:
+    """:func:`retrieval_metrics` of queries given as ``(scores, grades)`` pairs, one score and one relevance grade
+    per candidate (as :func:`hf_kd.ranking.score_groups` returns them)."""
+    scores, relevant = {}, {}
+    for index, (values, grades) in enumerate(groups):
+        if grades is None or len(values) != len(grades):
+            raise ValueError(f"query {index}: ranking metrics need one relevance grade per candidate score.")
+        scores[f"q{index}"] = {f"c{j}": float(value) for j, value in enumerate(values)}
+        relevant[f"q{index}"] = {f"c{j}": int(grade) for j, grade in enumerate(grades) if grade > 0}
+    return retrieval_metrics(scores, relevant, metrics)
+
+
+def ranking_compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
+    """MRR@10 and nDCG@10 for a Trainer evaluating a ranker: predictions and labels ``B×G``; the candidates of a
+    query are its entries with a label (the collator and the Trainer pad with -100)."""
+    predictions = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+    predictions, labels = np.asarray(predictions), np.asarray(eval_pred.label_ids)
+    groups = [(row[grades != -100], grades[grades != -100]) for row, grades in zip(predictions, labels)]
+    return ranking_metrics(groups)
+
+
 def nearest_neighbours(
     queries: np.ndarray, documents: np.ndarray, query_ids: list[str], document_ids: list[str], k: int = 100
 ) -> dict[str, dict[str, float]]:
@@ -98,7 +119,8 @@ def nearest_neighbours(
 def get_compute_metrics(metric: str | Callable | None = "accuracy") -> Callable | None:
     """A ``compute_metrics`` for ``Trainer``.
 
-    ``"accuracy"`` → :func:`classification_metrics`; ``"mse"`` → :func:`regression_metrics`; a path to a local
+    ``"accuracy"`` → :func:`classification_metrics`; ``"mse"`` → :func:`regression_metrics`; ``"mrr"`` →
+    :func:`ranking_compute_metrics`; a path to a local
     ``evaluate`` module (folder or script) → that module applied to argmax predictions; a callable is returned as
     is; ``None`` → no metrics.
     """
@@ -108,6 +130,8 @@ def get_compute_metrics(metric: str | Callable | None = "accuracy") -> Callable 
         return classification_metrics
     if metric == "mse":
         return regression_metrics
+    if metric == "mrr":
+        return ranking_compute_metrics
     if os.path.exists(metric):
         import evaluate
 

@@ -35,6 +35,7 @@ from hf_kd import DistillationTrainer, TeacherCache, get_loss, write_teacher_cac
 from hf_kd.data import add_sample_index
 from hf_kd.features import ModelFeatures
 from hf_kd.metrics import retrieval_metrics
+from hf_kd.ranking import CrossEncoderRanker, RankingCollator
 from hf_kd.schemes.mean_teacher import EMATeacher
 from hf_kd.schemes.mutual_learning import MutualLearningTrainer
 from hf_kd.schemes.recipes import SchemeArguments
@@ -745,6 +746,52 @@ CASES = [
         lambda p: retrieval_metrics({"q1": {"d": 1.0}}, {"q1": {"d": 1}, "q2": {"d": 1}}),
         ValueError,
         "1 queries have relevance grades but no scores",
+    ),
+    Case(
+        "ranking-without-groups",
+        '`losses="listwise_kl"` on a classifier\'s B×1 scores',
+        lambda p: get_loss("listwise_kl")(
+            ModelFeatures(logits=torch.zeros(4, 1)), ModelFeatures(logits=torch.zeros(4, 1))
+        ),
+        ValueError,
+        "listwise_kl compares each query's candidates: scores must be B×G with G >= 2",
+    ),
+    Case(
+        "ranking-ungrouped-row",
+        "`RankingCollator()` on a row of one token list",
+        lambda p: RankingCollator()([{"input_ids": [5, 6, 7], "labels": [1]}]),
+        ValueError,
+        "ranking row 0 is not grouped",
+    ),
+    Case(
+        "ranking-group-size",
+        "`RankingCollator(group_size=3)` on a query with 2 candidates",
+        lambda p: RankingCollator(group_size=3)([{"input_ids": [[5], [6]]}]),
+        ValueError,
+        "ranking row 0 has 2 candidates but group_size is 3",
+    ),
+    Case(
+        "ranking-teacher-scores-count",
+        "`teacher_scores` with 1 score for 2 candidates",
+        lambda p: RankingCollator()([{"input_ids": [[5], [6]], "teacher_scores": [1.0]}]),
+        ValueError,
+        "ranking row 0: 1 teacher_scores for 2 candidates",
+    ),
+    Case(
+        "ranking-groups-differ",
+        "`margin_mse` with the teacher scoring 4 candidates per query and the student 3",
+        lambda p: get_loss("margin_mse")(
+            ModelFeatures(logits=torch.zeros(2, 3)), ModelFeatures(logits=torch.zeros(2, 4))
+        ),
+        ValueError,
+        "both must score the same groups",
+    ),
+    Case(
+        "cross-encoder-labels",
+        "`CrossEncoderRanker(a num_labels=3 classifier)`",
+        lambda p: CrossEncoderRanker(tiny_bert(num_labels=3)),
+        ValueError,
+        "a cross-encoder scores a pair with one logit",
     ),
     Case(
         "dml-push",

@@ -249,7 +249,7 @@ def with_decoder_inputs(trainer, model, inputs: dict) -> dict:
         return inputs
     student = trainer.accelerator.unwrap_model(model)
     student = student.get_base_model() if hasattr(student, "get_base_model") else student
-    if not getattr(student.config, "is_encoder_decoder", False):
+    if not getattr(getattr(student, "config", None), "is_encoder_decoder", False):  # (custom modules: no config)
         return inputs
     decoder_input_ids = student.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
     return {**inputs, "decoder_input_ids": decoder_input_ids}

@@ -1,0 +1,254 @@
+"""Ranking: each example is a query with a group of candidates, each scored by a model.
+
+A ranking row holds, per query, its candidates in one or both of two layouts — ``input_ids`` (G token lists, one
+query–candidate pair each, for cross-encoders) and ``query_input_ids`` + ``candidate_input_ids`` (the query once,
+G candidate token lists, for bi-encoders) — with optional ``labels`` (G relevance grades) and ``teacher_scores``
+(G precomputed teacher scores). :class:`RankingCollator` pads the groups into ``B×G(×T)`` tensors with a
+``group_mask``; :class:`CrossEncoderRanker` and :class:`BiEncoderRanker` score them as ``logits`` ``B×G``, with
+``-inf`` where a query has no candidate (the convention of masked vocabulary entries: softmax losses give them no
+weight, ``margin_mse`` skips them). :class:`TeacherScores` is a teacher that reads the precomputed column. The
+ranking losses (``margin_mse``, ``listwise_kl``) live in :mod:`hf_kd.losses.ranking`; metrics in
+:func:`hf_kd.metrics.ranking_metrics`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from .sentence_embeddings import SentenceEmbeddingModel
+
+PAIR_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+BI_COLUMNS = ("query_input_ids", "query_attention_mask", "candidate_input_ids", "candidate_attention_mask")
+GROUP_COLUMNS = ("group_mask", "labels", "teacher_scores")
+
+
+class RankingCollator:
+    """Pads ranking rows into a batch: ``input_ids`` ``B×G×T`` (pairs), ``query_input_ids`` ``B×T``,
+    ``candidate_input_ids`` ``B×G×T``, their attention masks, ``group_mask`` ``B×G`` (real candidates),
+    ``labels`` ``B×G`` (-100 where none) and ``teacher_scores`` ``B×G`` (-inf where none).
+
+    ``group_size``: every query must have exactly this many candidates (an error names the row otherwise); ``None``:
+    ragged groups, padded to the batch's largest. ``pad_token_id``: the tokenizer's.
+    """
+
+    def __init__(self, pad_token_id: int = 0, group_size: int | None = None):
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"group_size must be >= 1 (or None for ragged groups), got {group_size}.")
+        self.pad_token_id, self.group_size = pad_token_id, group_size
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        counts = [self._candidates(row, index) for index, row in enumerate(rows)]
+        width = self.group_size or max(counts)
+        batch: dict[str, torch.Tensor] = {}
+        group_mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for index, count in enumerate(counts):
+            group_mask[index, :count] = True
+        batch["group_mask"] = group_mask
+        if "input_ids" in rows[0]:
+            batch.update(self._pad_groups(rows, "input_ids", "attention_mask", width))
+            if "token_type_ids" in rows[0]:
+                batch["token_type_ids"] = self._pad_groups(rows, "token_type_ids", None, width)["token_type_ids"]
+        if "candidate_input_ids" in rows[0]:
+            batch.update(self._pad_groups(rows, "candidate_input_ids", "candidate_attention_mask", width))
+            queries = [list(row["query_input_ids"]) for row in rows]
+            length = max(len(query) for query in queries)
+            batch["query_input_ids"] = torch.tensor([q + [self.pad_token_id] * (length - len(q)) for q in queries])
+            batch["query_attention_mask"] = torch.tensor([[1] * len(q) + [0] * (length - len(q)) for q in queries])
+        for column, fill, dtype in (("labels", -100, torch.float32), ("teacher_scores", float("-inf"), torch.float32)):
+            if column in rows[0]:
+                values = torch.full((len(rows), width), fill, dtype=dtype)
+                for index, row in enumerate(rows):
+                    if len(row[column]) != counts[index]:
+                        raise ValueError(
+                            f"ranking row {index}: {len(row[column])} {column} for {counts[index]} candidates; give "
+                            "one per candidate."
+                        )
+                    values[index, : counts[index]] = torch.as_tensor(row[column], dtype=dtype)
+                batch[column] = values
+        return batch
+
+    def _candidates(self, row: dict, index: int) -> int:
+        groups = [row[key] for key in ("input_ids", "candidate_input_ids") if key in row]
+        if not groups:
+            raise ValueError(
+                f"ranking row {index} has neither input_ids (query–candidate pairs) nor candidate_input_ids "
+                f"(bi-encoder candidates); its columns: {sorted(row)}."
+            )
+        if any(not len(group) or not isinstance(group[0], (list, tuple)) for group in groups):
+            raise ValueError(
+                f"ranking row {index} is not grouped: input_ids / candidate_input_ids hold one token list per "
+                "candidate of the query (a list of lists); see hf_kd.ranking."
+            )
+        counts = {len(group) for group in groups}
+        if len(counts) > 1:
+            raise ValueError(f"ranking row {index}: its pair and bi-encoder layouts list {sorted(counts)} candidates.")
+        (count,) = counts
+        if self.group_size is not None and count != self.group_size:
+            raise ValueError(
+                f"ranking row {index} has {count} candidates but group_size is {self.group_size}: give every query "
+                "the same number, or group_size=None to pad ragged groups."
+            )
+        return count
+
+    def _pad_groups(self, rows, key: str, mask_key: str | None, width: int) -> dict[str, torch.Tensor]:
+        length = max(len(candidate) for row in rows for candidate in row[key])
+        pad = self.pad_token_id if key.endswith("input_ids") else 0
+        ids = torch.full((len(rows), width, length), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width, length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            for j, candidate in enumerate(row[key]):
+                ids[i, j, : len(candidate)] = torch.as_tensor(candidate, dtype=torch.long)
+                mask[i, j, : len(candidate)] = 1
+        return {key: ids, **({mask_key: mask} if mask_key else {})}
+
+
+def _grouped(tensor: torch.Tensor | None, name: str, dims: int) -> torch.Tensor:
+    if tensor is None or tensor.dim() != dims:
+        shape = None if tensor is None else tuple(tensor.shape)
+        raise ValueError(
+            f"a ranker scores groups of candidates: {name} must be {'B×G×T' if dims == 3 else 'B×T'}, got {shape}. "
+            "Lay the batch out with hf_kd.ranking.RankingCollator."
+        )
+    return tensor
+
+
+def _label_loss(scores: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """Binary cross-entropy of each judged candidate's score against relevant (grade > 0) or not."""
+    if labels is None:
+        return None
+    judged = labels.ne(-100) & ~labels.isnan()
+    if not judged.any():
+        return None
+    return nn.functional.binary_cross_entropy_with_logits(scores[judged].float(), labels[judged].gt(0).float())
+
+
+class _Ranker(nn.Module):
+    columns: tuple[str, ...] = ()
+
+    def signature_columns(self) -> list[str]:
+        """The data columns the ranker reads (the Trainer keeps those)."""
+        return [*self.columns, *GROUP_COLUMNS]
+
+
+class CrossEncoderRanker(_Ranker):
+    """A cross-encoder: a ``…ForSequenceClassification`` with one logit scores each query–candidate pair
+    (``input_ids`` ``B×G×T``); only the real candidates are run. With ``labels``, its loss is the binary
+    cross-entropy of the judged candidates (the reranker's usual training on binary labels)."""
+
+    columns = PAIR_COLUMNS
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        if getattr(model.config, "num_labels", None) != 1:
+            raise ValueError(
+                f"a cross-encoder scores a pair with one logit: build it with num_labels=1, got "
+                f"num_labels={getattr(model.config, 'num_labels', None)}."
+            )
+        self.model = model  # (no config of its own: the head's num_labels=1 is not a regression target here)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, group_mask=None, labels=None, **_):
+        input_ids = _grouped(input_ids, "input_ids", 3)
+        group_mask = group_mask if group_mask is not None else torch.ones(input_ids.shape[:2], dtype=torch.bool)
+        group_mask = group_mask.to(input_ids.device).bool()
+        pairs = {"input_ids": input_ids[group_mask]}
+        if attention_mask is not None:
+            pairs["attention_mask"] = attention_mask[group_mask]
+        if token_type_ids is not None:
+            pairs["token_type_ids"] = token_type_ids[group_mask]
+        scores = self.model(**pairs).logits.squeeze(-1)
+        logits = scores.new_full(group_mask.shape, float("-inf")).masked_scatter(group_mask, scores)
+        return SequenceClassifierOutput(loss=_label_loss(logits, labels), logits=logits)
+
+    def save_checkpoint(self, folder: str, processing_class=None) -> None:
+        self.model.save_pretrained(folder)
+        if processing_class is not None:
+            processing_class.save_pretrained(folder)
+
+    def load_checkpoint(self, folder: str) -> None:
+        from .schemes.peer_cohort import load_model_weights
+
+        load_model_weights(self.model, os.path.join(folder, "model.safetensors"))
+
+
+class BiEncoderRanker(_Ranker):
+    """A bi-encoder: a :class:`~hf_kd.sentence_embeddings.SentenceEmbeddingModel` embeds the query and each candidate
+    apart; the score is their cosine (``similarity="cosine"``) or dot product, times ``scale`` (a softmax over
+    cosines needs a sharper scale, as in sentence-transformers' MultipleNegativesRankingLoss)."""
+
+    columns = BI_COLUMNS
+
+    def __init__(self, encoder: SentenceEmbeddingModel, similarity: str = "cosine", scale: float = 20.0):
+        super().__init__()
+        if similarity not in ("cosine", "dot"):
+            raise ValueError(f"similarity is 'cosine' or 'dot', got {similarity!r}.")
+        self.encoder, self.similarity, self.scale = encoder, similarity, scale
+
+    def forward(
+        self,
+        query_input_ids=None,
+        query_attention_mask=None,
+        candidate_input_ids=None,
+        candidate_attention_mask=None,
+        group_mask=None,
+        labels=None,
+        **_,
+    ):
+        candidate_input_ids = _grouped(candidate_input_ids, "candidate_input_ids", 3)
+        query_input_ids = _grouped(query_input_ids, "query_input_ids", 2)
+        group_mask = group_mask if group_mask is not None else torch.ones(candidate_input_ids.shape[:2], dtype=bool)
+        group_mask = group_mask.to(candidate_input_ids.device).bool()
+        queries = self.encoder(input_ids=query_input_ids, attention_mask=query_attention_mask).embeddings
+        mask = None if candidate_attention_mask is None else candidate_attention_mask[group_mask]
+        candidates = self.encoder(input_ids=candidate_input_ids[group_mask], attention_mask=mask).embeddings
+        query_of = torch.arange(len(queries), device=queries.device)[:, None].expand(group_mask.shape)[group_mask]
+        q = queries[query_of]
+        if self.similarity == "cosine":
+            q, candidates = nn.functional.normalize(q, dim=-1), nn.functional.normalize(candidates, dim=-1)
+        scores = (q * candidates).sum(-1) * self.scale
+        logits = scores.new_full(group_mask.shape, float("-inf")).masked_scatter(group_mask, scores)
+        return SequenceClassifierOutput(loss=_label_loss(logits, labels), logits=logits)
+
+    def save_checkpoint(self, folder: str, processing_class=None) -> None:
+        self.encoder.save_checkpoint(folder, processing_class)
+
+    def load_checkpoint(self, folder: str) -> None:
+        self.encoder.load_checkpoint(folder)
+
+
+class TeacherScores(nn.Module):
+    """A teacher whose scores were computed beforehand: it returns the batch's ``teacher_scores`` column (``B×G``,
+    laid out by :class:`RankingCollator`) as its logits — the precomputed-column source of ranking distillation."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)  # places the teacher (device, dtype)
+
+    def forward(self, teacher_scores=None, **_):
+        if teacher_scores is None:
+            raise ValueError("TeacherScores reads the teacher_scores column: give the rows one score per candidate.")
+        return SequenceClassifierOutput(logits=teacher_scores)
+
+
+def score_groups(ranker: nn.Module, dataset, collator: RankingCollator, batch_size: int = 16):
+    """Per query of ``dataset``: ``(its candidates' scores, their relevance grades or None)``, as numpy arrays with
+    the padding dropped (evaluation mode, no grad) — what :func:`hf_kd.metrics.ranking_metrics` reads."""
+    was_training, device = ranker.training, next(ranker.parameters()).device
+    ranker.eval()
+    groups = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(dataset), batch_size):
+                batch = collator([dataset[index] for index in range(start, min(start + batch_size, len(dataset)))])
+                inputs = {key: value.to(device) for key, value in batch.items() if key != "labels"}
+                logits = ranker(**inputs).logits.float().cpu()
+                for index, mask in enumerate(batch["group_mask"]):
+                    grades = batch["labels"][index][mask].numpy() if "labels" in batch else None
+                    groups.append((logits[index][mask].numpy(), grades))
+    finally:
+        ranker.train(was_training)
+    return groups
