@@ -128,19 +128,16 @@ def _label_loss(scores: torch.Tensor, labels: torch.Tensor | None) -> torch.Tens
 
 
 class _Ranker(nn.Module):
-    columns: tuple[str, ...] = ()
-
     def signature_columns(self) -> list[str]:
-        """The data columns the ranker reads (the Trainer keeps those)."""
-        return [*self.columns, *GROUP_COLUMNS]
+        """Every ranking column (the Trainer keeps those): a cross-encoder student may learn from a bi-encoder
+        teacher, which reads the other layout of the same rows."""
+        return [*PAIR_COLUMNS, *BI_COLUMNS, *GROUP_COLUMNS]
 
 
 class CrossEncoderRanker(_Ranker):
     """A cross-encoder: a ``…ForSequenceClassification`` with one logit scores each query–candidate pair
     (``input_ids`` ``B×G×T``); only the real candidates are run. With ``labels``, its loss is the binary
     cross-entropy of the judged candidates (the reranker's usual training on binary labels)."""
-
-    columns = PAIR_COLUMNS
 
     def __init__(self, model: PreTrainedModel):
         super().__init__()
@@ -179,8 +176,6 @@ class BiEncoderRanker(_Ranker):
     """A bi-encoder: a :class:`~hf_kd.sentence_embeddings.SentenceEmbeddingModel` embeds the query and each candidate
     apart; the score is their cosine (``similarity="cosine"``) or dot product, times ``scale`` (a softmax over
     cosines needs a sharper scale, as in sentence-transformers' MultipleNegativesRankingLoss)."""
-
-    columns = BI_COLUMNS
 
     def __init__(self, encoder: SentenceEmbeddingModel, similarity: str = "cosine", scale: float = 20.0):
         super().__init__()

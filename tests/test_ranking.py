@@ -1,5 +1,6 @@
 """Ranking: margin_mse and listwise_kl, the group collator, cross- and bi-encoder rankers, metrics, training."""
 
+import json
 import math
 import random
 
@@ -217,3 +218,41 @@ def test_a_cross_encoder_student_saves_as_a_plain_reranker(tmp_path):
     trainer.save_model(str(tmp_path / "saved"))
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
     assert all(torch.equal(value, reloaded.state_dict()[key]) for key, value in student.model.state_dict().items())
+
+
+# ---- the recipe ----
+
+
+def test_ranking_recipe_distils_a_minilm_reranker_on_bbc_headlines(tmp_path):
+    from test_recipes import run_recipe
+
+    short = ["--train_queries", "16", "--eval_queries", "6", "--eval_group_size", "4", "--max_length", "48"]
+    common = ["--config", "recipes/configs/ranking.yaml", "--max_steps", "2", "--per_device_train_batch_size", "2"]
+    run_recipe("ranking.py", *common, *short, "--output_dir", str(tmp_path / "cross"), "--cross_teacher_steps", "2")
+    results = json.loads((tmp_path / "cross" / "results.json").read_text())
+    assert len(results) == 4
+    for row in results.values():
+        assert 0 < row["mrr@10"] <= 1 and 0 < row["ndcg@10"] <= 1 and row["ms_per_query"] > 0
+    bi, cross, labels_only, distilled = results.values()
+    assert distilled["parameters"] == labels_only["parameters"] < cross["parameters"]
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "cross" / "student")
+    assert reloaded.config.num_labels == 1 and reloaded.config.num_hidden_layers == 2
+    assert (tmp_path / "cross" / "teacher" / "model.safetensors").exists()
+
+    # The other teacher (the zero-shot bi-encoder) with the listwise loss, reusing the fine-tuned cross-encoder.
+    run_recipe(
+        "ranking.py",
+        *common,
+        *short,
+        "--output_dir",
+        str(tmp_path / "bi"),
+        "--cross_teacher",
+        str(tmp_path / "cross" / "teacher"),
+        "--distil_from",
+        "bi",
+        "--losses",
+        "listwise_kl",
+    )
+    rows = json.loads((tmp_path / "bi" / "results.json").read_text())
+    assert any("distilled from the bi-encoder (listwise_kl)" in name for name in rows)
+    assert list(rows.values())[1]["mrr@10"] == pytest.approx(cross["mrr@10"])  # the same teacher, read back
