@@ -14,7 +14,9 @@ import torch
 from datasets import Dataset
 
 TEACHER_PREFIX = "teacher_"
-TEACHER_COLUMNS = tuple(TEACHER_PREFIX + name for name in ("input_ids", "attention_mask", "labels"))
+TEACHER_COLUMNS = tuple(
+    TEACHER_PREFIX + name for name in ("input_ids", "attention_mask", "labels", "distillation_positions")
+)
 
 
 def split_teacher_inputs(inputs: dict) -> tuple[dict, dict | None]:
@@ -70,7 +72,8 @@ def add_teacher_tokenization(
 
 class CrossTokenizerCollator:
     """Right-pads the student's and the teacher's columns of a batch, each with its own pad id
-    (``attention_mask`` with 0, ``labels`` with -100); other columns are stacked as they are."""
+    (``attention_mask`` and ``distillation_positions`` with 0, ``labels`` with -100); other columns are stacked as
+    they are."""
 
     def __init__(self, student_pad_id: int, teacher_pad_id: int):
         self.pad = {"": student_pad_id, TEACHER_PREFIX: teacher_pad_id}
@@ -84,7 +87,7 @@ class CrossTokenizerCollator:
                 continue
             prefix = TEACHER_PREFIX if key.startswith(TEACHER_PREFIX) else ""
             name = key[len(prefix) :]
-            fill = {"attention_mask": 0, "labels": -100}.get(name, self.pad[prefix])
+            fill = {"attention_mask": 0, "labels": -100, "distillation_positions": 0}.get(name, self.pad[prefix])
             width = max(len(value) for value in values)
             batch[key] = torch.tensor([list(value) + [fill] * (width - len(value)) for value in values])
         return batch

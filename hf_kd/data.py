@@ -8,6 +8,15 @@ from datasets import Dataset
 UNLABELED = -100
 #: Column holding each example's row in the training set, for losses with per-example memory (CRD).
 SAMPLE_INDEX = "sample_index"
+# A token-level row's positions that carry distillation (1/0 per token), when the labels' convention decides them
+# rather than the attention mask: e.g. the first sub-token of every word (hf_kd.token_classification). Not a model
+# input; with different tokenizers the k-th marked position of each side meet.
+DISTILLATION_POSITIONS = "distillation_positions"
+
+
+def model_inputs(inputs: dict) -> dict:
+    """``inputs`` without the columns that only decide distillation positions (no model takes them)."""
+    return {key: value for key, value in inputs.items() if key != DISTILLATION_POSITIONS}
 
 
 def add_sample_index(dataset: Dataset) -> Dataset:

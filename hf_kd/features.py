@@ -177,8 +177,10 @@ def run_model(model: nn.Module, inputs: dict, needs: frozenset[str], module_root
     Module outputs are captured on ``module_root`` (the unwrapped model whose paths the user named; by default
     ``model`` itself).
     """
+    from .data import model_inputs  # (a column that marks positions reaches no model)
+
     with capture_modules(module_root if module_root is not None else model, module_paths(needs)) as captured:
-        outputs = model(**inputs, **forward_kwargs(needs))
+        outputs = model(**model_inputs(inputs), **forward_kwargs(needs))
     features = ModelFeatures.from_outputs(outputs, needs, captured, attention_mask=inputs.get("attention_mask"))
     return outputs, features
 

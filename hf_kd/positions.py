@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .cross_tokenizer import aligned_positions, split_teacher_inputs
-from .data import SAMPLE_INDEX
+from .data import DISTILLATION_POSITIONS, SAMPLE_INDEX
 
 
 @dataclass
@@ -30,15 +30,18 @@ class ItemCounts:
 def distillation_mask(inputs: dict, token_level: bool, shift: bool, by_labels: bool = True) -> torch.Tensor | None:
     """Bool mask of the positions that carry distillation, or ``None`` when every position does.
 
-    Sequence level: every example (labeled or not, so unlabeled transfer data is distilled). Token level with
-    ``by_labels`` (LMs): tokens with a label other than -100 when labels are given, else attended tokens; without
-    ``by_labels`` (token classifiers): attended tokens, labeled or not. Shifted by one for causal LMs, whose logits
+    Sequence level: every example (labeled or not, so unlabeled transfer data is distilled). Token level: the
+    tokens a ``distillation_positions`` column marks, when the batch has one; else with ``by_labels`` (LMs):
+    tokens with a label other than -100 when labels are given, else attended tokens; without ``by_labels`` (token
+    classifiers): attended tokens, labeled or not. Shifted by one for causal LMs, whose logits
     at position t predict token t + 1.
     """
     if not token_level:
         return None
     labels = inputs.get("labels") if by_labels else None
-    if labels is not None:
+    if DISTILLATION_POSITIONS in inputs:  # marked by the row itself (e.g. the first sub-token of every word)
+        mask = inputs[DISTILLATION_POSITIONS]
+    elif labels is not None:
         mask = labels.ne(-100)
     elif "decoder_input_ids" in inputs:
         mask = inputs.get("decoder_attention_mask")

@@ -11,8 +11,10 @@ from transformers.utils import logging
 
 from ..checks import check_compatible
 from ..cross_tokenizer import aligned_positions
+from ..data import model_inputs
 from ..features import ModelFeatures, output_field, run_model
 from ..losses.chunked import chunked_token_terms
+from ..model_kinds import is_classifier
 from ..objective import LABEL_TERM, WEIGHT_PREFIX, check_finite
 from ..positions import ItemCounts, distillation_mask, labeled_entries, split_sample_index
 
@@ -215,7 +217,7 @@ def unlabeled_prediction(trainer, model, inputs, plain, prediction_loss_only):
                 "labels, or use live teachers."
             )
             trainer._warned_unlabeled_eval = True
-        logits = output_field(model(**plain), "logits")
+        logits = output_field(model(**model_inputs(plain)), "logits")
         return None, None if prediction_loss_only else logits, None
     counts = trainer._get_num_items_in_batch([inputs], trainer.args.device)
     loss, outputs = trainer.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=counts)
@@ -224,9 +226,10 @@ def unlabeled_prediction(trainer, model, inputs, plain, prediction_loss_only):
 
 def align_tokenizations(trainer, student, teacher, mask, teacher_inputs):
     """Different tokenizers: the k-th supervised student position meets the k-th supervised teacher position
-    (see :mod:`hf_kd.cross_tokenizer`); returns flat ``N×V`` features of the aligned positions and no mask."""
+    (see :mod:`hf_kd.cross_tokenizer`; for token classifiers, the k-th word: see
+    :mod:`hf_kd.token_classification`); returns flat ``N×V`` features of the aligned positions and no mask."""
     unaligned = [loss.name for loss in trainer.distillation_losses if not loss.cross_vocabulary]
-    if unaligned:
+    if unaligned and not is_classifier(trainer.student):  # token classifiers share a label set, not a vocabulary
         raise ValueError(
             f"the batch has teacher_input_ids (the teacher has its own tokenizer), which {unaligned} cannot "
             "compare: they need one vocabulary. Use the uld loss."

@@ -18,7 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from transformers.utils.hub import PushInProgress
 
 from ..cross_tokenizer import TEACHER_COLUMNS
-from ..data import SAMPLE_INDEX
+from ..data import DISTILLATION_POSITIONS, SAMPLE_INDEX
 from ..generation import ON_POLICY_KEY, student_rollout
 from ..positions import ItemCounts, count_items, split_sample_index
 from .loss_parts import LOSS_OPTIMIZER_NAME, LOSS_PARTS_NAME
@@ -47,7 +47,7 @@ class TrainerCompat(Trainer):
         if self._signature_columns is None and hasattr(self.model, "signature_columns"):
             self._signature_columns = [*self.model.signature_columns(), "label", "label_ids", *self.label_names]
         super()._set_signature_columns_if_needed()
-        for column in (SAMPLE_INDEX, *TEACHER_COLUMNS):
+        for column in (SAMPLE_INDEX, DISTILLATION_POSITIONS, *TEACHER_COLUMNS):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 

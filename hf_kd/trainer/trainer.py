@@ -9,6 +9,7 @@ from transformers import TrainerCallback
 from ..checks import check_chunkable, check_on_policy, check_setup, check_teachers
 from ..config import DistillationConfig
 from ..cross_tokenizer import split_teacher_inputs
+from ..data import model_inputs
 from ..evaluation import count_parameters
 from ..features import output_field
 from ..generation import ON_POLICY_KEY
@@ -218,7 +219,9 @@ class DistillationTrainer(TrainerCompat):
                 teacher = self.teachers[self._comparing]
                 logits = teacher(teacher_inputs or plain, frozenset({"logits"})).dense_logits()
             else:
-                logits = output_field(model(**{k: v for k, v in plain.items() if k != "labels"}), "logits")
+                logits = output_field(
+                    model(**model_inputs({k: v for k, v in plain.items() if k != "labels"})), "logits"
+                )
         return None, logits, plain.get("labels")
 
     # ---- saving and sharing ---------------------------------------------------------------------------------
