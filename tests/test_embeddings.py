@@ -311,3 +311,19 @@ def test_embeddings_recipe_distils_the_packaged_minilm_on_real_sentences(tmp_pat
     assert "mean_cosine" not in rows[-1] and -1 <= rows[-1]["spearman"] <= 1  # 64 wide: no cosine to the teacher
     narrow = SentenceTransformer(str(tmp_path / "narrow" / "student"), device="cpu")
     assert narrow.get_sentence_embedding_dimension() == 64
+
+
+def test_relation_and_contrastive_losses_read_sentence_embeddings(tmp_path):
+    tok = tokenizer(tmp_path)
+    teacher = SentenceEmbeddingModel(sentence_transformer(tmp_path, "teacher", 32, 2, seed=0))
+    student = SentenceEmbeddingModel(bert(16, 1, seed=1), pooling="mean")
+    losses = (
+        "embedding_cosine:1.0,rkd_distance:1.0:source=embeddings,sp:1.0:source=embeddings,infonce:1.0:source=embeddings"
+    )
+    trainer = trainer_for(tmp_path, student, teacher, tok, losses=losses, max_steps=3)
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    assert {"embedding_cosine", "rkd_distance", "sp", "infonce"} <= set(logged)
+    # rkd_distance compares the 16- and 32-wide embeddings' distance structures: no projector needed
+    rkd = next(term.loss for term in trainer.objective.terms if term.name == "rkd_distance")
+    assert rkd.sources == {"student": "embeddings", "teacher": "embeddings"} and not list(rkd.parameters())
