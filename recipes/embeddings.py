@@ -15,7 +15,7 @@ articles: MRR@10 and recall@10 by ir-measures. Plus texts encoded per second. Th
 distilled student) is printed and saved to OUTPUT_DIR/results.md; the student to OUTPUT_DIR/student as a
 SentenceTransformer folder (``SentenceTransformer("OUTPUT_DIR/student")``).
 
-    python recipes/embeddings.py --config recipes/configs/embeddings.yaml                      # ~10 min on 2 cores
+    python recipes/embeddings.py --config recipes/configs/embeddings.yaml                      # 15-30 min on 2 cores
     python recipes/embeddings.py --config recipes/configs/embeddings.yaml --student_init random \
         --student_hidden 192 --student_layers 4 --pca_projector --output_dir outputs/embeddings-192
     python recipes/embeddings.py --config recipes/configs/embeddings.yaml \

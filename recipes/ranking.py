@@ -12,7 +12,7 @@ alone, one distilled with --losses (margin_mse by default; listwise_kl, ...) fro
 --distil_from bi, from the bi-encoder), same steps and seed. Printed and saved to OUTPUT_DIR/results.md: MRR@10 and
 nDCG@10 (ir-measures) on the test queries and ms per query (its whole group scored).
 
-    python recipes/ranking.py --config recipes/configs/ranking.yaml                       # ~20 min on 2 CPU cores
+    python recipes/ranking.py --config recipes/configs/ranking.yaml                       # ~15 min on 2 CPU cores
     python recipes/ranking.py --config recipes/configs/ranking.yaml --cross_teacher outputs/ranking/teacher \
         --losses listwise_kl --output_dir outputs/ranking-listwise
     python recipes/ranking.py --config recipes/configs/ranking.yaml --cross_teacher outputs/ranking/teacher \
