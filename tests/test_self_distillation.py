@@ -202,3 +202,20 @@ def test_exit_report_charges_each_example_the_exit_it_leaves_at(tmp_path):
         chosen = next((p for p in probabilities[:-1] if p[row].max() >= 0.3), probabilities[-1])
         correct += int(chosen[row].argmax() == data[:32]["labels"][row])
     assert middle["accuracy"] == pytest.approx(correct / 32)
+
+
+def test_hint_projectors_no_loss_reads_are_frozen(tmp_path):
+    # With hint_weight 0 the projectors of an EarlyExitModel(hint=True) get no gradient; left trainable, DDP would
+    # stop on them as unused parameters.
+    model = EarlyExitModel(tiny_bert(layers=3), exits_after=[1, 2], hint=True)
+    trainer = SelfDistillationTrainer(model, config(tmp_path, max_steps=2), train_dataset=classification_data())
+    projectors = [parameter for head in model.exits.values() for parameter in head.project.parameters()]
+    assert projectors and not any(parameter.requires_grad for parameter in projectors)
+    before = [parameter.detach().clone() for parameter in projectors]
+    trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, projectors))
+    # every parameter left trainable takes part in the loss (what DDP checks): one backward reaches them all
+    batch = {key: value for key, value in trainer._prepare_inputs(next(iter(trainer.get_train_dataloader()))).items()}
+    model.zero_grad(set_to_none=True)
+    trainer.compute_loss(trainer.model, batch).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -366,6 +366,9 @@ class SelfDistillationTrainer(OnlineTrainer):
             raise ValueError("hint_weight > 0 needs exits with hint projectors: EarlyExitModel(..., hint=True).")
         if args is not None and args.push_to_hub and save_exits:
             raise ValueError("push_to_hub uploads the plain model; push a model saved with its exits by hand.")
+        if hint_weight == 0 and model.hint:  # hint projectors no loss reads: DDP would stop on unused parameters
+            for head in model.exits.values():
+                head.project.requires_grad_(False)
         super().__init__(model, model.members, model.model, args, ("hint",) if hint_weight > 0 else (), **kwargs)
         self.hint_weight, self.save_exits = float(hint_weight), save_exits
 
