@@ -41,6 +41,7 @@ from hf_kd.schemes.mutual_learning import MutualLearningTrainer
 from hf_kd.schemes.recipes import SchemeArguments
 from hf_kd.schemes.self_distillation import EarlyExitModel, SelfDistillationTrainer
 from hf_kd.sentence_embeddings import SentenceEmbeddingModel
+from hf_kd.token_classification import add_teacher_words, tokenize_words
 
 README_START, README_END = "<!-- refusals:start -->", "<!-- refusals:end -->"
 
@@ -794,6 +795,29 @@ CASES = [
         "a cross-encoder scores a pair with one logit",
     ),
     Case(
+        "ner-tags-count",
+        "`tokenize_words` with 2 tags for 3 words",
+        lambda p: tokenize_words(
+            Dataset.from_list([{"words": ["a", "b", "c"], "tags": ["O", "O"]}]), _wordpiece(p), {"O": 0}
+        ),
+        ValueError,
+        "row 0: 2 tags for 3 words",
+    ),
+    Case(
+        "ner-unknown-tag",
+        "`tokenize_words` with a tag missing from `label2id`",
+        lambda p: tokenize_words(Dataset.from_list([{"words": ["a"], "tags": ["B-LOC"]}]), _wordpiece(p), {"O": 0}),
+        ValueError,
+        "tag 'B-LOC' is not in label2id",
+    ),
+    Case(
+        "ner-teacher-words-all-subtokens",
+        '`add_teacher_words` on rows tokenised with `subtokens="all"`',
+        lambda p: _teacher_words_all(p),
+        ValueError,
+        "tokenize the student's rows with subtokens='first'",
+    ),
+    Case(
         "dml-push",
         "`push_to_hub=True` for peers",
         lambda p: _peers(p, [tiny_bert(), tiny_bert()], push_to_hub=True, hub_model_id="alice/peers"),
@@ -813,6 +837,20 @@ CASES = [
         check=_check_pushed_checkpoints,
     ),
 ]
+
+
+def _wordpiece(tmp_path):
+    from transformers import BertTokenizerFast
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c", "bro", "##wn"]))
+    return BertTokenizerFast(str(vocab))
+
+
+def _teacher_words_all(tmp_path):
+    words = Dataset.from_list([{"words": ["brown"], "tags": ["O"]}])
+    rows = tokenize_words(words, _wordpiece(tmp_path), {"O": 0}, subtokens="all")
+    return add_teacher_words(rows, words, _wordpiece(tmp_path))
 
 
 def _peers(tmp_path, peers, **overrides):
