@@ -50,6 +50,14 @@ class RankingRecipeArguments:
     )
     cross_teacher_steps: int = field(default=200)
     cross_teacher_learning_rate: float = field(default=5e-5)
+    student_kind: str = field(
+        default="cross",
+        metadata={
+            "help": "cross: cross-encoder students (see --student_init); bi: bi-encoder students that keep "
+            "--student_layers of the packaged MiniLM embedding model (Hofstätter et al.'s cross-architecture set-up).",
+            "choices": ["cross", "bi"],
+        },
+    )
     student_init: str = field(
         default="teacher",
         metadata={
@@ -118,6 +126,19 @@ def ranking_rows(articles, group_size: int, seed: int, tokenizer, recipe, limit:
             }
         )
     return rows
+
+
+def minilm_bi_encoder(path: str, layers: int) -> BiEncoderRanker:
+    """The MiniLM embedding model keeping ``layers`` of its layers (uniformly chosen, the last kept), scoring by
+    cosine."""
+    encoder = SentenceEmbeddingModel.from_pretrained(path)
+    depth = encoder.encoder.config.num_hidden_layers
+    if not 1 <= layers <= depth:
+        raise ValueError(f"--student_layers must be 1..{depth}, got {layers}.")
+    keep = [(index + 1) * depth // layers - 1 for index in range(layers)]
+    encoder.encoder.encoder.layer = torch.nn.ModuleList(encoder.encoder.encoder.layer[index] for index in keep)
+    encoder.encoder.config.num_hidden_layers = layers
+    return BiEncoderRanker(encoder)
 
 
 def minilm_cross_encoder(path: str, layers: int | None = None) -> CrossEncoderRanker:
@@ -192,7 +213,13 @@ def main():
 
     # ---- students: labels alone vs distilled, same start, steps and seed ----
     set_seed(args.seed)
-    labels_only = minilm_cross_encoder(student_source, recipe.student_layers)
+
+    def make_student():
+        if recipe.student_kind == "bi":
+            return minilm_bi_encoder(minilm, recipe.student_layers)
+        return minilm_cross_encoder(student_source, recipe.student_layers)
+
+    labels_only = make_student()
     start = {key: value.clone() for key, value in labels_only.state_dict().items()}
     train_plainly(
         labels_only,
@@ -202,7 +229,7 @@ def main():
         data_collator=collator,
     )
     set_seed(args.seed)
-    student = minilm_cross_encoder(student_source, recipe.student_layers)
+    student = make_student()
     student.load_state_dict(start)
     trainer = DistillationTrainer(
         model=student,
@@ -217,12 +244,13 @@ def main():
     # ---- results on the test queries ----
     if trainer.is_world_process_zero():
         losses = ", ".join(spec.name for spec in args.loss_specs)
-        shape = f"MiniLM {recipe.student_layers}×384 ({recipe.student_init} init)"
+        init = "MiniLM layers" if recipe.student_kind == "bi" else f"{recipe.student_init} init"
+        shape = f"MiniLM {recipe.student_layers}×384 {recipe.student_kind}-encoder ({init})"
         results = {
             "teacher: MiniLM bi-encoder, zero-shot": evaluate_ranker(bi_teacher, test, collator),
             "teacher: MiniLM cross-encoder, fine-tuned": evaluate_ranker(cross_teacher, test, collator),
-            f"student {shape} cross-encoder, binary labels only": evaluate_ranker(labels_only, test, collator),
-            f"student {shape} cross-encoder, distilled from the {recipe.distil_from}-encoder ({losses})": (
+            f"student {shape}, binary labels only": evaluate_ranker(labels_only, test, collator),
+            f"student {shape}, distilled from the {recipe.distil_from}-encoder ({losses})": (
                 evaluate_ranker(trainer.student, test, collator)
             ),
         }

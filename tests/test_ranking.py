@@ -239,7 +239,7 @@ def test_ranking_recipe_distils_a_minilm_reranker_on_bbc_headlines(tmp_path):
     assert reloaded.config.num_labels == 1 and reloaded.config.num_hidden_layers == 2
     assert (tmp_path / "cross" / "teacher" / "model.safetensors").exists()
 
-    # The other teacher (the zero-shot bi-encoder) with the listwise loss, reusing the fine-tuned cross-encoder.
+    # The other teacher (the zero-shot bi-encoder) and a bi-encoder student, reusing the fine-tuned cross-encoder.
     run_recipe(
         "ranking.py",
         *common,
@@ -250,9 +250,15 @@ def test_ranking_recipe_distils_a_minilm_reranker_on_bbc_headlines(tmp_path):
         str(tmp_path / "cross" / "teacher"),
         "--distil_from",
         "bi",
+        "--student_kind",
+        "bi",
         "--losses",
         "listwise_kl",
     )
     rows = json.loads((tmp_path / "bi" / "results.json").read_text())
-    assert any("distilled from the bi-encoder (listwise_kl)" in name for name in rows)
+    assert any("bi-encoder (MiniLM layers), distilled from the bi-encoder (listwise_kl)" in name for name in rows)
+    from sentence_transformers import SentenceTransformer
+
+    bi_student = SentenceTransformer(str(tmp_path / "bi" / "student"), device="cpu")
+    assert bi_student[0].auto_model.config.num_hidden_layers == 2
     assert list(rows.values())[1]["mrr@10"] == pytest.approx(cross["mrr@10"])  # the same teacher, read back
