@@ -128,30 +128,29 @@ def ranking_rows(articles, group_size: int, seed: int, tokenizer, recipe, limit:
     return rows
 
 
-def minilm_bi_encoder(path: str, layers: int) -> BiEncoderRanker:
-    """The MiniLM embedding model keeping ``layers`` of its layers (uniformly chosen, the last kept), scoring by
-    cosine."""
-    encoder = SentenceEmbeddingModel.from_pretrained(path)
-    depth = encoder.encoder.config.num_hidden_layers
+def keep_layers(bert, layers: int) -> None:
+    """Keep ``layers`` of a BERT encoder's layers, uniformly chosen with the last kept (in place)."""
+    depth = bert.config.num_hidden_layers
     if not 1 <= layers <= depth:
         raise ValueError(f"--student_layers must be 1..{depth}, got {layers}.")
     keep = [(index + 1) * depth // layers - 1 for index in range(layers)]
-    encoder.encoder.encoder.layer = torch.nn.ModuleList(encoder.encoder.encoder.layer[index] for index in keep)
-    encoder.encoder.config.num_hidden_layers = layers
+    bert.encoder.layer = torch.nn.ModuleList(bert.encoder.layer[index] for index in keep)
+    bert.config.num_hidden_layers = layers
+
+
+def minilm_bi_encoder(path: str, layers: int) -> BiEncoderRanker:
+    """The MiniLM embedding model keeping ``layers`` of its layers, scoring by cosine."""
+    encoder = SentenceEmbeddingModel.from_pretrained(path)
+    keep_layers(encoder.encoder, layers)
     return BiEncoderRanker(encoder)
 
 
 def minilm_cross_encoder(path: str, layers: int | None = None) -> CrossEncoderRanker:
     """A MiniLM cross-encoder (a one-logit head: new from the packaged MiniLM, trained from a fine-tuned folder),
-    keeping ``layers`` of its layers (uniformly chosen, the last kept)."""
+    keeping ``layers`` of its layers."""
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     if layers is not None:
-        depth = model.config.num_hidden_layers
-        if not 1 <= layers <= depth:
-            raise ValueError(f"--student_layers must be 1..{depth}, got {layers}.")
-        keep = [(index + 1) * depth // layers - 1 for index in range(layers)]
-        model.bert.encoder.layer = torch.nn.ModuleList(model.bert.encoder.layer[index] for index in keep)
-        model.config.num_hidden_layers = layers
+        keep_layers(model.bert, layers)
     return CrossEncoderRanker(model)
 
 
