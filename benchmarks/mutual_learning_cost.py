@@ -4,8 +4,9 @@ one run.
 The peers are BERT sequence classifiers of different widths (or, with ``--task lm``, GPT-2 causal LMs). On one
 batch, taking turns: the median time of the cohort's ``training_step`` (every peer's forward and backward, each
 peer's CE and KL towards the others) and of each peer's plain ``transformers.Trainer.training_step`` (its CE
-alone). The ratio cohort / Σ plain is the price of the mutual terms (the bar: ≤ 1.05). Optimizer steps are left
-out of both.
+alone), plus the same DML step written by hand in plain PyTorch (every peer's forward, CE + KL towards the others'
+detached logits, one backward). The ratio cohort / Σ plain is the price of the mutual terms (the bar: ≤ 1.05);
+hand-written / Σ plain is what DML itself costs, without hf_kd. Optimizer steps are left out of all three.
 
     python benchmarks/mutual_learning_cost.py                 # 2 peers, ~1 min on 2 CPU cores
     python benchmarks/mutual_learning_cost.py --peers 3
@@ -41,6 +42,23 @@ def bert(width: int, layers: int, vocab: int, length: int, seed: int) -> BertFor
         num_labels=5,
     )
     return BertForSequenceClassification(config)
+
+
+def hand_written_dml_step(peers, batch) -> None:
+    """DML without hf_kd: each peer's CE plus KL (T = 1) towards the mean over the others' detached predictions."""
+    logits = [peer(input_ids=batch["input_ids"]).logits for peer in peers]
+    if logits[0].dim() == 3:  # causal LMs: position t predicts token t + 1
+        logits = [each[:, :-1].reshape(-1, each.shape[-1]) for each in logits]
+        labels = batch["labels"][:, 1:].reshape(-1)
+    else:
+        labels = batch["labels"]
+    log_probs = [torch.log_softmax(each.float(), -1) for each in logits]
+    total = 0
+    for k, own in enumerate(log_probs):
+        others = [other.detach() for j, other in enumerate(log_probs) if j != k]
+        kl = sum(torch.nn.functional.kl_div(own, other, log_target=True, reduction="batchmean") for other in others)
+        total = total + torch.nn.functional.nll_loss(own, labels) + kl / len(others)
+    total.backward()
 
 
 def timed(step) -> float:
@@ -79,18 +97,33 @@ def main():
         for trainer in [cohort, *plain]:
             trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this bypasses
             trainer.model.train()
-        cohort_times, plain_times = [], []
-        for repeat in range(options.repeats + 2):  # the first two rounds warm up
-            together = timed(lambda: cohort.training_step(cohort.model, dict(batch)))
+
+        def cohort_step():
+            cohort.training_step(cohort.model, dict(batch))
             cohort.model.zero_grad()
-            alone = 0.0
+
+        def plain_steps():
             for trainer in plain:
-                alone += timed(lambda trainer=trainer: trainer.training_step(trainer.model, dict(batch)))
+                trainer.training_step(trainer.model, dict(batch))
                 trainer.model.zero_grad()
-            if repeat >= 2:
-                cohort_times.append(together)
-                plain_times.append(alone)
+
+        def hand_step():
+            hand_written_dml_step(peers, batch)
+            for peer in peers:
+                peer.zero_grad()
+
+        times = {cohort_step: [], plain_steps: [], hand_step: []}
+        for repeat in range(options.repeats + 1):  # the first round warms up
+            for step, measured in times.items():
+                # Each kind runs once untimed right before its timed run, so the allocator holds that kind's own
+                # working set, as in training (a cohort step after two smaller plain steps would grow it first).
+                step()
+                seconds = timed(step)
+                if repeat >= 1:
+                    measured.append(seconds)
+        cohort_times, plain_times, hand_times = times.values()
     together, alone = statistics.median(cohort_times), statistics.median(plain_times)
+    by_hand = statistics.median(hand_times)
     sizes = ", ".join(f"{count_parameters(peer) / 1e6:.1f}M" for peer in peers)
     print(
         f"{options.peers} {options.task} peers ({sizes} parameters), {options.layers} layers, vocab "
@@ -100,7 +133,9 @@ def main():
     print("| | s per step | ratio |")
     print("|---|---:|---:|")
     print(f"| the peers' plain fine-tuning steps, summed | {alone:.4f} | 1.00 |")
-    print(f"| one deep-mutual-learning step of the cohort | {together:.4f} | {together / alone:.3f} |")
+    print(f"| the same DML step by hand in plain PyTorch | {by_hand:.4f} | {by_hand / alone:.3f} |")
+    print(f"| one deep-mutual-learning step of the cohort (hf_kd) | {together:.4f} | {together / alone:.3f} |")
+    print(f"\nhf_kd's cohort step / the hand-written DML step: {together / by_hand:.3f}")
 
 
 if __name__ == "__main__":
