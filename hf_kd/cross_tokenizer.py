@@ -10,22 +10,12 @@ vocabulary-free loss (``uld``) compares the aligned distributions.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from datasets import Dataset
 
-TEACHER_PREFIX = "teacher_"
-TEACHER_COLUMNS = tuple(
-    TEACHER_PREFIX + name for name in ("input_ids", "attention_mask", "labels", "distillation_positions")
-)
-
-
-def split_teacher_inputs(inputs: dict) -> tuple[dict, dict | None]:
-    """``(student inputs, teacher inputs)``; the teacher's are ``None`` when the batch has no ``teacher_*`` keys."""
-    if TEACHER_COLUMNS[0] not in inputs:
-        return inputs, None
-    student = {key: value for key, value in inputs.items() if not key.startswith(TEACHER_PREFIX)}
-    teacher = {key[len(TEACHER_PREFIX) :]: value for key, value in inputs.items() if key.startswith(TEACHER_PREFIX)}
-    return student, teacher
+from .views import TEACHER_PREFIX, ViewCollator, pad_rows
 
 
 def aligned_positions(student_mask: torch.Tensor, teacher_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,24 +60,12 @@ def add_teacher_tokenization(
     return student
 
 
-class CrossTokenizerCollator:
+class CrossTokenizerCollator(ViewCollator):
     """Right-pads the student's and the teacher's columns of a batch, each with its own pad id
     (``attention_mask`` and ``distillation_positions`` with 0, ``labels`` with -100); other columns are stacked as
     they are."""
 
     def __init__(self, student_pad_id: int, teacher_pad_id: int):
-        self.pad = {"": student_pad_id, TEACHER_PREFIX: teacher_pad_id}
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        batch = {}
-        for key in rows[0]:
-            values = [row[key] for row in rows]
-            if not isinstance(values[0], (list, tuple)):
-                batch[key] = torch.tensor(values)
-                continue
-            prefix = TEACHER_PREFIX if key.startswith(TEACHER_PREFIX) else ""
-            name = key[len(prefix) :]
-            fill = {"attention_mask": 0, "labels": -100, "distillation_positions": 0}.get(name, self.pad[prefix])
-            width = max(len(value) for value in values)
-            batch[key] = torch.tensor([list(value) + [fill] * (width - len(value)) for value in values])
-        return batch
+        super().__init__(
+            functools.partial(pad_rows, pad_id=student_pad_id), functools.partial(pad_rows, pad_id=teacher_pad_id)
+        )

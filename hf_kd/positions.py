@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .cross_tokenizer import aligned_positions, split_teacher_inputs
+from .cross_tokenizer import aligned_positions
 from .data import DISTILLATION_POSITIONS, SAMPLE_INDEX
+from .views import split_views
 
 
 @dataclass
@@ -63,7 +64,7 @@ def count_items(
         if batch.get("labels") is not None and not batch.get(label_key):
             batch_labels = batch["labels"][..., 1:] if shift else batch["labels"]
             counts[0] += labeled_entries(batch_labels).sum().to(device)
-        batch, teacher_batch = split_teacher_inputs(batch)
+        batch, teacher_batch = split_views(batch)
         mask = distillation_mask(batch, token_level, shift, by_labels)
         if teacher_batch is not None and mask is not None:  # different tokenizers: the aligned positions
             mask = aligned_positions(mask, distillation_mask(teacher_batch, token_level, shift, by_labels))[0]

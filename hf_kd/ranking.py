@@ -217,16 +217,18 @@ class BiEncoderRanker(_Ranker):
 
 class TeacherScores(nn.Module):
     """A teacher whose scores were computed beforehand: it returns the batch's ``teacher_scores`` column (``B×G``,
-    laid out by :class:`RankingCollator`) as its logits — the precomputed-column source of ranking distillation."""
+    laid out by :class:`RankingCollator`) as its logits — the precomputed-column source of ranking distillation. The
+    column is the teacher's view of the rows (:mod:`hf_kd.views`): the teacher reads it as ``scores``, the student
+    never sees it."""
 
     def __init__(self):
         super().__init__()
         self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)  # places the teacher (device, dtype)
 
-    def forward(self, teacher_scores=None, **_):
-        if teacher_scores is None:
+    def forward(self, scores=None, **_):
+        if scores is None:
             raise ValueError("TeacherScores reads the teacher_scores column: give the rows one score per candidate.")
-        return SequenceClassifierOutput(logits=teacher_scores)
+        return SequenceClassifierOutput(logits=scores)
 
 
 def score_groups(ranker: nn.Module, dataset, collator: RankingCollator, batch_size: int = 16):

@@ -16,8 +16,8 @@ import numpy as np
 from datasets import Dataset
 from transformers import EvalPrediction
 
-from .cross_tokenizer import TEACHER_PREFIX
 from .data import DISTILLATION_POSITIONS
+from .views import TEACHER_PREFIX
 
 SUBTOKENS = ("first", "all")
 

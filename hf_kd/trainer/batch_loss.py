@@ -43,7 +43,10 @@ def plain_terms(
     teachers, mask = {}, None
     distilled = bool(objective.terms) and (mode == "train" or trainer.teachers_cover_eval)
     if distilled:
-        if teacher_inputs is not None and len(trainer.teachers) > 1:
+        # Token-level models with a teacher's own view (another tokenizer) align positions; sequence-level models
+        # (one prediction per example, e.g. a text teacher for a speech student) compare their outputs as they are.
+        aligned_views = teacher_inputs is not None and trainer.token_level
+        if aligned_views and len(trainer.teachers) > 1:
             raise ValueError("teacher_input_ids (a teacher's own tokenizer) work with one teacher; several were given.")
         mask = trainer._distillation_mask(clean)
         position_labels = labels
@@ -59,7 +62,7 @@ def plain_terms(
             position_labels = None if labels is None else labels[:, 1:]
         student_view, views, view_mask = student, {}, mask
         for name, features in teachers.items():
-            if teacher_inputs is not None:
+            if aligned_views:
                 student_view, views[name], view_mask = align_tokenizations(
                     trainer, student, features, mask, teacher_inputs
                 )
@@ -70,7 +73,7 @@ def plain_terms(
         if objective.reads_ensemble:
             combined, mean_weights = objective.ensemble(teachers, position_labels, mask, trainer.accelerator)
             terms.update(mean_weights)
-        labels_view = None if teacher_inputs is not None else position_labels
+        labels_view = None if aligned_views else position_labels
         for term in objective.terms:
             teacher = views.get(term.teacher) or combined[float(getattr(term.loss, "temperature", 1.0))]
             value = term.loss(student_view, teacher, mask=view_mask, labels=labels_view, sample_index=sample_index)

@@ -17,10 +17,10 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from transformers.utils.hub import PushInProgress
 
-from ..cross_tokenizer import TEACHER_COLUMNS
 from ..data import DISTILLATION_POSITIONS, SAMPLE_INDEX
 from ..generation import ON_POLICY_KEY, student_rollout
 from ..positions import ItemCounts, count_items, split_sample_index
+from ..views import TEACHER_PREFIX, has_teacher_view
 from .loss_parts import LOSS_OPTIMIZER_NAME, LOSS_PARTS_NAME
 
 # What a checkpoint holds beside the student: resumable state, never part of the student pushed to the repo root.
@@ -47,9 +47,17 @@ class TrainerCompat(Trainer):
         if self._signature_columns is None and hasattr(self.model, "signature_columns"):
             self._signature_columns = [*self.model.signature_columns(), "label", "label_ids", *self.label_names]
         super()._set_signature_columns_if_needed()
-        for column in (SAMPLE_INDEX, DISTILLATION_POSITIONS, *TEACHER_COLUMNS):
+        for column in (SAMPLE_INDEX, DISTILLATION_POSITIONS):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
+
+    def _remove_unused_columns(self, dataset, description=None):
+        # A teacher's view (teacher_* columns, see hf_kd.views) is read by the teacher, not the student's forward.
+        self._set_signature_columns_if_needed()
+        names = getattr(dataset, "column_names", None) or []
+        taken = self._signature_columns
+        taken += [column for column in names if column.startswith(TEACHER_PREFIX) and column not in taken]
+        return super()._remove_unused_columns(dataset, description)
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         # The micro-batches of one step are where on-policy KD swaps in the student's own samples (a fraction λ of
@@ -80,10 +88,11 @@ class TrainerCompat(Trainer):
         return batch_samples, counts
 
     def _rollout(self, batch: dict) -> dict:
-        if TEACHER_COLUMNS[0] in batch:
+        if has_teacher_view(batch):
             raise ValueError(
-                "on-policy distillation across tokenizers is not supported: the student's samples would need "
-                "re-tokenising for the teacher. Use on_policy_fraction=0 with teacher_input_ids."
+                "on-policy distillation with a teacher's own view (teacher_* columns: another tokenizer or "
+                "modality) is not supported: the student's samples would need converting to the teacher's view. Use "
+                "on_policy_fraction=0."
             )
         batch = self._prepare_inputs(batch)
         inputs, sample_index = split_sample_index(batch)

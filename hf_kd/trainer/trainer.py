@@ -8,7 +8,6 @@ from transformers import TrainerCallback
 
 from ..checks import check_chunkable, check_on_policy, check_setup, check_teachers
 from ..config import DistillationConfig
-from ..cross_tokenizer import split_teacher_inputs
 from ..data import model_inputs
 from ..evaluation import count_parameters
 from ..features import output_field
@@ -20,6 +19,7 @@ from ..positions import ItemCounts, distillation_mask, split_sample_index
 from ..schemes.multi_teacher import TeacherAggregator
 from ..teachers import TeacherSource, build_teachers, place_teacher, use_eager_attention
 from ..term_log import TermLog
+from ..views import split_views
 from . import reporting
 from .batch_loss import chunked_terms, plain_terms, record_terms, unlabeled_prediction, with_decoder_inputs
 from .compat import TrainerCompat
@@ -157,7 +157,7 @@ class DistillationTrainer(TrainerCompat):
         mode = "train" if model.training else "eval"
         self.distillation_losses.train(mode == "train")  # e.g. crd writes its memory banks in training only
         on_policy = bool(inputs.get(ON_POLICY_KEY))
-        inputs, teacher_inputs = split_teacher_inputs({k: v for k, v in inputs.items() if k != ON_POLICY_KEY})
+        inputs, teacher_inputs = split_views({k: v for k, v in inputs.items() if k != ON_POLICY_KEY})
         clean_inputs = None
         if self.student_noise is not None and mode == "train":
             clean_inputs, inputs = inputs, self.student_noise(inputs)
@@ -209,7 +209,7 @@ class DistillationTrainer(TrainerCompat):
         if self._comparing is None and has_labels:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
-        plain, teacher_inputs = split_teacher_inputs(split_sample_index(inputs)[0])
+        plain, teacher_inputs = split_views(split_sample_index(inputs)[0])
         with torch.no_grad():
             if self._comparing is None:  # an unlabeled batch: the Trainer would report no loss at all
                 return unlabeled_prediction(self, model, inputs, plain, prediction_loss_only)
