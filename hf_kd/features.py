@@ -179,9 +179,15 @@ def run_model(model: nn.Module, inputs: dict, needs: frozenset[str], module_root
     """
     from .data import model_inputs  # (a column that marks positions reaches no model)
 
-    with capture_modules(module_root if module_root is not None else model, module_paths(needs)) as captured:
+    root = module_root if module_root is not None else model
+    with capture_modules(root, module_paths(needs)) as captured:
         outputs = model(**model_inputs(inputs), **forward_kwargs(needs))
-    features = ModelFeatures.from_outputs(outputs, needs, captured, attention_mask=inputs.get("attention_mask"))
+    mask = inputs.get("attention_mask")
+    if mask is not None and "input_values" in inputs and hasattr(root, "_get_feature_vector_attention_mask"):
+        # Speech encoders (wav2vec 2.0, HuBERT, WavLM): the mask covers audio samples, their states cover frames.
+        frames = root._get_feat_extract_output_lengths(mask.shape[-1])
+        mask = root._get_feature_vector_attention_mask(int(frames), mask)
+    features = ModelFeatures.from_outputs(outputs, needs, captured, attention_mask=mask)
     return outputs, features
 
 
