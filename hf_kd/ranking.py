@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .sentence_embeddings import SentenceEmbeddingModel
+from .teachers import PrecomputedPredictions
 
 PAIR_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 BI_COLUMNS = ("query_input_ids", "query_attention_mask", "candidate_input_ids", "candidate_attention_mask")
@@ -215,20 +216,14 @@ class BiEncoderRanker(_Ranker):
         self.encoder.load_checkpoint(folder)
 
 
-class TeacherScores(nn.Module):
+class TeacherScores(PrecomputedPredictions):
     """A teacher whose scores were computed beforehand: it returns the batch's ``teacher_scores`` column (``B×G``,
     laid out by :class:`RankingCollator`) as its logits — the precomputed-column source of ranking distillation. The
     column is the teacher's view of the rows (:mod:`hf_kd.views`): the teacher reads it as ``scores``, the student
     never sees it."""
 
     def __init__(self):
-        super().__init__()
-        self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)  # places the teacher (device, dtype)
-
-    def forward(self, scores=None, **_):
-        if scores is None:
-            raise ValueError("TeacherScores reads the teacher_scores column: give the rows one score per candidate.")
-        return SequenceClassifierOutput(logits=scores)
+        super().__init__("scores", hint="give the rows one score per candidate")
 
 
 def score_groups(ranker: nn.Module, dataset, collator: RankingCollator, batch_size: int = 16):

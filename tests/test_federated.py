@@ -1,0 +1,180 @@
+"""Federated distillation on Flower (hf_kd.federated): non-IID shards, the server's distillation step, and real
+Flower simulations whose every message is inspected."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from transformers import ResNetConfig, ResNetForImageClassification
+
+from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd.federated import (
+    CONSENSUS,
+    PUBLIC_LOGITS,
+    REPORT,
+    SETTINGS,
+    WEIGHTS,
+    FederatedConfig,
+    average_weights,
+    dirichlet_split,
+    distil_on_public,
+    predict,
+    run_federated,
+)
+
+CLASSES, SIDE = 4, 4
+
+
+def resnet(seed: int, width: int = 8, depth: int = 1) -> ResNetForImageClassification:
+    torch.manual_seed(seed)
+    config = ResNetConfig(
+        num_channels=1,
+        embedding_size=8,
+        hidden_sizes=[width, 2 * width],
+        depths=[depth, depth],
+        layer_type="basic",
+        downsample_in_first_stage=False,
+        num_labels=CLASSES,
+    )
+    return ResNetForImageClassification(config)
+
+
+def images(count: int, seed: int, labels: bool = True) -> Dataset:
+    """Class c: quadrant c of a noisy 4×4 image is bright."""
+    rng = np.random.default_rng(seed)
+    classes = rng.integers(0, CLASSES, count)
+    pixels = rng.normal(0, 0.3, (count, 1, SIDE, SIDE)).astype(np.float32)
+    for row, cls in enumerate(classes):
+        pixels[row, 0, 2 * (cls // 2) : 2 * (cls // 2) + 2, 2 * (cls % 2) : 2 * (cls % 2) + 2] += 2.0
+    columns = {"pixel_values": pixels.tolist()}
+    if labels:
+        columns["labels"] = classes.tolist()
+    return Dataset.from_dict(columns).with_format("torch")
+
+
+def accuracy(model, rows: Dataset) -> float:
+    logits = predict(model, rows)
+    return float((logits.argmax(-1) == np.asarray(rows["labels"])).mean())
+
+
+def test_dirichlet_shards_cover_every_row_once_and_small_alpha_is_skewed():
+    labels = np.repeat(np.arange(5), 40)
+    skewed, even = dirichlet_split(labels, 4, alpha=0.1, seed=0), dirichlet_split(labels, 4, alpha=100.0, seed=0)
+    for shards in (skewed, even):
+        assert sorted(row for shard in shards for row in shard) == list(range(200))
+
+    def dominant_share(shards):  # the mean share of a client's most frequent class
+        return np.mean([np.bincount(labels[shard]).max() / len(shard) for shard in shards])
+
+    assert dominant_share(skewed) > 0.6 and dominant_share(even) < 0.35
+    assert dirichlet_split(labels, 4, alpha=0.1, seed=0) == skewed  # seeded
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        dirichlet_split(labels, 4, alpha=0)
+    with pytest.raises(ValueError, match="200 rows cannot give 101 clients 2 rows each"):
+        dirichlet_split(labels, 101, alpha=1.0)
+
+
+def test_fedavg_weights_by_shard_size():
+    states = [
+        {"w": torch.tensor([0.0, 4.0]), "n": torch.tensor(1)},
+        {"w": torch.tensor([3.0, 0.0]), "n": torch.tensor(2)},
+    ]
+    averaged = average_weights(states, [1, 2])
+    assert torch.allclose(averaged["w"], torch.tensor([2.0, 4 / 3])) and averaged["n"].item() == 2
+
+
+def test_the_feddf_server_step_equals_a_multi_teacher_run_on_the_client_models(tmp_path):
+    clients = [resnet(seed) for seed in (1, 2, 3)]
+    public = images(48, seed=4, labels=False)
+    config = FederatedConfig(mode="feddf", server_steps=6, batch_size=8, temperature=2.0, seed=0)
+    from_predictions = distil_on_public(
+        resnet(0), public, [predict(client, public) for client in clients], 6, config, learning_rate=1e-2, seed=5
+    )
+    args = DistillationConfig(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        seed=5,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        losses="kl",
+        temperature=2.0,
+        teacher_aggregation="mean_logits",
+    )
+    live = resnet(0)
+    DistillationTrainer(live, [copy.deepcopy(client) for client in clients], args, train_dataset=public).train()
+    for (name, value), other in zip(from_predictions.state_dict().items(), live.state_dict().values()):
+        assert torch.allclose(value, other, atol=1e-6), name
+    untrained = resnet(0).state_dict()
+    assert any(not torch.equal(value, untrained[name]) for name, value in live.state_dict().items())  # it trained
+
+
+def _shards(count: int, alpha: float, seed: int) -> list[Dataset]:
+    rows = images(240, seed=seed)
+    return [rows.select(shard) for shard in dirichlet_split(np.asarray(rows["labels"]), count, alpha, seed=seed)]
+
+
+@pytest.mark.parametrize("mode", ["feddf", "fedmd"])
+def test_a_flower_simulation_of_3_clients_and_2_rounds_sends_no_raw_data(mode):
+    shards = _shards(3, alpha=0.5, seed=0)
+    public, test = images(64, seed=7, labels=False), images(96, seed=8)
+    # fedmd: clients of different architectures (only predictions cross the wire)
+    sizes = [(8, 1), (12, 1), (8, 2)] if mode == "fedmd" else [(8, 1)] * 3
+    config = FederatedConfig(
+        mode=mode,
+        rounds=2,
+        local_steps=15,
+        server_steps=15,
+        digest_steps=5,
+        batch_size=16,
+        learning_rate=1e-2,
+        server_learning_rate=1e-2,
+    )
+    result = run_federated(
+        lambda k: resnet(10 + k, *sizes[k]),
+        lambda: resnet(0),
+        shards,
+        public,
+        config,
+        evaluate=lambda model: {"accuracy": accuracy(model, test)},
+        record_messages=True,
+    )
+    assert [entry["round"] for entry in result.history] == [1, 2]
+    assert result.history[-1]["accuracy"] > 0.4  # 4 classes: chance is 0.25
+    assert len(result.wire_log) == 2 * 2 * 3  # 3 messages each way per round
+    private = [np.asarray(shard[:]["pixel_values"]) for shard in shards]
+    for entry in result.wire_log:
+        content = entry["content"]
+        records = set(content.array_records) | set(content.config_records) | set(content.metric_records)
+        if entry["direction"] == "to server":
+            expected = {REPORT, PUBLIC_LOGITS} | ({WEIGHTS} if mode == "feddf" else set())
+            assert records == expected
+            assert set(content[REPORT]) == {"num_examples"}
+            logits = content[PUBLIC_LOGITS]["logits"].numpy()
+            assert logits.shape == (len(public), CLASSES)
+        else:
+            allowed = {SETTINGS} | ({WEIGHTS} if mode == "feddf" else set())
+            allowed |= {CONSENSUS} if mode == "fedmd" and entry["round"] > 1 else set()
+            assert records == allowed and set(content[SETTINGS]) == {"round"}
+        if WEIGHTS in content.array_records:
+            assert set(content[WEIGHTS]) == set(resnet(0).state_dict())
+        for record in content.array_records.values():
+            for array in record.values():
+                values = array.numpy()
+                assert values.dtype.kind in "fi"  # (BatchNorm counts its batches in an integer buffer)
+                for shard in private:  # no array is (a piece of) a client's rows
+                    assert values.shape[-2:] != shard.shape[-2:] or not np.isin(shard, values).any()
+
+
+def test_fedavg_and_feddf_refuse_clients_of_different_architectures():
+    config = FederatedConfig(mode="feddf", rounds=1)
+    with pytest.raises(ValueError, match="every client and the server need the same architecture"):
+        run_federated(lambda k: resnet(k, width=8 + 4 * k), lambda: resnet(0), _shards(2, 1.0, 0), images(8, 1), config)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        FederatedConfig(mode="fedprox")
