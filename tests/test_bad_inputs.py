@@ -34,14 +34,17 @@ from datasets import Dataset
 from hf_kd import DistillationTrainer, TeacherCache, get_loss, write_teacher_cache
 from hf_kd.data import add_sample_index
 from hf_kd.features import ModelFeatures
+from hf_kd.federated import FederatedConfig, dirichlet_split, run_federated
 from hf_kd.metrics import retrieval_metrics
 from hf_kd.ranking import CrossEncoderRanker, RankingCollator
+from hf_kd.schemes.cross_modal import check_views, paired_views
 from hf_kd.schemes.mean_teacher import EMATeacher
 from hf_kd.schemes.mutual_learning import MutualLearningTrainer
 from hf_kd.schemes.recipes import SchemeArguments
 from hf_kd.schemes.self_distillation import EarlyExitModel, SelfDistillationTrainer
 from hf_kd.sentence_embeddings import SentenceEmbeddingModel
 from hf_kd.token_classification import add_teacher_words, tokenize_words
+from hf_kd.views import ViewCollator, pad_rows
 
 README_START, README_END = "<!-- refusals:start -->", "<!-- refusals:end -->"
 
@@ -777,6 +780,67 @@ CASES = [
         lambda p: RankingCollator()([{"input_ids": [[5], [6]], "teacher_scores": [1.0]}]),
         ValueError,
         "ranking row 0: 1 teacher_scores for 2 candidates",
+    ),
+    # ---- input views, cross-modal and federated ----
+    Case(
+        "views-teacher-labels",
+        "cross-modal: the teacher's rows carry labels",
+        lambda p: paired_views(
+            Dataset.from_dict({"input_values": [[0.0] * 8], "labels": [0]}),
+            Dataset.from_dict({"input_ids": [[1, 2]], "labels": [0]}),
+        ),
+        ValueError,
+        "labels go with the student's view",
+    ),
+    Case(
+        "views-missing",
+        "cross-modal: rows without the teacher's view (no `teacher_*` column)",
+        lambda p: check_views(tiny_bert(seed=1), tiny_bert(seed=2), ["input_ids", "labels"]),
+        ValueError,
+        "cross-modal distillation needs the teacher's view in every row",
+    ),
+    Case(
+        "views-unread",
+        "cross-modal: a `teacher_*` column the teacher's forward does not take",
+        lambda p: check_views(tiny_bert(seed=1), tiny_bert(seed=2), ["input_ids", "teacher_pixel_values"]),
+        ValueError,
+        "does not take ['teacher_pixel_values'] from its view",
+    ),
+    Case(
+        "views-mixed-batch",
+        "a batch in which some rows have the teacher's view and some not",
+        lambda p: ViewCollator(lambda r: pad_rows(r, 0), lambda r: pad_rows(r, 0))(
+            [{"input_ids": [1], "teacher_input_ids": [1]}, {"input_ids": [1]}]
+        ),
+        ValueError,
+        "1 of the batch's 2 rows have no teacher_* columns",
+    ),
+    Case(
+        "federated-alpha",
+        "`dirichlet_split(..., alpha=0)`",
+        lambda p: dirichlet_split([0, 1] * 10, 2, alpha=0),
+        ValueError,
+        "alpha must be > 0",
+    ),
+    Case(
+        "federated-mode",
+        '`FederatedConfig(mode="fedprox")`',
+        lambda p: FederatedConfig(mode="fedprox"),
+        ValueError,
+        "mode must be one of ('fedavg', 'feddf', 'fedmd')",
+    ),
+    Case(
+        "federated-architectures",
+        "FedAvg / FedDF with clients of different architectures",
+        lambda p: run_federated(
+            lambda k: tiny_bert(seed=k, hidden=16 + 16 * k),
+            lambda: tiny_bert(seed=0),
+            [Dataset.from_dict({"input_ids": [[1, 2]], "labels": [0]})] * 2,
+            Dataset.from_dict({"input_ids": [[1, 2]]}),
+            FederatedConfig(mode="feddf", rounds=1),
+        ),
+        ValueError,
+        "every client and the server need the same architecture",
     ),
     Case(
         "ranking-groups-differ",
