@@ -226,7 +226,8 @@ def run_federated(
     """Run ``config.rounds`` rounds of federated training with Flower's simulation: one ``ClientApp`` node per
     shard of ``client_data`` (client ``k`` builds its model with ``make_client(k)`` and never shares its shard), a
     ``ServerApp`` holding ``make_server()``. ``public``: the unlabeled rows every party may read (its labels, if
-    any, are dropped). ``evaluate(server_model)`` gives each round's metrics."""
+    any, are dropped). ``evaluate(server_model)`` gives each round's metrics. (In simulation every client process
+    receives the list of shards with the app and reads its own; a deployed client would load its shard itself.)"""
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
@@ -323,6 +324,9 @@ def run_federated(
             metrics = evaluate(server_model) if evaluate is not None else {}
             history.append({"round": round_number, **metrics, "seconds": time.perf_counter() - start})
 
+    # Ray starts its workers (the clients) at niceness 15: beside any other work on the machine they would starve,
+    # while the server waits for them at normal priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     run_simulation(
         server_app=server_app,
         client_app=client_app,
