@@ -10,7 +10,7 @@ scratch on the labeled clips, and the same student distilled with the same steps
 in the training voices and on held-out headlines in voices no training clip has (held-out speakers).
 
     # espeak-ng: `make install` installs it (apt, as root); otherwise `apt-get install espeak-ng`
-    python recipes/cross_modal_speech.py --config recipes/configs/cross_modal_speech.yaml      # ~25 min, 2 cores
+    python recipes/cross_modal_speech.py --config recipes/configs/cross_modal_speech.yaml      # ~30 min, 2 cores
     python recipes/cross_modal_speech.py --config recipes/configs/cross_modal_speech.yaml --num_labeled 0
     python recipes/cross_modal_speech.py --config recipes/configs/cross_modal_speech.yaml \
         --losses kl:1.0,rkd_distance:1.0:source=hidden_states:-1:pooling=mean --output_dir outputs/speech-rkd
