@@ -10,6 +10,8 @@ import tempfile
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from .plots import plot_curves, plot_quality_latency
+
 
 def count_parameters(model: nn.Module) -> int:
     """Parameter count, also of ZeRO-3-sharded models (whose local tensors are empty)."""
@@ -79,6 +81,7 @@ def token_perplexity(model: nn.Module, dataset, *, data_collator, batch_size: in
 
 CLASSIFICATION_COLUMNS = ("accuracy", "macro_f1")
 REGRESSION_COLUMNS = ("mse", "mae")
+LATENCY_COLUMNS = ("ms_per_example", "ms_per_query")
 
 
 def markdown_table(rows: dict[str, dict[str, float]], columns: list[str] | None = None) -> str:
@@ -141,7 +144,20 @@ def report_results(
             handle.write(summary)
         with open(os.path.join(output_dir, "results.json"), "w") as handle:
             json.dump(results, handle, indent=2)
+        latency = next((column for column in columns if column in LATENCY_COLUMNS), None)
+        if latency is not None:  # the quality–latency plane of the rows (tables without latency have none)
+            stem = os.path.join(output_dir, "results")
+            draw(plot_quality_latency, results, columns[0], stem, title=title, latency=latency)
     return summary
+
+
+def draw(plot, *args, **kwargs):
+    """Run one of :mod:`hf_kd.plots`' pictures; without matplotlib, say so and go on (the tables are written)."""
+    try:
+        return plot(*args, **kwargs)
+    except ImportError as error:
+        print(f"(no picture: {error})")
+        return None
 
 
 def compare_recipe_models(
@@ -159,6 +175,9 @@ def compare_recipe_models(
     runs) the distillation trainer evaluates it itself, since DeepSpeed allows no second Trainer in the process."""
     write = trainer.is_world_process_zero()
     output_dir = output_dir or trainer.args.output_dir
+    if write:  # every logged term over the steps, next to the table's picture
+        os.makedirs(output_dir, exist_ok=True)
+        draw(plot_curves, trainer.state.log_history, os.path.join(output_dir, "curves.png"))
     if len(models) > 1:
         results = compare_models(
             models,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, classification_data, config, tiny_bert
+from PIL import Image
 from transformers import EvalPrediction
 
 from hf_kd import DistillationTrainer, ModelFeatures, get_loss
@@ -146,6 +147,11 @@ def test_regression_recipe_distils_on_diabetes(tmp_path):
     teacher, scratch, distilled = results.values()
     assert all(math.isfinite(row["mse"]) for row in results.values())
     assert distilled["mse"] < scratch["mse"]  # the teacher's predictions on the unlabeled rows help
+    # The pictures: the quality-latency plane of the table's rows and the logged terms over the steps.
+    for picture in ("results.png", "results.svg", "curves.png"):
+        assert (tmp_path / picture).stat().st_size > 1000, picture
+    with Image.open(tmp_path / "results.png") as image:
+        assert image.format == "PNG" and image.size == (750, 450)
     # The reported MSE is the saved student's on the held-out split, re-measured here from the saved files.
     spec = importlib.util.spec_from_file_location("recipe_regression", os.path.join(ROOT, "recipes", "regression.py"))
     module = importlib.util.module_from_spec(spec)

@@ -1,0 +1,154 @@
+"""Pictures of a run: the quality–latency plane of a results table (``results.png`` / ``.svg``) and every logged term
+over the training steps (``curves.png``, from the Trainer's ``log_history``).
+
+matplotlib (``pip install "hf_kd[plots]"``, pulled in by the recipes extra) draws with the headless Agg backend; the
+files carry no timestamp, so the same numbers give the same bytes. Each function returns the data it drew — the
+numbers the tests compare with the table.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+#: Keys of ``log_history`` entries that are bookkeeping, not a quality or a loss term.
+BOOKKEEPING = {
+    "epoch",
+    "step",
+    "learning_rate",
+    "grad_norm",
+    "total_flos",
+    "train_loss",
+    "train_runtime",
+    "train_samples_per_second",
+    "train_steps_per_second",
+}
+_EVAL_BOOKKEEPING = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError('pictures need matplotlib: pip install "hf_kd[plots]"') from error
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["svg.hashsalt"] = "hf_kd"  # fixed ids in the SVG: same input, same file
+    return plt
+
+
+def _save(figure, stem: str, formats: tuple[str, ...]) -> list[str]:
+    paths = []
+    for extension in formats:
+        path = f"{stem}.{extension}"
+        metadata = {"Software": None} if extension == "png" else {"Date": None, "Creator": None}
+        figure.savefig(path, dpi=100, metadata=metadata)
+        paths.append(path)
+    return paths
+
+
+def quality_latency_points(results: dict[str, dict], metric: str, latency: str = "ms_per_example") -> list[dict]:
+    """One point per row of ``results`` that has both ``metric`` and ``latency``: ``name``, ``quality``,
+    ``latency``, ``parameters`` (or None)."""
+    points = []
+    for name, row in results.items():
+        quality, speed = row.get(metric), row.get(latency)
+        if isinstance(quality, (int, float)) and isinstance(speed, (int, float)) and math.isfinite(quality):
+            points.append({"name": name, "quality": quality, "latency": speed, "parameters": row.get("parameters")})
+    return points
+
+
+def plot_quality_latency(
+    results: dict[str, dict],
+    metric: str,
+    stem: str,
+    *,
+    title: str | None = None,
+    latency: str = "ms_per_example",
+    formats: tuple[str, ...] = ("png", "svg"),
+) -> list[dict]:
+    """Draw ``metric`` against ``latency`` for every row of ``results`` (teacher, scratch and distilled students,
+    one point per scheme or loss), labelled with the row's name and parameter count, to ``STEM.png`` and
+    ``STEM.svg``. Returns the points drawn; nothing is written when no row has both numbers."""
+    points = quality_latency_points(results, metric, latency)
+    if not points:
+        return []
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    try:
+        for index, point in enumerate(points):
+            size = point["parameters"]
+            label = point["name"] if size is None else f"{point['name']} ({_parameters(size)})"
+            axes.scatter(point["latency"], point["quality"], s=60, color=f"C{index % 10}", zorder=3, label=label[:70])
+        axes.legend(fontsize=7, loc="best")
+        axes.set_xlabel(latency.replace("_", " ") + " (lower is faster)")
+        axes.set_ylabel(metric.replace("_", " "))
+        axes.grid(True, alpha=0.3)
+        if title:
+            axes.set_title(title[:100], fontsize=9)
+        figure.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+        _save(figure, stem, formats)
+    finally:
+        plt.close(figure)
+    return points
+
+
+def curve_series(log_history: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """``{"train": {term: [(step, value), …]}, "eval": {term: …}}`` from a Trainer's ``log_history``: every
+    numeric term of the training logs (``loss``, ``ce``, ``kl``, ``kl/NAME``, …) and of the evaluation logs
+    (``eval_kl`` → ``kl``), bookkeeping left out."""
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {"train": {}, "eval": {}}
+    for entry in log_history:
+        step = int(entry.get("step", 0))
+        evaluation = any(key.startswith("eval_") for key in entry)
+        for key, value in entry.items():
+            if key in BOOKKEEPING or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if evaluation:
+                if not key.startswith("eval_") or key.endswith(_EVAL_BOOKKEEPING):
+                    continue
+                series["eval"].setdefault(key.removeprefix("eval_"), []).append((step, float(value)))
+            else:
+                series["train"].setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def plot_curves(log_history: list[dict], path: str, *, title: str | None = None) -> dict:
+    """Every logged term over the steps, train (solid) and evaluation (dashed, points), one panel per term, to
+    ``path`` (a PNG). Returns the series drawn (see :func:`curve_series`); nothing is written without any."""
+    series = curve_series(log_history)
+    terms = sorted(set(series["train"]) | set(series["eval"]))
+    if not terms:
+        return series
+    plt = _pyplot()
+    columns = min(3, len(terms))
+    rows = math.ceil(len(terms) / columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(4 * columns, 2.6 * rows), squeeze=False)
+    try:
+        for axes, term in zip(grid.flat, terms):
+            for mode, style in (("train", "-"), ("eval", "--o")):
+                points = series[mode].get(term)
+                if points:
+                    steps, values = zip(*points)
+                    axes.plot(steps, values, style, label=mode, markersize=3)
+            axes.set_title(term, fontsize=9)
+            axes.set_xlabel("step", fontsize=8)
+            axes.tick_params(labelsize=7)
+            axes.legend(fontsize=7)
+            axes.grid(True, alpha=0.3)
+        for axes in list(grid.flat)[len(terms) :]:
+            axes.axis("off")
+        if title:
+            figure.suptitle(title[:100], fontsize=9)
+        figure.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        figure.savefig(path, dpi=100, metadata={"Software": None})
+    finally:
+        plt.close(figure)
+    return series
+
+
+def _parameters(count: float) -> str:
+    return f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.1f}k"

@@ -1,0 +1,69 @@
+"""Pictures (hf_kd.plots): written, valid, deterministic, and drawn from the same numbers as the table."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from hf_kd.plots import curve_series, plot_curves, plot_quality_latency
+
+RESULTS = {
+    "teacher (MiniLM)": {"accuracy": 0.95, "ms_per_example": 4.0, "parameters": 22_700_000},
+    "student from scratch": {"accuracy": 0.61, "ms_per_example": 0.5, "parameters": 4_400_000},
+    "student distilled": {"accuracy": 0.83, "ms_per_example": 0.5, "parameters": 4_400_000},
+    "no latency measured": {"accuracy": 0.5},
+}
+HISTORY = [
+    {
+        "loss": 2.0,
+        "ce": 1.2,
+        "kl": 0.8,
+        "kl/wide": 0.9,
+        "learning_rate": 1e-3,
+        "grad_norm": 3.0,
+        "epoch": 0.5,
+        "step": 10,
+    },
+    {
+        "loss": 1.5,
+        "ce": 0.9,
+        "kl": 0.6,
+        "kl/wide": 0.7,
+        "learning_rate": 5e-4,
+        "grad_norm": 2.0,
+        "epoch": 1.0,
+        "step": 20,
+    },
+    {"eval_loss": 1.4, "eval_kl": 0.55, "eval_accuracy": 0.7, "eval_runtime": 1.0, "epoch": 1.0, "step": 20},
+    {"train_runtime": 9.0, "train_loss": 1.75, "total_flos": 1.0, "epoch": 1.0, "step": 20},
+]
+
+
+def test_the_quality_latency_picture_draws_the_tables_numbers(tmp_path):
+    points = plot_quality_latency(RESULTS, "accuracy", str(tmp_path / "results"), title="a run")
+    assert [(p["name"], p["quality"], p["latency"], p["parameters"]) for p in points] == [
+        (name, row["accuracy"], row["ms_per_example"], row["parameters"])
+        for name, row in RESULTS.items()
+        if "ms_per_example" in row
+    ]
+    with Image.open(tmp_path / "results.png") as image:
+        assert image.format == "PNG" and image.size == (750, 450)
+    assert (tmp_path / "results.svg").read_text().lstrip().startswith("<?xml")
+    first = (tmp_path / "results.png").read_bytes(), (tmp_path / "results.svg").read_bytes()
+    plot_quality_latency(RESULTS, "accuracy", str(tmp_path / "results"), title="a run")
+    assert ((tmp_path / "results.png").read_bytes(), (tmp_path / "results.svg").read_bytes()) == first  # same bytes
+    assert plot_quality_latency({"a": {"mse": 0.3}}, "mse", str(tmp_path / "none")) == []
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_the_curves_hold_every_logged_term_train_and_eval(tmp_path):
+    series = plot_curves(HISTORY, str(tmp_path / "curves.png"))
+    assert series == curve_series(HISTORY)
+    assert series["train"] == {
+        "loss": [(10, 2.0), (20, 1.5)],
+        "ce": [(10, 1.2), (20, 0.9)],
+        "kl": [(10, 0.8), (20, 0.6)],
+        "kl/wide": [(10, 0.9), (20, 0.7)],
+    }
+    assert series["eval"] == {"loss": [(20, 1.4)], "kl": [(20, 0.55)], "accuracy": [(20, 0.7)]}
+    with Image.open(tmp_path / "curves.png") as image:
+        assert image.format == "PNG" and image.size == (1200, 520)  # 5 terms: 3 columns × 2 rows
