@@ -50,13 +50,15 @@ def render_student_card(
     dataset_configs: str | list[str] | None = None,
     base_model: str | None = None,
     pipeline_tag: str | None = None,
+    picture: str | None = None,
 ) -> ModelCard:
     """A card saying what the student was distilled from, with which losses, on what data, and how it compares.
 
     ``summary`` is :meth:`DistillationTrainer.distillation_summary`; ``losses`` the built loss modules (for their
     papers); ``comparison`` maps row names (teacher, student) to :func:`~hf_kd.evaluation.evaluate_model` rows.
     ``base_model`` overrides the card's base model (by default the teacher, or a PEFT student's base, when it is a
-    Hub repo); ``dataset_configs`` are named beside the data.
+    Hub repo); ``dataset_configs`` are named beside the data; ``picture`` is the file name of the comparison's
+    quality–latency picture, uploaded beside the card.
     """
     teacher = summary["teacher"] or "a teacher model"
     teacher_url = hub_url(summary["teacher"])
@@ -112,6 +114,7 @@ def render_student_card(
         engine=summary.get("engine"),
         losses=rows,
         comparison=markdown_table(comparison, columns) if comparison else None,
+        picture=picture,
         eval_examples=eval_examples,
         device=device,
         auto_class=auto_class,

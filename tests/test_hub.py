@@ -46,7 +46,14 @@ def test_push_uploads_the_student_its_card_and_config_only(tmp_path):
     assert commit["repo"] == "alice/tiny-student" and commit["revision"] == "main"
     files = commit["files"]
     # Exactly the student: no teacher copy, no checkpoint, no pickled training_args.bin.
-    assert set(files) == {"model.safetensors", "config.json", "distillation_config.json", "README.md"}
+    assert set(files) == {
+        "model.safetensors",
+        "config.json",
+        "distillation_config.json",
+        "README.md",
+        "quality_latency.png",  # the card's picture of the teacher-vs-student table
+    }
+    assert files["quality_latency.png"][:8] == b"\x89PNG\r\n\x1a\n"
     weights = load(files["model.safetensors"])
     student = tiny_bert(hidden=16).state_dict()
     assert weights.keys() == student.keys()  # no projector, no other loss part
@@ -67,6 +74,7 @@ def test_push_uploads_the_student_its_card_and_config_only(tmp_path):
         "accuracy",
         "BertForSequenceClassification",
         "(1 process (cpu))",  # how it was trained, after the steps
+        "![Quality against latency: teacher and student](quality_latency.png)",
     ):
         assert expected in card, expected
 

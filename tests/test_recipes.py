@@ -258,10 +258,12 @@ def test_image_recipe_pushes_the_student_with_its_card(tmp_path):
         "preprocessor_config.json",
         "distillation_config.json",
         "README.md",
+        "quality_latency.png",
     } <= files
     assert not any(name.startswith(("teacher/", "scratch/", "data/", "student/")) for name in files)
     card = commit["files"]["README.md"].decode()
     assert "| teacher |" in card and "| student |" in card and "held-out split of 360" in card
+    assert "](quality_latency.png)" in card  # the picture of that table, uploaded with it
 
 
 @pytest.mark.slow

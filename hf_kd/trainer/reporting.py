@@ -12,9 +12,10 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from ..evaluation import count_parameters
+from ..evaluation import count_parameters, draw
 from ..hub import render_student_card
 from ..model_kinds import auto_class_for
+from ..plots import plot_quality_latency
 
 DISTILLATION_CONFIG_NAME = "distillation_config.json"
 HUB_UPLOAD_FOLDER = "_hub_upload"  # what push_to_hub uploads; "_*" is skipped by the Trainer's own pushes
@@ -149,6 +150,14 @@ def create_model_card(trainer, output_dir: str | None = None, **card) -> None:
         or card["model_name"]
         or os.path.basename(os.path.abspath(trainer.args.output_dir))
     )
+    folder = output_dir or trainer.args.output_dir
+    picture = None
+    if trainer.comparison:  # the teacher-vs-student plane, uploaded beside the card
+        first_row = next(iter(trainer.comparison.values()))
+        metric = next((key for key in first_row if key not in ("parameters", "ms_per_example")), None)
+        stem = os.path.join(folder, "quality_latency")
+        if metric is not None and draw(plot_quality_latency, trainer.comparison, metric, stem, formats=("png",)):
+            picture = "quality_latency.png"
     rendered = render_student_card(
         trainer.distillation_summary(),
         list(trainer.distillation_losses),
@@ -165,8 +174,9 @@ def create_model_card(trainer, output_dir: str | None = None, **card) -> None:
         device=str(trainer.args.device),
         base_model=card["finetuned_from"],
         pipeline_tag=tasks[0] if isinstance(tasks, (list, tuple)) else tasks,
+        picture=picture,
     )
-    rendered.save(os.path.join(output_dir or trainer.args.output_dir, "README.md"))
+    rendered.save(os.path.join(folder, "README.md"))
 
 
 def push_to_hub(trainer, commit_message, blocking, token, revision, private, create_pr, card_kwargs):
