@@ -81,7 +81,7 @@ def token_perplexity(model: nn.Module, dataset, *, data_collator, batch_size: in
 
 CLASSIFICATION_COLUMNS = ("accuracy", "macro_f1")
 REGRESSION_COLUMNS = ("mse", "mae")
-LATENCY_COLUMNS = ("ms_per_example", "ms_per_query")
+LATENCY_COLUMNS = ("ms_per_example", "ms_per_query", "texts_per_s")  # (texts_per_s: a throughput)
 
 
 def markdown_table(rows: dict[str, dict[str, float]], columns: list[str] | None = None) -> str:

@@ -82,7 +82,8 @@ def plot_quality_latency(
             label = point["name"] if size is None else f"{point['name']} ({_parameters(size)})"
             axes.scatter(point["latency"], point["quality"], s=60, color=f"C{index % 10}", zorder=3, label=label[:70])
         axes.legend(fontsize=7, loc="best")
-        axes.set_xlabel(latency.replace("_", " ") + " (lower is faster)")
+        faster = "higher" if "per_s" in latency else "lower"  # a throughput or a latency
+        axes.set_xlabel(f"{latency.replace('_', ' ')} ({faster} is faster)")
         axes.set_ylabel(metric.replace("_", " "))
         axes.grid(True, alpha=0.3)
         if title:
@@ -148,6 +149,33 @@ def plot_curves(log_history: list[dict], path: str, *, title: str | None = None)
     finally:
         plt.close(figure)
     return series
+
+
+def plot_series(
+    series: dict[str, list[float]], stem: str, *, xlabel: str, ylabel: str, title: str | None = None
+) -> dict[str, list[float]]:
+    """One line per entry of ``series`` (e.g. a federated run's server accuracy per round, for each mode), x from 1,
+    to ``STEM.png`` and ``STEM.svg``. Returns the series drawn."""
+    drawn = {name: [float(value) for value in values] for name, values in series.items() if values}
+    if not drawn:
+        return {}
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    try:
+        for index, (name, values) in enumerate(drawn.items()):
+            axes.plot(range(1, len(values) + 1), values, "-o", markersize=3, color=f"C{index % 10}", label=name)
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel(ylabel)
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=7, loc="best")
+        if title:
+            axes.set_title(title[:100], fontsize=9)
+        figure.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+        _save(figure, stem, ("png", "svg"))
+    finally:
+        plt.close(figure)
+    return drawn
 
 
 def _parameters(count: float) -> str:

@@ -28,8 +28,9 @@ from datasets import load_dataset
 from transformers import ResNetConfig, ResNetForImageClassification, set_seed
 
 from hf_kd.cli import parse_args
-from hf_kd.evaluation import count_parameters, report_results
+from hf_kd.evaluation import count_parameters, draw, report_results
 from hf_kd.federated import MODES, FederatedConfig, dirichlet_split, predict, run_federated, train_locally
+from hf_kd.plots import plot_series
 
 
 @dataclass
@@ -162,6 +163,8 @@ def main():
     report_results(rows, ["accuracy", "accuracy_best", "rounds_to_target", "seconds"], title, recipe.output_dir)
     with open(os.path.join(recipe.output_dir, "curves.json"), "w") as handle:
         json.dump(curves, handle, indent=2)
+    # The server's test accuracy round by round, one line per α and mode (results.png / .svg).
+    draw(plot_series, curves, os.path.join(recipe.output_dir, "results"), xlabel="round", ylabel="server accuracy")
 
 
 if __name__ == "__main__":

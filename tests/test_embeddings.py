@@ -284,6 +284,7 @@ def test_embeddings_recipe_distils_the_packaged_minilm_on_real_sentences(tmp_pat
     teacher, untrained, distilled = results.values()
     assert teacher["mean_cosine"] == pytest.approx(1.0, abs=1e-5) and teacher["spearman"] == pytest.approx(1.0)
     assert 0 < distilled["mrr@10"] <= distilled["recall@10"] <= 1 and distilled["parameters"] < teacher["parameters"]
+    assert (tmp_path / "layers" / "results.png").read_bytes()[:4] == b"\x89PNG"  # cosine against texts per second
     student = SentenceTransformer(str(tmp_path / "layers" / "student"), device="cpu")
     assert student[0].auto_model.config.num_hidden_layers == 2 and student.get_sentence_embedding_dimension() == 384
 

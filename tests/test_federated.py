@@ -191,3 +191,4 @@ def test_the_federated_recipe_compares_every_mode_with_local_and_central_trainin
     curves = json.loads((tmp_path / "curves.json").read_text())
     assert list(curves) == ["0.5/fedmd"] and len(curves["0.5/fedmd"]) == 2
     assert results["α=0.5: fedmd"]["accuracy"] == curves["0.5/fedmd"][-1]
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "results.svg").exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from hf_kd.plots import curve_series, plot_curves, plot_quality_latency
+from hf_kd.plots import curve_series, plot_curves, plot_quality_latency, plot_series
 
 RESULTS = {
     "teacher (MiniLM)": {"accuracy": 0.95, "ms_per_example": 4.0, "parameters": 22_700_000},
@@ -67,3 +67,11 @@ def test_the_curves_hold_every_logged_term_train_and_eval(tmp_path):
     assert series["eval"] == {"loss": [(20, 1.4)], "kl": [(20, 0.55)], "accuracy": [(20, 0.7)]}
     with Image.open(tmp_path / "curves.png") as image:
         assert image.format == "PNG" and image.size == (1200, 520)  # 5 terms: 3 columns × 2 rows
+
+
+def test_a_series_picture_draws_each_line_as_given(tmp_path):
+    curves = {"0.1/fedavg": [0.5, 0.7, 0.8], "0.1/feddf": [0.4, 0.6], "empty": []}
+    drawn = plot_series(curves, str(tmp_path / "results"), xlabel="round", ylabel="accuracy")
+    assert drawn == {"0.1/fedavg": [0.5, 0.7, 0.8], "0.1/feddf": [0.4, 0.6]}
+    with Image.open(tmp_path / "results.png") as image:
+        assert image.format == "PNG" and image.size == (750, 450)
