@@ -10,7 +10,7 @@ STAMP := $(VENV)/.hf_kd-installed
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install espeak test demo demo-image demo-lm demo-seq2seq demo-regression demo-embeddings demo-ranking demo-ner \
-	demo-speech demo-federated lint
+	demo-speech demo-federated pictures lint
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ demo-speech: $(STAMP)
 
 demo-federated: $(STAMP)
 	$(BIN)/python recipes/federated.py --config recipes/configs/federated.yaml
+
+# The README's pictures (docs/NAME.png) from the recipe runs that have finished (make demo-*); lists the others.
+pictures: $(STAMP)
+	$(BIN)/python -c "from hf_kd.plots import main; main()"
 
 lint: $(STAMP)
 	$(BIN)/ruff check hf_kd recipes tests benchmarks

@@ -152,7 +152,13 @@ def plot_curves(log_history: list[dict], path: str, *, title: str | None = None)
 
 
 def plot_series(
-    series: dict[str, list[float]], stem: str, *, xlabel: str, ylabel: str, title: str | None = None
+    series: dict[str, list[float]],
+    stem: str,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str | None = None,
+    formats: tuple[str, ...] = ("png", "svg"),
 ) -> dict[str, list[float]]:
     """One line per entry of ``series`` (e.g. a federated run's server accuracy per round, for each mode), x from 1,
     to ``STEM.png`` and ``STEM.svg``. Returns the series drawn."""
@@ -172,7 +178,7 @@ def plot_series(
             axes.set_title(title[:100], fontsize=9)
         figure.tight_layout()
         os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-        _save(figure, stem, ("png", "svg"))
+        _save(figure, stem, formats)
     finally:
         plt.close(figure)
     return drawn
@@ -180,3 +186,54 @@ def plot_series(
 
 def _parameters(count: float) -> str:
     return f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.1f}k"
+
+
+def redraw(output_dir: str, stem: str) -> dict | list | None:
+    """Redraw a finished recipe run's picture from what it saved in ``output_dir`` — ``results.json`` (the
+    quality–latency plane of its table) or ``curves.json`` (per-round curves, the federated recipe) — to
+    ``STEM.png``. Returns what was drawn, or None when the run left neither file or its table measures no speed."""
+    import json
+
+    curves_path, results_path = os.path.join(output_dir, "curves.json"), os.path.join(output_dir, "results.json")
+    if os.path.exists(curves_path):
+        with open(curves_path) as handle:
+            curves = json.load(handle)
+        return plot_series(curves, stem, xlabel="round", ylabel="server accuracy", formats=("png",)) or None
+    if not os.path.exists(results_path):
+        return None
+    with open(results_path) as handle:
+        results = json.load(handle)
+    first = next(iter(results.values()), {})
+    latency = next((key for key in ("ms_per_example", "ms_per_query", "texts_per_s") if key in first), None)
+    metric = next((key for key in first if key not in ("parameters", latency)), None)
+    if latency is None or metric is None:
+        return None
+    return plot_quality_latency(results, metric, stem, latency=latency, formats=("png",)) or None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m hf_kd.plots``: the README's pictures, ``DOCS/NAME.png`` for every recipe config NAME whose run
+    (its ``output_dir``) has finished; the others are listed with the command that makes them."""
+    import argparse
+
+    import yaml
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="recipes/configs")
+    parser.add_argument("--docs", default="docs")
+    options = parser.parse_args(argv)
+    for name in sorted(os.listdir(options.configs)):
+        if not name.endswith(".yaml"):
+            continue
+        with open(os.path.join(options.configs, name)) as handle:
+            output_dir = (yaml.safe_load(handle) or {}).get("output_dir")
+        stem = os.path.join(options.docs, name.removesuffix(".yaml"))
+        drawn = redraw(output_dir, stem) if output_dir else None
+        if drawn:
+            print(f"{stem}.png ({os.path.getsize(stem + '.png') / 1e3:.0f} kB) from {output_dir}")
+        else:
+            print(f"skipped {name}: no finished run in {output_dir} (run the recipe with --config {name})")
+
+
+if __name__ == "__main__":
+    main()

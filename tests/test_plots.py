@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from PIL import Image
 
-from hf_kd.plots import curve_series, plot_curves, plot_quality_latency, plot_series
+from hf_kd.evaluation import report_results
+from hf_kd.plots import (
+    curve_series,
+    main,
+    plot_curves,
+    plot_quality_latency,
+    plot_series,
+    quality_latency_points,
+    redraw,
+)
 
 RESULTS = {
     "teacher (MiniLM)": {"accuracy": 0.95, "ms_per_example": 4.0, "parameters": 22_700_000},
@@ -75,3 +84,21 @@ def test_a_series_picture_draws_each_line_as_given(tmp_path):
     assert drawn == {"0.1/fedavg": [0.5, 0.7, 0.8], "0.1/feddf": [0.4, 0.6]}
     with Image.open(tmp_path / "results.png") as image:
         assert image.format == "PNG" and image.size == (750, 450)
+
+
+def test_make_pictures_redraws_finished_runs_and_lists_the_others(tmp_path, capsys):
+    configs, finished = tmp_path / "configs", tmp_path / "finished"
+    configs.mkdir()
+    (configs / "done.yaml").write_text(f"output_dir: {finished}\n")
+    (configs / "pending.yaml").write_text(f"output_dir: {tmp_path / 'never'}\n")
+    finished.mkdir()
+    report_results(RESULTS, ["accuracy", "parameters", "ms_per_example"], "a run", str(finished))
+    main(["--configs", str(configs), "--docs", str(tmp_path / "docs")])
+    printed = capsys.readouterr().out
+    assert "skipped pending.yaml" in printed and f"{tmp_path / 'docs' / 'done'}.png" in printed
+    with Image.open(tmp_path / "docs" / "done.png") as image:
+        assert image.format == "PNG" and image.size == (750, 450)
+    # the same points as the table (the README picture carries no title)
+    assert redraw(str(finished), str(tmp_path / "again")) == quality_latency_points(RESULTS, "accuracy")
+    (tmp_path / "again.png").unlink()
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["done.png"]
