@@ -81,16 +81,9 @@ def plot_quality_latency(
             size = point["parameters"]
             label = point["name"] if size is None else f"{point['name']} ({_parameters(size)})"
             axes.scatter(point["latency"], point["quality"], s=60, color=f"C{index % 10}", zorder=3, label=label[:70])
-        axes.legend(fontsize=7, loc="best")
         faster = "higher" if "per_s" in latency else "lower"  # a throughput or a latency
-        axes.set_xlabel(f"{latency.replace('_', ' ')} ({faster} is faster)")
-        axes.set_ylabel(metric.replace("_", " "))
-        axes.grid(True, alpha=0.3)
-        if title:
-            axes.set_title(title[:100], fontsize=9)
-        figure.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-        _save(figure, stem, formats)
+        xlabel = f"{latency.replace('_', ' ')} ({faster} is faster)"
+        _finish(figure, axes, stem, xlabel, metric.replace("_", " "), title, formats)
     finally:
         plt.close(figure)
     return points
@@ -170,18 +163,23 @@ def plot_series(
     try:
         for index, (name, values) in enumerate(drawn.items()):
             axes.plot(range(1, len(values) + 1), values, "-o", markersize=3, color=f"C{index % 10}", label=name)
-        axes.set_xlabel(xlabel)
-        axes.set_ylabel(ylabel)
-        axes.grid(True, alpha=0.3)
-        axes.legend(fontsize=7, loc="best")
-        if title:
-            axes.set_title(title[:100], fontsize=9)
-        figure.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-        _save(figure, stem, formats)
+        _finish(figure, axes, stem, xlabel, ylabel, title, formats)
     finally:
         plt.close(figure)
     return drawn
+
+
+def _finish(figure, axes, stem: str, xlabel: str, ylabel: str, title: str | None, formats: tuple[str, ...]) -> None:
+    """Labels, legend, grid and title of a one-panel picture, saved in ``formats``."""
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=7, loc="best")
+    if title:
+        axes.set_title(title[:100], fontsize=9)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    _save(figure, stem, formats)
 
 
 def _parameters(count: float) -> str:
