@@ -9,10 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import config as distillation_args
 from datasets import Dataset
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd import DistillationTrainer
 from hf_kd.federated import (
     CONSENSUS,
     PUBLIC_LOGITS,
@@ -93,15 +94,11 @@ def test_the_feddf_server_step_equals_a_multi_teacher_run_on_the_client_models(t
     from_predictions = distil_on_public(
         resnet(0), public, [predict(client, public) for client in clients], 6, config, learning_rate=1e-2, seed=5
     )
-    args = DistillationConfig(
-        output_dir=str(tmp_path),
+    args = distillation_args(
+        tmp_path,
         max_steps=6,
-        per_device_train_batch_size=8,
         learning_rate=1e-2,
         seed=5,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
         losses="kl",
         temperature=2.0,
         teacher_aggregation="mean_logits",
