@@ -48,10 +48,14 @@ def evaluate_model(
     return row
 
 
-def token_perplexity(model: nn.Module, dataset, *, data_collator, batch_size: int = 32) -> float:
-    """``exp`` of the mean label cross-entropy per supervised token over ``dataset`` (labels -100 ignored): the
-    same quantity as ``exp(eval_ce)`` of a :class:`~hf_kd.DistillationTrainer` evaluation, for any model. Causal LMs
-    shift their labels by one, as their own loss does."""
+def language_model_row(model: nn.Module, dataset, *, data_collator, batch_size: int = 32) -> dict[str, float]:
+    """A results row of a language model on ``dataset``: ``perplexity`` — ``exp`` of the mean label cross-entropy
+    per supervised token (labels -100 ignored; causal LMs shift their labels by one, as their own loss does), the
+    same quantity as ``exp(eval_ce)`` of a :class:`~hf_kd.DistillationTrainer` evaluation — ``parameters``, and
+    ``ms_per_example``: the forward pass of a batch per example (a block, a source–target pair), timed after one
+    untimed warm-up batch."""
+    import time
+
     import torch
 
     from .model_kinds import is_causal_lm
@@ -60,15 +64,22 @@ def token_perplexity(model: nn.Module, dataset, *, data_collator, batch_size: in
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
+    total, tokens, seconds = 0.0, 0, 0.0
+    starts = list(range(0, len(dataset), batch_size))
     with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
+        for index, start in enumerate(starts[:1] + starts):  # the first batch twice: once untimed, to warm up
             batch = data_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             batch = {key: value.to(device) for key, value in batch.items()}
             labels = batch.pop("labels")
             if "decoder_input_ids" not in batch and getattr(model.config, "is_encoder_decoder", False):
                 batch["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+            began = time.perf_counter()
             logits = model(**batch).logits
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if index == 0:
+                continue
+            seconds += time.perf_counter() - began
             if shift:
                 logits, labels = logits[:, :-1], labels[:, 1:]
             total += torch.nn.functional.cross_entropy(
@@ -76,7 +87,11 @@ def token_perplexity(model: nn.Module, dataset, *, data_collator, batch_size: in
             ).item()
             tokens += int(labels.ne(-100).sum())
     model.train(was_training)
-    return math.exp(total / max(tokens, 1))
+    return {
+        "perplexity": math.exp(total / max(tokens, 1)),
+        "parameters": count_parameters(model),
+        "ms_per_example": 1000 * seconds / max(len(dataset), 1),
+    }
 
 
 CLASSIFICATION_COLUMNS = ("accuracy", "macro_f1")

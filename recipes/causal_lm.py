@@ -44,7 +44,7 @@ from hf_kd import DistillationConfig
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
 from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.data import train_bpe_tokenizer
-from hf_kd.evaluation import count_parameters, report_results, token_perplexity
+from hf_kd.evaluation import count_parameters, language_model_row, report_results
 from hf_kd.noise import TokenMasking
 from hf_kd.schemes.recipes import SchemeArguments, distil, stage_rows
 
@@ -116,14 +116,6 @@ def gpt2(vocab_size: int, layers: int, width: int, block_size: int) -> GPT2LMHea
         GPT2Config(
             vocab_size=vocab_size, n_layer=layers, n_embd=width, n_head=max(1, width // 64), n_positions=block_size
         )
-    )
-
-
-def perplexity(model, dataset, args) -> float:
-    """exp(mean cross-entropy per predicted token) on ``dataset``, as exp(eval_ce) of the distil-only path (a plain
-    Trainer's eval_loss divides by every label, T per block, where a causal LM predicts T − 1)."""
-    return token_perplexity(
-        model, dataset, data_collator=default_data_collator, batch_size=args.per_device_eval_batch_size
     )
 
 
@@ -206,8 +198,10 @@ def main():
         else:
             teacher_rows = {f"teacher (GPT-2 {recipe.teacher_layers}×{recipe.teacher_width})": teachers[0]}
         rows = {**teacher_rows, "student from scratch": scratch, **stage_rows(stages), "student distilled": student}
-        results = {
-            name: {"perplexity": perplexity(model, test, baseline_args), "parameters": count_parameters(model)}
+        results = {  # perplexity per predicted token, as exp(eval_ce) below; ms per block of the forward pass
+            name: language_model_row(
+                model, test, data_collator=default_data_collator, batch_size=args.per_device_eval_batch_size
+            )
             for name, model in rows.items()
         }
     else:  # the distillation trainer itself evaluates: its eval_ce is the student's next-token cross-entropy
@@ -220,7 +214,8 @@ def main():
         f"tokens, {steps} steps, losses {trainer.args.losses}, temperature {args.temperature}, seed {args.seed}, "
         f"scheme {scheme.scheme}" + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 else "")
     )
-    report_results(results, ["perplexity", "parameters"], title, args.output_dir, trainer.is_world_process_zero())
+    columns = ["perplexity", "parameters"] + (["ms_per_example"] if recipe.baselines else [])
+    report_results(results, columns, title, args.output_dir, trainer.is_world_process_zero())
 
     # ---- save (and with --push_to_hub share) the student ----
     if args.push_to_hub:
