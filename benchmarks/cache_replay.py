@@ -24,6 +24,7 @@ from transformers import Trainer
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.cache import write_teacher_cache
 from hf_kd.data import SAMPLE_INDEX, add_sample_index
+from hf_kd.plots import plot_bars
 
 
 def main():
@@ -35,6 +36,7 @@ def main():
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--top_k", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--plot", default="outputs/benchmarks/cache_replay.png", help="Where to draw the ratios.")
     options = parser.parse_args()
 
     student = gpt2(options.student_layers, options.student_width, options.vocab, options.length, seed=0)
@@ -81,6 +83,9 @@ def main():
     for name, seconds in times.items():
         per_token = f"{storage[name] / tokens:.0f}" if name in storage else "–"
         print(f"| {name} | {seconds:.3f} | {seconds / plain_time:.2f} | {per_token} |")
+    ratios = {name: seconds / plain_time for name, seconds in times.items()}
+    plot_bars(ratios, options.plot, xlabel="s per step / plain fine-tuning", reference=1.0, title="cache replay")
+    print(f"\npicture: {options.plot}")
 
 
 if __name__ == "__main__":

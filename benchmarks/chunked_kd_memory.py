@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from hf_kd import ModelFeatures, get_loss
 from hf_kd.losses.chunked import chunked_token_terms
+from hf_kd.plots import plot_bars
 
 
 def peak_bytes(step) -> tuple[int, float]:
@@ -79,6 +80,7 @@ def main():
     parser.add_argument("--hidden_student", type=int, default=256)
     parser.add_argument("--hidden_teacher", type=int, default=512)
     parser.add_argument("--chunk_size", type=int, default=256)
+    parser.add_argument("--plot", default="outputs/benchmarks/chunked_kd_memory.png", help="Where to draw the ratios.")
     options = parser.parse_args()
     kl = get_loss("kl", temperature=2.0)
 
@@ -108,6 +110,13 @@ def main():
             print(f"| {tokens:,} | – | {chunked[0] / gib:.3f} GiB | – | – | {chunked[1]:.2f} | – |")
     first, last = rows[0][2][0], rows[-1][2][0]
     print(f"\nchunked peak growth from {rows[0][0]:,} to {rows[-1][0]:,} tokens: {last / first:.2f}×")
+    peaks = {}
+    for tokens, plain, chunked in rows:
+        if plain:
+            peaks[f"plain, {tokens:,} tokens"] = plain[0] / gib
+        peaks[f"chunked, {tokens:,} tokens"] = chunked[0] / gib
+    plot_bars(peaks, options.plot, xlabel="peak GiB of the loss step", title=f"token-level KD at V = {options.vocab:,}")
+    print(f"picture: {options.plot}")
 
 
 if __name__ == "__main__":

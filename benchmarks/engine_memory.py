@@ -125,6 +125,7 @@ def worker(engine: str, models: str, output: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--plot", default="outputs/benchmarks/engine_memory.png", help="Where to draw the ratios.")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         models = os.path.join(folder, "models")
@@ -155,6 +156,11 @@ def main() -> None:
             f"| {engine} | {row['teacher_bytes'] / mb:.0f} MiB | {row['student_bytes'] / mb:.0f} MiB | "
             f"{row['tensor_bytes'] / mb:.0f} MiB | {ratio} | {row['peak_rss_bytes'] / mb:.0f} MiB |"
         )
+    from hf_kd.plots import plot_bars
+
+    held = {engine: row["tensor_bytes"] / mb for engine, row in rows.items()}
+    plot_bars(held, options.plot, xlabel="MiB of tensors held per process", title="teacher + student under each engine")
+    print(f"\npicture: {options.plot}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer
 
 from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd.plots import plot_bars
 
 
 def gpt2(layers: int, width: int, vocab: int, length: int, seed: int) -> GPT2LMHeadModel:
@@ -78,6 +79,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--plot", default="outputs/benchmarks/kd_step_cost.png", help="Where to draw the ratios.")
     options = parser.parse_args()
 
     student = gpt2(options.student_layers, options.student_width, options.vocab, options.length, seed=0)
@@ -119,6 +121,9 @@ def main():
         f"(a teacher backward would make it ≈ 3); 1 + N_teacher / (3·N_student) = "
         f"{1 + n_teacher / (3 * n_student):.2f}"
     )
+    ratios = {"step time": kd_time / plain_time, "step FLOPs": kd_flops / plain_flops, "ideal (FLOPs)": ideal_flops}
+    plot_bars(ratios, options.plot, xlabel="distillation / plain fine-tuning", reference=1.0, title="a KD step")
+    print(f"\npicture: {options.plot}")
 
 
 if __name__ == "__main__":

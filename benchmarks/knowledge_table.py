@@ -29,6 +29,7 @@ from transformers import EvalPrediction, Trainer, TrainingArguments, ViTConfig, 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.data import add_sample_index, split_labeled_transfer
 from hf_kd.metrics import classification_metrics
+from hf_kd.plots import plot_bars
 
 # id → (knowledge family, loss entry). Widths differ (16 vs 64): losses comparing features learn projectors.
 METHODS = {
@@ -175,7 +176,7 @@ def main():
     for method, variant, _, acc, ms in results:
         by_key.setdefault((method, variant), []).append((acc, ms))
 
-    def accuracies(method, variant):
+    def accuracies_of(method, variant):
         return [acc for acc, _ in by_key.get((method, variant), [])]
 
     def step_ms(method, variant):
@@ -189,14 +190,14 @@ def main():
         "",
         "| method | knowledge | alone | + kl | ms/step alone | ms/step + kl |",
         "|---|---|---:|---:|---:|---:|",
-        f"| scratch (100 labels, no teacher) | – | {cell(accuracies('scratch', 'alone'))} | – | "
+        f"| scratch (100 labels, no teacher) | – | {cell(accuracies_of('scratch', 'alone'))} | – | "
         f"{step_ms('scratch', 'alone')} | – |",
     ]
     for method in options.methods:
         family = METHODS[method][0]
-        plus = "–" if method == "kl" else cell(accuracies(method, "+ kl"))
+        plus = "–" if method == "kl" else cell(accuracies_of(method, "+ kl"))
         lines.append(
-            f"| {method} | {family} | {cell(accuracies(method, 'alone'))} | {plus} | "
+            f"| {method} | {family} | {cell(accuracies_of(method, 'alone'))} | {plus} | "
             f"{step_ms(method, 'alone')} | {step_ms(method, '+ kl')} |"
         )
     table = "\n".join(lines) + "\n"
@@ -204,6 +205,19 @@ def main():
     os.makedirs(os.path.dirname(options.output) or ".", exist_ok=True)
     with open(options.output, "w") as handle:
         handle.write(table)
+    accuracies, spreads = {}, {}  # the picture: every cell's mean ± std, the scratch student as the line
+    for method, variant in [("scratch", "alone")] + [(m, v) for m in options.methods for v in ("alone", "+ kl")]:
+        values = accuracies_of(method, variant)
+        if values and not (method == "kl" and variant == "+ kl"):
+            name = method if variant == "alone" else f"{method} + kl"
+            accuracies[name] = 100 * statistics.mean(values)
+            spreads[name] = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    picture = os.path.splitext(options.output)[0] + ".png"
+    scratch = accuracies.get("scratch")
+    plot_bars(
+        accuracies, picture, xlabel="test accuracy, %", errors=spreads, reference=scratch, reference_label="scratch"
+    )
+    print(f"picture: {picture}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from kd_step_cost import gpt2
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.evaluation import count_parameters
+from hf_kd.plots import plot_bars
 from hf_kd.schemes.mean_teacher import EMATeacher
 
 
@@ -33,6 +34,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--plot", default="outputs/benchmarks/mean_teacher_cost.png", help="Where to draw the ratios.")
     options = parser.parse_args()
 
     student = gpt2(options.layers, options.width, options.vocab, options.length, seed=0)
@@ -66,6 +68,9 @@ def main():
     print("|---|---:|---:|")
     print(f"| mean-teacher training_step (no optimizer step) | {step:.4f} | 100% |")
     print(f"| EMA update (`EMATeacher.update`) | {update:.4f} | {100 * update / step:.2f}% |")
+    shares = {"mean-teacher training_step": 1.0, "EMA update": update / step}
+    plot_bars(shares, options.plot, xlabel="share of the training step", title="the mean teacher's EMA update")
+    print(f"\npicture: {options.plot}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from transformers import Trainer
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.cache import write_teacher_cache
 from hf_kd.data import SAMPLE_INDEX, add_sample_index
+from hf_kd.plots import plot_bars
 
 
 def ready(trainer):
@@ -42,6 +43,7 @@ def main():
     parser.add_argument("--top_k", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--aggregation", default="mean_probs")
+    parser.add_argument("--plot", default="outputs/benchmarks/multi_teacher_cost.png", help="Where to draw the ratios.")
     options = parser.parse_args()
 
     student = gpt2(options.student_layers, options.student_width, options.vocab, options.length, seed=0)
@@ -95,6 +97,9 @@ def main():
     plain_time = times["plain fine-tuning (CE)"]
     for name, seconds in times.items():
         print(f"| {name} | {seconds:.3f} | {seconds / plain_time:.2f} |")
+    ratios = {name: seconds / plain_time for name, seconds in times.items()}
+    plot_bars(ratios, options.plot, xlabel="s per step / plain fine-tuning", reference=1.0, title="K teachers")
+    print(f"\npicture: {options.plot}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 
 from hf_kd import DistillationConfig
 from hf_kd.evaluation import count_parameters
+from hf_kd.plots import plot_bars
 from hf_kd.schemes.mutual_learning import MutualLearningTrainer
 
 
@@ -76,6 +77,7 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--plot", default="outputs/benchmarks/mutual_learning_cost.png", help="Where to draw.")
     options = parser.parse_args()
 
     widths = [128 + 64 * k for k in range(options.peers)]  # peers of different sizes
@@ -136,6 +138,13 @@ def main():
     print(f"| the same DML step by hand in plain PyTorch | {by_hand:.4f} | {by_hand / alone:.3f} |")
     print(f"| one deep-mutual-learning step of the cohort (hf_kd) | {together:.4f} | {together / alone:.3f} |")
     print(f"\nhf_kd's cohort step / the hand-written DML step: {together / by_hand:.3f}")
+    ratios = {
+        "plain steps, summed": 1.0,
+        "DML by hand (PyTorch)": by_hand / alone,
+        "DML cohort step (hf_kd)": together / alone,
+    }
+    plot_bars(ratios, options.plot, xlabel="s per step / the plain steps", reference=1.05, reference_label="bar 1.05")
+    print(f"picture: {options.plot}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from hf_kd.data import add_sample_index, split_labeled_transfer
 from hf_kd.evaluation import evaluate_model
 from hf_kd.metrics import classification_metrics
 from hf_kd.noise import GaussianNoise
+from hf_kd.plots import plot_bars
 from hf_kd.schemes.born_again import born_again
 from hf_kd.schemes.noisy_student import noisy_student
 from hf_kd.schemes.teacher_assistant import teacher_assistant
@@ -213,7 +214,7 @@ def noisy_student_rounds(seed, options, plain, vit, accuracy, record, labeled, t
 
 def write_scores(scores: dict[str, list[float]], title: str, stem: str) -> None:
     """Print the mean ± std table of ``scores`` (accuracies; ``adaptive:`` rows are weights, ``… ms per example``
-    rows latencies) and write it to ``STEM.md``, the raw values to ``STEM.json``."""
+    rows latencies) and write it to ``STEM.md``, the raw values to ``STEM.json`` and the accuracies to ``STEM.png``."""
     lines = [title, "", "| model | test accuracy (mean ± std) |", "|---|---:|"]
     for name, values in scores.items():
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -227,6 +228,13 @@ def write_scores(scores: dict[str, list[float]], title: str, stem: str) -> None:
         handle.write(table + "\n")
     with open(f"{stem}.json", "w") as handle:
         json.dump(scores, handle, indent=1)
+    accuracies = {  # the picture: the accuracy rows, in % (weights and latencies are on other scales)
+        name: 100 * statistics.mean(values)
+        for name, values in scores.items()
+        if not (name.startswith("adaptive:") or name.endswith("ms per example"))
+    }
+    spreads = {name: 100 * statistics.stdev(scores[name]) if len(scores[name]) > 1 else 0.0 for name in accuracies}
+    plot_bars(accuracies, f"{stem}.png", xlabel="test accuracy, % (mean ± std over seeds)", errors=spreads, title=title)
 
 
 def main():

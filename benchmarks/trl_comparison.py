@@ -25,6 +25,7 @@ from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
 from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd.plots import plot_bars
 
 try:
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -41,6 +42,7 @@ def main():
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--chunk_size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--plot", default="outputs/benchmarks/trl_comparison.png", help="Where to draw the ratios.")
     options = parser.parse_args()
 
     student = gpt2(2, 256, options.vocab, options.length, seed=0)
@@ -103,6 +105,13 @@ def main():
             f"| {name} | {values[name]:.6f} | {times[name]:.3f} | {times[name] / times[reference]:.2f} | "
             f"{peaks[name] / 2**20:.0f} | {peaks[name] / peaks[reference]:.2f} |"
         )
+    ratios = {
+        f"{name}: {kind}": values[name] / values[reference]
+        for name in trainers
+        for kind, values in (("time", times), ("memory", peaks))
+    }
+    plot_bars(ratios, options.plot, xlabel="vs TRL GKDTrainer", reference=1.0, title="hf_kd vs TRL GKD")
+    print(f"\npicture: {options.plot}")
 
 
 if __name__ == "__main__":

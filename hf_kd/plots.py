@@ -135,7 +135,7 @@ def plot_curves(log_history: list[dict], path: str, *, title: str | None = None)
         for axes in list(grid.flat)[len(terms) :]:
             axes.axis("off")
         if title:
-            figure.suptitle(title[:100], fontsize=9)
+            figure.suptitle(_title(title), fontsize=8)
         figure.tight_layout()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         figure.savefig(path, dpi=100, metadata={"Software": None})
@@ -169,6 +169,52 @@ def plot_series(
     return drawn
 
 
+def plot_bars(
+    values: dict[str, float],
+    path: str,
+    *,
+    xlabel: str,
+    errors: dict[str, float] | None = None,
+    reference: float | None = None,
+    reference_label: str | None = None,
+    title: str | None = None,
+) -> dict[str, float]:
+    """One horizontal bar per entry of ``values`` (a benchmark's ratios or accuracies), top to bottom in order,
+    each labelled with its value; ``errors`` (e.g. the std over seeds) as error bars, ``reference`` as a dashed
+    line (1 for ratios, the scratch student's accuracy, …). Writes ``path`` (a PNG). Returns the values drawn."""
+    drawn = {name: float(value) for name, value in values.items() if isinstance(value, (int, float))}
+    if not drawn:
+        return {}
+    plt = _pyplot()
+    names = list(drawn)
+    figure, axes = plt.subplots(figsize=(8, 1.2 + 0.4 * len(names)))
+    try:
+        positions = range(len(names) - 1, -1, -1)  # the first entry on top, as in the printed table
+        spreads = [(errors or {}).get(name, 0.0) for name in names]
+        colours = [f"C{index % 10}" for index in range(len(names))]
+        axes.barh(list(positions), [drawn[name] for name in names], xerr=spreads if errors else None, color=colours)
+        for position, name in zip(positions, names):
+            axes.annotate(
+                f"{drawn[name]:.3g}", (drawn[name], position), xytext=(4, 0), textcoords="offset points", va="center"
+            )
+        axes.set_yticks(list(positions), [name[:60] for name in names], fontsize=8)
+        if reference is not None:
+            axes.axvline(reference, color="0.3", linestyle="--", linewidth=1, label=reference_label)
+            if reference_label:
+                axes.legend(fontsize=7, loc="lower right")
+        axes.margins(x=0.15)
+        axes.set_xlabel(xlabel)
+        axes.grid(True, axis="x", alpha=0.3)
+        if title:
+            axes.set_title(_title(title), fontsize=8)
+        figure.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        figure.savefig(path, dpi=100, metadata={"Software": None})
+    finally:
+        plt.close(figure)
+    return drawn
+
+
 def _finish(figure, axes, stem: str, xlabel: str, ylabel: str, title: str | None, formats: tuple[str, ...]) -> None:
     """Labels, legend, grid and title of a one-panel picture, saved in ``formats``."""
     axes.set_xlabel(xlabel)
@@ -176,10 +222,17 @@ def _finish(figure, axes, stem: str, xlabel: str, ylabel: str, title: str | None
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=7, loc="best")
     if title:
-        axes.set_title(title[:100], fontsize=9)
+        axes.set_title(_title(title), fontsize=8)
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     _save(figure, stem, formats)
+
+
+def _title(text: str) -> str:
+    """A title wrapped to the picture's width (three lines at most)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, 80)[:3])
 
 
 def _parameters(count: float) -> str:

@@ -8,6 +8,7 @@ from hf_kd.evaluation import report_results
 from hf_kd.plots import (
     curve_series,
     main,
+    plot_bars,
     plot_curves,
     plot_quality_latency,
     plot_series,
@@ -84,6 +85,23 @@ def test_a_series_picture_draws_each_line_as_given(tmp_path):
     assert drawn == {"0.1/fedavg": [0.5, 0.7, 0.8], "0.1/feddf": [0.4, 0.6]}
     with Image.open(tmp_path / "results.png") as image:
         assert image.format == "PNG" and image.size == (750, 450)
+
+
+def test_a_bar_picture_draws_each_value_in_order(tmp_path):
+    ratios = {"plain fine-tuning": 1.0, "distillation (CE + KL)": 1.42, "a note, not a number": "–"}
+    drawn = plot_bars(ratios, str(tmp_path / "cost.png"), xlabel="ratio to plain", reference=1.0)
+    assert drawn == {"plain fine-tuning": 1.0, "distillation (CE + KL)": 1.42}  # in the table's order
+    with Image.open(tmp_path / "cost.png") as image:
+        assert image.format == "PNG" and image.size == (800, 200)  # 1.2 + 0.4 inch per bar, at 100 dpi
+    first = (tmp_path / "cost.png").read_bytes()
+    accuracies, spreads = {"scratch": 0.56, "kl": 0.85, "hint": 0.6}, {"scratch": 0.01, "kl": 0.02, "hint": 0.03}
+    plot_bars(accuracies, str(tmp_path / "accuracy.png"), xlabel="accuracy", errors=spreads, reference=0.56)
+    with Image.open(tmp_path / "accuracy.png") as image:
+        assert image.size == (800, 240)
+    plot_bars(ratios, str(tmp_path / "cost.png"), xlabel="ratio to plain", reference=1.0)
+    assert (tmp_path / "cost.png").read_bytes() == first  # same numbers, same bytes
+    assert plot_bars({"only text": "–"}, str(tmp_path / "none.png"), xlabel="x") == {}
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_make_pictures_redraws_finished_runs_and_lists_the_others(tmp_path, capsys):
