@@ -175,6 +175,16 @@ def draw(plot, *args, **kwargs):
         return None
 
 
+def draw_curves(trainer, output_dir: str | None = None) -> dict | None:
+    """``OUTPUT_DIR/curves.png`` (default the trainer's output_dir): every term ``trainer`` logged over its steps,
+    train and eval (:func:`hf_kd.plots.plot_curves`); drawn by the main process only. Returns the series drawn."""
+    if not trainer.is_world_process_zero():
+        return None
+    output_dir = output_dir or trainer.args.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    return draw(plot_curves, trainer.state.log_history, os.path.join(output_dir, "curves.png"))
+
+
 def compare_recipe_models(
     trainer,
     dataset,
@@ -190,9 +200,7 @@ def compare_recipe_models(
     runs) the distillation trainer evaluates it itself, since DeepSpeed allows no second Trainer in the process."""
     write = trainer.is_world_process_zero()
     output_dir = output_dir or trainer.args.output_dir
-    if write:  # every logged term over the steps, next to the table's picture
-        os.makedirs(output_dir, exist_ok=True)
-        draw(plot_curves, trainer.state.log_history, os.path.join(output_dir, "curves.png"))
+    draw_curves(trainer, output_dir)  # every logged term over the steps, next to the table's picture
     if len(models) > 1:
         results = compare_models(
             models,

@@ -44,7 +44,7 @@ from hf_kd import DistillationConfig
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
 from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.data import train_bpe_tokenizer
-from hf_kd.evaluation import count_parameters, language_model_row, report_results
+from hf_kd.evaluation import count_parameters, draw_curves, language_model_row, report_results
 from hf_kd.noise import TokenMasking
 from hf_kd.schemes.recipes import SchemeArguments, distil, stage_rows
 
@@ -216,6 +216,7 @@ def main():
     )
     columns = ["perplexity", "parameters"] + (["ms_per_example"] if recipe.baselines else [])
     report_results(results, columns, title, args.output_dir, trainer.is_world_process_zero())
+    draw_curves(trainer)
 
     # ---- save (and with --push_to_hub share) the student ----
     if args.push_to_hub:

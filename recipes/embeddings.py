@@ -39,7 +39,7 @@ from transformers import BertConfig, BertModel, DataCollatorWithPadding, set_see
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.cli import leave_process_group, parse_args, refuse_engines_for_multi_model_recipes
-from hf_kd.evaluation import count_parameters, report_results
+from hf_kd.evaluation import count_parameters, draw_curves, report_results
 from hf_kd.losses.embedding import EmbeddingDistanceLoss
 from hf_kd.metrics import nearest_neighbours, retrieval_metrics
 from hf_kd.sentence_embeddings import SentenceEmbeddingModel, encode, encoding_speed
@@ -261,6 +261,7 @@ def main():
             f"sentences each finding its article among {len(documents)} held-out BBC articles"
         )
         report_results(results, COLUMNS, title, args.output_dir)
+        draw_curves(trainer)
         rows = list(results.values())
         trainer.set_model_card_details(
             comparison={"teacher": rows[0], "student": rows[-1]},

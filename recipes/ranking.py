@@ -35,7 +35,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly
 from hf_kd.cli import leave_process_group, parse_args, refuse_engines_for_multi_model_recipes
-from hf_kd.evaluation import count_parameters, report_results
+from hf_kd.evaluation import count_parameters, draw_curves, report_results
 from hf_kd.metrics import ranking_metrics
 from hf_kd.ranking import BiEncoderRanker, CrossEncoderRanker, RankingCollator, score_groups
 from hf_kd.sentence_embeddings import SentenceEmbeddingModel
@@ -259,6 +259,7 @@ def main():
             f"{recipe.group_size} candidates, {steps} steps, seed {args.seed}"
         )
         report_results(results, COLUMNS, title, args.output_dir)
+        draw_curves(trainer)
         rows = list(results.values())
         teacher_row = rows[1] if recipe.distil_from == "cross" else rows[0]
         trainer.set_model_card_details(

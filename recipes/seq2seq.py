@@ -47,7 +47,7 @@ from hf_kd import DistillationConfig
 from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
 from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.data import train_bpe_tokenizer
-from hf_kd.evaluation import count_parameters, language_model_row, report_results
+from hf_kd.evaluation import count_parameters, draw_curves, language_model_row, report_results
 from hf_kd.generation import generate_teacher_outputs
 from hf_kd.noise import TokenMasking
 from hf_kd.schemes.recipes import SchemeArguments, distil, stage_rows
@@ -289,6 +289,7 @@ def main():
     )
     columns = ["perplexity", "rouge1", "parameters", "ms_per_example"]  # ms of greedy decoding per headline
     report_results(results, columns, title, args.output_dir, trainer.is_world_process_zero())
+    draw_curves(trainer)
 
     if args.push_to_hub:
         teacher_rouge = f"teacher {next(iter(results.values()))['rouge1']:.1f}, " if recipe.baselines else ""

@@ -224,13 +224,15 @@ def test_a_cross_encoder_student_saves_as_a_plain_reranker(tmp_path):
 
 
 def test_ranking_recipe_distils_a_minilm_reranker_on_bbc_headlines(tmp_path):
-    from test_recipes import run_recipe
+    from test_recipes import assert_pictures, run_recipe
 
     short = ["--train_queries", "16", "--eval_queries", "6", "--eval_group_size", "4", "--max_length", "48"]
     common = ["--config", "recipes/configs/ranking.yaml", "--max_steps", "2", "--per_device_train_batch_size", "2"]
-    run_recipe("ranking.py", *common, *short, "--output_dir", str(tmp_path / "cross"), "--cross_teacher_steps", "2")
+    cross_run = ["--output_dir", str(tmp_path / "cross"), "--cross_teacher_steps", "2", "--logging_steps", "1"]
+    run_recipe("ranking.py", *common, *short, *cross_run)
     results = json.loads((tmp_path / "cross" / "results.json").read_text())
     assert len(results) == 4
+    assert_pictures(tmp_path / "cross", results, "mrr@10", latency="ms_per_query")
     for row in results.values():
         assert 0 < row["mrr@10"] <= 1 and 0 < row["ndcg@10"] <= 1 and row["ms_per_query"] > 0
     bi, cross, labels_only, distilled = results.values()

@@ -67,9 +67,9 @@ def recipe_module(name: str):
     return module
 
 
-def assert_quality_latency_picture(run_dir, results, metric):
-    """The run drew its table: results.png / .svg exist, and the points of the plane are every row's ``metric``
-    against its ms per example, with its parameter count."""
+def assert_pictures(run_dir, results, metric, latency="ms_per_example"):
+    """The run drew its table and its training: results.png / .svg exist, the points of the plane are every row's
+    ``metric`` against its ``latency``, with its parameter count, and curves.png holds the logged terms."""
     from PIL import Image
 
     from hf_kd.plots import redraw
@@ -78,11 +78,13 @@ def assert_quality_latency_picture(run_dir, results, metric):
         assert image.format == "PNG" and image.size == (750, 450)
     assert (run_dir / "results.svg").stat().st_size > 1000
     expected = [
-        {"name": name, "quality": row[metric], "latency": row["ms_per_example"], "parameters": row["parameters"]}
+        {"name": name, "quality": row[metric], "latency": row[latency], "parameters": row["parameters"]}
         for name, row in results.items()
     ]
     assert all(point["latency"] > 0 for point in expected)
-    assert redraw(str(run_dir), str(run_dir / "redrawn")) == expected
+    assert redraw(str(run_dir), str(run_dir / "redrawn")) == expected  # what `make pictures` draws, too
+    with Image.open(run_dir / "curves.png") as image:
+        assert image.format == "PNG" and image.size[0] >= 400
 
 
 def text_test_accuracy(run_dir, test_fraction, seed=42, max_length=128) -> float:
@@ -302,10 +304,12 @@ def test_causal_lm_recipe_trains_a_tokenizer_teacher_and_chunked_student(tmp_pat
         "0.02",
         "--chunk_size",
         "64",
+        "--logging_steps",
+        "1",
     )
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results) == 3 and "perplexity" in stdout
-    assert_quality_latency_picture(tmp_path, results, "perplexity")
+    assert_pictures(tmp_path, results, "perplexity")
     for name, folder in (("student distilled", "student"), (next(iter(results)), "teacher")):
         measured = lm_test_perplexity(tmp_path, tmp_path / folder, test_fraction=0.02)
         assert results[name]["perplexity"] == pytest.approx(measured, rel=1e-4), name
@@ -334,6 +338,8 @@ def test_seq2seq_recipe_trains_a_t5_teacher_and_a_sequence_level_student(tmp_pat
         "8",
         "--sequence_level_kd",
         "true",
+        "--logging_steps",
+        "1",
     )
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results)[-1] == "student distilled (sequence-level)"
@@ -342,7 +348,7 @@ def test_seq2seq_recipe_trains_a_t5_teacher_and_a_sequence_level_student(tmp_pat
     assert results["student distilled (sequence-level)"]["perplexity"] == pytest.approx(measured, rel=1e-4)
     assert all(0 <= row["rouge1"] <= 100 for row in results.values())
     assert "rouge1" in stdout
-    assert_quality_latency_picture(tmp_path, results, "perplexity")
+    assert_pictures(tmp_path, results, "perplexity")
     assert {"model.safetensors", "tokenizer.json", "distillation_config.json"} <= set(os.listdir(tmp_path / "student"))
     summary = json.loads((tmp_path / "student" / "distillation_config.json").read_text())
     assert summary["token_level"] and summary["teacher_class"] == "T5ForConditionalGeneration"
