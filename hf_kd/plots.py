@@ -136,9 +136,7 @@ def plot_curves(log_history: list[dict], path: str, *, title: str | None = None)
             axes.axis("off")
         if title:
             figure.suptitle(_title(title), fontsize=8)
-        figure.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        figure.savefig(path, dpi=100, metadata={"Software": None})
+        _write(figure, path.removesuffix(".png"), ("png",))
     finally:
         plt.close(figure)
     return series
@@ -207,9 +205,7 @@ def plot_bars(
         axes.grid(True, axis="x", alpha=0.3)
         if title:
             axes.set_title(_title(title), fontsize=8)
-        figure.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        figure.savefig(path, dpi=100, metadata={"Software": None})
+        _write(figure, path.removesuffix(".png"), ("png",))
     finally:
         plt.close(figure)
     return drawn
@@ -223,6 +219,11 @@ def _finish(figure, axes, stem: str, xlabel: str, ylabel: str, title: str | None
     axes.legend(fontsize=7, loc="best")
     if title:
         axes.set_title(_title(title), fontsize=8)
+    _write(figure, stem, formats)
+
+
+def _write(figure, stem: str, formats: tuple[str, ...]) -> None:
+    """Lay ``figure`` out and save it as ``STEM.EXTENSION`` for each of ``formats``, creating the folder."""
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     _save(figure, stem, formats)
