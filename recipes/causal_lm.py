@@ -220,7 +220,11 @@ def main():
 
     # ---- save (and with --push_to_hub share) the student ----
     if args.push_to_hub:
+        # The card's teacher-vs-student table and its picture: the measured rows (with baselines, a teacher row).
+        teacher_row = next(iter(results.values())) if recipe.baselines else None
         trainer.set_model_card_details(
+            comparison={"teacher": teacher_row, "student": results["student distilled"]} if teacher_row else None,
+            eval_examples=len(test),
             dataset=None if recipe.dataset_name == "bbcnews" else recipe.dataset_name,
             dataset_description=f"{recipe.dataset_name}: {len(train)} blocks of {recipe.block_size} tokens; test "
             f"perplexity of the distilled student {results['student distilled']['perplexity']:.1f}"

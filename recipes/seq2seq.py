@@ -293,7 +293,10 @@ def main():
 
     if args.push_to_hub:
         teacher_rouge = f"teacher {next(iter(results.values()))['rouge1']:.1f}, " if recipe.baselines else ""
+        teacher_row = next(iter(results.values())) if recipe.baselines else None  # the card's table and picture
         trainer.set_model_card_details(
+            comparison={"teacher": teacher_row, "student": results[distilled]} if teacher_row else None,
+            eval_examples=len(test),
             dataset=None if recipe.dataset_name == "bbcnews" else recipe.dataset_name,
             dataset_description=f"{recipe.dataset_name}: {len(train)} source→target pairs; test ROUGE-1 "
             f"{teacher_rouge}distilled student {results[distilled]['rouge1']:.1f}",

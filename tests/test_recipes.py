@@ -288,7 +288,30 @@ def test_image_recipe_pushes_the_student_with_its_card(tmp_path):
 
 @pytest.mark.slow
 def test_causal_lm_recipe_trains_a_tokenizer_teacher_and_chunked_student(tmp_path):
-    stdout = run_recipe(
+    from hub_server import LocalHub
+
+    with LocalHub() as hub:
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_test", "HF_HUB_DISABLE_XET": "1"}
+        stdout = run_lm_recipe(tmp_path, env)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 3 and "perplexity" in stdout
+    assert_pictures(tmp_path, results, "perplexity")
+    # The pushed card holds the teacher-vs-student rows of that table and their picture.
+    (commit,) = hub.state.commits
+    assert {"model.safetensors", "tokenizer.json", "README.md", "quality_latency.png"} <= set(commit["files"])
+    card = commit["files"]["README.md"].decode()
+    assert "| teacher |" in card and "| student |" in card and "](quality_latency.png)" in card
+    assert f"{results['student distilled']['perplexity']:.3g}" in card
+    for name, folder in (("student distilled", "student"), (next(iter(results)), "teacher")):
+        measured = lm_test_perplexity(tmp_path, tmp_path / folder, test_fraction=0.02)
+        assert results[name]["perplexity"] == pytest.approx(measured, rel=1e-4), name
+    assert {"model.safetensors", "tokenizer.json", "distillation_config.json"} <= set(os.listdir(tmp_path / "student"))
+    summary = json.loads((tmp_path / "student" / "distillation_config.json").read_text())
+    assert summary["token_level"] and summary["teacher_parameters"] > summary["student_parameters"]
+
+
+def run_lm_recipe(tmp_path, env):
+    return run_recipe(
         "causal_lm.py",
         "--config",
         "recipes/configs/causal_lm.yaml",
@@ -306,16 +329,11 @@ def test_causal_lm_recipe_trains_a_tokenizer_teacher_and_chunked_student(tmp_pat
         "64",
         "--logging_steps",
         "1",
+        "--push_to_hub",
+        "--hub_model_id",
+        "bob/bbc-lm-student",
+        env=env,
     )
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert len(results) == 3 and "perplexity" in stdout
-    assert_pictures(tmp_path, results, "perplexity")
-    for name, folder in (("student distilled", "student"), (next(iter(results)), "teacher")):
-        measured = lm_test_perplexity(tmp_path, tmp_path / folder, test_fraction=0.02)
-        assert results[name]["perplexity"] == pytest.approx(measured, rel=1e-4), name
-    assert {"model.safetensors", "tokenizer.json", "distillation_config.json"} <= set(os.listdir(tmp_path / "student"))
-    summary = json.loads((tmp_path / "student" / "distillation_config.json").read_text())
-    assert summary["token_level"] and summary["teacher_parameters"] > summary["student_parameters"]
 
 
 @pytest.mark.slow
