@@ -79,8 +79,8 @@ def plot_quality_latency(
     try:
         for index, point in enumerate(points):
             size = point["parameters"]
-            label = point["name"] if size is None else f"{point['name']} ({_parameters(size)})"
-            axes.scatter(point["latency"], point["quality"], s=60, color=f"C{index % 10}", zorder=3, label=label[:70])
+            label = _shorten(point["name"]) + ("" if size is None else f" ({_parameters(size)})")
+            axes.scatter(point["latency"], point["quality"], s=60, color=f"C{index % 10}", zorder=3, label=label)
         faster = "higher" if "per_s" in latency else "lower"  # a throughput or a latency
         xlabel = f"{latency.replace('_', ' ')} ({faster} is faster)"
         _finish(figure, axes, stem, xlabel, metric.replace("_", " "), title, formats)
@@ -195,7 +195,7 @@ def plot_bars(
             axes.annotate(
                 f"{drawn[name]:.3g}", (drawn[name], position), xytext=(4, 0), textcoords="offset points", va="center"
             )
-        axes.set_yticks(list(positions), [name[:60] for name in names], fontsize=8)
+        axes.set_yticks(list(positions), [_shorten(name) for name in names], fontsize=8)
         if reference is not None:
             axes.axvline(reference, color="0.3", linestyle="--", linewidth=1, label=reference_label)
             if reference_label:
@@ -227,6 +227,14 @@ def _write(figure, stem: str, formats: tuple[str, ...]) -> None:
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     _save(figure, stem, formats)
+
+
+def _shorten(name: str, width: int = 64) -> str:
+    """``name`` cut in the middle to ``width`` characters: rows of one table often differ only at the end."""
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    return f"{name[:head]}…{name[len(name) - (width - 1 - head) :]}"
 
 
 def _title(text: str) -> str:

@@ -104,6 +104,14 @@ def test_a_bar_picture_draws_each_value_in_order(tmp_path):
     assert not (tmp_path / "none.png").exists()
 
 
+def test_long_row_names_are_cut_in_the_middle_where_rows_agree():
+    from hf_kd.plots import _shorten
+
+    name = "student MiniLM 2×384 cross-encoder (teacher init), distilled from the cross-encoder (margin_mse)"
+    assert _shorten(name) == "student MiniLM 2×384 cross-enco…m the cross-encoder (margin_mse)"
+    assert len(_shorten(name)) == 64 and _shorten("teacher") == "teacher"
+
+
 def test_make_pictures_redraws_finished_runs_and_lists_the_others(tmp_path, capsys):
     configs, finished = tmp_path / "configs", tmp_path / "finished"
     configs.mkdir()
