@@ -23,6 +23,8 @@ BOOKKEEPING = {
     "train_samples_per_second",
     "train_steps_per_second",
 }
+#: Quality columns where a smaller number is the better model.
+LOWER_IS_BETTER = {"perplexity", "mse", "mae", "loss", "ce"}
 _EVAL_BOOKKEEPING = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
 
 
@@ -83,7 +85,8 @@ def plot_quality_latency(
             axes.scatter(point["latency"], point["quality"], s=60, color=f"C{index % 10}", zorder=3, label=label)
         faster = "higher" if "per_s" in latency else "lower"  # a throughput or a latency
         xlabel = f"{latency.replace('_', ' ')} ({faster} is faster)"
-        _finish(figure, axes, stem, xlabel, metric.replace("_", " "), title, formats)
+        ylabel = metric.replace("_", " ") + (" (lower is better)" if metric in LOWER_IS_BETTER else "")
+        _finish(figure, axes, stem, xlabel, ylabel, title, formats)
     finally:
         plt.close(figure)
     return points
