@@ -106,9 +106,9 @@ def main():
             f"{peaks[name] / 2**20:.0f} | {peaks[name] / peaks[reference]:.2f} |"
         )
     ratios = {
-        f"{name}: {kind}": values[name] / values[reference]
+        f"{name}: {kind}": measured[name] / measured[reference]
         for name in trainers
-        for kind, values in (("time", times), ("memory", peaks))
+        for kind, measured in (("time", times), ("memory", peaks))
     }
     plot_bars(ratios, options.plot, xlabel="vs TRL GKDTrainer", reference=1.0, title="hf_kd vs TRL GKD")
     print(f"\npicture: {options.plot}")
