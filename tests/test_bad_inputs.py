@@ -13,8 +13,6 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -30,6 +28,7 @@ from conftest import (
     tiny_gpt2,
 )
 from datasets import Dataset
+from refusal_cases import Case, area_cases
 
 from hf_kd import DistillationTrainer, TeacherCache, get_loss, write_teacher_cache
 from hf_kd.data import add_sample_index
@@ -47,16 +46,6 @@ from hf_kd.token_classification import add_teacher_words, tokenize_words
 from hf_kd.views import ViewCollator, pad_rows
 
 README_START, README_END = "<!-- refusals:start -->", "<!-- refusals:end -->"
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    input: str  # what the user did, as the README shows it
-    run: Callable  # run(tmp_path): raises, or returns what ``check`` inspects
-    error: type[BaseException] | None = None
-    says: str = ""  # a phrase the error must contain (README: what hf_kd says)
-    check: Callable | None = None  # check(result, tmp_path) for cases whose correct outcome is a value
 
 
 def trainer(tmp_path, student=None, teacher=None, data=None, student_noise=None, **overrides):
@@ -901,6 +890,7 @@ CASES = [
         check=_check_pushed_checkpoints,
     ),
 ]
+CASES += area_cases()  # the per-area tables: tests/refusals_*.py
 
 
 def _wordpiece(tmp_path):
