@@ -173,7 +173,7 @@ class DistillationConfig(TrainingArguments):
     teacher_aggregation: str = field(
         default="mean_probs",
         metadata={
-            "help": "Several teachers: how logit losses combine them, per position (hf_kd.schemes.multi_teacher).",
+            "help": "Several teachers: how logit losses combine them, per position (hf_kd.teachers.ensemble).",
             "choices": ["mean_probs", "mean_logits", "weighted", "adaptive", "best"],
         },
     )
@@ -245,7 +245,7 @@ class DistillationConfig(TrainingArguments):
             math.isfinite(self.hard_label_weight) and self.hard_label_weight >= 0
         ):
             raise ValueError(f"hard_label_weight must be a finite number >= 0, got {self.hard_label_weight}.")
-        from .schemes.multi_teacher import AGGREGATIONS
+        from .teachers.ensemble import AGGREGATIONS
 
         if self.teacher_aggregation not in AGGREGATIONS:
             raise ValueError(f"teacher_aggregation must be one of {AGGREGATIONS}, got {self.teacher_aggregation!r}.")

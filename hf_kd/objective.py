@@ -17,7 +17,7 @@ from .config import LossSpec
 from .features import ModelFeatures, SparseDistribution, finite_outputs, non_finite_fields
 from .losses import DistillationLoss, get_loss
 from .positions import ItemCounts
-from .schemes.multi_teacher import ENSEMBLE, TeacherAggregator
+from .teachers.ensemble import ENSEMBLE, TeacherAggregator
 
 LABEL_TERM = "ce"
 WEIGHT_PREFIX = "teacher_weight/"  # each teacher's mean weight in the ensemble, logged

@@ -165,7 +165,7 @@ def test_teacher_deepspeed_buckets_are_sized_from_the_teachers_width():
     # allocate 500M-element buckets — 2 GiB per process, found by benchmarks/engine_memory.py).
     from conftest import tiny_bert
 
-    from hf_kd.teachers import _size_zero_buckets
+    from hf_kd.teachers.loading import _size_zero_buckets
 
     zero = {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto", "overlap_comm": True}
     _size_zero_buckets(zero, tiny_bert(hidden=32, seed=0))

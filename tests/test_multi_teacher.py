@@ -17,7 +17,7 @@ from hf_kd import DistillationTrainer, write_teacher_cache
 from hf_kd.data import add_sample_index
 from hf_kd.features import SparseDistribution
 from hf_kd.losses import functional as F
-from hf_kd.schemes.multi_teacher import AGGREGATIONS, TeacherAggregator
+from hf_kd.teachers.ensemble import AGGREGATIONS, TeacherAggregator
 
 CLASSES = 3
 

@@ -27,7 +27,7 @@ from ..trainer.compat import TrainerCompat
 from ..trainer.loss_parts import LossParts
 from ..trainer.reporting import measure_alone
 from ..trainer.trainer import TermLogReset
-from .multi_teacher import TeacherAggregator
+from ..teachers.ensemble import TeacherAggregator
 
 _MEMBERS = "members"  # the one teacher name the objective's terms read: whichever members teach a member
 _LOOP_FIELDS = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time", "_loss")

@@ -16,7 +16,7 @@ from ..model_kinds import is_causal_lm, is_regression, is_token_level, labels_ma
 from ..noise import compose_noise
 from ..objective import Objective
 from ..positions import ItemCounts, distillation_mask, split_sample_index
-from ..schemes.multi_teacher import TeacherAggregator
+from ..teachers.ensemble import TeacherAggregator
 from ..teachers import TeacherSource, build_teachers, place_teacher, use_eager_attention
 from ..term_log import TermLog
 from ..views import split_views

@@ -1,0 +1,44 @@
+"""Where teacher outputs come from: loading, freezing and placing teacher models (:mod:`.loading`), the source
+protocol (:mod:`.base`), live models (:mod:`.live`), the student's own base (:mod:`.adapter_base`), predictions that
+travel with the rows (:mod:`.precomputed`) and several teachers combined into one (:mod:`.ensemble`)."""
+
+from .adapter_base import AdapterBaseTeacher
+from .base import TeacherSource
+from .ensemble import AGGREGATIONS, ENSEMBLE, TeacherAggregator, mix_sparse
+from .live import LiveTeacher
+from .loading import (
+    SINGLE_TEACHER,
+    build_teachers,
+    check_materialized,
+    freeze,
+    load_teacher,
+    looks_like_local_path,
+    name_models,
+    place_teacher,
+    prepare_teacher,
+    unwrap,
+    use_eager_attention,
+)
+from .precomputed import PrecomputedPredictions
+
+__all__ = [
+    "AGGREGATIONS",
+    "ENSEMBLE",
+    "SINGLE_TEACHER",
+    "AdapterBaseTeacher",
+    "LiveTeacher",
+    "PrecomputedPredictions",
+    "TeacherAggregator",
+    "TeacherSource",
+    "build_teachers",
+    "check_materialized",
+    "freeze",
+    "load_teacher",
+    "looks_like_local_path",
+    "mix_sparse",
+    "name_models",
+    "place_teacher",
+    "prepare_teacher",
+    "unwrap",
+    "use_eager_attention",
+]
