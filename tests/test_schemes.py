@@ -2,12 +2,14 @@
 each stage, resuming after a failed stage without redoing the finished ones."""
 
 import json
+import logging
 
 import pytest
 import torch
 from conftest import classification_data, config, tiny_bert
 from transformers import BertForSequenceClassification
 
+from hf_kd.checkpoints import last_complete_checkpoint
 from hf_kd.metrics import classification_metrics
 from hf_kd.schemes.born_again import born_again
 from hf_kd.schemes.teacher_assistant import teacher_assistant
@@ -117,3 +119,38 @@ def test_born_again_generations_learn_from_the_previous_one_and_the_last_from_al
     assert [entry["stage"] for entry in third["lineage"]] == ["teacher", "generation1", "generation2"]
     with pytest.raises(ValueError, match="generations >= 1"):
         born_again(teacher, lambda generation: tiny_bert(), config(tmp_path), generations=0)
+
+
+def _checkpoint(folder, step, state="whole"):
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"weights")
+    if state == "whole":
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    elif state == "truncated":  # killed while writing it
+        (path / "trainer_state.json").write_text('{"global_step": ')
+    return str(path)
+
+
+def test_resuming_skips_the_checkpoints_a_kill_inside_a_save_left_incomplete(tmp_path, caplog):
+    assert last_complete_checkpoint(str(tmp_path / "never-ran")) is None
+    assert last_complete_checkpoint(str(tmp_path)) is None
+    complete = _checkpoint(tmp_path, 9)
+    _checkpoint(tmp_path, 2)
+    (tmp_path / "checkpoint-30.tmp").mkdir()  # not a checkpoint folder
+    assert last_complete_checkpoint(str(tmp_path)) == complete  # by step, not by name (9 < 10 < 12)
+    assert caplog.records == []
+    truncated, missing = _checkpoint(tmp_path, 10, "truncated"), _checkpoint(tmp_path, 12, "missing")
+    with caplog.at_level(logging.WARNING, logger="hf_kd"):
+        assert last_complete_checkpoint(str(tmp_path)) == complete
+    (message,) = [record.getMessage() for record in caplog.records]
+    assert f"{missing} (its trainer_state.json is missing)" in message
+    assert f"{truncated} (its trainer_state.json does not read as JSON" in message
+    assert f"Resuming from {complete} instead" in message
+
+
+def test_resuming_starts_over_when_no_checkpoint_is_complete(tmp_path, caplog):
+    _checkpoint(tmp_path, 2, "missing")
+    with caplog.at_level(logging.WARNING, logger="hf_kd"):
+        assert last_complete_checkpoint(str(tmp_path)) is None
+    assert "Resuming from the start (no complete checkpoint)" in caplog.text

@@ -20,8 +20,8 @@ import os
 import torch
 from torch import nn
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
+from ..checkpoints import last_complete_checkpoint
 from ..config import DistillationConfig
 from ..evaluation import count_parameters
 from ..features import ModelFeatures, run_model
@@ -161,7 +161,7 @@ def mean_teacher(
         **trainer_kwargs,
     )
     folder = args.output_dir
-    checkpoint = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+    checkpoint = last_complete_checkpoint(folder)
     trainer.train(resume_from_checkpoint=checkpoint)
     rows = trainer.compare_with_teacher() if trainer.eval_dataset is not None else {}
     metrics = {name: _metrics(row) for name, row in rows.items()}

@@ -19,8 +19,8 @@ import json
 import os
 
 from torch import nn
-from transformers.trainer_utils import get_last_checkpoint
 
+from ..checkpoints import last_complete_checkpoint
 from ..checks import check_logit_width
 from ..config import DistillationConfig
 from ..evaluation import count_parameters
@@ -184,7 +184,7 @@ def mutual_learning(
     """
     trainer = MutualLearningTrainer(peers, args, towards=towards, **trainer_kwargs)
     folder = args.output_dir
-    checkpoint = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+    checkpoint = last_complete_checkpoint(folder)
     trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.eval_dataset is not None:
         rows = trainer.compare_with_teacher()

@@ -29,8 +29,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
-from transformers.trainer_utils import get_last_checkpoint
 
+from ..checkpoints import last_complete_checkpoint
 from ..config import DistillationConfig
 from ..evaluation import count_parameters
 from ..features import ModelFeatures, capture_modules, pool
@@ -461,7 +461,7 @@ def self_distillation(
     early = EarlyExitModel(model, exits_after, bottleneck=bottleneck, hint=hint_weight > 0)
     trainer = SelfDistillationTrainer(early, args, hint_weight=hint_weight, save_exits=save_exits, **trainer_kwargs)
     folder = args.output_dir
-    checkpoint = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+    checkpoint = last_complete_checkpoint(folder)
     trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.eval_dataset is not None:
         trainer.compare_with_teacher()

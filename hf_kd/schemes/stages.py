@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 
 from torch import nn
-from transformers.trainer_utils import get_last_checkpoint
 
+from ..checkpoints import last_complete_checkpoint
 from ..config import DistillationConfig
 
 MODEL_FOLDER = "model"  # a stage's saved student, inside the stage folder
@@ -66,7 +66,7 @@ def run_stage(
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=stage_args, **trainer_kwargs)
     trainer.lineage = lineage
     trainer.stage_details = details or {}
-    checkpoint = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+    checkpoint = last_complete_checkpoint(folder)
     trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     trainer.stage_metrics = metrics

@@ -1,0 +1,62 @@
+"""Where a run that is started again resumes: its last *complete* checkpoint.
+
+A kill inside a save (out of memory, a preempted job, Ctrl-C) leaves a ``checkpoint-N`` folder without the files
+written after the model. ``transformers.Trainer`` writes ``trainer_state.json`` last, so a checkpoint counts as
+complete when that file is there and reads as JSON; resuming from an incomplete one would stop every rerun with a
+raw ``FileNotFoundError``. Every scheme that resumes from its output folder asks here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def last_complete_checkpoint(folder: str) -> str | None:
+    """The ``checkpoint-N`` in ``folder`` with the largest N whose save finished (``None`` for none, or no folder).
+    Each later one a save left incomplete is skipped with a warning naming it and what it lacks."""
+    if not os.path.isdir(folder):
+        return None
+    checkpoints = sorted(
+        (int(match.group(1)), name)
+        for name in os.listdir(folder)
+        if (match := _CHECKPOINT.match(name)) and os.path.isdir(os.path.join(folder, name))
+    )
+    skipped = []
+    resume = None
+    for _, name in reversed(checkpoints):
+        path = os.path.join(folder, name)
+        problem = _incomplete(path)
+        if problem is None:
+            resume = path
+            break
+        skipped.append(f"{path} (its {TRAINER_STATE_NAME} {problem})")
+    if skipped:
+        logger.warning(
+            f"skipping {'; '.join(skipped)}: a save was cut short there (a kill while saving). Resuming from "
+            f"{resume or 'the start (no complete checkpoint)'} instead; the skipped folder is overwritten when "
+            "training reaches its step again."
+        )
+    return resume
+
+
+def _incomplete(checkpoint: str) -> str | None:
+    """What a checkpoint lacks (its trainer state, written last), or ``None`` when its save finished."""
+    state = os.path.join(checkpoint, TRAINER_STATE_NAME)
+    if not os.path.isfile(state):
+        return "is missing"
+    try:
+        with open(state) as handle:
+            json.load(handle)
+    except (OSError, ValueError) as error:
+        return f"does not read as JSON ({error})"
+    return None
