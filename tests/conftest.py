@@ -1,4 +1,5 @@
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +11,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n N: the cores shared o
     THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
 
+import psutil  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
@@ -157,40 +159,105 @@ def lm_data(n=16, length=10, seed=0, padded=True):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Collectives in the multi-process workers give up after this many seconds (their ddp_timeout, or the timeout of the
+# process group they start themselves), well inside the launches' own limits (300 s and up): a hung peer ends the run
+# with an error that names the collective instead of holding the machine until the launch is killed.
+DDP_TIMEOUT = 240
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on now, so that multi-process tests running side by side (``pytest -n``) do not
-    meet on one rendezvous port."""
+    """A TCP port nothing listens on now, for launchers that must be given one (``accelerate launch``). Another launch
+    can take it before the launcher binds it: ``launch_on_a_free_port`` tries again then."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
 def torchrun(processes: int = 2) -> list[str]:
-    """``python -m torch.distributed.run`` for ``processes`` local processes on a free port."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(processes),
-        "--master_port",
-        str(free_port()),
-    ]
+    """``python -m torch.distributed.run`` for ``processes`` local processes, standalone: its rendezvous store binds a
+    port the system picks and the workers meet through that store, so launches side by side (``pytest -n``) never
+    race for a port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+
+
+def _kill_process_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the launch ``process``, every process it started (torchrun starts each worker in a session of its
+    own, out of reach of its group) and every process group among them but the test's own."""
+    tree = []
+    if process.poll() is None:  # still running, so its pid is still its own: walk its tree
+        try:
+            tree = [psutil.Process(process.pid)]
+            tree += tree[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    groups = {process.pid}  # once the launch has ended, whatever it left behind is still in its group
+    for member in tree:
+        try:
+            groups.add(os.getpgid(member.pid))
+            member.kill()
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    for group in groups - {os.getpgrp()}:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def launch(command, *, timeout, env=None, cwd=ROOT, check=False) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True, timeout=timeout)`` from ``cwd`` (offline by default)
+    in a process group of its own, killed with all its processes however the launch ends (success, failure, timeout,
+    an interrupted test), so that no worker outlives its test and loads the machine for the tests after it. On a
+    timeout, raises ``subprocess.TimeoutExpired`` with the end of stderr in its note; ``check``: assert success."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"} if env is None else env
+    process = subprocess.Popen(
+        [str(part) for part in command],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        _kill_process_tree(process)
+        try:
+            error.output, error.stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # a process outside the tree still holds the pipes: what came so far
+            pass
+        stderr = error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) else error.stderr or ""
+        error.add_note(f"stderr (the end):\n{stderr[-4000:]}")
+        raise
+    finally:
+        _kill_process_tree(process)
+        process.wait()
+    completed = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    if check:
+        assert completed.returncode == 0, completed.stderr[-4000:]
+    return completed
+
+
+def launch_on_a_free_port(
+    command_for_port, *, timeout, env=None, check=False, attempts=3
+) -> subprocess.CompletedProcess:
+    """``launch(command_for_port(port))`` on a ``free_port()``, and on a fresh one when another launch bound the port
+    between the probe and this launch's rendezvous (its store fails with EADDRINUSE); returns the last launch."""
+    for _ in range(attempts):
+        completed = launch(command_for_port(free_port()), timeout=timeout, env=env)
+        if completed.returncode == 0 or "EADDRINUSE" not in completed.stderr:
+            break
+    if check:
+        assert completed.returncode == 0, completed.stderr[-4000:]
+    return completed
 
 
 def run_two_processes(script, *args, timeout=600):
     """``torchrun --nproc_per_node 2 script args`` from the repository root (gloo on CPU, offline); asserts it
     succeeded and returns the completed process."""
-    completed = subprocess.run(
-        [*torchrun(2), script] + [str(arg) for arg in args],
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return completed
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return launch([*torchrun(2), script, *args], timeout=timeout, env=env, check=True)
 
 
 def config(tmp_path, **overrides):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -23,6 +22,7 @@ from conftest import (
     classification_data,
     config,
     grouped_query_lm_config,
+    launch,
     lm_data,
     tiny_bert,
     tiny_gpt2,
@@ -252,12 +252,10 @@ def _push(tmp_path, *flags):
     )
     worker = os.path.join(ROOT, "tests", "distributed", "push_worker.py")
     with LocalHub() as hub:
-        completed = subprocess.run(
-            [sys.executable, worker, str(tmp_path / "out"), "alice/tiny-student", *flags],
-            env={**env, "HF_ENDPOINT": hub.endpoint},
-            capture_output=True,
-            text=True,
+        completed = launch(
+            [sys.executable, worker, tmp_path / "out", "alice/tiny-student", *flags],
             timeout=300,
+            env={**env, "HF_ENDPOINT": hub.endpoint},
         )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return hub.state
@@ -994,7 +992,7 @@ def test_every_logged_term_survives_a_process_without_labels(tmp_path):
 
     worker = os.path.join(ROOT, "tests", "distributed", "sparse_labels_worker.py")
     run_two_processes(worker, tmp_path / "two", 2, timeout=300)
-    subprocess.run([sys.executable, worker, str(tmp_path / "one"), "4"], check=True, cwd=ROOT, timeout=300)
+    launch([sys.executable, worker, tmp_path / "one", 4], timeout=300, check=True)
     two, one = (json.loads((tmp_path / run / "log.json").read_text()) for run in ("two", "one"))
     assert len(one) == len(two) == 16
     assert sum("ce" in entry for entry in one) == 2  # the two steps with a labeled row

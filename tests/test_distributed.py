@@ -5,9 +5,10 @@ import os
 import subprocess
 import sys
 
+import psutil
 import pytest
 import torch
-from conftest import run_two_processes, torchrun
+from conftest import launch, launch_on_a_free_port, run_two_processes, torchrun
 from safetensors.torch import load_file
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed", "train_worker.py")
@@ -19,14 +20,7 @@ def run(output_dir, batch_size, accumulation, processes=1, engine="ddp"):
         command = [sys.executable, WORKER]
     else:
         command = [*torchrun(processes), WORKER]
-    completed = subprocess.run(
-        [*command, str(output_dir), str(batch_size), str(accumulation), engine],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    launch([*command, output_dir, batch_size, accumulation, engine], timeout=600, env=env, check=True)
     history = json.loads((output_dir / "logs.json").read_text())
     placement = history[-1]  # how the teacher was placed, and the parameter counts the card will show
     return (
@@ -172,3 +166,32 @@ def test_teacher_deepspeed_buckets_are_sized_from_the_teachers_width():
     assert zero == {"stage": 3, "reduce_bucket_size": 1024, "stage3_prefetch_bucket_size": 921, "overlap_comm": True}
     with pytest.raises(ValueError, match="give them numbers"):
         _size_zero_buckets({"stage3_param_persistence_threshold": "auto"}, torch.nn.Linear(2, 2))
+
+
+def test_a_launch_killed_at_its_timeout_takes_every_process_it_started_along(tmp_path):
+    # torchrun starts each worker in a session of its own, out of reach of the launch's process group: killing the
+    # launch alone would leave them running (and loading the machine for the tests after).
+    script = (
+        "import subprocess, sys, time\n"
+        "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
+        f"open({str(tmp_path / 'worker.pid')!r}, 'w').write(str(worker.pid))\n"
+        "time.sleep(600)\n"
+    )
+    with pytest.raises(subprocess.TimeoutExpired):
+        launch([sys.executable, "-c", script], timeout=10)
+    worker = psutil.Process(int((tmp_path / "worker.pid").read_text()))
+    gone, _ = psutil.wait_procs([worker], timeout=10)  # SIGKILLed; its new parent (init) reaps it
+    assert gone or worker.status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_launch_given_a_port_another_launch_took_runs_again_on_a_fresh_one():
+    ports = []
+
+    def command_for_port(port):  # the first launch meets a port clash at its rendezvous, the second runs
+        ports.append(port)
+        clash = "import sys; sys.exit('DistNetworkError: ... name: EADDRINUSE, message: address already in use')"
+        return [sys.executable, "-c", clash if len(ports) == 1 else "print('ran')"]
+
+    completed = launch_on_a_free_port(command_for_port, timeout=60, check=True)
+    assert completed.stdout == "ran\n" and len(ports) == 2
+    assert torchrun(2)[3:5] == ["--standalone", "--nproc_per_node"]  # torchrun picks its own port: nothing to race

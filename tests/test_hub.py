@@ -2,11 +2,10 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
-from conftest import classification_data, config, tiny_bert, torchrun
+from conftest import classification_data, config, launch, tiny_bert, torchrun
 from hub_server import LocalHub
 from safetensors.torch import load
 
@@ -27,12 +26,8 @@ def push(tmp_path, endpoint, *extra, processes=1):
         HF_HUB_DISABLE_XET="1",
         OMP_NUM_THREADS="1",
     )
-    return subprocess.run(
-        [sys.executable, *launcher, WORKER, str(tmp_path / "out"), "alice/tiny-student", *extra],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return launch(
+        [sys.executable, *launcher, WORKER, tmp_path / "out", "alice/tiny-student", *extra], timeout=300, env=env
     )
 
 

@@ -3,12 +3,11 @@ one forward per teacher, mixed live and cached teachers, and a 2-process run equ
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, classification_data, config, run_two_processes, tiny_bert
+from conftest import ROOT, classification_data, config, launch, run_two_processes, tiny_bert
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
@@ -250,7 +249,7 @@ def test_adaptive_reliability_checkpoints_with_the_loss_parts(tmp_path):
 def test_adaptive_ensemble_on_two_processes_equals_one_process(tmp_path):
     worker = os.path.join(ROOT, "tests", "distributed", "sparse_labels_worker.py")
     run_two_processes(worker, tmp_path / "two", 2, "adaptive", timeout=300)
-    subprocess.run([sys.executable, worker, str(tmp_path / "one"), "4", "adaptive"], check=True, cwd=ROOT, timeout=300)
+    launch([sys.executable, worker, tmp_path / "one", 4, "adaptive"], timeout=300, check=True)
     two, one = (json.loads((tmp_path / run / "log.json").read_text()) for run in ("two", "one"))
     assert len(one) == len(two) == 16 and "teacher_weight/weak" in one[-1]
     for a, b in zip(one, two):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, classification_data, config, lm_data, run_two_processes, tiny_bert, tiny_gpt2
+from conftest import ROOT, classification_data, config, launch, lm_data, run_two_processes, tiny_bert, tiny_gpt2
 from transformers import BertForSequenceClassification
 
 from hf_kd.schemes.mutual_learning import MutualLearningTrainer, mutual_learning
@@ -153,13 +153,11 @@ def test_causal_lm_peers_with_tied_embeddings_checkpoint_and_resume(tmp_path):
 def test_two_processes_match_one_process(tmp_path):
     worker = os.path.join(ROOT, "tests", "distributed", "mutual_learning_worker.py")
     run_two_processes(worker, tmp_path / "two", 4, timeout=300)
-    import subprocess
-
-    subprocess.run(
-        [sys.executable, worker, str(tmp_path / "one"), "8"],
-        check=True,
+    launch(
+        [sys.executable, worker, tmp_path / "one", 8],
+        timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
+        check=True,
     )
     one, two = (torch.load(tmp_path / run / "result.pt", weights_only=False) for run in ("one", "two"))
     one_logs = [entry for entry in one["logs"] if "loss" in entry]

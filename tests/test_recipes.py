@@ -4,12 +4,11 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import free_port, run_two_processes
+from conftest import DDP_TIMEOUT, launch, launch_on_a_free_port, run_two_processes
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -21,11 +20,12 @@ def run_recipe(script, *args, env=None):
 
 
 def run_command(command, env=None):
-    """Run from the repository root, offline; assert success and return stdout."""
+    """Run from the repository root, offline; assert success and return stdout. ``command`` may be a function of a
+    free port, for launchers that must be given one."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return completed.stdout
+    if callable(command):
+        return launch_on_a_free_port(command, timeout=900, env=env, check=True).stdout
+    return launch(command, timeout=900, env=env, check=True).stdout
 
 
 def saved_parameter_count(folder):
@@ -48,6 +48,8 @@ def distil_only_on_two_processes(script, output_dir, teacher, *flags, launcher=N
         "false",
         "--teacher",
         str(teacher),
+        "--ddp_timeout",
+        str(DDP_TIMEOUT),
         *flags,
     ]
     if accelerate_config is None:
@@ -55,7 +57,7 @@ def distil_only_on_two_processes(script, output_dir, teacher, *flags, launcher=N
         return
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
     env = {"OMP_NUM_THREADS": "1"}  # torchrun sets one thread per process; keep the two processes off each other
-    run_command([*accelerate, "--main_process_port", str(free_port()), recipe, *arguments], env=env)
+    run_command(lambda port: [*accelerate, "--main_process_port", port, recipe, *arguments], env=env)
 
 
 def recipe_module(name: str):

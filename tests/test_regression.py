@@ -5,13 +5,12 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, classification_data, config, tiny_bert
+from conftest import ROOT, classification_data, config, launch, tiny_bert
 from PIL import Image
 from transformers import EvalPrediction
 
@@ -141,7 +140,7 @@ def test_regression_recipe_distils_on_diabetes(tmp_path):
         "300",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    completed = launch(command, timeout=900, env=env)
     assert completed.returncode == 0, completed.stderr[-4000:]
     results = json.loads((tmp_path / "results.json").read_text())
     teacher, scratch, distilled = results.values()

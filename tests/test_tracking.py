@@ -6,12 +6,11 @@ from __future__ import annotations
 import glob
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
-from conftest import classification_data, config, tiny_bert
+from conftest import classification_data, config, launch, tiny_bert
 
 from hf_kd import DistillationTrainer
 
@@ -83,9 +82,7 @@ def test_trackio_stores_every_term_and_the_distillation_config_locally(tmp_path)
         "HF_HUB_OFFLINE": "1",
         "GRADIO_ANALYTICS_ENABLED": "False",
     }
-    completed = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+    completed = launch([sys.executable, "-c", script], timeout=300, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
     stored = json.loads(completed.stdout.strip().splitlines()[-1])
     keys = {key for entry in stored["logs"] for key in entry}

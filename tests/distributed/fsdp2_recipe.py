@@ -11,10 +11,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cpu_fsdp  # noqa: E402
+from clean_exit import exit_cleanly  # noqa: E402
 
 if __name__ == "__main__":
     cpu_fsdp.enable()
     recipe, sys.argv = sys.argv[1], sys.argv[1:]
     runpy.run_path(recipe, run_name="__main__")
-    sys.stdout.flush()
-    os._exit(0)  # everything is written; see train_worker.py
+    exit_cleanly()

@@ -9,19 +9,21 @@ import json
 import os
 import sys
 import types
+from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 from accelerate.utils import FullyShardedDataParallelPlugin  # noqa: E402
-from conftest import tiny_gpt2  # noqa: E402
+from clean_exit import exit_cleanly  # noqa: E402
+from conftest import DDP_TIMEOUT, tiny_gpt2  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from hf_kd.teachers import LiveTeacher, freeze, prepare_teacher  # noqa: E402
 
 
 def main(output: str) -> None:
-    torch.distributed.init_process_group("gloo")
+    torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=DDP_TIMEOUT))
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["GPT2Block"]
     )
@@ -52,11 +54,8 @@ def main(output: str) -> None:
     if torch.distributed.get_rank() == 0:
         with open(output, "w") as handle:
             json.dump(result, handle)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    sys.stdout.flush()
-    os._exit(0)
+    exit_cleanly()

@@ -8,7 +8,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from conftest import classification_data, config, tiny_bert  # noqa: E402
+from clean_exit import exit_cleanly  # noqa: E402
+from conftest import DDP_TIMEOUT, classification_data, config, tiny_bert  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from hf_kd import DistillationTrainer  # noqa: E402
@@ -27,7 +28,14 @@ def main(output_dir: str) -> None:
     torch.set_num_threads(1)
     student = tiny_bert(hidden=16, seed=2)
     initial = [p.detach().clone() for p in student.parameters()]
-    args = config(output_dir, per_device_train_batch_size=4, max_steps=6, losses="logit_mse", learning_rate=0.05)
+    args = config(
+        output_dir,
+        per_device_train_batch_size=4,
+        max_steps=6,
+        losses="logit_mse",
+        learning_rate=0.05,
+        ddp_timeout=DDP_TIMEOUT,
+    )
     teacher = EMATeacher(student, decay=0.8)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=classification_data())
     recorder = RecordStudent(student)
@@ -42,3 +50,4 @@ def main(output_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_cleanly()

@@ -8,7 +8,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from conftest import classification_data, config, tiny_bert  # noqa: E402
+from clean_exit import exit_cleanly  # noqa: E402
+from conftest import DDP_TIMEOUT, classification_data, config, tiny_bert  # noqa: E402
 
 from hf_kd.schemes.mutual_learning import MutualLearningTrainer  # noqa: E402
 
@@ -18,7 +19,13 @@ def main(output_dir: str, batch: int) -> None:
     peers = [tiny_bert(hidden=16, seed=1), tiny_bert(hidden=32, seed=2)]
     # Plain SGD: Adam would turn float noise in near-zero gradients into whole steps, on either side.
     args = config(
-        output_dir, per_device_train_batch_size=batch, max_steps=4, losses="kl", learning_rate=0.5, optim="sgd"
+        output_dir,
+        per_device_train_batch_size=batch,
+        max_steps=4,
+        losses="kl",
+        learning_rate=0.5,
+        optim="sgd",
+        ddp_timeout=DDP_TIMEOUT,
     )
     trainer = MutualLearningTrainer(peers, args, train_dataset=classification_data(n=32))
     trainer.train()
@@ -29,3 +36,4 @@ def main(output_dir: str, batch: int) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]))
+    exit_cleanly()

@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cpu_fsdp  # noqa: E402
-from conftest import ROOT, classification_data, config, tiny_bert  # noqa: E402
+from clean_exit import exit_cleanly  # noqa: E402
+from conftest import DDP_TIMEOUT, ROOT, classification_data, config, tiny_bert  # noqa: E402
 
 from hf_kd import DistillationTrainer  # noqa: E402
 from hf_kd.metrics import classification_metrics  # noqa: E402
@@ -37,6 +38,7 @@ def main(output_dir: str, repo_id: str, flags: list[str], engine: str | None = N
         output_dir,
         **extra,
         max_steps=2,
+        ddp_timeout=DDP_TIMEOUT,
         hub_model_id=repo_id,
         hub_private_repo="private" not in flags,
         per_device_eval_batch_size=8,
@@ -78,5 +80,4 @@ if __name__ == "__main__":
     flags = sys.argv[3:]
     engine = next((flag for flag in flags if flag in ("zero3", "fsdp2")), None)
     main(sys.argv[1], sys.argv[2], flags, engine)
-    sys.stdout.flush()
-    os._exit(0)  # see train_worker.py
+    exit_cleanly()

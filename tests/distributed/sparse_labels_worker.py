@@ -10,7 +10,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from conftest import classification_data, config, tiny_bert  # noqa: E402
+from clean_exit import exit_cleanly  # noqa: E402
+from conftest import DDP_TIMEOUT, classification_data, config, tiny_bert  # noqa: E402
 
 from hf_kd import DistillationTrainer  # noqa: E402
 
@@ -30,6 +31,7 @@ def main(output_dir: str, batch_size: int, aggregation: str | None = None) -> No
         lr_scheduler_type="constant",
         train_sampling_strategy="sequential",
         losses="kl,tvd",
+        ddp_timeout=DDP_TIMEOUT,
         **({"teacher_aggregation": aggregation} if aggregation else {}),
     )
     teacher = {"strong": tiny_bert(seed=1), "weak": tiny_bert(hidden=16, seed=3)} if aggregation else tiny_bert(seed=1)
@@ -49,3 +51,4 @@ def main(output_dir: str, batch_size: int, aggregation: str | None = None) -> No
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])
+    exit_cleanly()

@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cpu_fsdp  # noqa: E402
 import peft  # noqa: E402
 import torch  # noqa: E402
-from conftest import VOCAB, config, lm_data, tiny_gpt2  # noqa: E402
+from clean_exit import exit_cleanly  # noqa: E402
+from conftest import DDP_TIMEOUT, VOCAB, config, lm_data, tiny_gpt2  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
@@ -63,6 +64,7 @@ def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp
             **{"optim": "sgd", "learning_rate": 0.5, **extra},
             lr_scheduler_type="constant",
             train_sampling_strategy="sequential",
+            ddp_timeout=DDP_TIMEOUT,
             losses=LOSSES.get(variant, "kl,tvd,hidden_mse:1.0:projector=linear"),
         )
         data = lm_data(n=16, padded=False)
@@ -106,9 +108,6 @@ def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp
         }
         with open(os.path.join(output_dir, "logs.json"), "w") as handle:
             json.dump(trainer.state.log_history + [placement], handle)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 LOSSES = {
@@ -137,8 +136,4 @@ def save_weights(trainer, output_dir, name):
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:])
-    # Everything is written; skip interpreter teardown, where DeepSpeed's CPU threads now and then abort the process
-    # ("terminate called without an active exception") after a successful run.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_cleanly()
