@@ -59,6 +59,11 @@ def check_teachers(model, teachers: dict, objective, args, train_dataset) -> Non
     for name, teacher in teachers.items():
         if isinstance(teacher, nn.Module):
             check_vocabularies(model, teacher, [term.loss for term in objective.terms_of(name)])
+    check_teacher_count(args, list(teachers))
+
+
+def check_teacher_count(args, teachers: list[str]) -> None:
+    """What ``args`` cannot do with this many teachers (known by name before any is loaded: a later stage's)."""
     if args.chunk_size is not None and len(teachers) > 1:
         raise ValueError(
             f"chunk_size runs one teacher's LM head chunk by chunk; {len(teachers)} teachers were given. Leave "

@@ -154,3 +154,26 @@ def test_resuming_starts_over_when_no_checkpoint_is_complete(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="hf_kd"):
         assert last_complete_checkpoint(str(tmp_path)) is None
     assert "Resuming from the start (no complete checkpoint)" in caplog.text
+
+
+def test_born_again_ensemble_joins_several_teachers_member_by_member(tmp_path):
+    teachers = {"wide": tiny_bert(hidden=32, seed=1), "deep": tiny_bert(hidden=16, layers=3, seed=2)}
+    generations = born_again(
+        teachers,
+        lambda generation: tiny_bert(hidden=16, seed=10 + generation),
+        config(tmp_path, max_steps=1),
+        generations=2,
+        ensemble_last=True,
+        train_dataset=classification_data(n=8),
+    )
+    assert list(summary(generations[1])["teachers"]) == ["wide", "deep", "generation1"]
+    with pytest.raises(ValueError, match=r"the teachers \['generation1'\] have the same names"):
+        born_again(
+            {"generation1": teachers["wide"], "deep": teachers["deep"]},
+            tiny_bert,
+            config(tmp_path / "clash"),
+            generations=2,
+            ensemble_last=True,
+            train_dataset=classification_data(n=8),
+        )
+    assert not (tmp_path / "clash").exists()

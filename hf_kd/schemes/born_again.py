@@ -9,7 +9,8 @@ from collections.abc import Callable
 from torch import nn
 
 from ..config import DistillationConfig
-from .stages import Stage, describe, run_stage
+from ..teachers import SINGLE_TEACHER, name_models
+from .stages import Stage, chain_teachers, check_stages, describe, run_stage
 from .teacher_assistant import _describe_teacher
 
 
@@ -26,20 +27,32 @@ def born_again(
     """Train ``generations`` students, ``make_student(k)`` for generation k = 1…N (freshly initialised, the
     teacher's architecture), each distilled from generation k − 1 (the first from ``teacher``) in
     ``args.output_dir/generation{k}``. With ``ensemble_last`` the last generation's teachers are ``teacher`` and
-    every earlier generation (a dict, combined by ``args.teacher_aggregation``). Resuming and lineage as in
+    every earlier generation (a dict, combined by ``args.teacher_aggregation``; a list or dict of teachers joins it
+    member by member). Every generation's settings are checked before generation 1 trains. Resuming and lineage as in
     :func:`~hf_kd.schemes.teacher_assistant.teacher_assistant`. Returns the generations in order.
     """
     if generations < 1:
         raise ValueError(f"born_again needs generations >= 1, got {generations}.")
     if ensemble_last and generations < 2:
         raise ValueError("ensemble_last needs generations >= 2: the last generation's ensemble has earlier ones.")
+    names = [f"generation{generation}" for generation in range(1, generations + 1)]
+    plan = chain_teachers(names, teacher)
+    if ensemble_last:  # the teacher's members and every earlier generation, side by side
+        clash = sorted(set(plan[names[0]]) & set(names))
+        if clash:
+            raise ValueError(
+                f"the last generation's ensemble names the earlier generations {names[:-1]}; the teachers {clash} "
+                "have the same names: rename them."
+            )
+        plan[names[-1]] = [*plan[names[0]], *names[:-1]]
+    check_stages(args, plan)  # the last generation's ensemble fits args, before generation 1 trains
     lineage = [_describe_teacher(teacher)]
     stages: list[Stage] = []
     current = teacher
     for generation in range(1, generations + 1):
         if ensemble_last and generation == generations:
-            current = {"teacher": teacher, **{stage.name: stage.model for stage in stages}}
-        name = f"generation{generation}"
+            current = {**name_models(teacher, SINGLE_TEACHER), **{stage.name: stage.model for stage in stages}}
+        name = names[generation - 1]
         stage = run_stage(name, make_student(generation), current, args, lineage, load_student, **trainer_kwargs)
         stages.append(stage)
         lineage = [*lineage, describe(name, stage.model, stage.metrics)]

@@ -29,7 +29,7 @@ from ..data import SAMPLE_INDEX, UNLABELED
 from ..evaluation import count_parameters
 from ..model_kinds import is_token_level
 from ..noise import compose_noise
-from .stages import Stage, describe, finished_stage, run_stage
+from .stages import Stage, chain_teachers, check_stages, describe, finished_stage, run_stage
 from .teacher_assistant import _describe_teacher
 
 logger = logging.get_logger(__name__)
@@ -135,6 +135,8 @@ def noisy_student(
         )
     if label_column not in train_dataset.column_names:
         raise ValueError(f"train_dataset has no {label_column!r} column (−100 marks its unlabeled rows).")
+    names = [f"round{round_number}" for round_number in range(1, rounds + 1)]
+    check_stages(args, chain_teachers(names, teacher))
     noise = compose_noise(student_noise)
     unlabeled_rows = _unlabeled_rows(train_dataset[label_column])
     labeled = train_dataset.select(np.flatnonzero(~unlabeled_rows).tolist())

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..checkpoints import last_complete_checkpoint
+from ..checks import check_teacher_count
 from ..config import DistillationConfig
+from ..objective import Objective
+from ..teachers import SINGLE_TEACHER, TeacherAggregator, name_models
 
 MODEL_FOLDER = "model"  # a stage's saved student, inside the stage folder
 LINEAGE_KEY = "lineage"
@@ -72,6 +75,34 @@ def run_stage(
     trainer.stage_metrics = metrics
     trainer.save_model(model_folder)  # last: a stage counts as finished only once its model is there
     return Stage(name, folder, trainer.accelerator.unwrap_model(trainer.model), metrics, details or {}, trainer)
+
+
+def check_stages(args: DistillationConfig, stages: dict[str, list[str]]) -> None:
+    """Refuse, before the first stage trains, what a later stage's trainer would refuse once the stages before it
+    had trained. ``stages``: each stage's name → the names of its teachers (:func:`chain_teachers`), which change
+    along a chain (several teachers, then one; one, then born-again's ensemble), and with them what ``args`` must
+    fit: a weight per teacher, ``chunk_size`` with one teacher only, the teachers the losses name. Stages finished
+    in an earlier run are read back, not trained, and not checked."""
+    for name, teachers in stages.items():
+        if finished_stage(args, name):
+            continue
+        try:
+            aggregator = TeacherAggregator.from_config(teachers, args) if len(teachers) > 1 else None
+            Objective(args.loss_specs, teachers, args, aggregator)  # what the stage's DistillationTrainer builds
+            check_teacher_count(args, teachers)
+        except ValueError as error:
+            raise ValueError(
+                f"stage {name!r}, taught by {teachers}, would refuse its settings (checked before any stage "
+                f"trains): {error}"
+            ) from error
+
+
+def chain_teachers(names: list[str], teacher) -> dict[str, list[str]]:
+    """Each stage's teachers by name, for :func:`check_stages`, along a chain whose stages ``names`` each learn
+    from the one before: the first from ``teacher`` (one model, source or path: ``"teacher"``; a list or dict: its
+    members, named as its trainer names them), every later one from one model."""
+    first = list(name_models(teacher, SINGLE_TEACHER, reserved=("student",)))
+    return {name: first if index == 0 else [SINGLE_TEACHER] for index, name in enumerate(names)}
 
 
 def finished_stage(args: DistillationConfig, name: str) -> bool:

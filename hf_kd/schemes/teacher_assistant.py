@@ -7,7 +7,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import DistillationConfig
-from .stages import Stage, describe, run_stage
+from ..teachers import SINGLE_TEACHER
+from .stages import Stage, chain_teachers, check_stages, describe, run_stage
 
 
 def teacher_assistant(
@@ -26,11 +27,13 @@ def teacher_assistant(
     Running the chain again resumes the unfinished stage from its last checkpoint and reads the finished ones back
     with ``load_student(folder)`` (e.g. ``AutoModelForSequenceClassification.from_pretrained``), so a failed stage
     leaves the earlier stages' outputs intact. Each stage's ``distillation_config.json`` lists its lineage: the
-    teacher and every stage before it, with their metrics.
+    teacher and every stage before it, with their metrics. Every stage's settings are checked before the first one
+    trains (:func:`~hf_kd.schemes.stages.check_stages`).
     """
     if not assistants:
         raise ValueError("teacher_assistant needs at least one assistant between the teacher and the student.")
     names = [f"assistant{index + 1}" for index in range(len(assistants))] + ["student"]
+    check_stages(args, chain_teachers(names, teacher))
     lineage = [_describe_teacher(teacher)]
     stages: list[Stage] = []
     current = teacher
@@ -44,8 +47,6 @@ def teacher_assistant(
 
 def _describe_teacher(teacher) -> dict:
     if isinstance(teacher, (list, tuple, dict)):  # several teachers: each described under its trainer name
-        from ..teachers import SINGLE_TEACHER
-
         named = teacher if isinstance(teacher, dict) else {f"{SINGLE_TEACHER}{i}": t for i, t in enumerate(teacher)}
         described = {name: _describe_teacher(source) for name, source in named.items()}
         return {"stage": "teacher", "teachers": {name: {**entry, "stage": name} for name, entry in described.items()}}
