@@ -31,12 +31,14 @@ class LossSpec:
         return {"name": self.name, "weight": self.weight, **teacher, **self.options}
 
 
-def parse_losses(value: str | list | None) -> list[LossSpec]:
+def parse_losses(value: str | list | None, *, trust_imports: bool = False) -> list[LossSpec]:
     """Read losses from Python, YAML or the command line.
 
     Accepted forms: a list of ``{"name": ..., "weight": ..., "teacher": ..., **options}`` dicts (or bare names); a
     JSON list of such dicts; or the compact command-line form ``"kl:1.0,jsd:0.5:beta=0.9,hint:1:teacher=vit"``
-    (``name[:weight][:key=value ...]`` separated by commas).
+    (``name[:weight][:key=value ...]`` separated by commas). Every name is resolved here: a registered id, or a
+    dotted path to a class of an imported module (``trust_imports``: of any module, imported if need be; see
+    :func:`~hf_kd.losses.resolve_loss_class`).
     """
     if value is None:
         return [LossSpec("kl", 1.0)]
@@ -76,11 +78,10 @@ def parse_losses(value: str | list | None) -> list[LossSpec]:
             specs.append(LossSpec(str(name), weight, options, None if teacher is None else str(teacher)))
         else:
             raise ValueError(f"cannot read loss entry {item!r}: give a name, a dict or a LossSpec.")
+    classes = [resolve_loss_class(spec.name, trust_imports=trust_imports) for spec in specs]
     return [
-        spec
-        if spec.weight is not None
-        else LossSpec(spec.name, resolve_loss_class(spec.name).default_weight, spec.options, spec.teacher)
-        for spec in specs
+        spec if spec.weight is not None else LossSpec(spec.name, cls.default_weight, spec.options, spec.teacher)
+        for spec, cls in zip(specs, classes)
     ]
 
 
@@ -137,6 +138,14 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": "Distillation losses: 'kl:1.0,logit_mse:0.5' (name[:weight][:key=value]) or a JSON/YAML "
             "list of {name, weight, ...options}. Default: kl with weight 1."
+        },
+    )
+    trust_loss_imports: bool = field(
+        default=False,
+        metadata={
+            "help": "Let a dotted loss path (my_pkg.losses.MyLoss) import its module. Off by default: a path "
+            "resolves only in a module your code has already imported, since importing runs the module's "
+            "top-level code (and would pick up a .py of that name in the working directory)."
         },
     )
     distillation_rampup_steps: int = field(
@@ -220,7 +229,7 @@ class DistillationConfig(TrainingArguments):
                 f"losses is empty ({self.losses!r}): a DistillationTrainer needs at least one distillation loss "
                 "(leave losses unset for kl). To train the student on its labels alone, use transformers.Trainer."
             )
-        specs = parse_losses(self.losses)  # raises for unknown ids, listing the valid ones
+        specs = parse_losses(self.losses, trust_imports=self.trust_loss_imports)  # unknown ids: lists the valid ones
         for spec in specs:
             if not (math.isfinite(spec.weight) and spec.weight >= 0):
                 raise ValueError(
@@ -300,7 +309,7 @@ class DistillationConfig(TrainingArguments):
 
     @property
     def loss_specs(self) -> list[LossSpec]:
-        return parse_losses(self.losses)
+        return parse_losses(self.losses, trust_imports=self.trust_loss_imports)
 
     @property
     def label_loss_weight(self) -> float:

@@ -1,7 +1,9 @@
 """DistillationConfig validation, the command line / YAML forms, and the loss registry."""
 
+import importlib
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -104,8 +106,63 @@ def test_dotted_path_to_own_loss():
     features = ModelFeatures(logits=torch.randn(3, 4)), ModelFeatures(logits=torch.randn(3, 4))
     expected = 0.5 * get_loss("kl", temperature=2.0)(*features)
     assert loss(*features).item() == pytest.approx(expected.item())
-    with pytest.raises(ValueError, match="cannot import"):
-        get_loss("no_such_module.Loss")
+    with pytest.raises(ValueError, match="cannot import loss class 'test_config_and_registry.Half'.*no attribute"):
+        get_loss("test_config_and_registry.Half")
+    with pytest.raises(ValueError, match="'json.JSONDecoder' is not a subclass of hf_kd.losses.DistillationLoss"):
+        get_loss("json.JSONDecoder")
+
+
+def _loss_module(folder, name):
+    """A user's loss module on sys.path whose import leaves a mark (its top-level code ran)."""
+    (folder / f"{name}.py").write_text(
+        "import os\n"
+        "from hf_kd.losses import DistillationLoss\n\n"
+        "os.environ['IMPORTED_' + __name__.upper()] = '1'\n\n\n"
+        "class Zero(DistillationLoss):\n"
+        "    default_weight = 0.25\n\n"
+        "    def forward(self, student, teacher, mask=None, labels=None):\n"
+        "        return student.logits.sum() * 0\n"
+    )
+    return f"{name}.Zero"
+
+
+def test_a_dotted_loss_path_imports_nothing_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = _loss_module(tmp_path, "unasked_loss")
+    for losses in (path, f"{path}:0.5", [{"name": path, "weight": 1.0}]):
+        with pytest.raises(ValueError, match="names the module 'unasked_loss', which is not imported") as raised:
+            config(tmp_path, losses=losses)
+        assert "import unasked_loss" in str(raised.value) and "trust_loss_imports=True" in str(raised.value)
+    assert "unasked_loss" not in sys.modules and "IMPORTED_UNASKED_LOSS" not in os.environ
+    with pytest.raises(ValueError, match="cannot import loss class 'no_such_module.Loss'"):
+        config(tmp_path, losses="no_such_module.Loss", trust_loss_imports=True)
+
+
+def test_a_dotted_loss_path_resolves_in_a_module_the_user_imported(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = _loss_module(tmp_path, "imported_loss")
+    importlib.import_module("imported_loss")  # the user's own code imports it
+    args = config(tmp_path, losses=path)  # no opt-in needed
+    assert args.losses == [{"name": path, "weight": 0.25}]  # the class's default weight: the class was found
+    assert type(get_loss(path)).__module__ == "imported_loss"
+
+
+def test_trust_loss_imports_imports_from_python_yaml_and_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for source in ("python", "yaml", "command_line"):
+        path = _loss_module(tmp_path, f"trusted_{source}")
+        if source == "python":
+            args = config(tmp_path, losses=path, trust_loss_imports=True)
+        elif source == "yaml":
+            recipe = tmp_path / "recipe.yaml"
+            recipe.write_text(f"output_dir: {tmp_path}\nuse_cpu: true\ntrust_loss_imports: true\nlosses: {path}:0.5\n")
+            (args,) = parse_args([DistillationConfig], ["--config", str(recipe)])
+        else:
+            flags = ["--output_dir", str(tmp_path), "--use_cpu", "--losses", path, "--trust_loss_imports"]
+            (args,) = parse_args([DistillationConfig], flags)
+        assert args.trust_loss_imports is True
+        assert os.environ.pop(f"IMPORTED_TRUSTED_{source.upper()}") == "1"
+        assert args.loss_specs[0].name == path and type(get_loss(path)).__name__ == "Zero"
 
 
 @pytest.mark.parametrize(

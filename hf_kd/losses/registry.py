@@ -1,4 +1,4 @@
-"""Loss registry: ids to classes, and building a loss from an id or a dotted import path."""
+"""Loss registry: ids to classes, and building a loss from an id or a dotted path to a class of an imported module."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import difflib
 import importlib
 import inspect
 import math
+import sys
 
 from .base import DistillationLoss
 
@@ -33,14 +34,30 @@ def available_losses() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def resolve_loss_class(name: str) -> type[DistillationLoss]:
-    """The class for a registered id or for a dotted path ``package.module.ClassName`` to a user's own loss."""
+def resolve_loss_class(name: str, *, trust_imports: bool = False) -> type[DistillationLoss]:
+    """The class for a registered id or for a dotted path ``package.module.ClassName`` to a user's own loss.
+
+    A dotted path is looked up in a module the user's code has already imported (``sys.modules``): naming a
+    module does not import it, since importing runs its top-level code and would pick up any ``.py`` of that name
+    in the working directory. ``trust_imports=True`` (``DistillationConfig(trust_loss_imports=True)``) imports it.
+    """
     if name in _REGISTRY:
         return _REGISTRY[name]
     if "." in name:
         module_name, _, attr = name.rpartition(".")
+        module = sys.modules.get(module_name)
+        if module is None and not trust_imports:
+            raise ValueError(
+                f"loss {name!r} names the module {module_name!r}, which is not imported: hf_kd imports no module a "
+                "loss path names unless asked, since importing runs the module's code (and would take any "
+                f"{module_name.split('.')[0]}.py in the working directory). Import it in your own code first "
+                f"(import {module_name}), or set DistillationConfig(trust_loss_imports=True) (or pass "
+                "--trust_loss_imports on the command line, trust_loss_imports: true in a YAML config) to let hf_kd "
+                "import it."
+            )
         try:
-            cls = getattr(importlib.import_module(module_name), attr)
+            module = module if module is not None else importlib.import_module(module_name)
+            cls = getattr(module, attr)
         except (ImportError, AttributeError) as error:
             raise ValueError(f"cannot import loss class {name!r}: {error}.") from error
         if not (inspect.isclass(cls) and issubclass(cls, DistillationLoss)):
@@ -48,7 +65,7 @@ def resolve_loss_class(name: str) -> type[DistillationLoss]:
         return cls
     raise ValueError(
         f"unknown loss {name!r}. Valid ids: {', '.join(available_losses())}; "
-        "or give a dotted import path to your own DistillationLoss subclass."
+        "or give a dotted path to your own DistillationLoss subclass (module.ClassName, its module imported)."
     )
 
 
