@@ -28,7 +28,10 @@ def evaluate_model(
         )
         trainer = Trainer(model=model, args=args, data_collator=data_collator, compute_metrics=compute_metrics)
         if hasattr(dataset, "select"):  # one warm-up batch, so the latency is not the first call's
+            # timed, not scored: a compute_metrics may be built for the whole set (entity_metrics over windows)
+            trainer.compute_metrics = None
             trainer.evaluate(dataset.select(range(min(batch_size, len(dataset)))))
+            trainer.compute_metrics = compute_metrics
         metrics = trainer.evaluate(dataset)
     row = {
         key.removeprefix("eval_"): value
