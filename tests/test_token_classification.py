@@ -1,5 +1,6 @@
-"""Token classification: word/sub-word alignment, distillation positions, word-aligned cross-tokenizer KD,
-entity F1 by seqeval, and a student that learns from a teacher on unlabeled sentences."""
+"""Token classification: word/sub-word alignment, distillation positions, long sentences in windows (each word
+labeled once, scored in its whole sentence), word-aligned cross-tokenizer KD, entity F1 by seqeval, and a student
+that learns from a teacher on unlabeled sentences."""
 
 import random
 
@@ -21,7 +22,7 @@ from transformers import (
 from hf_kd import DistillationTrainer
 from hf_kd.cross_tokenizer import CrossTokenizerCollator
 from hf_kd.losses import functional as F
-from hf_kd.token_classification import add_teacher_words, entity_metrics, tokenize_words
+from hf_kd.token_classification import add_teacher_words, entity_metrics, tokenize_words, word_tags
 
 TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG"]
 LABEL2ID = {tag: index for index, tag in enumerate(TAGS)}
@@ -251,3 +252,118 @@ def test_token_classification_recipe_distils_minilm_on_silver_tagged_bbc_sentenc
     assert any(tag.endswith(("-PERSON", "-ORG", "-GPE")) for row in tagged for tag in row["tags"])  # real entities
     student = AutoModelForTokenClassification.from_pretrained(tmp_path / "student")
     assert student.config.id2label[0] == "O" and student.config.num_hidden_layers == 2
+
+
+def _labeled_words(window, column="labels", empty=-100):
+    return [word for word, value in zip(window["word_ids"], window[column]) if value != empty]
+
+
+def test_a_long_sentence_becomes_windows_that_label_every_word_once_where_it_has_most_context(tmp_path):
+    tok = tokenizer(tmp_path, "words", ["ann", "smith", "acme", "met", "the", "brown", "##field"])
+    cycle = [("ann", "B-PER"), ("smith", "I-PER"), ("met", "O"), ("acme", "B-ORG"), ("the", "O")]
+    words, tags = [cycle[i % 5][0] for i in range(50)], [cycle[i % 5][1] for i in range(50)]
+    rows = Dataset.from_list([{"words": words, "tags": tags}, {"words": ["ann", "met"], "tags": None}])
+    windows = tokenize_words(rows, tok, LABEL2ID, max_length=16, stride=4)
+    # 14 tokens a window besides [CLS] and [SEP], 4 repeated: words 0-13, 10-23, 20-33, 30-43, 40-49, then row 1
+    assert windows["sentence_index"] == [0] * 5 + [1]
+    assert [[word for word in window if word >= 0] for window in windows["word_ids"][:5]] == [
+        list(range(start, min(start + 14, 50))) for start in (0, 10, 20, 30, 40)
+    ]
+    assert windows[0]["word_ids"][0] == windows[0]["word_ids"][-1] == -1  # the special tokens
+    # an overlap's words go to the window where they are more central: 10, 11 to the first, 12, 13 to the second
+    labeled = [_labeled_words(window) for window in windows]
+    assert labeled[:5] == [
+        list(range(start, stop)) for start, stop in [(0, 12), (12, 22), (22, 32), (32, 42), (42, 50)]
+    ]
+    assert [TAGS[label] for window in windows for label in window["labels"] if label != -100] == tags
+    assert [_labeled_words(window, "distillation_positions", 0) for window in windows][:5] == labeled[:5]
+    assert labeled[5] == [] and _labeled_words(windows[5], "distillation_positions", 0) == [0, 1]  # unlabeled
+    # a row that fits one window is the row it was without windows
+    assert windows[5]["input_ids"] == tok(["ann", "met"], is_split_into_words=True)["input_ids"]
+
+    # every piece of a word ("all"), in one window: 12 words of 2 pieces, windows of 8 tokens repeating 3
+    pieces = Dataset.from_list([{"words": ["Brownfield"] * 12, "tags": ["B-PER"] + ["O"] * 11}])
+    every = tokenize_words(pieces, tok, LABEL2ID, subtokens="all", max_length=10, stride=3)
+    assert len(every) > 1
+    spans = {}
+    for index, window in enumerate(every):
+        for word, label in zip(window["word_ids"], window["labels"]):
+            if label != -100:
+                spans.setdefault(word, []).append((index, TAGS[label]))
+    assert sorted(spans) == list(range(12))
+    assert all(len(tagged) == 2 and tagged[0][0] == tagged[1][0] for tagged in spans.values())  # whole, once
+    assert [tag for _, tag in spans[0]] == ["B-PER", "I-PER"] and [tag for _, tag in spans[5]] == ["O", "O"]
+
+
+def test_window_predictions_are_joined_back_into_whole_sentences(tmp_path):
+    tok = tokenizer(tmp_path, "words", ["ann", "smith", "acme", "met", "the"])
+    words = ["met", "the", "acme", "the", "ann", "smith", "met", "the", "acme", "ann", "smith", "met"]
+    tags = ["O", "O", "B-ORG", "O", "B-PER", "I-PER", "O", "O", "B-ORG", "B-PER", "I-PER", "O"]
+    guess = ["O", "O", "O", "O", "B-PER", "I-PER", "O", "O", "B-ORG", "B-PER", "I-PER", "B-ORG"]  # by hand
+    rows = Dataset.from_list([{"words": words, "tags": tags}, {"words": ["ann", "met"], "tags": ["B-PER", "O"]}])
+    windows = tokenize_words(rows, tok, LABEL2ID, max_length=8, stride=2)
+    # windows of words 0-5, 4-9, 8-11; "ann smith" (4, 5) is labeled across the first two windows' edge
+    assert [_labeled_words(window) for window in windows] == [[0, 1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11], [0, 1]]
+    width = max(len(window["labels"]) for window in windows)
+    labels = np.full((len(windows), width), -100)
+    predictions = np.full((len(windows), width), LABEL2ID["B-ORG"])  # unlabeled positions: ignored, whatever they say
+    sentence_guess = {0: guess, 1: ["B-PER", "O"]}
+    for row, window in enumerate(windows):
+        labels[row, : len(window["labels"])] = window["labels"]
+        for position, (word, label) in enumerate(zip(window["word_ids"], window["labels"])):
+            if label != -100:
+                predictions[row, position] = LABEL2ID[sentence_guess[window["sentence_index"]][word]]
+    assert word_tags(predictions, labels, dict(enumerate(TAGS)), windows) == (
+        [guess, ["B-PER", "O"]],
+        [tags, ["B-PER", "O"]],
+    )
+    logits = np.eye(len(TAGS))[predictions]
+    whole = entity_metrics(dict(enumerate(TAGS)), windows=windows)(EvalPrediction(logits, labels))
+    # 5 true entities, 5 predicted, 4 right (the ORG of word 2 missed, a spurious ORG at word 11); 12 of 14 tags
+    assert whole["precision"] == pytest.approx(4 / 5) and whole["recall"] == pytest.approx(4 / 5)
+    assert whole["f1"] == pytest.approx(4 / 5) and whole["accuracy"] == pytest.approx(12 / 14)
+    # window by window, "ann smith" would count as two entities
+    by_window = entity_metrics(dict(enumerate(TAGS)))(EvalPrediction(logits, labels))
+    assert by_window["f1"] == pytest.approx(5 / 6)
+
+
+def test_a_teacher_with_its_own_tokenizer_meets_the_student_word_by_word_in_every_window(tmp_path):
+    whole = tokenizer(tmp_path, "whole", [*PEOPLE, *COMPANIES, *OTHER])
+    pieces = tokenizer(tmp_path, "pieces", ["a", "b", "c", "d", "##n", "##o", "##b", "##y", "##d", "##e", *OTHER])
+    sentence = ["ann", "met", "bob", "today", "with", "cyd", "and", "dee", "from", "the", "team"] * 2
+    words = Dataset.from_list([{"words": sentence, "tags": None}, {"words": ["bob", "saw", "ann"], "tags": None}])
+    student_rows = tokenize_words(words, pieces, LABEL2ID, max_length=12, stride=4)
+    rows = add_teacher_words(student_rows, words, whole)
+    assert len(rows) > 3  # the long sentence in several windows, one teacher row per window
+    for window in rows:
+        student_words = _labeled_words(window, "distillation_positions", 0)
+        teacher_tokens = [
+            token
+            for token, marked in zip(
+                whole.convert_ids_to_tokens(window["teacher_input_ids"]), window["teacher_distillation_positions"]
+            )
+            if marked
+        ]
+        assert teacher_tokens == [words[window["sentence_index"]]["words"][word] for word in student_words]
+    long_windows = rows.filter(lambda row: row["sentence_index"] == 0)
+    distilled = [word for window in long_windows for word in _labeled_words(window, "distillation_positions", 0)]
+    assert sorted(distilled) == list(range(22))  # each word of the long sentence once
+
+    student, teacher = token_classifier(len(pieces), seed=1), token_classifier(len(whole), seed=2)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path / "run", losses="kl", per_device_train_batch_size=len(rows)),
+        train_dataset=rows,
+        data_collator=CrossTokenizerCollator(pieces.pad_token_id, whole.pad_token_id),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    loss = trainer.compute_loss(student, batch)
+    s_mask, t_mask = batch["distillation_positions"].bool(), batch["teacher_distillation_positions"].bool()
+    assert s_mask.sum(1).tolist() == t_mask.sum(1).tolist()
+    assert int(s_mask.sum()) == 22 + 3  # every word of both sentences, once
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
+    s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = F.forward_kl(s_logits[s_mask], t_logits[t_mask], temperature=trainer.args.temperature)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
