@@ -23,11 +23,13 @@ client's rows or labels; every message can be recorded (``wire_log``) to check t
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,21 +38,35 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from .config import DistillationConfig
+from .model_kinds import base_model, num_classes
 from .teachers import PrecomputedPredictions
 
 MODES = ("fedavg", "feddf", "fedmd")
 WEIGHTS, PUBLIC_LOGITS, CONSENSUS, SETTINGS, REPORT = "weights", "public_logits", "consensus", "settings", "report"
 
 
+def _whole_number(name: str, value, minimum: int, advice: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}; {advice}")
+
+
+def _positive_number(name: str, value, advice: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}; {advice}")
+
+
 def dirichlet_split(labels, num_clients: int, alpha: float, seed: int = 0, min_rows: int = 2) -> list[list[int]]:
     """Row indices of ``num_clients`` non-IID shards: each class's rows are divided among the clients in proportions
     drawn from Dirichlet(α) (Hsu et al. 2019) — small α gives each client few classes, large α near-IID shards.
-    Draws again until every client holds at least ``min_rows`` rows."""
+    Draws again until every client holds at least ``min_rows`` rows (at least 1: a client without rows cannot
+    train)."""
     labels = np.asarray(labels)
-    if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients}.")
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0 (small: non-IID, large: IID), got {alpha}.")
+    _whole_number("num_clients", num_clients, 1, "one shard per client.")
+    _whole_number("min_rows", min_rows, 1, "a client with no rows has nothing to train on.")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be > 0 and finite (small: non-IID, large: IID, e.g. 0.1 or 1.0), got {alpha!r}.")
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be one label per row (1-D), got an array of shape {labels.shape}.")
     if len(labels) < num_clients * min_rows:
         raise ValueError(f"{len(labels)} rows cannot give {num_clients} clients {min_rows} rows each.")
     rng = np.random.default_rng(seed)
@@ -68,35 +84,70 @@ def dirichlet_split(labels, num_clients: int, alpha: float, seed: int = 0, min_r
 
 @dataclass
 class FederatedConfig:
-    """A federated run: ``mode`` (fedavg, feddf, fedmd), ``rounds``; per round each client's ``local_steps`` on its
-    shard (and, in fedmd, ``digest_steps`` towards the consensus first), and the server's ``server_steps`` of
-    distillation on the public set (feddf, fedmd). Optimisation: ``batch_size``, ``learning_rate`` (clients),
-    ``server_learning_rate``, ``temperature`` of the distillation. ``num_cpus_per_client``: Ray resources of one
-    client (clients run in parallel up to the machine's cores)."""
+    """A federated run: per round, each client trains ``local_steps`` on its shard (in fedmd after ``digest_steps``
+    towards the consensus), and the server distils ``server_steps`` on the public set (feddf, fedmd). Every field
+    is checked here, so a bad value is refused before any training.
 
-    mode: str = "feddf"
-    rounds: int = 5
-    local_steps: int = 50
-    server_steps: int = 100
-    digest_steps: int = 50
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    server_learning_rate: float = 1e-3
-    temperature: float = 1.0
-    seed: int = 0
-    num_cpus_per_client: float = 1.0
+    Args:
+        mode: ``fedavg``, ``feddf`` or ``fedmd``.
+        rounds: Federated rounds.
+        local_steps: A client's optimiser steps on its shard per round.
+        server_steps: The server's distillation steps on the public set per round (feddf, fedmd).
+        digest_steps: fedmd: a client's steps towards the consensus before its local training.
+        batch_size: Rows per step, for the clients and the server.
+        learning_rate: The clients' learning rate.
+        server_learning_rate: The server's learning rate of distillation.
+        temperature: Softmax temperature of the distillation (server and digest).
+        seed: Seed of every party's training.
+        num_cpus_per_client: Ray resources of one client (clients run in parallel up to the machine's cores).
+    """
+
+    mode: str = field(default="feddf", metadata={"help": f"One of {MODES}."})
+    rounds: int = field(default=5, metadata={"help": "Federated rounds."})
+    local_steps: int = field(default=50, metadata={"help": "A client's optimiser steps on its shard per round."})
+    server_steps: int = field(
+        default=100, metadata={"help": "The server's distillation steps on the public set per round (feddf, fedmd)."}
+    )
+    digest_steps: int = field(
+        default=50, metadata={"help": "fedmd: a client's steps towards the consensus before its local training."}
+    )
+    batch_size: int = field(default=32, metadata={"help": "Rows per step, for the clients and the server."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "The clients' learning rate."})
+    server_learning_rate: float = field(default=1e-3, metadata={"help": "The server's learning rate of distillation."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Softmax temperature of the distillation (server and digest); 1: none."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of every party's training."})
+    num_cpus_per_client: float = field(
+        default=1.0,
+        metadata={"help": "Ray resources of one client; clients run in parallel up to the machine's cores."},
+    )
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
         for name in ("rounds", "local_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+            _whole_number(name, getattr(self, name), 1, "set it to a positive whole number.")
         for name in ("server_steps", "digest_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+            _whole_number(name, getattr(self, name), 0, "0 skips the step.")
+        _whole_number("seed", self.seed, 0, "any whole number >= 0 seeds the run.")
+        for name in ("learning_rate", "server_learning_rate"):
+            _positive_number(name, getattr(self, name), "a step size such as 1e-3.")
+        _positive_number("temperature", self.temperature, "1.0 means no softening.")
+        _positive_number("num_cpus_per_client", self.num_cpus_per_client, "e.g. 1 (fractions share a core).")
+        cores = _ray_cpus()
+        if self.num_cpus_per_client > cores:
+            raise ValueError(
+                f"num_cpus_per_client={self.num_cpus_per_client:g} is more than this machine's {cores} cores, which "
+                f"is all the simulation gets: Ray could never start a client. Set num_cpus_per_client <= {cores}."
+            )
         if self.mode == "fedmd" and self.server_steps == 0:
             raise ValueError("fedmd has no server weights but its distilled student: server_steps must be >= 1.")
+
+
+def _ray_cpus() -> int:
+    """The cores the simulation gives Ray: all of the machine's."""
+    return max(os.cpu_count() or 1, 1)
 
 
 # ---- the steps a client and the server take (plain functions: tested without Flower) -------------------------------
@@ -162,6 +213,12 @@ def distil_on_public(
     for index, logits in enumerate(predictions):
         if logits.shape[0] != len(rows):
             raise ValueError(f"client {index} sent {logits.shape[0]} predictions for {len(rows)} public rows.")
+        if logits.shape[1:] != predictions[0].shape[1:]:
+            raise ValueError(
+                f"client {index} sent predictions over {logits.shape[-1]} classes and client 0 over "
+                f"{predictions[0].shape[-1]}: their mean needs one label set. Build every client with the same "
+                "num_labels and id2label."
+            )
         rows = rows.add_column(f"teacher_client{index}", logits.tolist())
     teachers = {f"client{index}": PrecomputedPredictions(f"client{index}") for index in range(len(predictions))}
     with tempfile.TemporaryDirectory() as folder:
@@ -179,6 +236,15 @@ def distil_on_public(
 def average_weights(states: list[dict[str, torch.Tensor]], sizes: list[int]) -> dict[str, torch.Tensor]:
     """FedAvg: the parameters averaged with weights proportional to the clients' shard sizes (integer buffers are
     taken from the largest client)."""
+    if not states or len(states) != len(sizes):
+        raise ValueError(
+            f"average_weights needs one shard size per state: got {len(states)} states and {len(sizes)} sizes."
+        )
+    if any(size < 0 for size in sizes) or sum(sizes) <= 0:
+        raise ValueError(
+            f"average_weights weighs each client by its shard's rows, but the sizes {list(sizes)} sum to "
+            f"{sum(sizes)}: give every client's row count (>= 0, at least one client with rows)."
+        )
     total = float(sum(sizes))
     largest = int(np.argmax(sizes))
     averaged = {}
@@ -190,13 +256,77 @@ def average_weights(states: list[dict[str, torch.Tensor]], sizes: list[int]) -> 
     return averaged
 
 
-def _same_architecture(models: list[nn.Module]) -> None:
-    shapes = [{key: tuple(value.shape) for key, value in model.state_dict().items()} for model in models]
-    if any(shape != shapes[0] for shape in shapes[1:]):
-        raise ValueError(
-            "fedavg and feddf average weights: every client and the server need the same architecture. Use "
-            "mode='fedmd' for clients of different architectures (only predictions cross the wire)."
-        )
+def _named_labels(model: nn.Module) -> dict[int, str] | None:
+    """The model's ``id2label``, or ``None`` when it names no class (transformers' default ``LABEL_k`` names, or no
+    config): such a map says nothing that another could contradict."""
+    id2label = getattr(getattr(base_model(model), "config", None), "id2label", None)
+    if not id2label:
+        return None
+    id2label = {int(index): name for index, name in id2label.items()}
+    if all(name == f"LABEL_{index}" for index, name in id2label.items()):
+        return None
+    return dict(sorted(id2label.items()))
+
+
+def check_parties(make_client: Callable[[int], nn.Module], server: nn.Module, count: int, mode: str) -> int | None:
+    """Before round 1: every client's model predicts the server's label set — the same number of classes and, where
+    both name them, the same ``id2label`` (the server averages the parties' logits or weights class by class, so
+    logit k must mean one class for all) — and, in fedavg and feddf, has the server's architecture. Where the
+    server's config does not tell, the first client that does is the reference. Clients are built one at a time with
+    ``make_client(k)``. Returns the number of classes (``None`` when no party's config states it)."""
+    classes, names = (num_classes(server), "the server"), (_named_labels(server), "the server's")
+    shapes = {key: tuple(value.shape) for key, value in server.state_dict().items()} if mode != "fedmd" else None
+    for index in range(count):
+        client = make_client(index)
+        client_classes, client_names = num_classes(client), _named_labels(client)
+        if classes[0] is None:
+            classes = (client_classes, f"client {index}")
+        if names[0] is None:
+            names = (client_names, f"client {index}'s")
+        if client_classes is not None and client_classes != classes[0]:
+            raise ValueError(
+                f"client {index} predicts {client_classes} classes (config.num_labels) and {classes[1]} "
+                f"{classes[0]}: {mode} combines the parties' logits class by class, so every client and the server "
+                "need the same label set. Build them all with the same num_labels and id2label."
+            )
+        if client_names is not None and client_names != names[0]:
+            raise ValueError(
+                f"client {index}'s id2label {client_names} differs from {names[1]} {names[0]}: {mode} combines the "
+                "parties' logits class by class, so logit k must name the same class for all. Build every client "
+                "and the server with the same id2label and label2id (from one list of label names)."
+            )
+        if shapes is not None and {key: tuple(value.shape) for key, value in client.state_dict().items()} != shapes:
+            raise ValueError(
+                f"fedavg and feddf average weights: every client and the server need the same architecture; "
+                f"client {index}'s differs from the server's. Use mode='fedmd' for clients of different "
+                "architectures (only predictions cross the wire)."
+            )
+    return classes[0]
+
+
+def check_shards(client_data: list[Dataset], classes: int | None) -> None:
+    """Before round 1: every client has rows to train on, and their class labels lie in the models' label set."""
+    if not client_data:
+        raise ValueError("client_data is empty: give one private shard per client.")
+    for index, shard in enumerate(client_data):
+        if len(shard) == 0:
+            raise ValueError(
+                f"client {index}'s shard has 0 rows: a client without rows cannot train. Give every client rows "
+                "(dirichlet_split keeps at least min_rows per client)."
+            )
+        column = next((name for name in ("labels", "label") if name in shard.column_names), None)
+        if classes is None or column is None:
+            continue
+        labels = np.asarray(shard.with_format("numpy")[column])
+        if labels.dtype.kind not in "iu":
+            continue
+        outside = np.unique(labels[(labels != -100) & ((labels < 0) | (labels >= classes))])
+        if outside.size:
+            raise ValueError(
+                f"client {index}'s shard has labels {outside.tolist()[:10]} outside the {classes} classes the models "
+                f"predict (0-{classes - 1}; -100 is ignored): build the models with num_labels covering every "
+                "label, or map the labels into 0..num_labels-1."
+            )
 
 
 # ---- Flower --------------------------------------------------------------------------------------------------------
@@ -233,14 +363,14 @@ def run_federated(
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    if not client_data:
-        raise ValueError("client_data is empty: give one private shard per client.")
+    if not isinstance(config, FederatedConfig):
+        raise TypeError(f"config must be a FederatedConfig, got {type(config).__name__}.")
     public = public.select_columns([c for c in public.column_names if c != "labels"])
     if len(public) == 0 and config.mode != "fedavg":
         raise ValueError(f"{config.mode} distils on the public set, which is empty.")
+    # Everything a client or the server would fail on is checked here, in the driver, before the simulation starts.
     server_model = make_server()
-    if config.mode != "fedmd":
-        _same_architecture([server_model, *(make_client(k) for k in range(len(client_data)))])
+    check_shards(client_data, check_parties(make_client, server_model, len(client_data), config.mode))
     history: list[dict] = []
     wire_log: list[dict] = []
 
@@ -333,7 +463,7 @@ def run_federated(
         num_supernodes=len(client_data),
         backend_config={
             "client_resources": {"num_cpus": config.num_cpus_per_client, "num_gpus": 0.0},
-            "init_args": {"log_to_driver": False, "num_cpus": max(os.cpu_count() or 1, 1)},
+            "init_args": {"log_to_driver": False, "num_cpus": _ray_cpus()},
         },
     )
     if len(history) != config.rounds:
@@ -366,6 +496,8 @@ __all__ = [
     "FederatedConfig",
     "FederatedResult",
     "average_weights",
+    "check_parties",
+    "check_shards",
     "dirichlet_split",
     "distil_on_public",
     "predict",

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import config as distillation_args
+from conftest import tiny_bert
 from datasets import Dataset
 from transformers import ResNetConfig, ResNetForImageClassification
 
@@ -22,6 +23,8 @@ from hf_kd.federated import (
     WEIGHTS,
     FederatedConfig,
     average_weights,
+    check_parties,
+    check_shards,
     dirichlet_split,
     distil_on_public,
     predict,
@@ -85,6 +88,56 @@ def test_fedavg_weights_by_shard_size():
     ]
     averaged = average_weights(states, [1, 2])
     assert torch.allclose(averaged["w"], torch.tensor([2.0, 4 / 3])) and averaged["n"].item() == 2
+
+
+def test_min_rows_1_gives_every_client_a_row_and_a_client_without_rows_weighs_nothing():
+    labels = np.repeat(np.arange(4), 5)
+    shards = dirichlet_split(labels, 8, alpha=0.5, seed=0, min_rows=1)
+    assert min(len(shard) for shard in shards) >= 1
+    assert sorted(row for shard in shards for row in shard) == list(range(20))
+    states = [{"w": torch.tensor([5.0])}, {"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])}]
+    assert average_weights(states, [0, 1, 3])["w"].item() == 2.5  # (1·1 + 3·3) / 4
+
+
+def named(model, names):
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: index for index, name in enumerate(names)}
+    return model
+
+
+def test_the_parties_label_sets_are_compared_by_width_and_by_name_before_round_1():
+    names = ["top-left", "top-right", "bottom-left", "bottom-right"]
+    server = named(resnet(0), names)
+    # The same names, or transformers' default LABEL_k (which name nothing), agree with the server's map.
+    assert check_parties(lambda k: named(resnet(k), names) if k else resnet(k), server, 2, "feddf") == CLASSES
+    swapped = names[:2][::-1] + names[2:]
+    with pytest.raises(ValueError, match=r"client 1's id2label \{0: 'top-right', 1: 'top-left'"):
+        check_parties(lambda k: named(resnet(k), swapped if k else names), server, 2, "fedmd")
+    # fedmd: clients of other architectures are fine, other label sets are not; feddf needs the server's weights.
+    heterogeneous = lambda k: resnet(k, width=8 + 4 * k, depth=1 + k)  # noqa: E731
+    assert check_parties(heterogeneous, server, 2, "fedmd") == CLASSES
+    with pytest.raises(ValueError, match="client 1's differs from the server's"):
+        check_parties(heterogeneous, server, 2, "feddf")
+    # A server whose config states no label set (a plain module): the first client is the reference.
+    with pytest.raises(ValueError, match="client 1 predicts 3 classes .config.num_labels. and client 0 2"):
+        check_parties(lambda k: tiny_bert(hidden=16, layers=1, num_labels=2 + k), torch.nn.Linear(2, 2), 2, "fedmd")
+    check_shards([images(8, seed=0)], CLASSES)  # labels 0-3 of 4 classes
+    with pytest.raises(ValueError, match=r"client 0's shard has labels \[3\] outside the 3 classes"):
+        check_shards([images(8, seed=0)], 3)
+
+
+def test_every_federated_refusal_comes_before_the_simulation_starts(monkeypatch, tmp_path):
+    import flwr.simulation
+    from refusals_federated import CASES
+
+    def started(**_):
+        raise AssertionError("the simulation started")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", started)
+    for case in CASES:
+        with pytest.raises(case.error, match=None) as raised:
+            case.run(tmp_path)
+        assert case.says in str(raised.value), case.id
 
 
 def test_the_feddf_server_step_equals_a_multi_teacher_run_on_the_client_models(tmp_path):
