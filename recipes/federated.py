@@ -86,7 +86,14 @@ def main():
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         raise SystemExit(f"--modes: unknown {unknown}; choose from {MODES}.")
-    alphas = [float(alpha) for alpha in recipe.alphas.split(",") if alpha]
+    try:
+        alphas = [float(alpha) for alpha in recipe.alphas.split(",") if alpha]
+    except ValueError:
+        raise SystemExit(
+            f"--alphas: {recipe.alphas!r} is not a comma-separated list of numbers (e.g. 0.1,1.0)."
+        ) from None
+    if not alphas:
+        raise SystemExit("--alphas is empty: give at least one Dirichlet α (e.g. 0.1,1.0).")
     set_seed(config.seed)
     dataset = load_digits_dataset(os.path.join(recipe.output_dir, "data"))
     split = dataset.train_test_split(test_size=recipe.test_fraction, stratify_by_column=None, seed=config.seed)
@@ -104,14 +111,13 @@ def main():
     def client_shape(client: int, mode: str) -> tuple[int, int]:
         return shapes[client % len(shapes)] if mode == "fedmd" and recipe.heterogeneous else (recipe.width, 1)
 
+    # Every α's split first: a split that cannot be made is refused before anything trains.
+    labels = np.asarray(private["labels"])
+    splits = {alpha: dirichlet_split(labels, recipe.num_clients, alpha, seed=config.seed) for alpha in alphas}
     rows, curves = {}, {}
     total_steps = config.rounds * config.local_steps
     for alpha in alphas:
-        labels = np.asarray(private["labels"])
-        shards = [
-            private.select(shard).with_format("torch")
-            for shard in dirichlet_split(labels, recipe.num_clients, alpha, seed=config.seed)
-        ]
+        shards = [private.select(shard).with_format("torch") for shard in splits[alpha]]
         if recipe.baselines:
             start = time.perf_counter()
             alone = []
