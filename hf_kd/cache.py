@@ -91,6 +91,7 @@ def _sha256(path: str) -> str:
 
 def _write_json(path: str, payload: dict) -> None:
     temporary = path + ".tmp"
+    _remove_leftover(temporary)
     with open(temporary, "w") as handle:
         json.dump(payload, handle, indent=2)
     os.replace(temporary, path)  # a crash never leaves a half-written manifest
@@ -219,8 +220,9 @@ def write_teacher_cache(
             values.append(batch_values.to("cpu", _VALUE_DTYPES[dtype]))
             bar.update(stop - start)
         name = f"shard-{shard_index:05d}.safetensors"
-        file = os.path.join(path, name)
+        file = os.path.join(path, name)  # os.replace below replaces a link at that name, never writes through it
         offsets = np.concatenate([[0], np.cumsum(per_example)]).astype(np.int64)
+        _remove_leftover(file + ".tmp")
         save_file(
             {
                 "ids": torch.cat(ids).contiguous(),
@@ -239,9 +241,44 @@ def write_teacher_cache(
     return TeacherCache.load(path)
 
 
+def shard_file(path: str, shard: dict) -> str:
+    """The file of the manifest entry ``shard``, confined to the cache folder ``path``: a relative name without
+    ``..`` that does not resolve, through links, outside the folder — else a ``ValueError`` naming the entry (a
+    manifest is data: it must not make a load read, or a repair trust, a file elsewhere)."""
+    name = shard.get("file") if isinstance(shard, dict) else None
+    problem = None
+    if not isinstance(name, str) or not name.strip():
+        problem = "is not a file name"
+    elif os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        problem = "is an absolute path or climbs out with '..'"
+    else:
+        root = os.path.realpath(path)
+        resolved = os.path.realpath(os.path.join(path, name))
+        if resolved == root or os.path.commonpath([root, resolved]) != root:
+            problem = f"resolves to {resolved}"
+    if problem is not None:
+        examples = ""
+        if isinstance(shard, dict) and isinstance(shard.get("first"), int) and isinstance(shard.get("count"), int):
+            examples = f" (examples {shard['first']} to {shard['first'] + shard['count'] - 1})"
+        raise ValueError(
+            f"the manifest of the teacher cache in {path} lists the shard {name!r}{examples}, which is not a file "
+            f"inside the cache folder: it {problem}. A shard is a file of the cache folder itself. Remove that "
+            f"entry from {MANIFEST_NAME} (write_teacher_cache with the same arguments then writes the shard again), "
+            "or write the cache into an empty folder."
+        )
+    return os.path.join(path, name)
+
+
+def _remove_leftover(temporary: str) -> None:
+    """Remove what a crash (or anyone) left at a temporary file's name, so writing never follows a link there."""
+    if os.path.lexists(temporary):
+        os.remove(temporary)
+
+
 def _shard_problem(path: str, shard: dict) -> str | None:
-    """Why a listed shard cannot be used (missing, checksum, unreadable), or ``None`` when it is sound."""
-    file = os.path.join(path, shard["file"])
+    """Why a listed shard cannot be used (missing, checksum, unreadable), or ``None`` when it is sound; a shard
+    outside the cache folder raises (:func:`shard_file`)."""
+    file = shard_file(path, shard)
     if not os.path.exists(file):
         return "is missing"
     if _sha256(file) != shard["sha256"]:
@@ -318,7 +355,7 @@ class TeacherCache(TeacherSource):
         self.vocab_size = manifest["vocab_size"]
         self._firsts = np.asarray([shard["first"] for shard in manifest["shards"]])
         try:
-            self._handles = [safe_open(os.path.join(path, shard["file"]), "pt") for shard in manifest["shards"]]
+            self._handles = [safe_open(shard_file(path, shard), "pt") for shard in manifest["shards"]]
         except SafetensorError as error:  # only without checksum verification: a garbage file
             raise ValueError(
                 f"a shard of the teacher cache in {path} is not a readable safetensors file ({error}). Run "
@@ -357,7 +394,7 @@ class TeacherCache(TeacherSource):
             )
         for shard in manifest["shards"]:
             problem = _shard_problem(path, shard) if verify_checksums else None
-            if problem is None and not os.path.exists(os.path.join(path, shard["file"])):
+            if problem is None and not os.path.exists(shard_file(path, shard)):
                 problem = "is missing"
             if problem is not None:
                 raise ValueError(

@@ -9,7 +9,7 @@ from conftest import VOCAB, classification_data, config, lm_data, tiny_bert, tin
 from datasets import Dataset
 
 from hf_kd import DistillationTrainer
-from hf_kd.cache import MANIFEST_NAME, TeacherCache, _sparsify, densify, write_teacher_cache
+from hf_kd.cache import MANIFEST_NAME, TeacherCache, _sparsify, densify, shard_file, write_teacher_cache
 from hf_kd.data import add_sample_index
 
 
@@ -262,3 +262,43 @@ def test_rows_of_different_lengths_are_padded_with_the_tokenizer(tmp_path):
         for source in (teacher, cache)
     ]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_shard_is_a_file_inside_the_cache_folder(tmp_path):
+    folder = tmp_path / "cache"
+    (folder / "part").mkdir(parents=True)
+    (folder / "part" / "x.safetensors").write_bytes(b"")
+    (tmp_path / "elsewhere.safetensors").write_bytes(b"")
+    os.symlink(folder / "part" / "x.safetensors", folder / "inside-link.safetensors")
+    os.symlink(tmp_path / "elsewhere.safetensors", folder / "outside-link.safetensors")
+    for name in ("shard-00000.safetensors", "part/x.safetensors", "inside-link.safetensors"):
+        assert shard_file(str(folder), {"file": name}) == str(folder / name)
+    refused = {
+        "../elsewhere.safetensors": "climbs out with '..'",
+        "part/../../elsewhere.safetensors": "climbs out with '..'",
+        str(tmp_path / "elsewhere.safetensors"): "is an absolute path",
+        "outside-link.safetensors": f"resolves to {os.path.realpath(tmp_path / 'elsewhere.safetensors')}",
+        ".": f"resolves to {os.path.realpath(folder)}",
+        "": "is not a file name",
+        None: "is not a file name",
+    }
+    for name, problem in refused.items():
+        with pytest.raises(ValueError, match="which is not a file inside the cache folder") as raised:
+            shard_file(str(folder), {"file": name, "first": 4, "count": 4})
+        assert f"lists the shard {name!r} (examples 4 to 7)" in str(raised.value) and problem in str(raised.value)
+
+
+def test_a_rewrite_never_writes_through_a_link_left_at_a_temporary_name(tmp_path):
+    data, teacher = lm_data(n=8), tiny_gpt2(seed=1)
+    whole = write_teacher_cache(teacher, data, str(tmp_path / "whole"), top_k=4, shard_size=4, progress=False)
+    folder = tmp_path / "cache"
+    write_teacher_cache(teacher, data, str(folder), top_k=4, shard_size=4, progress=False)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("untouched")
+    os.remove(folder / "shard-00001.safetensors")
+    for temporary in ("shard-00001.safetensors.tmp", f"{MANIFEST_NAME}.tmp"):
+        os.symlink(victim, folder / temporary)
+    repaired = write_teacher_cache(teacher, data, str(folder), top_k=4, shard_size=4, progress=False)
+    assert victim.read_text() == "untouched"
+    assert repaired.manifest["shards"] == whole.manifest["shards"]
+    assert sorted(os.listdir(folder)) == [MANIFEST_NAME, "shard-00000.safetensors", "shard-00001.safetensors"]
