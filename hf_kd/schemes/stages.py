@@ -93,7 +93,7 @@ def check_stages(args: DistillationConfig, stages: dict[str, list[str]]) -> None
         except ValueError as error:
             raise ValueError(
                 f"stage {name!r}, taught by {teachers}, would refuse its settings (checked before any stage "
-                f"trains): {error}"
+                f"trains; the same args serve every stage, so they must fit each stage's teachers): {error}"
             ) from error
 
 
