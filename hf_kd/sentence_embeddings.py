@@ -1,7 +1,7 @@
 """Sentence encoders as hf_kd models: token ids in, one embedding per text out.
 
 :class:`SentenceEmbeddingModel` wraps a ``sentence_transformers.SentenceTransformer`` (the format embedding models
-are shared in) or a transformers encoder (``AutoModel``) with a pooling, so that a ``DistillationTrainer`` trains one
+are shared in) or a transformers model's token states with a pooling, so that a ``DistillationTrainer`` trains one
 as the student and runs one as the teacher. Its forward returns ``embeddings`` (``B×D``; losses read them with
 ``source="embeddings"``) and, when asked, the encoder's ``hidden_states`` (for intermediate losses). Saving writes a
 SentenceTransformer folder, which ``SentenceTransformer(path)`` and :meth:`SentenceEmbeddingModel.from_pretrained`
@@ -23,8 +23,8 @@ from transformers.utils import ModelOutput
 from .features import pool
 
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-POOLING_MODES = ("mean", "cls", "last")  # hf_kd.features.pool names; sentence-transformers calls last "lasttoken"
-_ST_POOLING = {"mean": "mean", "cls": "cls", "last": "lasttoken"}
+POOLING_MODES = ("mean", "max", "cls", "last")  # sentence-transformers calls last "lasttoken"
+_ST_POOLING = {"mean": "mean", "max": "max", "cls": "cls", "last": "lasttoken"}
 
 
 @dataclass
@@ -44,16 +44,80 @@ def _sentence_transformers():
     return sentence_transformers
 
 
+def _st_modules():
+    try:  # sentence-transformers ≥ 6 moved its modules; 3–5 have them under models
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    except ImportError:
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+    return Normalize, Pooling, Transformer
+
+
+def pool_tokens(states: torch.Tensor, pooling: str, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One embedding per text from token states ``B×T×H``: :func:`hf_kd.features.pool` (``mean``, ``cls``,
+    ``last``), or ``max``, each channel's largest value over the real tokens (sentence-transformers' max pooling)."""
+    if pooling == "max":
+        padding = ~attention_mask.bool().unsqueeze(-1)
+        return states.masked_fill(padding, torch.finfo(states.dtype).min).max(1).values
+    return pool(states, pooling, attention_mask)
+
+
+def token_encoder(model: PreTrainedModel) -> PreTrainedModel:
+    """The part of a transformers model whose forward gives token states (``last_hidden_state``): the model itself,
+    or the body of a model with a task head (``model.base_model``). An encoder-decoder is refused: its forward needs
+    decoder inputs, and its text states are its encoder's."""
+    body = model.base_model
+    if getattr(body.config, "is_encoder_decoder", False) and isinstance(getattr(body, "decoder", None), nn.Module):
+        raise ValueError(
+            f"SentenceEmbeddingModel got {type(model).__name__}, an encoder-decoder: its forward needs decoder inputs "
+            "and gives no sentence's token states. Wrap its encoder: SentenceEmbeddingModel(model.get_encoder())."
+        )
+    return body
+
+
+def set_pooling(model, pooling: str | None, normalize: bool | None) -> None:
+    """Make the SentenceTransformer ``model`` pool by ``pooling`` and normalise when ``normalize`` (``None``: as its
+    modules do), by replacing its ``Pooling`` module and adding or removing ``Normalize``, so that what it saves
+    embeds as it trained."""
+    Normalize, Pooling, _ = _st_modules()
+    if pooling is not None:
+        found = [index for index, module in enumerate(model) if isinstance(module, Pooling)]
+        if len(found) != 1:
+            names = [type(module).__name__ for module in model]
+            raise ValueError(
+                f"pooling={pooling!r} replaces the Pooling module of the SentenceTransformer, and it has {len(found)} "
+                f"(modules {names}). Leave pooling unset to keep how it pools, or wrap its encoder: "
+                f"SentenceEmbeddingModel(model[0].auto_model, pooling={pooling!r})."
+            )
+        (index,) = found
+        old = model[index]
+        width = getattr(old, "embedding_dimension", None) or old.word_embedding_dimension  # named so before v6
+        model[index] = Pooling(width, _ST_POOLING[pooling], include_prompt=old.include_prompt)
+    if normalize is not None:
+        normalizing = [index for index, module in enumerate(model) if isinstance(module, Normalize)]
+        if normalize and not normalizing:
+            model.append(Normalize())
+        for index in reversed(normalizing if not normalize else []):
+            del model[index]
+
+
 class SentenceEmbeddingModel(nn.Module):
     """A sentence encoder the trainer can distil into or from.
 
-    ``encoder`` is a ``SentenceTransformer`` whose first module is a transformers ``Transformer`` (its own pooling,
-    normalisation and dense modules run as they are), or a transformers encoder (``AutoModel``) whose token states
-    are pooled here (``pooling``: ``mean`` over real tokens, ``cls`` or ``last``; ``normalize``: unit length).
+    ``encoder`` is a ``SentenceTransformer`` whose first module is a transformers ``Transformer``, or a transformers
+    model whose token states are pooled here: an encoder (``AutoModel``), or a model with a task head
+    (``BertForSequenceClassification``, ``GPT2LMHeadModel``), read through its body (``model.base_model``: the head
+    plays no part in an embedding, and is not saved); an encoder-decoder's encoder (``model.get_encoder()``).
+
+    ``pooling``: ``mean`` over real tokens, ``max`` over real tokens, ``cls`` or ``last``; ``normalize``: unit
+    length. A bare encoder pools by ``mean`` and does not normalise unless told; a SentenceTransformer keeps its own
+    pooling, normalisation and dense modules unless told, and is otherwise changed in place to pool and normalise as
+    asked (so that it saves so too).
     """
 
-    def __init__(self, encoder: nn.Module, pooling: str = "mean", normalize: bool = False):
+    def __init__(self, encoder: nn.Module, pooling: str | None = None, normalize: bool | None = None):
         super().__init__()
+        if pooling is not None and pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}.")
         st = _sentence_transformers() if not isinstance(encoder, PreTrainedModel) else None
         if st is not None and isinstance(encoder, st.SentenceTransformer):
             first = encoder[0]
@@ -62,16 +126,17 @@ class SentenceEmbeddingModel(nn.Module):
                     "SentenceEmbeddingModel needs a SentenceTransformer whose first module is a transformers "
                     f"Transformer; this one starts with {type(first).__name__}."
                 )
+            set_pooling(encoder, pooling, normalize)
             self.sentence_transformer, self.encoder = encoder, first.auto_model
         elif isinstance(encoder, PreTrainedModel):
-            if pooling not in POOLING_MODES:
-                raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}.")
-            self.sentence_transformer, self.encoder = None, encoder
+            self.sentence_transformer, self.encoder = None, token_encoder(encoder)
+            pooling, normalize = pooling or "mean", bool(normalize)
         else:
             raise TypeError(
-                "SentenceEmbeddingModel wraps a sentence_transformers.SentenceTransformer or a transformers encoder "
-                f"(AutoModel), got {type(encoder).__name__}."
+                "SentenceEmbeddingModel wraps a sentence_transformers.SentenceTransformer or a transformers model "
+                f"(AutoModel, or one with a task head), got {type(encoder).__name__}."
             )
+        # A SentenceTransformer's: as asked, None where its own modules decide.
         self.pooling, self.normalize = pooling, normalize
         self.config = self.encoder.config  # what the Trainer and the model card read
 
@@ -103,7 +168,7 @@ class SentenceEmbeddingModel(nn.Module):
             inputs["attention_mask"] = torch.ones_like(input_ids)
         if self.sentence_transformer is None:
             outputs = self.encoder(**inputs, output_hidden_states=output_hidden_states, return_dict=True)
-            embeddings = pool(outputs.last_hidden_state, self.pooling, inputs["attention_mask"])
+            embeddings = pool_tokens(outputs.last_hidden_state, self.pooling, inputs["attention_mask"])
             if self.normalize:
                 embeddings = nn.functional.normalize(embeddings, dim=-1)
             return SentenceEmbeddingOutput(embeddings=embeddings, hidden_states=outputs.hidden_states)
@@ -128,23 +193,26 @@ class SentenceEmbeddingModel(nn.Module):
 
     # ---- saving: a SentenceTransformer folder, for the final student and for every checkpoint ----
 
+    def check_saveable(self, processing_class) -> None:
+        """Refuse a bare encoder that could not be saved with ``processing_class`` (the trainer asks before
+        training, so that no run is lost at its first checkpoint)."""
+        if self.sentence_transformer is None and processing_class is None:
+            raise ValueError(
+                f"SentenceEmbeddingModel({type(self.encoder).__name__}) is saved as a SentenceTransformer folder, "
+                "which needs its tokenizer, and processing_class is None: give the trainer "
+                "processing_class=tokenizer, or wrap a SentenceTransformer (it carries its own)."
+            )
+
     def to_sentence_transformer(self, folder: str, processing_class=None):
         """This model as a ``SentenceTransformer`` (a bare encoder is first written to ``folder`` with its
         tokenizer, ``processing_class``, and read back with a pooling module)."""
         if self.sentence_transformer is not None:
             return self.sentence_transformer
         st = _sentence_transformers()
-        if processing_class is None:
-            raise ValueError(
-                "saving a bare encoder as a SentenceTransformer needs its tokenizer: give the trainer "
-                "processing_class=tokenizer."
-            )
+        self.check_saveable(processing_class)
         self.encoder.save_pretrained(folder)
         processing_class.save_pretrained(folder)
-        try:  # sentence-transformers ≥ 6 moved its modules; 3–5 have them under models
-            from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-        except ImportError:
-            from sentence_transformers.models import Normalize, Pooling, Transformer
+        Normalize, Pooling, Transformer = _st_modules()
         modules = [Transformer(folder), Pooling(self.encoder.config.hidden_size, _ST_POOLING[self.pooling])]
         if self.normalize:
             modules.append(Normalize())

@@ -48,13 +48,14 @@ from hf_kd.views import ViewCollator, pad_rows
 README_START, README_END = "<!-- refusals:start -->", "<!-- refusals:end -->"
 
 
-def trainer(tmp_path, student=None, teacher=None, data=None, student_noise=None, **overrides):
+def trainer(tmp_path, student=None, teacher=None, data=None, student_noise=None, processing_class=None, **overrides):
     return DistillationTrainer(
         model=student if student is not None else tiny_bert(hidden=16, seed=2),
         teacher_model=teacher if teacher is not None else tiny_bert(seed=1),
         args=config(tmp_path / "out", **overrides),
         train_dataset=data if data is not None else classification_data(),
         student_noise=student_noise,
+        processing_class=processing_class,
     )
 
 
@@ -712,6 +713,7 @@ CASES = [
             p,
             SentenceEmbeddingModel(tiny_bert(hidden=16).bert),
             SentenceEmbeddingModel(tiny_bert(seed=1).bert),
+            processing_class=_wordpiece(p),  # a bare encoder saves with its tokenizer
             losses='[{"name": "embedding_mse", "projector": null}]',
         ),
         ValueError,

@@ -160,10 +160,68 @@ def test_the_adapter_gives_the_sentence_transformers_embeddings_and_hidden_state
         "attention_mask",
         "token_type_ids",
     ]
-    with pytest.raises(TypeError, match="wraps a sentence_transformers.SentenceTransformer or a transformers encoder"):
+    with pytest.raises(TypeError, match="wraps a sentence_transformers.SentenceTransformer or a transformers model"):
         SentenceEmbeddingModel(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="pooling must be one of"):
-        SentenceEmbeddingModel(bert(16, 1, 0), pooling="max")
+        SentenceEmbeddingModel(bert(16, 1, 0), pooling="median")
+
+
+def padded_batch(tok):
+    return tok(["the stock market", "a film about music and a game"], padding=True, return_tensors="pt")
+
+
+def test_max_pooling_takes_each_channels_largest_value_over_real_tokens(tmp_path):
+    tok = tokenizer(tmp_path)
+    model = SentenceEmbeddingModel(bert(16, 1, seed=0), pooling="max").eval()
+    batch = padded_batch(tok)
+    assert (batch["attention_mask"] == 0).any()  # the first row is padded
+    with torch.no_grad():
+        states = model.encoder(**batch).last_hidden_state
+        embeddings = model(**batch).embeddings
+    for row in range(2):
+        real = states[row, batch["attention_mask"][row].bool()]
+        assert torch.allclose(embeddings[row], real.max(0).values)
+    # Saved as a SentenceTransformer that pools by max too: it embeds as the model did.
+    model.save_checkpoint(str(tmp_path / "saved"), tok)
+    reloaded = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+    sample = texts(5)
+    assert np.allclose(reloaded.encode(sample), encode(model, tok, sample), atol=1e-6)
+
+
+def test_a_sentence_transformer_pools_and_normalises_as_asked_and_saves_so(tmp_path):
+    tok = tokenizer(tmp_path)
+    st = sentence_transformer(tmp_path, "st", 16, 1, seed=0)  # mean pooling, then Normalize
+    model = SentenceEmbeddingModel(st, pooling="cls", normalize=False).eval()
+    assert [type(module).__name__ for module in st] == ["Transformer", "Pooling"]  # changed in place
+    batch = padded_batch(tok)
+    with torch.no_grad():
+        states = model.encoder(**batch).last_hidden_state
+        embeddings = model(**batch).embeddings
+    assert torch.allclose(embeddings, states[:, 0], atol=1e-6)  # the first token, not unit length
+    model.save_checkpoint(str(tmp_path / "saved"))
+    reloaded = SentenceEmbeddingModel.from_pretrained(str(tmp_path / "saved"))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**batch).embeddings, embeddings, atol=1e-6)
+    # Left unset, the SentenceTransformer keeps its own modules.
+    kept = sentence_transformer(tmp_path, "kept", 16, 1, seed=0)
+    SentenceEmbeddingModel(kept)
+    assert [type(module).__name__ for module in kept] == ["Transformer", "Pooling", "Normalize"]
+    without_pooling = SentenceTransformer(modules=[kept[0]], device="cpu")
+    with pytest.raises(ValueError, match="pooling='max' replaces the Pooling module of the SentenceTransformer"):
+        SentenceEmbeddingModel(without_pooling, pooling="max")
+
+
+def test_a_model_with_a_task_head_is_read_and_saved_through_its_body(tmp_path):
+    tok = tokenizer(tmp_path)
+    classifier = tiny_bert(hidden=16)
+    classifier.resize_token_embeddings(len(WORDS) + 5)
+    model = SentenceEmbeddingModel(classifier, normalize=True).eval()
+    assert model.encoder is classifier.bert
+    model.save_checkpoint(str(tmp_path / "saved"), tok)
+    reloaded = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+    assert type(reloaded[0].auto_model).__name__ == "BertModel"  # no classifier head in the folder
+    sample = texts(4)
+    assert np.allclose(reloaded.encode(sample), encode(model, tok, sample), atol=1e-6)
 
 
 def test_a_sentence_transformer_student_round_trips_through_the_trainer(tmp_path):
@@ -222,6 +280,28 @@ def test_resuming_a_sentence_encoder_ends_where_an_uninterrupted_run_does(tmp_pa
     assert os.path.exists(tmp_path / "whole" / "run" / "checkpoint-3" / "modules.json")
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "whole" / "run" / "checkpoint-3"))
     assert all(torch.allclose(whole[key], resumed[key], atol=1e-6) for key in whole)
+
+
+def test_a_bare_encoder_student_without_a_tokenizer_is_refused_before_training(tmp_path):
+    tok = tokenizer(tmp_path)
+    teacher = SentenceEmbeddingModel(sentence_transformer(tmp_path, "teacher", 32, 2, seed=0))
+    with pytest.raises(ValueError, match="processing_class is None: give the trainer processing_class=tokenizer"):
+        DistillationTrainer(
+            model=SentenceEmbeddingModel(bert(16, 1, seed=1)),
+            teacher_model=teacher,
+            args=config(tmp_path / "run", losses="embedding_mse"),
+            train_dataset=sentence_dataset(tok, 16),
+            data_collator=DataCollatorWithPadding(tok),
+        )
+    # A SentenceTransformer student carries its tokenizer.
+    student = SentenceEmbeddingModel(sentence_transformer(tmp_path, "student", 32, 1, seed=1))
+    DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path / "run", losses="embedding_mse"),
+        train_dataset=sentence_dataset(tok, 16),
+        data_collator=DataCollatorWithPadding(tok),
+    )
 
 
 def test_embedding_losses_on_a_model_without_embeddings_say_what_to_do(tmp_path):

@@ -219,3 +219,24 @@ def test_hint_projectors_no_loss_reads_are_frozen(tmp_path):
     model.zero_grad(set_to_none=True)
     trainer.compute_loss(trainer.model, batch).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.slow
+def test_push_to_hub_uploads_what_is_saved_with_save_exits(tmp_path):
+    # The push follows save_exits as the save does: here the model with its exits (without them: the row
+    # self-distillation-push-exits of the refusal table).
+    from refusals_hub_embeddings import push_over_http
+
+    (commit,) = push_over_http(tmp_path, "self_distillation_push_worker.py", "save_exits").commits
+    files = commit["files"]
+    assert {"model.safetensors", "config.json", "early_exits.json", "early_exits.safetensors"} <= set(files)
+    assert json.loads(files["distillation_config.json"])["stage"]["exits_saved"] is True
+    pulled = tmp_path / "pulled"
+    pulled.mkdir()
+    for name, content in files.items():
+        (pulled / name).write_bytes(content)
+    from_hub = EarlyExitModel.from_pretrained(str(pulled))
+    saved = EarlyExitModel.from_pretrained(str(tmp_path / "out" / "model"))
+    batch = {key: torch.tensor(value) for key, value in classification_data(n=4).to_dict().items() if key != "labels"}
+    for member in saved.members:
+        assert torch.equal(from_hub.exit_logits(member, batch), saved.exit_logits(member, batch))

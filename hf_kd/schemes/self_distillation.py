@@ -340,7 +340,8 @@ class SelfDistillationTrainer(OnlineTrainer):
     hint. Logged per member: ``ce/exit1``, ``kl/exit1``, ``hint/exit1``, …, ``ce/final``; evaluation adds each
     member's ``compute_metrics`` (``eval_exit1_accuracy``, …).
 
-    ``save_model`` writes the plain model (exits dropped), or with ``save_exits=True`` also the exits; checkpoints
+    ``save_model`` writes the plain model (exits dropped), or with ``save_exits=True`` also the exits, and a push
+    uploads the same (``push_to_hub``, and with ``push_to_hub=True`` every checkpoint's push of the model); checkpoints
     always hold both, and resume them.
     """
 
@@ -364,8 +365,6 @@ class SelfDistillationTrainer(OnlineTrainer):
             raise ValueError(f"hint_weight must be a finite number >= 0, got {hint_weight}.")
         if hint_weight > 0 and not model.hint:
             raise ValueError("hint_weight > 0 needs exits with hint projectors: EarlyExitModel(..., hint=True).")
-        if args is not None and args.push_to_hub and save_exits:
-            raise ValueError("push_to_hub uploads the plain model; push a model saved with its exits by hand.")
         if hint_weight == 0 and model.hint:  # hint projectors no loss reads: DDP would stop on unused parameters
             for head in model.exits.values():
                 head.project.requires_grad_(False)
@@ -380,6 +379,11 @@ class SelfDistillationTrainer(OnlineTrainer):
     def student(self) -> nn.Module:
         """The model without its exits (what ``save_model`` writes by default)."""
         return self.early_exit_model.model
+
+    @property
+    def unshared_files(self) -> tuple[str, ...]:
+        """Never pushed with the model: the exits too, unless ``save_exits`` (checkpoints keep them to resume)."""
+        return (*super().unshared_files, *(() if self.save_exits else (EXITS_CONFIG, EXITS_WEIGHTS)))
 
     def evaluation_logits(self, detached):
         return detached[FINAL].logits  # the model's own head: the model as deployed without exits

@@ -1,8 +1,8 @@
 """Every override of a private ``transformers.Trainer`` method, in one place, each with the reason it exists.
 
 ``TrainerCompat`` is the base class :class:`~hf_kd.DistillationTrainer` extends; it reads the trainer's
-``loss_parts``, ``token_level``, ``shift_labels`` and ``labels_mark_positions``. These methods are not part of
-Trainer's public API: pyproject bounds transformers to the major version they were written against.
+``loss_parts``, ``token_level``, ``shift_labels``, ``labels_mark_positions`` and ``unshared_files``. These methods
+are not part of Trainer's public API: pyproject bounds transformers to the major version they were written against.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ class TrainerCompat(Trainer):
             HfApi().upload_folder(
                 folder_path=checkpoint_folder,
                 commit_message=message,
-                ignore_patterns=[*CHECKPOINT_ONLY_FILES, TRAINING_ARGS_NAME],
+                ignore_patterns=[*CHECKPOINT_ONLY_FILES, *self.unshared_files],
                 **upload,
             )
         ]

@@ -3,14 +3,15 @@ comparison, the model card and the push to the Hub. Functions of a :class:`~hf_k
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import shutil
 import time
 
 from huggingface_hub import HfApi
 from torch import nn
 from transformers import Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..evaluation import count_parameters, draw
 from ..hub import render_student_card
@@ -182,13 +183,15 @@ def create_model_card(trainer, output_dir: str | None = None, **card) -> None:
 def push_to_hub(trainer, commit_message, blocking, token, revision, private, create_pr, card_kwargs):
     """See :meth:`DistillationTrainer.push_to_hub`."""
     folder = os.path.join(trainer.args.output_dir, HUB_UPLOAD_FOLDER)
+    if trainer.args.should_save and os.path.isdir(folder):  # the whole folder is uploaded: no earlier push's files
+        shutil.rmtree(folder)
     trainer.save_model(folder, _internal_call=True)  # an internal save: the Trainer would push again
     trainer.create_model_card(output_dir=folder, **card_kwargs)  # every process: it may evaluate collectively
     if not trainer.is_world_process_zero():
         return None
-    pickled_arguments = os.path.join(folder, TRAINING_ARGS_NAME)
-    if os.path.exists(pickled_arguments):
-        os.remove(pickled_arguments)
+    for name in os.listdir(folder):  # what the save wrote beside the student (a self-distilled model's exits)
+        if any(fnmatch.fnmatch(name, pattern) for pattern in trainer.unshared_files):
+            os.remove(os.path.join(folder, name))
     try:
         if trainer.hub_model_id is None:
             Trainer.init_hf_repo(trainer, token=token, private=private)

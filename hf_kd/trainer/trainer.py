@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..checks import check_chunkable, check_on_policy, check_setup, check_teachers
 from ..config import DistillationConfig
@@ -16,8 +17,8 @@ from ..model_kinds import is_causal_lm, is_regression, is_token_level, labels_ma
 from ..noise import compose_noise
 from ..objective import Objective
 from ..positions import ItemCounts, distillation_mask, split_sample_index
-from ..teachers.ensemble import TeacherAggregator
 from ..teachers import TeacherSource, build_teachers, place_teacher, use_eager_attention
+from ..teachers.ensemble import TeacherAggregator
 from ..term_log import TermLog
 from ..views import split_views
 from . import reporting
@@ -45,6 +46,9 @@ class DistillationTrainer(TrainerCompat):
     # Every term is divided by counts taken over the whole accumulated batch (see ``ItemCounts``).
     loss_is_scaled_for_ga = True
     _tag_names = ["hf_kd", "knowledge-distillation"]
+    # Files (glob patterns) a save of the student writes that are never pushed with it, by push_to_hub or from a
+    # checkpoint: the pickled arguments (distillation_config.json records the set-up).
+    unshared_files: tuple[str, ...] = (TRAINING_ARGS_NAME,)
 
     def __init__(
         self,
@@ -66,6 +70,7 @@ class DistillationTrainer(TrainerCompat):
         aggregator = TeacherAggregator.from_config(list(teachers), args) if len(teachers) > 1 else None
         objective = Objective(args.loss_specs, list(teachers), args, aggregator)
         check_teachers(model, teachers, objective, args, kwargs.get("train_dataset"))  # before any repo is made
+        check_saveable(model, kwargs.get("processing_class"))
         super().__init__(model=model, args=args, **kwargs)
 
         self.objective = objective
@@ -296,12 +301,20 @@ class DistillationTrainer(TrainerCompat):
         a model card — to ``args.hub_model_id``, and nothing else from the output folder (no pickled
         ``training_args.bin``: ``distillation_config.json`` records the set-up).
 
-        The files are first written to ``OUTPUT_DIR/_hub_upload``; if the upload fails (offline, server down,
-        no permission) they stay there and the error says so. ``revision`` (default ``args.hub_revision``) and
+        The files are first written to ``OUTPUT_DIR/_hub_upload``, emptied first; if the upload fails (offline, server
+        down, no permission) they stay there and the error says so. ``revision`` (default ``args.hub_revision``) and
         ``create_pr`` go to ``upload_folder``; ``private`` (default ``args.hub_private_repo``) applies when the repo
         is created. Other keyword arguments go to :meth:`create_model_card`, which refuses unknown ones.
         """
         return reporting.push_to_hub(self, commit_message, blocking, token, revision, private, create_pr, card_kwargs)
+
+
+def check_saveable(model: nn.Module | None, processing_class) -> None:
+    """Refuse, before anything trains, a student that ``save_model`` or the first checkpoint could not write: every
+    part of it that saves itself (``check_saveable``, e.g. a sentence encoder that needs its tokenizer) is asked."""
+    for module in model.modules() if isinstance(model, nn.Module) else ():
+        if hasattr(module, "check_saveable"):
+            module.check_saveable(processing_class)
 
 
 class TermLogReset(TrainerCallback):
