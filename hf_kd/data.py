@@ -26,6 +26,17 @@ def add_sample_index(dataset: Dataset) -> Dataset:
     return dataset.add_column(SAMPLE_INDEX, list(range(len(dataset))))
 
 
+def list_lengths(dataset, column: str) -> list[int | None]:
+    """Each row's length of the list in ``column`` (None where the row has none), read from the Arrow column of a
+    ``datasets.Dataset`` without decoding its values; other map-style data sets row by row."""
+    if isinstance(dataset, Dataset):
+        import pyarrow.compute as pc
+
+        return pc.list_value_length(dataset.with_format("arrow")[column]).to_pylist()
+    values = (dataset[index].get(column) for index in range(len(dataset)))
+    return [None if value is None else len(value) for value in values]
+
+
 def split_labeled_transfer(
     dataset: Dataset, num_labeled: int, label_column: str = "labels", seed: int = 0
 ) -> tuple[Dataset, Dataset]:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,12 +18,13 @@ from transformers import (
     Wav2Vec2Config,
     Wav2Vec2FeatureExtractor,
     Wav2Vec2ForSequenceClassification,
+    Wav2Vec2PreTrainedModel,
 )
 
 from hf_kd import DistillationConfig
 from hf_kd.baselines import train_plainly
 from hf_kd.features import run_model
-from hf_kd.schemes.cross_modal import CrossModalCollator, cross_modal, paired_views
+from hf_kd.schemes.cross_modal import CrossModalCollator, cross_modal, min_input_length, paired_views
 from hf_kd.views import ViewCollator, pad_rows, split_views
 
 CLASSES, SAMPLES, RATE = 3, 800, 8000
@@ -206,6 +208,48 @@ def test_bad_paired_data_is_refused_with_the_reason():  # (more in test_bad_inpu
         paired_views(Dataset.from_dict({"input_values": [[0.0], [0.0]]}), Dataset.from_dict({"input_ids": [[1]]}))
     with pytest.raises(TypeError, match="the teacher's processor must have a pad method"):
         CrossModalCollator(Wav2Vec2FeatureExtractor(), object())
+
+
+def test_the_shortest_audio_is_one_frame_of_the_students_feature_encoder(tmp_path):
+    student = speech_student(seed=1)
+    assert min_input_length(student) == 45  # kernels (10, 8), strides (5, 4): (8 - 1)·5 + 10
+    assert student._get_feat_extract_output_lengths(torch.tensor([44, 45, 64, 65])).tolist() == [0, 1, 1, 2]
+    base = SimpleNamespace(config=Wav2Vec2Config())  # wav2vec 2.0 base: 400 samples, 25 ms at 16 kHz
+    assert min_input_length(base) == 400
+    assert Wav2Vec2PreTrainedModel._get_feat_extract_output_lengths(base, torch.tensor([399, 400])).tolist() == [0, 1]
+    assert min_input_length(text_teacher()) is None
+    rows = paired_rows(8, seed=0)
+    audio = [wave[:45] for wave in rows["input_values"]]  # every row exactly one frame long: accepted, and trains
+    exact = rows.remove_columns("input_values").add_column("input_values", audio)
+    trainer = cross_modal(student, text_teacher(), config(tmp_path, steps=1, logging_steps=1), train_dataset=exact)
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+    audio[2], audio[6] = audio[2][:44], []
+    short = rows.remove_columns("input_values").add_column("input_values", audio)
+    with pytest.raises(
+        ValueError, match=r"row 2 of eval_dataset\['a'\] has 44 samples in 'input_values' \(and 1 more rows\)"
+    ):
+        cross_modal(student, text_teacher(), config(tmp_path, steps=1), train_dataset=exact, eval_dataset={"a": short})
+
+
+def test_a_lora_speech_student_learns_from_a_text_teacher(tmp_path):
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["projector", "classifier"])
+    student = peft.get_peft_model(speech_student(seed=1), lora)
+    frozen = {name: p.detach().clone() for name, p in student.named_parameters() if not p.requires_grad}
+    adapters = {name: p.detach().clone() for name, p in student.named_parameters() if "lora_B" in name}
+    trainer = cross_modal(
+        student, text_teacher(), config(tmp_path, steps=3, logging_steps=1), train_dataset=paired_rows(32, 0)
+    )
+    trainer.train()
+    losses = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
+    assert len(losses) == 3 and all(math.isfinite(value) for value in losses)
+    parameters = dict(student.named_parameters())
+    assert all(torch.equal(parameters[name], value) for name, value in frozen.items())  # the base stays as it was
+    assert all(not torch.equal(parameters[name], value) for name, value in adapters.items())  # lora_B left 0
+    trainer.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "adapter_config.json").exists()
+    assert not (tmp_path / "saved" / "model.safetensors").exists()  # the adapter, not a copy of the base
 
 
 # ---- the recipe ----

@@ -7,7 +7,9 @@ teacher's as ``teacher_*`` columns (``teacher_input_ids``, ``teacher_attention_m
 each model on its own view only. Logit losses compare the two models' predictions over the shared label set; feature
 and relation losses compare pooled embeddings (``source="hidden_states:-1"`` with a pooling; a speech encoder's
 frames are pooled over its own frame mask) — feature maps of different shapes meet only through projectors or
-pooling, as between any two architectures.
+pooling, as between any two architectures. The student may be a PEFT model (a LoRA speech student); every row's
+audio must be long enough for its feature encoder to make a frame of it (:func:`min_input_length`), else
+:func:`cross_modal` refuses the row before training.
 
     from hf_kd.schemes.cross_modal import CrossModalCollator, cross_modal, paired_views
 
@@ -25,6 +27,8 @@ from datasets import Dataset
 from torch import nn
 
 from ..config import DistillationConfig
+from ..data import list_lengths
+from ..model_kinds import base_model
 from ..trainer import DistillationTrainer
 from ..views import TEACHER_PREFIX, ViewCollator, add_teacher_view, has_teacher_view, split_views
 
@@ -71,7 +75,7 @@ def _padder(processor, side: str):
 
 def check_views(student: nn.Module, teacher: nn.Module, columns) -> None:
     """Each model's forward takes its own view's columns: an error names a column a model would not read, and a
-    data set without a teacher view."""
+    data set without a teacher view. A PEFT-wrapped model is judged by the model under its adapters."""
     columns = list(columns)
     if not has_teacher_view(columns):
         raise ValueError(
@@ -81,7 +85,7 @@ def check_views(student: nn.Module, teacher: nn.Module, columns) -> None:
         )
     student_view, teacher_view = split_views(dict.fromkeys(columns))
     for side, model, view in (("student", student, student_view), ("teacher", teacher, teacher_view)):
-        taken = set(inspect.signature(model.forward).parameters)
+        taken = set(inspect.signature(base_model(model).forward).parameters)  # PeftModel.forward takes **kwargs
         unread = sorted(set(view) - taken - _NOT_INPUTS)
         if unread:
             prefix = TEACHER_PREFIX if side == "teacher" else ""
@@ -91,17 +95,61 @@ def check_views(student: nn.Module, teacher: nn.Module, columns) -> None:
             )
 
 
+def min_input_length(model: nn.Module) -> int | None:
+    """The fewest input samples from which the model's convolutional feature encoder makes one frame (wav2vec 2.0,
+    HuBERT, WavLM, …: ``config.conv_kernel`` / ``conv_stride``); None for a model without one. Each layer turns
+    ``n`` samples into ``(n - kernel) // stride + 1`` frames, so one frame out needs ``(1 - 1)·s + k`` in, and so on
+    back to the waveform."""
+    config = getattr(base_model(model), "config", None)
+    kernels, strides = getattr(config, "conv_kernel", None), getattr(config, "conv_stride", None)
+    if not kernels or not strides:
+        return None
+    length = 1
+    for kernel, stride in reversed(list(zip(kernels, strides))):
+        length = (length - 1) * stride + kernel
+    return length
+
+
+def check_input_lengths(student: nn.Module, teacher: nn.Module, dataset, name: str = "train_dataset") -> None:
+    """Every row's audio is long enough for its model's feature encoder to make a frame of it (see
+    :func:`min_input_length`): a shorter row would be all padding after the convolutions — trained on silently
+    within a batch, a raw convolution error in a batch of its own. An error names the row and the minimum."""
+    columns = getattr(dataset, "column_names", None) or []
+    for side, model, column in (
+        ("student", student, "input_values"),
+        ("teacher", teacher, TEACHER_PREFIX + "input_values"),
+    ):
+        need = None if column not in columns else min_input_length(model)
+        if need is None:
+            continue
+        short = [(index, length) for index, length in enumerate(list_lengths(dataset, column)) if (length or 0) < need]
+        if short:
+            (index, length), config = short[0], base_model(model).config
+            others = f" (and {len(short) - 1} more rows)" if len(short) > 1 else ""
+            raise ValueError(
+                f"row {index} of {name} has {length or 0} samples in {column!r}{others}: the {side}'s feature encoder "
+                f"({type(base_model(model)).__name__}: conv kernels {tuple(config.conv_kernel)}, strides "
+                f"{tuple(config.conv_stride)}) needs at least {need} samples to make one frame, so the row would be "
+                f"all padding. Drop or lengthen rows shorter than {need} samples, e.g. "
+                f"dataset.filter(lambda row: len(row[{column!r}]) >= {need})."
+            )
+
+
 def cross_modal(
     student: nn.Module, teacher: nn.Module, args: DistillationConfig, *, train_dataset: Dataset, **kwargs
 ) -> DistillationTrainer:
     """A :class:`~hf_kd.DistillationTrainer` for paired rows, checked up front: every given data set has the
-    teacher's view, and each model takes its view's columns."""
-    for dataset in (train_dataset, *_eval_sets(kwargs.get("eval_dataset"))):
+    teacher's view, each model takes its view's columns, and every row's audio makes at least one frame. The
+    student may be wrapped by PEFT (a LoRA speech student)."""
+    for name, dataset in (("train_dataset", train_dataset), *_eval_sets(kwargs.get("eval_dataset"))):
         check_views(student, teacher, dataset.column_names)
+        check_input_lengths(student, teacher, dataset, name)
     return DistillationTrainer(student, teacher, args, train_dataset=train_dataset, **kwargs)
 
 
-def _eval_sets(eval_dataset) -> list:
+def _eval_sets(eval_dataset) -> list[tuple[str, Dataset]]:
     if eval_dataset is None:
         return []
-    return list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
+    if isinstance(eval_dataset, dict):
+        return [(f"eval_dataset[{key!r}]", dataset) for key, dataset in eval_dataset.items()]
+    return [("eval_dataset", eval_dataset)]
