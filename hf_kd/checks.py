@@ -5,13 +5,15 @@ Each raises with what was wrong, the value seen and what to set instead (the REA
 
 from __future__ import annotations
 
+import numpy as np
+from datasets import Dataset
 from torch import nn
 
 from .config import DistillationConfig, LossSpec
 from .data import SAMPLE_INDEX
 from .features import ModelFeatures
-from .losses.registry import takes_option
-from .model_kinds import is_classifier, num_classes, output_size
+from .losses.registry import resolve_loss_class, takes_option
+from .model_kinds import is_classifier, is_regression, num_classes, output_size
 from .teachers import check_materialized
 
 
@@ -49,6 +51,54 @@ def check_setup(model, teacher_model, args, trainer_kwargs: dict) -> None:
     train_dataset = trainer_kwargs.get("train_dataset")
     if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
         raise ValueError("train_dataset is empty (0 rows): check the data loading and filtering before training.")
+    check_datasets(model, args, trainer_kwargs)
+
+
+def check_datasets(model, args, trainer_kwargs: dict) -> None:
+    """What the given data sets hold that would stop training at some step: a regression student's targets that are
+    not finite, and rows the data collator would refuse (a collator with ``check_dataset(dataset, losses)``, e.g.
+    :class:`hf_kd.ranking.RankingCollator`, is given each data set and the loss classes). Errors name the data set."""
+    datasets = [("train_dataset", trainer_kwargs.get("train_dataset"))]
+    evaluation = trainer_kwargs.get("eval_dataset")
+    if isinstance(evaluation, dict):
+        datasets += [(f"eval_dataset[{key!r}]", dataset) for key, dataset in evaluation.items()]
+    else:
+        datasets.append(("eval_dataset", evaluation))
+    datasets = [(name, dataset) for name, dataset in datasets if dataset is not None]
+    if is_regression(model):
+        label_columns = list(dict.fromkeys(["labels", "label", *(args.label_names or [])]))
+        for name, dataset in datasets:
+            check_regression_targets(dataset, name, label_columns)
+    check_rows = getattr(trainer_kwargs.get("data_collator"), "check_dataset", None)
+    if check_rows is not None:
+        losses = [resolve_loss_class(spec.name) for spec in args.loss_specs]
+        for name, dataset in datasets:
+            try:
+                check_rows(dataset, losses)
+            except ValueError as error:
+                raise ValueError(f"{name}: {error}") from None
+
+
+def check_regression_targets(dataset, name: str, columns) -> None:
+    """A regression student's targets are finite numbers (NaN marks an unlabeled row): ±inf makes its label loss
+    infinite at that row's step. Read from a ``datasets.Dataset``'s columns; other data sets are checked batch by
+    batch (:func:`hf_kd.trainer.batch_loss.check_regression_batch`)."""
+    for column in columns:
+        if not isinstance(dataset, Dataset) or column not in dataset.column_names:
+            continue
+        try:
+            targets = np.asarray(dataset[column], dtype=np.float64)
+        except (TypeError, ValueError):  # not numbers (ragged lists, strings): not regression targets
+            continue
+        infinite = np.flatnonzero(np.isinf(targets.reshape(len(targets), -1)).any(-1))
+        if len(infinite):
+            row = int(infinite[0])
+            more = f" (and {len(infinite) - 1} more rows)" if len(infinite) > 1 else ""
+            raise ValueError(
+                f"regression target {column!r} of row {row} of {name} is {targets[row].tolist()}{more}: a target must "
+                "be a finite number (NaN marks an unlabeled row). Fix or drop such rows (dataset.filter) before "
+                "training."
+            )
 
 
 def check_teachers(model, teachers: dict, objective, args, train_dataset) -> None:

@@ -173,6 +173,11 @@ def check_finite(where: str, terms: dict, student: ModelFeatures | None, teacher
             f"the student's {', '.join(broken_student)} hold NaN or +inf (it diverged: lower learning_rate, set "
             "max_grad_norm, or train in bf16/fp32 rather than fp16)"
         )
+    elif LABEL_TERM in bad_terms:  # the student's own label loss: its targets, not a temperature
+        cause = (
+            f"both models' outputs are finite, so the student's label loss ({LABEL_TERM}) overflowed on the batch's "
+            "labels (regression targets too large to square in float32? rescale them)"
+        )
     else:
         cause = "both models' outputs are finite, so the loss itself overflowed (a very low temperature?)"
     raise FloatingPointError(

@@ -16,16 +16,22 @@ from __future__ import annotations
 import os
 
 import torch
+from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from .data import list_lengths
 from .sentence_embeddings import SentenceEmbeddingModel
 from .teachers import PrecomputedPredictions
 
 PAIR_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 BI_COLUMNS = ("query_input_ids", "query_attention_mask", "candidate_input_ids", "candidate_attention_mask")
 GROUP_COLUMNS = ("group_mask", "labels", "teacher_scores")
+#: The columns a ranking row may set (``group_mask`` is the collator's own).
+RANKING_COLUMNS = (*PAIR_COLUMNS, *BI_COLUMNS, "labels", "teacher_scores")
+#: Columns holding one token list per candidate.
+CANDIDATE_LISTS = ("input_ids", "attention_mask", "token_type_ids", "candidate_input_ids", "candidate_attention_mask")
 
 
 class RankingCollator:
@@ -34,7 +40,9 @@ class RankingCollator:
     ``labels`` ``B×G`` (-100 where none) and ``teacher_scores`` ``B×G`` (-inf where none).
 
     ``group_size``: every query must have exactly this many candidates (an error names the row otherwise); ``None``:
-    ragged groups, padded to the batch's largest. ``pad_token_id``: the tokenizer's.
+    ragged groups, padded to the batch's largest. ``pad_token_id``: the tokenizer's. Every row has the same
+    columns (one layout, or both in every row). :meth:`check_dataset` applies the same checks to a whole data set
+    before training (the trainer calls it on the data sets it is given).
     """
 
     def __init__(self, pad_token_id: int = 0, group_size: int | None = None):
@@ -43,49 +51,91 @@ class RankingCollator:
         self.pad_token_id, self.group_size = pad_token_id, group_size
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        counts = [self._candidates(row, index) for index, row in enumerate(rows)]
+        shapes = [_row_shape(row) for row in rows]
+        counts = [self._candidates(shape, index, shapes[0]) for index, shape in enumerate(shapes)]
         width = self.group_size or max(counts)
         batch: dict[str, torch.Tensor] = {}
         group_mask = torch.zeros(len(rows), width, dtype=torch.bool)
         for index, count in enumerate(counts):
             group_mask[index, :count] = True
         batch["group_mask"] = group_mask
-        if "input_ids" in rows[0]:
+        if "input_ids" in shapes[0]:
             batch.update(self._pad_groups(rows, "input_ids", "attention_mask", width))
-            if "token_type_ids" in rows[0]:
+            if "token_type_ids" in shapes[0]:
                 batch["token_type_ids"] = self._pad_groups(rows, "token_type_ids", None, width)["token_type_ids"]
-        if "candidate_input_ids" in rows[0]:
+        if "candidate_input_ids" in shapes[0]:
             batch.update(self._pad_groups(rows, "candidate_input_ids", "candidate_attention_mask", width))
             queries = [list(row["query_input_ids"]) for row in rows]
             length = max(len(query) for query in queries)
             batch["query_input_ids"] = torch.tensor([q + [self.pad_token_id] * (length - len(q)) for q in queries])
             batch["query_attention_mask"] = torch.tensor([[1] * len(q) + [0] * (length - len(q)) for q in queries])
         for column, fill, dtype in (("labels", -100, torch.float32), ("teacher_scores", float("-inf"), torch.float32)):
-            if column in rows[0]:
+            if column in shapes[0]:
                 values = torch.full((len(rows), width), fill, dtype=dtype)
                 for index, row in enumerate(rows):
-                    if len(row[column]) != counts[index]:
-                        raise ValueError(
-                            f"ranking row {index}: {len(row[column])} {column} for {counts[index]} candidates; give "
-                            "one per candidate."
-                        )
                     values[index, : counts[index]] = torch.as_tensor(row[column], dtype=dtype)
                 batch[column] = values
         return batch
 
-    def _candidates(self, row: dict, index: int) -> int:
-        groups = [row[key] for key in ("input_ids", "candidate_input_ids") if key in row]
-        if not groups:
+    def check_dataset(self, dataset, losses=()) -> None:
+        """Refuse, before training, a data set whose rows the collator would refuse at some step or lay out
+        wrongly: rows with another layout or other columns than row 0, rows that are not grouped or have no
+        candidate, candidate counts off ``group_size``, labels or teacher scores not one per candidate, and queries
+        with fewer candidates than ``losses`` compare (their ``min_group_size``: 2 for ``margin_mse`` and
+        ``listwise_kl``). Each error names the data set's row. Lengths are read without decoding the token lists."""
+        if not hasattr(dataset, "__len__") or len(dataset) == 0:  # an iterable data set: checked batch by batch
+            return
+        columns = getattr(dataset, "column_names", None) or list(dataset[0])
+        present = [column for column in RANKING_COLUMNS if column in columns]
+        lengths = {column: list_lengths(dataset, column) for column in present}
+        lists = {column: _column_is_grouped(dataset, column) for column in present if column in CANDIDATE_LISTS}
+        shapes = [
+            {
+                column: (lengths[column][index], lists.get(column, True))
+                for column in present
+                if lengths[column][index] is not None
+            }
+            for index in range(len(dataset))
+        ]
+        need = max((getattr(loss, "min_group_size", 1) for loss in losses), default=1)
+        for index, shape in enumerate(shapes):
+            count = self._candidates(shape, index, shapes[0])
+            if count < need:
+                needing = sorted({loss.name for loss in losses if getattr(loss, "min_group_size", 1) > 1})
+                raise ValueError(
+                    f"ranking row {index} has {count} candidate{'s' if count != 1 else ''}: {needing} compare each "
+                    f"query's candidates with each other and need at least {need} per query (a query with fewer adds "
+                    "nothing to them). Give every query negatives, or drop the rows with fewer candidates."
+                )
+
+    def _candidates(self, shape: dict, index: int, first: dict) -> int:
+        """The row's number of candidates, after checking its shape (``{column: (length, grouped)}`` of the
+        columns it sets) against the collator's rules and row 0's columns (``first``)."""
+        layouts = [column for column in ("input_ids", "candidate_input_ids") if column in shape]
+        if not layouts:
             raise ValueError(
                 f"ranking row {index} has neither input_ids (query–candidate pairs) nor candidate_input_ids "
-                f"(bi-encoder candidates); its columns: {sorted(row)}."
+                f"(bi-encoder candidates); its columns: {sorted(shape)}."
             )
-        if any(not len(group) or not isinstance(group[0], (list, tuple)) for group in groups):
+        if set(shape) != set(first):
+            raise ValueError(
+                f"ranking row {index} sets {sorted(shape)} but row 0 sets {sorted(first)}: every row of a ranking "
+                "data set needs the same columns — one layout (input_ids pairs, or query_input_ids + "
+                "candidate_input_ids), or both in every row."
+            )
+        if "candidate_input_ids" in shape and "query_input_ids" not in shape:
+            raise ValueError(f"ranking row {index} has candidate_input_ids but no query_input_ids: give its query.")
+        counts = {shape[column][0] for column in layouts}
+        if counts == {0}:
+            raise ValueError(
+                f"ranking row {index} has no candidates (an empty {layouts[0]}): every query needs at least one "
+                "candidate to score; drop the row."
+            )
+        if not all(shape[column][1] for column in layouts):
             raise ValueError(
                 f"ranking row {index} is not grouped: input_ids / candidate_input_ids hold one token list per "
                 "candidate of the query (a list of lists); see hf_kd.ranking."
             )
-        counts = {len(group) for group in groups}
         if len(counts) > 1:
             raise ValueError(f"ranking row {index}: its pair and bi-encoder layouts list {sorted(counts)} candidates.")
         (count,) = counts
@@ -94,6 +144,11 @@ class RankingCollator:
                 f"ranking row {index} has {count} candidates but group_size is {self.group_size}: give every query "
                 "the same number, or group_size=None to pad ragged groups."
             )
+        for column in ("labels", "teacher_scores"):
+            if column in shape and shape[column][0] != count:
+                raise ValueError(
+                    f"ranking row {index}: {shape[column][0]} {column} for {count} candidates; give one per candidate."
+                )
         return count
 
     def _pad_groups(self, rows, key: str, mask_key: str | None, width: int) -> dict[str, torch.Tensor]:
@@ -106,6 +161,30 @@ class RankingCollator:
                 ids[i, j, : len(candidate)] = torch.as_tensor(candidate, dtype=torch.long)
                 mask[i, j, : len(candidate)] = 1
         return {key: ids, **({mask_key: mask} if mask_key else {})}
+
+
+def _row_shape(row: dict) -> dict[str, tuple[int, bool]]:
+    """``{column: (its length, whether it holds lists)}`` for the ranking columns ``row`` sets."""
+    shape = {}
+    for column in RANKING_COLUMNS:
+        value = row.get(column)
+        if value is not None:
+            lists = column not in CANDIDATE_LISTS or not len(value) or isinstance(value[0], (list, tuple))
+            shape[column] = (len(value), lists)
+    return shape
+
+
+def _column_is_grouped(dataset, column: str) -> bool:
+    """Whether ``column`` of a data set holds a list of lists per row: its Arrow type for a ``datasets.Dataset``
+    (one type for every row), else its first set row's values."""
+    if isinstance(dataset, Dataset):
+        import pyarrow as pa
+
+        kind = dataset.with_format("arrow")[column].type
+        lists = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+        return any(is_list(kind) for is_list in lists) and any(is_list(kind.value_type) for is_list in lists)
+    row = next((row for row in (dataset[index] for index in range(len(dataset))) if row.get(column)), None)
+    return row is None or isinstance(row[column][0], (list, tuple))
 
 
 def _grouped(tensor: torch.Tensor | None, name: str, dims: int) -> torch.Tensor:

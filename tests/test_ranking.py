@@ -15,6 +15,7 @@ from hf_kd import DistillationTrainer
 from hf_kd.features import ModelFeatures
 from hf_kd.losses import functional as F
 from hf_kd.losses import get_loss
+from hf_kd.losses.registry import resolve_loss_class
 from hf_kd.metrics import ranking_compute_metrics, ranking_metrics
 from hf_kd.ranking import BiEncoderRanker, CrossEncoderRanker, RankingCollator, TeacherScores, score_groups
 from hf_kd.sentence_embeddings import SentenceEmbeddingModel
@@ -103,6 +104,52 @@ def test_the_collator_pads_ragged_groups_and_marks_them():
         RankingCollator()([rows[0], {**rows[1], "teacher_scores": [1.0, 2.0]}])
     with pytest.raises(ValueError, match="ranking row 0 has neither input_ids"):
         RankingCollator()([{"labels": [1, 0]}])
+
+
+def test_the_collator_checks_a_whole_data_set_before_training_and_names_its_rows():
+    listwise, margin = resolve_loss_class("listwise_kl"), resolve_loss_class("margin_mse")
+    assert listwise.min_group_size == margin.min_group_size == 2 and resolve_loss_class("kl").min_group_size == 1
+    collator = RankingCollator()
+    rows = pair_rows(6, 4, seed=0, ragged=True)
+    collator.check_dataset(Dataset.from_list(rows), [listwise])  # ragged groups of 2-4: accepted
+    both = [{**row, "query_input_ids": [5], "candidate_input_ids": row["input_ids"]} for row in rows]
+    collator.check_dataset(Dataset.from_list(both), [margin])  # both layouts in every row
+    batch = collator(both[:2])
+    assert batch["input_ids"].shape[:2] == batch["candidate_input_ids"].shape[:2] == batch["group_mask"].shape
+    # the rows are the data set's, not a batch's; lengths read from Arrow and from plain rows alike
+    single = [*rows[:4], {"input_ids": [[5, 6]], "labels": [1]}, rows[5]]
+    for data in (Dataset.from_list(single), single):
+        collator.check_dataset(data)  # one candidate is a query to score: only ranking losses need two
+        with pytest.raises(ValueError, match=r"ranking row 4 has 1 candidate: \['listwise_kl'\] compare"):
+            collator.check_dataset(data, [listwise])
+    even = pair_rows(4, 3)
+    bad_labels = [*even[:3], {**even[3], "labels": [1, 0]}]
+    with pytest.raises(ValueError, match="ranking row 3: 2 labels for 3 candidates"):
+        collator.check_dataset(Dataset.from_list(bad_labels))
+    with pytest.raises(ValueError, match="ranking row 0 has 3 candidates but group_size is 4"):
+        RankingCollator(group_size=4).check_dataset(Dataset.from_list(pair_rows(2, 3)))
+    with pytest.raises(ValueError, match="ranking row 0 is not grouped"):
+        collator.check_dataset(Dataset.from_dict({"input_ids": [[5, 6, 7], [8, 9]], "labels": [[1], [0]]}))
+    with pytest.raises(ValueError, match="ranking row 1 has no candidates"):
+        collator.check_dataset([rows[0], {"input_ids": [], "labels": []}])
+    with pytest.raises(ValueError, match=r"ranking row 1 sets \['candidate_input_ids'\] but row 0 sets"):
+        collator.check_dataset([{"candidate_input_ids": [[5]], "query_input_ids": [6]}, {"candidate_input_ids": [[5]]}])
+    with pytest.raises(ValueError, match="ranking row 0 has candidate_input_ids but no query_input_ids"):
+        collator([{"candidate_input_ids": [[5], [6]]}])
+
+
+def test_the_trainer_checks_its_ranking_data_sets_at_construction(tmp_path):
+    rows = pair_rows(8, 3, seed=0)
+    eval_rows = [*pair_rows(2, 3, seed=1), {"input_ids": [[5]], "labels": [1]}]
+    with pytest.raises(ValueError, match=r"eval_dataset\['held out'\]: ranking row 2 has 1 candidate"):
+        DistillationTrainer(
+            model=cross_encoder(seed=1, hidden=16),
+            teacher_model=cross_encoder(seed=0),
+            args=config(tmp_path, losses="margin_mse"),
+            train_dataset=Dataset.from_list(rows),
+            eval_dataset={"held out": Dataset.from_list(eval_rows)},
+            data_collator=RankingCollator(),
+        )
 
 
 def cross_encoder(seed=0, hidden=32, layers=2):

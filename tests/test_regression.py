@@ -15,9 +15,11 @@ from PIL import Image
 from transformers import EvalPrediction
 
 from hf_kd import DistillationTrainer, ModelFeatures, get_loss
+from hf_kd.checks import check_regression_targets
 from hf_kd.data import split_labeled_transfer
 from hf_kd.losses import functional as F
 from hf_kd.metrics import regression_metrics
+from hf_kd.trainer.batch_loss import check_regression_batch
 
 STUDENT = torch.tensor([[0.5], [2.0], [-1.0], [0.0]])
 TEACHER = torch.tensor([[1.0], [1.5], [-1.0], [3.0]])
@@ -118,6 +120,32 @@ def test_a_distribution_loss_on_a_regression_head_is_refused(tmp_path):
             args=config(tmp_path, losses="kl"),
             train_dataset=classification_data(),
         )
+
+
+def test_infinite_targets_are_refused_with_their_row_and_nan_still_marks_unlabeled_rows(tmp_path):
+    inf, nan = float("inf"), float("nan")
+    data = classification_data(n=6).remove_columns("labels")
+    marked = data.add_column("labels", [[0.0, 1.0], [nan, nan], [2.0, 0.5], [1.0, 1.0], [nan, nan], [0.5, 0.5]])
+    check_regression_targets(marked, "train_dataset", ["labels"])  # NaN: unlabeled rows, accepted
+    broken = data.add_column("labels", [[0.0, 1.0], [nan, nan], [2.0, -inf], [1.0, 1.0], [inf, 0.0], [0.5, 0.5]])
+    with pytest.raises(ValueError, match=r"'labels' of row 2 of eval_dataset is \[2.0, -inf\] \(and 1 more rows\)"):
+        check_regression_targets(broken, "eval_dataset", ["labels"])
+    student = tiny_bert(num_labels=1, seed=1)
+    scalar = data.add_column("label", [0.1, 0.2, nan, 0.4, 0.5, inf])  # the datasets' usual name, also a target
+    with pytest.raises(ValueError, match=r"regression target 'label' of row 5 of eval_dataset\['b'\] is inf"):
+        DistillationTrainer(
+            model=student,
+            teacher_model=tiny_bert(num_labels=1, seed=2),
+            args=config(tmp_path, losses="regression_mse"),
+            train_dataset=data.add_column("label", [0.1] * 6),
+            eval_dataset={"a": data.add_column("label", [0.2] * 6), "b": scalar},
+        )
+    # Batch by batch (a data set the trainer cannot read up front): the data set's row with a sample_index.
+    check_regression_batch(torch.tensor([0.5, nan]))
+    with pytest.raises(ValueError, match="'labels' of row 9 of the data set is inf"):
+        check_regression_batch(torch.tensor([0.5, inf]), sample_index=torch.tensor([7, 9]))
+    with pytest.raises(ValueError, match="'labels' of row 1 of this batch is inf"):
+        check_regression_batch(torch.tensor([0.5, inf]))
 
 
 def test_regression_metrics_ignore_unlabeled_rows():

@@ -40,6 +40,8 @@ class DistillationLoss(nn.Module):
     compares_distributions: ClassVar[bool] = False
     # Relates the examples of a batch to each other: below this many per process the loss is identically 0.
     min_batch_size: ClassVar[int] = 1
+    # Compares each query's candidates with each other (ranking): a query with fewer candidates adds nothing.
+    min_group_size: ClassVar[int] = 1
     # Reads each example's dataset row (memory banks): the training set needs a sample_index column.
     needs_sample_index: ClassVar[bool] = False
 

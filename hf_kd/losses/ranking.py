@@ -16,6 +16,7 @@ from .response import ResponseLoss
 )
 class MarginMSE(DistillationLoss):
     __doc__ = F.margin_mse.__doc__
+    min_group_size = 2  # a margin needs two candidates
 
     def __init__(self):  # scores are compared as they are: no temperature
         super().__init__()
@@ -33,3 +34,4 @@ class ListwiseKL(ResponseLoss):
     __doc__ = F.listwise_kl.__doc__
     function = F.listwise_kl
     compares_distributions = False  # a softmax over each query's candidates, not over one head's logits
+    min_group_size = 2  # a softmax over one candidate is 1 whatever its score

@@ -31,6 +31,8 @@ def plain_terms(
     inputs = with_decoder_inputs(trainer, model, inputs)
     clean = inputs if clean_inputs is None else with_decoder_inputs(trainer, model, split_sample_index(clean_inputs)[0])
     labels = inputs.get("labels")
+    if trainer.regression and labels is not None:  # before any forward pass: a target of ±inf is the data's fault
+        check_regression_batch(labels, sample_index)
     student_inputs = inputs if label_weight > 0 else {k: v for k, v in inputs.items() if k != "labels"}
     outputs, student = run_model(
         model, student_inputs, objective.needs("student"), module_root=trainer.accelerator.unwrap_model(model)
@@ -102,6 +104,20 @@ def label_term(trainer, outputs, labels, counts: ItemCounts) -> dict[str, torch.
         model_loss = trainer.label_smoother(outputs, labels, shift_labels=trainer.shift_labels)
     # The model's loss is a mean over this micro-batch; re-normalise it by the step's count.
     return {LABEL_TERM: model_loss * local_count * counts.scale / counts.labels}
+
+
+def check_regression_batch(labels: torch.Tensor, sample_index: torch.Tensor | None = None) -> None:
+    """Regression targets of a batch are finite (NaN marks an unlabeled row): the batch-time check for data sets
+    the trainer could not read up front (:func:`hf_kd.checks.check_regression_targets`). The error names the data
+    set's row when the batch carries a ``sample_index``, else the batch's."""
+    infinite = labels.float().isinf().reshape(len(labels), -1).any(-1)
+    if infinite.any():
+        row = int(infinite.nonzero()[0])
+        where = f"row {row} of this batch" if sample_index is None else f"row {int(sample_index[row])} of the data set"
+        raise ValueError(
+            f"regression target 'labels' of {where} is {labels[row].tolist()}: a target must be a finite number "
+            "(NaN marks an unlabeled row). Fix or drop such rows before training."
+        )
 
 
 def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: bool, mode: str):
