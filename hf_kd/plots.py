@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 #: Keys of ``log_history`` entries that are bookkeeping, not a quality or a loss term.
 BOOKKEEPING = {
@@ -23,6 +24,8 @@ BOOKKEEPING = {
     "train_samples_per_second",
     "train_steps_per_second",
 }
+#: The speed columns of a results table, in the order a redrawn picture looks for them (as hf_kd.evaluation's).
+LATENCY_COLUMNS = ("ms_per_example", "ms_per_query", "texts_per_s")
 #: Quality columns where a smaller number is the better model.
 LOWER_IS_BETTER = {"perplexity", "mse", "mae", "loss", "ce"}
 _EVAL_BOOKKEEPING = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
@@ -52,13 +55,34 @@ def _save(figure, stem: str, formats: tuple[str, ...]) -> list[str]:
 
 def quality_latency_points(results: dict[str, dict], metric: str, latency: str = "ms_per_example") -> list[dict]:
     """One point per row of ``results`` that has both ``metric`` and ``latency``: ``name``, ``quality``,
-    ``latency``, ``parameters`` (or None)."""
-    points = []
+    ``latency``, ``parameters`` (or None). A row whose value is NaN or ±inf (a diverged run's perplexity, a failed
+    timing) has no place in the plane: it is left out with a warning that names it (the table keeps it)."""
+    points, left_out = [], {}
     for name, row in results.items():
         quality, speed = row.get(metric), row.get(latency)
-        if isinstance(quality, (int, float)) and isinstance(speed, (int, float)) and math.isfinite(quality):
+        if not (_is_number(quality) and _is_number(speed)):
+            continue  # a row without the number (e.g. no latency measured), or a note in its place
+        if math.isfinite(quality) and math.isfinite(speed):
             points.append({"name": name, "quality": quality, "latency": speed, "parameters": row.get("parameters")})
+        else:
+            left_out[name] = f"{metric} = {quality}, {latency} = {speed}"
+    _warn_left_out(left_out, f"the {metric}–{latency} picture")
     return points
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _warn_left_out(left_out: dict[str, str], picture: str) -> None:
+    """Say which rows a picture cannot draw (values that are not finite), so that none vanishes silently."""
+    if left_out:
+        rows = "; ".join(f"{name!r} ({values})" for name, values in left_out.items())
+        warnings.warn(
+            f"{picture} leaves out {len(left_out)} row(s) whose values are not finite numbers: {rows}. The returned "
+            "points and the picture hold the other rows only.",
+            stacklevel=3,
+        )
 
 
 def plot_quality_latency(
@@ -182,8 +206,12 @@ def plot_bars(
 ) -> dict[str, float]:
     """One horizontal bar per entry of ``values`` (a benchmark's ratios or accuracies), top to bottom in order,
     each labelled with its value; ``errors`` (e.g. the std over seeds) as error bars, ``reference`` as a dashed
-    line (1 for ratios, the scratch student's accuracy, …). Writes ``path`` (a PNG). Returns the values drawn."""
-    drawn = {name: float(value) for name, value in values.items() if isinstance(value, (int, float))}
+    line (1 for ratios, the scratch student's accuracy, …). Writes ``path`` (a PNG). Returns the values drawn:
+    entries that are not numbers (a note such as "–") are skipped, NaN and ±inf left out with a warning naming
+    them."""
+    numbers = {name: float(value) for name, value in values.items() if _is_number(value)}
+    drawn = {name: value for name, value in numbers.items() if math.isfinite(value)}
+    _warn_left_out({name: f"{value}" for name, value in numbers.items() if name not in drawn}, path)
     if not drawn:
         return {}
     plt = _pyplot()
@@ -254,7 +282,8 @@ def _parameters(count: float) -> str:
 def redraw(output_dir: str, stem: str) -> dict | list | None:
     """Redraw a finished recipe run's picture from what it saved in ``output_dir`` — ``results.json`` (the
     quality–latency plane of its table) or ``curves.json`` (per-round curves, the federated recipe) — to
-    ``STEM.png``. Returns what was drawn, or None when the run left neither file or its table measures no speed."""
+    ``STEM.png``. Returns what was drawn, or None when the run left neither file or its table measures no speed. The
+    metric and the speed column are looked up over every row (the teacher's row may have no speed measured)."""
     import json
 
     curves_path, results_path = os.path.join(output_dir, "curves.json"), os.path.join(output_dir, "results.json")
@@ -266,9 +295,9 @@ def redraw(output_dir: str, stem: str) -> dict | list | None:
         return None
     with open(results_path) as handle:
         results = json.load(handle)
-    first = next(iter(results.values()), {})
-    latency = next((key for key in ("ms_per_example", "ms_per_query", "texts_per_s") if key in first), None)
-    metric = next((key for key in first if key not in ("parameters", latency)), None)
+    keys = list(dict.fromkeys(key for row in results.values() for key in row))  # every row's, in table order
+    latency = next((key for key in LATENCY_COLUMNS if key in keys), None)
+    metric = next((key for key in keys if key not in ("parameters", latency)), None)
     if latency is None or metric is None:
         return None
     return plot_quality_latency(results, metric, stem, latency=latency, formats=("png",)) or None

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+
+import pytest
 from PIL import Image
 
 from hf_kd.evaluation import report_results
@@ -102,6 +106,41 @@ def test_a_bar_picture_draws_each_value_in_order(tmp_path):
     assert (tmp_path / "cost.png").read_bytes() == first  # same numbers, same bytes
     assert plot_bars({"only text": "–"}, str(tmp_path / "none.png"), xlabel="x") == {}
     assert not (tmp_path / "none.png").exists()
+
+
+def test_values_that_are_not_finite_are_left_out_of_the_pictures_with_a_warning_naming_them(tmp_path):
+    results = {
+        **RESULTS,
+        "student diverged": {"accuracy": float("nan"), "ms_per_example": 0.5, "parameters": 4_400_000},
+        "timing failed": {"accuracy": 0.7, "ms_per_example": float("inf"), "parameters": 4_400_000},
+    }
+    with pytest.warns(UserWarning, match="leaves out 2 row") as caught:
+        points = plot_quality_latency(results, "accuracy", str(tmp_path / "results"))
+    assert points == quality_latency_points(RESULTS, "accuracy")  # the drawn rows, as without the broken ones
+    message = str(caught[0].message)
+    assert "'student diverged' (accuracy = nan, ms_per_example = 0.5)" in message
+    assert "'timing failed' (accuracy = 0.7, ms_per_example = inf)" in message
+    assert "no latency measured" not in message  # a row without the number is not a broken one
+    with pytest.warns(UserWarning, match=r"'kd' \(nan\); 'hint' \(-inf\)"):
+        drawn = plot_bars(
+            {"plain": 1.0, "kd": float("nan"), "hint": -float("inf")}, str(tmp_path / "b.png"), xlabel="x"
+        )
+    assert drawn == {"plain": 1.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # finite numbers and notes: no warning
+        plot_bars({"plain": 1.0, "a note": "–"}, str(tmp_path / "c.png"), xlabel="x")
+
+
+def test_redraw_finds_the_metric_and_latency_in_any_row(tmp_path):
+    results = {"teacher (cache)": {"accuracy": 0.9, "parameters": 22_700_000}, **RESULTS}
+    (tmp_path / "run").mkdir()
+    report_results(results, ["accuracy", "parameters", "ms_per_example"], "a run", str(tmp_path / "run"))
+    assert redraw(str(tmp_path / "run"), str(tmp_path / "again")) == quality_latency_points(RESULTS, "accuracy")
+    (tmp_path / "throughput").mkdir()
+    rows = {"teacher": {"ndcg@10": 0.8}, "student": {"ndcg@10": 0.7, "texts_per_s": 900.0, "parameters": 10}}
+    (tmp_path / "throughput" / "results.json").write_text(json.dumps(rows))
+    drawn = redraw(str(tmp_path / "throughput"), str(tmp_path / "t"))
+    assert drawn == [{"name": "student", "quality": 0.7, "latency": 900.0, "parameters": 10}]
 
 
 def test_long_row_names_are_cut_in_the_middle_where_rows_agree():
