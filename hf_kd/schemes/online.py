@@ -20,6 +20,7 @@ from ..features import ModelFeatures
 from ..model_kinds import is_causal_lm, is_regression, is_token_level, labels_mark_distilled_positions
 from ..objective import LABEL_TERM, Objective, check_finite
 from ..positions import ItemCounts, split_sample_index
+from ..teachers.ensemble import TeacherAggregator
 from ..term_log import TermLog
 from ..trainer import DistillationTrainer
 from ..trainer.batch_loss import _drop_last_position, label_term, record_terms
@@ -27,7 +28,6 @@ from ..trainer.compat import TrainerCompat
 from ..trainer.loss_parts import LossParts
 from ..trainer.reporting import measure_alone
 from ..trainer.trainer import TermLogReset
-from ..teachers.ensemble import TeacherAggregator
 
 _MEMBERS = "members"  # the one teacher name the objective's terms read: whichever members teach a member
 _LOOP_FIELDS = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time", "_loss")
