@@ -10,7 +10,7 @@ import tempfile
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from .plots import plot_curves, plot_quality_latency
+from .plots import LATENCY_COLUMNS, plot_curves, plot_quality_latency
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -99,7 +99,6 @@ def language_model_row(model: nn.Module, dataset, *, data_collator, batch_size: 
 
 CLASSIFICATION_COLUMNS = ("accuracy", "macro_f1")
 REGRESSION_COLUMNS = ("mse", "mae")
-LATENCY_COLUMNS = ("ms_per_example", "ms_per_query", "texts_per_s")  # (texts_per_s: a throughput)
 
 
 def markdown_table(rows: dict[str, dict[str, float]], columns: list[str] | None = None) -> str:

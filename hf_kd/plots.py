@@ -24,7 +24,7 @@ BOOKKEEPING = {
     "train_samples_per_second",
     "train_steps_per_second",
 }
-#: The speed columns of a results table, in the order a redrawn picture looks for them (as hf_kd.evaluation's).
+#: The speed columns of a results table, in the order a redrawn picture looks for them (texts_per_s: a throughput).
 LATENCY_COLUMNS = ("ms_per_example", "ms_per_query", "texts_per_s")
 #: Quality columns where a smaller number is the better model.
 LOWER_IS_BETTER = {"perplexity", "mse", "mae", "loss", "ce"}
