@@ -55,6 +55,14 @@ def _check_resumed_from_the_complete_one(result, tmp_path):
     assert state["global_step"] == 4  # steps 3-4 trained again from checkpoint-2, checkpoint-4 saved whole
 
 
+def _distillation_trainer(out):
+    from hf_kd import DistillationTrainer
+
+    student, teacher = tiny_bert(hidden=16, seed=2), tiny_bert(seed=1)
+    trainer = DistillationTrainer(student, teacher, _checkpointed(out), train_dataset=classification_data(n=16))
+    trainer.train(resume_from_checkpoint=True if (out / "checkpoint-2").exists() else None)
+
+
 def _checkpointed(out, **overrides):
     return config(out, max_steps=4, save_strategy="steps", save_steps=2, **overrides)
 
@@ -250,6 +258,12 @@ def _shard_outside(tmp_path, how, rewrite=False):
 
 
 CASES = [
+    Case(
+        "resume-incomplete-checkpoint-trainer",
+        "`DistillationTrainer.train(resume_from_checkpoint=True)` after a kill inside a save",
+        lambda p: _resume_after_a_killed_save(p, _distillation_trainer, ""),
+        check=_check_resumed_from_the_complete_one,
+    ),
     Case(
         "resume-incomplete-checkpoint-stage",
         "a stage rerun after a kill inside a save (`checkpoint-4` without `trainer_state.json`)",

@@ -7,6 +7,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from ..checkpoints import last_complete_checkpoint
 from ..checks import check_chunkable, check_on_policy, check_setup, check_teachers
 from ..config import DistillationConfig
 from ..data import model_inputs
@@ -142,6 +143,18 @@ class DistillationTrainer(TrainerCompat):
         if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # those engines: the parts' own optimizer
             self.loss_parts.join(optimizer)
         return optimizer
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from the last *complete* checkpoint in the output
+        folder (one that a kill inside its save left without ``trainer_state.json`` is skipped with a warning)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True, but {self.args.output_dir} has no complete checkpoint-N folder: "
+                    "train without resume_from_checkpoint to start afresh."
+                )
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     # ---- loss -----------------------------------------------------------------------------------------------
 
