@@ -253,6 +253,30 @@ def launch_on_a_free_port(
     return completed
 
 
+def push_to_local_hub(tmp_path, worker: str, *flags):
+    """Run ``tests/distributed/WORKER OUTPUT_DIR alice/tiny-student FLAGS`` against a local Hub server (its own
+    process: huggingface_hub reads HF_ENDPOINT when imported); asserts it succeeded and returns the Hub's state."""
+    from hub_server import LocalHub
+
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="0",
+        HF_TOKEN="hf_test_token",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_XET="1",
+        OMP_NUM_THREADS="1",
+    )
+    script = os.path.join(ROOT, "tests", "distributed", worker)
+    with LocalHub() as hub:
+        completed = launch(
+            [sys.executable, script, tmp_path / "out", "alice/tiny-student", *flags],
+            timeout=300,
+            env={**env, "HF_ENDPOINT": hub.endpoint},
+        )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return hub.state
+
+
 def run_two_processes(script, *args, timeout=600):
     """``torchrun --nproc_per_node 2 script args`` from the repository root (gloo on CPU, offline); asserts it
     succeeded and returns the completed process."""

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import torch
-from conftest import ROOT, classification_data, config, tiny_bert, tiny_gpt2, tiny_t5
+from conftest import classification_data, config, push_to_local_hub, tiny_bert, tiny_gpt2, tiny_t5
 from refusal_cases import Case
 
 from hf_kd import DistillationTrainer
@@ -15,31 +13,6 @@ from hf_kd.sentence_embeddings import SentenceEmbeddingModel
 
 WORDS = "the a stock market film music game vote team phone bank".split()
 STUDENT_FILES = {"model.safetensors", "config.json", "distillation_config.json", "README.md", "quality_latency.png"}
-
-
-def push_over_http(tmp_path, worker: str, *flags):
-    """Run ``tests/distributed/WORKER OUTPUT_DIR alice/tiny-student FLAGS`` against a local Hub; its state."""
-    from hub_server import LocalHub
-
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="0",
-        HF_TOKEN="hf_test_token",
-        HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HUB_DISABLE_XET="1",
-        OMP_NUM_THREADS="1",
-    )
-    with LocalHub() as hub:
-        completed = subprocess.run(
-            [sys.executable, os.path.join(ROOT, "tests", "distributed", worker), str(tmp_path / "out")]
-            + ["alice/tiny-student", *flags],
-            env={**env, "HF_ENDPOINT": hub.endpoint},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return hub.state
 
 
 def pushed_paths(state) -> set[str]:
@@ -55,7 +28,7 @@ def _push_over_stale_files(tmp_path):
     (stale / "private").mkdir(parents=True)
     (stale / "adapter_model.safetensors").write_bytes(b"stale weights")
     (stale / "private" / "notes.txt").write_text("not for the Hub")
-    return push_over_http(tmp_path, "push_worker.py")
+    return push_to_local_hub(tmp_path, "push_worker.py")
 
 
 def _check_only_the_student(state, tmp_path):
@@ -159,7 +132,7 @@ CASES = [
     Case(
         "self-distillation-push-exits",
         '`self_distillation(..., save_exits=False)` with `push_to_hub=True`, `save_strategy="steps"`',
-        lambda p: push_over_http(p, "self_distillation_push_worker.py", "checkpoints"),
+        lambda p: push_to_local_hub(p, "self_distillation_push_worker.py", "checkpoints"),
         check=_check_no_exits_pushed,
     ),
     Case(

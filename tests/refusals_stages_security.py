@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 
-from conftest import ROOT, classification_data, config, lm_data, tiny_bert, tiny_gpt2
+from conftest import ROOT, classification_data, config, launch, lm_data, tiny_bert, tiny_gpt2
 from refusal_cases import Case
 
 from hf_kd import TeacherCache, write_teacher_cache
@@ -175,14 +174,8 @@ def _loss_path_in_the_working_directory(tmp_path):
         "    print(error)\n"
     )
     (tmp_path / "planted.py").write_text("open('planted-ran', 'w').close()\n")
-    ran = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
+    ran = launch([sys.executable, "-c", script], timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT})
+    assert ran.returncode == 0, ran.stderr[-3000:]
     assert not (tmp_path / "planted-ran").exists(), "planted.py's top-level code ran"
     raise ValueError(ran.stdout.strip() or ran.stderr.strip())
 

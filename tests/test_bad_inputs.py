@@ -24,6 +24,7 @@ from conftest import (
     grouped_query_lm_config,
     launch,
     lm_data,
+    push_to_local_hub,
     tiny_bert,
     tiny_gpt2,
 )
@@ -241,25 +242,7 @@ def _cache_with_changed_attention_mask(tmp_path):
 
 
 def _push(tmp_path, *flags):
-    from hub_server import LocalHub
-
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="0",
-        HF_TOKEN="hf_test_token",
-        HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HUB_DISABLE_XET="1",
-        OMP_NUM_THREADS="1",
-    )
-    worker = os.path.join(ROOT, "tests", "distributed", "push_worker.py")
-    with LocalHub() as hub:
-        completed = launch(
-            [sys.executable, worker, tmp_path / "out", "alice/tiny-student", *flags],
-            timeout=300,
-            env={**env, "HF_ENDPOINT": hub.endpoint},
-        )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return hub.state
+    return push_to_local_hub(tmp_path, "push_worker.py", *flags)
 
 
 def _check_pushed_checkpoints(state, tmp_path):

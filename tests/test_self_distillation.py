@@ -225,9 +225,9 @@ def test_hint_projectors_no_loss_reads_are_frozen(tmp_path):
 def test_push_to_hub_uploads_what_is_saved_with_save_exits(tmp_path):
     # The push follows save_exits as the save does: here the model with its exits (without them: the row
     # self-distillation-push-exits of the refusal table).
-    from refusals_hub_embeddings import push_over_http
+    from conftest import push_to_local_hub
 
-    (commit,) = push_over_http(tmp_path, "self_distillation_push_worker.py", "save_exits").commits
+    (commit,) = push_to_local_hub(tmp_path, "self_distillation_push_worker.py", "save_exits").commits
     files = commit["files"]
     assert {"model.safetensors", "config.json", "early_exits.json", "early_exits.safetensors"} <= set(files)
     assert json.loads(files["distillation_config.json"])["stage"]["exits_saved"] is True

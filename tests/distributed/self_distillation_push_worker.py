@@ -12,6 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from clean_exit import exit_cleanly  # noqa: E402
 from conftest import classification_data, config, tiny_bert  # noqa: E402
 
 from hf_kd.schemes.self_distillation import self_distillation  # noqa: E402
@@ -31,5 +32,4 @@ def main(output_dir: str, repo_id: str, flags: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3:])
-    sys.stdout.flush()
-    os._exit(0)  # see train_worker.py
+    exit_cleanly()
