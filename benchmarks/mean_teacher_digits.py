@@ -29,10 +29,10 @@ from scipy.ndimage import rotate
 from transformers import set_seed
 
 from hf_kd import DistillationConfig
-from hf_kd.baselines import train_plainly
 from hf_kd.evaluation import evaluate_model
 from hf_kd.metrics import classification_metrics
 from hf_kd.noise import GaussianNoise
+from hf_kd.recipe_support.baselines import train_plainly
 from hf_kd.schemes.mean_teacher import mean_teacher
 
 

@@ -29,10 +29,10 @@ from schemes_digits import TRAINING, digits, load_recipe, recorder, sweep
 from transformers import set_seed
 
 from hf_kd import DistillationConfig
-from hf_kd.baselines import train_plainly
 from hf_kd.data import split_labeled_transfer
 from hf_kd.evaluation import evaluate_model
 from hf_kd.metrics import classification_metrics
+from hf_kd.recipe_support.baselines import train_plainly
 from hf_kd.schemes.mutual_learning import mutual_learning
 from hf_kd.schemes.self_distillation import exit_report, self_distillation
 

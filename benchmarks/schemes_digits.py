@@ -34,12 +34,12 @@ import torch
 from transformers import set_seed
 
 from hf_kd import DistillationConfig, DistillationTrainer
-from hf_kd.baselines import train_plainly
 from hf_kd.data import add_sample_index, split_labeled_transfer
 from hf_kd.evaluation import evaluate_model
 from hf_kd.metrics import classification_metrics
 from hf_kd.noise import GaussianNoise
 from hf_kd.plots import plot_bars
+from hf_kd.recipe_support.baselines import train_plainly
 from hf_kd.schemes.born_again import born_again
 from hf_kd.schemes.noisy_student import noisy_student
 from hf_kd.schemes.teacher_assistant import teacher_assistant

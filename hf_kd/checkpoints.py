@@ -1,4 +1,4 @@
-"""Where a run that is started again resumes: its last *complete* checkpoint.
+"""Where a run that is started again resumes: its last *complete* checkpoint; and reading a model's weights back.
 
 A kill inside a save (out of memory, a preempted job, Ctrl-C) leaves a ``checkpoint-N`` folder without the files
 written after the model. ``transformers.Trainer`` writes ``trainer_state.json`` last, so a checkpoint counts as
@@ -12,6 +12,8 @@ import json
 import os
 import re
 
+from safetensors.torch import load_file
+from torch import nn
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
@@ -60,3 +62,15 @@ def _incomplete(checkpoint: str) -> str | None:
     except (OSError, ValueError) as error:
         return f"does not read as JSON ({error})"
     return None
+
+
+def load_model_weights(model: nn.Module, path: str) -> None:
+    """A transformers model's weights from the ``model.safetensors`` its ``save_pretrained`` wrote (which leaves out
+    the weights it ties to others, such as an LM head on the embeddings)."""
+    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    if unexpected or set(missing) - tied:
+        raise ValueError(
+            f"{path} does not fit {type(model).__name__}: missing {sorted(set(missing) - tied)}, unexpected "
+            f"{sorted(unexpected)}."
+        )

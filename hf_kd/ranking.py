@@ -247,7 +247,7 @@ class CrossEncoderRanker(_Ranker):
             processing_class.save_pretrained(folder)
 
     def load_checkpoint(self, folder: str) -> None:
-        from .schemes.peer_cohort import load_model_weights
+        from .checkpoints import load_model_weights
 
         load_model_weights(self.model, os.path.join(folder, "model.safetensors"))
 

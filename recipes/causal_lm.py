@@ -41,12 +41,13 @@ from transformers import (
 )
 
 from hf_kd import DistillationConfig
-from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
-from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.data import train_bpe_tokenizer
-from hf_kd.evaluation import count_parameters, draw_curves, language_model_row, report_results
+from hf_kd.evaluation import count_parameters, language_model_row
 from hf_kd.noise import TokenMasking
-from hf_kd.schemes.recipes import SchemeArguments, distil, stage_rows
+from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
+from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group, parse_args
+from hf_kd.recipe_support.schemes import SchemeArguments, distil, stage_rows
+from hf_kd.recipe_support.tables import draw_curves, report_results
 
 
 @dataclass

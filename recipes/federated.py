@@ -27,10 +27,11 @@ import torch
 from datasets import load_dataset
 from transformers import ResNetConfig, ResNetForImageClassification, set_seed
 
-from hf_kd.cli import parse_args
-from hf_kd.evaluation import count_parameters, draw, report_results
+from hf_kd.evaluation import count_parameters, draw
 from hf_kd.federated import MODES, FederatedConfig, dirichlet_split, predict, run_federated, train_locally
 from hf_kd.plots import plot_series
+from hf_kd.recipe_support.cli import parse_args
+from hf_kd.recipe_support.tables import report_results
 
 
 @dataclass

@@ -33,11 +33,12 @@ from datasets import Dataset, load_dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
 from hf_kd import DistillationConfig, DistillationTrainer
-from hf_kd.baselines import optimizer_steps, plain_args, train_plainly
-from hf_kd.cli import leave_process_group, parse_args, refuse_engines_for_multi_model_recipes
-from hf_kd.evaluation import count_parameters, draw_curves, report_results
+from hf_kd.evaluation import count_parameters
 from hf_kd.metrics import ranking_metrics
 from hf_kd.ranking import BiEncoderRanker, CrossEncoderRanker, RankingCollator, score_groups
+from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_plainly
+from hf_kd.recipe_support.cli import leave_process_group, parse_args, refuse_engines_for_multi_model_recipes
+from hf_kd.recipe_support.tables import draw_curves, report_results
 from hf_kd.sentence_embeddings import SentenceEmbeddingModel
 
 COLUMNS = ["mrr@10", "ndcg@10", "ms_per_query", "parameters"]

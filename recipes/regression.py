@@ -32,12 +32,13 @@ from transformers import PretrainedConfig, PreTrainedModel, set_seed
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_kd import DistillationConfig
-from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
-from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.data import split_labeled_transfer
-from hf_kd.evaluation import REGRESSION_COLUMNS, compare_recipe_models
+from hf_kd.evaluation import REGRESSION_COLUMNS
 from hf_kd.metrics import regression_metrics
-from hf_kd.schemes.recipes import SchemeArguments, distil, stage_rows
+from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
+from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group, parse_args
+from hf_kd.recipe_support.schemes import SchemeArguments, distil, stage_rows
+from hf_kd.recipe_support.tables import compare_recipe_models
 
 
 class TabularMLPConfig(PretrainedConfig):

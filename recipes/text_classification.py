@@ -54,13 +54,13 @@ from transformers import (
 )
 
 from hf_kd import DistillationConfig
-from hf_kd.baselines import optimizer_steps, plain_args, train_plainly
-from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.data import add_sample_index, split_labeled_transfer
-from hf_kd.evaluation import compare_recipe_models
 from hf_kd.metrics import get_compute_metrics
 from hf_kd.noise import TokenMasking
-from hf_kd.schemes.recipes import SchemeArguments, distil, stage_rows
+from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_plainly
+from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group, parse_args
+from hf_kd.recipe_support.schemes import SchemeArguments, distil, stage_rows
+from hf_kd.recipe_support.tables import compare_recipe_models
 
 
 @dataclass

@@ -34,11 +34,11 @@ from transformers import (
 )
 
 from hf_kd import DistillationConfig
-from hf_kd.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
-from hf_kd.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.cross_tokenizer import CrossTokenizerCollator
-from hf_kd.evaluation import compare_recipe_models
-from hf_kd.schemes.recipes import SchemeArguments, distil, stage_rows
+from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
+from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group, parse_args
+from hf_kd.recipe_support.schemes import SchemeArguments, distil, stage_rows
+from hf_kd.recipe_support.tables import compare_recipe_models
 from hf_kd.token_classification import entity_metrics, tokenize_words
 
 COLUMNS = ("f1", "precision", "recall")

@@ -13,8 +13,8 @@ from conftest import ROOT, classification_data, config, launch, lm_data, tiny_be
 from refusal_cases import Case
 
 from hf_kd import TeacherCache, write_teacher_cache
-from hf_kd.cli import parse_args
 from hf_kd.config import DistillationConfig, parse_losses
+from hf_kd.recipe_support.cli import parse_args
 from hf_kd.schemes.born_again import born_again
 from hf_kd.schemes.mean_teacher import mean_teacher
 from hf_kd.schemes.mutual_learning import mutual_learning

@@ -37,10 +37,10 @@ from hf_kd.features import ModelFeatures
 from hf_kd.federated import FederatedConfig, dirichlet_split, run_federated
 from hf_kd.metrics import retrieval_metrics
 from hf_kd.ranking import CrossEncoderRanker, RankingCollator
+from hf_kd.recipe_support.schemes import SchemeArguments
 from hf_kd.schemes.cross_modal import check_views, paired_views
 from hf_kd.schemes.mean_teacher import EMATeacher
 from hf_kd.schemes.mutual_learning import MutualLearningTrainer
-from hf_kd.schemes.recipes import SchemeArguments
 from hf_kd.schemes.self_distillation import EarlyExitModel, SelfDistillationTrainer
 from hf_kd.sentence_embeddings import SentenceEmbeddingModel
 from hf_kd.token_classification import add_teacher_words, tokenize_words

@@ -11,8 +11,8 @@ from conftest import ROOT, config, tiny_bert
 
 from hf_kd import DistillationConfig, DistillationLoss, ModelFeatures, available_losses, get_loss
 from hf_kd.checks import with_default_temperature
-from hf_kd.cli import parse_args
 from hf_kd.config import LossSpec, parse_losses
+from hf_kd.recipe_support.cli import parse_args
 from hf_kd.sentence_embeddings import SentenceEmbeddingModel
 from hf_kd.teachers import LiveTeacher
 
@@ -249,7 +249,7 @@ def test_config_serialises(tmp_path):
 def test_recipes_with_baselines_refuse_deepspeed_and_fsdp_with_a_way_out(monkeypatch):
     from types import SimpleNamespace
 
-    from hf_kd.cli import refuse_engines_for_multi_model_recipes
+    from hf_kd.recipe_support.cli import refuse_engines_for_multi_model_recipes
 
     for variable in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
         monkeypatch.delenv(variable, raising=False)

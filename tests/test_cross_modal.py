@@ -22,8 +22,8 @@ from transformers import (
 )
 
 from hf_kd import DistillationConfig
-from hf_kd.baselines import train_plainly
 from hf_kd.features import run_model
+from hf_kd.recipe_support.baselines import train_plainly
 from hf_kd.schemes.cross_modal import CrossModalCollator, cross_modal, min_input_length, paired_views
 from hf_kd.views import ViewCollator, pad_rows, split_views
 

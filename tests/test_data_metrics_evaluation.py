@@ -84,7 +84,7 @@ def test_bpe_tokenizer_trained_offline_puts_special_tokens_first():
 
 
 def test_baselines_use_the_students_steps_and_save_the_teacher(tmp_path):
-    from hf_kd.baselines import optimizer_steps, plain_args, train_teacher
+    from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_teacher
 
     epochs = config(tmp_path, max_steps=-1, num_train_epochs=2, per_device_train_batch_size=8)
     assert optimizer_steps(epochs, 30) == 8  # ceil(2 × 30 / 8)

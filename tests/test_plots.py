@@ -8,7 +8,6 @@ import warnings
 import pytest
 from PIL import Image
 
-from hf_kd.evaluation import report_results
 from hf_kd.plots import (
     curve_series,
     main,
@@ -19,6 +18,7 @@ from hf_kd.plots import (
     quality_latency_points,
     redraw,
 )
+from hf_kd.recipe_support.tables import report_results
 
 RESULTS = {
     "teacher (MiniLM)": {"accuracy": 0.95, "ms_per_example": 4.0, "parameters": 22_700_000},

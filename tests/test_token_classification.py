@@ -182,7 +182,7 @@ def test_a_student_with_few_labels_learns_entities_from_the_teacher(tmp_path):
         output = Trainer(model=model, args=arguments, data_collator=collator).predict(test)
         return metrics(EvalPrediction(predictions=output.predictions, label_ids=output.label_ids))["f1"]
 
-    from hf_kd.baselines import train_plainly
+    from hf_kd.recipe_support.baselines import train_plainly
 
     teacher = token_classifier(len(tok), seed=0)
     train_plainly(

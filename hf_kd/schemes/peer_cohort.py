@@ -6,9 +6,9 @@ from __future__ import annotations
 import inspect
 import os
 
-from safetensors.torch import load_file
 from torch import nn
 
+from ..checkpoints import load_model_weights
 from ..features import run_model
 
 PEER_PREFIX = "peer"  # peers given as a list are named peer0, peer1, ...
@@ -50,15 +50,3 @@ class PeerCohort(nn.Module):
                     f"{list(self.peers)}."
                 )
             load_model_weights(peer, path)
-
-
-def load_model_weights(model: nn.Module, path: str) -> None:
-    """A transformers model's weights from the ``model.safetensors`` its ``save_pretrained`` wrote (which leaves out
-    the weights it ties to others, such as an LM head on the embeddings)."""
-    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    if unexpected or set(missing) - tied:
-        raise ValueError(
-            f"{path} does not fit {type(model).__name__}: missing {sorted(set(missing) - tied)}, unexpected "
-            f"{sorted(unexpected)}."
-        )

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from ..checkpoints import last_complete_checkpoint
+from ..checkpoints import last_complete_checkpoint, load_model_weights
 from ..config import DistillationConfig
 from ..evaluation import count_parameters
 from ..features import ModelFeatures, capture_modules, pool
@@ -38,7 +38,6 @@ from ..model_kinds import is_regression, is_token_level, num_classes
 from ..trainer.compat import TrainerCompat
 from ..trainer.reporting import DISTILLATION_CONFIG_NAME, run_summary
 from .online import OnlineTrainer
-from .peer_cohort import load_model_weights
 
 FINAL = "final"  # the member that is the model's own head (the deepest exit, the teacher)
 EXITS_CONFIG, EXITS_WEIGHTS = "early_exits.json", "early_exits.safetensors"

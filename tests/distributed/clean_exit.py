@@ -2,15 +2,15 @@
 
 Left to interpreter teardown, a process group's threads (gloo's, DeepSpeed's CPU ones) now and then abort a process
 that did everything right ("terminate called without an active exception", SIGABRT), most often on a loaded machine.
-So a worker waits for the others and closes the group (``hf_kd.cli.leave_process_group``, what the recipes do), then
-leaves without teardown.
+So a worker waits for the others and closes the group (``hf_kd.recipe_support.cli.leave_process_group``, what the
+recipes do), then leaves without teardown.
 """
 
 import os
 import sys
 from typing import NoReturn
 
-from hf_kd.cli import leave_process_group
+from hf_kd.recipe_support.cli import leave_process_group
 
 
 def exit_cleanly() -> NoReturn:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..cli import sharding_engine
 from ..config import DistillationConfig
-from .stages import MODEL_FOLDER, Stage
+from ..schemes.stages import MODEL_FOLDER, Stage
+from .cli import sharding_engine
 
 SCHEMES = ("offline", "teacher_assistant", "born_again", "noisy_student", "mean_teacher", "dml", "byot")
 
@@ -148,7 +148,7 @@ def distil(
         trainer.train()
         return trainer, []
     if scheme.scheme == "mean_teacher":  # one trainer: refused under DeepSpeed/FSDP by EMATeacher, with its reason
-        from .mean_teacher import mean_teacher
+        from ..schemes.mean_teacher import mean_teacher
 
         student, ema = mean_teacher(
             make_student(1),
@@ -162,7 +162,7 @@ def distil(
         )
         return student.trainer, [ema]
     if scheme.scheme == "byot":  # one trainer: refused under DeepSpeed/FSDP by SelfDistillationTrainer
-        from .self_distillation import ExitView, block_paths, self_distillation
+        from ..schemes.self_distillation import ExitView, block_paths, self_distillation
 
         student = make_student(1)
         blocks = scheme.exit_blocks or list(range(1, len(block_paths(student))))
@@ -188,7 +188,7 @@ def distil(
             f"mutual learning), which {engine} does not support."
         )
     if scheme.scheme == "dml":
-        from .mutual_learning import mutual_learning
+        from ..schemes.mutual_learning import mutual_learning
 
         peers = mutual_learning(
             [make_student(k) for k in range(1, scheme.peers + 1)],
@@ -202,19 +202,19 @@ def distil(
         return _best_peer_trainer(best, others, args, trainer_kwargs), others
     common = dict(load_student=load_student, train_dataset=train_dataset, **trainer_kwargs)
     if scheme.scheme == "teacher_assistant":
-        from .teacher_assistant import teacher_assistant
+        from ..schemes.teacher_assistant import teacher_assistant
 
         if make_assistant is None:
             raise ValueError("this recipe has no assistant model for --scheme teacher_assistant.")
         stages = teacher_assistant(teacher, [make_assistant()], make_student(1), args, **common)
     elif scheme.scheme == "born_again":
-        from .born_again import born_again
+        from ..schemes.born_again import born_again
 
         stages = born_again(
             teacher, make_student, args, generations=scheme.generations, ensemble_last=scheme.ensemble_last, **common
         )
     else:
-        from .noisy_student import noisy_student
+        from ..schemes.noisy_student import noisy_student
 
         stages = noisy_student(
             teacher,

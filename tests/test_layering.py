@@ -1,0 +1,62 @@
+"""The layers of hf_kd import downwards only: losses / features / positions → teachers / cache / objective → trainer →
+schemes (``hf_kd/schemes/``, ``hf_kd/federated.py``) → recipe support (``hf_kd/recipe_support/``) → recipes. This test
+reads every module's imports (top-level and inside functions) and fails on one that points up."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "hf_kd"
+SCHEMES = ("hf_kd.schemes", "hf_kd.federated")
+RECIPE_SUPPORT = ("hf_kd.recipe_support",)
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: pathlib.Path) -> set[str]:
+    """Every module ``path`` imports, relative imports resolved to absolute names."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)  # `from . import schemes`
+    return found
+
+
+def layer(module: str) -> int:
+    if module.startswith(RECIPE_SUPPORT):
+        return 2
+    if module.startswith(SCHEMES):
+        return 1
+    return 0
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=[module_name(path) for path in MODULES])
+def test_imports_point_down(path):
+    here = layer(module_name(path))
+    upward = sorted(m for m in imported_modules(path) if m.startswith("hf_kd") and layer(m) > here)
+    assert not upward, f"{module_name(path)} (layer {here}) imports a higher layer: {upward}"
+
+
+def test_the_walk_sees_relative_and_function_level_imports(tmp_path):
+    # The walk itself: an upward import written relatively inside a function is found.
+    assert "hf_kd.schemes.stages" in imported_modules(PACKAGE / "recipe_support" / "schemes.py")
+    assert "hf_kd.teachers.ensemble" in imported_modules(PACKAGE / "config.py")  # inside __post_init__
