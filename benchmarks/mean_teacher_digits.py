@@ -80,8 +80,8 @@ def run_seed(seed: int, options, recipe_module, scores: dict[str, list[float]]) 
     trained, ema = mean_teacher(
         student(),
         args,
-        decay=options.decay,
-        consistency=f"{options.consistency}:{options.consistency_weight}",
+        ema_decay=options.decay,
+        consistency_loss=f"{options.consistency}:{options.consistency_weight}",
         student_noise=GaussianNoise(options.noise) if options.noise else None,
         teacher_noise=GaussianNoise(options.noise) if options.noise else None,
         train_dataset=concatenate_datasets([source, unlabeled]).shuffle(seed=seed),

@@ -181,9 +181,9 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
             lambda k: fresh_student(seed + 20 + k),
             dataclasses.replace(args, output_dir=f"{folder}/ns"),
             rounds=3,
-            threshold=0.5,
+            pseudo_label_threshold=0.5,
             student_noise=TokenMasking.from_tokenizer(tokenizer, 0.1),
-            dropout=0.1,
+            student_dropout=0.1,
             **common,
         )
         for stage in rounds:

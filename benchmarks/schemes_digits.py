@@ -203,10 +203,10 @@ def noisy_student_rounds(seed, options, plain, vit, accuracy, record, labeled, t
         dataclasses.replace(args, output_dir=f"{folder}/ns"),
         train_dataset=transfer,
         rounds=3,
-        threshold=0.5,
+        pseudo_label_threshold=0.5,
         # A 1-pixel RandomShift is too strong on 8×8 digits (measured: round 1 at 46% vs 75% without noise).
         student_noise=GaussianNoise(0.1),
-        dropout=0.1,
+        student_dropout=0.1,
     )
     for stage in rounds:
         record(f"noisy student {stage.name}", accuracy(stage.model))

@@ -5,6 +5,8 @@ Each raises with what was wrong, the value seen and what to set instead (the REA
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from datasets import Dataset
 from torch import nn
@@ -244,3 +246,12 @@ def check_compatible(student: ModelFeatures, teacher: ModelFeatures) -> None:
                 f"student logits {tuple(s)} and teacher logits {tuple(t)} cover different positions; "
                 "feed both models the same inputs."
             )
+
+
+def sharding_engine(args) -> str | None:
+    """``"DeepSpeed"`` or ``"FSDP"`` when the run uses one (from the arguments or an ``accelerate launch`` config)."""
+    if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "DeepSpeed"
+    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "FSDP"
+    return None

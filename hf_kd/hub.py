@@ -121,7 +121,16 @@ def render_student_card(
         adapter=adapter,
         papers=sorted({loss.paper for loss in losses if loss.paper}),
         lineage=_lineage_rows(summary),
+        scheme=_scheme_line(summary.get("scheme")),
     )
+
+
+def _scheme_line(scheme: dict | None) -> str | None:
+    """``born_again (generations=3, ensemble_last=False)``: the scheme and its settings, for the card."""
+    if not scheme:
+        return None
+    settings = ", ".join(f"{key}={value}" for key, value in scheme.items() if key != "name")
+    return f"`{scheme['name']}`" + (f" ({settings})" if settings else "")
 
 
 _TIMING_METRICS = ("runtime", "per_second", "epoch")

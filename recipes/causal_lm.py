@@ -45,9 +45,10 @@ from hf_kd.data import train_bpe_tokenizer
 from hf_kd.evaluation import count_parameters, language_model_row
 from hf_kd.noise import TokenMasking
 from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
-from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group, parse_args
-from hf_kd.recipe_support.schemes import SchemeArguments, distil, stage_rows
+from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group
+from hf_kd.recipe_support.schemes import parse_recipe_args, stage_rows
 from hf_kd.recipe_support.tables import draw_curves, report_results
+from hf_kd.schemes import run_scheme
 
 
 @dataclass
@@ -121,8 +122,8 @@ def gpt2(vocab_size: int, layers: int, width: int, block_size: int) -> GPT2LMHea
 
 
 def main():
-    recipe, scheme, args = parse_args((CausalLMRecipeArguments, SchemeArguments, DistillationConfig))
-    teacher_paths = scheme.teacher_paths(recipe.teacher)
+    recipe, choice, scheme, args = parse_recipe_args(CausalLMRecipeArguments, DistillationConfig)
+    teacher_paths = choice.teacher_paths(recipe.teacher)
     check_recipe_engine(args, baselines=recipe.baselines, teacher=",".join(teacher_paths))
     set_seed(args.seed)
 
@@ -161,11 +162,9 @@ def main():
         set_seed(args.seed + generation - 1)  # generation / round 1: the scratch student's initialisation
         return gpt2(vocab_size, recipe.student_layers, recipe.student_width, recipe.block_size)
 
-    def make_assistant() -> GPT2LMHeadModel:
-        width = scheme.assistant_hidden_size or 64 * max(
-            1, round((teachers[0].config.n_embd * recipe.student_width) ** 0.5 / 64)
-        )
-        layers = scheme.assistant_layers or max(1, (teachers[0].config.n_layer + recipe.student_layers) // 2)
+    def make_assistant(hidden_size: int | None, layers: int | None) -> GPT2LMHeadModel:
+        width = hidden_size or 64 * max(1, round((teachers[0].config.n_embd * recipe.student_width) ** 0.5 / 64))
+        layers = layers or max(1, (teachers[0].config.n_layer + recipe.student_layers) // 2)
         set_seed(args.seed)
         return gpt2(vocab_size, layers, width, recipe.block_size)
 
@@ -178,18 +177,19 @@ def main():
             output_dir=os.path.join(args.output_dir, "scratch"),
             data_collator=default_data_collator,
         )
-    trainer, stages = distil(
+    result = run_scheme(
         scheme,
         args,
-        teacher=teacher,
+        teacher=teacher if choice.takes_teacher else None,
         make_student=make_student,
         make_assistant=make_assistant,
-        student_noise=TokenMasking.from_tokenizer(tokenizer, scheme.input_noise),
+        make_noise=lambda strength: TokenMasking.from_tokenizer(tokenizer, strength),
         load_student=AutoModelForCausalLM.from_pretrained,
         train_dataset=train,
         data_collator=default_data_collator,
         processing_class=tokenizer,
     )
+    trainer, stages = result.trainer, result.stages
     student = trainer.student
 
     # ---- results: test perplexity ----
@@ -213,7 +213,7 @@ def main():
     title = (
         f"{recipe.dataset_name}, {len(train)} training / {len(test)} test blocks of {recipe.block_size} "
         f"tokens, {steps} steps, losses {trainer.args.losses}, temperature {args.temperature}, seed {args.seed}, "
-        f"scheme {scheme.scheme}" + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 else "")
+        f"scheme {scheme.name}" + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 else "")
     )
     columns = ["perplexity", "parameters"] + (["ms_per_example"] if recipe.baselines else [])
     report_results(results, columns, title, args.output_dir, trainer.is_world_process_zero())

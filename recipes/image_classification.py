@@ -46,9 +46,10 @@ from hf_kd.data import add_sample_index, split_labeled_transfer
 from hf_kd.metrics import get_compute_metrics
 from hf_kd.noise import GaussianNoise, RandomShift
 from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
-from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group, parse_args
-from hf_kd.recipe_support.schemes import SchemeArguments, distil, stage_rows
+from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group
+from hf_kd.recipe_support.schemes import parse_recipe_args, stage_rows
 from hf_kd.recipe_support.tables import compare_recipe_models
+from hf_kd.schemes import run_scheme
 
 
 @dataclass
@@ -112,8 +113,8 @@ def vit(recipe: ImageRecipeArguments, hidden_size: int, layers: int, num_labels:
 
 
 def main():
-    recipe, scheme, args = parse_args((ImageRecipeArguments, SchemeArguments, DistillationConfig))
-    teacher_paths = scheme.teacher_paths(recipe.teacher)
+    recipe, choice, scheme, args = parse_recipe_args(ImageRecipeArguments, DistillationConfig)
+    teacher_paths = choice.teacher_paths(recipe.teacher)
     check_recipe_engine(args, baselines=recipe.baselines, teacher=",".join(teacher_paths))
     set_seed(args.seed)
     compute_metrics = get_compute_metrics(recipe.metric)
@@ -166,11 +167,9 @@ def main():
         set_seed(args.seed + generation - 1)  # generation / round 1: the scratch student's initialisation
         return vit(recipe, recipe.student_hidden_size, recipe.student_layers, num_labels)
 
-    def make_assistant() -> ViTForImageClassification:
-        hidden = scheme.assistant_hidden_size or 16 * round(
-            (recipe.teacher_hidden_size * recipe.student_hidden_size) ** 0.5 / 16
-        )
-        layers = scheme.assistant_layers or max(1, (recipe.teacher_layers + recipe.student_layers) // 2)
+    def make_assistant(hidden_size: int | None, layers: int | None) -> ViTForImageClassification:
+        hidden = hidden_size or 16 * round((recipe.teacher_hidden_size * recipe.student_hidden_size) ** 0.5 / 16)
+        layers = layers or max(1, (recipe.teacher_layers + recipe.student_layers) // 2)
         set_seed(args.seed)
         return vit(recipe, hidden, layers, num_labels)
 
@@ -178,25 +177,25 @@ def main():
         scratch = make_student(1)
         train_plainly(scratch, baseline_args, labeled, output_dir=os.path.join(args.output_dir, "scratch"))
     # Noisy student: the pixels are normalised to [-1, 1], so a shifted-in border is background (-1).
-    noise = [RandomShift(1, fill=-1.0), GaussianNoise(scheme.input_noise)]
-    trainer, stages = distil(
+    result = run_scheme(
         scheme,
         args,
-        teacher=teacher,
+        teacher=teacher if choice.takes_teacher else None,
         make_student=make_student,
         make_assistant=make_assistant,
-        student_noise=noise,
+        make_noise=lambda strength: [RandomShift(1, fill=-1.0), GaussianNoise(strength)],
         load_student=AutoModelForImageClassification.from_pretrained,
         train_dataset=transfer,
         processing_class=processor,
         compute_metrics=compute_metrics,
     )
+    trainer, stages = result.trainer, result.stages
     student = trainer.student
 
     # ---- results on the held-out test split ----
     title = (
         f"digits, test split of {len(test)} images, {steps} steps, losses {trainer.args.losses}, "
-        f"temperature {args.temperature}, seed {args.seed}, scheme {scheme.scheme}"
+        f"temperature {args.temperature}, seed {args.seed}, scheme {scheme.name}"
         + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 else "")
     )
     distilled = f"student distilled ({len(labeled)} labels + {len(transfer) - len(labeled)} unlabeled)"

@@ -36,9 +36,10 @@ from hf_kd.data import split_labeled_transfer
 from hf_kd.evaluation import REGRESSION_COLUMNS
 from hf_kd.metrics import regression_metrics
 from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
-from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group, parse_args
-from hf_kd.recipe_support.schemes import SchemeArguments, distil, stage_rows
+from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group
+from hf_kd.recipe_support.schemes import parse_recipe_args, stage_rows
 from hf_kd.recipe_support.tables import compare_recipe_models
+from hf_kd.schemes import run_scheme
 
 
 class TabularMLPConfig(PretrainedConfig):
@@ -111,8 +112,8 @@ def mlp(hidden: int, layers: int) -> TabularMLPForSequenceClassification:
 
 
 def main():
-    recipe, scheme, args = parse_args((RegressionRecipeArguments, SchemeArguments, DistillationConfig))
-    teacher_paths = scheme.teacher_paths(recipe.teacher)
+    recipe, choice, scheme, args = parse_recipe_args(RegressionRecipeArguments, DistillationConfig)
+    teacher_paths = choice.teacher_paths(recipe.teacher)
     check_recipe_engine(args, baselines=True, teacher=",".join(teacher_paths))
     set_seed(args.seed)
 
@@ -139,27 +140,30 @@ def main():
         set_seed(args.seed + generation - 1)
         return mlp(recipe.student_hidden, recipe.student_layers)
 
-    def make_assistant() -> TabularMLPForSequenceClassification:
+    def make_assistant(hidden_size: int | None, layers: int | None) -> TabularMLPForSequenceClassification:
         set_seed(args.seed)
-        return mlp(int(np.sqrt(recipe.teacher_hidden * recipe.student_hidden)), recipe.teacher_layers)
+        return mlp(
+            hidden_size or int(np.sqrt(recipe.teacher_hidden * recipe.student_hidden)), layers or recipe.teacher_layers
+        )
 
     scratch = make_student(1)
     train_plainly(scratch, baseline_args, labeled, output_dir=os.path.join(args.output_dir, "scratch"))
-    trainer, stages = distil(
+    result = run_scheme(
         scheme,
         args,
-        teacher=teacher,
+        teacher=teacher if choice.takes_teacher else None,
         make_student=make_student,
         make_assistant=make_assistant,
         load_student=TabularMLPForSequenceClassification.from_pretrained,
         train_dataset=transfer,
         compute_metrics=regression_metrics,
     )
+    trainer, stages = result.trainer, result.stages
 
     # ---- results on the held-out test split ----
     title = (
         f"diabetes, test split of {len(test)} patients (standardised target: MSE 1 = predicting the mean), {steps} "
-        f"steps, losses {trainer.args.losses}, seed {args.seed}, scheme {scheme.scheme}"
+        f"steps, losses {trainer.args.losses}, seed {args.seed}, scheme {scheme.name}"
     )
     labeled_rows = int(torch.isfinite(transfer[:]["labels"]).sum())
     if teacher_paths:

@@ -49,9 +49,10 @@ from hf_kd.evaluation import count_parameters, language_model_row
 from hf_kd.generation import generate_teacher_outputs
 from hf_kd.noise import TokenMasking
 from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
-from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group, parse_args
-from hf_kd.recipe_support.schemes import SchemeArguments, distil, stage_rows
+from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group
+from hf_kd.recipe_support.schemes import parse_recipe_args, stage_rows
 from hf_kd.recipe_support.tables import draw_curves, report_results
+from hf_kd.schemes import run_scheme
 
 
 @dataclass
@@ -177,8 +178,8 @@ def rouge1(model, test_pairs, tokenizer, args, recipe, synced_gpus: bool = False
 
 
 def main():
-    recipe, scheme, args = parse_args((Seq2SeqRecipeArguments, SchemeArguments, DistillationConfig))
-    teacher_paths = scheme.teacher_paths(recipe.teacher)
+    recipe, choice, scheme, args = parse_recipe_args(Seq2SeqRecipeArguments, DistillationConfig)
+    teacher_paths = choice.teacher_paths(recipe.teacher)
     check_recipe_engine(args, baselines=recipe.baselines, teacher=",".join(teacher_paths))
     if recipe.sequence_level_kd and len(teacher_paths) > 1:
         raise SystemExit("--sequence_level_kd trains on one teacher's outputs; give one --teacher, not --teachers.")
@@ -233,11 +234,9 @@ def main():
         set_seed(args.seed + generation - 1)  # generation / round 1: the scratch student's initialisation
         return t5(vocab_size, recipe.student_layers, recipe.student_width, tokenizer)
 
-    def make_assistant() -> T5ForConditionalGeneration:
-        width = scheme.assistant_hidden_size or 8 * max(
-            1, round((teacher.config.d_model * recipe.student_width) ** 0.5 / 8)
-        )
-        layers = scheme.assistant_layers or max(1, (teacher.config.num_layers + recipe.student_layers) // 2)
+    def make_assistant(hidden_size: int | None, layers: int | None) -> T5ForConditionalGeneration:
+        width = hidden_size or 8 * max(1, round((teacher.config.d_model * recipe.student_width) ** 0.5 / 8))
+        layers = layers or max(1, (teacher.config.num_layers + recipe.student_layers) // 2)
         set_seed(args.seed)
         return t5(vocab_size, layers, width, tokenizer)
 
@@ -246,18 +245,19 @@ def main():
         train_plainly(
             scratch, baseline_args, train, output_dir=os.path.join(args.output_dir, "scratch"), data_collator=collator
         )
-    trainer, stages = distil(
+    result = run_scheme(
         scheme,
         args,
-        teacher=teacher if len(teachers) == 1 else teachers,
+        teacher=(teacher if len(teachers) == 1 else teachers) if choice.takes_teacher else None,
         make_student=make_student,
         make_assistant=make_assistant,
-        student_noise=TokenMasking.from_tokenizer(tokenizer, scheme.input_noise),  # source tokens only
+        make_noise=lambda strength: TokenMasking.from_tokenizer(tokenizer, strength),  # source tokens only
         load_student=AutoModelForSeq2SeqLM.from_pretrained,
         train_dataset=distill_train,
         data_collator=collator,
         processing_class=tokenizer,
     )
+    trainer, stages = result.trainer, result.stages
     student = trainer.student
 
     distilled = "student distilled" + (" (sequence-level)" if recipe.sequence_level_kd else "")
@@ -283,7 +283,7 @@ def main():
         }
     title = (
         f"{recipe.dataset_name}, {len(train)} training / {len(test)} test pairs, {steps} steps, losses "
-        f"{trainer.args.losses}, temperature {args.temperature}, seed {args.seed}, scheme {scheme.scheme}"
+        f"{trainer.args.losses}, temperature {args.temperature}, seed {args.seed}, scheme {scheme.name}"
         + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 else "")
         + "; ROUGE-1 F1 of greedy outputs on "
         f"{min(recipe.eval_examples, len(test))} test pairs"

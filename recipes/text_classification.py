@@ -58,9 +58,10 @@ from hf_kd.data import add_sample_index, split_labeled_transfer
 from hf_kd.metrics import get_compute_metrics
 from hf_kd.noise import TokenMasking
 from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_plainly
-from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group, parse_args
-from hf_kd.recipe_support.schemes import SchemeArguments, distil, stage_rows
+from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group
+from hf_kd.recipe_support.schemes import parse_recipe_args, stage_rows
 from hf_kd.recipe_support.tables import compare_recipe_models
+from hf_kd.schemes import run_scheme
 
 
 @dataclass
@@ -171,8 +172,8 @@ def build_student(recipe: TextRecipeArguments, teacher, hidden=None, layers=None
 
 
 def main():
-    recipe, scheme, args = parse_args((TextRecipeArguments, SchemeArguments, DistillationConfig))
-    teacher_paths = scheme.teacher_paths(recipe.teacher)
+    recipe, choice, scheme, args = parse_recipe_args(TextRecipeArguments, DistillationConfig)
+    teacher_paths = choice.teacher_paths(recipe.teacher)
     check_recipe_engine(args, baselines=recipe.baselines, teacher=",".join(teacher_paths))
     set_seed(args.seed)
     compute_metrics = get_compute_metrics(recipe.metric)
@@ -225,11 +226,11 @@ def main():
         set_seed(args.seed + generation - 1)  # generation / round 1: the scratch student's initialisation
         return build_student(recipe, teacher)
 
-    def make_assistant() -> BertForSequenceClassification:
-        hidden = scheme.assistant_hidden_size or 64 * max(
+    def make_assistant(hidden_size: int | None, layers: int | None) -> BertForSequenceClassification:
+        hidden = hidden_size or 64 * max(
             1, round((teacher.config.hidden_size * recipe.student_hidden_size) ** 0.5 / 64)
         )
-        layers = scheme.assistant_layers or max(1, (teacher.config.num_hidden_layers + recipe.student_layers) // 2)
+        layers = layers or max(1, (teacher.config.num_hidden_layers + recipe.student_layers) // 2)
         set_seed(args.seed)
         return build_student(recipe, teacher, hidden=hidden, layers=layers, heads=max(1, hidden // 64))
 
@@ -244,25 +245,26 @@ def main():
             output_dir=os.path.join(args.output_dir, "scratch"),
             data_collator=collator,
         )
-    trainer, stages = distil(
+    result = run_scheme(
         scheme,
         args,
-        teacher=teacher if len(teachers) == 1 else teachers,
+        teacher=(teacher if len(teachers) == 1 else teachers) if choice.takes_teacher else None,
         make_student=make_student,
         make_assistant=make_assistant,
-        student_noise=TokenMasking.from_tokenizer(tokenizer, scheme.input_noise),
+        make_noise=lambda strength: TokenMasking.from_tokenizer(tokenizer, strength),
         load_student=AutoModelForSequenceClassification.from_pretrained,
         train_dataset=transfer,
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
     )
+    trainer, stages = result.trainer, result.stages
     student = trainer.student
 
     # ---- results on the held-out test split ----
     title = (
         f"BBC-style text classification, test split of {len(test)} examples, {args.max_steps} steps, "
-        f"losses {trainer.args.losses}, temperature {args.temperature}, seed {args.seed}, scheme {scheme.scheme}"
+        f"losses {trainer.args.losses}, temperature {args.temperature}, seed {args.seed}, scheme {scheme.name}"
         + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 else "")
     )
     distilled = f"student distilled ({len(labeled)} labels + {len(transfer) - len(labeled)} unlabeled)"

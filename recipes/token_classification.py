@@ -36,9 +36,10 @@ from transformers import (
 from hf_kd import DistillationConfig
 from hf_kd.cross_tokenizer import CrossTokenizerCollator
 from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
-from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group, parse_args
-from hf_kd.recipe_support.schemes import SchemeArguments, distil, stage_rows
+from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group
+from hf_kd.recipe_support.schemes import parse_recipe_args, stage_rows
 from hf_kd.recipe_support.tables import compare_recipe_models
+from hf_kd.schemes import run_scheme
 from hf_kd.token_classification import entity_metrics, tokenize_words
 
 COLUMNS = ("f1", "precision", "recall")
@@ -106,8 +107,8 @@ def silver_tagged_sentences(cache_dir: str, max_articles: int | None) -> str:
 
 
 def main():
-    recipe, scheme, args = parse_args((TokenRecipeArguments, SchemeArguments, DistillationConfig))
-    teacher_paths = scheme.teacher_paths(recipe.teacher)
+    recipe, choice, scheme, args = parse_recipe_args(TokenRecipeArguments, DistillationConfig)
+    teacher_paths = choice.teacher_paths(recipe.teacher)
     check_recipe_engine(args, baselines=True, teacher=",".join(teacher_paths))
     set_seed(args.seed)
 
@@ -183,25 +184,26 @@ def main():
     train_plainly(
         scratch, baseline_args, labeled, output_dir=os.path.join(args.output_dir, "scratch"), data_collator=collator
     )
-    trainer, stages = distil(
+    result = run_scheme(
         scheme,
         args,
-        teacher=teacher,
+        teacher=teacher if choice.takes_teacher else None,
         make_student=make_student,
-        make_assistant=lambda: bert(256, 3),
+        make_assistant=lambda hidden_size, layers: bert(hidden_size or 256, layers or 3),
         load_student=BertForTokenClassification.from_pretrained,
         train_dataset=transfer,
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=entity_metrics(id2label, windows=test),  # every test sentence scored whole
     )
+    trainer, stages = result.trainer, result.stages
 
     # ---- results on the held-out articles ----
     title = (
         f"BBC News NER (silver tags of spaCy en_core_web_sm, {len(label_names)} BIO tags), {len(test_rows)} "
         f"sentences of held-out articles, every word scored ({len(test)} windows of ≤{recipe.max_length} tokens); "
         f"{steps} steps, losses {', '.join(spec.name for spec in args.loss_specs)}, seed "
-        f"{args.seed}, scheme {scheme.scheme}"
+        f"{args.seed}, scheme {scheme.name}"
     )
     name = f"teacher {teacher_paths[0]}" if teacher_paths else "teacher (MiniLM 6×384, all training tags)"
     rows = {

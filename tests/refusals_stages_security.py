@@ -78,7 +78,7 @@ def _stage_chain(out):
 
 def _mean_teacher(out):
     return mean_teacher(
-        tiny_bert(hidden=16, seed=2), _checkpointed(out), decay=0.9, train_dataset=classification_data(n=16)
+        tiny_bert(hidden=16, seed=2), _checkpointed(out), ema_decay=0.9, train_dataset=classification_data(n=16)
     )
 
 

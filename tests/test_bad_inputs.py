@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -31,17 +32,17 @@ from conftest import (
 from datasets import Dataset
 from refusal_cases import Case, area_cases
 
-from hf_kd import DistillationTrainer, TeacherCache, get_loss, write_teacher_cache
+from hf_kd import DistillationConfig, DistillationTrainer, TeacherCache, get_loss, write_teacher_cache
 from hf_kd.data import add_sample_index
 from hf_kd.features import ModelFeatures
 from hf_kd.federated import FederatedConfig, dirichlet_split, run_federated
 from hf_kd.metrics import retrieval_metrics
 from hf_kd.ranking import CrossEncoderRanker, RankingCollator
-from hf_kd.recipe_support.schemes import SchemeArguments
+from hf_kd.recipe_support.schemes import SchemeChoice, parse_recipe_args
 from hf_kd.schemes.cross_modal import check_views, paired_views
 from hf_kd.schemes.mean_teacher import EMATeacher
 from hf_kd.schemes.mutual_learning import MutualLearningTrainer
-from hf_kd.schemes.self_distillation import EarlyExitModel, SelfDistillationTrainer
+from hf_kd.schemes.self_distillation import EarlyExitModel, SelfDistillationConfig, SelfDistillationTrainer
 from hf_kd.sentence_embeddings import SentenceEmbeddingModel
 from hf_kd.token_classification import add_teacher_words, tokenize_words
 from hf_kd.views import ViewCollator, pad_rows
@@ -494,8 +495,8 @@ CASES = [
     ),
     Case(
         "noisy-threshold",
-        "`noisy_student(..., threshold=1.0)`",
-        lambda p: _noisy(p, threshold=1.0),
+        "`noisy_student(..., pseudo_label_threshold=1.0)`",
+        lambda p: _noisy(p, pseudo_label_threshold=1.0),
         ValueError,
         "the confidence threshold must lie in [0, 1)",
     ),
@@ -516,16 +517,16 @@ CASES = [
     Case(
         "recipe-one-of-teachers",
         "a recipe with `--teachers A` (one folder)",
-        lambda p: SchemeArguments(teachers="outputs/a").teacher_paths(None),
+        lambda p: SchemeChoice(teachers="outputs/a").teacher_paths(None),
         ValueError,
         "--teachers needs at least two comma-separated folders",
     ),
     Case(
         "recipe-chain-of-teachers",
         "a recipe with `--teachers A,B --scheme teacher_assistant`",
-        lambda p: SchemeArguments(teachers="a,b", scheme="teacher_assistant"),
+        lambda p: _recipe_args(p, "--teachers", "a,b", "--scheme", "teacher_assistant"),
         ValueError,
-        "--teachers with --scheme teacher_assistant: it starts from one teacher",
+        "--teachers with --scheme teacher_assistant: it starts from one",
     ),
     Case(
         "mean-teacher-decay",
@@ -558,16 +559,23 @@ CASES = [
     Case(
         "recipe-mean-teacher-of-teachers",
         "a recipe with `--teachers A,B --scheme mean_teacher`",
-        lambda p: SchemeArguments(teachers="a,b", scheme="mean_teacher"),
+        lambda p: _recipe_args(p, "--teachers", "a,b", "--scheme", "mean_teacher"),
         ValueError,
-        "--teachers with --scheme mean_teacher: its teachers are trained with the student",
+        "--teachers with --scheme mean_teacher: it trains its own teachers with the student",
     ),
     Case(
         "recipe-dml-one-peer",
-        "a recipe with `--scheme dml --peers 1`",
-        lambda p: SchemeArguments(scheme="dml", peers=1),
+        "a recipe with `--scheme mutual_learning --peers 1`",
+        lambda p: _recipe_args(p, "--scheme", "mutual_learning", "--peers", "1"),
         ValueError,
-        "--peers needs at least 2",
+        "mutual learning needs at least 2 peers, got 1",
+    ),
+    Case(
+        "recipe-unknown-scheme",
+        "a recipe with `--scheme dml` (the registry's name is `mutual_learning`)",
+        lambda p: _recipe_args(p, "--scheme", "dml"),
+        ValueError,
+        "unknown scheme 'dml'",
     ),
     Case(
         "dml-one-peer",
@@ -651,11 +659,11 @@ CASES = [
         "SelfDistillationTrainer trains an EarlyExitModel",
     ),
     Case(
-        "recipe-byot-exits",
-        "a recipe with `--scheme byot --exits first`",
-        lambda p: SchemeArguments(scheme="byot", exits="first"),
+        "self-distillation-no-exits",
+        "`SelfDistillationConfig(exits_after=[])`",
+        lambda p: SelfDistillationConfig(exits_after=[]),
         ValueError,
-        "--exits takes comma-separated block numbers",
+        "exits_after is empty",
     ),
     Case(
         "byot-regression",
@@ -888,6 +896,15 @@ def _teacher_words_all(tmp_path):
     words = Dataset.from_list([{"words": ["brown"], "tags": ["O"]}])
     rows = tokenize_words(words, _wordpiece(tmp_path), {"O": 0}, subtokens="all")
     return add_teacher_words(rows, words, _wordpiece(tmp_path))
+
+
+@dataclass
+class _NoRecipeFlags:
+    """A recipe's own flags (none here) beside the scheme's and the distillation ones."""
+
+
+def _recipe_args(tmp_path, *flags):
+    return parse_recipe_args(_NoRecipeFlags, DistillationConfig, ["--output_dir", str(tmp_path / "out"), *flags])
 
 
 def _peers(tmp_path, peers, **overrides):

@@ -46,7 +46,9 @@ def layer(module: str) -> int:
     return 0
 
 
-MODULES = sorted(PACKAGE.rglob("*.py"))
+# The package root (hf_kd/__init__.py) is the public facade: it re-exports every layer, and is exempt; no module
+# under it may import the root back (checked below).
+MODULES = sorted(path for path in PACKAGE.rglob("*.py") if path != PACKAGE / "__init__.py")
 
 
 @pytest.mark.parametrize("path", MODULES, ids=[module_name(path) for path in MODULES])
@@ -54,6 +56,13 @@ def test_imports_point_down(path):
     here = layer(module_name(path))
     upward = sorted(m for m in imported_modules(path) if m.startswith("hf_kd") and layer(m) > here)
     assert not upward, f"{module_name(path)} (layer {here}) imports a higher layer: {upward}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=[module_name(path) for path in MODULES])
+def test_no_module_imports_the_package_root(path):
+    tree = ast.parse(path.read_text(), str(path))
+    absolute = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "hf_kd"]
+    assert not absolute, f"{module_name(path)} imports from the package root (import the defining module instead)"
 
 
 def test_the_walk_sees_relative_and_function_level_imports(tmp_path):

@@ -143,7 +143,7 @@ def test_mean_teacher_saves_and_measures_the_student_and_the_ema_teacher(tmp_pat
     stages = mean_teacher(
         student,
         args,
-        decay=0.9,
+        ema_decay=0.9,
         train_dataset=data,
         eval_dataset=classification_data(n=16, seed=5),
         compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},

@@ -182,10 +182,10 @@ def test_rounds_chain_teachers_record_pseudo_labels_and_reload(tmp_path):
         config(tmp_path, max_steps=2),
         train_dataset=train,
         rounds=2,
-        threshold=0.0,
+        pseudo_label_threshold=0.0,
         pseudo_labels="hard",
         student_noise=TokenMasking(0.2, MASK),
-        dropout=0.1,
+        student_dropout=0.1,
         eval_dataset=data,
     )
     assert [stage.name for stage in stages] == ["round1", "round2"]
@@ -208,9 +208,16 @@ def test_rounds_chain_teachers_record_pseudo_labels_and_reload(tmp_path):
         config(tmp_path, max_steps=2),
         train_dataset=train,
         rounds=2,
+        pseudo_label_threshold=0.0,
+        pseudo_labels="hard",
+        student_noise=TokenMasking(0.2, MASK),
+        student_dropout=0.1,
         load_student=lambda folder: reloaded.append(folder) or BertForSequenceClassification.from_pretrained(folder),
     )
     assert len(reloaded) == 2 and again[1].details["kept_rows"] == 24
+    # The same folder asked for soft pseudo-labels: the finished rounds were trained otherwise and are not reused.
+    with pytest.raises(ValueError, match=r"stage 'round1' finished in an earlier run .* under another set-up: scheme"):
+        noisy_student(teacher, make_student, config(tmp_path, max_steps=2), train_dataset=train, rounds=2)
 
 
 def test_the_card_shows_the_lineage_with_each_stages_metrics(tmp_path):

@@ -595,6 +595,7 @@ def test_image_recipe_runs_every_scheme_and_several_teachers(tmp_path):
     assert rows == [f"teacher {ns / 'teacher'}", "student from scratch", "ema_teacher", "student distilled"]
     summary = json.loads((mt / "student" / "distillation_config.json").read_text())
     assert summary["losses"] == [{"name": "logit_mse", "weight": 1.0}] and summary["stage"]["decay"] == 0.9
+    assert summary["scheme"]["name"] == "mean_teacher" and summary["scheme"]["ema_decay"] == 0.9
     assert summary["teacher_parameters"] == summary["student_parameters"]
     ema = results[next(name for name in results if name.startswith("ema_teacher"))]
     assert ema["accuracy"] == pytest.approx(digits_test_accuracy(mt, model_dir=mt / "ema_teacher" / "model"), abs=1e-9)
@@ -609,7 +610,7 @@ def test_image_recipe_runs_every_scheme_and_several_teachers(tmp_path):
         "--teacher",
         str(ns / "teacher"),
         "--scheme",
-        "dml",
+        "mutual_learning",
         "--peers",
         "3",
     )
@@ -619,6 +620,7 @@ def test_image_recipe_runs_every_scheme_and_several_teachers(tmp_path):
     summary = json.loads((dml / "student" / "distillation_config.json").read_text())
     assert summary["stage"]["scheme"] == "mutual_learning" and summary["stage"]["peers"] == ["peer0", "peer1", "peer2"]
     assert set(summary["teachers"]) == {"peer1", "peer2"} and summary["steps"] == 20
+    assert summary["scheme"] == {"name": "mutual_learning", "peers": 3, "towards": "peers"}  # its settings, saved
     for peer in ("peer0", "peer1", "peer2"):
         assert (dml / peer / "model.safetensors").exists() and (dml / peer / "README.md").exists()
     distilled = results[next(name for name in results if name.startswith("student distilled"))]
@@ -634,7 +636,7 @@ def test_image_recipe_runs_every_scheme_and_several_teachers(tmp_path):
         "--teacher",
         str(ns / "teacher"),
         "--scheme",
-        "byot",
+        "self_distillation",
         "--student_layers",
         "3",
         "--hint_weight",
@@ -647,6 +649,13 @@ def test_image_recipe_runs_every_scheme_and_several_teachers(tmp_path):
     assert sizes[0] < sizes[1] < sizes[2]  # an exit uses the blocks before it and its head only
     summary = json.loads((byot / "student" / "distillation_config.json").read_text())
     assert summary["stage"]["exits"]["exits_after"] == [1, 2] and summary["stage"]["hint_weight"] == 0.1
+    assert summary["scheme"] == {
+        "name": "self_distillation",
+        "exits_after": None,  # the default: every block but the last
+        "exit_bottleneck": None,
+        "hint_weight": 0.1,
+        "save_exits": False,
+    }
     assert not (byot / "student" / "early_exits.json").exists()
     distilled = results[next(name for name in results if name.startswith("student distilled"))]
     assert distilled["accuracy"] == pytest.approx(digits_test_accuracy(byot), abs=1e-9)

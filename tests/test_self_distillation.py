@@ -168,7 +168,7 @@ def test_saving_drops_the_exits_by_default_and_keeps_them_when_asked(tmp_path):
         tiny_bert(layers=3, seed=2),
         config(tmp_path / "kept", max_steps=3, losses="kl"),
         exits_after=[1, 2],
-        bottleneck=8,
+        exit_bottleneck=8,
         save_exits=True,
         train_dataset=classification_data(n=16),
     )

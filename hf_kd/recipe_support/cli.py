@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import yaml
 from transformers import HfArgumentParser
+
+from ..checks import sharding_engine
 
 
 def parse_args(dataclass_types, args: list[str] | None = None):
@@ -35,15 +36,6 @@ def parse_args(dataclass_types, args: list[str] | None = None):
             if action.dest in defaults:
                 action.required = False
     return parser.parse_args_into_dataclasses(args=args)
-
-
-def sharding_engine(args) -> str | None:
-    """``"DeepSpeed"`` or ``"FSDP"`` when the run uses one (from the arguments or an ``accelerate launch`` config)."""
-    if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        return "DeepSpeed"
-    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return "FSDP"
-    return None
 
 
 def refuse_engines_for_multi_model_recipes(args) -> None:

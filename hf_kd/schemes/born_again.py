@@ -5,13 +5,36 @@ last generation may learn from the ensemble of all before it."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..config import DistillationConfig
 from ..teachers import SINGLE_TEACHER, name_models
-from .stages import Stage, chain_teachers, check_stages, describe, run_stage
+from .registry import SchemeConfig, SchemeResult, register_scheme
+from .stages import Stage, chain_teachers, check_stages, describe, final_trainer, run_stage
 from .teacher_assistant import _describe_teacher
+
+
+@dataclass
+class BornAgainConfig(SchemeConfig):
+    """Settings of born-again networks.
+
+    Args:
+        generations: how many students are trained in a row (>= 1).
+        ensemble_last: the last generation learns from the teacher and every earlier generation (needs >= 2).
+    """
+
+    generations: int = field(default=2, metadata={"help": "born_again: the number of generations."})
+    ensemble_last: bool = field(
+        default=False, metadata={"help": "born_again: the last generation learns from all earlier ones."}
+    )
+
+    def __post_init__(self):
+        if not isinstance(self.generations, int) or self.generations < 1:
+            raise ValueError(f"born_again needs generations >= 1, got {self.generations!r}.")
+        if self.ensemble_last and self.generations < 2:
+            raise ValueError("ensemble_last needs generations >= 2: the last generation's ensemble has earlier ones.")
 
 
 def born_again(
@@ -22,6 +45,7 @@ def born_again(
     generations: int = 3,
     ensemble_last: bool = False,
     load_student=None,
+    scheme: BornAgainConfig | None = None,
     **trainer_kwargs,
 ) -> list[Stage]:
     """Train ``generations`` students, ``make_student(k)`` for generation k = 1…N (freshly initialised, the
@@ -31,10 +55,7 @@ def born_again(
     member by member). Every generation's settings are checked before generation 1 trains. Resuming and lineage as in
     :func:`~hf_kd.schemes.teacher_assistant.teacher_assistant`. Returns the generations in order.
     """
-    if generations < 1:
-        raise ValueError(f"born_again needs generations >= 1, got {generations}.")
-    if ensemble_last and generations < 2:
-        raise ValueError("ensemble_last needs generations >= 2: the last generation's ensemble has earlier ones.")
+    scheme = scheme if scheme is not None else BornAgainConfig(generations, ensemble_last)
     names = [f"generation{generation}" for generation in range(1, generations + 1)]
     plan = chain_teachers(names, teacher)
     if ensemble_last:  # the teacher's members and every earlier generation, side by side
@@ -53,8 +74,39 @@ def born_again(
         if ensemble_last and generation == generations:
             current = {**name_models(teacher, SINGLE_TEACHER), **{stage.name: stage.model for stage in stages}}
         name = names[generation - 1]
-        stage = run_stage(name, make_student(generation), current, args, lineage, load_student, **trainer_kwargs)
+        stage = run_stage(
+            name, make_student(generation), current, args, lineage, load_student, scheme=scheme, **trainer_kwargs
+        )
         stages.append(stage)
         lineage = [*lineage, describe(name, stage.model, stage.metrics)]
         current = stage.model
     return stages
+
+
+@register_scheme("born_again", config=BornAgainConfig, teachers="many", stages=True)
+def run_born_again(
+    config: BornAgainConfig,
+    args: DistillationConfig,
+    *,
+    teacher,
+    make_student,
+    train_dataset,
+    load_student=None,
+    make_assistant=None,
+    make_noise=None,
+    **trainer_kwargs,
+) -> SchemeResult:
+    """Born-again networks: generations of students of one architecture, each taught by the one before (the first by
+    the teacher); with ensemble_last, the last by all of them (Furlanello et al. 2018)."""
+    stages = born_again(
+        teacher,
+        make_student,
+        args,
+        generations=config.generations,
+        ensemble_last=config.ensemble_last,
+        load_student=load_student,
+        scheme=config,
+        train_dataset=train_dataset,
+        **trainer_kwargs,
+    )
+    return SchemeResult(final_trainer(stages[-1], stages, args, teacher, config, trainer_kwargs), stages[:-1])

@@ -22,6 +22,7 @@ audio must be long enough for its feature encoder to make a frame of it (:func:`
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 from datasets import Dataset
 from torch import nn
@@ -31,6 +32,7 @@ from ..data import list_lengths
 from ..model_kinds import base_model
 from ..trainer import DistillationTrainer
 from ..views import TEACHER_PREFIX, ViewCollator, add_teacher_view, has_teacher_view, split_views
+from .registry import SchemeConfig, SchemeResult, register_scheme
 
 #: Columns that are never a model's input but ride along with a view (the trainer reads them itself).
 _NOT_INPUTS = {"labels", "label", "sample_index", "distillation_positions"}
@@ -153,3 +155,30 @@ def _eval_sets(eval_dataset) -> list[tuple[str, Dataset]]:
     if isinstance(eval_dataset, dict):
         return [(f"eval_dataset[{key!r}]", dataset) for key, dataset in eval_dataset.items()]
     return [("eval_dataset", eval_dataset)]
+
+
+@dataclass
+class CrossModalConfig(SchemeConfig):
+    """Cross-modal distillation has no settings of its own: the rows carry both views (:func:`paired_views`) and the
+    usual :class:`~hf_kd.DistillationConfig` losses compare the two models' outputs."""
+
+
+@register_scheme("cross_modal", config=CrossModalConfig, teachers="one")
+def run_cross_modal(
+    config: CrossModalConfig,
+    args: DistillationConfig,
+    *,
+    teacher,
+    make_student,
+    train_dataset,
+    load_student=None,
+    make_assistant=None,
+    make_noise=None,
+    **trainer_kwargs,
+) -> SchemeResult:
+    """Cross-modal: the teacher reads one modality of each paired row (its teacher_* view), the student another (text
+    → speech, say); the rows and models are checked up front."""
+    trainer = cross_modal(make_student(1), teacher, args, train_dataset=train_dataset, **trainer_kwargs)
+    trainer.scheme_config = config
+    trainer.train()
+    return SchemeResult(trainer, [])

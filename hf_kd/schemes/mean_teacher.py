@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import math
 import os
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from ..evaluation import count_parameters
 from ..features import ModelFeatures, run_model
 from ..noise import compose_noise
 from ..teachers import LiveTeacher, check_materialized, freeze, unwrap
+from .registry import SchemeConfig, SchemeResult, register_scheme
 from .stages import MODEL_FOLDER, Stage
 
 EMA_TEACHER = "ema_teacher"  # the teacher's name (logs: kl/…; card rows) and its stage folder beside the student
@@ -128,15 +130,50 @@ class _EMAUpdate(TrainerCallback):
         self.teacher.update(state.global_step)
 
 
+@dataclass
+class MeanTeacherConfig(SchemeConfig):
+    """Settings of the mean teacher (Tarvainen & Valpola 2017): the student's EMA is its teacher.
+
+    Args:
+        ema_decay: the EMA decay d in [0, 1) (ramped up from 0 over the first steps).
+        consistency_loss: the loss between student and EMA teacher, replacing ``losses`` (``logit_mse`` as in the
+            paper, ``kl``, ...; ``None`` keeps ``losses``).
+        teacher_dropout: the EMA teacher runs with dropout (a second, independently perturbed view).
+        input_noise: the strength of the input noise on both views (``None``: the noise given as it is).
+    """
+
+    ema_decay: float = field(default=0.999, metadata={"help": "mean_teacher: the EMA decay d (ramped up from 0)."})
+    consistency_loss: str | None = field(
+        default="logit_mse",
+        metadata={
+            "help": "mean_teacher: the consistency loss (logit_mse as in the paper, kl, ...), replacing --losses."
+        },
+    )
+    teacher_dropout: bool = field(default=True, metadata={"help": "mean_teacher: the EMA teacher runs with dropout."})
+    input_noise: float | None = field(
+        default=0.1,
+        metadata={"help": "mean_teacher: token masking probability (text) or pixel noise std (images), both views."},
+    )
+
+    def __post_init__(self):
+        if not 0.0 <= self.ema_decay < 1.0:  # False for NaN too
+            raise ValueError(
+                f"the mean teacher's ema_decay must lie in [0, 1), got {self.ema_decay!r} (the paper: 0.99-0.999)."
+            )
+        if self.input_noise is not None and not 0.0 <= self.input_noise < 1.0:
+            raise ValueError(f"input_noise must lie in [0, 1), got {self.input_noise}.")
+
+
 def mean_teacher(
     student: nn.Module,
     args: DistillationConfig,
     *,
-    decay: float = 0.999,
-    consistency: str | None = "logit_mse",
+    ema_decay: float = 0.999,
+    consistency_loss: str | None = "logit_mse",
     teacher_dropout: bool = True,
     teacher_noise=None,
     student_noise=None,
+    scheme: MeanTeacherConfig | None = None,
     **trainer_kwargs,
 ) -> list[Stage]:
     """Train ``student`` with its mean teacher on ``train_dataset`` (labeled source rows + unlabeled target rows)
@@ -144,15 +181,17 @@ def mean_teacher(
     the EMA teacher to ``OUTPUT_DIR/ema_teacher/model`` — often the better of the two, so both are measured on
     ``eval_dataset`` (``compare_with_teacher``: the card's table has a row each).
 
-    ``consistency``: the loss between the two (``logit_mse`` as in the paper, or ``kl``, ...) replacing
+    ``consistency_loss``: the loss between the two (``logit_mse`` as in the paper, or ``kl``, ...) replacing
     ``args.losses``; ``None`` keeps ``args.losses``. Returns the stages ``student`` and ``ema_teacher``, both with
     the one trainer that trained them.
     """
-    if consistency is not None:
-        args = dataclasses.replace(args, losses=consistency)
+    if scheme is None:  # what this call asks for, as the scheme records it (input noise: the given objects')
+        scheme = MeanTeacherConfig(ema_decay, consistency_loss, teacher_dropout, None)
+    if consistency_loss is not None:
+        args = dataclasses.replace(args, losses=consistency_loss)
     from ..trainer import DistillationTrainer
 
-    teacher = EMATeacher(student, decay, dropout=teacher_dropout, noise=teacher_noise)
+    teacher = EMATeacher(student, ema_decay, dropout=teacher_dropout, noise=teacher_noise)
     trainer = DistillationTrainer(
         model=student,
         teacher_model={EMA_TEACHER: teacher},
@@ -160,13 +199,14 @@ def mean_teacher(
         student_noise=student_noise,
         **trainer_kwargs,
     )
+    trainer.scheme_config = scheme
     folder = args.output_dir
     checkpoint = last_complete_checkpoint(folder)
     trainer.train(resume_from_checkpoint=checkpoint)
     rows = trainer.compare_with_teacher() if trainer.eval_dataset is not None else {}
     metrics = {name: _metrics(row) for name, row in rows.items()}
     trainer.stage_metrics = metrics.get("student", {})
-    trainer.stage_details = {"scheme": "mean_teacher", "decay": decay}
+    trainer.stage_details = {"scheme": "mean_teacher", "decay": ema_decay}
     if EMA_TEACHER in metrics:
         trainer.stage_details[EMA_TEACHER] = metrics[EMA_TEACHER]
     trainer.save_model(os.path.join(folder, MODEL_FOLDER))
@@ -184,3 +224,34 @@ def mean_teacher(
 def _metrics(row: dict) -> dict:
     """A comparison row's metrics, without its size and speed columns."""
     return {key: value for key, value in row.items() if key not in ("parameters", "ms_per_example")}
+
+
+@register_scheme("mean_teacher", config=MeanTeacherConfig, teachers="none")
+def run_mean_teacher(
+    config: MeanTeacherConfig,
+    args: DistillationConfig,
+    *,
+    teacher=None,
+    make_student,
+    train_dataset,
+    load_student=None,
+    make_assistant=None,
+    make_noise=None,
+    **trainer_kwargs,
+) -> SchemeResult:
+    """Mean teacher: the student's exponential moving average is its teacher, with consistency between two noised
+    views on labeled and unlabeled rows (Tarvainen & Valpola 2017)."""
+    noise = make_noise(config.input_noise) if make_noise is not None and config.input_noise else None
+    student, ema = mean_teacher(
+        make_student(1),
+        args,
+        ema_decay=config.ema_decay,
+        consistency_loss=config.consistency_loss,
+        teacher_dropout=config.teacher_dropout,
+        teacher_noise=noise,  # the same kind of noise, drawn separately: two views
+        student_noise=noise,
+        scheme=config,
+        train_dataset=train_dataset,
+        **trainer_kwargs,
+    )
+    return SchemeResult(student.trainer, [ema])

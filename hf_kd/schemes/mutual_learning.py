@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -32,6 +33,7 @@ from ..trainer.compat import TrainerCompat
 from ..trainer.reporting import DISTILLATION_CONFIG_NAME, run_summary
 from .online import OnlineTrainer, best_member, mean_prediction
 from .peer_cohort import PEER_PREFIX, PeerCohort
+from .registry import SchemeConfig, SchemeResult, register_scheme
 from .stages import Stage
 
 TOWARDS = ("peers", "ensemble")
@@ -166,12 +168,38 @@ _NO_PUSH = (
 )
 
 
+@dataclass
+class MutualLearningConfig(SchemeConfig):
+    """Settings of deep mutual learning (Zhang et al. 2018).
+
+    Args:
+        peers: how many students train together (>= 2), each a fresh ``make_student(k)``.
+        towards: each peer learns from every other peer (``peers``, averaged: the paper) or from their ensemble.
+    """
+
+    peers: int = field(default=2, metadata={"help": "mutual_learning: the number of peers (each a fresh student)."})
+    towards: str = field(
+        default="peers",
+        metadata={
+            "help": "mutual_learning: each peer learns from every other peer (averaged), or from their ensemble.",
+            "choices": list(TOWARDS),
+        },
+    )
+
+    def __post_init__(self):
+        if not isinstance(self.peers, int) or self.peers < 2:
+            raise ValueError(f"mutual learning needs at least 2 peers, got {self.peers!r}.")
+        if self.towards not in TOWARDS:
+            raise ValueError(f"towards must be one of {TOWARDS}, got {self.towards!r}.")
+
+
 def mutual_learning(
     peers: list[nn.Module] | dict[str, nn.Module],
     args: DistillationConfig,
     *,
     towards: str = "peers",
     metric: str | None = None,
+    scheme: MutualLearningConfig | None = None,
     **trainer_kwargs,
 ) -> list[Stage]:
     """Train ``peers`` together by deep mutual learning in ``args.output_dir`` (resuming from its last checkpoint
@@ -183,6 +211,7 @@ def mutual_learning(
     (``details["best"]``), each with the one trainer that trained them all.
     """
     trainer = MutualLearningTrainer(peers, args, towards=towards, **trainer_kwargs)
+    trainer.scheme_config = scheme if scheme is not None else MutualLearningConfig(len(trainer.members), towards)
     folder = args.output_dir
     checkpoint = last_complete_checkpoint(folder)
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -223,3 +252,46 @@ def _named_peers(peers) -> dict[str, nn.Module]:
             raise ValueError("two peers share parameters: each peer must be a separate model (copy.deepcopy).")
         shared |= {id(p) for p in peer.parameters()}
     return named
+
+
+@register_scheme("mutual_learning", config=MutualLearningConfig, teachers="none", stages=True)
+def run_mutual_learning(
+    config: MutualLearningConfig,
+    args: DistillationConfig,
+    *,
+    teacher=None,
+    make_student,
+    train_dataset,
+    load_student=None,
+    make_assistant=None,
+    make_noise=None,
+    **trainer_kwargs,
+) -> SchemeResult:
+    """Deep mutual learning: peers trained together from scratch, each learning from the others' predictions; no
+    pretrained teacher, and the best peer is the student (Zhang et al. 2018)."""
+    peers = mutual_learning(
+        [make_student(k) for k in range(1, config.peers + 1)],
+        args,
+        towards=config.towards,
+        scheme=config,
+        train_dataset=train_dataset,
+        **trainer_kwargs,
+    )
+    best = next((peer for peer in peers if peer.details["best"]), peers[0])
+    others = [peer for peer in peers if peer is not best]
+    return SchemeResult(_best_peer_trainer(best, others, args, config, trainer_kwargs), others)
+
+
+def _best_peer_trainer(best: Stage, others: list[Stage], args, scheme, trainer_kwargs):
+    """After deep mutual learning: a trainer around the best peer (its teachers, the other peers, now frozen), for
+    the recipe's evaluation, save and push; it records the cohort's run (steps, peers, metrics)."""
+    from ..trainer import DistillationTrainer
+
+    trainer = DistillationTrainer(
+        model=best.model, teacher_model={peer.name: peer.model for peer in others}, args=args, **trainer_kwargs
+    )
+    summary = best.trainer.peer_summary(best.name)
+    trainer.state.global_step = best.trainer.state.global_step
+    trainer.stage_metrics, trainer.stage_details = summary.get("metrics"), summary["stage"]
+    trainer.scheme_config = scheme
+    return trainer

@@ -13,7 +13,7 @@ classes the teacher assigns (the most confident rows of the large classes, dupli
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ from ..data import SAMPLE_INDEX, UNLABELED
 from ..evaluation import count_parameters
 from ..model_kinds import is_token_level
 from ..noise import compose_noise
-from .stages import Stage, chain_teachers, check_stages, describe, finished_stage, run_stage
+from .registry import SchemeConfig, SchemeResult, register_scheme
+from .stages import Stage, chain_teachers, check_stages, describe, final_trainer, finished_stage, run_stage
 from .teacher_assistant import _describe_teacher
 
 logger = logging.get_logger(__name__)
@@ -97,6 +98,46 @@ def pseudo_label(
     return PseudoLabels(rows, classes[kept], confidence[kept], len(dataset), probabilities.shape[-1])
 
 
+@dataclass
+class NoisyStudentConfig(SchemeConfig):
+    """Settings of noisy-student training (Xie et al. 2020).
+
+    Args:
+        rounds: teacher → student rounds, each student the next round's teacher (>= 1).
+        pseudo_labels: ``soft`` (the teacher's distribution) or ``hard`` (its arg-max as the label).
+        pseudo_label_threshold: keep only unlabeled rows whose top probability is at least this, in [0, 1).
+        balance_pseudo_labels: even the classes of the kept rows (``True``: to the mean count; a number: to it).
+        input_noise: the strength of the input noise on the student (token masking probability, pixel noise std);
+            ``None``: the noise given as ``student_noise`` as it is.
+        student_dropout: the student's dropout rate while it trains, in [0, 1) (``None``: its own).
+    """
+
+    rounds: int = field(default=1, metadata={"help": "noisy_student: the number of rounds."})
+    pseudo_labels: str = field(
+        default="soft", metadata={"help": "noisy_student: soft or hard.", "choices": ["soft", "hard"]}
+    )
+    pseudo_label_threshold: float = field(
+        default=0.0, metadata={"help": "noisy_student: keep unlabeled rows the teacher is at least this sure of."}
+    )
+    balance_pseudo_labels: bool = field(default=False, metadata={"help": "noisy_student: even the classes."})
+    input_noise: float | None = field(
+        default=0.1,
+        metadata={"help": "noisy_student: token masking probability (text) or pixel noise std (images)."},
+    )
+    student_dropout: float | None = field(
+        default=0.1, metadata={"help": "noisy_student: the student's dropout rate while it trains."}
+    )
+
+    def __post_init__(self):
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"noisy_student needs rounds >= 1, got {self.rounds!r}.")
+        _check_options(self.pseudo_labels, self.pseudo_label_threshold, self.balance_pseudo_labels)
+        if self.student_dropout is not None and not 0.0 <= self.student_dropout < 1.0:
+            raise ValueError(f"student_dropout must lie in [0, 1), got {self.student_dropout}.")
+        if self.input_noise is not None and not 0.0 <= self.input_noise < 1.0:
+            raise ValueError(f"input_noise must lie in [0, 1), got {self.input_noise}.")
+
+
 def noisy_student(
     teacher,
     make_student: Callable[[int], nn.Module],
@@ -105,12 +146,13 @@ def noisy_student(
     train_dataset: Dataset,
     rounds: int = 1,
     pseudo_labels: str = "soft",
-    threshold: float = 0.0,
-    balance: bool | int = False,
+    pseudo_label_threshold: float = 0.0,
+    balance_pseudo_labels: bool | int = False,
     student_noise=None,
-    dropout: float | None = None,
+    student_dropout: float | None = None,
     load_student=None,
     label_column: str = "labels",
+    scheme: NoisyStudentConfig | None = None,
     **trainer_kwargs,
 ) -> list[Stage]:
     """``rounds`` rounds of noisy-student training in ``args.output_dir/round{k}``. ``train_dataset`` holds the
@@ -118,16 +160,15 @@ def noisy_student(
     with none, e.g. language modelling, each round is noisy self-distillation on the labeled rows). In round k
     the round's teacher (``teacher``, then round k − 1's student) pseudo-labels the unlabeled rows and
     ``make_student(k)`` learns from the labeled rows plus the kept pseudo-labeled ones with ``student_noise`` on its
-    inputs (:mod:`hf_kd.noise`) and, with ``dropout``, every ``nn.Dropout`` of the student at that rate while it
+    inputs (:mod:`hf_kd.noise`) and, with ``student_dropout``, every ``nn.Dropout`` of the student at that rate while it
     trains. ``trainer_kwargs`` go to each round's :class:`~hf_kd.DistillationTrainer` (``data_collator`` also
     batches the pseudo-labelling). Each round's ``distillation_config.json`` records its pseudo-labels (rows kept
     per class, mean confidence) and its lineage; running again resumes as
     :func:`~hf_kd.schemes.teacher_assistant.teacher_assistant` does. Returns the rounds in order."""
-    if rounds < 1:
-        raise ValueError(f"noisy_student needs rounds >= 1, got {rounds}.")
-    _check_options(pseudo_labels, threshold, balance)
-    if dropout is not None and not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must lie in [0, 1), got {dropout}.")
+    if scheme is None:  # what this call asks for, as the scheme records it (input noise: the given noise object's)
+        scheme = NoisyStudentConfig(
+            rounds, pseudo_labels, pseudo_label_threshold, balance_pseudo_labels, None, student_dropout
+        )
     if pseudo_labels == "hard" and isinstance(teacher, TeacherCache):
         raise ValueError(
             "hard pseudo-labels rewrite the labels column, which a TeacherCache fingerprints per row; use "
@@ -155,21 +196,21 @@ def noisy_student(
                     f"smaller than its teacher ({count_parameters(current):,}); the method expects an equal-or-larger "
                     "student."
                 )
-            if dropout is not None:
-                _set_dropout(student, dropout)
+            if student_dropout is not None:
+                _set_dropout(student, student_dropout)
             details = {"pseudo_labels": None, "unlabeled_rows": 0}  # e.g. language modelling: every row has text
             if len(unlabeled):
                 labelled = pseudo_label(
                     current,
                     unlabeled,
                     mode=pseudo_labels,
-                    threshold=threshold,
-                    balance=balance,
+                    threshold=pseudo_label_threshold,
+                    balance=balance_pseudo_labels,
                     data_collator=trainer_kwargs.get("data_collator"),
                     batch_size=args.per_device_eval_batch_size,
                     label_column=label_column,
                 )
-                details = {"pseudo_labels": pseudo_labels, "threshold": threshold, **labelled.summary()}
+                details = {"pseudo_labels": pseudo_labels, "threshold": pseudo_label_threshold, **labelled.summary()}
                 dataset = concatenate_datasets([labeled, labelled.dataset]).with_format(train_dataset.format["type"])
         stage = run_stage(
             name,
@@ -179,6 +220,7 @@ def noisy_student(
             lineage,
             load_student,
             details=details,
+            scheme=scheme,
             train_dataset=dataset,
             student_noise=noise,
             **trainer_kwargs,
@@ -248,3 +290,37 @@ def _set_dropout(model: nn.Module, rate: float) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = rate
+
+
+@register_scheme("noisy_student", config=NoisyStudentConfig, teachers="one", stages=True)
+def run_noisy_student(
+    config: NoisyStudentConfig,
+    args: DistillationConfig,
+    *,
+    teacher,
+    make_student,
+    train_dataset,
+    load_student=None,
+    make_assistant=None,
+    make_noise=None,
+    **trainer_kwargs,
+) -> SchemeResult:
+    """Noisy student: the teacher pseudo-labels the unlabeled rows, an equal-or-larger student learns from them with
+    noised inputs and dropout, and becomes the next round's teacher (Xie et al. 2020)."""
+    noise = make_noise(config.input_noise) if make_noise is not None and config.input_noise else None
+    stages = noisy_student(
+        teacher,
+        make_student,
+        args,
+        train_dataset=train_dataset,
+        rounds=config.rounds,
+        pseudo_labels=config.pseudo_labels,
+        pseudo_label_threshold=config.pseudo_label_threshold,
+        balance_pseudo_labels=config.balance_pseudo_labels,
+        student_noise=noise,
+        student_dropout=config.student_dropout,
+        load_student=load_student,
+        scheme=config,
+        **trainer_kwargs,
+    )
+    return SchemeResult(final_trainer(stages[-1], stages, args, teacher, config, trainer_kwargs), stages[:-1])

@@ -22,6 +22,7 @@ import inspect
 import json
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,8 @@ from ..model_kinds import is_regression, is_token_level, num_classes
 from ..trainer.compat import TrainerCompat
 from ..trainer.reporting import DISTILLATION_CONFIG_NAME, run_summary
 from .online import OnlineTrainer
+from .registry import SchemeConfig, SchemeResult, register_scheme
+from .stages import Stage
 
 FINAL = "final"  # the member that is the model's own head (the deepest exit, the teacher)
 EXITS_CONFIG, EXITS_WEIGHTS = "early_exits.json", "early_exits.safetensors"
@@ -447,22 +450,59 @@ class SelfDistillationTrainer(OnlineTrainer):
         }
 
 
+@dataclass
+class SelfDistillationConfig(SchemeConfig):
+    """Settings of self-distillation through early exits (Zhang et al. 2019, *Be Your Own Teacher*).
+
+    Args:
+        exits_after: the blocks to put exits after, by number from 1 (``None``: every block but the last).
+        exit_bottleneck: the exits' bottleneck width (``None``: none).
+        hint_weight: the weight of the exits' feature hint towards the deepest features (0: none).
+        save_exits: save the model with its exits (``EarlyExitModel.from_pretrained`` reads them).
+    """
+
+    exits_after: list[int] | None = field(
+        default=None,
+        metadata={"help": "self_distillation: the blocks to put exits after, e.g. 1 2 (default: all but the last)."},
+    )
+    exit_bottleneck: int | None = field(
+        default=None, metadata={"help": "self_distillation: the exits' bottleneck width."}
+    )
+    hint_weight: float = field(default=0.0, metadata={"help": "self_distillation: the weight of the exits' hint."})
+    save_exits: bool = field(
+        default=False,
+        metadata={"help": "self_distillation: save the student with its exits (EarlyExitModel.from_pretrained)."},
+    )
+
+    def __post_init__(self):
+        if self.exits_after is not None and not self.exits_after:
+            raise ValueError("exits_after is empty: give the blocks to put exits after, or None for all but the last.")
+        if not self.hint_weight >= 0:  # False for NaN too
+            raise ValueError(f"hint_weight must be >= 0, got {self.hint_weight}.")
+
+
 def self_distillation(
     model: nn.Module,
     args: DistillationConfig,
     *,
     exits_after: list[int | str],
-    bottleneck: int | None = None,
+    exit_bottleneck: int | None = None,
     hint_weight: float = 0.0,
     save_exits: bool = False,
+    scheme: SelfDistillationConfig | None = None,
     **trainer_kwargs,
 ) -> SelfDistillationTrainer:
     """Attach exits after the blocks ``exits_after`` of ``model``, train it by self-distillation in
     ``args.output_dir`` (resuming from its last checkpoint there), measure every exit on ``eval_dataset``
     (``trainer.comparison``) and save the model to ``OUTPUT_DIR/model`` (with its exits when ``save_exits``).
     Returns the trainer; ``trainer.early_exit_model`` is the model with its exits."""
-    early = EarlyExitModel(model, exits_after, bottleneck=bottleneck, hint=hint_weight > 0)
+    early = EarlyExitModel(model, exits_after, bottleneck=exit_bottleneck, hint=hint_weight > 0)
     trainer = SelfDistillationTrainer(early, args, hint_weight=hint_weight, save_exits=save_exits, **trainer_kwargs)
+    trainer.scheme_config = (
+        scheme
+        if scheme is not None
+        else SelfDistillationConfig(list(exits_after), exit_bottleneck, hint_weight, save_exits)
+    )
     folder = args.output_dir
     checkpoint = last_complete_checkpoint(folder)
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -527,3 +567,37 @@ def exit_report(
             **{f"share {member}": chosen.eq(index).float().mean().item() for index, member in enumerate(members)},
         }
     return rows
+
+
+@register_scheme("self_distillation", config=SelfDistillationConfig, teachers="none")
+def run_self_distillation(
+    config: SelfDistillationConfig,
+    args: DistillationConfig,
+    *,
+    teacher=None,
+    make_student,
+    train_dataset,
+    load_student=None,
+    make_assistant=None,
+    make_noise=None,
+    **trainer_kwargs,
+) -> SchemeResult:
+    """Self-distillation (be your own teacher): exits after the student's blocks learn from its own deepest exit."""
+    student = make_student(1)
+    blocks = config.exits_after or list(range(1, len(block_paths(student))))
+    if not blocks:
+        raise ValueError("self_distillation puts exits after blocks before the last: give the student 2 or more.")
+    trainer = self_distillation(
+        student,
+        args,
+        exits_after=blocks,
+        exit_bottleneck=config.exit_bottleneck,
+        hint_weight=config.hint_weight,
+        save_exits=config.save_exits,
+        scheme=config,
+        train_dataset=train_dataset,
+        **trainer_kwargs,
+    )
+    early, batch = trainer.early_exit_model, trainer.example_inputs()
+    exits = [Stage(name, args.output_dir, ExitView(early, name, batch), {}) for name in early.exit_paths]
+    return SchemeResult(trainer, exits)

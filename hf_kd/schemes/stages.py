@@ -18,6 +18,7 @@ from ..checks import check_teacher_count
 from ..config import DistillationConfig
 from ..objective import Objective
 from ..teachers import SINGLE_TEACHER, TeacherAggregator, name_models
+from ..trainer.reporting import DISTILLATION_CONFIG_NAME
 
 MODEL_FOLDER = "model"  # a stage's saved student, inside the stage folder
 LINEAGE_KEY = "lineage"
@@ -47,34 +48,115 @@ def run_stage(
     lineage: list[dict],
     load_student=None,
     details: dict | None = None,
+    scheme=None,
     **trainer_kwargs,
 ) -> Stage:
-    """Distil ``student`` from ``teacher`` into ``args.output_dir/name`` (or load it when that stage finished
-    before: ``load_student(folder)`` reads a saved student back). ``details`` (e.g. a round's pseudo-labels) go
-    into the stage's ``distillation_config.json`` under ``"stage"``."""
+    """Distil ``student`` from ``teacher`` into ``args.output_dir/name``, or read the stage back when it finished in
+    an earlier run with the same set-up (``load_student(folder)`` reads the saved student).
+
+    Args:
+        name: the stage's folder under ``args.output_dir`` (its saved student in ``model/``).
+        student: the model this stage trains.
+        teacher: its teacher(s), as ``DistillationTrainer``'s ``teacher_model``.
+        args: the run's :class:`~hf_kd.DistillationConfig` (the stage's ``output_dir`` is its folder).
+        lineage: every teacher before this stage (:func:`describe` entries), recorded in its summary.
+        load_student: reads a finished stage's saved student back.
+        details: what the scheme records about the stage (e.g. a round's pseudo-labels), under ``"stage"``.
+        scheme: the scheme's :class:`~hf_kd.schemes.registry.SchemeConfig`, recorded under ``"scheme"``.
+
+    Raises:
+        ValueError: the stage finished before under another set-up (teacher, losses, weights, scheme settings or
+            lineage): reusing it would hand the next stage a model trained otherwise than asked. The message names
+            the differences; remove the stage's folder (and those after it) or use another ``output_dir``.
+    """
     from ..trainer import DistillationTrainer
 
     folder = os.path.join(args.output_dir, name)
     model_folder = os.path.join(folder, MODEL_FOLDER)
+    requested = stage_setup(teacher, args, lineage, scheme)
     if finished_stage(args, name):
+        with open(os.path.join(model_folder, DISTILLATION_CONFIG_NAME)) as handle:
+            saved = json.load(handle)
+        changed = _changed(saved.get("setup"), requested)
+        if changed:
+            raise ValueError(
+                f"stage {name!r} finished in an earlier run ({model_folder}) under another set-up: {changed}. "
+                f"Reusing it would give the next stage a model trained otherwise than asked: remove {folder} (and "
+                "the stages after it) to train it again, or give another output_dir."
+            )
         if load_student is None:
             raise ValueError(
                 f"stage {name!r} finished in an earlier run ({model_folder}); pass load_student (e.g. "
                 "AutoModelForSequenceClassification.from_pretrained) to read it back, or remove the folder to redo it."
             )
-        with open(os.path.join(model_folder, "distillation_config.json")) as handle:
-            saved = json.load(handle)
         return Stage(name, folder, load_student(model_folder), saved.get("metrics", {}), saved.get("stage", {}))
     stage_args = dataclasses.replace(args, output_dir=folder)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=stage_args, **trainer_kwargs)
     trainer.lineage = lineage
     trainer.stage_details = details or {}
-    checkpoint = last_complete_checkpoint(folder)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.stage_setup = requested
+    trainer.scheme_config = scheme
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
     metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     trainer.stage_metrics = metrics
     trainer.save_model(model_folder)  # last: a stage counts as finished only once its model is there
     return Stage(name, folder, trainer.accelerator.unwrap_model(trainer.model), metrics, details or {}, trainer)
+
+
+_SETUP_FIELDS = ("losses", "temperature", "label_loss_weight", "distillation_weight", "teacher_aggregation")
+
+
+def stage_setup(teacher, args: DistillationConfig, lineage: list[dict], scheme=None) -> dict:
+    """What decides a stage's result besides its data and seed: its teacher(s) (class and size of a model, a path
+    as given, a source's description), the distillation settings of ``args``, the scheme's settings and the lineage
+    before it. Recorded in the stage's summary (``"setup"``) and compared on a rerun."""
+    return {
+        "teacher": _teacher_setup(teacher),
+        **{field: getattr(args, field) for field in _SETUP_FIELDS},
+        "teacher_weights": args.teacher_weights,
+        "scheme": scheme.to_dict() if scheme is not None else None,
+        "lineage": lineage,
+    }
+
+
+def _teacher_setup(teacher):
+    if isinstance(teacher, (list, tuple, dict)):
+        return {name: _teacher_setup(member) for name, member in name_models(teacher, SINGLE_TEACHER).items()}
+    if isinstance(teacher, nn.Module):
+        from ..evaluation import count_parameters
+
+        return {"class": type(teacher).__name__, "parameters": count_parameters(teacher)}
+    if isinstance(teacher, str):
+        return teacher
+    return teacher.describe()  # a TeacherSource (a cache, ...)
+
+
+def _changed(saved: dict | None, requested: dict) -> str:
+    """The fields of ``requested`` that differ from ``saved``, as ``field: saved → requested`` (a summary written
+    before set-ups were recorded has none to compare: nothing is reported)."""
+    if saved is None:
+        return ""
+    requested = json.loads(json.dumps(requested))  # as it reads back from the file (tuples as lists, ...)
+    return "; ".join(
+        f"{key}: {saved.get(key)!r} → {value!r}" for key, value in requested.items() if saved.get(key) != value
+    )
+
+
+def final_trainer(last: Stage, stages: list[Stage], args: DistillationConfig, teacher, scheme, trainer_kwargs):
+    """The trainer of a chain's final student: the one that trained it, or — when it finished in an earlier run and
+    was read back — a trainer around it (its teacher the stage before), for evaluation, saving and pushing."""
+    if last.trainer is not None:
+        return last.trainer
+    from ..trainer import DistillationTrainer
+
+    with open(os.path.join(last.model_folder, DISTILLATION_CONFIG_NAME)) as handle:
+        saved = json.load(handle)
+    previous = stages[-2].model if len(stages) > 1 else teacher
+    trainer = DistillationTrainer(model=last.model, teacher_model=previous, args=args, **trainer_kwargs)
+    trainer.lineage, trainer.stage_metrics = saved.get("lineage"), saved.get("metrics")
+    trainer.stage_details, trainer.stage_setup = saved.get("stage"), saved.get("setup")
+    trainer.scheme_config = scheme
+    return trainer
 
 
 def check_stages(args: DistillationConfig, stages: dict[str, list[str]]) -> None:
@@ -107,7 +189,7 @@ def chain_teachers(names: list[str], teacher) -> dict[str, list[str]]:
 
 def finished_stage(args: DistillationConfig, name: str) -> bool:
     """Whether stage ``name`` saved its model in an earlier run (and so is read back, not trained)."""
-    return os.path.exists(os.path.join(args.output_dir, name, MODEL_FOLDER, "distillation_config.json"))
+    return os.path.exists(os.path.join(args.output_dir, name, MODEL_FOLDER, DISTILLATION_CONFIG_NAME))
 
 
 def describe(name: str, model: nn.Module, metrics: dict | None = None) -> dict:

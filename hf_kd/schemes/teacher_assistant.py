@@ -4,11 +4,37 @@ teacher, so that no stage has to bridge the whole gap."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from torch import nn
 
 from ..config import DistillationConfig
 from ..teachers import SINGLE_TEACHER
-from .stages import Stage, chain_teachers, check_stages, describe, run_stage
+from .registry import SchemeConfig, SchemeResult, register_scheme
+from .stages import Stage, chain_teachers, check_stages, describe, final_trainer, run_stage
+
+
+@dataclass
+class TeacherAssistantConfig(SchemeConfig):
+    """Settings of the teacher-assistant chain (teacher → assistant → student).
+
+    Args:
+        assistant_hidden_size: the assistant's width (default: the recipe's choice between teacher and student).
+        assistant_layers: the assistant's depth (default: between the two).
+    """
+
+    assistant_hidden_size: int | None = field(
+        default=None, metadata={"help": "teacher_assistant: the assistant's width (default: between the two)."}
+    )
+    assistant_layers: int | None = field(
+        default=None, metadata={"help": "teacher_assistant: the assistant's depth (default: between the two)."}
+    )
+
+    def __post_init__(self):
+        for name in ("assistant_hidden_size", "assistant_layers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a whole number >= 1 (or None: the default), got {value!r}.")
 
 
 def teacher_assistant(
@@ -18,6 +44,7 @@ def teacher_assistant(
     args: DistillationConfig,
     *,
     load_student=None,
+    scheme: TeacherAssistantConfig | None = None,
     **trainer_kwargs,
 ) -> list[Stage]:
     """Run the chain ``teacher → assistants[0] → … → student``: one :class:`~hf_kd.DistillationTrainer` run per
@@ -28,8 +55,10 @@ def teacher_assistant(
     with ``load_student(folder)`` (e.g. ``AutoModelForSequenceClassification.from_pretrained``), so a failed stage
     leaves the earlier stages' outputs intact. Each stage's ``distillation_config.json`` lists its lineage: the
     teacher and every stage before it, with their metrics. Every stage's settings are checked before the first one
-    trains (:func:`~hf_kd.schemes.stages.check_stages`).
+    trains (:func:`~hf_kd.schemes.stages.check_stages`). ``scheme`` (the settings the assistants were built with)
+    is recorded in each stage's summary.
     """
+    scheme = scheme if scheme is not None else TeacherAssistantConfig()
     if not assistants:
         raise ValueError("teacher_assistant needs at least one assistant between the teacher and the student.")
     names = [f"assistant{index + 1}" for index in range(len(assistants))] + ["student"]
@@ -38,7 +67,7 @@ def teacher_assistant(
     stages: list[Stage] = []
     current = teacher
     for name, model in zip(names, [*assistants, student]):
-        stage = run_stage(name, model, current, args, lineage, load_student, **trainer_kwargs)
+        stage = run_stage(name, model, current, args, lineage, load_student, scheme=scheme, **trainer_kwargs)
         stages.append(stage)
         lineage = [*lineage, describe(name, stage.model, stage.metrics)]
         current = stage.model
@@ -53,3 +82,34 @@ def _describe_teacher(teacher) -> dict:
     if isinstance(teacher, nn.Module):
         return describe("teacher", teacher)
     return {"stage": "teacher", "source": str(getattr(teacher, "path", teacher))}
+
+
+@register_scheme("teacher_assistant", config=TeacherAssistantConfig, teachers="one", stages=True)
+def run_teacher_assistant(
+    config: TeacherAssistantConfig,
+    args: DistillationConfig,
+    *,
+    teacher,
+    make_student,
+    train_dataset,
+    load_student=None,
+    make_assistant=None,
+    make_noise=None,
+    **trainer_kwargs,
+) -> SchemeResult:
+    """teacher → assistant → student: an assistant between the two sizes learns from the teacher, then teaches the
+    student (Mirzadeh et al. 2020)."""
+    if make_assistant is None:
+        raise ValueError("scheme 'teacher_assistant' needs make_assistant(hidden_size, layers) to build the assistant.")
+    assistant = make_assistant(config.assistant_hidden_size, config.assistant_layers)
+    stages = teacher_assistant(
+        teacher,
+        [assistant],
+        make_student(1),
+        args,
+        load_student=load_student,
+        scheme=config,
+        train_dataset=train_dataset,
+        **trainer_kwargs,
+    )
+    return SchemeResult(final_trainer(stages[-1], stages, args, teacher, config, trainer_kwargs), stages[:-1])

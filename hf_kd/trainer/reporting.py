@@ -67,6 +67,9 @@ def run_summary(trainer, student: nn.Module) -> dict:
         **({"lineage": trainer.lineage} if getattr(trainer, "lineage", None) else {}),
         **({"metrics": trainer.stage_metrics} if getattr(trainer, "stage_metrics", None) else {}),
         **({"stage": trainer.stage_details} if getattr(trainer, "stage_details", None) else {}),
+        # Set by hf_kd.schemes: the scheme and its settings, and a stage's set-up (compared when a chain reruns).
+        **({"scheme": trainer.scheme_config.to_dict()} if getattr(trainer, "scheme_config", None) else {}),
+        **({"setup": trainer.stage_setup} if getattr(trainer, "stage_setup", None) else {}),
     }
 
 
