@@ -74,3 +74,24 @@ def load_model_weights(model: nn.Module, path: str) -> None:
             f"{path} does not fit {type(model).__name__}: missing {sorted(set(missing) - tied)}, unexpected "
             f"{sorted(unexpected)}."
         )
+
+
+def load_saved_weights(model: nn.Module, folder: str, what: str = "the model") -> None:
+    """Read back into ``model`` the weights its ``save_pretrained(folder)`` wrote: a PEFT model's adapter
+    (``adapter_model.safetensors``, the only trainable part) or a transformers model's ``model.safetensors``."""
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        path = os.path.join(folder, "adapter_model.safetensors")
+        if not os.path.exists(path):
+            raise ValueError(
+                f"{folder} has no adapter_model.safetensors: it is not a checkpoint of {what} (a PEFT model)."
+            )
+        result = set_peft_model_state_dict(model, load_file(path))
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{path} does not fit {what}: unexpected {sorted(result.unexpected_keys)}.")
+        return
+    path = os.path.join(folder, "model.safetensors")
+    if not os.path.exists(path):
+        raise ValueError(f"{folder} has no model.safetensors: it is not a checkpoint of {what}.")
+    load_model_weights(model, path)

@@ -129,8 +129,32 @@ def test_resume_restores_every_peer_and_ends_where_an_uninterrupted_run_does(tmp
     for name in whole.peers:
         for a, b in zip(whole.peers[name].parameters(), resumed.peers[name].parameters()):
             assert torch.allclose(a, b, atol=1e-6)
-    with pytest.raises(ValueError, match="has no peer0/model.safetensors"):
+    with pytest.raises(
+        ValueError, match=r"whole/peer0 has no model.safetensors: it is not a checkpoint of peer 'peer0'"
+    ):
         _train(tmp_path / "other", 6, resume=str(tmp_path / "whole"))
+
+
+def test_lora_peers_checkpoint_their_adapters_and_resume_where_an_uninterrupted_run_ends(tmp_path):
+    peft = pytest.importorskip("peft")
+
+    def train(folder, steps, resume=None):
+        lora = peft.LoraConfig(
+            r=2, target_modules=["query", "value"], init_lora_weights=False, modules_to_save=["classifier"]
+        )
+        peers = [peft.get_peft_model(tiny_bert(hidden=16, seed=k), lora) for k in (1, 2)]
+        args = config(folder, max_steps=steps, losses="kl", save_strategy="steps", save_steps=2, learning_rate=0.05)
+        trainer = MutualLearningTrainer(peers, args, train_dataset=classification_data(n=16))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    whole = train(tmp_path / "whole", 4)
+    assert "adapter_model.safetensors" in os.listdir(tmp_path / "whole" / "checkpoint-2" / "peer0")
+    resumed = train(tmp_path / "resumed", 4, resume=str(tmp_path / "whole" / "checkpoint-2"))  # failed before
+    for name in whole.peers:
+        trained = {key: value for key, value in whole.peers[name].named_parameters() if value.requires_grad}
+        again = dict(resumed.peers[name].named_parameters())
+        assert trained and all(torch.allclose(value, again[key], atol=1e-6) for key, value in trained.items())
 
 
 def test_causal_lm_peers_with_tied_embeddings_checkpoint_and_resume(tmp_path):

@@ -4,6 +4,7 @@ without exits, exact resume, per-exit logs, and the anytime exit report."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -240,3 +241,25 @@ def test_push_to_hub_uploads_what_is_saved_with_save_exits(tmp_path):
     batch = {key: torch.tensor(value) for key, value in classification_data(n=4).to_dict().items() if key != "labels"}
     for member in saved.members:
         assert torch.equal(from_hub.exit_logits(member, batch), saved.exit_logits(member, batch))
+
+
+def test_a_lora_model_with_exits_checkpoints_its_adapter_and_resumes(tmp_path):
+    peft = pytest.importorskip("peft")
+
+    def train(folder, steps):
+        lora = peft.LoraConfig(
+            r=2, target_modules=["query", "value"], init_lora_weights=False, modules_to_save=["classifier"]
+        )
+        model = peft.get_peft_model(tiny_bert(layers=2, seed=1), lora)
+        args = config(folder, max_steps=steps, losses="kl", save_strategy="steps", save_steps=2, learning_rate=0.05)
+        return self_distillation(model, args, exits_after=[1], train_dataset=classification_data(n=16))
+
+    whole = train(tmp_path / "whole", 4)
+    assert "adapter_model.safetensors" in os.listdir(tmp_path / "whole" / "checkpoint-2")
+    # A run killed after its step-2 checkpoint, run again: it resumes there (failed before: no model.safetensors).
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "rerun" / "checkpoint-2")
+    resumed = train(tmp_path / "rerun", 4)
+    assert resumed.state.global_step == 4
+    trained = {k: v for k, v in whole.early_exit_model.named_parameters() if v.requires_grad}
+    again = dict(resumed.early_exit_model.named_parameters())
+    assert trained and all(torch.allclose(value, again[key], atol=1e-6) for key, value in trained.items())

@@ -8,8 +8,9 @@ import os
 
 from torch import nn
 
-from ..checkpoints import load_model_weights
+from ..checkpoints import load_saved_weights
 from ..features import run_model
+from ..model_kinds import base_model
 
 PEER_PREFIX = "peer"  # peers given as a list are named peer0, peer1, ...
 
@@ -28,8 +29,8 @@ class PeerCohort(nn.Module):
         return {name: run_model(peer, inputs, needs) for name, peer in self.peers.items()}
 
     def signature_columns(self) -> list[str]:
-        """The inputs any peer's forward takes (the Trainer keeps those data columns)."""
-        columns = (inspect.signature(peer.forward).parameters for peer in self.peers.values())
+        """The inputs any peer's forward takes (the Trainer keeps those data columns; a PEFT peer's: its base's)."""
+        columns = (inspect.signature(base_model(peer).forward).parameters for peer in self.peers.values())
         return sorted({name for parameters in columns for name in parameters})
 
     # What the trainer's checkpoints hold: one from_pretrained folder per peer (see hf_kd.trainer.compat).
@@ -41,12 +42,7 @@ class PeerCohort(nn.Module):
                 processing_class.save_pretrained(os.path.join(folder, name))
 
     def load_checkpoint(self, folder: str) -> None:
-        """Every peer's weights from ``folder/NAME`` (a checkpoint that :meth:`save_checkpoint` wrote)."""
+        """Every peer's weights from ``folder/NAME`` (a checkpoint that :meth:`save_checkpoint` wrote; a PEFT peer's
+        adapter)."""
         for name, peer in self.peers.items():
-            path = os.path.join(folder, name, "model.safetensors")
-            if not os.path.exists(path):
-                raise ValueError(
-                    f"{folder} has no {name}/model.safetensors: it is not a checkpoint of these peers "
-                    f"{list(self.peers)}."
-                )
-            load_model_weights(peer, path)
+            load_saved_weights(peer, os.path.join(folder, name), f"peer {name!r} of {list(self.peers)}")

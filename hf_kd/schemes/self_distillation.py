@@ -31,11 +31,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from ..checkpoints import last_complete_checkpoint, load_model_weights
+from ..checkpoints import last_complete_checkpoint, load_saved_weights
 from ..config import DistillationConfig
 from ..evaluation import count_parameters
 from ..features import ModelFeatures, capture_modules, pool
-from ..model_kinds import is_regression, is_token_level, num_classes
+from ..model_kinds import base_model, is_regression, is_token_level, num_classes
 from ..trainer.compat import TrainerCompat
 from ..trainer.reporting import DISTILLATION_CONFIG_NAME, run_summary
 from .online import OnlineTrainer
@@ -155,8 +155,8 @@ class EarlyExitModel(nn.Module):
         self.exits_after = list(exits_after)
 
     def signature_columns(self) -> list[str]:
-        """The inputs the model's forward takes (the Trainer keeps those data columns)."""
-        return list(inspect.signature(self.model.forward).parameters)
+        """The inputs the model's forward takes (the Trainer keeps those data columns; a PEFT model's: its base's)."""
+        return list(inspect.signature(base_model(self.model).forward).parameters)
 
     @property
     def members(self) -> list[str]:
@@ -267,12 +267,9 @@ class EarlyExitModel(nn.Module):
             processing_class.save_pretrained(folder)
 
     def load_checkpoint(self, folder: str) -> None:
-        weights = os.path.join(folder, "model.safetensors")
-        if not os.path.exists(weights) or not os.path.exists(os.path.join(folder, EXITS_WEIGHTS)):
-            raise ValueError(
-                f"{folder} is not a checkpoint of this model with exits (model.safetensors, {EXITS_WEIGHTS})."
-            )
-        load_model_weights(self.model, weights)
+        if not os.path.exists(os.path.join(folder, EXITS_WEIGHTS)):
+            raise ValueError(f"{folder} is not a checkpoint of this model with exits (it has no {EXITS_WEIGHTS}).")
+        load_saved_weights(self.model, folder, "this model with exits")  # a PEFT model: its adapter
         self.load_exits(folder)
 
 
