@@ -116,6 +116,11 @@ def check_teachers(model, teachers: dict, objective, args, train_dataset) -> Non
 
 def check_teacher_count(args, teachers: list[str]) -> None:
     """What ``args`` cannot do with this many teachers (known by name before any is loaded: a later stage's)."""
+    if len(teachers) == 1 and (args.teacher_aggregation == "weighted" or args.teacher_weights is not None):
+        raise ValueError(
+            f"teacher_aggregation={args.teacher_aggregation!r} with teacher_weights={args.teacher_weights} combines "
+            f"several teachers; this trainer has one ({teachers[0]!r}), so they would do nothing: leave both unset."
+        )
     if args.chunk_size is not None and len(teachers) > 1:
         raise ValueError(
             f"chunk_size runs one teacher's LM head chunk by chunk; {len(teachers)} teachers were given. Leave "

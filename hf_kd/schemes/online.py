@@ -66,6 +66,7 @@ class OnlineTrainer(DistillationTrainer):
                 f"load_best_model_at_end reloads one model; {self.scheme} keeps every {self.member_kind}: leave it "
                 "False."
             )
+        check_online_options(self.scheme, self.member_kind, args, kwargs.pop("student_noise", None))
         objective = Objective(args.loss_specs, [_MEMBERS], args)
         other = [term.loss.name for term in objective.terms if term.loss.side_needs("student") != {"logits"}]
         if other:
@@ -221,6 +222,40 @@ class OnlineTrainer(DistillationTrainer):
         self.comparison = {name: measure_alone(self, name, dataset) for name in self.members}
         self.comparison_examples = len(dataset)
         return self.comparison
+
+
+def check_online_options(scheme: str, member_kind: str, args: DistillationConfig, student_noise) -> None:
+    """Refuse, at construction, the :class:`~hf_kd.DistillationConfig` options an online scheme cannot honour (they
+    failed mid-training or were ignored): each names the scheme and the reason."""
+    refusals = []
+    if args.chunk_size is not None:
+        refusals.append(
+            f"chunk_size={args.chunk_size}: the chunked loss runs one student against one frozen teacher's LM head; "
+            f"here every {member_kind} reads the others' full logits. Leave chunk_size unset"
+        )
+    if args.on_policy_fraction > 0:
+        refusals.append(
+            f"on_policy_fraction={args.on_policy_fraction}: on-policy batches are one student's generations scored by "
+            f"frozen teachers; the {member_kind}s all learn. Leave it 0"
+        )
+    if args.label_smoothing_factor > 0:
+        refusals.append(
+            f"label_smoothing_factor={args.label_smoothing_factor}: each {member_kind} computes its own label loss "
+            "(its model's loss), unsmoothed. Leave it 0"
+        )
+    if student_noise is not None:
+        refusals.append(
+            f"student_noise: every {member_kind} reads the same batch, and the ones that teach read it detached. "
+            "Noise the inputs in the data collator instead"
+        )
+    if args.teacher_aggregation != "mean_probs" or args.teacher_weights is not None:
+        refusals.append(
+            f"teacher_aggregation={args.teacher_aggregation!r} / teacher_weights={args.teacher_weights}: the "
+            f"{member_kind}s that teach are combined by the scheme itself (mutual learning: towards='peers' or "
+            "'ensemble'). Leave both unset"
+        )
+    if refusals:
+        raise ValueError(f"{scheme} cannot take " + "; ".join(refusals) + ".")
 
 
 def mean_prediction(features: list[ModelFeatures], temperature: float) -> torch.Tensor:

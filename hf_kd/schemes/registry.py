@@ -158,6 +158,12 @@ def run_scheme(
         raise ValueError(f"scheme {entry.name!r} distils from a teacher: give teacher=.")
     if entry.teachers == "one" and several:
         raise ValueError(f"scheme {entry.name!r} starts from one teacher; got {len(teacher)} teachers.")
+    noised = {field.name for field in dataclasses.fields(entry.config)} & {"input_noise"}
+    if noised and trainer_kwargs.get("student_noise") is not None:
+        raise ValueError(
+            f"scheme {entry.name!r} noises the inputs itself, at its input_noise ({config.input_noise}): give "
+            "make_noise=lambda strength: ... (this modality's noise at a strength) instead of student_noise."
+        )
     if entry.stages:
         from ..checks import sharding_engine
 

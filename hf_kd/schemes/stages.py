@@ -90,7 +90,8 @@ def run_stage(
                 "AutoModelForSequenceClassification.from_pretrained) to read it back, or remove the folder to redo it."
             )
         return Stage(name, folder, load_student(model_folder), saved.get("metrics", {}), saved.get("stage", {}))
-    stage_args = dataclasses.replace(args, output_dir=folder)
+    teachers = list(name_models(teacher, SINGLE_TEACHER, reserved=("student",)))
+    stage_args = dataclasses.replace(args_for_teachers(args, teachers), output_dir=folder)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=stage_args, **trainer_kwargs)
     trainer.lineage = lineage
     trainer.stage_details = details or {}
@@ -165,18 +166,35 @@ def check_stages(args: DistillationConfig, stages: dict[str, list[str]]) -> None
     along a chain (several teachers, then one; one, then born-again's ensemble), and with them what ``args`` must
     fit: a weight per teacher, ``chunk_size`` with one teacher only, the teachers the losses name. Stages finished
     in an earlier run are read back, not trained, and not checked."""
+    combined = args.teacher_aggregation != "mean_probs" or args.teacher_weights is not None
+    if combined and all(len(teachers) == 1 for teachers in stages.values()):
+        raise ValueError(
+            f"teacher_aggregation={args.teacher_aggregation!r} / teacher_weights={args.teacher_weights} combine "
+            f"several teachers, and every stage of this chain ({', '.join(stages)}) has one: they would do nothing. "
+            "Leave both unset (born_again's ensemble_last gives its last generation several)."
+        )
     for name, teachers in stages.items():
         if finished_stage(args, name):
             continue
         try:
-            aggregator = TeacherAggregator.from_config(teachers, args) if len(teachers) > 1 else None
-            Objective(args.loss_specs, teachers, args, aggregator)  # what the stage's DistillationTrainer builds
-            check_teacher_count(args, teachers)
+            own = args_for_teachers(args, teachers)
+            aggregator = TeacherAggregator.from_config(teachers, own) if len(teachers) > 1 else None
+            Objective(own.loss_specs, teachers, own, aggregator)  # what the stage's DistillationTrainer builds
+            check_teacher_count(own, teachers)
         except ValueError as error:
             raise ValueError(
                 f"stage {name!r}, taught by {teachers}, would refuse its settings (checked before any stage "
                 f"trains; the same args serve every stage, so they must fit each stage's teachers): {error}"
             ) from error
+
+
+def args_for_teachers(args: DistillationConfig, teachers: list[str]) -> DistillationConfig:
+    """A stage's ``args``: a chain's ``teacher_aggregation`` / ``teacher_weights`` are for its stages with several
+    teachers (born-again's last generation, say); a stage with one teacher has nothing to combine, so it runs
+    without them (a lone trainer refuses them)."""
+    if len(teachers) > 1 or (args.teacher_weights is None and args.teacher_aggregation == "mean_probs"):
+        return args
+    return dataclasses.replace(args, teacher_aggregation="mean_probs", teacher_weights=None)
 
 
 def chain_teachers(names: list[str], teacher) -> dict[str, list[str]]:
