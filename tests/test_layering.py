@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -46,8 +48,8 @@ def layer(module: str) -> int:
     return 0
 
 
-# The package root (hf_kd/__init__.py) is the public facade: it re-exports every layer, and is exempt; no module
-# under it may import the root back (checked below).
+# The package root (hf_kd/__init__.py) is the public facade: it imports the core and exports the schemes lazily (on
+# first use); no module under it may import the root back (checked below).
 MODULES = sorted(path for path in PACKAGE.rglob("*.py") if path != PACKAGE / "__init__.py")
 
 
@@ -63,6 +65,16 @@ def test_no_module_imports_the_package_root(path):
     tree = ast.parse(path.read_text(), str(path))
     absolute = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "hf_kd"]
     assert not absolute, f"{module_name(path)} imports from the package root (import the defining module instead)"
+
+
+def test_importing_the_package_loads_no_scheme_until_one_is_used():
+    code = (
+        "import sys, hf_kd; assert not any(m.startswith('hf_kd.schemes') for m in sys.modules), 'eager'; "
+        "from hf_kd import run_scheme, BornAgainConfig; import hf_kd.schemes; "
+        "assert run_scheme is hf_kd.schemes.run_scheme"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
 
 
 def test_the_walk_sees_relative_and_function_level_imports(tmp_path):

@@ -154,11 +154,11 @@ def test_a_new_scheme_is_its_config_and_a_registered_function(tmp_path):
     class TwiceConfig(SchemeConfig):
         repeats: int = dataclasses.field(default=2, metadata={"help": "how many offline runs in a row"})
 
-    def run_twice(config_, args, *, teacher, make_student, train_dataset, **kwargs):
+    def run_twice(config_, args, given):
         """Twice: offline distillation repeated, each student the next one's teacher."""
-        trainer = None
+        trainer, teacher = None, given.teacher
         for _ in range(config_.repeats):
-            trainer = hf_kd.DistillationTrainer(make_student(1), teacher, args, train_dataset=train_dataset)
+            trainer = hf_kd.DistillationTrainer(given.make_student(1), teacher, args, **given.trainer_kwargs)
             trainer.scheme_config = config_
             trainer.train()
             teacher = trainer.student

@@ -21,6 +21,7 @@ from .offline import OfflineConfig
 from .registry import (
     SchemeConfig,
     SchemeEntry,
+    SchemeInputs,
     SchemeResult,
     available_schemes,
     get_scheme,
@@ -41,6 +42,7 @@ __all__ = [
     "OfflineConfig",
     "SchemeConfig",
     "SchemeEntry",
+    "SchemeInputs",
     "SchemeResult",
     "SelfDistillationConfig",
     "SelfDistillationTrainer",

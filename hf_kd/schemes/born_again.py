@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import DistillationConfig
 from ..teachers import SINGLE_TEACHER, name_models
-from .registry import SchemeConfig, SchemeResult, register_scheme
+from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
 from .stages import Stage, chain_teachers, check_stages, describe, final_trainer, run_stage
 from .teacher_assistant import _describe_teacher
 
@@ -84,29 +84,17 @@ def born_again(
 
 
 @register_scheme("born_again", config=BornAgainConfig, teachers="many", stages=True)
-def run_born_again(
-    config: BornAgainConfig,
-    args: DistillationConfig,
-    *,
-    teacher,
-    make_student,
-    train_dataset,
-    load_student=None,
-    make_assistant=None,
-    make_noise=None,
-    **trainer_kwargs,
-) -> SchemeResult:
+def run_born_again(config: BornAgainConfig, args: DistillationConfig, given: SchemeInputs) -> SchemeResult:
     """Born-again networks: generations of students of one architecture, each taught by the one before (the first by
     the teacher); with ensemble_last, the last by all of them (Furlanello et al. 2018)."""
     stages = born_again(
-        teacher,
-        make_student,
+        given.teacher,
+        given.make_student,
         args,
         generations=config.generations,
         ensemble_last=config.ensemble_last,
-        load_student=load_student,
+        load_student=given.load_student,
         scheme=config,
-        train_dataset=train_dataset,
-        **trainer_kwargs,
+        **given.trainer_kwargs,
     )
-    return SchemeResult(final_trainer(stages[-1], stages, args, teacher, config, trainer_kwargs), stages[:-1])
+    return SchemeResult(final_trainer(stages, args, config, given), stages[:-1])

@@ -32,7 +32,7 @@ from ..data import list_lengths
 from ..model_kinds import base_model
 from ..trainer import DistillationTrainer
 from ..views import TEACHER_PREFIX, ViewCollator, add_teacher_view, has_teacher_view, split_views
-from .registry import SchemeConfig, SchemeResult, register_scheme
+from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
 
 #: Columns that are never a model's input but ride along with a view (the trainer reads them itself).
 _NOT_INPUTS = {"labels", "label", "sample_index", "distillation_positions"}
@@ -164,21 +164,10 @@ class CrossModalConfig(SchemeConfig):
 
 
 @register_scheme("cross_modal", config=CrossModalConfig, teachers="one")
-def run_cross_modal(
-    config: CrossModalConfig,
-    args: DistillationConfig,
-    *,
-    teacher,
-    make_student,
-    train_dataset,
-    load_student=None,
-    make_assistant=None,
-    make_noise=None,
-    **trainer_kwargs,
-) -> SchemeResult:
+def run_cross_modal(config: CrossModalConfig, args: DistillationConfig, given: SchemeInputs) -> SchemeResult:
     """Cross-modal: the teacher reads one modality of each paired row (its teacher_* view), the student another (text
     → speech, say); the rows and models are checked up front."""
-    trainer = cross_modal(make_student(1), teacher, args, train_dataset=train_dataset, **trainer_kwargs)
+    trainer = cross_modal(given.make_student(1), given.teacher, args, **given.trainer_kwargs)
     trainer.scheme_config = config
     trainer.train()
     return SchemeResult(trainer, [])

@@ -28,7 +28,7 @@ from ..evaluation import count_parameters
 from ..features import ModelFeatures, run_model
 from ..noise import compose_noise
 from ..teachers import LiveTeacher, check_materialized, freeze, unwrap
-from .registry import SchemeConfig, SchemeResult, register_scheme
+from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
 from .stages import MODEL_FOLDER, Stage
 
 EMA_TEACHER = "ema_teacher"  # the teacher's name (logs: kl/…; card rows) and its stage folder beside the student
@@ -227,23 +227,12 @@ def _metrics(row: dict) -> dict:
 
 
 @register_scheme("mean_teacher", config=MeanTeacherConfig, teachers="none")
-def run_mean_teacher(
-    config: MeanTeacherConfig,
-    args: DistillationConfig,
-    *,
-    teacher=None,
-    make_student,
-    train_dataset,
-    load_student=None,
-    make_assistant=None,
-    make_noise=None,
-    **trainer_kwargs,
-) -> SchemeResult:
+def run_mean_teacher(config: MeanTeacherConfig, args: DistillationConfig, given: SchemeInputs) -> SchemeResult:
     """Mean teacher: the student's exponential moving average is its teacher, with consistency between two noised
     views on labeled and unlabeled rows (Tarvainen & Valpola 2017)."""
-    noise = make_noise(config.input_noise) if make_noise is not None and config.input_noise else None
+    noise = given.noise(config.input_noise)
     student, ema = mean_teacher(
-        make_student(1),
+        given.make_student(1),
         args,
         ema_decay=config.ema_decay,
         consistency_loss=config.consistency_loss,
@@ -251,7 +240,6 @@ def run_mean_teacher(
         teacher_noise=noise,  # the same kind of noise, drawn separately: two views
         student_noise=noise,
         scheme=config,
-        train_dataset=train_dataset,
-        **trainer_kwargs,
+        **given.trainer_kwargs,
     )
     return SchemeResult(student.trainer, [ema])

@@ -33,7 +33,7 @@ from ..trainer.compat import TrainerCompat
 from ..trainer.reporting import DISTILLATION_CONFIG_NAME, run_summary
 from .online import OnlineTrainer, best_member, mean_prediction
 from .peer_cohort import PEER_PREFIX, PeerCohort
-from .registry import SchemeConfig, SchemeResult, register_scheme
+from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
 from .stages import Stage
 
 TOWARDS = ("peers", "ensemble")
@@ -255,31 +255,19 @@ def _named_peers(peers) -> dict[str, nn.Module]:
 
 
 @register_scheme("mutual_learning", config=MutualLearningConfig, teachers="none", stages=True)
-def run_mutual_learning(
-    config: MutualLearningConfig,
-    args: DistillationConfig,
-    *,
-    teacher=None,
-    make_student,
-    train_dataset,
-    load_student=None,
-    make_assistant=None,
-    make_noise=None,
-    **trainer_kwargs,
-) -> SchemeResult:
+def run_mutual_learning(config: MutualLearningConfig, args: DistillationConfig, given: SchemeInputs) -> SchemeResult:
     """Deep mutual learning: peers trained together from scratch, each learning from the others' predictions; no
     pretrained teacher, and the best peer is the student (Zhang et al. 2018)."""
     peers = mutual_learning(
-        [make_student(k) for k in range(1, config.peers + 1)],
+        [given.make_student(k) for k in range(1, config.peers + 1)],
         args,
         towards=config.towards,
         scheme=config,
-        train_dataset=train_dataset,
-        **trainer_kwargs,
+        **given.trainer_kwargs,
     )
     best = next((peer for peer in peers if peer.details["best"]), peers[0])
     others = [peer for peer in peers if peer is not best]
-    return SchemeResult(_best_peer_trainer(best, others, args, config, trainer_kwargs), others)
+    return SchemeResult(_best_peer_trainer(best, others, args, config, given.extra), others)
 
 
 def _best_peer_trainer(best: Stage, others: list[Stage], args, scheme, trainer_kwargs):

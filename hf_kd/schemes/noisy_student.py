@@ -29,7 +29,7 @@ from ..data import SAMPLE_INDEX, UNLABELED
 from ..evaluation import count_parameters
 from ..model_kinds import is_token_level
 from ..noise import compose_noise
-from .registry import SchemeConfig, SchemeResult, register_scheme
+from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
 from .stages import Stage, chain_teachers, check_stages, describe, final_trainer, finished_stage, run_stage
 from .teacher_assistant import _describe_teacher
 
@@ -293,34 +293,21 @@ def _set_dropout(model: nn.Module, rate: float) -> None:
 
 
 @register_scheme("noisy_student", config=NoisyStudentConfig, teachers="one", stages=True)
-def run_noisy_student(
-    config: NoisyStudentConfig,
-    args: DistillationConfig,
-    *,
-    teacher,
-    make_student,
-    train_dataset,
-    load_student=None,
-    make_assistant=None,
-    make_noise=None,
-    **trainer_kwargs,
-) -> SchemeResult:
+def run_noisy_student(config: NoisyStudentConfig, args: DistillationConfig, given: SchemeInputs) -> SchemeResult:
     """Noisy student: the teacher pseudo-labels the unlabeled rows, an equal-or-larger student learns from them with
     noised inputs and dropout, and becomes the next round's teacher (Xie et al. 2020)."""
-    noise = make_noise(config.input_noise) if make_noise is not None and config.input_noise else None
     stages = noisy_student(
-        teacher,
-        make_student,
+        given.teacher,
+        given.make_student,
         args,
-        train_dataset=train_dataset,
         rounds=config.rounds,
         pseudo_labels=config.pseudo_labels,
         pseudo_label_threshold=config.pseudo_label_threshold,
         balance_pseudo_labels=config.balance_pseudo_labels,
-        student_noise=noise,
+        student_noise=given.noise(config.input_noise),
         student_dropout=config.student_dropout,
-        load_student=load_student,
+        load_student=given.load_student,
         scheme=config,
-        **trainer_kwargs,
+        **given.trainer_kwargs,
     )
-    return SchemeResult(final_trainer(stages[-1], stages, args, teacher, config, trainer_kwargs), stages[:-1])
+    return SchemeResult(final_trainer(stages, args, config, given), stages[:-1])

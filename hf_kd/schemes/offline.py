@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..config import DistillationConfig
 from ..trainer import DistillationTrainer
-from .registry import SchemeConfig, SchemeResult, register_scheme
+from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
 
 
 @dataclass
@@ -17,21 +17,10 @@ class OfflineConfig(SchemeConfig):
 
 
 @register_scheme("offline", config=OfflineConfig, teachers="many")
-def run_offline(
-    config: OfflineConfig,
-    args: DistillationConfig,
-    *,
-    teacher,
-    make_student,
-    train_dataset,
-    load_student=None,
-    make_assistant=None,
-    make_noise=None,
-    **trainer_kwargs,
-) -> SchemeResult:
+def run_offline(config: OfflineConfig, args: DistillationConfig, given: SchemeInputs) -> SchemeResult:
     """Offline: one distillation run from frozen teachers (several are combined by --teacher_aggregation)."""
     trainer = DistillationTrainer(
-        model=make_student(1), teacher_model=teacher, args=args, train_dataset=train_dataset, **trainer_kwargs
+        model=given.make_student(1), teacher_model=given.teacher, args=args, **given.trainer_kwargs
     )
     trainer.scheme_config = config
     trainer.train()

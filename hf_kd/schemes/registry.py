@@ -2,7 +2,7 @@
 the function that runs it::
 
     @register_scheme("born_again", config=BornAgainConfig, teachers="many", stages=True)
-    def run_born_again(config, args, *, teacher, make_student, train_dataset, **kwargs) -> SchemeResult: ...
+    def run_born_again(config: BornAgainConfig, args, given: SchemeInputs) -> SchemeResult: ...
 
 :func:`run_scheme` runs any of them by name (or by its config) and returns one :class:`SchemeResult`; the recipes'
 ``--scheme NAME`` parses the chosen scheme's config with ``HfArgumentParser``. Every saved student records the
@@ -57,6 +57,38 @@ class SchemeResult:
         return self.trainer.student
 
 
+@dataclass
+class SchemeInputs:
+    """What a scheme's run function is given besides its config and ``args`` (see :func:`run_scheme`).
+
+    Args:
+        make_student: ``make_student(k)`` builds a fresh student (k: the generation, round or peer, from 1).
+        train_dataset: the training rows.
+        teacher: the teacher(s), or ``None`` for schemes that train their own.
+        load_student: reads a finished stage's saved student back.
+        make_assistant: ``make_assistant(hidden_size, layers)`` builds a teacher assistant.
+        make_noise: ``make_noise(strength)`` builds this modality's input noise.
+        extra: the other keyword arguments of every trainer (``eval_dataset``, ``data_collator``, ...).
+    """
+
+    make_student: Callable[[int], nn.Module]
+    train_dataset: object
+    teacher: object = None
+    load_student: Callable[[str], nn.Module] | None = None
+    make_assistant: Callable[[int | None, int | None], nn.Module] | None = None
+    make_noise: Callable[[float], object] | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def trainer_kwargs(self) -> dict:
+        """What a trainer of the scheme is given: the training rows and :attr:`extra`."""
+        return {"train_dataset": self.train_dataset, **self.extra}
+
+    def noise(self, strength: float | None):
+        """This modality's input noise at ``strength`` (none without ``make_noise`` or at strength 0/None)."""
+        return self.make_noise(strength) if self.make_noise is not None and strength else None
+
+
 @dataclass(frozen=True)
 class SchemeEntry:
     """A registered scheme: its ``name``, ``config`` class, ``run`` function, what it takes as teacher (``teachers``:
@@ -81,8 +113,8 @@ _SCHEMES: dict[str, SchemeEntry] = {}
 def register_scheme(name: str, *, config: type[SchemeConfig], teachers: str = "many", stages: bool = False):
     """Function decorator registering a scheme's run function under ``name`` with its ``config`` dataclass.
 
-    The run function is called as ``run(config, args, *, teacher, make_student, train_dataset, load_student,
-    make_assistant, make_noise, **trainer_kwargs)`` and returns a :class:`SchemeResult` (see :func:`run_scheme`).
+    The run function is called as ``run(config, args, given)`` (``given``: a :class:`SchemeInputs`) and returns a
+    :class:`SchemeResult` (see :func:`run_scheme`).
     """
     if teachers not in TEACHERS:
         raise ValueError(f"register_scheme({name!r}): teachers is one of {TEACHERS}, got {teachers!r}.")
@@ -173,14 +205,7 @@ def run_scheme(
                 f"scheme {entry.name!r} runs more than one Trainer in one process (its stages, or the best peer "
                 f"after mutual learning), which {engine} does not support: run it on one device or with DDP."
             )
-    return entry.run(
-        config,
-        args,
-        teacher=teacher,
-        make_student=make_student,
-        train_dataset=train_dataset,
-        load_student=load_student,
-        make_assistant=make_assistant,
-        make_noise=make_noise,
-        **trainer_kwargs,
+    given = SchemeInputs(
+        make_student, train_dataset, teacher, load_student, make_assistant, make_noise, dict(trainer_kwargs)
     )
+    return entry.run(config, args, given)

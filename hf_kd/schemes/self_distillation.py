@@ -39,7 +39,7 @@ from ..model_kinds import base_model, is_regression, is_token_level, num_classes
 from ..trainer.compat import TrainerCompat
 from ..trainer.reporting import DISTILLATION_CONFIG_NAME, run_summary
 from .online import OnlineTrainer
-from .registry import SchemeConfig, SchemeResult, register_scheme
+from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
 from .stages import Stage
 
 FINAL = "final"  # the member that is the model's own head (the deepest exit, the teacher)
@@ -568,19 +568,10 @@ def exit_report(
 
 @register_scheme("self_distillation", config=SelfDistillationConfig, teachers="none")
 def run_self_distillation(
-    config: SelfDistillationConfig,
-    args: DistillationConfig,
-    *,
-    teacher=None,
-    make_student,
-    train_dataset,
-    load_student=None,
-    make_assistant=None,
-    make_noise=None,
-    **trainer_kwargs,
+    config: SelfDistillationConfig, args: DistillationConfig, given: SchemeInputs
 ) -> SchemeResult:
     """Self-distillation (be your own teacher): exits after the student's blocks learn from its own deepest exit."""
-    student = make_student(1)
+    student = given.make_student(1)
     blocks = config.exits_after or list(range(1, len(block_paths(student))))
     if not blocks:
         raise ValueError("self_distillation puts exits after blocks before the last: give the student 2 or more.")
@@ -592,8 +583,7 @@ def run_self_distillation(
         hint_weight=config.hint_weight,
         save_exits=config.save_exits,
         scheme=config,
-        train_dataset=train_dataset,
-        **trainer_kwargs,
+        **given.trainer_kwargs,
     )
     early, batch = trainer.early_exit_model, trainer.example_inputs()
     exits = [Stage(name, args.output_dir, ExitView(early, name, batch), {}) for name in early.exit_paths]

@@ -143,17 +143,19 @@ def _changed(saved: dict | None, requested: dict) -> str:
     )
 
 
-def final_trainer(last: Stage, stages: list[Stage], args: DistillationConfig, teacher, scheme, trainer_kwargs):
+def final_trainer(stages: list[Stage], args: DistillationConfig, scheme, given) -> object:
     """The trainer of a chain's final student: the one that trained it, or — when it finished in an earlier run and
-    was read back — a trainer around it (its teacher the stage before), for evaluation, saving and pushing."""
+    was read back — a trainer around it (its teacher the stage before), for evaluation, saving and pushing.
+    ``given``: the scheme's :class:`~hf_kd.schemes.registry.SchemeInputs`."""
+    last = stages[-1]
     if last.trainer is not None:
         return last.trainer
     from ..trainer import DistillationTrainer
 
     with open(os.path.join(last.model_folder, DISTILLATION_CONFIG_NAME)) as handle:
         saved = json.load(handle)
-    previous = stages[-2].model if len(stages) > 1 else teacher
-    trainer = DistillationTrainer(model=last.model, teacher_model=previous, args=args, **trainer_kwargs)
+    previous = stages[-2].model if len(stages) > 1 else given.teacher
+    trainer = DistillationTrainer(model=last.model, teacher_model=previous, args=args, **given.extra)
     trainer.lineage, trainer.stage_metrics = saved.get("lineage"), saved.get("metrics")
     trainer.stage_details, trainer.stage_setup = saved.get("stage"), saved.get("setup")
     trainer.scheme_config = scheme

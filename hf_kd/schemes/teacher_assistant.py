@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import DistillationConfig
 from ..teachers import SINGLE_TEACHER
-from .registry import SchemeConfig, SchemeResult, register_scheme
+from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
 from .stages import Stage, chain_teachers, check_stages, describe, final_trainer, run_stage
 
 
@@ -86,30 +86,20 @@ def _describe_teacher(teacher) -> dict:
 
 @register_scheme("teacher_assistant", config=TeacherAssistantConfig, teachers="one", stages=True)
 def run_teacher_assistant(
-    config: TeacherAssistantConfig,
-    args: DistillationConfig,
-    *,
-    teacher,
-    make_student,
-    train_dataset,
-    load_student=None,
-    make_assistant=None,
-    make_noise=None,
-    **trainer_kwargs,
+    config: TeacherAssistantConfig, args: DistillationConfig, given: SchemeInputs
 ) -> SchemeResult:
     """teacher → assistant → student: an assistant between the two sizes learns from the teacher, then teaches the
     student (Mirzadeh et al. 2020)."""
-    if make_assistant is None:
+    if given.make_assistant is None:
         raise ValueError("scheme 'teacher_assistant' needs make_assistant(hidden_size, layers) to build the assistant.")
-    assistant = make_assistant(config.assistant_hidden_size, config.assistant_layers)
+    assistant = given.make_assistant(config.assistant_hidden_size, config.assistant_layers)
     stages = teacher_assistant(
-        teacher,
+        given.teacher,
         [assistant],
-        make_student(1),
+        given.make_student(1),
         args,
-        load_student=load_student,
+        load_student=given.load_student,
         scheme=config,
-        train_dataset=train_dataset,
-        **trainer_kwargs,
+        **given.trainer_kwargs,
     )
-    return SchemeResult(final_trainer(stages[-1], stages, args, teacher, config, trainer_kwargs), stages[:-1])
+    return SchemeResult(final_trainer(stages, args, config, given), stages[:-1])

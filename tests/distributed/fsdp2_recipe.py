@@ -17,4 +17,4 @@ if __name__ == "__main__":
     cpu_fsdp.enable()
     recipe, sys.argv = sys.argv[1], sys.argv[1:]
     runpy.run_path(recipe, run_name="__main__")
-    exit_cleanly()
+    exit_cleanly()  # barrier, destroy_process_group, os._exit(0): see clean_exit.py

@@ -58,4 +58,4 @@ def main(output: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    exit_cleanly()
+    exit_cleanly()  # barrier, destroy_process_group, os._exit(0): see clean_exit.py

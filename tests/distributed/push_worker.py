@@ -80,4 +80,4 @@ if __name__ == "__main__":
     flags = sys.argv[3:]
     engine = next((flag for flag in flags if flag in ("zero3", "fsdp2")), None)
     main(sys.argv[1], sys.argv[2], flags, engine)
-    exit_cleanly()
+    exit_cleanly()  # barrier, destroy_process_group, os._exit(0): see clean_exit.py

@@ -32,4 +32,4 @@ def main(output_dir: str, repo_id: str, flags: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3:])
-    exit_cleanly()
+    exit_cleanly()  # barrier, destroy_process_group, os._exit(0): see clean_exit.py

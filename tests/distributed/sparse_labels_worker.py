@@ -51,4 +51,4 @@ def main(output_dir: str, batch_size: int, aggregation: str | None = None) -> No
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])
-    exit_cleanly()
+    exit_cleanly()  # barrier, destroy_process_group, os._exit(0): see clean_exit.py

@@ -136,4 +136,4 @@ def save_weights(trainer, output_dir, name):
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:])
-    exit_cleanly()
+    exit_cleanly()  # barrier, destroy_process_group, os._exit(0): see clean_exit.py
