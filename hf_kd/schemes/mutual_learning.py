@@ -15,7 +15,6 @@ losses are response losses (they compare predictions); one device and DDP (DeepS
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -30,7 +29,7 @@ from ..hub import render_student_card
 from ..model_kinds import auto_class_for, is_causal_lm, is_token_level, num_classes
 from ..teachers import check_materialized, name_models
 from ..trainer.compat import TrainerCompat
-from ..trainer.reporting import DISTILLATION_CONFIG_NAME, run_summary
+from ..trainer.reporting import run_summary, write_summary
 from .online import OnlineTrainer, best_member, mean_prediction
 from .peer_cohort import PEER_PREFIX, PeerCohort
 from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
@@ -112,8 +111,7 @@ class MutualLearningTrainer(OnlineTrainer):
             return
         for name, peer in self.peers.items():
             summary = self.peer_summary(name)
-            with open(os.path.join(output_dir, name, DISTILLATION_CONFIG_NAME), "w") as handle:
-                json.dump(summary, handle, indent=2)
+            write_summary(os.path.join(output_dir, name), summary)
             if not _internal_call:
                 self._peer_card(name, peer, summary).save(os.path.join(output_dir, name, "README.md"))
 

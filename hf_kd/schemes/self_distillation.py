@@ -37,7 +37,7 @@ from ..evaluation import count_parameters
 from ..features import ModelFeatures, capture_modules, pool
 from ..model_kinds import base_model, is_regression, is_token_level, num_classes
 from ..trainer.compat import TrainerCompat
-from ..trainer.reporting import DISTILLATION_CONFIG_NAME, run_summary
+from ..trainer.reporting import run_summary, write_summary
 from .online import OnlineTrainer
 from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
 from .stages import Stage
@@ -427,8 +427,7 @@ class SelfDistillationTrainer(OnlineTrainer):
                 path = os.path.join(output_dir, name)
                 if os.path.exists(path):
                     os.remove(path)
-        with open(os.path.join(output_dir, DISTILLATION_CONFIG_NAME), "w") as handle:
-            json.dump(self.distillation_summary(), handle, indent=2)
+        write_summary(output_dir, self.distillation_summary())
 
     def distillation_summary(self) -> dict:
         early = self.early_exit_model

@@ -23,9 +23,11 @@ HUB_UPLOAD_FOLDER = "_hub_upload"  # what push_to_hub uploads; "_*" is skipped b
 STUDENT_ROLE = "student"
 
 
-def write_summary(trainer, output_dir: str) -> None:
+def write_summary(output_dir: str, summary: dict) -> None:
+    """``output_dir/distillation_config.json``: the one writer of every saved student's summary (a trainer's
+    :meth:`distillation_summary`, a peer's, a model with exits')."""
     with open(os.path.join(output_dir, DISTILLATION_CONFIG_NAME), "w") as handle:
-        json.dump(trainer.distillation_summary(), handle, indent=2)
+        json.dump(summary, handle, indent=2)
 
 
 def distillation_summary(trainer) -> dict:

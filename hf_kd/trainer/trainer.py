@@ -249,7 +249,7 @@ class DistillationTrainer(TrainerCompat):
         ``distillation_config.json`` describing how it was distilled."""
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
-            reporting.write_summary(self, output_dir or self.args.output_dir)
+            reporting.write_summary(output_dir or self.args.output_dir, self.distillation_summary())
 
     def distillation_summary(self) -> dict:
         """What was distilled from what, with which losses: the content of ``distillation_config.json``."""
