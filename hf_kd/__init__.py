@@ -43,21 +43,6 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AdapterBaseTeacher",
-    "BornAgainConfig",
-    "CrossModalConfig",
-    "MeanTeacherConfig",
-    "MutualLearningConfig",
-    "MutualLearningTrainer",
-    "NoisyStudentConfig",
-    "OfflineConfig",
-    "SchemeConfig",
-    "SchemeResult",
-    "SelfDistillationConfig",
-    "SelfDistillationTrainer",
-    "TeacherAssistantConfig",
-    "available_schemes",
-    "register_scheme",
-    "run_scheme",
     "DistillationConfig",
     "DistillationLoss",
     "DistillationTrainer",
@@ -68,4 +53,5 @@ __all__ = [
     "get_loss",
     "register_loss",
     "write_teacher_cache",
+    *_SCHEME_EXPORTS,
 ]
