@@ -17,6 +17,7 @@ from .features import ModelFeatures
 from .losses.registry import resolve_loss_class, takes_option
 from .model_kinds import is_classifier, is_regression, num_classes, output_size
 from .teachers import check_materialized
+from .teachers.ensemble import check_aggregation
 
 
 def check_setup(model, teacher_model, args, trainer_kwargs: dict) -> None:
@@ -116,11 +117,7 @@ def check_teachers(model, teachers: dict, objective, args, train_dataset) -> Non
 
 def check_teacher_count(args, teachers: list[str]) -> None:
     """What ``args`` cannot do with this many teachers (known by name before any is loaded: a later stage's)."""
-    if len(teachers) == 1 and (args.teacher_aggregation == "weighted" or args.teacher_weights is not None):
-        raise ValueError(
-            f"teacher_aggregation={args.teacher_aggregation!r} with teacher_weights={args.teacher_weights} combines "
-            f"several teachers; this trainer has one ({teachers[0]!r}), so they would do nothing: leave both unset."
-        )
+    check_aggregation(args.teacher_aggregation, args.teacher_weights, args.adaptive_temperature, teachers)
     if args.chunk_size is not None and len(teachers) > 1:
         raise ValueError(
             f"chunk_size runs one teacher's LM head chunk by chunk; {len(teachers)} teachers were given. Leave "

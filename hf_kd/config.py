@@ -254,26 +254,16 @@ class DistillationConfig(TrainingArguments):
             math.isfinite(self.hard_label_weight) and self.hard_label_weight >= 0
         ):
             raise ValueError(f"hard_label_weight must be a finite number >= 0, got {self.hard_label_weight}.")
-        from .teachers.ensemble import AGGREGATIONS
+        from .teachers.ensemble import check_aggregation
 
-        if self.teacher_aggregation not in AGGREGATIONS:
-            raise ValueError(f"teacher_aggregation must be one of {AGGREGATIONS}, got {self.teacher_aggregation!r}.")
-        if self.teacher_weights is not None:
-            if self.teacher_aggregation != "weighted":
-                raise ValueError(
-                    f"teacher_weights apply to teacher_aggregation='weighted', not {self.teacher_aggregation!r}."
-                )
-            if isinstance(self.teacher_weights, str):  # the command line: "0.7,0.3"
-                self.teacher_weights = [float(part) for part in self.teacher_weights.split(",")]
-            if not all(math.isfinite(w) and w >= 0 for w in self.teacher_weights) or sum(self.teacher_weights) <= 0:
-                raise ValueError(f"teacher_weights must be finite, >= 0 and not all 0, got {self.teacher_weights}.")
+        self.teacher_weights = check_aggregation(
+            self.teacher_aggregation, self.teacher_weights, self.adaptive_temperature
+        )
         if not (isinstance(self.distillation_rampup_steps, int) and self.distillation_rampup_steps >= 0):
             raise ValueError(
                 "distillation_rampup_steps must be an integer >= 0 (0: no ramp), got "
                 f"{self.distillation_rampup_steps!r}."
             )
-        if not (math.isfinite(self.adaptive_temperature) and self.adaptive_temperature > 0):
-            raise ValueError(f"adaptive_temperature must be a finite number > 0, got {self.adaptive_temperature}.")
         if self.chunk_size is not None and self.label_smoothing_factor > 0:
             raise ValueError(
                 f"label_smoothing_factor={self.label_smoothing_factor} is not applied on the chunk_size path, "

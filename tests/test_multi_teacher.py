@@ -95,8 +95,9 @@ def test_sparse_teachers_mix_without_their_dense_form_to_the_dense_mixture(mode)
     whole = SparseDistribution(top.indices, top.values.log_softmax(-1), torch.full((count,), -torch.inf), vocab)
     teachers = [first, second, whole]
     labels = torch.tensor([0, 3, -100, 5, -100, 7, 1, -100, 2, 9, -100, 4])
-    aggregator = TeacherAggregator(["a", "b", "c"], mode, static_weights=[3.0, 1.0, 2.0])
-    dense_aggregator = TeacherAggregator(["a", "b", "c"], mode, static_weights=[3.0, 1.0, 2.0])
+    static_weights = [3.0, 1.0, 2.0] if mode == "weighted" else None
+    aggregator = TeacherAggregator(["a", "b", "c"], mode, static_weights=static_weights)
+    dense_aggregator = TeacherAggregator(["a", "b", "c"], mode, static_weights=static_weights)
     weights = aggregator(teachers, labels)
     dense = [teacher.dense() for teacher in teachers]
     assert torch.allclose(weights, dense_aggregator(dense, labels), atol=1e-6)  # the same evidence either way

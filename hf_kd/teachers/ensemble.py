@@ -23,6 +23,8 @@ teachers cost about what one does.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -30,6 +32,58 @@ from ..features import SparseDistribution
 
 AGGREGATIONS = ("mean_probs", "mean_logits", "weighted", "adaptive", "best")
 ENSEMBLE = "ensemble"  # the name under which the combined teacher is read by the terms
+
+
+def check_aggregation(
+    aggregation: str,
+    teacher_weights: list[float] | str | None = None,
+    adaptive_temperature: float = 1.0,
+    teachers: list[str] | None = None,
+) -> list[float] | None:
+    """Refuse teacher-aggregation settings that cannot take effect: the one check behind
+    :class:`~hf_kd.DistillationConfig` (before any teacher is known), :class:`TeacherAggregator` and the trainer's
+    teacher-count check (once the teachers are named).
+
+    Args:
+        aggregation: ``teacher_aggregation``, one of :data:`AGGREGATIONS`.
+        teacher_weights: static weights of ``"weighted"``, one per teacher (normalised later); a comma-separated
+            string (the command line's ``"0.7,0.3"``) is read as a list of floats.
+        adaptive_temperature: τ_w of ``"adaptive"``, in the weights ``softmax(−CE/τ_w)``.
+        teachers: the teachers' names, in order; ``None`` skips the checks that need to know how many there are.
+
+    Returns:
+        ``teacher_weights`` as a list of floats, or ``None`` when unset.
+
+    Raises:
+        ValueError: an unknown ``aggregation``; ``teacher_weights`` with an aggregation other than ``"weighted"``,
+            or weights that are not finite, are negative or are all 0; ``adaptive_temperature`` not a finite number
+            > 0; ``"weighted"`` with a single teacher; or ``"weighted"`` without one weight per teacher.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"teacher_aggregation must be one of {AGGREGATIONS}, got {aggregation!r}.")
+    if teacher_weights is not None:
+        if aggregation != "weighted":
+            raise ValueError(f"teacher_weights apply to teacher_aggregation='weighted', not {aggregation!r}.")
+        if isinstance(teacher_weights, str):  # the command line: "0.7,0.3"
+            teacher_weights = [float(part) for part in teacher_weights.split(",")]
+        teacher_weights = list(teacher_weights)
+        if not all(math.isfinite(w) and w >= 0 for w in teacher_weights) or sum(teacher_weights) <= 0:
+            raise ValueError(f"teacher_weights must be finite, >= 0 and not all 0, got {teacher_weights}.")
+    if not (math.isfinite(adaptive_temperature) and adaptive_temperature > 0):
+        raise ValueError(f"adaptive_temperature must be a finite number > 0, got {adaptive_temperature}.")
+    if teachers is None or aggregation != "weighted":
+        return teacher_weights
+    if len(teachers) == 1:
+        raise ValueError(
+            f"teacher_aggregation={aggregation!r} with teacher_weights={teacher_weights} combines several teachers; "
+            f"this trainer has one ({teachers[0]!r}), so they would do nothing: leave both unset."
+        )
+    if teacher_weights is None or len(teacher_weights) != len(teachers):
+        raise ValueError(
+            f"teacher_aggregation='weighted' needs teacher_weights with one weight per teacher {list(teachers)}, "
+            f"got {teacher_weights}."
+        )
+    return teacher_weights
 
 
 class TeacherAggregator(nn.Module):
@@ -45,16 +99,10 @@ class TeacherAggregator(nn.Module):
         use_confidence: bool = False,
     ):
         super().__init__()
-        if mode not in AGGREGATIONS:
-            raise ValueError(f"teacher_aggregation must be one of {AGGREGATIONS}, got {mode!r}.")
+        static_weights = check_aggregation(mode, static_weights, weight_temperature, names)
         self.names, self.mode = list(names), mode
         self.weight_temperature, self.use_confidence = weight_temperature, use_confidence
         if mode == "weighted":
-            if static_weights is None or len(static_weights) != len(names):
-                raise ValueError(
-                    f"teacher_aggregation='weighted' needs teacher_weights with one weight per teacher {self.names}, "
-                    f"got {static_weights}."
-                )
             total = sum(static_weights)
             self.register_buffer("static", torch.tensor([w / total for w in static_weights]), persistent=False)
         self.register_buffer("ce_sum", torch.zeros(len(names), dtype=torch.float64))
