@@ -18,8 +18,15 @@ TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class LossSpec:
-    """One configured loss: its registry id (or dotted class path), its weight, its options, and the teacher it
-    reads (a name of ``teacher_model``'s mapping; ``None``: every teacher, one term each)."""
+    """One configured loss.
+
+    Args:
+        name: The loss's registry id (``"kl"``, ``"hidden_mse"``, ...) or the dotted path of a loss class.
+        weight: Its weight wᵢ in the total; ``None``: the loss class's ``default_weight`` (the value of its paper).
+        options: Keyword arguments of the loss class (``{"beta": 0.9}``, ``{"layer_map": "last"}``).
+        teacher: The name (in ``teacher_model``'s mapping) of the teacher it reads; ``None``: every teacher, one
+            term each (or the combined teacher, with several teachers and a logit loss).
+    """
 
     name: str
     weight: float | None = None  # None: the loss class's default_weight (the value of its paper)
@@ -27,6 +34,11 @@ class LossSpec:
     teacher: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as one flat dict, the form ``losses`` takes and JSON stores.
+
+        Returns:
+            ``{"name": ..., "weight": ..., "teacher": ... (only when set), **options}``.
+        """
         teacher = {} if self.teacher is None else {"teacher": self.teacher}
         return {"name": self.name, "weight": self.weight, **teacher, **self.options}
 
@@ -39,6 +51,17 @@ def parse_losses(value: str | list | None, *, trust_imports: bool = False) -> li
     (``name[:weight][:key=value ...]`` separated by commas). Every name is resolved here: a registered id, or a
     dotted path to a class of an imported module (``trust_imports``: of any module, imported if need be; see
     :func:`~hf_kd.losses.resolve_loss_class`).
+
+    Args:
+        value: The losses in one of the forms above; ``None``: ``kl`` with weight 1.
+        trust_imports: Let a dotted class path import its module.
+
+    Returns:
+        One :class:`LossSpec` per loss, in order; a weight left unset is the loss class's ``default_weight``.
+
+    Raises:
+        ValueError: JSON that does not parse, an entry without a name, a weight that is not a number, an entry of
+            another type, or a name that resolves to no loss.
     """
     if value is None:
         return [LossSpec("kl", 1.0)]
@@ -107,7 +130,54 @@ class DistillationConfig(TrainingArguments):
     The total loss is ``hard_label_weight·CE + Σ wᵢ·Lᵢ`` (additive form), or ``(1 − alpha)·CE + alpha·Σ wᵢ·Lᵢ``
     when ``alpha`` is set (convex form). CE is the student's own loss on the labels (cross-entropy for
     classification and language modelling); it is skipped for batches without labels, e.g. an unlabeled
-    transfer set.
+    transfer set. Every argument of :class:`transformers.TrainingArguments` is accepted too; the arguments below are
+    what distillation adds (each documented by its command-line help).
+
+    Args:
+        teacher_model_name_or_path: Teacher to load with from_pretrained when DistillationTrainer gets no teacher_model.
+        teacher_dtype: dtype to run the teacher in: auto (a loaded teacher keeps its saved dtype, a given model its
+            own), float32, bfloat16 or float16.
+        temperature: Softmax temperature τ shared by the losses (a loss's own 'temperature' option wins).
+        alpha: Convex mix (1 - alpha)·CE + alpha·KD with 0 <= alpha <= 1. Leave unset to use hard_label_weight
+            (additive form).
+        hard_label_weight: γ in the additive form γ·CE + Σ wᵢ·Lᵢ (default 1.0). Cannot be combined with alpha.
+        losses: Distillation losses: 'kl:1.0,logit_mse:0.5' (name[:weight][:key=value]) or a JSON/YAML list of
+            {name, weight, ...options}. Default: kl with weight 1.
+        trust_loss_imports: Let a dotted loss path (my_pkg.losses.MyLoss) import its module. Off by default: a path
+            resolves only in a module your code has already imported, since importing runs the module's top-level
+            code (and would pick up a .py of that name in the working directory).
+        distillation_rampup_steps: Ramp the distillation terms' weight up over the first N optimizer steps by
+            exp(-5(1 - t/N)^2) (Laine & Aila 2017; the mean teacher's consistency ramp-up), 1 afterwards. 0: no ramp.
+        chunk_size: Causal LMs: compute the label loss and logit losses from the final hidden states and LM heads in
+            chunks of this many supervised tokens, never holding the B×T×V logits of either model (values and
+            gradients equal the plain path). Logit losses only.
+        on_policy_fraction: GKD's λ: the fraction of optimizer steps whose batches are replaced by the student's own
+            sampled continuations of their prompts, scored by the teacher (causal and seq2seq LMs; labels must be
+            -100 on the prompt). Use with jsd/reverse_kl for on-policy distillation.
+        generation_max_new_tokens: On-policy rollouts: tokens the student samples per prompt.
+        generation_temperature: On-policy rollouts: sampling temperature (0 for greedy decoding).
+        generation_top_k: On-policy rollouts: top-k sampling.
+        generation_top_p: On-policy rollouts: nucleus sampling.
+        teacher_aggregation: Several teachers: how logit losses combine them, per position: mean_probs (the mean of
+            their softened distributions), mean_logits, weighted (by teacher_weights), adaptive (from each teacher's
+            cross-entropy on the labels) or best (the teacher that is right, most confidently). See
+            hf_kd.teachers.ensemble.
+        teacher_weights: teacher_aggregation='weighted': one weight per teacher, in teacher_model's order.
+        adaptive_temperature: teacher_aggregation='adaptive': τ_w in the weights softmax(−CE/τ_w).
+        adaptive_confidence: teacher_aggregation='adaptive': on unlabeled positions, also weigh each teacher by its
+            confidence (max probability) there, beside its reliability on the labels so far.
+        check_finite: Stop training with an error naming the term (and whether the teacher or the student produced
+            it) as soon as a loss term or the teacher's outputs are NaN or infinite (-inf logits of masked vocabulary
+            entries are allowed). One device-to-host sync and one pass over the teacher's outputs per micro-batch;
+            turn off only to measure that cost.
+        token_level: Whether logits are per token (B×T×V). Default: detected from the student's class (causal LM,
+            seq2seq LM, masked LM, token classification).
+
+    Raises:
+        ValueError: a setting out of its range or that cannot take effect (no losses, an unknown loss or option, a
+            negative or non-finite weight, temperature <= 0, alpha outside [0, 1] or set with hard_label_weight,
+            teacher-aggregation settings :func:`~hf_kd.teachers.ensemble.check_aggregation` refuses, chunk_size
+            with label smoothing, an unknown teacher_dtype, ...), naming the value and what to set instead.
     """
 
     teacher_model_name_or_path: str | None = field(
@@ -116,7 +186,11 @@ class DistillationConfig(TrainingArguments):
     )
     teacher_dtype: str = field(
         default="auto",
-        metadata={"help": "dtype to run the teacher in.", "choices": list(TEACHER_DTYPES)},
+        metadata={
+            "help": "dtype to run the teacher in: auto (a loaded teacher keeps its saved dtype, a given model its "
+            "own), float32, bfloat16 or float16.",
+            "choices": list(TEACHER_DTYPES),
+        },
     )
     temperature: float = field(
         default=2.0,
@@ -182,7 +256,10 @@ class DistillationConfig(TrainingArguments):
     teacher_aggregation: str = field(
         default="mean_probs",
         metadata={
-            "help": "Several teachers: how logit losses combine them, per position (hf_kd.teachers.ensemble).",
+            "help": "Several teachers: how logit losses combine them, per position: mean_probs (the mean of their "
+            "softened distributions), mean_logits, weighted (by teacher_weights), adaptive (from each teacher's "
+            "cross-entropy on the labels) or best (the teacher that is right, most confidently). See "
+            "hf_kd.teachers.ensemble.",
             "choices": ["mean_probs", "mean_logits", "weighted", "adaptive", "best"],
         },
     )
@@ -287,7 +364,7 @@ class DistillationConfig(TrainingArguments):
 
     @property
     def generation_kwargs(self) -> dict:
-        """``generate`` arguments of on-policy rollouts."""
+        """``generate`` arguments of on-policy rollouts (sampling options only when sampling)."""
         kwargs = {"max_new_tokens": self.generation_max_new_tokens, "do_sample": self.generation_temperature > 0}
         if self.generation_temperature > 0:
             kwargs["temperature"] = self.generation_temperature
@@ -299,6 +376,7 @@ class DistillationConfig(TrainingArguments):
 
     @property
     def loss_specs(self) -> list[LossSpec]:
+        """``losses`` read back as :class:`LossSpec` objects."""
         return parse_losses(self.losses, trust_imports=self.trust_loss_imports)
 
     @property

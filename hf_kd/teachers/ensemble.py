@@ -88,7 +88,18 @@ def check_aggregation(
 
 class TeacherAggregator(nn.Module):
     """Weights over ``names`` per position and the combined logits; holds the running reliability (per teacher, the
-    summed cross-entropy on labeled positions and their count) as buffers, so it checkpoints and resumes."""
+    summed cross-entropy on labeled positions and their count) as buffers, so it checkpoints and resumes.
+
+    Args:
+        names: The teachers' names, in the order their logits are given.
+        mode: How to combine them, one of :data:`AGGREGATIONS` (``teacher_aggregation``).
+        static_weights: ``"weighted"``: one weight per teacher (normalised to sum to 1).
+        weight_temperature: ``"adaptive"``: τ_w in the weights ``softmax(−CE/τ_w)``.
+        use_confidence: ``"adaptive"``: on unlabeled positions, also weigh each teacher by its confidence there.
+
+    Raises:
+        ValueError: settings :func:`check_aggregation` refuses.
+    """
 
     def __init__(
         self,
@@ -110,7 +121,16 @@ class TeacherAggregator(nn.Module):
 
     @classmethod
     def from_config(cls, names: list[str], args) -> TeacherAggregator:
-        """The aggregator ``args`` (a :class:`~hf_kd.DistillationConfig`) asks for over the teachers ``names``."""
+        """The aggregator a config asks for.
+
+        Args:
+            names: The teachers' names, in order.
+            args: A :class:`~hf_kd.DistillationConfig` (its ``teacher_aggregation``, ``teacher_weights``,
+                ``adaptive_temperature`` and ``adaptive_confidence``).
+
+        Returns:
+            The aggregator over ``names``.
+        """
         return cls(
             names, args.teacher_aggregation, args.teacher_weights, args.adaptive_temperature, args.adaptive_confidence
         )
@@ -118,9 +138,17 @@ class TeacherAggregator(nn.Module):
     def forward(
         self, logits: list[torch.Tensor | SparseDistribution], labels: torch.Tensor | None, accelerator=None
     ) -> torch.Tensor:
-        """``N×K`` weights for the teachers' outputs at ``N`` positions (``N×V`` logits or sparse distributions;
-        labels ``N``, -100 where none); in training also updates the running reliability from the labeled
-        positions (summed over processes)."""
+        """Each teacher's weight at each position; in training also updates the running reliability from the
+        labeled positions (summed over processes).
+
+        Args:
+            logits: The K teachers' outputs at ``N`` positions: ``N×V`` logits or sparse distributions.
+            labels: ``N`` labels, -100 where a position has none; ``None``: no position has one.
+            accelerator: Sums the reliability statistics over processes when there are several.
+
+        Returns:
+            ``N×K`` weights, summing to 1 per position.
+        """
         count = logits[0].shape[0]
         device = logits[0].fill.device if isinstance(logits[0], SparseDistribution) else logits[0].device
         if self.mode in ("mean_probs", "mean_logits"):
@@ -157,9 +185,17 @@ class TeacherAggregator(nn.Module):
     def combine(
         self, logits: list[torch.Tensor | SparseDistribution], weights: torch.Tensor, temperature: float
     ) -> torch.Tensor | SparseDistribution:
-        """The combined teacher as logits that a loss at ``temperature`` softens into ``Σₖ wₖ p_k^τ``
-        (``τ·log Σₖ wₖ p_k^τ``) — sparse when every teacher is (:func:`mix_sparse`); ``mean_logits``: ``Σₖ wₖ z_k``
-        (dense)."""
+        """The combined teacher, as logits that a loss at ``temperature`` softens into ``Σₖ wₖ p_k^τ``.
+
+        Args:
+            logits: The K teachers' outputs at ``N`` positions (``N×V`` logits or sparse distributions).
+            weights: ``N×K`` weights from :meth:`forward`.
+            temperature: The temperature τ of the loss that reads the result.
+
+        Returns:
+            ``τ·log Σₖ wₖ p_k^τ`` (``N×V``), sparse when every teacher is and their kept ids fit the vocabulary
+            (:func:`mix_sparse`); ``mean_logits``: ``Σₖ wₖ z_k`` (dense).
+        """
         sparse = [z for z in logits if isinstance(z, SparseDistribution)]
         if self.mode != "mean_logits" and len(sparse) == len(logits):
             if sum(z.ids.shape[-1] for z in sparse) <= sparse[0].vocab_size:
@@ -195,7 +231,16 @@ def mix_sparse(teachers: list[SparseDistribution], weights: torch.Tensor, temper
     Each teacher's p^τ is its remainder value u_k everywhere plus an excess (p_kj − u_k) at its kept ids, so the
     mixture is T = Σₖ wₖ u_k everywhere plus the weighted excesses summed per id. An id kept by several teachers
     is one entry; the slots its repeats leave hold fresh ids outside the union at the value T, so the ids stay
-    distinct and ``K·k`` wide (this needs ``K·k ≤ V``: the r-th id missing from a row is below ``K·k``)."""
+    distinct and ``K·k`` wide (this needs ``K·k ≤ V``: the r-th id missing from a row is below ``K·k``).
+
+    Args:
+        teachers: K sparse distributions over the same ``N`` positions and vocabulary.
+        weights: ``N×K`` weights, summing to 1 per position.
+        temperature: The temperature τ of the loss that reads the mixture.
+
+    Returns:
+        The mixture as a :class:`~hf_kd.features.SparseDistribution` with ``K·k`` ids per position.
+    """
     softened = [teacher.softened(temperature) for teacher in teachers]
     width = sum(teacher.ids.shape[-1] for teacher in teachers)
     tail = sum(weights[:, k] * teacher.fill.exp() for k, teacher in enumerate(softened))  # N

@@ -15,7 +15,22 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def load_teacher(teacher: nn.Module | str, student: nn.Module, dtype: str = "auto") -> nn.Module:
-    """Load (from a path or hub id, through ``from_pretrained``), cast and freeze a teacher."""
+    """Load (from a path or hub id, through ``from_pretrained``), cast and freeze a teacher.
+
+    Args:
+        teacher: A model, or the folder or Hub repo id to load one from (with the auto class of ``student``'s task).
+        student: The student, whose class picks the auto class the teacher loads with.
+        dtype: ``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"`` (``teacher_dtype``).
+
+    Returns:
+        The teacher, frozen (:func:`freeze`).
+
+    Raises:
+        FileNotFoundError: ``teacher`` can only be a local path, and no such folder exists.
+        OSError: ``from_pretrained`` could not load it.
+        TypeError: ``teacher`` is neither a model nor a path.
+        ValueError: its weights are on the meta device (:func:`check_materialized`).
+    """
     torch_dtype = _DTYPES.get(dtype)
     if isinstance(teacher, str):
         if looks_like_local_path(teacher) and not os.path.isdir(teacher):
@@ -41,7 +56,19 @@ SINGLE_TEACHER = "teacher"  # the name of a lone teacher (a list's are teacher0,
 def name_models(models, prefix: str, reserved: tuple[str, ...] = ()) -> dict:
     """Models by name: a dict keeps its names (checked), a list is numbered ``PREFIX0``, ``PREFIX1``, …, anything
     else is the one model ``PREFIX``. Names become log entries (``kl/NAME``), folders and card rows: non-empty
-    strings without '/', none of ``reserved``."""
+    strings without '/', none of ``reserved``.
+
+    Args:
+        models: A dict of models, a list of them, or one model.
+        prefix: The name of one model, and the stem of a list's names.
+        reserved: Names a dict may not use.
+
+    Returns:
+        The models by name.
+
+    Raises:
+        ValueError: a dict's name is empty, not a string, contains '/' or is reserved.
+    """
     if isinstance(models, dict):
         for name in models:
             if not isinstance(name, str) or not name or "/" in name or name in reserved:
@@ -58,7 +85,19 @@ def name_models(models, prefix: str, reserved: tuple[str, ...] = ()) -> dict:
 
 def build_teachers(teacher_model, student: nn.Module, dtype: str = "auto") -> dict:
     """``teacher_model`` as a mapping name → frozen model or :class:`TeacherSource`: one teacher (a model, a path,
-    a source) is ``{"teacher": ...}``, a list ``{"teacher0": ..., "teacher1": ...}``, a dict keeps its names."""
+    a source) is ``{"teacher": ...}``, a list ``{"teacher0": ..., "teacher1": ...}``, a dict keeps its names.
+
+    Args:
+        teacher_model: One teacher (a model, a path, a :class:`TeacherSource`), a list or a dict of them.
+        student: The student (models given as paths load with its task's auto class).
+        dtype: The dtype to run loaded teachers in (:func:`load_teacher`).
+
+    Returns:
+        Each teacher by name: a frozen model, or the source as given.
+
+    Raises:
+        ValueError: a dict names a teacher ``"student"`` or otherwise badly (:func:`name_models`).
+    """
     named = name_models(teacher_model, SINGLE_TEACHER, reserved=("student",))
     return {
         name: teacher if isinstance(teacher, TeacherSource) else load_teacher(teacher, student, dtype)
@@ -68,7 +107,17 @@ def build_teachers(teacher_model, student: nn.Module, dtype: str = "auto") -> di
 
 def place_teacher(teacher, trainer, losses) -> TeacherSource:
     """A frozen model placed for the way ``trainer``'s student is trained, or a source (a cache) checked against
-    its student, training set, tokenizer and ``losses``."""
+    its student, training set, tokenizer and ``losses``.
+
+    Args:
+        teacher: A frozen model or a :class:`TeacherSource`.
+        trainer: The trainer whose student the teacher teaches (its accelerator, model, data and tokenizer).
+        losses: The losses that read this teacher (a cache checks it holds what they need).
+
+    Returns:
+        A :class:`TeacherSource`: a model wrapped as a :class:`~hf_kd.teachers.LiveTeacher`, or the source itself,
+        attached to ``trainer``.
+    """
     if not isinstance(teacher, TeacherSource):
         from .live import LiveTeacher
 
@@ -86,13 +135,28 @@ def place_teacher(teacher, trainer, losses) -> TeacherSource:
 
 def looks_like_local_path(name: str) -> bool:
     """A name that can only mean a folder: absolute, relative with ./ or ../, home-relative, or with more than one
-    '/' (a Hub repo id is ``owner/name``)."""
+    '/' (a Hub repo id is ``owner/name``).
+
+    Args:
+        name: A model's path or Hub repo id.
+
+    Returns:
+        Whether ``name`` can only be a local path.
+    """
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def check_materialized(model: nn.Module, role: str) -> None:
     """Refuse a model whose weights are on the meta device (built under ``init_empty_weights`` or
-    ``device_map="meta"``): its outputs would be empty tensors, not numbers."""
+    ``device_map="meta"``): its outputs would be empty tensors, not numbers.
+
+    Args:
+        model: The model to check.
+        role: What the model is (``"teacher"``, ``"student"``), for the message.
+
+    Raises:
+        ValueError: some of its parameters are on the meta device.
+    """
     meta = [name for name, parameter in model.named_parameters() if parameter.is_meta]
     if meta:
         raise ValueError(
@@ -110,6 +174,16 @@ def prepare_teacher(teacher: nn.Module, accelerator) -> nn.Module:
     per layer, as Accelerate wraps the student), frozen. ZeRO-1/2 (stage 0 for the teacher), DDP, FSDP1 and one
     device: the teacher is replicated, in eval mode, through ``accelerator.prepare_model(...,
     evaluation_mode=True)``.
+
+    Args:
+        teacher: A frozen teacher model.
+        accelerator: The trainer's :class:`accelerate.Accelerator`.
+
+    Returns:
+        The placed teacher: a DeepSpeed engine under DeepSpeed, else the model as Accelerate prepared it.
+
+    Raises:
+        ValueError: the DeepSpeed config sizes ZeRO buckets ``"auto"`` and the teacher's config has no hidden size.
     """
     if getattr(accelerator, "is_fsdp2", False):
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
@@ -158,20 +232,39 @@ def _size_zero_buckets(zero: dict, model: nn.Module) -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DeepSpeed engine or DDP wrapper."""
+    """The model inside a DeepSpeed engine or DDP wrapper.
+
+    Args:
+        model: A model, wrapped or not.
+
+    Returns:
+        Its ``module`` when it wraps one, else ``model``.
+    """
     inner = getattr(model, "module", None)
     return inner if isinstance(inner, nn.Module) else model
 
 
 def use_eager_attention(model: nn.Module) -> None:
-    """Switch a transformers model to eager attention: sdpa and flash kernels return no attention weights."""
+    """Switch a transformers model to eager attention: sdpa and flash kernels return no attention weights.
+
+    Args:
+        model: A transformers model (a PEFT model's base model is switched); a model without
+            ``set_attn_implementation`` is left as it is.
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(base, "set_attn_implementation"):
         base.set_attn_implementation("eager")
 
 
 def freeze(model: nn.Module) -> nn.Module:
-    """Eval mode (no dropout) and no gradients: the teacher is never trained."""
+    """Eval mode (no dropout) and no gradients: the teacher is never trained.
+
+    Args:
+        model: The teacher.
+
+    Returns:
+        ``model`` itself, frozen in place.
+    """
     model.eval()
     model.requires_grad_(False)
     return model
