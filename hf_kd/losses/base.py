@@ -46,11 +46,24 @@ class DistillationLoss(nn.Module):
     needs_sample_index: ClassVar[bool] = False
 
     def side_needs(self, side: str) -> frozenset[str]:
-        """What this loss reads from ``side`` (``"student"`` or ``"teacher"``)."""
+        """What this loss reads from one side.
+
+        Args:
+            side: ``"student"`` or ``"teacher"``.
+
+        Returns:
+            Feature needs: ``"logits"``, ``"hidden_states"``, ``"attentions"``, ``"embeddings"`` or ``"module:PATH"``.
+        """
         return self.needs
 
     def setup(self, student: ModelFeatures, teacher: ModelFeatures, num_samples: int | None = None) -> None:
-        """Create learned parts from one sample batch's features; most losses have none."""
+        """Create learned parts from one sample batch's features; most losses have none.
+
+        Args:
+            student: The student's features of the sample batch.
+            teacher: The teacher's features of the same batch.
+            num_samples: The training set's size (memory banks have a row per example); ``None`` when unknown.
+        """
 
     def forward(
         self,
@@ -60,16 +73,35 @@ class DistillationLoss(nn.Module):
         labels: torch.Tensor | None = None,
         sample_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The loss between the two sides' features on a batch.
+
+        Args:
+            student: The student's features (what :meth:`side_needs` asked for).
+            teacher: The teacher's features.
+            mask: Bool over the positions (examples, or tokens for token-level logits) that count; ``None``: all.
+            labels: The batch's labels, for losses that read them (dkd, margin_mse, teacher_bounded).
+            sample_index: Each example's row in the training set, for losses with memory banks (crd).
+
+        Returns:
+            A scalar: the sum over the positions of ``mask`` when ``per_position``, else the batch mean.
+        """
         raise NotImplementedError
 
 
 class LayerPairLoss(DistillationLoss):
     """Base of intermediate losses: compares mapped layers (or two named modules), with optional projectors.
 
-    Options shared by subclasses: ``layer_map`` (``"uniform"``, ``"last"`` or ``[[s, t], ...]`` with 0 the
-    embedding output), ``projector`` (``None``, ``"linear"``, ``"mlp"``, ``"conv"``, ``"auto"``) created per pair
-    when set, and ``student_module`` / ``teacher_module`` to compare the outputs of two named submodules (captured
-    with forward hooks) instead of hidden states.
+    Args:
+        layer_map: ``"uniform"`` (student layer m ↔ teacher layer m·N/M), ``"last"``, or ``[[s, t], ...]`` pairs of
+            layer numbers with 0 the embedding output (:func:`~hf_kd.features.resolve_layer_map`).
+        projector: ``None``, ``"linear"``, ``"mlp"``, ``"conv"`` or ``"auto"``: a learned map from the student's width
+            to the teacher's, one per pair (:class:`~hf_kd.projectors.Projector`); ``None`` needs equal widths.
+        student_module: The dotted path of a student submodule whose output to compare (captured with a forward hook)
+            instead of hidden states; set with ``teacher_module``.
+        teacher_module: The teacher submodule compared with ``student_module``.
+
+    Raises:
+        ValueError: only one of ``student_module`` and ``teacher_module`` is set.
     """
 
     per_position = False
@@ -96,7 +128,19 @@ class LayerPairLoss(DistillationLoss):
         return frozenset({f"module:{module}"}) if module else frozenset({self.field})
 
     def layer_pairs(self, student: ModelFeatures, teacher: ModelFeatures) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The (student, teacher) tensors to compare, in layer-map order."""
+        """The (student, teacher) tensors to compare, in layer-map order.
+
+        Args:
+            student: The student's features.
+            teacher: The teacher's features.
+
+        Returns:
+            One ``(student_tensor, teacher_tensor)`` pair per mapped layer (or the two modules' outputs).
+
+        Raises:
+            ValueError: an attention loss maps layer 0 (the embeddings, which have no attention), or the layer map does
+                not fit the depths (:func:`~hf_kd.features.resolve_layer_map`).
+        """
         if self.modules_by_side["student"]:
             return [
                 (student.modules[self.modules_by_side["student"]], teacher.modules[self.modules_by_side["teacher"]])
@@ -118,6 +162,15 @@ class LayerPairLoss(DistillationLoss):
             self.projectors.append(projector if projector is not None else nn.Identity())
 
     def project(self, index: int, student_features: torch.Tensor) -> torch.Tensor:
+        """The student's tensor of pair ``index`` through that pair's projector (unchanged when there is none).
+
+        Args:
+            index: The pair's position in the layer map.
+            student_features: The student's tensor of that pair.
+
+        Returns:
+            The projected tensor, of the teacher's width.
+        """
         if len(self.projectors) == 0:  # setup not run: widths must already agree
             return student_features
         return self.projectors[index](student_features)
@@ -126,9 +179,13 @@ class LayerPairLoss(DistillationLoss):
 class EmbeddingRelationLoss(DistillationLoss):
     """Base of relation and contrastive losses on one vector per example.
 
-    Options: ``source`` (``"hidden_states:-1"``, ``"logits"``, ``"module:PATH"``; ``student_source`` /
-    ``teacher_source`` to differ per side) and ``pooling`` (``auto``, ``cls``, ``mean``, ``last``, ``spatial``,
-    ``flatten``; see :func:`hf_kd.features.pool`).
+    Args:
+        source: Which features to read: ``"hidden_states:-1"`` (any index), ``"logits"``, ``"embeddings"`` or
+            ``"module:PATH"`` (:func:`~hf_kd.features.select`).
+        pooling: How tokens or feature maps become one vector per example: ``auto``, ``cls``, ``mean``, ``last``,
+            ``spatial`` or ``flatten`` (:func:`~hf_kd.features.pool`).
+        student_source: The student's source, when it differs from ``source``.
+        teacher_source: The teacher's source, when it differs from ``source``.
     """
 
     per_position = False
@@ -148,4 +205,13 @@ class EmbeddingRelationLoss(DistillationLoss):
         return source_needs(self.sources[side])
 
     def embeddings(self, features: ModelFeatures, side: str) -> torch.Tensor:
+        """One side's pooled embeddings.
+
+        Args:
+            features: The side's features.
+            side: ``"student"`` or ``"teacher"`` (whose source to read).
+
+        Returns:
+            Float32 embeddings ``B×D``.
+        """
         return pool(select(features, self.sources[side]), self.pooling, features.attention_mask).float()

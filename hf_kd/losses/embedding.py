@@ -18,7 +18,18 @@ from .registry import register_loss
 
 
 class EmbeddingDistanceLoss(EmbeddingRelationLoss):
-    """An example-wise distance between (projected) student and teacher embeddings."""
+    """An example-wise distance between (projected) student and teacher embeddings.
+
+    Args:
+        source: Which features to read: ``"hidden_states:-1"`` (any index), ``"logits"``, ``"embeddings"`` or
+            ``"module:PATH"``.
+        pooling: How tokens or feature maps become one vector per example: ``auto``, ``cls``, ``mean``, ``last``,
+            ``spatial`` or ``flatten``.
+        student_source: The student's source, when it differs from ``source``.
+        teacher_source: The teacher's source, when it differs from ``source``.
+        projector: When the widths differ, the learned map from the student's width to the teacher's:
+            ``"linear"`` or ``"mlp"`` (:class:`~hf_kd.projectors.Projector`); ``None`` refuses different widths.
+    """
 
     function = None
 
@@ -43,12 +54,20 @@ class EmbeddingDistanceLoss(EmbeddingRelationLoss):
 
     @torch.no_grad()
     def init_projector_from_pca(self, teacher_embeddings: torch.Tensor) -> None:
-        """Start the linear projector (student width d → teacher width D) from a PCA of ``teacher_embeddings``
-        (``N×D``, e.g. the teacher's embeddings of the training set): its weight holds the top d principal
-        directions, its bias the mean, so a student that outputs the teacher's first d principal coordinates is
-        mapped back to the teacher's best rank-d approximation from the start (sentence-transformers' dimensionality
-        reduction example does this PCA on the teacher side). Call after the trainer is built (that sizes the
-        projector) and before training."""
+        """Start the linear projector (student width d → teacher width D) from a PCA of the teacher's embeddings.
+
+        Its weight holds the top d principal directions, its bias the mean, so a student that outputs the teacher's
+        first d principal coordinates is mapped back to the teacher's best rank-d approximation from the start
+        (sentence-transformers' dimensionality reduction example does this PCA on the teacher side). Call after the
+        trainer is built (that sizes the projector) and before training.
+
+        Args:
+            teacher_embeddings: ``N×D`` teacher embeddings (e.g. of the training set), N >= d.
+
+        Raises:
+            ValueError: the projector is not linear (equal widths, or another kind), or the embeddings are not ``N×D``
+                with N >= d.
+        """
         net = getattr(self.projector, "net", None)
         if not isinstance(net, nn.Linear):
             raise ValueError(
@@ -78,7 +97,22 @@ class EmbeddingDistanceLoss(EmbeddingRelationLoss):
     "Distillation, arXiv:2004.09813",
 )
 class EmbeddingMSE(EmbeddingDistanceLoss):
-    __doc__ = F.embedding_mse.__doc__
+    """Mean squared error between student and teacher sentence embeddings, over examples and dimensions
+    (sentence-transformers' MSELoss for distillation, Reimers & Gurevych 2020).
+
+    See :func:`~hf_kd.losses.functional.embedding_mse`.
+
+    Args:
+        source: Which features to read: ``"hidden_states:-1"`` (any index), ``"logits"``, ``"embeddings"`` or
+            ``"module:PATH"``.
+        pooling: How tokens or feature maps become one vector per example: ``auto``, ``cls``, ``mean``, ``last``,
+            ``spatial`` or ``flatten``.
+        student_source: The student's source, when it differs from ``source``.
+        teacher_source: The teacher's source, when it differs from ``source``.
+        projector: When the widths differ, the learned map from the student's width to the teacher's:
+            ``"linear"`` or ``"mlp"`` (:class:`~hf_kd.projectors.Projector`); ``None`` refuses different widths.
+    """
+
     function = F.embedding_mse
 
 
@@ -87,5 +121,19 @@ class EmbeddingMSE(EmbeddingDistanceLoss):
     paper="Sanh et al. 2019, DistilBERT (its cosine embedding loss), arXiv:1910.01108",
 )
 class EmbeddingCosine(EmbeddingDistanceLoss):
-    __doc__ = F.embedding_cosine.__doc__
+    """Mean over examples of 1 − cos(s_i, t_i): the direction of each embedding, not its length.
+
+    See :func:`~hf_kd.losses.functional.embedding_cosine`.
+
+    Args:
+        source: Which features to read: ``"hidden_states:-1"`` (any index), ``"logits"``, ``"embeddings"`` or
+            ``"module:PATH"``.
+        pooling: How tokens or feature maps become one vector per example: ``auto``, ``cls``, ``mean``, ``last``,
+            ``spatial`` or ``flatten``.
+        student_source: The student's source, when it differs from ``source``.
+        teacher_source: The teacher's source, when it differs from ``source``.
+        projector: When the widths differ, the learned map from the student's width to the teacher's:
+            ``"linear"`` or ``"mlp"`` (:class:`~hf_kd.projectors.Projector`); ``None`` refuses different widths.
+    """
+
     function = F.embedding_cosine

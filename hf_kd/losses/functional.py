@@ -48,7 +48,20 @@ def _kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor
 
 
 def reduce_positions(values: torch.Tensor, mask: torch.Tensor | None, reduction: Reduction) -> torch.Tensor:
-    """Reduce per-position loss values over the positions that ``mask`` keeps."""
+    """Reduce per-position loss values over the positions that ``mask`` keeps.
+
+    Args:
+        values: Per-position values (any shape).
+        mask: Bool of ``values``' shape, True where a position counts; ``None``: every position.
+        reduction: ``"mean"`` over the kept positions, ``"sum"`` over them, or ``"none"`` (values with the others
+            zeroed).
+
+    Returns:
+        A scalar, or ``values`` with the positions outside ``mask`` set to 0 for ``reduction="none"``.
+
+    Raises:
+        ValueError: ``mask``'s shape differs from ``values``', or ``reduction`` is none of the three.
+    """
     if mask is not None:
         if mask.shape != values.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the positions {tuple(values.shape)}.")
@@ -85,7 +98,21 @@ class _ForwardKL(torch.autograd.Function):
 
 
 def forward_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction: Reduction = "mean"):
-    """τ²·KL(p_T^τ ‖ p_S^τ): Hinton et al. 2015, *Distilling the Knowledge in a Neural Network*."""
+    """τ²·KL(p_T^τ ‖ p_S^τ): Hinton et al. 2015, *Distilling the Knowledge in a Neural Network*.
+
+    Args:
+        student_logits: Student logits ``…×C`` (classes or vocabulary entries last).
+        teacher_logits: Teacher logits of the same shape.
+        temperature: Softmax temperature τ > 0.
+        mask: Bool over the leading dimensions: the positions that count; ``None``: all.
+        reduction: ``"mean"`` over the kept positions, ``"sum"`` or ``"none"`` (see :func:`reduce_positions`).
+
+    Returns:
+        The loss: a scalar, or per-position values for ``reduction="none"``.
+
+    Raises:
+        ValueError: the logits differ in shape, or ``temperature <= 0``.
+    """
     _check(student_logits, teacher_logits, temperature)
     if teacher_logits.requires_grad:  # both sides trained (mutual learning): plain autograd
         values = _kl_from_log_probs(_log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature))
@@ -95,7 +122,21 @@ def forward_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, re
 
 
 def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction: Reduction = "mean"):
-    """τ²·KL(p_S^τ ‖ p_T^τ): mode-seeking KD (MiniLLM, Gu et al. 2024)."""
+    """τ²·KL(p_S^τ ‖ p_T^τ): mode-seeking KD (MiniLLM, Gu et al. 2024).
+
+    Args:
+        student_logits: Student logits ``…×C``.
+        teacher_logits: Teacher logits of the same shape.
+        temperature: Softmax temperature τ > 0.
+        mask: Bool over the leading dimensions: the positions that count; ``None``: all.
+        reduction: ``"mean"`` over the kept positions, ``"sum"`` or ``"none"`` (see :func:`reduce_positions`).
+
+    Returns:
+        The loss: a scalar, or per-position values for ``reduction="none"``.
+
+    Raises:
+        ValueError: the logits differ in shape, or ``temperature <= 0``.
+    """
     _check(student_logits, teacher_logits, temperature)
     values = _kl_from_log_probs(_log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature))
     return reduce_positions(values * temperature**2, mask, reduction)
@@ -109,6 +150,20 @@ def generalized_jsd(
     With the mixture m = β·p_T + (1 − β)·p_S: JSD_β = β·KL(p_T ‖ m) + (1 − β)·KL(p_S ‖ m), times τ².
     The endpoints are defined as the limits GKD uses: β = 0 gives forward KL(p_T ‖ p_S), β = 1 gives
     reverse KL(p_S ‖ p_T).
+
+    Args:
+        student_logits: Student logits ``…×C``.
+        teacher_logits: Teacher logits of the same shape.
+        beta: β in [0, 1], the teacher's share of the mixture.
+        temperature: Softmax temperature τ > 0.
+        mask: Bool over the leading dimensions: the positions that count; ``None``: all.
+        reduction: ``"mean"`` over the kept positions, ``"sum"`` or ``"none"`` (see :func:`reduce_positions`).
+
+    Returns:
+        The loss: a scalar, or per-position values for ``reduction="none"``.
+
+    Raises:
+        ValueError: ``beta`` outside [0, 1], logits of different shapes, or ``temperature <= 0``.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"generalized_jsd needs 0 <= beta <= 1, got beta={beta}.")
@@ -133,7 +188,22 @@ def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> t
 
 
 def skew_kl(student_logits, teacher_logits, *, skew=0.1, temperature=1.0, mask=None, reduction: Reduction = "mean"):
-    """α-skew KL of DistiLLM (Ko et al. 2024): τ²·KL(p_T ‖ α·p_T + (1 − α)·p_S), α = ``skew``."""
+    """α-skew KL of DistiLLM (Ko et al. 2024): τ²·KL(p_T ‖ α·p_T + (1 − α)·p_S), α = ``skew``.
+
+    Args:
+        student_logits: Student logits ``…×C``.
+        teacher_logits: Teacher logits of the same shape.
+        skew: α in [0, 1): the teacher's share of the mixture the KL is taken against (0 gives forward KL).
+        temperature: Softmax temperature τ > 0.
+        mask: Bool over the leading dimensions: the positions that count; ``None``: all.
+        reduction: ``"mean"`` over the kept positions, ``"sum"`` or ``"none"`` (see :func:`reduce_positions`).
+
+    Returns:
+        The loss: a scalar, or per-position values for ``reduction="none"``.
+
+    Raises:
+        ValueError: ``skew`` outside [0, 1), logits of different shapes, or ``temperature <= 0``.
+    """
     _check(student_logits, teacher_logits, temperature)
     if not 0.0 <= skew < 1.0:
         raise ValueError(f"skew_kl needs 0 <= skew < 1, got skew={skew}.")
@@ -145,7 +215,22 @@ def skew_kl(student_logits, teacher_logits, *, skew=0.1, temperature=1.0, mask=N
 def skew_reverse_kl(
     student_logits, teacher_logits, *, skew=0.1, temperature=1.0, mask=None, reduction: Reduction = "mean"
 ):
-    """α-skew reverse KL of DistiLLM: τ²·KL(p_S ‖ (1 − α)·p_T + α·p_S), α = ``skew``."""
+    """α-skew reverse KL of DistiLLM: τ²·KL(p_S ‖ (1 − α)·p_T + α·p_S), α = ``skew``.
+
+    Args:
+        student_logits: Student logits ``…×C``.
+        teacher_logits: Teacher logits of the same shape.
+        skew: α in [0, 1): the student's share of the mixture the KL is taken against (0 gives reverse KL).
+        temperature: Softmax temperature τ > 0.
+        mask: Bool over the leading dimensions: the positions that count; ``None``: all.
+        reduction: ``"mean"`` over the kept positions, ``"sum"`` or ``"none"`` (see :func:`reduce_positions`).
+
+    Returns:
+        The loss: a scalar, or per-position values for ``reduction="none"``.
+
+    Raises:
+        ValueError: ``skew`` outside [0, 1), logits of different shapes, or ``temperature <= 0``.
+    """
     _check(student_logits, teacher_logits, temperature)
     if not 0.0 <= skew < 1.0:
         raise ValueError(f"skew_reverse_kl needs 0 <= skew < 1, got skew={skew}.")
@@ -160,6 +245,19 @@ def uld(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction
 
     The Wasserstein distance between the two distributions under a cost that ignores token identity, so it needs
     no shared vocabulary: teacher and student may use different tokenizers (positions aligned by the caller).
+
+    Args:
+        student_logits: Student logits ``…×V_S``.
+        teacher_logits: Teacher logits ``…×V_T`` over the same positions (the vocabularies may differ).
+        temperature: Softmax temperature τ > 0.
+        mask: Bool over the leading dimensions: the positions that count; ``None``: all.
+        reduction: ``"mean"`` over the kept positions, ``"sum"`` or ``"none"`` (see :func:`reduce_positions`).
+
+    Returns:
+        The loss: a scalar, or per-position values for ``reduction="none"``.
+
+    Raises:
+        ValueError: the logits cover different positions, or ``temperature <= 0``.
     """
     if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(
@@ -235,18 +333,59 @@ def _sparse_terms(student_logits, teacher, temperature, with_entropy):
 def sparse_forward_kl(student_logits, teacher, *, temperature=1.0, mask=None, reduction: Reduction = "mean"):
     """:func:`forward_kl` against a teacher known at k entries per position plus a uniform remainder (a
     :class:`~hf_kd.features.SparseDistribution`), without building its dense …×V form: the kept entries are summed
-    directly and the other V − k entries share one value, so Σ over them needs only Σ_all log q − Σ_kept log q."""
+    directly and the other V − k entries share one value, so Σ over them needs only Σ_all log q − Σ_kept log q.
+
+    Args:
+        student_logits: Student logits ``…×V``.
+        teacher: The teacher's sparse distribution over the same positions and vocabulary.
+        temperature: Softmax temperature τ > 0.
+        mask: Bool over the leading dimensions: the positions that count; ``None``: all.
+        reduction: ``"mean"`` over the kept positions, ``"sum"`` or ``"none"`` (see :func:`reduce_positions`).
+
+    Returns:
+        The loss: a scalar, or per-position values for ``reduction="none"``.
+
+    Raises:
+        ValueError: ``temperature <= 0``, or the student's logits and the teacher differ in shape.
+    """
     return reduce_positions(_sparse_terms(student_logits, teacher, temperature, True), mask, reduction)
 
 
 def sparse_soft_ce(student_logits, teacher, *, temperature=1.0, mask=None, reduction: Reduction = "mean"):
-    """:func:`soft_ce` against a :class:`~hf_kd.features.SparseDistribution` teacher (see
-    :func:`sparse_forward_kl`)."""
+    """:func:`soft_ce` against a :class:`~hf_kd.features.SparseDistribution` teacher (see :func:`sparse_forward_kl`).
+
+    Args:
+        student_logits: Student logits ``…×V``.
+        teacher: The teacher's sparse distribution over the same positions and vocabulary.
+        temperature: Softmax temperature τ > 0.
+        mask: Bool over the leading dimensions: the positions that count; ``None``: all.
+        reduction: ``"mean"`` over the kept positions, ``"sum"`` or ``"none"`` (see :func:`reduce_positions`).
+
+    Returns:
+        The loss: a scalar, or per-position values for ``reduction="none"``.
+
+    Raises:
+        ValueError: ``temperature <= 0``, or the student's logits and the teacher differ in shape.
+    """
     return reduce_positions(_sparse_terms(student_logits, teacher, temperature, False), mask, reduction)
 
 
 def tvd(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction: Reduction = "mean"):
-    """Total variation distance ½·Σ|p_T^τ − p_S^τ| (Wen et al. 2023, f-divergence KD)."""
+    """Total variation distance ½·Σ|p_T^τ − p_S^τ| (Wen et al. 2023, f-divergence KD).
+
+    Args:
+        student_logits: Student logits ``…×C``.
+        teacher_logits: Teacher logits of the same shape.
+        temperature: Softmax temperature τ > 0.
+        mask: Bool over the leading dimensions: the positions that count; ``None``: all.
+        reduction: ``"mean"`` over the kept positions, ``"sum"`` or ``"none"`` (see :func:`reduce_positions`).
+
+    Returns:
+        The loss: a scalar, or per-position values for ``reduction="none"``.
+
+    Raises:
+        ValueError: the logits differ in shape, or ``temperature <= 0``.
+    """
     _check(student_logits, teacher_logits, temperature)
     p_s = _log_probs(student_logits, temperature).exp()
     p_t = _log_probs(teacher_logits, temperature).exp()
@@ -257,6 +396,19 @@ def soft_ce(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduc
     """Soft-target cross-entropy τ²·(−Σ p_T^τ log p_S^τ), summed over classes and averaged over positions.
 
     It differs from ``forward_kl`` by τ²·H(p_T^τ), a constant for the student, so its gradients are the same.
+
+    Args:
+        student_logits: Student logits ``…×C``.
+        teacher_logits: Teacher logits of the same shape.
+        temperature: Softmax temperature τ > 0.
+        mask: Bool over the leading dimensions: the positions that count; ``None``: all.
+        reduction: ``"mean"`` over the kept positions, ``"sum"`` or ``"none"`` (see :func:`reduce_positions`).
+
+    Returns:
+        The loss: a scalar, or per-position values for ``reduction="none"``.
+
+    Raises:
+        ValueError: the logits differ in shape, or ``temperature <= 0``.
     """
     _check(student_logits, teacher_logits, temperature)
     p_t = _log_probs(teacher_logits, temperature).exp()
@@ -268,6 +420,19 @@ def prob_mse(student_logits, teacher_logits, *, temperature=1.0, mask=None, redu
     """Mean over classes of (p_S^τ − p_T^τ)² per position: the squared distance between the two softmax outputs,
     the consistency cost of the mean teacher (Tarvainen & Valpola 2017, their ``softmax_mse_loss``) and of
     Π-model/temporal ensembling (Laine & Aila 2017). Bounded by 2/C per position, unlike ``logit_mse``.
+
+    Args:
+        student_logits: Student logits ``…×C``.
+        teacher_logits: Teacher logits of the same shape.
+        temperature: Softmax temperature τ > 0.
+        mask: Bool over the leading dimensions: the positions that count; ``None``: all.
+        reduction: ``"mean"`` over the kept positions, ``"sum"`` or ``"none"`` (see :func:`reduce_positions`).
+
+    Returns:
+        The loss: a scalar, or per-position values for ``reduction="none"``.
+
+    Raises:
+        ValueError: the logits differ in shape, or ``temperature <= 0``.
     """
     _check(student_logits, teacher_logits, temperature)
     p_s = _log_probs(student_logits, temperature).exp()
@@ -280,6 +445,19 @@ def logit_mse(student_logits, teacher_logits, *, temperature=1.0, mask=None, red
 
     Entries where either logit is −inf (masked vocabulary) are left out; NaN and +inf are not, so a broken model
     gives a non-finite loss rather than a silently smaller one.
+
+    Args:
+        student_logits: Student logits ``…×C``.
+        teacher_logits: Teacher logits of the same shape.
+        temperature: τ > 0, dividing both logits.
+        mask: Bool over the leading dimensions: the positions that count; ``None``: all.
+        reduction: ``"mean"`` over the kept positions, ``"sum"`` or ``"none"`` (see :func:`reduce_positions`).
+
+    Returns:
+        The loss: a scalar, or per-position values for ``reduction="none"``.
+
+    Raises:
+        ValueError: the logits differ in shape, or ``temperature <= 0``.
     """
     _check(student_logits, teacher_logits, temperature)
     z_s, z_t = student_logits.float(), teacher_logits.float()
@@ -291,7 +469,20 @@ def logit_mse(student_logits, teacher_logits, *, temperature=1.0, mask=None, red
 
 def regression_mse(student_predictions, teacher_predictions, *, mask=None, reduction: Reduction = "mean"):
     """Mean over outputs of (R_S − R_T)² per example: the student regresses onto the teacher's prediction (the
-    label's own MSE is the student's label loss, mixed in by its weight)."""
+    label's own MSE is the student's label loss, mixed in by its weight).
+
+    Args:
+        student_predictions: The student's predictions ``B×O``.
+        teacher_predictions: The teacher's, of the same shape.
+        mask: Bool ``B``: the examples that count; ``None``: all.
+        reduction: ``"mean"`` over the kept examples, ``"sum"`` or ``"none"`` (see :func:`reduce_positions`).
+
+    Returns:
+        The loss: a scalar, or per-example values for ``reduction="none"``.
+
+    Raises:
+        ValueError: the predictions differ in shape.
+    """
     if student_predictions.shape != teacher_predictions.shape:
         raise ValueError(
             f"student predictions {tuple(student_predictions.shape)} and teacher predictions "
@@ -306,8 +497,20 @@ def teacher_bounded(
 ):
     """Teacher-bounded regression (Chen et al. 2017): ‖R_S − y‖² where it exceeds ‖R_T − y‖² − m, else 0 — the
     student pays its own squared error only while it is worse than the teacher (by more than the margin m).
-    ``targets`` of the predictions' shape (or one per example for one output); NaN marks an unlabeled example,
-    which adds 0. ‖·‖² sums over outputs."""
+    ‖·‖² sums over outputs.
+
+    Args:
+        student_predictions: The student's predictions ``B×O``.
+        teacher_predictions: The teacher's, of the same shape.
+        targets: The labels y, of the predictions' shape (or one per example for one output); NaN marks an unlabeled
+            example, which adds 0.
+        margin: m, how much worse than the teacher the student may be before it pays.
+        mask: Bool ``B``: the examples that count; ``None``: all.
+        reduction: ``"mean"`` over the kept examples, ``"sum"`` or ``"none"`` (see :func:`reduce_positions`).
+
+    Returns:
+        The loss: a scalar, or per-example values for ``reduction="none"``.
+    """
     targets = targets.float().reshape(student_predictions.shape)
     given = ~torch.isnan(targets).any(-1)
     targets = torch.nan_to_num(targets)
@@ -333,9 +536,24 @@ def _check_groups(name: str, student_scores: torch.Tensor, teacher_scores: torch
 
 def margin_mse(student_scores, teacher_scores, labels=None, *, mask=None, reduction: Reduction = "mean"):
     """Margin-MSE (Hofstätter et al. 2020) per query: the mean over candidate pairs (i, j) of
-    ((s_i − s_j) − (t_i − t_j))². Pairs: with relevance ``labels`` (B×G, -100 unjudged), those with
-    label_i > label_j (a positive against a negative, the paper's triples); a query without such a pair, or no
-    labels, uses every pair i < j. Candidates scored -inf (padding of ragged groups) are skipped."""
+    ((s_i − s_j) − (t_i − t_j))². Pairs: with relevance ``labels``, those with label_i > label_j (a positive
+    against a negative, the paper's triples); a query without such a pair, or no labels, uses every pair i < j.
+    Candidates scored -inf (padding of ragged groups) are skipped.
+
+    Args:
+        student_scores: The student's scores ``B×G`` (G >= 2 candidates per query).
+        teacher_scores: The teacher's, of the same shape.
+        labels: Relevance grades ``B×G`` (-100 or NaN: unjudged); ``None``: every pair.
+        mask: Bool ``B``: the queries that count; ``None``: all.
+        reduction: ``"mean"`` over the kept queries, ``"sum"`` or ``"none"`` (see :func:`reduce_positions`).
+
+    Returns:
+        The loss: a scalar, or per-query values for ``reduction="none"``.
+
+    Raises:
+        ValueError: scores that are not ``B×G`` with G >= 2, student and teacher scores of different shapes, or
+            labels of another shape.
+    """
     _check_groups("margin_mse", student_scores, teacher_scores)
     present = torch.isfinite(teacher_scores) & torch.isfinite(student_scores)
     gap = torch.where(present, student_scores.float() - teacher_scores.float(), 0.0)
@@ -358,7 +576,21 @@ def margin_mse(student_scores, teacher_scores, labels=None, *, mask=None, reduct
 
 
 def listwise_kl(student_scores, teacher_scores, *, temperature=1.0, mask=None, reduction: Reduction = "mean"):
-    """τ²·KL(softmax(t/τ) ‖ softmax(s/τ)) over each query's candidates (candidates scored -inf take no part)."""
+    """τ²·KL(softmax(t/τ) ‖ softmax(s/τ)) over each query's candidates (candidates scored -inf take no part).
+
+    Args:
+        student_scores: The student's scores ``B×G`` (G >= 2 candidates per query).
+        teacher_scores: The teacher's, of the same shape.
+        temperature: Softmax temperature τ > 0.
+        mask: Bool ``B``: the queries that count; ``None``: all.
+        reduction: ``"mean"`` over the kept queries, ``"sum"`` or ``"none"`` (see :func:`reduce_positions`).
+
+    Returns:
+        The loss: a scalar, or per-query values for ``reduction="none"``.
+
+    Raises:
+        ValueError: scores that are not ``B×G`` with G >= 2, or of different shapes; ``temperature <= 0``.
+    """
     _check_groups("listwise_kl", student_scores, teacher_scores)
     return forward_kl(student_scores, teacher_scores, temperature=temperature, mask=mask, reduction=reduction)
 
@@ -377,8 +609,25 @@ def dkd(
     """Decoupled KD (Zhao et al. 2022): τ²·(α·TCKD + β·NCKD).
 
     TCKD = KL(b_T ‖ b_S) over the binary split [p_target, 1 − p_target]; NCKD = KL(p̂_T ‖ p̂_S) over the
-    non-target classes renormalised among themselves. ``target`` holds the class index per position; where it
-    is missing (``None`` or ``-100``, e.g. unlabeled transfer data) the teacher's top class is used.
+    non-target classes renormalised among themselves.
+
+    Args:
+        student_logits: Student logits ``…×C``.
+        teacher_logits: Teacher logits of the same shape.
+        target: The class index per position; where it is missing (``None`` or ``-100``, e.g. unlabeled transfer
+            data) the teacher's top class is used.
+        alpha: α, the weight of the target-class term TCKD.
+        beta: β, the weight of the non-target-class term NCKD.
+        temperature: Softmax temperature τ > 0.
+        mask: Bool over the leading dimensions: the positions that count; ``None``: all.
+        reduction: ``"mean"`` over the kept positions, ``"sum"`` or ``"none"`` (see :func:`reduce_positions`).
+
+    Returns:
+        The loss: a scalar, or per-position values for ``reduction="none"``.
+
+    Raises:
+        ValueError: ``target``'s shape differs from the positions', logits of different shapes, or
+            ``temperature <= 0``.
     """
     _check(student_logits, teacher_logits, temperature)
     teacher_top = teacher_logits.argmax(-1)
@@ -439,7 +688,19 @@ def _channels_last(features: torch.Tensor) -> torch.Tensor:
 
 
 def feature_mse(student, teacher, *, token_mask=None):
-    """Mean squared error between features of equal shape, averaged over channels, then positions / real tokens."""
+    """Mean squared error between features of equal shape, averaged over channels, then positions / real tokens.
+
+    Args:
+        student: Student features: tokens ``B×T×H``, maps ``B×C×H×W`` or vectors ``B×D``.
+        teacher: Teacher features of the same shape.
+        token_mask: Bool ``B×T``, True on real tokens (token features only); ``None``: every position.
+
+    Returns:
+        The scalar loss.
+
+    Raises:
+        ValueError: the features differ in shape.
+    """
     s, t = _channels_last(student.float()), _channels_last(teacher.float())
     if s.shape != t.shape:
         raise ValueError(f"feature shapes differ: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}.")
@@ -447,7 +708,19 @@ def feature_mse(student, teacher, *, token_mask=None):
 
 
 def feature_cosine(student, teacher, *, token_mask=None):
-    """1 − cos(h_S, h_T) over channels, averaged over positions / real tokens (DistilBERT's cosine loss)."""
+    """1 − cos(h_S, h_T) over channels, averaged over positions / real tokens (DistilBERT's cosine loss).
+
+    Args:
+        student: Student features: tokens ``B×T×H``, maps ``B×C×H×W`` or vectors ``B×D``.
+        teacher: Teacher features of the same shape.
+        token_mask: Bool ``B×T``, True on real tokens (token features only); ``None``: every position.
+
+    Returns:
+        The scalar loss.
+
+    Raises:
+        ValueError: the features differ in shape.
+    """
     s, t = _channels_last(student.float()), _channels_last(teacher.float())
     if s.shape != t.shape:
         raise ValueError(f"feature shapes differ: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}.")
@@ -462,13 +735,35 @@ def _match_heads(student_attention, teacher_attention):
 
 
 def attention_mse(student_attention, teacher_attention, *, token_mask=None):
-    """TinyBERT: MSE between attention probabilities B×h×T×T, averaged over keys, heads and real query tokens."""
+    """TinyBERT: MSE between attention probabilities B×h×T×T, averaged over keys, heads and real query tokens.
+
+    Head counts may differ: both sides are then averaged over their heads first.
+
+    Args:
+        student_attention: The student's attention probabilities ``B×h×T×T``.
+        teacher_attention: The teacher's, ``B×h'×T×T``.
+        token_mask: Bool ``B×T``, True on real query tokens; ``None``: every token.
+
+    Returns:
+        The scalar loss.
+    """
     s, t = _match_heads(student_attention.float(), teacher_attention.float())
     return _mean_over_tokens((s - t).pow(2).mean(-1).mean(1), token_mask)
 
 
 def attention_kl(student_attention, teacher_attention, *, token_mask=None):
-    """MiniLM: KL(A_T ‖ A_S) per query row, averaged over heads and real query tokens."""
+    """MiniLM: KL(A_T ‖ A_S) per query row, averaged over heads and real query tokens.
+
+    Head counts may differ: both sides are then averaged over their heads first.
+
+    Args:
+        student_attention: The student's attention probabilities ``B×h×T×T``.
+        teacher_attention: The teacher's, ``B×h'×T×T``.
+        token_mask: Bool ``B×T``, True on real query tokens; ``None``: every token.
+
+    Returns:
+        The scalar loss.
+    """
     s, t = _match_heads(student_attention.float(), teacher_attention.float())
     tiny = torch.finfo(torch.float32).tiny
     values = (t * (t.clamp(min=tiny).log() - s.clamp(min=tiny).log())).sum(-1)
@@ -476,7 +771,15 @@ def attention_kl(student_attention, teacher_attention, *, token_mask=None):
 
 
 def pkd(student_cls, teacher_cls):
-    """Patient KD: ‖h_S/‖h_S‖ − h_T/‖h_T‖‖² per example ([CLS] states B×H), averaged over the batch."""
+    """Patient KD: ‖h_S/‖h_S‖ − h_T/‖h_T‖‖² per example ([CLS] states B×H), averaged over the batch.
+
+    Args:
+        student_cls: The student's [CLS] states ``B×H``.
+        teacher_cls: The teacher's, of the same shape.
+
+    Returns:
+        The scalar loss.
+    """
     s, t = F.normalize(student_cls.float(), dim=-1), F.normalize(teacher_cls.float(), dim=-1)
     return (s - t).pow(2).sum(-1).mean()
 
@@ -488,7 +791,15 @@ def _common_grid(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """Zagoruyko & Komodakis's attention map: normalize(vec(mean over channels of |F|^p))."""
+    """Zagoruyko & Komodakis's attention map: normalize(vec(mean over channels of |F|^p)).
+
+    Args:
+        features: Feature maps ``B×C×H×W`` (channels at dim 1) or tokens ``B×T×H`` (channels last).
+        p: The power p of ``|F|^p``.
+
+    Returns:
+        The L2-normalised maps, ``B×(H·W)`` or ``B×T``.
+    """
     features = features.float()
     energy = features.abs().pow(p).mean(1) if features.dim() == 4 else features.abs().pow(p).mean(-1)
     return F.normalize(energy.flatten(1), dim=1)
@@ -498,6 +809,17 @@ def attention_transfer(student, teacher, *, p=2.0):
     """Attention transfer (Zagoruyko & Komodakis 2017): mean((Q_S − Q_T)²), Q = attention_map(F); widths may differ.
 
     Feature maps are pooled to a common spatial size; token features need the same number of tokens.
+
+    Args:
+        student: Student feature maps ``B×C×H×W`` or tokens ``B×T×H``.
+        teacher: Teacher features of the same kind.
+        p: The power p of :func:`attention_map`.
+
+    Returns:
+        The scalar loss.
+
+    Raises:
+        ValueError: token features with different batch or token counts.
     """
     if student.dim() == 4:
         student, teacher = _common_grid(student, teacher)
@@ -510,7 +832,15 @@ def attention_transfer(student, teacher, *, p=2.0):
 
 
 def fsp_matrix(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Flow of solution procedure (Yim et al. 2017): G = F₁ᵀF₂ / positions, B×C₁×C₂."""
+    """Flow of solution procedure (Yim et al. 2017): G = F₁ᵀF₂ / positions, B×C₁×C₂.
+
+    Args:
+        first: The features at a stage's start: maps ``B×C₁×H×W`` or tokens ``B×T×C₁``.
+        second: The features at its end (maps are pooled to the smaller grid of the two).
+
+    Returns:
+        The Gram matrices ``B×C₁×C₂``.
+    """
     if first.dim() == 4:
         first, second = _common_grid(first.float(), second.float())
         return first.flatten(2) @ second.flatten(2).transpose(1, 2) / first[0, 0].numel()
@@ -519,7 +849,19 @@ def fsp_matrix(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 
 
 def fsp(student_features, teacher_features):
-    """FSP loss: MSE between the Gram matrices of consecutive feature pairs, averaged over pairs."""
+    """FSP loss: MSE between the Gram matrices of consecutive feature pairs, averaged over pairs.
+
+    Args:
+        student_features: The student's features, one per stage (at least 2).
+        teacher_features: The teacher's, as many.
+
+    Returns:
+        The scalar loss.
+
+    Raises:
+        ValueError: fewer than 2 features or different counts per side, or Gram matrices of different shapes (stage
+            widths that differ without a projector).
+    """
     if len(student_features) < 2 or len(student_features) != len(teacher_features):
         raise ValueError("fsp needs the same number (>= 2) of student and teacher features, one per stage.")
     losses = []
@@ -551,7 +893,15 @@ def _mean_normalised_distances(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 def rkd_distance(student, teacher):
-    """RKD distance (Park et al. 2019): Huber between pairwise distances, each divided by its mean."""
+    """RKD distance (Park et al. 2019): Huber between pairwise distances, each divided by its mean.
+
+    Args:
+        student: Student embeddings ``B×D``.
+        teacher: Teacher embeddings ``B×D'`` (widths may differ).
+
+    Returns:
+        The scalar loss.
+    """
     return F.smooth_l1_loss(_mean_normalised_distances(student), _mean_normalised_distances(teacher))
 
 
@@ -561,19 +911,44 @@ def _angles(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 def rkd_angle(student, teacher):
-    """RKD angle (Park et al. 2019): Huber between cos∠(e_i, e_j, e_k) over all triplets."""
+    """RKD angle (Park et al. 2019): Huber between cos∠(e_i, e_j, e_k) over all triplets.
+
+    Args:
+        student: Student embeddings ``B×D``.
+        teacher: Teacher embeddings ``B×D'`` (widths may differ).
+
+    Returns:
+        The scalar loss.
+    """
     return F.smooth_l1_loss(_angles(student), _angles(teacher))
 
 
 def similarity_preserving(student, teacher):
-    """Similarity-preserving KD (Tung & Mori 2019): ‖norm_rows(A_T A_Tᵀ) − norm_rows(A_S A_Sᵀ)‖_F² / B²."""
+    """Similarity-preserving KD (Tung & Mori 2019): ‖norm_rows(A_T A_Tᵀ) − norm_rows(A_S A_Sᵀ)‖_F² / B².
+
+    Args:
+        student: Student features ``B×…`` (flattened per example).
+        teacher: Teacher features ``B×…`` (widths may differ).
+
+    Returns:
+        The scalar loss.
+    """
     s, t = student.float().flatten(1), teacher.float().flatten(1)
     g_s, g_t = F.normalize(s @ s.T, dim=1), F.normalize(t @ t.T, dim=1)
     return (g_t - g_s).pow(2).sum() / len(s) ** 2
 
 
 def pkt(student, teacher, *, eps=1e-7):
-    """Probabilistic knowledge transfer (Passalis & Tefas 2018): KL between row-normalised (cos + 1)/2 affinities."""
+    """Probabilistic knowledge transfer (Passalis & Tefas 2018): KL between row-normalised (cos + 1)/2 affinities.
+
+    Args:
+        student: Student features ``B×…`` (flattened per example).
+        teacher: Teacher features ``B×…`` (widths may differ).
+        eps: Added to both affinities inside the logarithm.
+
+    Returns:
+        The scalar loss.
+    """
 
     def affinities(x):
         x = F.normalize(x.float().flatten(1), dim=1)
@@ -589,6 +964,17 @@ def irg(student_layers, teacher_layers, *, cross_layer_weight=1.0):
 
     Edge term: MSE between the mean-normalised pairwise-distance graphs of each mapped layer pair. Cross-layer
     term (IRG's transformation): MSE between how the graph changes from one mapped layer to the next.
+
+    Args:
+        student_layers: The student's embeddings ``B×D`` per mapped layer.
+        teacher_layers: The teacher's, one per student layer (widths may differ).
+        cross_layer_weight: The weight of the cross-layer term (0: edges only).
+
+    Returns:
+        The scalar loss.
+
+    Raises:
+        ValueError: no layers, or different layer counts per side.
     """
     if len(student_layers) != len(teacher_layers) or not student_layers:
         raise ValueError("irg needs the same number (>= 1) of student and teacher layers.")
@@ -616,13 +1002,35 @@ def _same_shape(name: str, student: torch.Tensor, teacher: torch.Tensor) -> None
 
 def embedding_mse(student, teacher):
     """Mean squared error between student and teacher sentence embeddings, over examples and dimensions
-    (sentence-transformers' MSELoss for distillation, Reimers & Gurevych 2020)."""
+    (sentence-transformers' MSELoss for distillation, Reimers & Gurevych 2020).
+
+    Args:
+        student: Student embeddings ``B×D``.
+        teacher: Teacher embeddings of the same shape.
+
+    Returns:
+        The scalar loss.
+
+    Raises:
+        ValueError: the embeddings differ in shape.
+    """
     _same_shape("embedding_mse", student, teacher)
     return (student.float() - teacher.float()).pow(2).mean()
 
 
 def embedding_cosine(student, teacher):
-    """Mean over examples of 1 − cos(s_i, t_i): the direction of each embedding, not its length."""
+    """Mean over examples of 1 − cos(s_i, t_i): the direction of each embedding, not its length.
+
+    Args:
+        student: Student embeddings ``B×D``.
+        teacher: Teacher embeddings of the same shape.
+
+    Returns:
+        The scalar loss.
+
+    Raises:
+        ValueError: the embeddings differ in shape.
+    """
     _same_shape("embedding_cosine", student, teacher)
     return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
 
@@ -631,6 +1039,17 @@ def info_nce(student, teacher, *, temperature=0.07):
     """In-batch InfoNCE: each student embedding must pick its own teacher embedding among the batch's.
 
     −mean_i log softmax_j(⟨ŝ_i, t̂_j⟩ / τ)[i] with L2-normalised embeddings of equal width.
+
+    Args:
+        student: Student embeddings ``B×D``.
+        teacher: Teacher embeddings of the same shape.
+        temperature: τ dividing the cosine similarities.
+
+    Returns:
+        The scalar loss.
+
+    Raises:
+        ValueError: the embeddings differ in shape.
     """
     if student.shape != teacher.shape:
         raise ValueError(
@@ -644,8 +1063,16 @@ def info_nce(student, teacher, *, temperature=0.07):
 def vid(teacher, mean, variance, *, token_mask=None):
     """Variational information distillation (Ahn et al. 2019): ½·mean((t − μ)²/σ² + log σ²).
 
-    ``mean`` is the regressor's prediction μ(s) shaped like ``teacher``; ``variance`` is σ² per channel. Averaged
-    over channels, then positions / real tokens.
+    Averaged over channels, then positions / real tokens.
+
+    Args:
+        teacher: Teacher features t: tokens ``B×T×H``, maps ``B×C×H×W`` or vectors ``B×D``.
+        mean: The regressor's prediction μ(s), shaped like ``teacher``.
+        variance: σ² per channel (``H`` or ``C``), positive.
+        token_mask: Bool ``B×T``, True on real tokens (token features only); ``None``: every position.
+
+    Returns:
+        The scalar loss.
     """
     t, mu = _channels_last(teacher.float()), _channels_last(mean.float())
     values = 0.5 * ((t - mu).pow(2) / variance + variance.log()).mean(-1)

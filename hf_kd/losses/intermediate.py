@@ -32,7 +32,18 @@ class _PairAverage(LayerPairLoss):
 @register_loss("hint", paper="Romero et al. 2015, FitNets: Hints for Thin Deep Nets, arXiv:1412.6550")
 class Hint(_PairAverage):
     """FitNets (Romero et al. 2015): ½·mean((F_T − r(F_S))²) with r a learned regressor (Linear for tokens, 1×1
-    convolution for feature maps), on the last layers by default."""
+    convolution for feature maps), on the last layers by default.
+
+    Args:
+        layer_map: Which layers to pair: ``"uniform"``, ``"last"`` or ``[[s, t], ...]`` (0 is the embedding output).
+        projector: ``None`` (widths must match), ``"linear"``, ``"mlp"``, ``"conv"`` or ``"auto"``: a learned map
+            from the student's width to the teacher's per pair.
+        student_module: A student submodule (dotted path) whose output to compare instead of hidden states.
+        teacher_module: The teacher submodule compared with ``student_module``.
+
+    Raises:
+        ValueError: only one of ``student_module`` and ``teacher_module`` is set.
+    """
 
     def __init__(self, layer_map="last", projector: str | None = "auto", student_module=None, teacher_module=None):
         super().__init__(layer_map, projector, student_module, teacher_module)
@@ -46,7 +57,18 @@ class Hint(_PairAverage):
     paper="Jiao et al. 2020, TinyBERT: Distilling BERT for Natural Language Understanding, arXiv:1909.10351",
 )
 class HiddenMSE(_PairAverage):
-    """TinyBERT's hidden-state loss: MSE(h_S·W, h_T) per mapped layer over real tokens (W only if ``projector``)."""
+    """TinyBERT's hidden-state loss: MSE(h_S·W, h_T) per mapped layer over real tokens (W only if ``projector``).
+
+    Args:
+        layer_map: Which layers to pair: ``"uniform"``, ``"last"`` or ``[[s, t], ...]`` (0 is the embedding output).
+        projector: ``None`` (widths must match), ``"linear"``, ``"mlp"``, ``"conv"`` or ``"auto"``: a learned map
+            from the student's width to the teacher's per pair.
+        student_module: A student submodule (dotted path) whose output to compare instead of hidden states.
+        teacher_module: The teacher submodule compared with ``student_module``.
+
+    Raises:
+        ValueError: only one of ``student_module`` and ``teacher_module`` is set.
+    """
 
     def pair_loss(self, student, teacher, token_mask):
         return F.feature_mse(student, teacher, token_mask=token_mask)
@@ -54,7 +76,18 @@ class HiddenMSE(_PairAverage):
 
 @register_loss("hidden_cosine", paper="Sanh et al. 2019, DistilBERT, a distilled version of BERT, arXiv:1910.01108")
 class HiddenCosine(_PairAverage):
-    """DistilBERT's cosine loss: 1 − cos(h_S, h_T) over real tokens, on the last layers by default."""
+    """DistilBERT's cosine loss: 1 − cos(h_S, h_T) over real tokens, on the last layers by default.
+
+    Args:
+        layer_map: Which layers to pair: ``"uniform"``, ``"last"`` or ``[[s, t], ...]`` (0 is the embedding output).
+        projector: ``None`` (widths must match), ``"linear"``, ``"mlp"``, ``"conv"`` or ``"auto"``: a learned map
+            from the student's width to the teacher's per pair.
+        student_module: A student submodule (dotted path) whose output to compare instead of hidden states.
+        teacher_module: The teacher submodule compared with ``student_module``.
+
+    Raises:
+        ValueError: only one of ``student_module`` and ``teacher_module`` is set.
+    """
 
     def __init__(self, layer_map="last", projector: str | None = None, student_module=None, teacher_module=None):
         super().__init__(layer_map, projector, student_module, teacher_module)
@@ -69,7 +102,12 @@ class HiddenCosine(_PairAverage):
 )
 class AttentionMSE(_PairAverage):
     """TinyBERT's attention loss: MSE between attention probabilities of mapped layers; heads are averaged when
-    the counts differ. The trainer switches the models to eager attention."""
+    the counts differ. The trainer switches the models to eager attention.
+
+    Args:
+        layer_map: Which layers to pair: ``"uniform"``, ``"last"`` or ``[[s, t], ...]`` (layers 1 and above: the
+            embedding output has no attention).
+    """
 
     field = "attentions"
 
@@ -82,7 +120,12 @@ class AttentionMSE(_PairAverage):
 
 @register_loss("attention_kl", paper="Wang et al. 2020, MiniLM: Deep Self-Attention Distillation, arXiv:2002.10957")
 class AttentionKL(_PairAverage):
-    """MiniLM's self-attention distribution transfer: KL(A_T ‖ A_S) per query, last layers by default."""
+    """MiniLM's self-attention distribution transfer: KL(A_T ‖ A_S) per query, last layers by default.
+
+    Args:
+        layer_map: Which layers to pair: ``"uniform"``, ``"last"`` or ``[[s, t], ...]`` (layers 1 and above: the
+            embedding output has no attention).
+    """
 
     field = "attentions"
 
@@ -98,7 +141,18 @@ class AttentionKL(_PairAverage):
     paper="Sun et al. 2019, Patient Knowledge Distillation for BERT Model Compression, arXiv:1908.09355",
 )
 class PatientKD(_PairAverage):
-    """Patient KD (Sun et al. 2019): ‖h_S/‖h_S‖ − h_T/‖h_T‖‖² on the first-token ([CLS]) states of mapped layers."""
+    """Patient KD (Sun et al. 2019): ‖h_S/‖h_S‖ − h_T/‖h_T‖‖² on the first-token ([CLS]) states of mapped layers.
+
+    Args:
+        layer_map: Which layers to pair: ``"uniform"``, ``"last"`` or ``[[s, t], ...]`` (0 is the embedding output).
+        projector: ``None`` (widths must match), ``"linear"``, ``"mlp"``, ``"conv"`` or ``"auto"``: a learned map
+            from the student's width to the teacher's per pair.
+        student_module: A student submodule (dotted path) whose output to compare instead of hidden states.
+        teacher_module: The teacher submodule compared with ``student_module``.
+
+    Raises:
+        ValueError: only one of ``student_module`` and ``teacher_module`` is set.
+    """
 
     default_weight = 100.0  # β of the paper (PKD-Skip on GLUE used 100–500)
 
@@ -112,7 +166,17 @@ class PatientKD(_PairAverage):
 )
 class AttentionTransfer(_PairAverage):
     """Attention transfer (Zagoruyko & Komodakis 2017) on mapped feature maps (or token sequences); widths may
-    differ, maps are pooled to a common size. Weight 1000 as in the paper (β/2 with β = 10³ per layer)."""
+    differ, maps are pooled to a common size. Weight 1000 as in the paper (β/2 with β = 10³ per layer).
+
+    Args:
+        layer_map: Which layers to pair: ``"uniform"``, ``"last"`` or ``[[s, t], ...]`` (0 is the embedding output).
+        p: The power p of the attention map normalize(vec(mean over channels of |F|^p)).
+        student_module: A student submodule (dotted path) whose output to compare instead of hidden states.
+        teacher_module: The teacher submodule compared with ``student_module``.
+
+    Raises:
+        ValueError: only one of ``student_module`` and ``teacher_module`` is set.
+    """
 
     default_weight = 1000.0
 
@@ -134,7 +198,13 @@ class AttentionTransfer(_PairAverage):
 )
 class FlowOfSolutionProcedure(LayerPairLoss):
     """FSP (Yim et al. 2017): MSE between Gram matrices of consecutive mapped layers; with the default uniform map
-    the embedding output starts the chain. Stage widths must match, or set ``projector``."""
+    the embedding output starts the chain. Stage widths must match, or set ``projector``.
+
+    Args:
+        layer_map: Which layers to pair: ``"uniform"``, ``"last"`` or ``[[s, t], ...]`` (0 is the embedding output).
+        projector: ``None`` (widths must match), ``"linear"``, ``"mlp"``, ``"conv"`` or ``"auto"``: a learned map
+            from the student's width to the teacher's per pair.
+    """
 
     def __init__(self, layer_map="uniform", projector: str | None = None):
         super().__init__(layer_map=[(0, 0)] if layer_map == "uniform" else layer_map, projector=projector)

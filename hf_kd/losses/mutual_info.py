@@ -24,6 +24,16 @@ class VariationalInformationDistillation(LayerPairLoss):
 
     Per mapped layer pair (last by default): a regressor μ(s) (a two-layer MLP, or 1×1 convolutions on feature
     maps) and a per-channel variance σ² = softplus(a) + ε, both learned; loss ½·mean((t − μ(s))²/σ² + log σ²).
+
+    Args:
+        layer_map: Which layers to pair: ``"uniform"``, ``"last"`` or ``[[s, t], ...]`` (0 is the embedding output).
+        init_variance: σ² at the start, per channel.
+        eps: ε, the variance's floor.
+        student_module: A student submodule (dotted path) whose output to compare instead of hidden states.
+        teacher_module: The teacher submodule compared with ``student_module``.
+
+    Raises:
+        ValueError: only one of ``student_module`` and ``teacher_module`` is set.
     """
 
     def __init__(
@@ -56,7 +66,17 @@ class VariationalInformationDistillation(LayerPairLoss):
 )
 class InfoNCE(EmbeddingRelationLoss):
     """In-batch InfoNCE between student and teacher embeddings (a lower bound of their mutual information);
-    a learned Linear maps the student to the teacher's width when they differ."""
+    a learned Linear maps the student to the teacher's width when they differ.
+
+    Args:
+        source: Which features to read: ``"hidden_states:-1"`` (any index), ``"logits"``, ``"embeddings"`` or
+            ``"module:PATH"``.
+        pooling: How tokens or feature maps become one vector per example: ``auto``, ``cls``, ``mean``, ``last``,
+            ``spatial`` or ``flatten``.
+        student_source: The student's source, when it differs from ``source``.
+        teacher_source: The teacher's source, when it differs from ``source``.
+        nce_temperature: τ dividing the cosine similarities.
+    """
 
     min_batch_size = 2  # with one example the positive is the only candidate: log 1 = 0
 
@@ -95,6 +115,21 @@ class ContrastiveRepresentationDistillation(EmbeddingRelationLoss):
     Across processes every bank update gathers all processes' rows, so the banks stay identical everywhere. In
     evaluation (module in eval mode) held-out examples have no bank entries: the same two contrasts use the batch's
     other examples as negatives, and the banks are left alone.
+
+    Args:
+        source: Which features to read: ``"hidden_states:-1"`` (any index), ``"logits"``, ``"embeddings"`` or
+            ``"module:PATH"``.
+        pooling: How tokens or feature maps become one vector per example: ``auto``, ``cls``, ``mean``, ``last``,
+            ``spatial`` or ``flatten``.
+        student_source: The student's source, when it differs from ``source``.
+        teacher_source: The teacher's source, when it differs from ``source``.
+        feature_dim: The width of the heads' outputs and of the memory banks.
+        num_negatives: Bank entries drawn as negatives per example (at most the training set's size).
+        nce_temperature: τ dividing the similarities.
+        momentum: The banks' momentum in [0, 1): an entry keeps this share of its old value at each update.
+
+    Raises:
+        ValueError: ``momentum`` outside [0, 1).
     """
 
     default_weight = 0.8

@@ -15,7 +15,13 @@ from .response import ResponseLoss
     "Distillation, arXiv:2010.02666",
 )
 class MarginMSE(DistillationLoss):
-    __doc__ = F.margin_mse.__doc__
+    """Margin-MSE (Hofstätter et al. 2020): per query, the mean over candidate pairs of ((s_i − s_j) − (t_i − t_j))².
+
+    With relevance labels, the pairs are a better-graded and a worse-graded candidate (a query without such a pair:
+    every pair); without labels, every pair. Scores are compared as they are (no temperature, no options). See
+    :func:`~hf_kd.losses.functional.margin_mse`.
+    """
+
     min_group_size = 2  # a margin needs two candidates
 
     def __init__(self):  # scores are compared as they are: no temperature
@@ -31,7 +37,15 @@ class MarginMSE(DistillationLoss):
     "Reddi et al. 2021, RankDistil)",
 )
 class ListwiseKL(ResponseLoss):
-    __doc__ = F.listwise_kl.__doc__
+    """τ²·KL(softmax(t/τ) ‖ softmax(s/τ)) over each query's candidates (candidates scored -inf take no part).
+
+    See :func:`~hf_kd.losses.functional.listwise_kl`.
+
+    Args:
+        temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
+            loss's options set one).
+    """
+
     function = F.listwise_kl
     compares_distributions = False  # a softmax over each query's candidates, not over one head's logits
     min_group_size = 2  # a softmax over one candidate is 1 whatever its score

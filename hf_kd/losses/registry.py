@@ -14,7 +14,19 @@ _REGISTRY: dict[str, type[DistillationLoss]] = {}
 
 
 def register_loss(name: str, paper: str = ""):
-    """Class decorator that registers a :class:`DistillationLoss` under ``name``, citing ``paper`` (model cards)."""
+    """Class decorator that registers a :class:`DistillationLoss` under ``name``, citing ``paper`` (model cards).
+
+    Args:
+        name: The loss's id in ``losses`` (``"kl"``, ``"hidden_mse"``, ...).
+        paper: The method's paper, cited on model cards.
+
+    Returns:
+        The decorator; it sets the class's ``name`` and ``paper`` and returns the class.
+
+    Raises:
+        TypeError: the decorated object is not a :class:`DistillationLoss` subclass.
+        ValueError: ``name`` is already registered to another class.
+    """
 
     def decorate(cls: type[DistillationLoss]) -> type[DistillationLoss]:
         if not (inspect.isclass(cls) and issubclass(cls, DistillationLoss)):
@@ -30,7 +42,11 @@ def register_loss(name: str, paper: str = ""):
 
 
 def available_losses() -> list[str]:
-    """The registered loss ids, sorted."""
+    """The registered loss ids, sorted.
+
+    Returns:
+        The ids, e.g. ``["at", "attention_kl", ...]``.
+    """
     return sorted(_REGISTRY)
 
 
@@ -40,6 +56,18 @@ def resolve_loss_class(name: str, *, trust_imports: bool = False) -> type[Distil
     A dotted path is looked up in a module the user's code has already imported (``sys.modules``): naming a
     module does not import it, since importing runs its top-level code and would pick up any ``.py`` of that name
     in the working directory. ``trust_imports=True`` (``DistillationConfig(trust_loss_imports=True)``) imports it.
+
+    Args:
+        name: A registered id or a dotted class path.
+        trust_imports: Import the module a dotted path names when it is not imported yet.
+
+    Returns:
+        The loss class.
+
+    Raises:
+        ValueError: an unknown id (the message lists the valid ones), a path to a module that is not imported (and
+            ``trust_imports`` is off) or cannot be imported, a missing attribute, or a class that is not a
+            :class:`DistillationLoss`.
     """
     if name in _REGISTRY:
         return _REGISTRY[name]
@@ -70,7 +98,14 @@ def resolve_loss_class(name: str, *, trust_imports: bool = False) -> type[Distil
 
 
 def accepted_options(cls: type[DistillationLoss]) -> list[str] | None:
-    """The option names a loss class takes (``None`` when its ``__init__`` takes any keyword)."""
+    """The option names a loss class takes (``None`` when its ``__init__`` takes any keyword).
+
+    Args:
+        cls: A :class:`DistillationLoss` subclass.
+
+    Returns:
+        Its ``__init__``'s parameter names, or ``None`` when it takes ``**kwargs``.
+    """
     parameters = inspect.signature(cls.__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return None
@@ -78,13 +113,29 @@ def accepted_options(cls: type[DistillationLoss]) -> list[str] | None:
 
 
 def takes_option(name: str, option: str) -> bool:
-    """Whether the loss ``name`` takes the option ``option``."""
+    """Whether the loss ``name`` takes the option ``option``.
+
+    Args:
+        name: A registered id or a dotted class path.
+        option: An option name, e.g. ``"temperature"``.
+
+    Returns:
+        True when its ``__init__`` has that parameter (or takes any keyword).
+    """
     accepted = accepted_options(resolve_loss_class(name))
     return accepted is None or option in accepted
 
 
 def check_loss_options(name: str, options: dict) -> None:
-    """Raise for an option the loss does not take (naming the closest valid one) or a non-finite number."""
+    """Raise for an option the loss does not take (naming the closest valid one) or a non-finite number.
+
+    Args:
+        name: A registered id or a dotted class path.
+        options: The options given for it.
+
+    Raises:
+        ValueError: an option the loss does not take, or a float option that is NaN or infinite.
+    """
     accepted = accepted_options(resolve_loss_class(name))
     if accepted is not None:
         for key in options:
@@ -98,7 +149,17 @@ def check_loss_options(name: str, options: dict) -> None:
 
 
 def get_loss(name: str, **kwargs) -> DistillationLoss:
-    """Build the loss ``name`` (a registered id or a dotted class path) with the options ``kwargs``, each of which
-    it must take."""
+    """Build the loss ``name`` (a registered id or a dotted class path) with the options ``kwargs``.
+
+    Args:
+        name: A registered id or a dotted class path.
+        **kwargs: The loss's options; each must be one it takes.
+
+    Returns:
+        The loss module.
+
+    Raises:
+        ValueError: an unknown loss or option, or an option that is not a finite number.
+    """
     check_loss_options(name, kwargs)
     return resolve_loss_class(name)(**kwargs)

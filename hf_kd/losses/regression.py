@@ -18,7 +18,11 @@ from .registry import register_loss
     paper="Ba & Caruana 2014, Do Deep Nets Really Need to be Deep?, arXiv:1312.6184",
 )
 class RegressionMSE(DistillationLoss):
-    __doc__ = F.regression_mse.__doc__
+    """Mean over outputs of (R_S − R_T)² per example: the student regresses onto the teacher's prediction.
+
+    The label's own MSE is the student's label loss, mixed in by its weight. No options. See
+    :func:`~hf_kd.losses.functional.regression_mse`.
+    """
 
     def __init__(self):  # no options (no temperature: predictions are not softened)
         super().__init__()
@@ -32,7 +36,17 @@ class RegressionMSE(DistillationLoss):
     paper="Chen et al. 2017, Learning Efficient Object Detection Models with Knowledge Distillation, NeurIPS",
 )
 class TeacherBounded(DistillationLoss):
-    __doc__ = F.teacher_bounded.__doc__
+    """Teacher-bounded regression (Chen et al. 2017): ‖R_S − y‖² where it exceeds ‖R_T − y‖² − m, else 0.
+
+    The student pays its own squared error only while it is worse than the teacher (by more than the margin m).
+    Needs float labels (NaN for unlabeled rows). See :func:`~hf_kd.losses.functional.teacher_bounded`.
+
+    Args:
+        margin: m >= 0, how much worse than the teacher the student may be before it pays.
+
+    Raises:
+        ValueError: ``margin`` is negative or not finite.
+    """
 
     def __init__(self, margin: float = 0.0):
         super().__init__()

@@ -21,7 +21,19 @@ class _EmbeddingPairLoss(EmbeddingRelationLoss):
 
 @register_loss("rkd_distance", paper="Park et al. 2019, Relational Knowledge Distillation, arXiv:1904.05068")
 class RKDDistance(_EmbeddingPairLoss):
-    __doc__ = F.rkd_distance.__doc__ + " Weight 25 as in the paper."
+    """RKD distance (Park et al. 2019): Huber between pairwise distances, each divided by its mean.
+
+    Weight 25 as in the paper. See :func:`~hf_kd.losses.functional.rkd_distance`.
+
+    Args:
+        source: Which features to read: ``"hidden_states:-1"`` (any index), ``"logits"``, ``"embeddings"`` or
+            ``"module:PATH"``.
+        pooling: How tokens or feature maps become one vector per example: ``auto``, ``cls``, ``mean``, ``last``,
+            ``spatial`` or ``flatten``.
+        student_source: The student's source, when it differs from ``source``.
+        teacher_source: The teacher's source, when it differs from ``source``.
+    """
+
     function = F.rkd_distance
     default_weight = 25.0
     min_batch_size = 3  # two examples have one distance, which divided by the batch mean is 1 on both sides
@@ -29,7 +41,19 @@ class RKDDistance(_EmbeddingPairLoss):
 
 @register_loss("rkd_angle", paper="Park et al. 2019, Relational Knowledge Distillation, arXiv:1904.05068")
 class RKDAngle(_EmbeddingPairLoss):
-    __doc__ = F.rkd_angle.__doc__ + " Weight 50 as in the paper."
+    """RKD angle (Park et al. 2019): Huber between cos∠(e_i, e_j, e_k) over all triplets.
+
+    Weight 50 as in the paper. See :func:`~hf_kd.losses.functional.rkd_angle`.
+
+    Args:
+        source: Which features to read: ``"hidden_states:-1"`` (any index), ``"logits"``, ``"embeddings"`` or
+            ``"module:PATH"``.
+        pooling: How tokens or feature maps become one vector per example: ``auto``, ``cls``, ``mean``, ``last``,
+            ``spatial`` or ``flatten``.
+        student_source: The student's source, when it differs from ``source``.
+        teacher_source: The teacher's source, when it differs from ``source``.
+    """
+
     function = F.rkd_angle
     default_weight = 50.0
     min_batch_size = 3  # an angle needs three examples
@@ -40,7 +64,20 @@ class RKDAngle(_EmbeddingPairLoss):
     paper="Tung & Mori 2019, Similarity-Preserving Knowledge Distillation, arXiv:1907.09682",
 )
 class SimilarityPreserving(_EmbeddingPairLoss):
-    __doc__ = F.similarity_preserving.__doc__ + " Weight 3000 as in the paper; ``pooling='flatten'`` by default."
+    """Similarity-preserving KD (Tung & Mori 2019): ‖norm_rows(A_T A_Tᵀ) − norm_rows(A_S A_Sᵀ)‖_F² / B².
+
+    Weight 3000 as in the paper; ``pooling='flatten'`` by default. See
+    :func:`~hf_kd.losses.functional.similarity_preserving`.
+
+    Args:
+        source: Which features to read: ``"hidden_states:-1"`` (any index), ``"logits"``, ``"embeddings"`` or
+            ``"module:PATH"``.
+        pooling: How tokens or feature maps become one vector per example: ``auto``, ``cls``, ``mean``, ``last``,
+            ``spatial`` or ``flatten``.
+        student_source: The student's source, when it differs from ``source``.
+        teacher_source: The teacher's source, when it differs from ``source``.
+    """
+
     function = F.similarity_preserving
     default_weight = 3000.0
     min_batch_size = 2  # a 1×1 row-normalised Gram matrix is 1 on both sides
@@ -55,7 +92,19 @@ class SimilarityPreserving(_EmbeddingPairLoss):
     "arXiv:1803.10837",
 )
 class ProbabilisticKT(_EmbeddingPairLoss):
-    __doc__ = F.pkt.__doc__
+    """Probabilistic knowledge transfer (Passalis & Tefas 2018): KL between row-normalised (cos + 1)/2 affinities.
+
+    Weight 30000, the authors' setting on the CRD benchmark. See :func:`~hf_kd.losses.functional.pkt`.
+
+    Args:
+        source: Which features to read: ``"hidden_states:-1"`` (any index), ``"logits"``, ``"embeddings"`` or
+            ``"module:PATH"``.
+        pooling: How tokens or feature maps become one vector per example: ``auto``, ``cls``, ``mean``, ``last``,
+            ``spatial`` or ``flatten``.
+        student_source: The student's source, when it differs from ``source``.
+        teacher_source: The teacher's source, when it differs from ``source``.
+    """
+
     function = F.pkt
     default_weight = 30000.0  # the authors' CRD-benchmark setting
     min_batch_size = 2  # a 1×1 row-normalised affinity is 1 on both sides
@@ -67,7 +116,16 @@ class ProbabilisticKT(_EmbeddingPairLoss):
 )
 class InstanceRelationGraph(LayerPairLoss):
     """Instance relation graph (Liu et al. 2019) on pooled embeddings of mapped layers (uniform by default),
-    with the cross-layer (transformation) edges weighted by ``cross_layer_weight``."""
+    with the cross-layer (transformation) edges weighted by ``cross_layer_weight``.
+
+    See :func:`~hf_kd.losses.functional.irg`.
+
+    Args:
+        layer_map: Which layers to pair: ``"uniform"``, ``"last"`` or ``[[s, t], ...]`` (0 is the embedding output).
+        pooling: How each layer's tokens or feature maps become one vector per example (``auto``, ``cls``,
+            ``mean``, ``last``, ``spatial``, ``flatten``).
+        cross_layer_weight: The weight of the cross-layer term (0: edges only).
+    """
 
     min_batch_size = 3  # its graphs are mean-normalised distances: with two examples, 1 on both sides
 

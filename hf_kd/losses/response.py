@@ -15,7 +15,18 @@ from .registry import register_loss
 
 
 class ResponseLoss(DistillationLoss):
-    """Calls ``function(student.logits, teacher.logits, temperature=…, mask=…, reduction="sum", **options)``."""
+    """Calls ``function(student.logits, teacher.logits, temperature=…, mask=…, reduction="sum", **options)``.
+
+    A subclass names its function of :mod:`hf_kd.losses.functional` (and, optionally, the one that reads a sparse
+    cached teacher directly) and adds its own options.
+
+    Args:
+        temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
+            loss's options set one).
+
+    Raises:
+        ValueError: ``temperature`` is not a finite number > 0.
+    """
 
     needs = frozenset({"logits"})
     function: ClassVar[Callable]
@@ -52,7 +63,15 @@ class ResponseLoss(DistillationLoss):
     paper="Hinton, Vinyals & Dean 2015, Distilling the Knowledge in a Neural Network, arXiv:1503.02531",
 )
 class ForwardKL(ResponseLoss):
-    __doc__ = F.forward_kl.__doc__
+    """Forward KL, τ²·KL(p_T^τ ‖ p_S^τ) (Hinton et al. 2015): :func:`~hf_kd.losses.functional.forward_kl`.
+
+    Reads a cached teacher's top-k rows without their dense form (:func:`~hf_kd.losses.functional.sparse_forward_kl`).
+
+    Args:
+        temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
+            loss's options set one).
+    """
+
     function = F.forward_kl
     sparse_function = F.sparse_forward_kl
     linear_in_teacher = True
@@ -63,7 +82,13 @@ class ForwardKL(ResponseLoss):
     paper="Gu et al. 2024, MiniLLM: Knowledge Distillation of Large Language Models, arXiv:2306.08543",
 )
 class ReverseKL(ResponseLoss):
-    __doc__ = F.reverse_kl.__doc__
+    """Reverse KL, τ²·KL(p_S^τ ‖ p_T^τ), mode-seeking (MiniLLM): :func:`~hf_kd.losses.functional.reverse_kl`.
+
+    Args:
+        temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
+            loss's options set one).
+    """
+
     function = F.reverse_kl
 
 
@@ -72,7 +97,19 @@ class ReverseKL(ResponseLoss):
     paper="Agarwal et al. 2024, On-Policy Distillation of Language Models (GKD), arXiv:2306.13649",
 )
 class GeneralizedJSD(ResponseLoss):
-    __doc__ = F.generalized_jsd.__doc__
+    """Generalised Jensen-Shannon divergence of GKD: :func:`~hf_kd.losses.functional.generalized_jsd`.
+
+    β = 0 is forward KL(p_T ‖ p_S), β = 1 reverse KL(p_S ‖ p_T) (TRL's convention).
+
+    Args:
+        temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
+            loss's options set one).
+        beta: β in [0, 1], the teacher's share of the mixture m = β·p_T + (1 − β)·p_S.
+
+    Raises:
+        ValueError: ``beta`` outside [0, 1], or a bad ``temperature``.
+    """
+
     function = F.generalized_jsd
 
     def __init__(self, temperature: float = 1.0, beta: float = 0.5):
@@ -87,7 +124,17 @@ class GeneralizedJSD(ResponseLoss):
     paper="Ko et al. 2024, DistiLLM: Towards Streamlined Distillation for Large Language Models, arXiv:2402.03898",
 )
 class SkewKL(ResponseLoss):
-    __doc__ = F.skew_kl.__doc__
+    """α-skew KL of DistiLLM, τ²·KL(p_T ‖ α·p_T + (1 − α)·p_S): :func:`~hf_kd.losses.functional.skew_kl`.
+
+    Args:
+        temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
+            loss's options set one).
+        skew: α in [0, 1).
+
+    Raises:
+        ValueError: ``skew`` outside [0, 1), or a bad ``temperature``.
+    """
+
     function = F.skew_kl
 
     def __init__(self, temperature: float = 1.0, skew: float = 0.1):
@@ -102,7 +149,19 @@ class SkewKL(ResponseLoss):
     paper="Ko et al. 2024, DistiLLM: Towards Streamlined Distillation for Large Language Models, arXiv:2402.03898",
 )
 class SkewReverseKL(ResponseLoss):
-    __doc__ = F.skew_reverse_kl.__doc__
+    """α-skew reverse KL of DistiLLM, τ²·KL(p_S ‖ (1 − α)·p_T + α·p_S).
+
+    See :func:`~hf_kd.losses.functional.skew_reverse_kl`.
+
+    Args:
+        temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
+            loss's options set one).
+        skew: α in [0, 1).
+
+    Raises:
+        ValueError: ``skew`` outside [0, 1), or a bad ``temperature``.
+    """
+
     function = F.skew_reverse_kl
 
     def __init__(self, temperature: float = 1.0, skew: float = 0.1):
@@ -117,7 +176,13 @@ class SkewReverseKL(ResponseLoss):
     paper="Wen et al. 2023, f-Divergence Minimization for Sequence-Level Knowledge Distillation, arXiv:2307.15190",
 )
 class TotalVariation(ResponseLoss):
-    __doc__ = F.tvd.__doc__
+    """Total variation distance ½·Σ|p_T^τ − p_S^τ| (Wen et al. 2023): :func:`~hf_kd.losses.functional.tvd`.
+
+    Args:
+        temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
+            loss's options set one).
+    """
+
     function = F.tvd
 
 
@@ -126,7 +191,16 @@ class TotalVariation(ResponseLoss):
     paper="Hinton, Vinyals & Dean 2015, Distilling the Knowledge in a Neural Network, arXiv:1503.02531",
 )
 class SoftCrossEntropy(ResponseLoss):
-    __doc__ = F.soft_ce.__doc__
+    """Soft-target cross-entropy τ²·(−Σ p_T^τ log p_S^τ): :func:`~hf_kd.losses.functional.soft_ce`.
+
+    Differs from ``kl`` by the teacher's entropy, a constant for the student (same gradients). Reads a cached
+    teacher's top-k rows without their dense form (:func:`~hf_kd.losses.functional.sparse_soft_ce`).
+
+    Args:
+        temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
+            loss's options set one).
+    """
+
     function = F.soft_ce
     sparse_function = F.sparse_soft_ce
     linear_in_teacher = True
@@ -134,7 +208,16 @@ class SoftCrossEntropy(ResponseLoss):
 
 @register_loss("logit_mse", paper="Ba & Caruana 2014, Do Deep Nets Really Need to be Deep?, arXiv:1312.6184")
 class LogitMSE(ResponseLoss):
-    __doc__ = F.logit_mse.__doc__
+    """Mean over classes of ((z_S − z_T)/τ)² (TextBrewer's kd_mse; Ba & Caruana 2014).
+
+    See :func:`~hf_kd.losses.functional.logit_mse`. Compares raw logits, so it also works on a one-logit head (a
+    score, a regression).
+
+    Args:
+        temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
+            loss's options set one).
+    """
+
     function = F.logit_mse
     compares_distributions = False  # compares raw logits: a one-logit head (a score, a regression) works
 
@@ -144,13 +227,35 @@ class LogitMSE(ResponseLoss):
     paper="Tarvainen & Valpola 2017, Mean teachers are better role models, arXiv:1703.01780",
 )
 class ProbabilityMSE(ResponseLoss):
-    __doc__ = F.prob_mse.__doc__
+    """Mean over classes of (p_S^τ − p_T^τ)², the mean teacher's consistency cost.
+
+    See :func:`~hf_kd.losses.functional.prob_mse`.
+
+    Args:
+        temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
+            loss's options set one).
+    """
+
     function = F.prob_mse
 
 
 @register_loss("dkd", paper="Zhao et al. 2022, Decoupled Knowledge Distillation, arXiv:2203.08679")
 class DecoupledKD(ResponseLoss):
-    __doc__ = F.dkd.__doc__
+    """Decoupled KD (Zhao et al. 2022), τ²·(α·TCKD + β·NCKD): :func:`~hf_kd.losses.functional.dkd`.
+
+    The target class is the batch's label where labels are integer class ids of the positions' shape, else (and
+    at positions labeled -100) the teacher's top class.
+
+    Args:
+        temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
+            loss's options set one).
+        alpha: α >= 0, the weight of the target-class term.
+        beta: β >= 0, the weight of the non-target-class term.
+
+    Raises:
+        ValueError: a negative ``alpha`` or ``beta``, or a bad ``temperature``.
+    """
+
     function = F.dkd
 
     def __init__(self, temperature: float = 1.0, alpha: float = 1.0, beta: float = 8.0):
@@ -183,6 +288,15 @@ class DecoupledKD(ResponseLoss):
     "LLMs, arXiv:2402.12030",
 )
 class UniversalLogitDistillation(ResponseLoss):
-    __doc__ = F.uld.__doc__
+    """Universal Logit Distillation (Boizard et al. 2024): :func:`~hf_kd.losses.functional.uld`.
+
+    Compares the two distributions sorted by probability, so teacher and student vocabularies may differ
+    (cross-tokenizer distillation, positions aligned by :mod:`hf_kd.cross_tokenizer`).
+
+    Args:
+        temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
+            loss's options set one).
+    """
+
     function = F.uld
     cross_vocabulary = True
