@@ -24,8 +24,16 @@ _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 def last_complete_checkpoint(folder: str) -> str | None:
-    """The ``checkpoint-N`` in ``folder`` with the largest N whose save finished (``None`` for none, or no folder).
-    Each later one a save left incomplete is skipped with a warning naming it and what it lacks."""
+    """The ``checkpoint-N`` in ``folder`` with the largest N whose save finished.
+
+    Each later one a save left incomplete is skipped with a warning naming it and what it lacks.
+
+    Args:
+        folder: A run's output folder.
+
+    Returns:
+        The checkpoint's path, or ``None`` for none (or no such folder).
+    """
     if not os.path.isdir(folder):
         return None
     checkpoints = sorted(
@@ -65,8 +73,18 @@ def _incomplete(checkpoint: str) -> str | None:
 
 
 def load_model_weights(model: nn.Module, path: str) -> None:
-    """A transformers model's weights from the ``model.safetensors`` its ``save_pretrained`` wrote (which leaves out
-    the weights it ties to others, such as an LM head on the embeddings)."""
+    """A transformers model's weights from the ``model.safetensors`` its ``save_pretrained`` wrote.
+
+    ``save_pretrained`` leaves out the weights it ties to others (such as an LM head on the embeddings); those may
+    be missing.
+
+    Args:
+        model: The model to load into.
+        path: The ``model.safetensors`` file.
+
+    Raises:
+        ValueError: the file misses weights of the model (other than tied ones) or holds weights it lacks.
+    """
     missing, unexpected = model.load_state_dict(load_file(path), strict=False)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     if unexpected or set(missing) - tied:
@@ -77,8 +95,19 @@ def load_model_weights(model: nn.Module, path: str) -> None:
 
 
 def load_saved_weights(model: nn.Module, folder: str, what: str = "the model") -> None:
-    """Read back into ``model`` the weights its ``save_pretrained(folder)`` wrote: a PEFT model's adapter
-    (``adapter_model.safetensors``, the only trainable part) or a transformers model's ``model.safetensors``."""
+    """Read back into ``model`` the weights its ``save_pretrained(folder)`` wrote.
+
+    A PEFT model's adapter (``adapter_model.safetensors``, the only trainable part) or a transformers model's
+    ``model.safetensors``.
+
+    Args:
+        model: The model (or PEFT model) to load into.
+        folder: The folder ``save_pretrained`` wrote.
+        what: What the model is, for the messages.
+
+    Raises:
+        ValueError: the folder lacks the file, or its weights do not fit the model.
+    """
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
 

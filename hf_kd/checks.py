@@ -21,7 +21,19 @@ from .teachers.ensemble import check_aggregation
 
 
 def check_setup(model, teacher_model, args, trainer_kwargs: dict) -> None:
-    """What a DistillationTrainer refuses before anything is loaded."""
+    """What a DistillationTrainer refuses before anything is loaded.
+
+    Args:
+        model: The student.
+        teacher_model: The teacher(s) as given.
+        args: The trainer's arguments.
+        trainer_kwargs: The other keyword arguments of the trainer (data sets, collator, ``compute_loss_func``).
+
+    Raises:
+        TypeError: ``args`` is not a :class:`~hf_kd.DistillationConfig`.
+        ValueError: a ``compute_loss_func``, no student, no teacher, the student as its own teacher, a student on the
+            meta device, an empty training set, or data sets :func:`check_datasets` refuses.
+    """
     if not isinstance(args, DistillationConfig):
         raise TypeError(
             f"args must be a DistillationConfig, got {type(args).__name__}; "
@@ -58,9 +70,20 @@ def check_setup(model, teacher_model, args, trainer_kwargs: dict) -> None:
 
 
 def check_datasets(model, args, trainer_kwargs: dict) -> None:
-    """What the given data sets hold that would stop training at some step: a regression student's targets that are
-    not finite, and rows the data collator would refuse (a collator with ``check_dataset(dataset, losses)``, e.g.
-    :class:`hf_kd.ranking.RankingCollator`, is given each data set and the loss classes). Errors name the data set."""
+    """What the given data sets hold that would stop training at some step.
+
+    A regression student's targets that are not finite, and rows the data collator would refuse (a collator with
+    ``check_dataset(dataset, losses)``, e.g. :class:`hf_kd.ranking.RankingCollator`, is given each data set and the
+    loss classes). Errors name the data set.
+
+    Args:
+        model: The student.
+        args: The trainer's arguments (its losses and label names).
+        trainer_kwargs: The trainer's keyword arguments (``train_dataset``, ``eval_dataset``, ``data_collator``).
+
+    Raises:
+        ValueError: an infinite regression target, or rows the collator refuses.
+    """
     datasets = [("train_dataset", trainer_kwargs.get("train_dataset"))]
     evaluation = trainer_kwargs.get("eval_dataset")
     if isinstance(evaluation, dict):
@@ -83,9 +106,19 @@ def check_datasets(model, args, trainer_kwargs: dict) -> None:
 
 
 def check_regression_targets(dataset, name: str, columns) -> None:
-    """A regression student's targets are finite numbers (NaN marks an unlabeled row): ±inf makes its label loss
-    infinite at that row's step. Read from a ``datasets.Dataset``'s columns; other data sets are checked batch by
-    batch (:func:`hf_kd.trainer.batch_loss.check_regression_batch`)."""
+    """A regression student's targets are finite numbers (NaN marks an unlabeled row).
+
+    ±inf makes its label loss infinite at that row's step. Read from a ``datasets.Dataset``'s columns; other data
+    sets are checked batch by batch (:func:`hf_kd.trainer.batch_loss.check_regression_batch`).
+
+    Args:
+        dataset: The data set.
+        name: Its name in the message (``"train_dataset"``).
+        columns: The label columns to check (those it lacks, or that are not numbers, are skipped).
+
+    Raises:
+        ValueError: a target of ±inf, naming the column and row.
+    """
     for column in columns:
         if not isinstance(dataset, Dataset) or column not in dataset.column_names:
             continue
@@ -105,7 +138,19 @@ def check_regression_targets(dataset, name: str, columns) -> None:
 
 
 def check_teachers(model, teachers: dict, objective, args, train_dataset) -> None:
-    """What the objective cannot do with this student, these teachers and this batch size."""
+    """What the objective cannot do with this student, these teachers and this batch size.
+
+    Args:
+        model: The student.
+        teachers: Each teacher (a model or a source) by name.
+        objective: The :class:`~hf_kd.objective.Objective`.
+        args: The trainer's arguments.
+        train_dataset: The training set (``None`` when not given).
+
+    Raises:
+        ValueError: what :func:`check_batch_relations`, :func:`check_logit_width`, :func:`check_sample_index`,
+            :func:`check_vocabularies` or :func:`check_teacher_count` refuse.
+    """
     check_batch_relations(objective.losses, args.per_device_train_batch_size)
     check_logit_width(model, objective.losses)
     check_sample_index(objective.losses, train_dataset)
@@ -116,7 +161,16 @@ def check_teachers(model, teachers: dict, objective, args, train_dataset) -> Non
 
 
 def check_teacher_count(args, teachers: list[str]) -> None:
-    """What ``args`` cannot do with this many teachers (known by name before any is loaded: a later stage's)."""
+    """What ``args`` cannot do with this many teachers (known by name before any is loaded: a later stage's).
+
+    Args:
+        args: The trainer's arguments.
+        teachers: The teachers' names.
+
+    Raises:
+        ValueError: teacher-aggregation settings that do not fit the teachers
+            (:func:`~hf_kd.teachers.ensemble.check_aggregation`), or ``chunk_size`` with several teachers.
+    """
     check_aggregation(args.teacher_aggregation, args.teacher_weights, args.adaptive_temperature, teachers)
     if args.chunk_size is not None and len(teachers) > 1:
         raise ValueError(
@@ -126,6 +180,19 @@ def check_teacher_count(args, teachers: list[str]) -> None:
 
 
 def check_on_policy(args, token_level: bool, causal: bool, student: nn.Module, teachers: dict) -> None:
+    """Refuse on-policy distillation where it cannot run.
+
+    Args:
+        args: The trainer's arguments (``on_policy_fraction``).
+        token_level: Whether the logits are per token.
+        causal: Whether the student is a causal LM.
+        student: The student.
+        teachers: Each teacher source by name.
+
+    Raises:
+        ValueError: ``on_policy_fraction > 0`` for a model that does not generate (not a causal or seq2seq LM), or
+            with a teacher that cannot score new samples (a cache).
+    """
     if args.on_policy_fraction <= 0:
         return
     config = getattr(student, "config", None)
@@ -139,14 +206,30 @@ def check_on_policy(args, token_level: bool, causal: bool, student: nn.Module, t
 
 
 def with_default_temperature(spec: LossSpec, temperature: float) -> dict:
-    """A loss's options with the trainer-wide temperature added where the loss takes one and sets none."""
+    """A loss's options with the trainer-wide temperature added where the loss takes one and sets none.
+
+    Args:
+        spec: The configured loss.
+        temperature: ``DistillationConfig.temperature``.
+
+    Returns:
+        The options to build the loss with.
+    """
     if "temperature" in spec.options or not takes_option(spec.name, "temperature"):
         return dict(spec.options)
     return {"temperature": temperature, **spec.options}
 
 
 def check_batch_relations(losses, batch_size: int) -> None:
-    """Relation losses compare the examples of a batch: below their minimum they are identically 0."""
+    """Relation losses compare the examples of a batch: below their minimum they are identically 0.
+
+    Args:
+        losses: The loss modules.
+        batch_size: ``per_device_train_batch_size``.
+
+    Raises:
+        ValueError: the batch is smaller than a loss's ``min_batch_size``.
+    """
     for loss in losses:
         if batch_size < loss.min_batch_size:
             raise ValueError(
@@ -158,7 +241,15 @@ def check_batch_relations(losses, batch_size: int) -> None:
 
 
 def check_logit_width(student: nn.Module, losses) -> None:
-    """A softmax over one logit is 1 whatever the logit: distribution losses are identically 0 on such heads."""
+    """A softmax over one logit is 1 whatever the logit: distribution losses are identically 0 on such heads.
+
+    Args:
+        student: The student.
+        losses: The loss modules.
+
+    Raises:
+        ValueError: the student has one logit and a loss compares distributions.
+    """
     if num_classes(student) != 1:
         return
     refused = [loss.name for loss in losses if loss.compares_distributions]
@@ -171,6 +262,15 @@ def check_logit_width(student: nn.Module, losses) -> None:
 
 
 def check_sample_index(losses, train_dataset) -> None:
+    """Losses with a memory entry per training example need each row's index.
+
+    Args:
+        losses: The loss modules.
+        train_dataset: The training set (a data set without ``column_names`` is not checked).
+
+    Raises:
+        ValueError: a loss needs sample indices and the training set has no ``sample_index`` column.
+    """
     needing = [loss.name for loss in losses if loss.needs_sample_index]
     columns = getattr(train_dataset, "column_names", None)
     if needing and columns is not None and SAMPLE_INDEX not in columns:
@@ -181,6 +281,19 @@ def check_sample_index(losses, train_dataset) -> None:
 
 
 def check_chunkable(losses, causal: bool, token_level: bool, fsdp: bool, fsdp2: bool) -> None:
+    """Refuse ``chunk_size`` where the chunked path cannot compute the configured losses.
+
+    Args:
+        losses: The loss modules.
+        causal: Whether the student is a causal LM.
+        token_level: Whether the logits are per token.
+        fsdp: Whether the run uses FSDP.
+        fsdp2: Whether that FSDP is version 2.
+
+    Raises:
+        ValueError: a model that is not a causal LM, a loss that reads more than logits or is not per position, or
+            FSDP1.
+    """
     if not (causal and token_level):
         raise ValueError(
             "chunk_size applies to causal LMs (…ForCausalLM), whose logits come from an LM head; "
@@ -200,13 +313,29 @@ def check_chunkable(losses, causal: bool, token_level: bool, fsdp: bool, fsdp2: 
 
 
 def compares_logits_entrywise(loss) -> bool:
-    """Whether a loss compares the two sides' logits class by class (the response losses)."""
+    """Whether a loss compares the two sides' logits class by class (the response losses).
+
+    Args:
+        loss: A loss module.
+
+    Returns:
+        True for a per-position loss that reads logits on both sides.
+    """
     return loss.per_position and all("logits" in loss.side_needs(side) for side in ("student", "teacher"))
 
 
 def check_vocabularies(student: nn.Module, teacher: nn.Module | None, losses) -> None:
-    """Fail at start-up, not at the first step, when label sets or LM vocabularies differ and no loss can bridge
-    them."""
+    """Fail at start-up, not at the first step, when label sets or LM vocabularies differ and no loss can bridge them.
+
+    Args:
+        student: The student.
+        teacher: A teacher model; ``None`` (a cache, the student's own base) is checked where it is built.
+        losses: The loss modules that read this teacher.
+
+    Raises:
+        ValueError: classifiers with different numbers of classes and a loss comparing logits class by class, or
+            vocabularies of different sizes and a loss that does not work across vocabularies.
+    """
     if teacher is None:  # a cache or the student's own base: checked where they are built
         return
     if is_classifier(student) and is_classifier(teacher):
@@ -234,6 +363,15 @@ def check_vocabularies(student: nn.Module, teacher: nn.Module | None, losses) ->
 
 
 def check_compatible(student: ModelFeatures, teacher: ModelFeatures) -> None:
+    """Refuse student and teacher logits that cannot be compared.
+
+    Args:
+        student: The student's features.
+        teacher: The teacher's features.
+
+    Raises:
+        ValueError: different numbers of classes (or vocabulary entries), or different positions.
+    """
     if student.logits is not None and teacher.logits_shape is not None:
         s, t = student.logits.shape, teacher.logits_shape
         if s[-1] != t[-1]:
@@ -251,7 +389,14 @@ def check_compatible(student: ModelFeatures, teacher: ModelFeatures) -> None:
 
 
 def sharding_engine(args) -> str | None:
-    """``"DeepSpeed"`` or ``"FSDP"`` when the run uses one (from the arguments or an ``accelerate launch`` config)."""
+    """The sharding engine a run uses, from its arguments or an ``accelerate launch`` config.
+
+    Args:
+        args: The trainer's arguments.
+
+    Returns:
+        ``"DeepSpeed"``, ``"FSDP"`` or ``None``.
+    """
     if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         return "DeepSpeed"
     if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":

@@ -15,20 +15,44 @@ DISTILLATION_POSITIONS = "distillation_positions"
 
 
 def model_inputs(inputs: dict) -> dict:
-    """``inputs`` without the columns that only decide distillation positions (no model takes them)."""
+    """``inputs`` without the columns that only decide distillation positions (no model takes them).
+
+    Args:
+        inputs: A batch.
+
+    Returns:
+        A new dict without the ``distillation_positions`` column.
+    """
     return {key: value for key, value in inputs.items() if key != DISTILLATION_POSITIONS}
 
 
 def add_sample_index(dataset: Dataset) -> Dataset:
-    """``dataset`` with a ``sample_index`` column numbering its rows 0..N−1 (what ``crd`` needs)."""
+    """``dataset`` with a ``sample_index`` column numbering its rows 0..N−1 (what ``crd`` needs).
+
+    Args:
+        dataset: A data set (an existing ``sample_index`` column is replaced).
+
+    Returns:
+        The data set with the column.
+    """
     if SAMPLE_INDEX in dataset.column_names:
         dataset = dataset.remove_columns(SAMPLE_INDEX)
     return dataset.add_column(SAMPLE_INDEX, list(range(len(dataset))))
 
 
 def list_lengths(dataset, column: str) -> list[int | None]:
-    """Each row's length of the list in ``column`` (None where the row has none), read from the Arrow column of a
-    ``datasets.Dataset`` without decoding its values; other map-style data sets row by row."""
+    """Each row's length of the list in ``column``.
+
+    Read from the Arrow column of a ``datasets.Dataset`` without decoding its values; other map-style data sets row
+    by row.
+
+    Args:
+        dataset: A ``datasets.Dataset`` or a map-style data set of dict rows.
+        column: The column holding lists.
+
+    Returns:
+        One length per row, ``None`` where the row has no list.
+    """
     if isinstance(dataset, Dataset):
         import pyarrow.compute as pc
 
@@ -42,11 +66,22 @@ def split_labeled_transfer(
 ) -> tuple[Dataset, Dataset]:
     """Split ``dataset`` into a labeled part and an unlabeled transfer part.
 
-    The labeled part keeps ``num_labeled`` examples, stratified by class (as equal per class as the data
-    allows; drawn at random for regression targets). Returns ``(labeled, transfer)`` where ``transfer`` is the
-    whole dataset with the labels of every non-labeled example set to -100 (NaN for float regression targets):
-    the student's label loss ignores them while distillation uses all of them, the usual semi-supervised KD
-    set-up in which the teacher's knowledge matters most.
+    The labeled part keeps ``num_labeled`` examples, stratified by class (as equal per class as the data allows;
+    drawn at random for regression targets). The transfer part is the whole dataset with the labels of every
+    non-labeled example set to -100 (NaN for float regression targets): the student's label loss ignores them while
+    distillation uses all of them, the usual semi-supervised KD set-up in which the teacher's knowledge matters most.
+
+    Args:
+        dataset: The data set.
+        num_labeled: How many examples keep their labels.
+        label_column: The label column.
+        seed: Seeds the draw.
+
+    Returns:
+        ``(labeled, transfer)``.
+
+    Raises:
+        ValueError: ``num_labeled`` outside [1, len(dataset)].
     """
     labels = np.asarray(dataset[label_column])
     if not 0 < num_labeled <= len(labels):
@@ -77,9 +112,21 @@ def split_labeled_transfer(
 def train_bpe_tokenizer(
     texts, vocab_size: int, *, eos_token: str = "<|endoftext|>", pad_token: str | None = None, unk_token=None
 ):
-    """A byte-level BPE tokenizer trained on ``texts`` (offline, seconds for a few MB), as a
-    ``PreTrainedTokenizerFast``. Special tokens come first: ``pad_token`` (id 0 when given), ``eos_token``,
-    ``unk_token``; without ``pad_token`` the eos token pads."""
+    """A byte-level BPE tokenizer trained on ``texts`` (offline, seconds for a few MB).
+
+    Special tokens come first: ``pad_token`` (id 0 when given), ``eos_token``, ``unk_token``; without ``pad_token``
+    the eos token pads.
+
+    Args:
+        texts: An iterable of strings.
+        vocab_size: The vocabulary size to train to.
+        eos_token: The end-of-text token.
+        pad_token: The padding token; ``None``: the eos token pads.
+        unk_token: The unknown token, or ``None`` for none.
+
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast``.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

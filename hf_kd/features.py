@@ -25,9 +25,17 @@ MODULE_PREFIX = "module:"
 
 @dataclass
 class SparseDistribution:
-    """Probabilities known for ``k`` entries per position — log-probabilities ``logprobs`` (…×k) at ``ids`` (…×k)
-    — with every other of the ``vocab_size`` entries holding the log-probability ``fill`` (…; -inf for none):
-    a cached teacher's output, which ``kl`` and ``soft_ce`` read without building the dense …×V tensor."""
+    """A distribution over ``vocab_size`` entries known at ``k`` of them per position.
+
+    A cached teacher's output, which ``kl`` and ``soft_ce`` read without building the dense …×V tensor: the
+    log-probabilities at the kept ids, and one log-probability shared by every other entry.
+
+    Args:
+        ids: The kept vocabulary ids, ``…×k``.
+        logprobs: Their log-probabilities, ``…×k``.
+        fill: The log-probability of each entry not kept, ``…`` (-inf when the kept entries hold all the mass).
+        vocab_size: V, the size of the vocabulary.
+    """
 
     ids: torch.Tensor
     logprobs: torch.Tensor
@@ -36,16 +44,28 @@ class SparseDistribution:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The dense shape ``(…, V)``."""
         return (*self.ids.shape[:-1], self.vocab_size)
 
     def dense(self) -> torch.Tensor:
-        """The full …×V log-probabilities (usable as logits)."""
+        """The full …×V log-probabilities (usable as logits).
+
+        Returns:
+            A float32 (or wider) tensor of :attr:`shape`.
+        """
         dtype = torch.promote_types(self.logprobs.dtype, torch.float32)
         dense = self.fill.to(dtype)[..., None].expand(self.shape).clone()
         return dense.scatter_(-1, self.ids.long(), self.logprobs.to(dtype))
 
     def softened(self, temperature: float) -> SparseDistribution:
-        """p^(1/τ) renormalised, in the same form: the kept entries and the one value of every other entry."""
+        """p^(1/τ) renormalised, in the same form: the kept entries and the one value of every other entry.
+
+        Args:
+            temperature: τ > 0.
+
+        Returns:
+            A new :class:`SparseDistribution` holding log p^τ.
+        """
         others = self.vocab_size - self.ids.shape[-1]
         dtype = torch.promote_types(self.logprobs.dtype, torch.float32)
         kept, fill = self.logprobs.to(dtype) / temperature, self.fill.to(dtype) / temperature
@@ -54,7 +74,14 @@ class SparseDistribution:
         return SparseDistribution(self.ids, kept - log_z[..., None], fill - log_z, self.vocab_size)
 
     def reshape(self, *leading: int) -> SparseDistribution:
-        """The same entries with the leading (position) dimensions reshaped to ``leading``."""
+        """The same entries with the leading (position) dimensions reshaped to ``leading``.
+
+        Args:
+            *leading: The new leading dimensions (their product must be the number of positions).
+
+        Returns:
+            A new :class:`SparseDistribution`.
+        """
         k = self.ids.shape[-1]
         return SparseDistribution(
             self.ids.reshape(*leading, k),
@@ -72,11 +99,15 @@ class SparseDistribution:
 class ModelFeatures:
     """The outputs of one side (student or teacher) that the configured losses asked for.
 
-    ``hidden_states`` follows transformers: entry 0 is the embedding output, entry ℓ the output of layer ℓ
-    (feature maps ``B×C×H×W`` for CNNs, tokens ``B×T×H`` for transformers). ``attentions[ℓ - 1]`` holds layer ℓ's
-    attention probabilities ``B×heads×T×T``. ``embeddings`` (``B×D``) is a sentence encoder's pooled output.
-    ``modules`` maps a dotted module path to that module's output.
-    ``attention_mask`` (``B×T``) marks real tokens, for losses that average over tokens.
+    Args:
+        logits: The model's logits (``B×C``, or ``B×T×V`` per token).
+        hidden_states: Follows transformers: entry 0 is the embedding output, entry ℓ the output of layer ℓ
+            (feature maps ``B×C×H×W`` for CNNs, tokens ``B×T×H`` for transformers).
+        attentions: ``attentions[ℓ - 1]`` holds layer ℓ's attention probabilities ``B×heads×T×T``.
+        embeddings: A sentence encoder's pooled output, ``B×D``.
+        modules: A dotted module path → that module's output.
+        attention_mask: ``B×T``, marks real tokens, for losses that average over tokens.
+        sparse_logits: A cached teacher's top-k distribution, in place of ``logits``.
     """
 
     logits: torch.Tensor | None = None
@@ -88,18 +119,37 @@ class ModelFeatures:
     sparse_logits: SparseDistribution | None = None  # instead of logits, for a cached teacher
 
     def dense_logits(self) -> torch.Tensor | None:
-        """``logits``, or the dense form of ``sparse_logits`` when only that is known."""
+        """``logits``, or the dense form of ``sparse_logits`` when only that is known.
+
+        Returns:
+            A tensor, or ``None`` when the side has neither.
+        """
         if self.logits is None and self.sparse_logits is not None:
             return self.sparse_logits.dense()
         return self.logits
 
     @property
     def logits_shape(self) -> tuple[int, ...] | None:
+        """The shape of ``logits`` (or of the dense form of ``sparse_logits``); ``None`` without either."""
         source = self.logits if self.logits is not None else self.sparse_logits
         return None if source is None else tuple(source.shape)
 
     @classmethod
     def from_outputs(cls, outputs, needs: frozenset[str], modules: dict | None = None, attention_mask=None):
+        """The features ``needs`` asks for, read from a model's outputs.
+
+        Args:
+            outputs: The model's outputs (a ``ModelOutput``, a dict or an object with those attributes).
+            needs: The feature needs (see :data:`FIELD_NEEDS`; ``module:`` needs come in ``modules``).
+            modules: Captured module outputs by dotted path.
+            attention_mask: ``B×T``, marks real tokens.
+
+        Returns:
+            The side's :class:`ModelFeatures`.
+
+        Raises:
+            ValueError: a needed field is missing from the outputs (the message says which model to use instead).
+        """
         features = cls(modules=dict(modules or {}), attention_mask=attention_mask)
         for name in FIELD_NEEDS & needs:
             value = output_field(outputs, name)
@@ -126,6 +176,15 @@ def forward_kwargs(needs: frozenset[str]) -> dict:
 
     Logits are always returned, so response-only distillation adds no flag: neither model computes hidden
     states or attentions it was not asked for.
+
+    Args:
+        needs: Feature needs: ``logits``, ``hidden_states``, ``attentions``, ``embeddings`` or ``module:PATH``.
+
+    Returns:
+        ``output_hidden_states`` / ``output_attentions`` set to True where needed.
+
+    Raises:
+        ValueError: a need that is none of the known ones.
     """
     unknown = {need for need in needs if need not in FIELD_NEEDS and not need.startswith(MODULE_PREFIX)}
     if unknown:
@@ -139,6 +198,14 @@ def forward_kwargs(needs: frozenset[str]) -> dict:
 
 
 def module_paths(needs: frozenset[str]) -> list[str]:
+    """The dotted module paths that ``module:PATH`` needs name.
+
+    Args:
+        needs: Feature needs.
+
+    Returns:
+        The paths, sorted.
+    """
     return sorted(need[len(MODULE_PREFIX) :] for need in needs if need.startswith(MODULE_PREFIX))
 
 
@@ -146,8 +213,17 @@ def module_paths(needs: frozenset[str]) -> list[str]:
 def capture_modules(model: nn.Module, paths: list[str]):
     """Record the outputs of the submodules at ``paths`` during the forward passes inside the block.
 
-    Yields a dict ``path → output`` (the first element when a module returns a tuple). The hooks are removed on
-    exit, so nothing stays attached to the model and no tensor outlives the step.
+    The hooks are removed on exit, so nothing stays attached to the model and no tensor outlives the step.
+
+    Args:
+        model: The model whose submodules to hook.
+        paths: Dotted submodule paths (``model.get_submodule`` names).
+
+    Yields:
+        A dict ``path → output`` (the first element when a module returns a tuple), filled by the forward passes.
+
+    Raises:
+        ValueError: ``model`` has no submodule at a path (the message shows what paths look like).
     """
     captured: dict[str, torch.Tensor] = {}
     handles = []
@@ -172,10 +248,16 @@ def capture_modules(model: nn.Module, paths: list[str]):
 
 
 def run_model(model: nn.Module, inputs: dict, needs: frozenset[str], module_root: nn.Module | None = None):
-    """Run ``model`` on ``inputs`` asking for what ``needs`` lists; returns ``(outputs, ModelFeatures)``.
+    """Run ``model`` on ``inputs`` asking for what ``needs`` lists.
 
-    Module outputs are captured on ``module_root`` (the unwrapped model whose paths the user named; by default
-    ``model`` itself).
+    Args:
+        model: The model (possibly wrapped by Accelerate, DeepSpeed or PEFT).
+        inputs: The batch; columns that are not model inputs are dropped first.
+        needs: The feature needs of the losses.
+        module_root: The unwrapped model whose submodule paths ``module:`` needs name; by default ``model``.
+
+    Returns:
+        ``(outputs, features)``: the model's outputs and its :class:`ModelFeatures`.
     """
     from .data import model_inputs  # (a column that marks positions reaches no model)
 
@@ -192,7 +274,15 @@ def run_model(model: nn.Module, inputs: dict, needs: frozenset[str], module_root
 
 
 def output_field(outputs, name: str):
-    """A field of a model's outputs (a ``ModelOutput``, a dict or an object), ``None`` when absent."""
+    """A field of a model's outputs (a ``ModelOutput``, a dict or an object), ``None`` when absent.
+
+    Args:
+        outputs: The model's outputs.
+        name: The field, e.g. ``"logits"``.
+
+    Returns:
+        The field's value, or ``None``.
+    """
     if isinstance(outputs, dict) or hasattr(outputs, "keys"):
         return outputs.get(name)
     return getattr(outputs, name, None)
@@ -202,8 +292,18 @@ def output_field(outputs, name: str):
 
 
 def select(features: ModelFeatures, source: str) -> torch.Tensor:
-    """One tensor of a side's features: ``"logits"``, ``"embeddings"``, ``"hidden_states:-1"`` (any index) or
-    ``"module:PATH"``."""
+    """One tensor of a side's features.
+
+    Args:
+        features: The side's features.
+        source: ``"logits"``, ``"embeddings"``, ``"hidden_states:-1"`` (any index) or ``"module:PATH"``.
+
+    Returns:
+        The tensor (dense logits for a sparse teacher).
+
+    Raises:
+        ValueError: ``source`` is none of those forms.
+    """
     if source == "logits":
         return features.dense_logits()
     if source == "embeddings":
@@ -219,6 +319,14 @@ def select(features: ModelFeatures, source: str) -> torch.Tensor:
 
 
 def source_needs(source: str) -> frozenset[str]:
+    """The feature need behind a source string.
+
+    Args:
+        source: A :func:`select` source, e.g. ``"hidden_states:-1"``.
+
+    Returns:
+        ``{"hidden_states"}`` for ``"hidden_states:-1"``, ``{"module:PATH"}`` for a module, and so on.
+    """
     if source.startswith(MODULE_PREFIX):
         return frozenset({source})
     return frozenset({source.partition(":")[0]})
@@ -230,9 +338,19 @@ POOLINGS = ("auto", "cls", "mean", "last", "spatial", "flatten")
 def pool(tensor: torch.Tensor, pooling: str = "auto", attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """One vector per example (``B×D``) from tokens ``B×T×H``, feature maps ``B×C×H×W`` or vectors ``B×D``.
 
-    ``cls``: the first token. ``mean``: the mean over real tokens (``attention_mask``) or over the spatial grid.
-    ``last``: the last real token. ``spatial``: the mean over H×W. ``flatten``: everything in one vector.
-    ``auto``: ``mean`` for tokens, ``spatial`` for maps, nothing for vectors.
+    Args:
+        tensor: Tokens, feature maps or vectors.
+        pooling: ``cls``: the first token. ``mean``: the mean over real tokens (``attention_mask``) or over the
+            spatial grid. ``last``: the last real token. ``spatial``: the mean over H×W. ``flatten``: everything in
+            one vector. ``auto``: ``mean`` for tokens, ``spatial`` for maps, nothing for vectors.
+        attention_mask: ``B×T``, marks real tokens (``mean`` and ``last`` on tokens); ``None``: every token.
+
+    Returns:
+        ``B×D`` vectors.
+
+    Raises:
+        ValueError: an unknown pooling, one that does not apply to the tensor's kind, or a tensor that is not 2-, 3-
+            or 4-dimensional.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
@@ -262,8 +380,17 @@ def pool(tensor: torch.Tensor, pooling: str = "auto", attention_mask: torch.Tens
 def resolve_layer_map(layer_map, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
     """Pairs ``(student_layer, teacher_layer)`` of layer numbers (0 = embeddings, 1..N = layers).
 
-    ``"uniform"``: student layer m ↔ teacher layer m·N/M for m = 1..M (so the last layers meet). ``"last"``: the
-    last layer of each. A list of pairs is taken as given and checked against both depths.
+    Args:
+        layer_map: ``"uniform"``: student layer m ↔ teacher layer m·N/M for m = 1..M (so the last layers meet).
+            ``"last"``: the last layer of each. A list of pairs is taken as given and checked against both depths.
+        student_layers: M, the student's number of layers.
+        teacher_layers: N, the teacher's number of layers.
+
+    Returns:
+        The pairs, in order.
+
+    Raises:
+        ValueError: an unknown string, an entry that is not a pair, a pair out of range, or an empty list.
     """
     if layer_map == "uniform":
         return [(m, m * teacher_layers // student_layers) for m in range(1, student_layers + 1)]
@@ -319,8 +446,15 @@ def _bad_entries(value: torch.Tensor, is_logits: bool, mask: torch.Tensor | None
 
 
 def finite_outputs(features: ModelFeatures, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """A 0-d bool tensor: whether every output of a side is finite (see :func:`non_finite_fields`), computed
-    without a host sync."""
+    """Whether every output of a side is finite (see :func:`non_finite_fields`), computed without a host sync.
+
+    Args:
+        features: The side's features.
+        mask: The distilled positions of the logits; ``None``: all.
+
+    Returns:
+        A 0-d bool tensor.
+    """
     flags = [~_bad_entries(value, is_logits, mask) for _, value, is_logits in _named_tensors(features)]
     if not flags:
         return torch.ones((), dtype=torch.bool)
@@ -328,7 +462,14 @@ def finite_outputs(features: ModelFeatures, mask: torch.Tensor | None = None) ->
 
 
 def non_finite_fields(features: ModelFeatures, mask: torch.Tensor | None = None) -> list[str]:
-    """The fields of a side holding NaN or +inf (logits also -inf is allowed: masked vocabulary entries; at the
-    distilled positions only, when ``mask`` is given)."""
+    """The fields of a side holding NaN or +inf (or -inf, except in logits, where it marks masked vocabulary entries).
+
+    Args:
+        features: The side's features.
+        mask: Logits are checked at these (distilled) positions only; ``None``: all.
+
+    Returns:
+        The names of the offending fields (``"logits"``, ``"hidden_states[3]"``, ``"module PATH"``, ...), in order.
+    """
     names = [name for name, value, is_logits in _named_tensors(features) if bool(_bad_entries(value, is_logits, mask))]
     return list(dict.fromkeys(names))

@@ -38,7 +38,14 @@ _CLASSIFIER_SUFFIXES = (
 
 
 def base_model(model: nn.Module) -> nn.Module:
-    """The model under any PEFT or DDP wrapper."""
+    """The model under any PEFT or DDP wrapper.
+
+    Args:
+        model: A model, possibly wrapped by PEFT or DDP.
+
+    Returns:
+        The innermost model.
+    """
     while True:
         if hasattr(model, "get_base_model"):  # peft.PeftModel
             model = model.get_base_model()
@@ -49,7 +56,14 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 def base_model_class_name(model: nn.Module) -> str:
-    """The class name of the model under any PEFT or DDP wrapper."""
+    """The class name of the model under any PEFT or DDP wrapper.
+
+    Args:
+        model: A model, possibly wrapped by PEFT or DDP.
+
+    Returns:
+        E.g. ``"BertForSequenceClassification"``.
+    """
     return type(base_model(model)).__name__
 
 
@@ -58,21 +72,43 @@ def _is_encoder_decoder(model: nn.Module) -> bool:
 
 
 def is_token_level(model: nn.Module) -> bool:
-    """Whether the model's logits are per token (B×T×V) rather than per example, judged from its class."""
+    """Whether the model's logits are per token (B×T×V) rather than per example, judged from its class.
+
+    Args:
+        model: A model, possibly wrapped by PEFT or DDP.
+
+    Returns:
+        True for causal, seq2seq and masked LMs and token classifiers.
+    """
     return base_model_class_name(model).endswith(_TOKEN_LEVEL_SUFFIXES)
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    """Whether logits at position t predict token t + 1, so labels shift by one: decoder-only LMs, and the
-    decoder-only ``…ForConditionalGeneration`` models (vision-language models such as Llava), which are not
-    encoder-decoders."""
+    """Whether logits at position t predict token t + 1, so labels shift by one.
+
+    Decoder-only LMs, and the decoder-only ``…ForConditionalGeneration`` models (vision-language models such as
+    Llava), which are not encoder-decoders.
+
+    Args:
+        model: A model, possibly wrapped by PEFT or DDP.
+
+    Returns:
+        Whether the model is a causal LM.
+    """
     if _is_encoder_decoder(model):
         return False
     return base_model_class_name(model).endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
 
 
 def is_classifier(model: nn.Module) -> bool:
-    """Whether the logits are one score per class of ``config.num_labels`` (per example or per token)."""
+    """Whether the logits are one score per class of ``config.num_labels`` (per example or per token).
+
+    Args:
+        model: A model, possibly wrapped by PEFT or DDP.
+
+    Returns:
+        True for sequence, image, audio and token classifiers.
+    """
     return base_model_class_name(model).endswith(_CLASSIFIER_SUFFIXES)
 
 
@@ -82,13 +118,25 @@ def labels_mark_distilled_positions(model: nn.Module) -> bool:
     LMs (causal, seq2seq, masked): the supervised tokens — the completion, not the prompt; the masked tokens.
     Token classifiers: every attended token, labeled or not, so an unlabeled transfer set is distilled too
     (their -100 marks rows or sub-words without a gold tag, not tokens without a prediction).
+
+    Args:
+        model: A model, possibly wrapped by PEFT or DDP.
+
+    Returns:
+        False for token classifiers, True otherwise.
     """
     return not base_model_class_name(model).endswith("ForTokenClassification")
 
 
 def output_size(model: nn.Module) -> int | None:
-    """Rows of the model's LM head (its vocabulary size as the logits see it), also when ZeRO-3 has sharded the
-    weight; ``None`` for models without output embeddings."""
+    """Rows of the model's LM head (its vocabulary size as the logits see it), also when ZeRO-3 has sharded it.
+
+    Args:
+        model: A model.
+
+    Returns:
+        The number of rows, or ``None`` for a model without output embeddings.
+    """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
     if weight is None:
@@ -97,8 +145,14 @@ def output_size(model: nn.Module) -> int | None:
 
 
 def num_classes(model: nn.Module) -> int | None:
-    """The width of the logits as the config states it: the vocabulary of an LM, ``num_labels`` of a classifier,
-    ``None`` when neither is known."""
+    """The width of the logits as the config states it.
+
+    Args:
+        model: A model, possibly wrapped by PEFT or DDP.
+
+    Returns:
+        The vocabulary of an LM, ``num_labels`` of a classifier, ``None`` when neither is known.
+    """
     size = output_size(model)
     if size is not None:
         return size
@@ -108,7 +162,17 @@ def num_classes(model: nn.Module) -> int | None:
 
 
 def auto_class_for(student: nn.Module):
-    """The ``AutoModelFor…`` class that loads a model with the same task head as ``student``."""
+    """The ``AutoModelFor…`` class that loads a model with the same task head as ``student``.
+
+    Args:
+        student: A transformers task model, possibly wrapped.
+
+    Returns:
+        The Auto class (``AutoModelForImageTextToText`` for decoder-only multimodal LMs).
+
+    Raises:
+        ValueError: the class name ends in no known task suffix.
+    """
     name = base_model_class_name(student)
     if name.endswith("ForConditionalGeneration") and not _is_encoder_decoder(student):
         return transformers.AutoModelForImageTextToText  # decoder-only multimodal LMs (Llava, PaliGemma, ...)
@@ -122,8 +186,14 @@ def auto_class_for(student: nn.Module):
 
 
 def is_regression(model: nn.Module) -> bool:
-    """A regression head, as transformers decides it: ``problem_type="regression"``, or one label without a
-    problem type."""
+    """A regression head, as transformers decides it.
+
+    Args:
+        model: A model, possibly wrapped by PEFT or DDP.
+
+    Returns:
+        True for ``problem_type="regression"``, or one label without a problem type.
+    """
     config = getattr(base_model(model), "config", None)
     problem = getattr(config, "problem_type", None)
     return problem == "regression" or (problem is None and getattr(config, "num_labels", None) == 1)

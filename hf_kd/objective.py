@@ -25,8 +25,14 @@ WEIGHT_PREFIX = "teacher_weight/"  # each teacher's mean weight in the ensemble,
 
 @dataclass(frozen=True)
 class Term:
-    """One distillation term: ``loss`` between the student and the teacher ``teacher``, weighed ``weight`` in the
-    total and logged as ``name``."""
+    """One distillation term.
+
+    Args:
+        name: Its log name (``kl``, ``hidden_mse/vit``, ``kl_2`` for a repeated id).
+        weight: Its weight wᵢ in the total.
+        loss: The loss module.
+        teacher: The name of the teacher it reads (:data:`~hf_kd.teachers.ensemble.ENSEMBLE` for the combined one).
+    """
 
     name: str
     weight: float
@@ -40,10 +46,18 @@ class Objective:
     With several teachers, a logit loss that names none reads their combination (:data:`ENSEMBLE`, made by
     ``aggregator``: one term, logged under the loss's name); any other loss that names none is one term per
     teacher (``hidden_mse/vit``), each with its own layer map and projector. A loss that names a teacher reads it.
+
+    Args:
+        specs: The configured losses.
+        teachers: The teachers' names, in order.
+        args: The :class:`~hf_kd.DistillationConfig` (its temperature, distillation weight and ramp-up).
+        aggregator: Combines several teachers' logits for the logit losses; ignored with one teacher.
+
+    Raises:
+        ValueError: a loss names a teacher that is not among ``teachers``, or an option the loss refuses.
     """
 
     def __init__(self, specs: list[LossSpec], teachers: list[str], args, aggregator: TeacherAggregator | None = None):
-        """``args``: the :class:`~hf_kd.DistillationConfig` (temperature, distillation weight)."""
         unknown = sorted({spec.teacher for spec in specs if spec.teacher is not None} - set(teachers))
         if unknown:
             raise ValueError(f"losses name the teachers {unknown}, which are not among the teachers {teachers}.")
@@ -71,6 +85,7 @@ class Objective:
 
     @property
     def names(self) -> list[str]:
+        """The terms' log names, in order."""
         return [term.name for term in self.terms]
 
     @property
@@ -81,21 +96,47 @@ class Objective:
 
     @property
     def reads_ensemble(self) -> bool:
+        """Whether a term reads the combined teacher."""
         return any(term.teacher == ENSEMBLE for term in self.terms)
 
     def terms_of(self, teacher: str) -> list[Term]:
-        """The terms that read ``teacher``'s outputs: its own, and the ensemble's, which combine its logits."""
+        """The terms that read ``teacher``'s outputs: its own, and the ensemble's, which combine its logits.
+
+        Args:
+            teacher: A teacher's name.
+
+        Returns:
+            The terms, in order.
+        """
         return [term for term in self.terms if term.teacher in (teacher, ENSEMBLE)]
 
     def needs(self, side: str, teacher: str | None = None) -> frozenset[str]:
-        """The features the terms read from the student (``side="student"``) or from one teacher."""
+        """The features the terms read from the student or from one teacher.
+
+        Args:
+            side: ``"student"`` or ``"teacher"``.
+            teacher: With ``side="teacher"``, the teacher whose terms count; ``None``: every term.
+
+        Returns:
+            The union of the terms' feature needs.
+        """
         terms = self.terms if teacher is None else self.terms_of(teacher)
         return frozenset().union(*(term.loss.side_needs(side) for term in terms))
 
     def ensemble(self, teachers: dict[str, ModelFeatures], labels, mask=None, accelerator=None):
-        """``({temperature: combined teacher}, {teacher: mean weight})`` for the ensemble terms: the teachers'
-        logits combined per position by the aggregator, once per temperature a term softens at; the mean weights
-        are over the distilled positions (``mask``)."""
+        """The combined teacher for the ensemble terms, and each teacher's mean weight.
+
+        The teachers' logits are combined per position by the aggregator, once per temperature a term softens at.
+
+        Args:
+            teachers: Each teacher's features.
+            labels: The batch's labels (class ids of the logits' positions are evidence for adaptive weights).
+            mask: The distilled positions, over which the mean weights are taken; ``None``: all.
+            accelerator: Sums the aggregator's reliability statistics over processes.
+
+        Returns:
+            ``({temperature: combined teacher features}, {"teacher_weight/NAME": mean weight})``.
+        """
         outputs = [teachers[name].logits for name in self.teachers]
         outputs = [z if z is not None else teachers[name].sparse_logits for z, name in zip(outputs, self.teachers)]
         shape = teachers[self.teachers[0]].logits_shape
@@ -119,15 +160,34 @@ class Objective:
         return combined, mean_weights
 
     def normalise(self, term: Term, value: torch.Tensor, counts: ItemCounts, accumulation: int) -> torch.Tensor:
-        """A term's value per item of the whole step: per-position losses return sums (divided by the step's
-        positions, over processes), batch-level losses means (divided by the micro-batches)."""
+        """A term's value per item of the whole step.
+
+        Per-position losses return sums (divided by the step's positions, over processes), batch-level losses means
+        (divided by the micro-batches).
+
+        Args:
+            term: The term.
+            value: Its value on one micro-batch.
+            counts: The step's item counts.
+            accumulation: The number of micro-batches in the step.
+
+        Returns:
+            The normalised value.
+        """
         if term.loss.per_position:
             return value * counts.scale / counts.positions.clamp(min=1)
         return value / accumulation
 
     def ramp(self, step: int | None) -> float:
-        """The distillation weight's ramp-up factor after ``step`` optimizer steps: ``exp(−5(1 − step/N)²)`` for
-        ``N = distillation_rampup_steps`` (1 without a ramp, at and after step N, and outside training)."""
+        """The distillation weight's ramp-up factor after ``step`` optimizer steps.
+
+        Args:
+            step: Optimizer steps done; ``None`` outside training.
+
+        Returns:
+            ``exp(−5(1 − step/N)²)`` for ``N = distillation_rampup_steps``; 1 without a ramp, at and after step N, and
+            outside training.
+        """
         if not self.rampup_steps or step is None or step >= self.rampup_steps:
             return 1.0
         return math.exp(-5.0 * (1.0 - step / self.rampup_steps) ** 2)
@@ -135,8 +195,16 @@ class Objective:
     def total(
         self, terms: dict[str, torch.Tensor], label_weight: float, step: int | None = None
     ) -> torch.Tensor | None:
-        """The weighted mix of the computed terms (``None`` when none was computed); ``step``: the optimizer steps
-        done, for the ramp-up (``None`` outside training)."""
+        """The weighted mix of the computed terms.
+
+        Args:
+            terms: Normalised values by term name (``ce`` for the label loss); terms not computed are absent.
+            label_weight: The label loss's weight.
+            step: Optimizer steps done, for the ramp-up; ``None`` outside training.
+
+        Returns:
+            ``label_weight·ce + distillation_weight·ramp·Σ wᵢ·Lᵢ`` over the terms present, or ``None`` when none is.
+        """
         total = label_weight * terms[LABEL_TERM] if LABEL_TERM in terms else None
         scale = self.distillation_weight * self.ramp(step)
         for term in self.terms:
@@ -147,8 +215,21 @@ class Objective:
 
 
 def check_finite(where: str, terms: dict, student: ModelFeatures | None, teachers: dict, mask, device) -> None:
-    """Raise before the backward pass (so no update is made) when a term or a teacher's outputs are not finite,
-    saying which term and which model; one host sync when all is well."""
+    """Raise before the backward pass (so no update is made) when a term or a teacher's outputs are not finite.
+
+    The error says which term and which model; one host sync when all is well.
+
+    Args:
+        where: Where the check runs (``"train step 12"``, ...), for the message.
+        terms: The computed terms by name.
+        student: The student's features (``None`` on a path that has none).
+        teachers: Each teacher's features.
+        mask: The distilled positions (logits elsewhere are not checked).
+        device: Where to gather the flags.
+
+    Raises:
+        FloatingPointError: a non-finite term or teacher output, naming the term and its likely cause.
+    """
     flags = [torch.isfinite(value.detach()).all() for value in terms.values()]
     flags += [finite_outputs(features, mask) for features in teachers.values()]
     if not flags or bool(torch.stack([flag.to(device) for flag in flags]).all()):

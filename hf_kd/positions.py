@@ -18,9 +18,11 @@ from .views import split_views
 class ItemCounts:
     """How many items the loss terms are normalised by, over every micro-batch of one optimizer step.
 
-    ``labels`` counts supervised label entries (for the student's own loss); ``positions`` counts the positions
-    that carry distillation (every example at sequence level, every supervised or attended token at token level).
-    ``scale`` is the number of processes whose counts were summed, undoing DDP's gradient averaging.
+    Args:
+        labels: The number of supervised label entries (for the student's own loss).
+        positions: The number of positions that carry distillation (every example at sequence level, every
+            supervised or attended token at token level).
+        scale: The number of processes whose counts were summed, undoing DDP's gradient averaging.
     """
 
     labels: torch.Tensor
@@ -34,8 +36,16 @@ def distillation_mask(inputs: dict, token_level: bool, shift: bool, by_labels: b
     Sequence level: every example (labeled or not, so unlabeled transfer data is distilled). Token level: the
     tokens a ``distillation_positions`` column marks, when the batch has one; else with ``by_labels`` (LMs):
     tokens with a label other than -100 when labels are given, else attended tokens; without ``by_labels`` (token
-    classifiers): attended tokens, labeled or not. Shifted by one for causal LMs, whose logits
-    at position t predict token t + 1.
+    classifiers): attended tokens, labeled or not.
+
+    Args:
+        inputs: The batch.
+        token_level: Whether the logits are per token.
+        shift: Causal LMs: drop the first position, since logits at position t predict token t + 1.
+        by_labels: Token level: select the labeled tokens (LMs) rather than every attended one (token classifiers).
+
+    Returns:
+        ``B×T`` (``B×(T−1)`` shifted) bool, or ``None`` at sequence level or when the batch has no mask to go by.
     """
     if not token_level:
         return None
@@ -57,8 +67,21 @@ def distillation_mask(inputs: dict, token_level: bool, shift: bool, by_labels: b
 def count_items(
     batches: list[dict], token_level: bool, shift: bool, by_labels: bool, device: torch.device, label_key: str
 ) -> torch.Tensor:
-    """``[label entries, distilled positions]`` over ``batches`` (one process), summed as tensors where the batches
-    live (no host sync). Batches whose ``label_key`` is set carry the student's own samples: no label loss."""
+    """``[label entries, distilled positions]`` over ``batches`` (one process), summed where the batches live.
+
+    No host sync. Batches whose ``label_key`` is set carry the student's own samples: no label loss.
+
+    Args:
+        batches: The micro-batches of one optimizer step.
+        token_level: Whether the logits are per token.
+        shift: Causal LMs: count positions shifted by one (see :func:`distillation_mask`).
+        by_labels: See :func:`distillation_mask`.
+        device: Where to sum.
+        label_key: The batch key that marks on-policy batches (no label loss).
+
+    Returns:
+        A float32 tensor of 2 counts.
+    """
     counts = torch.zeros(2, dtype=torch.float32, device=device)
     for batch in batches:
         if batch.get("labels") is not None and not batch.get(label_key):
@@ -73,15 +96,31 @@ def count_items(
 
 
 def labeled_entries(labels: torch.Tensor) -> torch.Tensor:
-    """Which label entries are given: not -100 (class ids, tokens), not NaN (regression targets of unlabeled
-    rows, see :func:`hf_kd.data.split_labeled_transfer`)."""
+    """Which label entries are given.
+
+    Args:
+        labels: Class ids or tokens (-100 where none) or regression targets (NaN where none, see
+            :func:`hf_kd.data.split_labeled_transfer`).
+
+    Returns:
+        A bool tensor of ``labels``' shape.
+    """
     if labels.is_floating_point():
         return ~torch.isnan(labels)
     return labels.ne(-100)
 
 
 def num_positions(batch: dict, token_level: bool, shift: bool) -> int:
-    """Positions of a batch when every one carries distillation (no mask)."""
+    """Positions of a batch when every one carries distillation (no mask).
+
+    Args:
+        batch: The batch.
+        token_level: Whether the logits are per token.
+        shift: Causal LMs: one position fewer per sequence.
+
+    Returns:
+        The number of examples (sequence level) or of token positions.
+    """
     first = next(value for value in batch.values() if torch.is_tensor(value))
     if not token_level:
         return first.shape[0]
@@ -90,7 +129,14 @@ def num_positions(batch: dict, token_level: bool, shift: bool) -> int:
 
 
 def split_sample_index(inputs: dict) -> tuple[dict, torch.Tensor | None]:
-    """The model inputs without the dataset-row column, and that column (None when absent)."""
+    """The model inputs without the dataset-row column, and that column (None when absent).
+
+    Args:
+        inputs: The batch.
+
+    Returns:
+        ``(inputs, sample_index)``; ``inputs`` is a copy when the column was removed.
+    """
     if SAMPLE_INDEX not in inputs:
         return inputs, None
     inputs = dict(inputs)

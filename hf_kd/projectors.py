@@ -12,8 +12,17 @@ class Projector(nn.Module):
     """Maps the channel dimension of a student feature to the teacher's width.
 
     Channels are the last dimension of tokens ``B×T×H`` and vectors ``B×H``, and dimension 1 of feature maps
-    ``B×C×H×W``. ``linear`` is one Linear (a 1×1 convolution on maps), ``mlp`` adds a hidden layer with GELU,
-    ``conv`` is a 1×1 convolution (maps only), ``auto`` is ``conv`` for maps and ``linear`` otherwise.
+    ``B×C×H×W``.
+
+    Args:
+        kind: ``linear`` is one Linear (a 1×1 convolution on maps), ``mlp`` adds a hidden layer with GELU, ``conv`` is
+            a 1×1 convolution (maps only), ``auto`` is ``conv`` for maps and ``linear`` otherwise.
+        in_width: The student's width.
+        out_width: The teacher's width.
+        feature_dims: The features' number of dimensions (4 for feature maps).
+
+    Raises:
+        ValueError: an unknown ``kind``, or ``conv`` for features that are not maps.
     """
 
     def __init__(self, kind: str, in_width: int, out_width: int, feature_dims: int):
@@ -38,13 +47,32 @@ class Projector(nn.Module):
 
 
 def channel_width(tensor: torch.Tensor) -> int:
+    """The channel width of a feature: dimension 1 of maps ``B×C×H×W``, else the last.
+
+    Args:
+        tensor: Tokens, vectors or feature maps.
+
+    Returns:
+        The width.
+    """
     return tensor.shape[1] if tensor.dim() == 4 else tensor.shape[-1]
 
 
 def make_projector(kind: str | None, student: torch.Tensor, teacher: torch.Tensor, loss_name: str, what: str):
     """A projector from the student's width to the teacher's, ``None`` when widths agree and none is asked.
 
-    A width mismatch without a projector is an error naming both widths and the option to set.
+    Args:
+        kind: A :class:`Projector` kind, or ``None`` for none.
+        student: A student feature (its width and kind).
+        teacher: The teacher feature it is compared with.
+        loss_name: The loss's id, for the message.
+        what: What the features are (``"features"``, ``"embeddings"``), for the message.
+
+    Returns:
+        A new :class:`Projector`, or ``None``.
+
+    Raises:
+        ValueError: the widths differ and ``kind`` is ``None`` (the message names both widths and the option to set).
     """
     in_width, out_width = channel_width(student), channel_width(teacher)
     if kind is None:

@@ -20,7 +20,12 @@ import torch
 
 
 class TermLog:
-    """Sums of ``terms`` for the modes ``"train"`` and ``"eval"``, kept on ``device`` without host syncs."""
+    """Sums of ``terms`` for the modes ``"train"`` and ``"eval"``, kept on ``device`` without host syncs.
+
+    Args:
+        names: The logged term names (deduplicated and sorted, the same on every process).
+        device: Where the sums live.
+    """
 
     def __init__(self, names: list[str], device: torch.device):
         self.names = sorted(set(names))
@@ -32,7 +37,16 @@ class TermLog:
         return torch.zeros(len(self.names), 2, dtype=torch.float32, device=self._device)
 
     def record(self, mode: str, terms: dict[str, torch.Tensor], weights: dict[str, torch.Tensor | float]) -> None:
-        """Add each term's detached value, and each named weight (the step share it stands for)."""
+        """Add each term's detached value, and each named weight (the step share it stands for).
+
+        Args:
+            mode: ``"train"`` or ``"eval"``.
+            terms: Values by term name.
+            weights: Weights by term name.
+
+        Raises:
+            KeyError: a name that is not among the logged terms.
+        """
         sums = self._sums[mode]
         unknown = (terms.keys() | weights.keys()) - self._row.keys()
         if unknown:
@@ -44,12 +58,25 @@ class TermLog:
             sums[self._row[name], 1] += weight
 
     def reset(self, mode: str) -> None:
+        """Zero the sums of one mode.
+
+        Args:
+            mode: ``"train"`` or ``"eval"``.
+        """
         self._sums[mode] = self._zeros()
 
     def reduce(self, mode: str, accelerator=None) -> dict[str, float]:
-        """The mean of every term computed since the last reset (summed over processes when ``accelerator`` runs
-        several), rounded to 6 decimals; terms computed nowhere are left out. Resets ``mode``. Collective: every
-        process must call it at the same point."""
+        """The mean of every term computed since the last reset, rounded to 6 decimals; resets ``mode``.
+
+        Terms computed nowhere are left out. Collective: every process must call it at the same point.
+
+        Args:
+            mode: ``"train"`` or ``"eval"``.
+            accelerator: Sums over processes when it runs several.
+
+        Returns:
+            ``Σ values / Σ weights`` by term name.
+        """
         sums = self._sums[mode]
         self.reset(mode)
         if accelerator is not None and accelerator.num_processes > 1:
