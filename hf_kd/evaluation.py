@@ -10,14 +10,36 @@ from transformers import Trainer, TrainingArguments
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Parameter count, also of ZeRO-3-sharded models (whose local tensors are empty)."""
+    """Parameter count, also of ZeRO-3-sharded models (whose local tensors are empty).
+
+    Args:
+        model: A model.
+
+    Returns:
+        The number of parameters.
+    """
     return sum(getattr(parameter, "ds_numel", parameter.numel()) for parameter in model.parameters())
 
 
 def evaluate_model(
     model: nn.Module, dataset, *, compute_metrics, data_collator=None, batch_size: int = 64, use_cpu: bool = False
 ) -> dict[str, float]:
-    """Metrics of ``model`` on ``dataset`` plus its parameter count and milliseconds per example."""
+    """Metrics of ``model`` on ``dataset`` plus its parameter count and milliseconds per example.
+
+    Runs a ``transformers.Trainer`` evaluation (after one untimed warm-up batch when the data set can be sliced).
+
+    Args:
+        model: The model to evaluate.
+        dataset: The evaluation set.
+        compute_metrics: The Trainer's ``compute_metrics``.
+        data_collator: The Trainer's data collator (its default when ``None``).
+        batch_size: Examples per evaluation batch.
+        use_cpu: Evaluate on the CPU even when an accelerator is present.
+
+    Returns:
+        The metrics without their ``eval_`` prefix (timings and loss left out), ``parameters`` and
+        ``ms_per_example``.
+    """
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(
             output_dir=output_dir, per_device_eval_batch_size=batch_size, report_to=[], use_cpu=use_cpu
@@ -48,11 +70,22 @@ def evaluate_model(
 
 
 def language_model_row(model: nn.Module, dataset, *, data_collator, batch_size: int = 32) -> dict[str, float]:
-    """A results row of a language model on ``dataset``: ``perplexity`` — ``exp`` of the mean label cross-entropy
-    per supervised token (labels -100 ignored; causal LMs shift their labels by one, as their own loss does), the
-    same quantity as ``exp(eval_ce)`` of a :class:`~hf_kd.DistillationTrainer` evaluation — ``parameters``, and
-    ``ms_per_example``: the forward pass of a batch per example (a block, a source–target pair), timed after one
-    untimed warm-up batch."""
+    """A results row of a language model on ``dataset``.
+
+    ``perplexity`` is ``exp`` of the mean label cross-entropy per supervised token (labels -100 ignored; causal LMs
+    shift their labels by one, as their own loss does), the same quantity as ``exp(eval_ce)`` of a
+    :class:`~hf_kd.DistillationTrainer` evaluation; ``ms_per_example`` times the forward pass of a batch per example
+    (a block, a source–target pair), after one untimed warm-up batch.
+
+    Args:
+        model: A causal or seq2seq LM.
+        dataset: Rows with ``labels``.
+        data_collator: Makes a batch of tensors from a list of rows.
+        batch_size: Rows per forward pass.
+
+    Returns:
+        ``{"perplexity", "parameters", "ms_per_example"}``.
+    """
     import time
 
     import torch
@@ -98,7 +131,15 @@ REGRESSION_COLUMNS = ("mse", "mae")
 
 
 def markdown_table(rows: dict[str, dict[str, float]], columns: list[str] | None = None) -> str:
-    """A markdown table with one row per model; floats in [0, 1] are shown as percentages."""
+    """A markdown table with one row per model; accuracy, F1, precision and recall are shown as percentages.
+
+    Args:
+        rows: Model name → its metrics.
+        columns: The columns, in order; by default every metric of any row, sorted.
+
+    Returns:
+        The table's markdown (a missing value shows as –).
+    """
     columns = columns or sorted({key for row in rows.values() for key in row})
     lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for name, row in rows.items():
@@ -121,7 +162,16 @@ def _format(column: str, value) -> str:
 
 
 def draw(plot, *args, **kwargs):
-    """Run one of :mod:`hf_kd.plots`' pictures; without matplotlib, say so and go on (the tables are written)."""
+    """Run one of :mod:`hf_kd.plots`' pictures; without matplotlib, say so and go on (the tables are written).
+
+    Args:
+        plot: A picture function of :mod:`hf_kd.plots`.
+        *args: Its positional arguments.
+        **kwargs: Its keyword arguments.
+
+    Returns:
+        What ``plot`` returns, or ``None`` when matplotlib is missing.
+    """
     try:
         return plot(*args, **kwargs)
     except ImportError as error:

@@ -55,9 +55,34 @@ def generate_teacher_outputs(
     progress: bool = True,
     synced_gpus: bool = False,
 ) -> Dataset:
-    """``dataset`` with ``output_column`` holding the teacher's text for each prompt (greedy by default; beams
-    with ``num_beams``, sampling with ``do_sample``). Batched; save the result with ``save_to_disk`` to reuse it.
-    ``synced_gpus``: a model sharded by DeepSpeed ZeRO-3 (inside its engine), generating on every process."""
+    """``dataset`` with ``output_column`` holding the teacher's text for each prompt.
+
+    Greedy by default; beams with ``num_beams``, sampling with ``do_sample``. Batched; save the result with
+    ``save_to_disk`` to reuse it. The caller's random state is left as it was.
+
+    Args:
+        teacher: The teacher (a causal or seq2seq LM).
+        tokenizer: Its tokenizer (needs a pad token; decoder-only prompts are left-padded).
+        dataset: Rows with a prompt column.
+        prompt_column: The prompt column.
+        output_column: The column to write the generated text to (replaced if it exists).
+        batch_size: Prompts per ``generate`` call.
+        max_new_tokens: Tokens generated per prompt at most.
+        max_prompt_length: Truncate prompts to this many tokens; ``None``: no truncation.
+        num_beams: Beam-search width (1: greedy or sampling).
+        do_sample: Sample instead of decoding greedily.
+        temperature: Sampling temperature (with ``do_sample``).
+        top_p: Nucleus sampling's p (with ``do_sample``).
+        seed: Seeds sampling.
+        progress: Show a progress bar.
+        synced_gpus: A model sharded by DeepSpeed ZeRO-3 (inside its engine), generating on every process.
+
+    Returns:
+        The data set with the teacher's outputs.
+
+    Raises:
+        ValueError: the data set has no ``prompt_column``, or the tokenizer has no pad token.
+    """
     if prompt_column not in dataset.column_names:
         raise ValueError(f"dataset has no column {prompt_column!r} (columns: {dataset.column_names}).")
     if tokenizer.pad_token is None:
@@ -116,8 +141,21 @@ def tokenize_prompt_completion(
     max_length: int = 512,
     add_eos: bool = True,
 ) -> Dataset:
-    """Causal-LM rows ``prompt + completion (+ eos)`` with labels on the completion only (-100 on the prompt),
-    truncated to ``max_length``: what sequence-level KD and on-policy KD train on."""
+    """Causal-LM rows ``prompt + completion (+ eos)`` with labels on the completion only (-100 on the prompt).
+
+    What sequence-level KD and on-policy KD train on.
+
+    Args:
+        dataset: Rows with a prompt and a completion column.
+        tokenizer: The model's tokenizer.
+        prompt_column: The prompt column.
+        completion_column: The completion column.
+        max_length: Tokens kept per row.
+        add_eos: Append the tokenizer's eos token to the completion.
+
+    Returns:
+        A data set of ``input_ids``, ``attention_mask`` and ``labels`` (the original columns removed).
+    """
 
     def encode(example):
         prompt = tokenizer(example[prompt_column], add_special_tokens=True)["input_ids"]
@@ -149,6 +187,18 @@ def student_rollout(model: nn.Module, batch: dict, generation_kwargs: dict, sync
     rows come back right-padded with labels on the sampled tokens up to and including the first eos. Seq2seq: the
     encoder inputs stay, the labels become the sampled output. The batch is marked with ``ON_POLICY_KEY`` so the
     trainer skips the label loss on it (the student's own samples are no target).
+
+    Args:
+        model: The student (a causal or seq2seq LM); put back in its training mode afterwards.
+        batch: A training batch with ``input_ids`` and ``labels``.
+        generation_kwargs: ``generate`` arguments (``DistillationConfig.generation_kwargs``).
+        synced_gpus: Generate on every process (DeepSpeed ZeRO-3, FSDP).
+
+    Returns:
+        The new batch.
+
+    Raises:
+        ValueError: the batch has no labels to tell where each prompt ends.
     """
     if batch.get("labels") is None:
         raise ValueError(

@@ -11,12 +11,26 @@ from .evaluation import markdown_table
 
 
 def card_template_path(name: str = "student.md") -> str:
-    """Path of a card template shipped in ``model_cards/`` (installed as ``hf_kd.model_cards``)."""
+    """Path of a card template shipped in ``model_cards/`` (installed as ``hf_kd.model_cards``).
+
+    Args:
+        name: The template's file name.
+
+    Returns:
+        The template's path.
+    """
     return str(resources.files("hf_kd.model_cards").joinpath(name))
 
 
 def hub_url(model_id: str | None) -> str | None:
-    """The Hub page of ``model_id`` when it looks like a repo id (``owner/name``) and not a local path."""
+    """The Hub page of ``model_id`` when it looks like a repo id (``owner/name``) and not a local path.
+
+    Args:
+        model_id: A repo id, a local path or ``None``.
+
+    Returns:
+        ``https://huggingface.co/OWNER/NAME``, or ``None``.
+    """
     if not model_id or os.path.exists(model_id) or model_id.count("/") != 1 or model_id.startswith((".", "/")):
         return None
     return f"https://huggingface.co/{model_id}"
@@ -54,11 +68,27 @@ def render_student_card(
 ) -> ModelCard:
     """A card saying what the student was distilled from, with which losses, on what data, and how it compares.
 
-    ``summary`` is :meth:`DistillationTrainer.distillation_summary`; ``losses`` the built loss modules (for their
-    papers); ``comparison`` maps row names (teacher, student) to :func:`~hf_kd.evaluation.evaluate_model` rows.
-    ``base_model`` overrides the card's base model (by default the teacher, or a PEFT student's base, when it is a
-    Hub repo); ``dataset_configs`` are named beside the data; ``picture`` is the file name of the comparison's
-    quality–latency picture, uploaded beside the card.
+    Args:
+        summary: :meth:`DistillationTrainer.distillation_summary` (teacher, sizes, objective, losses, lineage,
+            scheme).
+        losses: The built loss modules, in ``summary["losses"]``'s order (for their papers).
+        repo_id: The student's repo id (its last part names the model).
+        auto_class: The Auto class that loads the student, for the card's usage snippet.
+        comparison: Row names (teacher, student) → :func:`~hf_kd.evaluation.evaluate_model` rows.
+        eval_examples: How many examples the comparison was measured on.
+        dataset: The training data's Hub id(s), for the card's metadata.
+        dataset_description: How to name the data in the text (by default, ``dataset``).
+        tags: Tags added to ``hf_kd`` and ``knowledge-distillation``.
+        license: The student's license.
+        language: The student's language(s).
+        device: The device the latencies were measured on.
+        dataset_configs: The data's configurations, named beside the data.
+        base_model: The card's base model (by default the teacher, or a PEFT student's base, when it is a Hub repo).
+        pipeline_tag: The card's pipeline tag.
+        picture: The file name of the comparison's quality–latency picture, uploaded beside the card.
+
+    Returns:
+        The rendered ``huggingface_hub.ModelCard``.
     """
     teacher = summary["teacher"] or "a teacher model"
     teacher_url = hub_url(summary["teacher"])
@@ -104,9 +134,12 @@ def render_student_card(
         teacher=teacher,
         teacher_url=teacher_url,
         teacher_class=summary["teacher_class"],
-        teacher_parameters=_parameters(summary["teacher_parameters"]),
+        teacher_parameters=_parameters(summary["teacher_parameters"]) if summary["teacher_parameters"] else None,
         student_parameters=_parameters(summary["student_parameters"]),
-        compression=f"{summary['student_parameters'] / summary['teacher_parameters']:.1%}",
+        # A served teacher's size is known only when given (ServedTeacher(parameters=...)): no share without it.
+        compression=f"{summary['student_parameters'] / summary['teacher_parameters']:.1%}"
+        if summary["teacher_parameters"]
+        else None,
         objective=objective,
         temperature=summary["temperature"],
         dataset_description=_describe_data(dataset_description, card_data.datasets, dataset_configs),

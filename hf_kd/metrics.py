@@ -23,7 +23,14 @@ def _predictions(eval_pred: EvalPrediction) -> tuple[np.ndarray, np.ndarray]:
 
 
 def classification_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
-    """Accuracy and macro-F1 of argmax predictions (positions labelled -100 are ignored)."""
+    """Accuracy and macro-F1 of argmax predictions (positions labelled -100 are ignored).
+
+    Args:
+        eval_pred: The Trainer's predictions (logits, or a tuple whose first entry they are) and labels.
+
+    Returns:
+        ``{"accuracy", "macro_f1"}``; NaN when no position is labelled.
+    """
     predictions, labels = _predictions(eval_pred)
     if labels.size == 0:
         return {"accuracy": float("nan"), "macro_f1": float("nan")}
@@ -36,8 +43,16 @@ def classification_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
 
 
 def regression_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
-    """Mean squared and mean absolute error of the predictions (one or several outputs; NaN targets, the unlabeled
-    rows, are ignored)."""
+    """Mean squared and mean absolute error of the predictions.
+
+    One or several outputs; NaN targets (the unlabeled rows) are ignored.
+
+    Args:
+        eval_pred: The Trainer's predictions and targets.
+
+    Returns:
+        ``{"mse", "mae"}``; NaN when no target is given.
+    """
     predictions = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
     labels = np.asarray(eval_pred.label_ids, dtype=np.float64)
     predictions = np.asarray(predictions, dtype=np.float64).reshape(labels.shape)
@@ -60,9 +75,20 @@ def retrieval_metrics(
     relevant: dict[str, dict[str, int]],
     metrics: tuple[str, ...] = RETRIEVAL_METRICS,
 ) -> dict[str, float]:
-    """Ranking quality, averaged over queries, by ir-measures (trec_eval's definitions; ``pip install
-    ir-measures``): ``scores[query][document]`` is a model's score of a candidate, ``relevant[query][document]`` a
-    relevance grade (≥ 1: relevant). ``metrics``: ``mrr@k``, ``recall@k``, ``ndcg@k``, ``precision@k``, ``map@k``."""
+    """Ranking quality, averaged over queries, by ir-measures (trec_eval's definitions; ``pip install ir-measures``).
+
+    Args:
+        scores: ``scores[query][document]``, a model's score of a candidate.
+        relevant: ``relevant[query][document]``, a relevance grade (≥ 1: relevant).
+        metrics: ``mrr@k``, ``recall@k``, ``ndcg@k``, ``precision@k``, ``map@k``.
+
+    Returns:
+        Each metric by name.
+
+    Raises:
+        ImportError: ir-measures is not installed.
+        ValueError: a metric name of another form, or queries with grades but no scores.
+    """
     try:
         import ir_measures
     except ImportError as error:
@@ -83,8 +109,19 @@ def retrieval_metrics(
 
 
 def ranking_metrics(groups, metrics: tuple[str, ...] = ("mrr@10", "ndcg@10")) -> dict[str, float]:
-    """:func:`retrieval_metrics` of queries given as ``(scores, grades)`` pairs, one score and one relevance grade
-    per candidate (as :func:`hf_kd.ranking.score_groups` returns them)."""
+    """:func:`retrieval_metrics` of queries given as ``(scores, grades)`` pairs.
+
+    Args:
+        groups: One ``(scores, grades)`` pair per query, one score and one relevance grade per candidate (as
+            :func:`hf_kd.ranking.score_groups` returns them).
+        metrics: The metric names (see :func:`retrieval_metrics`).
+
+    Returns:
+        Each metric by name.
+
+    Raises:
+        ValueError: a query without one grade per score.
+    """
     scores, relevant = {}, {}
     for index, (values, grades) in enumerate(groups):
         if grades is None or len(values) != len(grades):
@@ -95,8 +132,15 @@ def ranking_metrics(groups, metrics: tuple[str, ...] = ("mrr@10", "ndcg@10")) ->
 
 
 def ranking_compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
-    """MRR@10 and nDCG@10 for a Trainer evaluating a ranker: predictions and labels ``B×G``; the candidates of a
-    query are its entries with a label (the collator and the Trainer pad with -100)."""
+    """MRR@10 and nDCG@10 for a Trainer evaluating a ranker.
+
+    Args:
+        eval_pred: Predictions and labels ``B×G``; the candidates of a query are its entries with a label (the
+            collator and the Trainer pad with -100).
+
+    Returns:
+        ``{"mrr@10", "ndcg@10"}``.
+    """
     predictions = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
     predictions, labels = np.asarray(predictions), np.asarray(eval_pred.label_ids)
     groups = [(row[grades != -100], grades[grades != -100]) for row, grades in zip(predictions, labels)]
@@ -106,8 +150,18 @@ def ranking_compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
 def nearest_neighbours(
     queries: np.ndarray, documents: np.ndarray, query_ids: list[str], document_ids: list[str], k: int = 100
 ) -> dict[str, dict[str, float]]:
-    """``{query: {document: cosine}}`` for each query's ``k`` most similar documents (embeddings as rows), the run
-    that :func:`retrieval_metrics` scores."""
+    """Each query's ``k`` most similar documents by cosine similarity, the run that :func:`retrieval_metrics` scores.
+
+    Args:
+        queries: Query embeddings, one per row.
+        documents: Document embeddings, one per row.
+        query_ids: The queries' ids, in row order.
+        document_ids: The documents' ids, in row order.
+        k: Documents kept per query (at most all of them).
+
+    Returns:
+        ``{query: {document: cosine}}``.
+    """
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True).clip(min=1e-12)
     d = documents / np.linalg.norm(documents, axis=1, keepdims=True).clip(min=1e-12)
     similarity = q @ d.T
@@ -119,10 +173,16 @@ def nearest_neighbours(
 def get_compute_metrics(metric: str | Callable | None = "accuracy") -> Callable | None:
     """A ``compute_metrics`` for ``Trainer``.
 
-    ``"accuracy"`` → :func:`classification_metrics`; ``"mse"`` → :func:`regression_metrics`; ``"mrr"`` →
-    :func:`ranking_compute_metrics`; a path to a local
-    ``evaluate`` module (folder or script) → that module applied to argmax predictions; a callable is returned as
-    is; ``None`` → no metrics.
+    Args:
+        metric: ``"accuracy"`` → :func:`classification_metrics`; ``"mse"`` → :func:`regression_metrics`; ``"mrr"`` →
+            :func:`ranking_compute_metrics`; a path to a local ``evaluate`` module (folder or script) → that module
+            applied to argmax predictions; a callable is returned as is; ``None`` → no metrics.
+
+    Returns:
+        The function, or ``None``.
+
+    Raises:
+        ValueError: a string that is none of the names and no existing path.
     """
     if metric is None or callable(metric):
         return metric

@@ -16,8 +16,18 @@ StudentNoise = Callable[[dict], dict]
 
 
 class TokenMasking:
-    """Replace each attended, non-special token by ``mask_token_id`` with probability ``probability`` (BERT-style
-    masking as input noise; the labels are not touched)."""
+    """Replace each attended, non-special token by ``mask_token_id`` with probability ``probability``.
+
+    BERT-style masking as input noise; the labels are not touched.
+
+    Args:
+        probability: The chance that a token is masked, in (0, 1).
+        mask_token_id: The id that replaces masked tokens.
+        protected_ids: Ids never masked (special tokens).
+
+    Raises:
+        ValueError: ``probability`` outside (0, 1).
+    """
 
     def __init__(self, probability: float, mask_token_id: int, protected_ids: Sequence[int] = ()):
         _check_probability("TokenMasking", probability)
@@ -26,8 +36,21 @@ class TokenMasking:
 
     @classmethod
     def from_tokenizer(cls, tokenizer, probability: float) -> TokenMasking:
-        """The tokenizer's mask token (else its unknown token, else its end-of-text token: a byte-level BPE has
-        neither of the first two); its special tokens are never masked."""
+        """Masking with a tokenizer's mask token; its special tokens are never masked.
+
+        The mask token, else the unknown token, else the end-of-text token (a byte-level BPE has neither of the first
+        two).
+
+        Args:
+            tokenizer: A transformers tokenizer.
+            probability: The chance that a token is masked, in (0, 1).
+
+        Returns:
+            The noise.
+
+        Raises:
+            ValueError: the tokenizer has none of the three tokens.
+        """
         candidates = (tokenizer.mask_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id)
         mask_id = next((token for token in candidates if token is not None), None)
         if mask_id is None:
@@ -35,15 +58,34 @@ class TokenMasking:
         return cls(probability, mask_id, tokenizer.all_special_ids)
 
     def __call__(self, batch: dict) -> dict:
+        """The batch with some tokens masked.
+
+        Args:
+            batch: A batch with ``input_ids`` (and, optionally, ``attention_mask``).
+
+        Returns:
+            A new batch with new ``input_ids``.
+
+        Raises:
+            ValueError: the batch has no ``input_ids``.
+        """
         input_ids = _field(batch, "input_ids", "TokenMasking")
         chosen = _maskable(batch, input_ids, self.protected_ids) & _draw(input_ids, self.probability)
         return {**batch, "input_ids": input_ids.masked_fill(chosen, self.mask_token_id)}
 
 
 class TokenDropout:
-    """Drop each attended, non-special token with probability ``probability`` by removing it from the attention
-    mask (positions stay where they are, so token-level outputs keep their alignment); every row keeps at least one
-    token."""
+    """Drop each attended, non-special token with probability ``probability`` by removing it from the attention mask.
+
+    Positions stay where they are, so token-level outputs keep their alignment; every row keeps at least one token.
+
+    Args:
+        probability: The chance that a token is dropped, in (0, 1).
+        protected_ids: Ids never dropped (special tokens).
+
+    Raises:
+        ValueError: ``probability`` outside (0, 1).
+    """
 
     def __init__(self, probability: float, protected_ids: Sequence[int] = ()):
         _check_probability("TokenDropout", probability)
@@ -52,9 +94,29 @@ class TokenDropout:
 
     @classmethod
     def from_tokenizer(cls, tokenizer, probability: float) -> TokenDropout:
+        """Dropout that never drops a tokenizer's special tokens.
+
+        Args:
+            tokenizer: A transformers tokenizer.
+            probability: The chance that a token is dropped, in (0, 1).
+
+        Returns:
+            The noise.
+        """
         return cls(probability, tokenizer.all_special_ids)
 
     def __call__(self, batch: dict) -> dict:
+        """The batch with some tokens dropped from its attention mask.
+
+        Args:
+            batch: A batch with ``input_ids`` (and, optionally, ``attention_mask``).
+
+        Returns:
+            A new batch with a new ``attention_mask``.
+
+        Raises:
+            ValueError: the batch has no ``input_ids``.
+        """
         input_ids = _field(batch, "input_ids", "TokenDropout")
         attention_mask = batch.get("attention_mask", torch.ones_like(input_ids))
         droppable = _maskable(batch, input_ids, self.protected_ids)
@@ -69,7 +131,15 @@ class TokenDropout:
 
 
 class GaussianNoise:
-    """Add N(0, std²) noise to a float input (``pixel_values`` by default; ``input_values`` for audio)."""
+    """Add N(0, std²) noise to a float input (``pixel_values`` by default; ``input_values`` for audio).
+
+    Args:
+        std: The noise's standard deviation, > 0.
+        field: The batch field to perturb.
+
+    Raises:
+        ValueError: ``std`` is not > 0.
+    """
 
     def __init__(self, std: float, field: str = "pixel_values"):
         if not std > 0:
@@ -77,13 +147,34 @@ class GaussianNoise:
         self.std, self.field = std, field
 
     def __call__(self, batch: dict) -> dict:
+        """The batch with noise added to ``field``.
+
+        Args:
+            batch: A batch holding ``field``.
+
+        Returns:
+            A new batch.
+
+        Raises:
+            ValueError: the batch has no ``field``.
+        """
         values = _field(batch, self.field, "GaussianNoise")
         return {**batch, self.field: values + self.std * torch.randn_like(values)}
 
 
 class RandomShift:
-    """Translate each image by a random whole number of pixels in [−max_pixels, max_pixels] along height and width,
-    filling the uncovered border with ``fill`` (the augmentation of small images such as 8×8 digits)."""
+    """Translate each image by a random whole number of pixels in [−max_pixels, max_pixels] along height and width.
+
+    The uncovered border is filled with ``fill`` (the augmentation of small images such as 8×8 digits).
+
+    Args:
+        max_pixels: The largest shift, >= 1.
+        fill: The value of the uncovered border.
+        field: The batch field holding the images.
+
+    Raises:
+        ValueError: ``max_pixels`` < 1.
+    """
 
     def __init__(self, max_pixels: int, fill: float = 0.0, field: str = "pixel_values"):
         if max_pixels < 1:
@@ -91,6 +182,17 @@ class RandomShift:
         self.max_pixels, self.fill, self.field = int(max_pixels), float(fill), field
 
     def __call__(self, batch: dict) -> dict:
+        """The batch with each image shifted.
+
+        Args:
+            batch: A batch holding ``field`` as ``B×C×H×W``.
+
+        Returns:
+            A new batch.
+
+        Raises:
+            ValueError: the batch has no ``field``, or it is not 4-dimensional.
+        """
         images = _field(batch, self.field, "RandomShift")
         if images.dim() != 4:
             raise ValueError(f"RandomShift needs {self.field} of shape (batch, channels, height, width).")
@@ -106,7 +208,17 @@ class RandomShift:
 
 
 def compose_noise(noise: StudentNoise | Sequence[StudentNoise] | None) -> StudentNoise | None:
-    """One callable applying ``noise`` in order (``None`` for no noise); refuses what is not callable."""
+    """One callable applying ``noise`` in order.
+
+    Args:
+        noise: A callable ``batch → batch``, a list of them, or ``None``.
+
+    Returns:
+        The callable, or ``None`` for no noise.
+
+    Raises:
+        TypeError: an entry that is not callable.
+    """
     if noise is None:
         return None
     steps = list(noise) if isinstance(noise, (list, tuple)) else [noise]

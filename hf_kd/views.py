@@ -24,13 +24,27 @@ PAD_FILLS = {"attention_mask": 0, "labels": -100, "distillation_positions": 0}
 
 
 def has_teacher_view(columns) -> bool:
-    """Whether a batch (or a data set's column names) carries a teacher view."""
+    """Whether a batch (or a data set's column names) carries a teacher view.
+
+    Args:
+        columns: A batch's keys or a data set's column names.
+
+    Returns:
+        True when a column starts with ``teacher_``.
+    """
     return any(isinstance(key, str) and key.startswith(TEACHER_PREFIX) for key in columns)
 
 
 def split_views(inputs: dict) -> tuple[dict, dict | None]:
-    """``(the student's view, the teacher's view)``; the teacher's is ``None`` when the batch has no ``teacher_*``
-    column (both models then read the same inputs)."""
+    """The student's view and the teacher's view of a batch.
+
+    Args:
+        inputs: A batch or a row.
+
+    Returns:
+        ``(student, teacher)``; the teacher's is ``None`` when the batch has no ``teacher_*`` column (both models then
+        read the same inputs), else its columns without the prefix.
+    """
     if not has_teacher_view(inputs):
         return inputs, None
     student = {key: value for key, value in inputs.items() if not key.startswith(TEACHER_PREFIX)}
@@ -39,8 +53,18 @@ def split_views(inputs: dict) -> tuple[dict, dict | None]:
 
 
 def add_teacher_view(dataset: Dataset, teacher_view: Dataset | dict[str, list]) -> Dataset:
-    """``dataset`` (the student's view) with the columns of ``teacher_view`` added as ``teacher_COLUMN``, row for
-    row."""
+    """``dataset`` (the student's view) with the columns of ``teacher_view`` added as ``teacher_COLUMN``, row for row.
+
+    Args:
+        dataset: The student's view.
+        teacher_view: The teacher's view of the same rows: a data set or a dict of columns.
+
+    Returns:
+        The data set with both views (existing ``teacher_*`` columns of the same names are replaced).
+
+    Raises:
+        ValueError: the teacher's view has no columns, or a column with another number of rows.
+    """
     columns = teacher_view.column_names if isinstance(teacher_view, Dataset) else list(teacher_view)
     if not columns:
         raise ValueError("the teacher's view has no columns.")
@@ -59,8 +83,16 @@ def add_teacher_view(dataset: Dataset, teacher_view: Dataset | dict[str, list]) 
 
 
 def pad_rows(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pads the list columns of ``rows`` (``attention_mask`` and ``distillation_positions`` with 0,
-    ``labels`` with -100, the rest with ``pad_id``); other columns are stacked as they are."""
+    """Right-pads the list columns of ``rows``; other columns are stacked as they are.
+
+    Args:
+        rows: Rows of one view.
+        pad_id: The fill of the list columns other than ``attention_mask`` and ``distillation_positions`` (0) and
+            ``labels`` (-100).
+
+    Returns:
+        The batch, one tensor per column.
+    """
     batch = {}
     for key in rows[0]:
         values = [row[key] for row in rows]
@@ -74,9 +106,18 @@ def pad_rows(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 class ViewCollator:
-    """Collates each view of the rows with its own collator: ``student`` gets the plain columns, ``teacher`` the
-    ``teacher_*`` columns without the prefix (e.g. a feature extractor's padding for audio and a tokenizer's for
-    text); the teacher's batch comes back under the prefix."""
+    """Collates each view of the rows with its own collator.
+
+    ``student`` gets the plain columns, ``teacher`` the ``teacher_*`` columns without the prefix (e.g. a feature
+    extractor's padding for audio and a tokenizer's for text); the teacher's batch comes back under the prefix.
+
+    Args:
+        student: A collator (a callable on a list of rows) for the student's view.
+        teacher: A collator for the teacher's view.
+
+    Raises:
+        TypeError: a collator that is not callable.
+    """
 
     def __init__(self, student: Callable[[list[dict]], dict], teacher: Callable[[list[dict]], dict]):
         if not callable(student) or not callable(teacher):
@@ -84,6 +125,17 @@ class ViewCollator:
         self.student, self.teacher = student, teacher
 
     def __call__(self, rows: list[dict]) -> dict:
+        """Collate the rows' two views into one batch.
+
+        Args:
+            rows: The rows; either every row has a teacher view or none has (a set for the student alone).
+
+        Returns:
+            The student's batch, plus the teacher's under the ``teacher_`` prefix.
+
+        Raises:
+            ValueError: some rows have a teacher view and others do not.
+        """
         views = [split_views(row) for row in rows]
         batch = dict(self.student([student for student, _ in views]))
         missing = sum(teacher is None for _, teacher in views)
