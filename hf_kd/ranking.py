@@ -35,14 +35,21 @@ CANDIDATE_LISTS = ("input_ids", "attention_mask", "token_type_ids", "candidate_i
 
 
 class RankingCollator:
-    """Pads ranking rows into a batch: ``input_ids`` ``B×G×T`` (pairs), ``query_input_ids`` ``B×T``,
-    ``candidate_input_ids`` ``B×G×T``, their attention masks, ``group_mask`` ``B×G`` (real candidates),
-    ``labels`` ``B×G`` (-100 where none) and ``teacher_scores`` ``B×G`` (-inf where none).
+    """Pads ranking rows into a batch.
 
-    ``group_size``: every query must have exactly this many candidates (an error names the row otherwise); ``None``:
-    ragged groups, padded to the batch's largest. ``pad_token_id``: the tokenizer's. Every row has the same
-    columns (one layout, or both in every row). :meth:`check_dataset` applies the same checks to a whole data set
-    before training (the trainer calls it on the data sets it is given).
+    The batch holds ``input_ids`` ``B×G×T`` (pairs), ``query_input_ids`` ``B×T``, ``candidate_input_ids``
+    ``B×G×T``, their attention masks, ``group_mask`` ``B×G`` (real candidates), ``labels`` ``B×G`` (-100 where
+    none) and ``teacher_scores`` ``B×G`` (-inf where none). Every row has the same columns (one layout, or both in
+    every row). :meth:`check_dataset` applies the same checks to a whole data set before training (the trainer calls
+    it on the data sets it is given).
+
+    Args:
+        pad_token_id: The tokenizer's pad id.
+        group_size: Every query must have exactly this many candidates (an error names the row otherwise); ``None``:
+            ragged groups, padded to the batch's largest.
+
+    Raises:
+        ValueError: ``group_size`` < 1.
     """
 
     def __init__(self, pad_token_id: int = 0, group_size: int | None = None):
@@ -51,6 +58,17 @@ class RankingCollator:
         self.pad_token_id, self.group_size = pad_token_id, group_size
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Pad the rows' groups into one batch.
+
+        Args:
+            rows: Ranking rows (see the module's docstring for their columns).
+
+        Returns:
+            The batch of tensors described above.
+
+        Raises:
+            ValueError: a row the collator refuses (see :meth:`check_dataset`), naming it.
+        """
         shapes = [_row_shape(row) for row in rows]
         counts = [self._candidates(shape, index, shapes[0]) for index, shape in enumerate(shapes)]
         width = self.group_size or max(counts)
@@ -78,11 +96,20 @@ class RankingCollator:
         return batch
 
     def check_dataset(self, dataset, losses=()) -> None:
-        """Refuse, before training, a data set whose rows the collator would refuse at some step or lay out
-        wrongly: rows with another layout or other columns than row 0, rows that are not grouped or have no
-        candidate, candidate counts off ``group_size``, labels or teacher scores not one per candidate, and queries
-        with fewer candidates than ``losses`` compare (their ``min_group_size``: 2 for ``margin_mse`` and
-        ``listwise_kl``). Each error names the data set's row. Lengths are read without decoding the token lists."""
+        """Refuse, before training, a data set whose rows the collator would refuse at some step or lay out wrongly.
+
+        Rows with another layout or other columns than row 0, rows that are not grouped or have no candidate, candidate
+        counts off ``group_size``, labels or teacher scores not one per candidate, and queries with fewer candidates
+        than ``losses`` compare. Lengths are read without decoding the token lists; an iterable data set is checked
+        batch by batch instead.
+
+        Args:
+            dataset: A ``datasets.Dataset`` or a map-style data set of rows.
+            losses: The loss classes (their ``min_group_size``: 2 for ``margin_mse`` and ``listwise_kl``).
+
+        Raises:
+            ValueError: the first such row, naming it.
+        """
         if not hasattr(dataset, "__len__") or len(dataset) == 0:  # an iterable data set: checked batch by batch
             return
         columns = getattr(dataset, "column_names", None) or list(dataset[0])
@@ -215,9 +242,17 @@ class _Ranker(nn.Module):
 
 
 class CrossEncoderRanker(_Ranker):
-    """A cross-encoder: a ``…ForSequenceClassification`` with one logit scores each query–candidate pair
-    (``input_ids`` ``B×G×T``); only the real candidates are run. With ``labels``, its loss is the binary
-    cross-entropy of the judged candidates (the reranker's usual training on binary labels)."""
+    """A cross-encoder: a ``…ForSequenceClassification`` with one logit scores each query–candidate pair.
+
+    Only the real candidates are run. With ``labels``, its loss is the binary cross-entropy of the judged
+    candidates (the reranker's usual training on binary labels).
+
+    Args:
+        model: A sequence classifier with ``num_labels=1``.
+
+    Raises:
+        ValueError: the model has another number of labels.
+    """
 
     def __init__(self, model: PreTrainedModel):
         super().__init__()
@@ -229,6 +264,23 @@ class CrossEncoderRanker(_Ranker):
         self.model = model  # (no config of its own: the head's num_labels=1 is not a regression target here)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, group_mask=None, labels=None, **_):
+        """Score each query's candidates.
+
+        Args:
+            input_ids: ``B×G×T``, one query–candidate pair per candidate.
+            attention_mask: ``B×G×T``.
+            token_type_ids: ``B×G×T``, when the model takes them.
+            group_mask: ``B×G``, True on real candidates; ``None``: all are.
+            labels: ``B×G`` relevance grades (-100 or NaN: unjudged), for the loss.
+            **_: Other batch columns, ignored.
+
+        Returns:
+            A ``SequenceClassifierOutput`` with ``logits`` ``B×G`` (-inf where no candidate) and the loss when labels
+            are given.
+
+        Raises:
+            ValueError: ``input_ids`` is not ``B×G×T``.
+        """
         input_ids = _grouped(input_ids, "input_ids", 3)
         group_mask = group_mask if group_mask is not None else torch.ones(input_ids.shape[:2], dtype=torch.bool)
         group_mask = group_mask.to(input_ids.device).bool()
@@ -242,11 +294,22 @@ class CrossEncoderRanker(_Ranker):
         return SequenceClassifierOutput(loss=_label_loss(logits, labels), logits=logits)
 
     def save_checkpoint(self, folder: str, processing_class=None) -> None:
+        """Save the wrapped model (and the tokenizer) with ``save_pretrained``.
+
+        Args:
+            folder: The folder to write.
+            processing_class: The tokenizer, or ``None``.
+        """
         self.model.save_pretrained(folder)
         if processing_class is not None:
             processing_class.save_pretrained(folder)
 
     def load_checkpoint(self, folder: str) -> None:
+        """Read back the weights :meth:`save_checkpoint` wrote.
+
+        Args:
+            folder: The folder :meth:`save_checkpoint` wrote.
+        """
         from .checkpoints import load_model_weights
 
         load_model_weights(self.model, os.path.join(folder, "model.safetensors"))
@@ -254,8 +317,17 @@ class CrossEncoderRanker(_Ranker):
 
 class BiEncoderRanker(_Ranker):
     """A bi-encoder: a :class:`~hf_kd.sentence_embeddings.SentenceEmbeddingModel` embeds the query and each candidate
-    apart; the score is their cosine (``similarity="cosine"``) or dot product, times ``scale`` (a softmax over
-    cosines needs a sharper scale, as in sentence-transformers' MultipleNegativesRankingLoss)."""
+    apart.
+
+    Args:
+        encoder: The sentence encoder.
+        similarity: ``"cosine"`` or ``"dot"``: the score of a query–candidate pair.
+        scale: The factor on the similarity (a softmax over cosines needs a sharper scale, as in
+            sentence-transformers' MultipleNegativesRankingLoss).
+
+    Raises:
+        ValueError: another ``similarity``.
+    """
 
     def __init__(self, encoder: SentenceEmbeddingModel, similarity: str = "cosine", scale: float = 20.0):
         super().__init__()
@@ -273,6 +345,24 @@ class BiEncoderRanker(_Ranker):
         labels=None,
         **_,
     ):
+        """Score each query's candidates.
+
+        Args:
+            query_input_ids: ``B×T``, each query once.
+            query_attention_mask: ``B×T``.
+            candidate_input_ids: ``B×G×T``.
+            candidate_attention_mask: ``B×G×T``.
+            group_mask: ``B×G``, True on real candidates; ``None``: all are.
+            labels: ``B×G`` relevance grades (-100 or NaN: unjudged), for the loss.
+            **_: Other batch columns, ignored.
+
+        Returns:
+            A ``SequenceClassifierOutput`` with ``logits`` ``B×G`` (-inf where no candidate) and the binary
+            cross-entropy of the judged candidates when labels are given.
+
+        Raises:
+            ValueError: the query or candidate ids are not laid out by :class:`RankingCollator`.
+        """
         candidate_input_ids = _grouped(candidate_input_ids, "candidate_input_ids", 3)
         query_input_ids = _grouped(query_input_ids, "query_input_ids", 2)
         group_mask = group_mask if group_mask is not None else torch.ones(candidate_input_ids.shape[:2], dtype=bool)
@@ -289,9 +379,20 @@ class BiEncoderRanker(_Ranker):
         return SequenceClassifierOutput(loss=_label_loss(logits, labels), logits=logits)
 
     def save_checkpoint(self, folder: str, processing_class=None) -> None:
+        """Save the encoder (and the tokenizer) as its own ``save_checkpoint`` does.
+
+        Args:
+            folder: The folder to write.
+            processing_class: The tokenizer, or ``None``.
+        """
         self.encoder.save_checkpoint(folder, processing_class)
 
     def load_checkpoint(self, folder: str) -> None:
+        """Read back the encoder's weights :meth:`save_checkpoint` wrote.
+
+        Args:
+            folder: The folder :meth:`save_checkpoint` wrote.
+        """
         self.encoder.load_checkpoint(folder)
 
 
@@ -306,8 +407,20 @@ class TeacherScores(PrecomputedPredictions):
 
 
 def score_groups(ranker: nn.Module, dataset, collator: RankingCollator, batch_size: int = 16):
-    """Per query of ``dataset``: ``(its candidates' scores, their relevance grades or None)``, as numpy arrays with
-    the padding dropped (evaluation mode, no grad) — what :func:`hf_kd.metrics.ranking_metrics` reads."""
+    """Per query of ``dataset``: its candidates' scores and their relevance grades.
+
+    Evaluation mode, no grad; the ranker's training mode is restored afterwards.
+
+    Args:
+        ranker: A :class:`CrossEncoderRanker` or :class:`BiEncoderRanker` (or a model with the same forward).
+        dataset: Ranking rows.
+        collator: Lays the rows out.
+        batch_size: Rows per forward pass.
+
+    Returns:
+        One ``(scores, grades or None)`` pair of numpy arrays per query, the padding dropped — what
+        :func:`hf_kd.metrics.ranking_metrics` reads.
+    """
     was_training, device = ranker.training, next(ranker.parameters()).device
     ranker.eval()
     groups = []

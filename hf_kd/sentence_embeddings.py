@@ -29,6 +29,13 @@ _ST_POOLING = {"mean": "mean", "max": "max", "cls": "cls", "last": "lasttoken"}
 
 @dataclass
 class SentenceEmbeddingOutput(ModelOutput):
+    """What :class:`SentenceEmbeddingModel` returns.
+
+    Args:
+        embeddings: One embedding per text, ``B×D``.
+        hidden_states: The encoder's hidden states (embedding output first), when asked for.
+    """
+
     embeddings: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
@@ -53,8 +60,17 @@ def _st_modules():
 
 
 def pool_tokens(states: torch.Tensor, pooling: str, attention_mask: torch.Tensor) -> torch.Tensor:
-    """One embedding per text from token states ``B×T×H``: :func:`hf_kd.features.pool` (``mean``, ``cls``,
-    ``last``), or ``max``, each channel's largest value over the real tokens (sentence-transformers' max pooling)."""
+    """One embedding per text from token states ``B×T×H``.
+
+    Args:
+        states: Token states ``B×T×H``.
+        pooling: ``mean``, ``cls`` or ``last`` (:func:`hf_kd.features.pool`), or ``max``: each channel's largest
+            value over the real tokens (sentence-transformers' max pooling).
+        attention_mask: ``B×T``, marks real tokens.
+
+    Returns:
+        ``B×H`` embeddings.
+    """
     if pooling == "max":
         padding = ~attention_mask.bool().unsqueeze(-1)
         return states.masked_fill(padding, torch.finfo(states.dtype).min).max(1).values
@@ -62,9 +78,19 @@ def pool_tokens(states: torch.Tensor, pooling: str, attention_mask: torch.Tensor
 
 
 def token_encoder(model: PreTrainedModel) -> PreTrainedModel:
-    """The part of a transformers model whose forward gives token states (``last_hidden_state``): the model itself,
-    or the body of a model with a task head (``model.base_model``). An encoder-decoder is refused: its forward needs
-    decoder inputs, and its text states are its encoder's."""
+    """The part of a transformers model whose forward gives token states (``last_hidden_state``).
+
+    The model itself, or the body of a model with a task head (``model.base_model``).
+
+    Args:
+        model: A transformers model.
+
+    Returns:
+        Its body.
+
+    Raises:
+        ValueError: an encoder-decoder: its forward needs decoder inputs, and its text states are its encoder's.
+    """
     body = model.base_model
     if getattr(body.config, "is_encoder_decoder", False) and isinstance(getattr(body, "decoder", None), nn.Module):
         raise ValueError(
@@ -75,9 +101,18 @@ def token_encoder(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def set_pooling(model, pooling: str | None, normalize: bool | None) -> None:
-    """Make the SentenceTransformer ``model`` pool by ``pooling`` and normalise when ``normalize`` (``None``: as its
-    modules do), by replacing its ``Pooling`` module and adding or removing ``Normalize``, so that what it saves
-    embeds as it trained."""
+    """Make a SentenceTransformer pool and normalise as asked, so that what it saves embeds as it trained.
+
+    Replaces its ``Pooling`` module and adds or removes ``Normalize``; changes ``model`` in place.
+
+    Args:
+        model: A ``sentence_transformers.SentenceTransformer``.
+        pooling: One of :data:`POOLING_MODES`; ``None``: keep its pooling.
+        normalize: Unit-length embeddings or not; ``None``: as its modules do.
+
+    Raises:
+        ValueError: ``pooling`` is set and the model has no single ``Pooling`` module.
+    """
     Normalize, Pooling, _ = _st_modules()
     if pooling is not None:
         found = [index for index, module in enumerate(model) if isinstance(module, Pooling)]
@@ -103,15 +138,23 @@ def set_pooling(model, pooling: str | None, normalize: bool | None) -> None:
 class SentenceEmbeddingModel(nn.Module):
     """A sentence encoder the trainer can distil into or from.
 
-    ``encoder`` is a ``SentenceTransformer`` whose first module is a transformers ``Transformer``, or a transformers
-    model whose token states are pooled here: an encoder (``AutoModel``), or a model with a task head
-    (``BertForSequenceClassification``, ``GPT2LMHeadModel``), read through its body (``model.base_model``: the head
-    plays no part in an embedding, and is not saved); an encoder-decoder's encoder (``model.get_encoder()``).
-
-    ``pooling``: ``mean`` over real tokens, ``max`` over real tokens, ``cls`` or ``last``; ``normalize``: unit
-    length. A bare encoder pools by ``mean`` and does not normalise unless told; a SentenceTransformer keeps its own
+    A bare encoder pools by ``mean`` and does not normalise unless told; a SentenceTransformer keeps its own
     pooling, normalisation and dense modules unless told, and is otherwise changed in place to pool and normalise as
     asked (so that it saves so too).
+
+    Args:
+        encoder: A ``SentenceTransformer`` whose first module is a transformers ``Transformer``, or a transformers
+            model whose token states are pooled here: an encoder (``AutoModel``), or a model with a task head
+            (``BertForSequenceClassification``, ``GPT2LMHeadModel``), read through its body (``model.base_model``: the
+            head plays no part in an embedding, and is not saved); an encoder-decoder's encoder
+            (``model.get_encoder()``).
+        pooling: ``mean`` over real tokens, ``max`` over real tokens, ``cls`` or ``last``.
+        normalize: Scale embeddings to unit length.
+
+    Raises:
+        ValueError: an unknown pooling, a SentenceTransformer that does not start with a ``Transformer``, or an
+            encoder-decoder.
+        TypeError: an encoder that is neither a SentenceTransformer nor a transformers model.
     """
 
     def __init__(self, encoder: nn.Module, pooling: str | None = None, normalize: bool | None = None):
@@ -142,7 +185,15 @@ class SentenceEmbeddingModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | None = "cpu") -> SentenceEmbeddingModel:
-        """A saved SentenceTransformer folder (a student saved by the trainer, or a shared model)."""
+        """A saved SentenceTransformer folder (a student saved by the trainer, or a shared model).
+
+        Args:
+            path: The folder (or Hub id).
+            device: Where to load it.
+
+        Returns:
+            The wrapped model.
+        """
         return cls(_sentence_transformers().SentenceTransformer(path, device=device))
 
     @property
@@ -152,15 +203,35 @@ class SentenceEmbeddingModel(nn.Module):
 
     @property
     def embedding_dimension(self) -> int:
+        """The width D of the embeddings."""
         if self.sentence_transformer is not None:
             return self.sentence_transformer.get_sentence_embedding_dimension()
         return self.encoder.config.hidden_size
 
     def signature_columns(self) -> list[str]:
-        """The inputs the forward takes (the Trainer keeps those data columns)."""
+        """The inputs the forward takes (the Trainer keeps those data columns).
+
+        Returns:
+            ``["input_ids", "attention_mask", "token_type_ids"]``.
+        """
         return list(ENCODER_INPUTS)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, output_hidden_states=False, **ignored):
+        """Embed a batch of texts.
+
+        Args:
+            input_ids: Token ids ``B×T``.
+            attention_mask: ``B×T``; ``None``: every token is real.
+            token_type_ids: ``B×T``, for encoders that take them.
+            output_hidden_states: Also return the encoder's hidden states (for intermediate losses).
+            **ignored: Other batch columns.
+
+        Returns:
+            A :class:`SentenceEmbeddingOutput`.
+
+        Raises:
+            ValueError: hidden states asked of a SentenceTransformer whose first module does not give them.
+        """
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
@@ -194,8 +265,16 @@ class SentenceEmbeddingModel(nn.Module):
     # ---- saving: a SentenceTransformer folder, for the final student and for every checkpoint ----
 
     def check_saveable(self, processing_class) -> None:
-        """Refuse a bare encoder that could not be saved with ``processing_class`` (the trainer asks before
-        training, so that no run is lost at its first checkpoint)."""
+        """Refuse a bare encoder that could not be saved with ``processing_class``.
+
+        The trainer asks before training, so that no run is lost at its first checkpoint.
+
+        Args:
+            processing_class: The trainer's tokenizer, or ``None``.
+
+        Raises:
+            ValueError: a bare encoder and no tokenizer.
+        """
         if self.sentence_transformer is None and processing_class is None:
             raise ValueError(
                 f"SentenceEmbeddingModel({type(self.encoder).__name__}) is saved as a SentenceTransformer folder, "
@@ -204,8 +283,21 @@ class SentenceEmbeddingModel(nn.Module):
             )
 
     def to_sentence_transformer(self, folder: str, processing_class=None):
-        """This model as a ``SentenceTransformer`` (a bare encoder is first written to ``folder`` with its
-        tokenizer, ``processing_class``, and read back with a pooling module)."""
+        """This model as a ``SentenceTransformer``.
+
+        A bare encoder is first written to ``folder`` with its tokenizer, ``processing_class``, and read back with a
+        pooling module.
+
+        Args:
+            folder: Where a bare encoder is written.
+            processing_class: A bare encoder's tokenizer.
+
+        Returns:
+            The ``SentenceTransformer`` (the wrapped one itself, when there is one).
+
+        Raises:
+            ValueError: a bare encoder and no tokenizer (:meth:`check_saveable`).
+        """
         if self.sentence_transformer is not None:
             return self.sentence_transformer
         st = _sentence_transformers()
@@ -219,11 +311,26 @@ class SentenceEmbeddingModel(nn.Module):
         return st.SentenceTransformer(modules=modules, device=str(self.encoder.device))
 
     def save_checkpoint(self, folder: str, processing_class=None) -> None:
+        """Save as a SentenceTransformer folder (without sentence-transformers' model card; hf_kd writes its own on
+        push).
+
+        Args:
+            folder: The folder to write.
+            processing_class: A bare encoder's tokenizer.
+        """
         os.makedirs(folder, exist_ok=True)
         # hf_kd's card (distillation details, the comparison) is written on push; no sentence-transformers card.
         self.to_sentence_transformer(folder, processing_class).save(folder, create_model_card=False)
 
     def load_checkpoint(self, folder: str) -> None:
+        """Read back the weights :meth:`save_checkpoint` wrote.
+
+        Args:
+            folder: A SentenceTransformer folder.
+
+        Raises:
+            ValueError: the folder has no ``modules.json``.
+        """
         if not os.path.exists(os.path.join(folder, "modules.json")):
             raise ValueError(f"{folder} is not a SentenceTransformer folder (no modules.json).")
         saved = SentenceEmbeddingModel.from_pretrained(folder, device=str(self.encoder.device))
@@ -237,7 +344,18 @@ class SentenceEmbeddingModel(nn.Module):
 
 @torch.no_grad()
 def encode(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128) -> np.ndarray:
-    """``len(texts) × D`` float32 embeddings from a :class:`SentenceEmbeddingModel` (evaluation mode, no grad)."""
+    """``len(texts) × D`` float32 embeddings from a :class:`SentenceEmbeddingModel` (evaluation mode, no grad).
+
+    Args:
+        model: The encoder; its training mode is restored afterwards.
+        tokenizer: Its tokenizer.
+        texts: The texts.
+        batch_size: Texts per forward pass.
+        max_length: Tokens kept per text.
+
+    Returns:
+        The embeddings as a numpy array.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -259,7 +377,18 @@ def encode(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 64, 
 
 
 def encoding_speed(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128):
-    """Texts encoded per second (one warm-up batch first, then ``texts`` in batches)."""
+    """Texts encoded per second (one warm-up batch first, then ``texts`` in batches).
+
+    Args:
+        model: The encoder.
+        tokenizer: Its tokenizer.
+        texts: The texts to time.
+        batch_size: Texts per forward pass.
+        max_length: Tokens kept per text.
+
+    Returns:
+        Texts per second.
+    """
     encode(model, tokenizer, texts[:batch_size], batch_size, max_length)
     start = time.perf_counter()
     encode(model, tokenizer, texts, batch_size, max_length)

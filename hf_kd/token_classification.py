@@ -100,15 +100,34 @@ def tokenize_words(
     max_length: int = 128,
     stride: int | None = None,
 ) -> Dataset:
-    """Sub-word rows (``input_ids``, ``attention_mask``, ``labels``, ``distillation_positions``, ``sentence_index``,
-    ``word_ids``) of rows holding ``words`` (a list of strings) and ``tags`` (a list of tag names, or ``None`` for
-    an unlabeled row).
+    """Sub-word rows of rows holding words and (optionally) their tags.
 
     A sentence of more than ``max_length`` tokens becomes consecutive windows of ``max_length`` tokens, each
-    repeating the last ``stride`` tokens of the one before (default: a quarter of the tokens a window holds besides
-    the special tokens). Every word is labeled (and distilled) in exactly one window, the one where it has the most
-    context, so no tag is lost or counted twice; a word that no window holds whole, or that has no sub-token, is
-    refused. Score the windows with ``entity_metrics(id2label, windows=rows)``, which joins each sentence back."""
+    repeating the last ``stride`` tokens of the one before. Every word is labeled (and distilled) in exactly one
+    window, the one where it has the most context, so no tag is lost or counted twice; a word that no window holds
+    whole, or that has no sub-token, is refused. Score the windows with ``entity_metrics(id2label, windows=rows)``,
+    which joins each sentence back.
+
+    Args:
+        dataset: Rows with a list of words and a list of tag names (``None``, or no tags column: unlabeled).
+        tokenizer: A fast tokenizer (its word ids map tokens to words).
+        label2id: Tag name → class id.
+        words_column: The words column.
+        tags_column: The tags column.
+        subtokens: ``"first"``: a word's tag on its first sub-token and -100 on the others; ``"all"``: on every
+            sub-token (a ``B-`` tag continues as ``I-``). The distilled positions follow the same convention.
+        max_length: Tokens per window, special tokens included.
+        stride: Tokens a window repeats of the one before; default: a quarter of the tokens a window holds besides
+            the special tokens.
+
+    Returns:
+        Rows of ``input_ids``, ``attention_mask``, ``labels``, ``distillation_positions``, ``sentence_index`` and
+        ``word_ids`` (the input columns removed).
+
+    Raises:
+        ValueError: an unknown ``subtokens``, a slow tokenizer, a ``max_length`` or ``stride`` that leaves no room, a
+            row whose tags are not one per word or hold a tag not in ``label2id``, or a word no window holds whole.
+    """
     if subtokens not in SUBTOKENS:
         raise ValueError(f"subtokens is one of {SUBTOKENS}, got {subtokens!r}.")
     _check_fast(tokenizer, "tokenize_words")
@@ -188,11 +207,27 @@ def tokenize_words(
 def add_teacher_words(
     rows: Dataset, words: Dataset, teacher_tokenizer, *, words_column: str = "words", max_length: int = 128
 ) -> Dataset:
-    """``rows`` (from :func:`tokenize_words` over ``words``) plus the teacher's tokenisation of each row's window:
-    ``teacher_input_ids`` and ``teacher_attention_mask`` of the words the student's window holds, and
-    ``teacher_distillation_positions`` on the first sub-token of each word the student's window marks, so that
-    the k-th marked position of both sides is the same word. Batch them with
-    :class:`hf_kd.cross_tokenizer.CrossTokenizerCollator`."""
+    """``rows`` plus the teacher's tokenisation of each row's window.
+
+    Adds ``teacher_input_ids`` and ``teacher_attention_mask`` of the words the student's window holds, and
+    ``teacher_distillation_positions`` on the first sub-token of each word the student's window marks, so that the
+    k-th marked position of both sides is the same word. Batch them with
+    :class:`hf_kd.cross_tokenizer.CrossTokenizerCollator`.
+
+    Args:
+        rows: The student's rows, from :func:`tokenize_words` over ``words`` with ``subtokens="first"``.
+        words: The rows of words they were tokenised from.
+        teacher_tokenizer: The teacher's fast tokenizer.
+        words_column: The words column of ``words``.
+        max_length: The teacher's tokens per window.
+
+    Returns:
+        ``rows`` with the ``teacher_*`` columns.
+
+    Raises:
+        ValueError: rows not made by :func:`tokenize_words`, a slow tokenizer, words that do not match the rows, rows
+            marking several sub-tokens of a word, or a window whose marked words the teacher's ``max_length`` cuts.
+    """
     missing = [
         column for column in (SENTENCE_INDEX, WORD_IDS, DISTILLATION_POSITIONS) if column not in rows.column_names
     ]
@@ -246,10 +281,22 @@ def add_teacher_words(
 
 
 def word_tags(predictions: np.ndarray, labels: np.ndarray, id2label: dict[int, str], windows=None):
-    """``(predicted tags, true tags)``: one list per sentence over its labeled positions (the first sub-tokens).
-    Without ``windows`` each row is a sentence; with ``windows`` (the rows of :func:`tokenize_words` that were
-    predicted, in order, or their ``sentence_index`` and ``word_ids`` columns) the windows of a sentence are
-    joined back in word order, each word where it was labeled."""
+    """The predicted and the true tags, one list per sentence over its labeled positions (the first sub-tokens).
+
+    Args:
+        predictions: Predicted class ids ``rows × T``.
+        labels: True class ids ``rows × T`` (-100 where unlabeled).
+        id2label: Class id → tag name.
+        windows: ``None``: each row is a sentence. Else the rows of :func:`tokenize_words` that were predicted, in
+            order (or their ``sentence_index`` and ``word_ids`` columns): a sentence's windows are joined back in word
+            order, each word where it was labeled.
+
+    Returns:
+        ``(predicted tags, true tags)``.
+
+    Raises:
+        ValueError: ``windows`` has another number of rows than ``labels``.
+    """
     if windows is None:
         sentences = range(len(labels))
         word_ids = [range(len(row)) for row in labels]
@@ -276,10 +323,23 @@ def word_tags(predictions: np.ndarray, labels: np.ndarray, id2label: dict[int, s
 
 
 def entity_metrics(id2label: dict[int, str], windows: Dataset | None = None):
-    """A ``compute_metrics`` for token classifiers: entity-level ``f1``, ``precision`` and ``recall`` (seqeval,
-    micro-averaged over entity types, BIO tags) and the tag ``accuracy`` over labeled tokens. Give the evaluated
-    rows of :func:`tokenize_words` as ``windows`` when a sentence may span several windows: the sentence is then
-    scored whole (an entity across a window's edge is one entity), not window by window."""
+    """A ``compute_metrics`` for token classifiers.
+
+    Entity-level ``f1``, ``precision`` and ``recall`` (seqeval, micro-averaged over entity types, BIO tags) and the
+    tag ``accuracy`` over labeled tokens.
+
+    Args:
+        id2label: Class id → tag name.
+        windows: The evaluated rows of :func:`tokenize_words`, when a sentence may span several windows: the sentence
+            is then scored whole (an entity across a window's edge is one entity), not window by window.
+
+    Returns:
+        The ``compute_metrics`` function.
+
+    Raises:
+        ImportError: seqeval is not installed.
+        ValueError: ``windows`` lacks the ``sentence_index`` or ``word_ids`` column.
+    """
     try:
         from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
     except ImportError as error:
