@@ -56,10 +56,26 @@ def _positive_number(name: str, value, advice: str) -> None:
 
 
 def dirichlet_split(labels, num_clients: int, alpha: float, seed: int = 0, min_rows: int = 2) -> list[list[int]]:
-    """Row indices of ``num_clients`` non-IID shards: each class's rows are divided among the clients in proportions
-    drawn from Dirichlet(α) (Hsu et al. 2019) — small α gives each client few classes, large α near-IID shards.
-    Draws again until every client holds at least ``min_rows`` rows (at least 1: a client without rows cannot
-    train)."""
+    """Row indices of ``num_clients`` non-IID shards.
+
+    Each class's rows are divided among the clients in proportions drawn from Dirichlet(α) (Hsu et al. 2019) —
+    small α gives each client few classes, large α near-IID shards. Draws again until every client holds at least
+    ``min_rows`` rows.
+
+    Args:
+        labels: One class label per row.
+        num_clients: The number of shards, >= 1.
+        alpha: α > 0, the Dirichlet concentration.
+        seed: Seeds the draws.
+        min_rows: The fewest rows a client may get, >= 1 (a client without rows cannot train).
+
+    Returns:
+        One sorted list of row indices per client.
+
+    Raises:
+        ValueError: a bad count or α, labels that are not 1-D, too few rows, or no draw in 1000 that gives every
+            client ``min_rows`` rows.
+    """
     labels = np.asarray(labels)
     _whole_number("num_clients", num_clients, 1, "one shard per client.")
     _whole_number("min_rows", min_rows, 1, "a client with no rows has nothing to train on.")
@@ -89,7 +105,7 @@ class FederatedConfig:
     is checked here, so a bad value is refused before any training.
 
     Args:
-        mode: ``fedavg``, ``feddf`` or ``fedmd``.
+        mode: One of fedavg, feddf and fedmd.
         rounds: Federated rounds.
         local_steps: A client's optimiser steps on its shard per round.
         server_steps: The server's distillation steps on the public set per round (feddf, fedmd).
@@ -97,12 +113,17 @@ class FederatedConfig:
         batch_size: Rows per step, for the clients and the server.
         learning_rate: The clients' learning rate.
         server_learning_rate: The server's learning rate of distillation.
-        temperature: Softmax temperature of the distillation (server and digest).
+        temperature: Softmax temperature of the distillation (server and digest); 1: none.
         seed: Seed of every party's training.
-        num_cpus_per_client: Ray resources of one client (clients run in parallel up to the machine's cores).
+        num_cpus_per_client: Ray resources of one client; clients run in parallel up to the machine's cores.
+
+    Raises:
+        ValueError: a field out of its range (an unknown mode, a count that is not a whole number >= 1 or >= 0, a
+            rate or temperature that is not a finite number > 0, more CPUs per client than the machine has, fedmd
+            without server steps).
     """
 
-    mode: str = field(default="feddf", metadata={"help": f"One of {MODES}."})
+    mode: str = field(default="feddf", metadata={"help": "One of fedavg, feddf and fedmd."})
     rounds: int = field(default=5, metadata={"help": "Federated rounds."})
     local_steps: int = field(default=50, metadata={"help": "A client's optimiser steps on its shard per round."})
     server_steps: int = field(
@@ -170,7 +191,18 @@ def _args(folder: str, steps: int, batch_size: int, learning_rate: float, seed: 
 
 
 def train_locally(model: nn.Module, shard: Dataset, steps: int, config: FederatedConfig, seed: int) -> nn.Module:
-    """A client's plain training on its private shard."""
+    """A client's plain training on its private shard (a ``transformers.Trainer`` run on the CPU).
+
+    Args:
+        model: The client's model, trained in place.
+        shard: Its private rows.
+        steps: Optimiser steps.
+        config: The run's settings (batch size, learning rate).
+        seed: Seeds the training.
+
+    Returns:
+        ``model``.
+    """
     with tempfile.TemporaryDirectory() as folder:
         args = TrainingArguments(**_args(folder, steps, config.batch_size, config.learning_rate, seed))
         Trainer(model=model, args=args, train_dataset=shard).train()
@@ -178,7 +210,16 @@ def train_locally(model: nn.Module, shard: Dataset, steps: int, config: Federate
 
 
 def predict(model: nn.Module, public: Dataset, batch_size: int = 256) -> np.ndarray:
-    """``model``'s logits on the public set (evaluation mode), ``N×C`` float32."""
+    """``model``'s logits on the public set (evaluation mode), ``N×C`` float32.
+
+    Args:
+        model: A classifier.
+        public: The public rows (a ``labels`` column is left out).
+        batch_size: Rows per forward pass.
+
+    Returns:
+        The logits as a numpy array.
+    """
     was_training = model.training
     model.eval()
     columns = [column for column in public.column_names if column != "labels"]
@@ -201,10 +242,26 @@ def distil_on_public(
     learning_rate: float,
     seed: int,
 ) -> nn.Module:
-    """``model`` distilled on the unlabeled ``public`` set from the mean logits of ``predictions`` (one ``N×C``
-    array per client): a multi-teacher :class:`~hf_kd.DistillationTrainer` run whose teachers are the predictions,
-    carried by the rows as teacher views (``teacher_client0``, …) — the same run as with the client models as live
-    teachers (tested)."""
+    """``model`` distilled on the unlabeled ``public`` set from the mean logits of ``predictions``.
+
+    A multi-teacher :class:`~hf_kd.DistillationTrainer` run whose teachers are the predictions, carried by the rows
+    as teacher views (``teacher_client0``, …) — the same run as with the client models as live teachers (tested).
+
+    Args:
+        model: The model to distil, trained in place.
+        public: The public rows (a ``labels`` column is left out).
+        predictions: One ``N×C`` array of logits per client.
+        steps: Distillation steps (0: none).
+        config: The run's settings (batch size, temperature).
+        learning_rate: The distillation's learning rate.
+        seed: Seeds the training.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: a client's predictions of another number of rows or classes.
+    """
     from .trainer import DistillationTrainer
 
     if steps == 0:
@@ -234,8 +291,20 @@ def distil_on_public(
 
 
 def average_weights(states: list[dict[str, torch.Tensor]], sizes: list[int]) -> dict[str, torch.Tensor]:
-    """FedAvg: the parameters averaged with weights proportional to the clients' shard sizes (integer buffers are
-    taken from the largest client)."""
+    """FedAvg: the parameters averaged with weights proportional to the clients' shard sizes.
+
+    Integer buffers are taken from the largest client.
+
+    Args:
+        states: Each client's state dict (one architecture).
+        sizes: Each client's number of rows.
+
+    Returns:
+        The averaged state dict.
+
+    Raises:
+        ValueError: no states, not one size per state, or sizes that are negative or sum to 0.
+    """
     if not states or len(states) != len(sizes):
         raise ValueError(
             f"average_weights needs one shard size per state: got {len(states)} states and {len(sizes)} sizes."
@@ -269,11 +338,26 @@ def _named_labels(model: nn.Module) -> dict[int, str] | None:
 
 
 def check_parties(make_client: Callable[[int], nn.Module], server: nn.Module, count: int, mode: str) -> int | None:
-    """Before round 1: every client's model predicts the server's label set — the same number of classes and, where
-    both name them, the same ``id2label`` (the server averages the parties' logits or weights class by class, so
-    logit k must mean one class for all) — and, in fedavg and feddf, has the server's architecture. Where the
-    server's config does not tell, the first client that does is the reference. Clients are built one at a time with
-    ``make_client(k)``. Returns the number of classes (``None`` when no party's config states it)."""
+    """Before round 1: every client's model predicts the server's label set and, in fedavg and feddf, has its
+    architecture.
+
+    The same number of classes and, where both name them, the same ``id2label`` (the server averages the parties'
+    logits or weights class by class, so logit k must mean one class for all). Where the server's config does not
+    tell, the first client that does is the reference. Clients are built one at a time.
+
+    Args:
+        make_client: Builds client k's model.
+        server: The server's model.
+        count: The number of clients.
+        mode: ``fedavg``, ``feddf`` or ``fedmd``.
+
+    Returns:
+        The number of classes (``None`` when no party's config states it).
+
+    Raises:
+        ValueError: a client with another number of classes, another ``id2label``, or (fedavg, feddf) another
+            architecture.
+    """
     classes, names = (num_classes(server), "the server"), (_named_labels(server), "the server's")
     shapes = {key: tuple(value.shape) for key, value in server.state_dict().items()} if mode != "fedmd" else None
     for index in range(count):
@@ -305,7 +389,15 @@ def check_parties(make_client: Callable[[int], nn.Module], server: nn.Module, co
 
 
 def check_shards(client_data: list[Dataset], classes: int | None) -> None:
-    """Before round 1: every client has rows to train on, and their class labels lie in the models' label set."""
+    """Before round 1: every client has rows to train on, and their class labels lie in the models' label set.
+
+    Args:
+        client_data: One private shard per client.
+        classes: The models' number of classes (``None``: labels are not checked).
+
+    Raises:
+        ValueError: no shards, an empty shard, or labels outside 0..classes−1 (other than -100).
+    """
     if not client_data:
         raise ValueError("client_data is empty: give one private shard per client.")
     for index, shard in enumerate(client_data):
@@ -334,9 +426,14 @@ def check_shards(client_data: list[Dataset], classes: int | None) -> None:
 
 @dataclass
 class FederatedResult:
-    """The server's model after the last round, ``history`` (per round: ``round``, the server's metrics from
-    ``evaluate``, ``seconds``), and with ``wire_log`` every message's content (``direction``, ``round``, ``node``,
-    ``content``: a ``RecordDict``)."""
+    """What :func:`run_federated` returns.
+
+    Args:
+        server: The server's model after the last round.
+        history: Per round: ``round``, the server's metrics from ``evaluate``, ``seconds``.
+        wire_log: With ``record_messages``, every message's content (``direction``, ``round``, ``node``,
+            ``content``: a ``RecordDict``); else empty.
+    """
 
     server: nn.Module
     history: list[dict]
@@ -353,11 +450,31 @@ def run_federated(
     evaluate: Callable[[nn.Module], dict] | None = None,
     record_messages: bool = False,
 ) -> FederatedResult:
-    """Run ``config.rounds`` rounds of federated training with Flower's simulation: one ``ClientApp`` node per
-    shard of ``client_data`` (client ``k`` builds its model with ``make_client(k)`` and never shares its shard), a
-    ``ServerApp`` holding ``make_server()``. ``public``: the unlabeled rows every party may read (its labels, if
-    any, are dropped). ``evaluate(server_model)`` gives each round's metrics. (In simulation every client process
-    receives the list of shards with the app and reads its own; a deployed client would load its shard itself.)"""
+    """Run ``config.rounds`` rounds of federated training with Flower's simulation.
+
+    One ``ClientApp`` node per shard of ``client_data`` (client ``k`` builds its model with ``make_client(k)`` and
+    never shares its shard), a ``ServerApp`` holding ``make_server()``. (In simulation every client process receives
+    the list of shards with the app and reads its own; a deployed client would load its shard itself.) Parties and
+    shards are checked before the simulation starts.
+
+    Args:
+        make_client: Builds client k's model.
+        make_server: Builds the server's model.
+        client_data: One private shard per client.
+        public: The unlabeled rows every party may read (its labels, if any, are dropped).
+        config: The run's settings.
+        evaluate: ``evaluate(server_model)`` gives each round's metrics.
+        record_messages: Keep every message's content in the result's ``wire_log``.
+
+    Returns:
+        The :class:`FederatedResult`.
+
+    Raises:
+        TypeError: ``config`` is not a :class:`FederatedConfig`.
+        ValueError: an empty public set (feddf, fedmd), or parties and shards that :func:`check_parties` and
+            :func:`check_shards` refuse.
+        RuntimeError: a client failed, or the simulation stopped before the last round.
+    """
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
