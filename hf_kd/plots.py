@@ -54,9 +54,19 @@ def _save(figure, stem: str, formats: tuple[str, ...]) -> list[str]:
 
 
 def quality_latency_points(results: dict[str, dict], metric: str, latency: str = "ms_per_example") -> list[dict]:
-    """One point per row of ``results`` that has both ``metric`` and ``latency``: ``name``, ``quality``,
-    ``latency``, ``parameters`` (or None). A row whose value is NaN or ±inf (a diverged run's perplexity, a failed
-    timing) has no place in the plane: it is left out with a warning that names it (the table keeps it)."""
+    """One point per row of ``results`` that has both ``metric`` and ``latency``.
+
+    A row whose value is NaN or ±inf (a diverged run's perplexity, a failed timing) has no place in the plane: it
+    is left out with a warning that names it (the table keeps it).
+
+    Args:
+        results: Row name → its metrics (a results table).
+        metric: The quality column.
+        latency: The speed column.
+
+    Returns:
+        Points with ``name``, ``quality``, ``latency`` and ``parameters`` (or None).
+    """
     points, left_out = [], {}
     for name, row in results.items():
         quality, speed = row.get(metric), row.get(latency)
@@ -94,9 +104,25 @@ def plot_quality_latency(
     latency: str = "ms_per_example",
     formats: tuple[str, ...] = ("png", "svg"),
 ) -> list[dict]:
-    """Draw ``metric`` against ``latency`` for every row of ``results`` (teacher, scratch and distilled students,
-    one point per scheme or loss), labelled with the row's name and parameter count, to ``STEM.png`` and
-    ``STEM.svg``. Returns the points drawn; nothing is written when no row has both numbers."""
+    """Draw ``metric`` against ``latency`` for every row of ``results`` to ``STEM.png`` and ``STEM.svg``.
+
+    Teacher, scratch and distilled students, one point per scheme or loss, labelled with the row's name and
+    parameter count. Nothing is written when no row has both numbers.
+
+    Args:
+        results: Row name → its metrics (a results table).
+        metric: The quality column (the y axis).
+        stem: The files' path without extension.
+        title: The picture's title.
+        latency: The speed column (the x axis).
+        formats: The file formats to write.
+
+    Returns:
+        The points drawn (see :func:`quality_latency_points`).
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
     points = quality_latency_points(results, metric, latency)
     if not points:
         return []
@@ -117,9 +143,17 @@ def plot_quality_latency(
 
 
 def curve_series(log_history: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """``{"train": {term: [(step, value), …]}, "eval": {term: …}}`` from a Trainer's ``log_history``: every
-    numeric term of the training logs (``loss``, ``ce``, ``kl``, ``kl/NAME``, …) and of the evaluation logs
-    (``eval_kl`` → ``kl``), bookkeeping left out."""
+    """Every numeric term of a Trainer's ``log_history``, per step, for training and evaluation.
+
+    The training logs' terms (``loss``, ``ce``, ``kl``, ``kl/NAME``, …) and the evaluation logs' (``eval_kl`` →
+    ``kl``), bookkeeping left out.
+
+    Args:
+        log_history: ``trainer.state.log_history``.
+
+    Returns:
+        ``{"train": {term: [(step, value), …]}, "eval": {term: …}}``.
+    """
     series: dict[str, dict[str, list[tuple[int, float]]]] = {"train": {}, "eval": {}}
     for entry in log_history:
         step = int(entry.get("step", 0))
@@ -137,8 +171,21 @@ def curve_series(log_history: list[dict]) -> dict[str, dict[str, list[tuple[int,
 
 
 def plot_curves(log_history: list[dict], path: str, *, title: str | None = None) -> dict:
-    """Every logged term over the steps, train (solid) and evaluation (dashed, points), one panel per term, to
-    ``path`` (a PNG). Returns the series drawn (see :func:`curve_series`); nothing is written without any."""
+    """Every logged term over the steps, one panel per term, to ``path`` (a PNG).
+
+    Training is drawn solid, evaluation dashed with points. Nothing is written without any term.
+
+    Args:
+        log_history: ``trainer.state.log_history``.
+        path: The PNG to write.
+        title: The picture's title.
+
+    Returns:
+        The series drawn (see :func:`curve_series`).
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
     series = curve_series(log_history)
     terms = sorted(set(series["train"]) | set(series["eval"]))
     if not terms:
@@ -178,8 +225,24 @@ def plot_series(
     title: str | None = None,
     formats: tuple[str, ...] = ("png", "svg"),
 ) -> dict[str, list[float]]:
-    """One line per entry of ``series`` (e.g. a federated run's server accuracy per round, for each mode), x from 1,
-    to ``STEM.png`` and ``STEM.svg``. Returns the series drawn."""
+    """One line per entry of ``series``, x from 1, to ``STEM.png`` and ``STEM.svg``.
+
+    E.g. a federated run's server accuracy per round, for each mode.
+
+    Args:
+        series: Line name → its values.
+        stem: The files' path without extension.
+        xlabel: The x axis's label.
+        ylabel: The y axis's label.
+        title: The picture's title.
+        formats: The file formats to write.
+
+    Returns:
+        The series drawn (empty ones left out; nothing is written when all are).
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
     drawn = {name: [float(value) for value in values] for name, values in series.items() if values}
     if not drawn:
         return {}
@@ -204,11 +267,26 @@ def plot_bars(
     reference_label: str | None = None,
     title: str | None = None,
 ) -> dict[str, float]:
-    """One horizontal bar per entry of ``values`` (a benchmark's ratios or accuracies), top to bottom in order,
-    each labelled with its value; ``errors`` (e.g. the std over seeds) as error bars, ``reference`` as a dashed
-    line (1 for ratios, the scratch student's accuracy, …). Writes ``path`` (a PNG). Returns the values drawn:
-    entries that are not numbers (a note such as "–") are skipped, NaN and ±inf left out with a warning naming
-    them."""
+    """One horizontal bar per entry of ``values`` (a benchmark's ratios or accuracies), top to bottom in order.
+
+    Each bar is labelled with its value. Entries that are not numbers (a note such as "–") are skipped, NaN and
+    ±inf left out with a warning naming them.
+
+    Args:
+        values: Bar name → its value.
+        path: The PNG to write.
+        xlabel: The x axis's label.
+        errors: Bar name → its error bar (e.g. the std over seeds).
+        reference: A dashed vertical line (1 for ratios, the scratch student's accuracy, …).
+        reference_label: The reference line's legend entry.
+        title: The picture's title.
+
+    Returns:
+        The values drawn.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
     numbers = {name: float(value) for name, value in values.items() if _is_number(value)}
     drawn = {name: value for name, value in numbers.items() if math.isfinite(value)}
     _warn_left_out({name: f"{value}" for name, value in numbers.items() if name not in drawn}, path)
@@ -280,10 +358,19 @@ def _parameters(count: float) -> str:
 
 
 def redraw(output_dir: str, stem: str) -> dict | list | None:
-    """Redraw a finished recipe run's picture from what it saved in ``output_dir`` — ``results.json`` (the
-    quality–latency plane of its table) or ``curves.json`` (per-round curves, the federated recipe) — to
-    ``STEM.png``. Returns what was drawn, or None when the run left neither file or its table measures no speed. The
-    metric and the speed column are looked up over every row (the teacher's row may have no speed measured)."""
+    """Redraw a finished recipe run's picture from what it saved in ``output_dir`` to ``STEM.png``.
+
+    ``results.json`` gives the quality–latency plane of its table, ``curves.json`` per-round curves (the federated
+    recipe). The metric and the speed column are looked up over every row (the teacher's row may have no speed
+    measured).
+
+    Args:
+        output_dir: The run's output folder.
+        stem: The picture's path without extension.
+
+    Returns:
+        What was drawn, or None when the run left neither file or its table measures no speed.
+    """
     import json
 
     curves_path, results_path = os.path.join(output_dir, "curves.json"), os.path.join(output_dir, "results.json")
@@ -304,8 +391,14 @@ def redraw(output_dir: str, stem: str) -> dict | list | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m hf_kd.plots``: the README's pictures, ``DOCS/NAME.png`` for every recipe config NAME whose run
-    (its ``output_dir``) has finished; the others are listed with the command that makes them."""
+    """Draw the README's pictures from the recipe runs that have finished (``python -m hf_kd.plots``).
+
+    Writes ``DOCS/NAME.png`` for every recipe config NAME whose run (its ``output_dir``) has finished; the others
+    are listed with the command that makes them.
+
+    Args:
+        argv: The command-line arguments (``--configs`` folder, ``--docs`` folder); ``None``: ``sys.argv``.
+    """
     import argparse
 
     import yaml

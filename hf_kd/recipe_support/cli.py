@@ -15,6 +15,16 @@ def parse_args(dataclass_types, args: list[str] | None = None):
     """Parse ``dataclass_types`` from the command line, optionally starting from a YAML file.
 
     ``--config FILE.yaml`` loads every field from the file; other flags on the command line override it.
+
+    Args:
+        dataclass_types: The argument dataclasses, as ``HfArgumentParser`` takes them.
+        args: The command line; ``None``: ``sys.argv[1:]``.
+
+    Returns:
+        One instance per dataclass, in order.
+
+    Raises:
+        SystemExit: ``--config`` without a path, or a file with fields no dataclass has.
     """
     args = list(sys.argv[1:] if args is None else args)
     parser = HfArgumentParser(dataclass_types)
@@ -40,9 +50,18 @@ def parse_args(dataclass_types, args: list[str] | None = None):
 
 
 def refuse_engines_for_multi_model_recipes(args) -> None:
-    """The recipes train a teacher and a scratch baseline beside the distilled student in one process and evaluate
+    """Refuse DeepSpeed and FSDP for a recipe that trains several models in one process.
+
+    The recipes train a teacher and a scratch baseline beside the distilled student in one process and evaluate
     them with plain Trainers. Accelerate allows one DeepSpeed set-up per process, and FSDP2 prepares a model only
-    with its optimizer, so with baselines they run on one device or with DDP (README, "Scale out")."""
+    with its optimizer, so with baselines they run on one device or with DDP (README, "Scale out").
+
+    Args:
+        args: The training arguments (or anything :func:`~hf_kd.checks.sharding_engine` reads).
+
+    Raises:
+        SystemExit: the run uses DeepSpeed or FSDP.
+    """
     engine = sharding_engine(args)
     if engine is not None:
         raise SystemExit(
@@ -54,9 +73,19 @@ def refuse_engines_for_multi_model_recipes(args) -> None:
 
 
 def check_recipe_engine(args, *, baselines: bool, teacher: str | None) -> None:
-    """Recipes with baselines train several models per process: no DeepSpeed or FSDP. Distilling only
-    (``--baselines false``) needs a trained ``--teacher`` and, under DeepSpeed, its process group before any
-    ``from_pretrained`` (ZeRO-3 loads through ``zero.Init``, which reads the world size)."""
+    """Recipes with baselines train several models per process: no DeepSpeed or FSDP.
+
+    Distilling only (``--baselines false``) needs a trained ``--teacher`` and, under DeepSpeed, its process group
+    before any ``from_pretrained`` (ZeRO-3 loads through ``zero.Init``, which reads the world size): started here.
+
+    Args:
+        args: The training arguments.
+        baselines: Whether the recipe trains its baselines.
+        teacher: The ``--teacher`` given, or ``None``.
+
+    Raises:
+        SystemExit: baselines under DeepSpeed or FSDP, or no teacher without baselines.
+    """
     if baselines:
         refuse_engines_for_multi_model_recipes(args)
         return

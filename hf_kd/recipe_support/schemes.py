@@ -18,12 +18,21 @@ from .cli import parse_args
 
 @dataclass
 class SchemeChoice:
-    """Which scheme a recipe runs, and its teachers when there are several."""
+    """Which scheme a recipe runs, and its teachers when there are several.
+
+    Args:
+        scheme: The scheme (its settings are flags of their own, listed by --scheme NAME --help).
+        teachers: Several trained teachers (comma-separated folders), combined by --teacher_aggregation; they replace
+            --teacher (the first one's tokenizer/processor is used).
+
+    Raises:
+        ValueError: ``teachers`` with a scheme that trains its own teachers or starts from one.
+    """
 
     scheme: str = field(
         default="offline",
         metadata={
-            "help": "The scheme (its settings are flags of their own, listed by --scheme NAME --help): "
+            "help": "The scheme (its settings are flags of their own, listed by --scheme NAME --help). Registered: "
             + "; ".join(f"{name}: {get_scheme(name).description}" for name in available_schemes()),
         },  # no fixed choices: a scheme registered after this import is a choice too (checked in __post_init__)
     )
@@ -42,7 +51,17 @@ class SchemeChoice:
             raise ValueError(f"--teachers with --scheme {self.scheme}: it {takes}.")
 
     def teacher_paths(self, teacher: str | None) -> list[str]:
-        """The trained teachers given on the command line: ``--teachers``, else ``--teacher`` (may be none)."""
+        """The trained teachers given on the command line: ``--teachers``, else ``--teacher`` (may be none).
+
+        Args:
+            teacher: The recipe's ``--teacher``, or ``None``.
+
+        Returns:
+            The teachers' folders.
+
+        Raises:
+            ValueError: both ``--teacher`` and ``--teachers``, or ``--teachers`` with fewer than two folders.
+        """
         if self.teachers is None:
             return [teacher] if teacher else []
         if teacher:
@@ -60,9 +79,19 @@ class SchemeChoice:
 
 
 def parse_recipe_args(recipe_class, distillation_class, args: list[str] | None = None):
-    """``(recipe, choice, scheme_config, distillation_args)`` from the command line (and ``--config FILE.yaml``):
+    """The recipe's, the scheme's and the distillation arguments from the command line (and ``--config FILE.yaml``).
+
     ``--scheme`` chooses which scheme's config dataclass is parsed beside the recipe's and the distillation ones, so
-    ``--help`` and every flag are that scheme's."""
+    ``--help`` and every flag are that scheme's.
+
+    Args:
+        recipe_class: The recipe's own arguments dataclass.
+        distillation_class: The distillation arguments dataclass (:class:`~hf_kd.DistillationConfig` or a subclass).
+        args: The command line; ``None``: ``sys.argv[1:]``.
+
+    Returns:
+        ``(recipe, choice, scheme_config, distillation_args)``.
+    """
     args = list(sys.argv[1:] if args is None else args)
     name = _scheme_name(args)
     recipe, choice, scheme, distillation = parse_args(
@@ -86,7 +115,14 @@ def _scheme_name(args: list[str]) -> str:
 
 
 def stage_rows(stages: list[Stage]) -> dict[str, nn.Module]:
-    """Results-table rows for the stages before the final student."""
+    """Results-table rows for the stages before the final student.
+
+    Args:
+        stages: A scheme's finished stages.
+
+    Returns:
+        ``"NAME (N parameters)"`` → the stage's model.
+    """
     from ..evaluation import count_parameters
 
     return {f"{stage.name} ({count_parameters(stage.model):,} parameters)": stage.model for stage in stages}

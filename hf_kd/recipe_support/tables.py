@@ -25,9 +25,25 @@ def compare_models(
     write: bool = True,
     metrics: tuple[str, ...] = CLASSIFICATION_COLUMNS,
 ) -> dict[str, dict]:
-    """Evaluate ``models`` side by side on ``dataset``, print the table (``metrics`` columns, then parameters and
-    latency) under ``title``, and (when ``write``) save it to ``output_dir/results.md`` and the rows to
-    ``output_dir/results.json``. Returns the rows."""
+    """Evaluate ``models`` side by side on ``dataset`` and print (and save) the table.
+
+    The table has the ``metrics`` columns, then parameters and latency, under ``title``; with ``write`` it is saved
+    to ``output_dir/results.md``, the rows to ``output_dir/results.json`` and the quality–latency picture beside them.
+
+    Args:
+        models: Row name → model.
+        dataset: The evaluation set.
+        title: The table's title.
+        output_dir: Where to save; ``None``: nowhere.
+        compute_metrics: The Trainer's ``compute_metrics``.
+        data_collator: The Trainer's data collator.
+        use_cpu: Evaluate on the CPU.
+        write: Save the files (the main process only, in a distributed run).
+        metrics: The quality columns.
+
+    Returns:
+        The rows (see :func:`~hf_kd.evaluation.evaluate_model`).
+    """
     results = {
         name: evaluate_model(
             model, dataset, compute_metrics=compute_metrics, data_collator=data_collator, use_cpu=use_cpu
@@ -41,8 +57,21 @@ def compare_models(
 def report_results(
     results: dict[str, dict], columns: list[str], title: str, output_dir: str | None, write: bool = True
 ) -> str:
-    """Print ``results`` as a markdown table under ``title`` and, when ``write``, save it to
-    ``output_dir/results.md`` and the rows to ``output_dir/results.json``. Returns the text."""
+    """Print ``results`` as a markdown table under ``title`` and, when ``write``, save it.
+
+    Saves ``output_dir/results.md``, the rows to ``output_dir/results.json`` and, when a column is a speed, the
+    quality–latency picture of the first column.
+
+    Args:
+        results: Row name → its metrics.
+        columns: The table's columns, in order.
+        title: The table's title.
+        output_dir: Where to save; ``None``: nowhere.
+        write: Save the files.
+
+    Returns:
+        The printed text.
+    """
     summary = f"{title}\n\n{markdown_table(results, columns)}\n"
     print("\n" + summary)
     if write and output_dir:
@@ -58,8 +87,17 @@ def report_results(
 
 
 def draw_curves(trainer, output_dir: str | None = None) -> dict | None:
-    """``OUTPUT_DIR/curves.png`` (default the trainer's output_dir): every term ``trainer`` logged over its steps,
-    train and eval (:func:`hf_kd.plots.plot_curves`); drawn by the main process only. Returns the series drawn."""
+    """``OUTPUT_DIR/curves.png``: every term ``trainer`` logged over its steps, train and eval.
+
+    See :func:`hf_kd.plots.plot_curves`; drawn by the main process only.
+
+    Args:
+        trainer: A trainer that has trained.
+        output_dir: Where to write; default the trainer's ``output_dir``.
+
+    Returns:
+        The series drawn, or ``None`` (another process, or no matplotlib).
+    """
     if not trainer.is_world_process_zero():
         return None
     output_dir = output_dir or trainer.args.output_dir
@@ -77,9 +115,25 @@ def compare_recipe_models(
     output_dir: str | None = None,
     metrics: tuple[str, ...] = CLASSIFICATION_COLUMNS,
 ) -> tuple[dict[str, dict], dict[str, dict]]:
-    """The recipes' test-split table (in ``output_dir``, default the trainer's) and the card's teacher-vs-student
-    rows. ``models`` lists the teacher first and the distilled student last; with the student alone (distil-only
-    runs) the distillation trainer evaluates it itself, since DeepSpeed allows no second Trainer in the process."""
+    """The recipes' test-split table and the card's teacher-vs-student rows.
+
+    ``models`` lists the teacher first and the distilled student last; with the student alone (distil-only runs)
+    the distillation trainer evaluates it itself, since DeepSpeed allows no second Trainer in the process. The
+    training curves are drawn beside the table.
+
+    Args:
+        trainer: The distillation trainer, after training.
+        dataset: The test split.
+        models: Row name → model, the teacher first and the student last.
+        title: The table's title.
+        data_collator: The evaluation's data collator.
+        output_dir: Where to save; default the trainer's ``output_dir``.
+        metrics: The quality columns.
+
+    Returns:
+        ``(results, card_rows)``: every row, and ``{"teacher": ..., "student": ...}`` (the student alone when it is
+        the only model).
+    """
     write = trainer.is_world_process_zero()
     output_dir = output_dir or trainer.args.output_dir
     draw_curves(trainer, output_dir)  # every logged term over the steps, next to the table's picture
