@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 
 import numpy as np
@@ -38,7 +37,8 @@ from .evaluation import count_parameters
 from .features import ModelFeatures, SparseDistribution
 from .model_kinds import is_causal_lm, is_token_level, labels_mark_distilled_positions, output_size
 from .positions import distillation_mask
-from .teachers import LiveTeacher, TeacherSource, unwrap
+from .teachers import LiveTeacher, ServedTeacher, TeacherSource, unwrap
+from .teachers.precomputed import sparse_batch, sparse_rows
 
 # 2: attention_mask and token_type_ids joined the fingerprints; token classifiers distil every attended token.
 CACHE_FORMAT_VERSION = 2
@@ -98,7 +98,7 @@ def _write_json(path: str, payload: dict) -> None:
 
 
 def write_teacher_cache(
-    teacher: nn.Module,
+    teacher: nn.Module | ServedTeacher,
     dataset,
     path: str,
     *,
@@ -123,7 +123,9 @@ def write_teacher_cache(
     ``tokenizer`` and ``max_length`` are recorded so a mismatch at training time is caught. Rerunning with the
     same arguments resumes: every shard already listed is verified (present, checksum, readable) and the missing
     or bad ones are rewritten with the rest, so a repaired cache equals an unbroken run's. Different arguments on
-    an existing cache raise.
+    an existing cache raise. ``teacher`` may be a :class:`~hf_kd.teachers.ServedTeacher` (a causal LM answered by an
+    inference engine): its top-k answers are written as they come (``top_k`` at most its own), and a server that
+    stops answering leaves the shards written so far for the rerun.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -135,11 +137,25 @@ def write_teacher_cache(
         raise ValueError(f"shard_size and batch_size must be > 0, got {shard_size} and {batch_size}.")
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise TypeError("dataset must be indexable with a length (a datasets.Dataset), in training row order.")
-    model = unwrap(teacher)
-    token_level = is_token_level(model) if token_level is None else token_level
-    shift = token_level and is_causal_lm(model)
-    by_labels = labels_mark_distilled_positions(model)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    served = teacher if isinstance(teacher, ServedTeacher) else None
+    if served is not None:  # a causal LM's every token, answered on the CPU side of the connection
+        described = served.cache_description(top_k, mode, token_level, tokenizer)
+        token_level = shift = by_labels = True
+        device = torch.device("cpu")
+    else:
+        model = unwrap(teacher)
+        token_level = is_token_level(model) if token_level is None else token_level
+        shift = token_level and is_causal_lm(model)
+        by_labels = labels_mark_distilled_positions(model)
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        described = {
+            "teacher": getattr(model, "name_or_path", None) or None,
+            "teacher_class": type(model).__name__,
+            "teacher_parameters": count_parameters(model),
+            "teacher_config": hashlib.sha256(model.config.to_json_string().encode()).hexdigest()[:16]
+            if hasattr(model, "config")
+            else None,
+        }
     if data_collator is None:
         data_collator = _default_collator(dataset, tokenizer)
 
@@ -155,12 +171,7 @@ def write_teacher_cache(
         "token_level": token_level,
         "causal": shift,
         "positions_by_labels": by_labels,
-        "teacher": getattr(model, "name_or_path", None) or None,
-        "teacher_class": type(model).__name__,
-        "teacher_parameters": count_parameters(model),
-        "teacher_config": hashlib.sha256(model.config.to_json_string().encode()).hexdigest()[:16]
-        if hasattr(model, "config")
-        else None,
+        **described,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": max_length,
         "num_examples": len(rows),
@@ -185,7 +196,8 @@ def write_teacher_cache(
     shards = [shard for shard in shards if _shard_problem(path, shard) is None]  # the others are written again
     vocab_size = existing.get("vocab_size") if shards else None
     done = {shard["first"] for shard in shards}
-    live = LiveTeacher(teacher)
+    live = None if served is not None else LiveTeacher(teacher)
+    resume = "The shards written before it are kept: rerun write_teacher_cache with the same arguments to go on."
     generator = torch.Generator(device="cpu").manual_seed(seed)
     num_shards = -(-len(rows) // shard_size)
     bar = tqdm(total=len(rows), desc="teacher cache", unit="ex", disable=not progress)
@@ -202,8 +214,20 @@ def write_teacher_cache(
             stop = min(start + batch_size, first + count)
             batch = data_collator([rows[index] for index in range(start, stop)])
             batch = {key: value.to(device) for key, value in batch.items() if torch.is_tensor(value)}
-            logits = live(batch, frozenset({"logits"})).logits
             mask = distillation_mask(batch, token_level, shift, by_labels)
+            if served is not None:  # the engine's top-k as it answered: the rows a live teacher's top-k would give
+                with served.during(f"writing the teacher cache in {path} (examples {start} to {stop - 1})", resume):
+                    answered = served(batch, frozenset({"logits"})).sparse_logits[:, :-1]
+                if mask is None:  # no labels, no attention mask: every position
+                    mask = torch.ones(answered.ids.shape[:2], dtype=torch.bool)
+                answered = answered[mask]
+                per_example += mask.sum(-1).tolist()
+                vocab_size = answered.vocab_size
+                ids.append(answered.ids[:, :top_k].to("cpu", torch.int32))
+                values.append(answered.logprobs[:, :top_k].to("cpu", _VALUE_DTYPES[dtype]))
+                bar.update(stop - start)
+                continue
+            logits = live(batch, frozenset({"logits"})).logits
             if shift:
                 logits = logits[:, :-1]
             if mask is None:  # every position: one row per example (classifiers) or every token
@@ -317,21 +341,6 @@ def _sparsify(positions: torch.Tensor, k: int, mode: str, generator: torch.Gener
     # Every drawn id (at most min(k, V) distinct), then zero-count fillers.
     frequency, ids = counts.topk(min(k, counts.shape[-1]), dim=-1)
     return ids, torch.log(frequency / k)  # log 0 = -inf: a filler carries no probability
-
-
-def sparse_rows(
-    ids: torch.Tensor, logprobs: torch.Tensor, vocab_size: int, spread_tail: bool = True
-) -> SparseDistribution:
-    """Cached rows as a teacher distribution: the kept entries and, with ``spread_tail``, the remaining mass
-    spread uniformly over the other entries (else they get probability 0)."""
-    logprobs = logprobs.float()
-    k = ids.shape[-1]
-    tail = (1 - torch.logsumexp(logprobs, dim=-1).exp()).clamp(min=0)
-    if spread_tail and k < vocab_size:
-        fill = torch.where(tail > 1e-6, torch.log(tail / (vocab_size - k)), torch.full_like(tail, float("-inf")))
-    else:
-        fill = torch.full_like(tail, float("-inf"))
-    return SparseDistribution(ids.long(), logprobs, fill, vocab_size)
 
 
 def densify(ids: torch.Tensor, logprobs: torch.Tensor, vocab_size: int, spread_tail: bool = True) -> torch.Tensor:
@@ -524,18 +533,7 @@ class TeacherCache(TeacherSource):
         if mask is None:
             mask = torch.ones(batch, length - int(self.manifest["causal"]), dtype=torch.bool, device=device)
         ids, values = self._batch_rows(sample_index, mask.sum(-1).tolist())
-        rows = self._sparse(ids.to(device), values.to(device))
-        # Positions outside the mask are uniform (no loss reads them): ids 0..k-1 at log(1/V), fill log(1/V).
-        k = ids.shape[-1]
-        uniform = -math.log(self.vocab_size)
-        full_ids = torch.arange(k, device=device).expand(batch, length, k).clone()
-        full_values = torch.full((batch, length, k), uniform, device=device)
-        full_fill = torch.full((batch, length), uniform, device=device)
-        width = mask.shape[1]  # T - 1 for causal LMs: the last position predicts nothing
-        full_ids[:, :width][mask] = rows.ids
-        full_values[:, :width][mask] = rows.logprobs
-        full_fill[:, :width][mask] = rows.fill
-        return ModelFeatures(sparse_logits=SparseDistribution(full_ids, full_values, full_fill, self.vocab_size))
+        return ModelFeatures(sparse_logits=sparse_batch(self._sparse(ids.to(device), values.to(device)), mask, length))
 
     def token_rows(self, inputs: dict, mask: torch.Tensor, sample_index: torch.Tensor | None = None):
         ids, values = self._batch_rows(sample_index, mask.sum(-1).tolist())

@@ -1,6 +1,7 @@
 """Where teacher outputs come from: loading, freezing and placing teacher models (:mod:`.loading`), the source
 protocol (:mod:`.base`), live models (:mod:`.live`), the student's own base (:mod:`.adapter_base`), predictions that
-travel with the rows (:mod:`.precomputed`) and several teachers combined into one (:mod:`.ensemble`)."""
+travel with the rows (:mod:`.precomputed`), several teachers combined into one (:mod:`.ensemble`) and a teacher
+served by an inference engine (:mod:`.served`)."""
 
 from .adapter_base import AdapterBaseTeacher
 from .base import TeacherSource
@@ -20,6 +21,7 @@ from .loading import (
     use_eager_attention,
 )
 from .precomputed import PrecomputedPredictions
+from .served import ServedTeacher, TeacherServerError
 
 __all__ = [
     "AGGREGATIONS",
@@ -28,7 +30,9 @@ __all__ = [
     "AdapterBaseTeacher",
     "LiveTeacher",
     "PrecomputedPredictions",
+    "ServedTeacher",
     "TeacherAggregator",
+    "TeacherServerError",
     "TeacherSource",
     "build_teachers",
     "check_materialized",
