@@ -4,13 +4,18 @@ reads the registry, so a new scheme is in it by being registered."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from conftest import classification_data, config, lm_data, tiny_bert, tiny_gpt2
+import safetensors.torch
+import torch
+from conftest import classification_data, config, lm_data, push_to_local_hub, tiny_bert, tiny_gpt2
 
 from hf_kd import DistillationTrainer
 from hf_kd.noise import TokenMasking
 from hf_kd.schemes import available_schemes, get_scheme, run_scheme
 from hf_kd.schemes.cross_modal import paired_views
+from hf_kd.schemes.noisy_student import NoisyStudentConfig
 
 # option → (DistillationConfig overrides, what the option is called in a refusal)
 OPTIONS = {
@@ -85,3 +90,113 @@ def test_every_option_trains_or_is_refused_before_the_first_step(scheme, option,
         assert named in str(refusal), f"the refusal does not name {named!r}: {refusal}"
         return
     assert counter.steps >= 2 and result.trainer.state.global_step == 2
+
+
+# ---- cells checked against a plain computation ---------------------------------------------------------------------
+
+
+class _Killed(Exception):
+    """Stands for a kill of the process (a pre-emption) in the middle of a run."""
+
+
+def _run(scheme, tmp_path, folder, option=None, kill_at_step=None, monkeypatch=None, **overrides):
+    """Run ``scheme`` (a name or a config) on the classification set-up (or the LM one for ``chunk_size``) and
+    return its result."""
+    entry = get_scheme(scheme if isinstance(scheme, str) else scheme.name)
+    language_model = option == "chunk_size"
+    data, build = (lm_data(n=8), tiny_gpt2) if language_model else (classification_data(n=16), tiny_bert)
+    if entry.name == "cross_modal":
+        data = paired_views(data, data.remove_columns("labels"))
+    kwargs = {"eval_dataset": data} if overrides.get("eval_strategy") == "steps" else {}
+    if kill_at_step is not None:
+        original, seen = DistillationTrainer.training_step, []
+
+        def killed(trainer, *args, **kw):
+            seen.append(1)
+            if len(seen) == kill_at_step:
+                raise _Killed()
+            return original(trainer, *args, **kw)
+
+        monkeypatch.setattr(DistillationTrainer, "training_step", killed)
+    try:
+        return run_scheme(
+            scheme,
+            config(tmp_path / folder, **{"max_steps": 2, **overrides}),
+            teacher=None if entry.teachers == "none" else build(seed=1),
+            make_student=lambda k: build(hidden=16, seed=10 + k),
+            train_dataset=data,
+            make_assistant=lambda hidden_size, layers: build(hidden=24, seed=5),
+            load_student=lambda folder: type(build(hidden=16)).from_pretrained(folder),
+            **kwargs,
+        )
+    finally:
+        if kill_at_step is not None:
+            monkeypatch.setattr(DistillationTrainer, "training_step", original)
+
+
+def _same_weights(model, reference, atol=1e-6):
+    expected = reference.state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], atol=atol, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# option → (the cell's overrides, the plain computation's overrides): both must train the same weights
+EQUIVALENT = {
+    "gradient_accumulation_steps": (
+        {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4},
+        {"per_device_train_batch_size": 8},
+    ),
+    "eval_strategy_steps": ({"eval_strategy": "steps", "eval_steps": 1}, {}),  # evaluating does not change training
+    "chunk_size": ({"chunk_size": 4}, {}),  # the chunked path gives the plain path's values and gradients
+}
+
+
+@pytest.mark.parametrize("option", list(EQUIVALENT))
+@pytest.mark.parametrize("scheme", available_schemes())
+def test_working_cells_train_what_the_plain_computation_trains(scheme, option, tmp_path):
+    if option == "chunk_size" and scheme in CLASSIFIERS_ONLY | {"cross_modal"}:
+        pytest.skip("no causal-LM cell for this scheme (see the matrix above)")
+    cell, plain = EQUIVALENT[option]
+    if scheme == "noisy_student":  # its noise draws from the global RNG, which every DataLoader iterator draws from
+        scheme = NoisyStudentConfig(input_noise=0.0, student_dropout=0.0)
+    try:
+        result = _run(scheme, tmp_path, "cell", option, **cell)
+    except ValueError:
+        return  # an early refusal: the matrix above checks it comes before the first step and names the option
+    reference = _run(scheme, tmp_path, "plain", option, **plain)
+    _same_weights(result.student, reference.student, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", available_schemes())
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(scheme, tmp_path, monkeypatch):
+    """Killed at its second training step (after checkpoint-1, in its first trainer), rerun in the same folder: it
+    resumes from the checkpoint (finished stages reused) and ends with the uninterrupted run's weights."""
+    saving = {"save_strategy": "steps", "save_steps": 1}
+    with pytest.raises(_Killed):
+        _run(scheme, tmp_path, "killed", kill_at_step=2, monkeypatch=monkeypatch, **saving)
+    resumed = _run(scheme, tmp_path, "killed", **saving)
+    reference = _run(scheme, tmp_path, "whole", **saving)
+    _same_weights(resumed.student, reference.student)
+
+
+def test_every_scheme_pushes_its_final_student_or_refuses_before_training(tmp_path):
+    """``push_to_hub=True``: each scheme's repo gets its final student (the weights it returns), its
+    ``distillation_config.json`` naming the scheme and a card, once, when the caller saves it (Trainer semantics) — and
+    nothing of its other stages (an assistant, a generation, the other peers); or the scheme refuses before training."""
+    hub = push_to_local_hub(tmp_path, "scheme_push_worker.py")
+    with open(tmp_path / "out" / "report.json") as handle:
+        report = json.load(handle)
+    assert set(report) == set(available_schemes())
+    for scheme, outcome in report.items():
+        commits = [commit for commit in hub.commits if commit["repo"] == f"alice/{scheme}"]
+        if outcome != "pushed":
+            assert "push_to_hub" in outcome and not commits, (scheme, outcome)
+            continue
+        assert len(commits) == 1, f"{scheme} pushed {len(commits)} times"  # the final student, once
+        files = commits[0]["files"]
+        local = tmp_path / "out" / "local" / scheme
+        pushed = safetensors.torch.load(files["model.safetensors"])
+        for name, value in safetensors.torch.load_file(local / "model.safetensors").items():
+            torch.testing.assert_close(pushed[name], value, msg=lambda m, where=f"{scheme}, {name}": f"{where}: {m}")
+        assert json.loads(files["distillation_config.json"])["scheme"]["name"] == scheme
+        assert "README.md" in files and not any(path.startswith(("stage", "peer", "round")) for path in files)

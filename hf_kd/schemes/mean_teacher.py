@@ -29,7 +29,7 @@ from ..features import ModelFeatures, run_model
 from ..noise import compose_noise
 from ..teachers import LiveTeacher, check_materialized, freeze, unwrap
 from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
-from .stages import MODEL_FOLDER, Stage
+from .stages import MODEL_FOLDER, Stage, pushed_by_the_caller, restore_push
 
 EMA_TEACHER = "ema_teacher"  # the teacher's name (logs: kl/…; card rows) and its stage folder beside the student
 
@@ -233,7 +233,7 @@ def run_mean_teacher(config: MeanTeacherConfig, args: DistillationConfig, given:
     noise = given.noise(config.input_noise)
     student, ema = mean_teacher(
         given.make_student(1),
-        args,
+        pushed_by_the_caller(args),
         ema_decay=config.ema_decay,
         consistency_loss=config.consistency_loss,
         teacher_dropout=config.teacher_dropout,
@@ -242,4 +242,4 @@ def run_mean_teacher(config: MeanTeacherConfig, args: DistillationConfig, given:
         scheme=config,
         **given.trainer_kwargs,
     )
-    return SchemeResult(student.trainer, [ema])
+    return SchemeResult(restore_push(student.trainer, args), [ema])

@@ -15,6 +15,7 @@ losses are response losses (they compare predictions); one device and DDP (DeepS
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -28,9 +29,10 @@ from ..features import ModelFeatures, output_field
 from ..hub import render_student_card
 from ..model_kinds import auto_class_for, is_causal_lm, is_token_level, num_classes
 from ..teachers import check_materialized, name_models
+from ..trainer import DistillationTrainer
 from ..trainer.compat import TrainerCompat
+from ..trainer.members import TrainedMembers, mean_prediction
 from ..trainer.reporting import run_summary, write_summary
-from .online import OnlineTrainer, best_member, mean_prediction
 from .peer_cohort import PEER_PREFIX, PeerCohort
 from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
 from .stages import Stage
@@ -38,17 +40,48 @@ from .stages import Stage
 TOWARDS = ("peers", "ensemble")
 
 
-class MutualLearningTrainer(OnlineTrainer):
+class PeerTeaching(TrainedMembers):
+    """Deep mutual learning's members: every peer learns from the others (``towards="peers"``, averaged over them)
+    or from their ensemble (``towards="ensemble"``)."""
+
+    scheme, kind = "mutual learning", "peer"
+
+    def __init__(self, names: list[str], reference: nn.Module, towards: str = "peers"):
+        super().__init__(names, reference)
+        self.towards = towards
+
+    def teachers_of(self, member, detached, term):
+        others = [features for name, features in detached.items() if name != member]
+        if self.towards == "ensemble":
+            return [ModelFeatures(logits=mean_prediction(others, float(getattr(term.loss, "temperature", 1.0))))]
+        return others
+
+    def logits_alone(self, module, member, inputs):
+        return output_field(module.peers[member](**inputs), "logits")
+
+    def model_of(self, module, member):
+        return module.peers[member]
+
+
+class MutualLearningTrainer(DistillationTrainer):
     """Trains ``peers`` (a list, named ``peer0``, ``peer1``, …, or a dict name → model) together by deep mutual
-    learning; its model is the :class:`PeerCohort` of the peers.
+    learning: a :class:`~hf_kd.DistillationTrainer` whose model is the :class:`PeerCohort` of the peers and whose
+    members (:class:`PeerTeaching`) teach each other.
 
     Logged per peer: ``ce/peer0``, ``kl/peer0``, … in training and ``eval_ce/peer0``, … in evaluation. With
     ``compute_metrics``, evaluation reports the cohort's mean prediction (``eval_accuracy``) and each peer alone
     (``eval_peer0_accuracy``). ``save_model(DIR)`` writes every peer to ``DIR/NAME`` with its own
     ``distillation_config.json`` and card; checkpoints hold one such folder per peer and resume all of them.
-    """
 
-    scheme, member_kind = "mutual learning", "peer"
+    Args:
+        peers: the models trained together (a list or a dict name → model; two at least, each its own model).
+        args: the run's :class:`~hf_kd.DistillationConfig`; its losses must be response losses.
+        towards: ``"peers"`` (each peer learns from every other, averaged: the paper) or ``"ensemble"``.
+        **kwargs: what :class:`~hf_kd.DistillationTrainer` takes beside ``model`` and ``teacher_model``.
+
+    Raises:
+        ValueError: peers of different label sets or kinds, ``push_to_hub``, or an option the scheme cannot take.
+    """
 
     def __init__(
         self,
@@ -61,6 +94,8 @@ class MutualLearningTrainer(OnlineTrainer):
         named = _named_peers(peers)
         if towards not in TOWARDS:
             raise ValueError(f"towards must be one of {TOWARDS}, got {towards!r}.")
+        if "model" in kwargs:
+            raise ValueError("MutualLearningTrainer trains the peers it is given: pass them as peers, not model=.")
         if args is not None and args.push_to_hub:
             raise ValueError(_NO_PUSH)
         widths = {name: num_classes(peer) for name, peer in named.items()}
@@ -74,7 +109,8 @@ class MutualLearningTrainer(OnlineTrainer):
             raise ValueError(
                 "the peers are of different kinds (sequence vs token outputs, causal or not): give peers of one task."
             )
-        super().__init__(PeerCohort(named), list(named), next(iter(named.values())), args, **kwargs)
+        members = PeerTeaching(list(named), next(iter(named.values())), towards)
+        super().__init__(model=PeerCohort(named), args=args, members=members, **kwargs)
         for peer in named.values():  # distribution losses on a one-logit head
             check_logit_width(peer, self.objective.losses)
         self.towards = towards
@@ -83,22 +119,8 @@ class MutualLearningTrainer(OnlineTrainer):
 
     @property
     def peers(self) -> nn.ModuleDict:
+        """The peers by name (unwrapped)."""
         return self.accelerator.unwrap_model(self.model).peers
-
-    def forward_members(self, model, inputs):
-        return model(**inputs)  # through the cohort's (DDP) wrapper
-
-    def teachers_of(self, member, detached, term):
-        others = [features for name, features in detached.items() if name != member]
-        if self.towards == "ensemble":
-            return [ModelFeatures(logits=mean_prediction(others, float(getattr(term.loss, "temperature", 1.0))))]
-        return others
-
-    def member_logits(self, member, inputs):
-        return output_field(self.peers[member](**inputs), "logits")
-
-    def member_model(self, member):
-        return self.peers[member]
 
     # ---- saving ---------------------------------------------------------------------------------------------
 
@@ -209,7 +231,7 @@ def mutual_learning(
     (``details["best"]``), each with the one trainer that trained them all.
     """
     trainer = MutualLearningTrainer(peers, args, towards=towards, **trainer_kwargs)
-    trainer.scheme_config = scheme if scheme is not None else MutualLearningConfig(len(trainer.members), towards)
+    trainer.scheme_config = scheme if scheme is not None else MutualLearningConfig(len(trainer.members.names), towards)
     folder = args.output_dir
     checkpoint = last_complete_checkpoint(folder)
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -229,6 +251,16 @@ def mutual_learning(
         stage = Stage(name, os.path.join(folder, name), peer, metrics, {"best": name == trainer.best_peer}, trainer)
         stages.append(stage)
     return stages
+
+
+def best_member(metrics: dict[str, dict], metric: str | None, greater_is_better: bool | None) -> str | None:
+    """The member with the best ``metric`` (``accuracy`` by default; none when a member lacks it)."""
+    metric = (metric or "accuracy").removeprefix("eval_")
+    scored = {name: row[metric] for name, row in metrics.items() if metric in row}
+    if len(scored) != len(metrics) or not scored:
+        return None
+    higher = greater_is_better if greater_is_better is not None else not metric.endswith("loss")
+    return (max if higher else min)(scored, key=scored.get)
 
 
 def _named_peers(peers) -> dict[str, nn.Module]:
@@ -258,7 +290,7 @@ def run_mutual_learning(config: MutualLearningConfig, args: DistillationConfig, 
     pretrained teacher, and the best peer is the student (Zhang et al. 2018)."""
     peers = mutual_learning(
         [given.make_student(k) for k in range(1, config.peers + 1)],
-        args,
+        dataclasses.replace(args, push_to_hub=False),  # the cohort never pushes; the best peer's trainer does
         towards=config.towards,
         scheme=config,
         **given.trainer_kwargs,
@@ -271,8 +303,6 @@ def run_mutual_learning(config: MutualLearningConfig, args: DistillationConfig, 
 def _best_peer_trainer(best: Stage, others: list[Stage], args, scheme, trainer_kwargs):
     """After deep mutual learning: a trainer around the best peer (its teachers, the other peers, now frozen), for
     the recipe's evaluation, save and push; it records the cohort's run (steps, peers, metrics)."""
-    from ..trainer import DistillationTrainer
-
     trainer = DistillationTrainer(
         model=best.model, teacher_model={peer.name: peer.model for peer in others}, args=args, **trainer_kwargs
     )

@@ -11,17 +11,23 @@ from torch import nn
 from ..checkpoints import load_saved_weights
 from ..features import run_model
 from ..model_kinds import base_model
+from ..trainer.members import MemberModule
 
 PEER_PREFIX = "peer"  # peers given as a list are named peer0, peer1, ...
 
 
-class PeerCohort(nn.Module):
+class PeerCohort(MemberModule):
     """``peers`` (name → model) as one module. ``forward`` runs every peer on the same inputs, through the one
     wrapper DDP puts around the cohort, so that every peer's gradients are synchronised."""
 
     def __init__(self, peers: dict[str, nn.Module]):
         super().__init__()
         self.peers = nn.ModuleDict(peers)
+
+    @property
+    def members(self) -> list[str]:
+        """The peers' names."""
+        return list(self.peers)
 
     def forward(self, needs: frozenset[str] = frozenset({"logits"}), **inputs) -> dict[str, tuple]:
         """``{name: (outputs, ModelFeatures)}``: each peer's own outputs (its label loss among them when ``inputs``

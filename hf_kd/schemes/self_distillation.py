@@ -36,11 +36,12 @@ from ..config import DistillationConfig
 from ..evaluation import count_parameters
 from ..features import ModelFeatures, capture_modules, pool
 from ..model_kinds import base_model, is_regression, is_token_level, num_classes
+from ..trainer import DistillationTrainer
 from ..trainer.compat import TrainerCompat
+from ..trainer.members import MemberModule, TrainedMembers
 from ..trainer.reporting import run_summary, write_summary
-from .online import OnlineTrainer
 from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
-from .stages import Stage
+from .stages import Stage, pushed_by_the_caller, restore_push
 
 FINAL = "final"  # the member that is the model's own head (the deepest exit, the teacher)
 EXITS_CONFIG, EXITS_WEIGHTS = "early_exits.json", "early_exits.safetensors"
@@ -88,7 +89,7 @@ class _ExitReached(Exception):
         self.output = output
 
 
-class EarlyExitModel(nn.Module):
+class EarlyExitModel(MemberModule):
     """``model`` (a sequence or image classifier) with exits after the blocks ``exits_after`` — layer numbers (1 = the
     first block) or module paths. ``forward(**inputs)`` runs the model once and returns ``{member: (outputs,
     ModelFeatures)}`` for every exit (``exit1``, …; a path's exit is named ``exit@PATH``) and ``final`` (the model's
@@ -333,18 +334,57 @@ def _stop_at(model: nn.Module, path: str):
         handle.remove()
 
 
-class SelfDistillationTrainer(OnlineTrainer):
-    """Trains an :class:`EarlyExitModel` by self-distillation: every exit on the labels, the model's own head
-    (``final``) teaching the exits with the configured response losses and, with ``hint_weight`` > 0, the feature
-    hint. Logged per member: ``ce/exit1``, ``kl/exit1``, ``hint/exit1``, …, ``ce/final``; evaluation adds each
-    member's ``compute_metrics`` (``eval_exit1_accuracy``, …).
+class ExitTeaching(TrainedMembers):
+    """Self-distillation's members: the model's own head (``final``) teaches every exit with the configured response
+    losses, and with ``hint_weight`` > 0 the exits' hint projections match its features."""
+
+    scheme, kind = "self-distillation", "exit"
+
+    def __init__(self, early: EarlyExitModel, hint_weight: float):
+        super().__init__(early.members, early.model, ("hint",) if hint_weight > 0 else ())
+        self.hint_weight = hint_weight
+
+    def evaluation_logits(self, detached):
+        return detached[FINAL].logits  # the model's own head: the model as deployed without exits
+
+    def teachers_of(self, member, detached, term):
+        return [] if member == FINAL else [detached[FINAL]]
+
+    def extra_terms(self, member, results):
+        if self.hint_weight == 0 or member == FINAL:
+            return {}
+        exit_features = results[member][1].hidden_states[-1]
+        final_features = results[FINAL][1].hidden_states[-1].detach()
+        return {"hint": self.hint_weight * F.mse_loss(exit_features.float(), final_features.float())}
+
+    def logits_alone(self, module, member, inputs):
+        return module.exit_logits(member, inputs)
+
+    def model_of(self, module, member):
+        return module.model if member == FINAL else module.exits[member]
+
+
+class SelfDistillationTrainer(DistillationTrainer):
+    """Trains an :class:`EarlyExitModel` by self-distillation: a :class:`~hf_kd.DistillationTrainer` whose members
+    (:class:`ExitTeaching`) are the model's exits and its own head (``final``), which teaches them. Logged per member:
+    ``ce/exit1``, ``kl/exit1``, ``hint/exit1``, …, ``ce/final``; evaluation adds each member's ``compute_metrics``
+    (``eval_exit1_accuracy``, …).
 
     ``save_model`` writes the plain model (exits dropped), or with ``save_exits=True`` also the exits, and a push
     uploads the same (``push_to_hub``, and with ``push_to_hub=True`` every checkpoint's push of the model); checkpoints
     always hold both, and resume them.
-    """
 
-    scheme, member_kind = "self-distillation", "exit"
+    Args:
+        model: the network with its exits.
+        args: the run's :class:`~hf_kd.DistillationConfig`; its losses must be response losses.
+        hint_weight: the weight of the exits' feature hint towards the final features (0: none).
+        save_exits: whether ``save_model`` and pushes keep the exits beside the model.
+        **kwargs: what :class:`~hf_kd.DistillationTrainer` takes beside ``teacher_model``.
+
+    Raises:
+        TypeError: ``model`` is not an :class:`EarlyExitModel`.
+        ValueError: a bad ``hint_weight``, or an option the scheme cannot take.
+    """
 
     def __init__(
         self,
@@ -367,7 +407,7 @@ class SelfDistillationTrainer(OnlineTrainer):
         if hint_weight == 0 and model.hint:  # hint projectors no loss reads: DDP would stop on unused parameters
             for head in model.exits.values():
                 head.project.requires_grad_(False)
-        super().__init__(model, model.members, model.model, args, ("hint",) if hint_weight > 0 else (), **kwargs)
+        super().__init__(model=model, args=args, members=ExitTeaching(model, float(hint_weight)), **kwargs)
         self.hint_weight, self.save_exits = float(hint_weight), save_exits
 
     @property
@@ -383,28 +423,6 @@ class SelfDistillationTrainer(OnlineTrainer):
     def unshared_files(self) -> tuple[str, ...]:
         """Never pushed with the model: the exits too, unless ``save_exits`` (checkpoints keep them to resume)."""
         return (*super().unshared_files, *(() if self.save_exits else (EXITS_CONFIG, EXITS_WEIGHTS)))
-
-    def evaluation_logits(self, detached):
-        return detached[FINAL].logits  # the model's own head: the model as deployed without exits
-
-    def forward_members(self, model, inputs):
-        return model(**inputs)
-
-    def teachers_of(self, member, detached, term):
-        return [] if member == FINAL else [detached[FINAL]]
-
-    def extra_terms(self, member, results):
-        if self.hint_weight == 0 or member == FINAL:
-            return {}
-        exit_features = results[member][1].hidden_states[-1]
-        final_features = results[FINAL][1].hidden_states[-1].detach()
-        return {"hint": self.hint_weight * F.mse_loss(exit_features.float(), final_features.float())}
-
-    def member_logits(self, member, inputs):
-        return self.early_exit_model.exit_logits(member, inputs)
-
-    def member_model(self, member):
-        return self.early_exit_model.model if member == FINAL else self.early_exit_model.exits[member]
 
     def parameters_of(self, role: str) -> int:
         return sum(p.numel() for p in self.early_exit_model.used_parameters(role, self.example_inputs()))
@@ -576,7 +594,7 @@ def run_self_distillation(
         raise ValueError("self_distillation puts exits after blocks before the last: give the student 2 or more.")
     trainer = self_distillation(
         student,
-        args,
+        pushed_by_the_caller(args),
         exits_after=blocks,
         exit_bottleneck=config.exit_bottleneck,
         hint_weight=config.hint_weight,
@@ -586,4 +604,4 @@ def run_self_distillation(
     )
     early, batch = trainer.early_exit_model, trainer.example_inputs()
     exits = [Stage(name, args.output_dir, ExitView(early, name, batch), {}) for name in early.exit_paths]
-    return SchemeResult(trainer, exits)
+    return SchemeResult(restore_push(trainer, args), exits)

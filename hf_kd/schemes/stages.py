@@ -91,7 +91,9 @@ def run_stage(
             )
         return Stage(name, folder, load_student(model_folder), saved.get("metrics", {}), saved.get("stage", {}))
     teachers = list(name_models(teacher, SINGLE_TEACHER, reserved=("student",)))
-    stage_args = dataclasses.replace(args_for_teachers(args, teachers), output_dir=folder)
+    # A stage never pushes (an assistant or an earlier generation must not reach the student's repo): the chain's
+    # final trainer gets push_to_hub back (final_trainer), and its save_model / push_to_hub share the student.
+    stage_args = dataclasses.replace(args_for_teachers(args, teachers), output_dir=folder, push_to_hub=False)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=stage_args, **trainer_kwargs)
     trainer.lineage = lineage
     trainer.stage_details = details or {}
@@ -145,11 +147,12 @@ def _changed(saved: dict | None, requested: dict) -> str:
 
 def final_trainer(stages: list[Stage], args: DistillationConfig, scheme, given) -> object:
     """The trainer of a chain's final student: the one that trained it, or — when it finished in an earlier run and
-    was read back — a trainer around it (its teacher the stage before), for evaluation, saving and pushing.
+    was read back — a trainer around it (its teacher the stage before), for evaluation, saving and pushing (with
+    ``args.push_to_hub``, its ``save_model`` pushes the student, as a Trainer's does; no stage pushed before).
     ``given``: the scheme's :class:`~hf_kd.schemes.registry.SchemeInputs`."""
     last = stages[-1]
     if last.trainer is not None:
-        return last.trainer
+        return restore_push(last.trainer, args)  # it trained as a stage, which never pushes
     from ..trainer import DistillationTrainer
 
     with open(os.path.join(last.model_folder, DISTILLATION_CONFIG_NAME)) as handle:
@@ -159,6 +162,22 @@ def final_trainer(stages: list[Stage], args: DistillationConfig, scheme, given) 
     trainer.lineage, trainer.stage_metrics = saved.get("lineage"), saved.get("metrics")
     trainer.stage_details, trainer.stage_setup = saved.get("stage"), saved.get("setup")
     trainer.scheme_config = scheme
+    return trainer
+
+
+def pushed_by_the_caller(args):
+    """``args`` for a scheme function that saves its student itself (mean teacher, self-distillation) when run by
+    :func:`~hf_kd.schemes.registry.run_scheme`: without ``push_to_hub``, so that the student is pushed once — by the
+    caller's ``result.trainer.save_model()`` / ``push_to_hub()``, with the card the caller completes (see
+    :func:`restore_push`)."""
+    return dataclasses.replace(args, push_to_hub=False) if args.push_to_hub else args
+
+
+def restore_push(trainer, args):
+    """Give the scheme's final trainer ``args.push_to_hub`` back (set on its own arguments: replacing them would
+    rebuild their process state), so its ``save_model`` pushes as a Trainer's does."""
+    if args.push_to_hub:
+        trainer.args.push_to_hub = True
     return trainer
 
 

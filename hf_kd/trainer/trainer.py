@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.utils import find_labels
 
 from ..checkpoints import last_complete_checkpoint
 from ..checks import check_chunkable, check_on_policy, check_setup, check_teachers
@@ -16,7 +17,7 @@ from ..features import output_field
 from ..generation import ON_POLICY_KEY
 from ..model_kinds import is_causal_lm, is_regression, is_token_level, labels_mark_distilled_positions
 from ..noise import compose_noise
-from ..objective import Objective
+from ..objective import LABEL_TERM, Objective
 from ..positions import ItemCounts, distillation_mask, split_sample_index
 from ..teachers import TeacherSource, build_teachers, place_teacher, use_eager_attention
 from ..teachers.ensemble import TeacherAggregator
@@ -26,6 +27,9 @@ from . import reporting
 from .batch_loss import chunked_terms, plain_terms, record_terms, unlabeled_prediction, with_decoder_inputs
 from .compat import TrainerCompat
 from .loss_parts import LossParts, LossPartsCallback
+from .members import TrainedMembers, check_member_engine, check_members_setup, member_parameters, members_loss
+
+_LOOP_FIELDS = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time", "_loss")
 
 
 class DistillationTrainer(TrainerCompat):
@@ -57,32 +61,60 @@ class DistillationTrainer(TrainerCompat):
         teacher_model: nn.Module | str | TeacherSource | list | dict | None = None,
         args: DistillationConfig | None = None,
         student_noise=None,
+        *,
+        members: TrainedMembers | None = None,
         **kwargs,
     ):
+        """Args:
+            model: the student, or with ``members`` the :class:`~hf_kd.trainer.members.MemberModule` of the models
+                trained together.
+            teacher_model: one teacher or a list or dict of them (see the class docstring); default
+                ``args.teacher_model_name_or_path``. None with ``members``: the members teach each other.
+            args: the run's :class:`~hf_kd.DistillationConfig` (default: one writing to ``hf_kd_output``).
+            student_noise: a callable ``batch → batch`` (or a list of them) applied to the student's training inputs.
+            members: several trained models in one module and who teaches whom among them (mutual learning's peers,
+                self-distillation's exits); None: one student.
+            **kwargs: everything ``transformers.Trainer`` takes (``train_dataset``, ``data_collator``, ...).
+
+        Raises:
+            ValueError / TypeError: on a set-up that could not train as configured, before anything is loaded.
+        """
         args = args if args is not None else DistillationConfig(output_dir="hf_kd_output")
-        teacher_model = (
-            teacher_model if teacher_model is not None else getattr(args, "teacher_model_name_or_path", None)
-        )
-        check_setup(model, teacher_model, args, kwargs)
-        self.student_noise = compose_noise(student_noise)  # training only; teachers read the clean batch
-        if self.student_noise is not None and args.chunk_size is not None:
-            raise ValueError("student_noise does not work with chunk_size (both models read one batch); unset one.")
-        teachers = build_teachers(teacher_model, model, args.teacher_dtype)  # name → source or frozen model
-        aggregator = TeacherAggregator.from_config(list(teachers), args) if len(teachers) > 1 else None
-        objective = Objective(args.loss_specs, list(teachers), args, aggregator)
-        check_teachers(model, teachers, objective, args, kwargs.get("train_dataset"))  # before any repo is made
+        if members is None:
+            teacher_model = (
+                teacher_model if teacher_model is not None else getattr(args, "teacher_model_name_or_path", None)
+            )
+            check_setup(model, teacher_model, args, kwargs)
+            self.student_noise = compose_noise(student_noise)  # training only; teachers read the clean batch
+            if self.student_noise is not None and args.chunk_size is not None:
+                raise ValueError("student_noise does not work with chunk_size (both models read one batch); unset one.")
+            teachers = build_teachers(teacher_model, model, args.teacher_dtype)  # name → source or frozen model
+            aggregator = TeacherAggregator.from_config(list(teachers), args) if len(teachers) > 1 else None
+            objective = Objective(args.loss_specs, list(teachers), args, aggregator)
+            check_teachers(model, teachers, objective, args, kwargs.get("train_dataset"))  # before any repo is made
+            reference = model
+        else:
+            check_members_setup(model, teacher_model, args, members, student_noise, kwargs)
+            self.student_noise, teachers, aggregator = None, {}, None
+            objective = members.objective(args)
+            reference = members.reference
         check_saveable(model, kwargs.get("processing_class"))
         super().__init__(model=model, args=args, **kwargs)
 
+        self.members = members
+        if members is not None:
+            check_member_engine(self, members)
+            if args.label_names is None:  # the module's forward hides the members' label arguments
+                self.label_names = find_labels(type(reference))
         self.objective = objective
         self.distillation_losses = objective.losses.to(self.args.device)
         if "attentions" in objective.needs("student") | objective.needs("teacher"):
             for network in [model, *(teacher for teacher in teachers.values() if isinstance(teacher, nn.Module))]:
                 use_eager_attention(network)
-        self.token_level = args.token_level if args.token_level is not None else is_token_level(model)
-        self.shift_labels = is_causal_lm(model)
-        self.labels_mark_positions = labels_mark_distilled_positions(model)
-        self.regression = is_regression(model)  # its label loss: MSE over the given targets (NaN: unlabeled)
+        self.token_level = args.token_level if args.token_level is not None else is_token_level(reference)
+        self.shift_labels = is_causal_lm(reference)
+        self.labels_mark_positions = labels_mark_distilled_positions(reference)
+        self.regression = is_regression(reference)  # its label loss: MSE over the given targets (NaN: unlabeled)
         if args.chunk_size is not None:
             check_chunkable(
                 self.distillation_losses,
@@ -96,13 +128,20 @@ class DistillationTrainer(TrainerCompat):
         }
         for name, source in self.teachers.items():
             source.check_needs(objective.needs("teacher", name))
-        check_on_policy(args, self.token_level, self.shift_labels, self.accelerator.unwrap_model(model), self.teachers)
+        if members is None:
+            check_on_policy(
+                args, self.token_level, self.shift_labels, self.accelerator.unwrap_model(model), self.teachers
+            )
         self.teacher_model = self.teacher.model if len(self.teachers) == 1 else None  # a network in memory, or None
         self.loss_parts = LossParts(
             self.distillation_losses, aggregator.to(self.args.device) if aggregator else None, self.teachers
         )
         self.loss_parts.setup(self, objective.terms)
-        self.term_log = TermLog(objective.logged_names, self.args.device)
+        if members is None:
+            self.term_log = TermLog(objective.logged_names, self.args.device)
+        else:  # every term per member: ce/peer0, kl/peer0, hint/exit1, ...
+            logged = [LABEL_TERM, *objective.names, *members.extra_term_names]
+            self.term_log = TermLog([f"{term}/{name}" for name in members.names for term in logged], self.args.device)
         self._warned_unlabeled_eval = False
         self.add_callback(LossPartsCallback(self.loss_parts, self.accelerator))
         self.add_callback(TermLogReset(self.term_log))
@@ -130,6 +169,8 @@ class DistillationTrainer(TrainerCompat):
 
     def parameters_of(self, role: str) -> int:
         """The parameter count of ``"student"`` or of a teacher, by its name (for comparison rows)."""
+        if self.members is not None:
+            return member_parameters(self, role)
         if role == reporting.STUDENT_ROLE:
             return count_parameters(self.student)
         return self.teachers[role].describe()["teacher_parameters"]
@@ -169,6 +210,8 @@ class DistillationTrainer(TrainerCompat):
                 self.teacher.release()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.members is not None:
+            return members_loss(self, model, inputs, return_outputs, num_items_in_batch)
         counts = num_items_in_batch
         if not isinstance(counts, ItemCounts):  # called outside the training loop
             counts = self._get_num_items_in_batch([inputs], self.args.device)
@@ -222,7 +265,38 @@ class DistillationTrainer(TrainerCompat):
         output.metrics.update({f"{prefix}_{name}": value for name, value in terms.items()})
         return output
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """``Trainer.evaluate``; with several members, plus ``compute_metrics`` of each member alone under
+        ``{prefix}_{member}_`` (``eval_peer0_accuracy``)."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if self.members is None or self.compute_metrics is None or isinstance(dataset, dict):
+            return metrics  # a dict: evaluate() was called per set
+        member_metrics = {}
+        for name in self.members.names:
+            self._comparing = name
+            try:
+                output = self.evaluation_loop(
+                    self.get_eval_dataloader(dataset), name, metric_key_prefix=f"{metric_key_prefix}_{name}"
+                )
+            finally:
+                self._comparing = None
+            member_metrics.update(
+                {key: value for key, value in output.metrics.items() if not key.endswith(_LOOP_FIELDS)}
+            )
+        self.log(member_metrics)
+        return {**metrics, **member_metrics}
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self.members is not None and self._comparing in self.members.names:  # one member alone
+            plain = split_sample_index(self._prepare_inputs(inputs))[0]
+            with torch.no_grad():
+                logits = self.members.logits_alone(
+                    self.accelerator.unwrap_model(self.model),
+                    self._comparing,
+                    {key: value for key, value in plain.items() if key != "labels"},
+                )
+            return None, logits, plain.get("labels")
         has_labels = bool(self.label_names) and all(inputs.get(name) is not None for name in self.label_names)
         if self._comparing is None and has_labels:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
@@ -258,8 +332,15 @@ class DistillationTrainer(TrainerCompat):
     def compare_with_teacher(self, eval_dataset=None) -> dict[str, dict]:
         """Metrics (``compute_metrics``), parameters and ms per example of each teacher and of the student, each
         run alone by this trainer's own evaluation loop (cached teachers have no row); kept in ``self.comparison``
-        for the model card's table."""
-        return reporting.compare_with_teacher(self, eval_dataset)
+        for the model card's table. With several members: each member's row, measured alone."""
+        if self.members is None:
+            return reporting.compare_with_teacher(self, eval_dataset)
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError(f"compare_with_teacher needs an eval_dataset (here or in {type(self).__name__}).")
+        self.comparison = {name: reporting.measure_alone(self, name, dataset) for name in self.members.names}
+        self.comparison_examples = len(dataset)
+        return self.comparison
 
     def set_model_card_details(
         self, comparison: dict[str, dict] | None = None, eval_examples: int | None = None, **card_kwargs

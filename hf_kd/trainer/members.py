@@ -1,0 +1,234 @@
+"""Several trained models in one run — peers trained together, a network and its exits — as the one
+:class:`~hf_kd.DistillationTrainer` trains them.
+
+The trainer's model is then a :class:`MemberModule`: one module (one optimizer, one DDP wrapper, one checkpoint) whose
+forward runs every *member* on the batch and returns each one's outputs (with its own label loss) and logits. A
+:class:`TrainedMembers` says who teaches whom: a member's loss is its label loss, plus the configured response losses
+towards the *detached* predictions of the members that teach it, plus terms of the scheme (a feature hint); the
+run's loss is the sum over members. Since teachers are read detached, a member's parameters that only it uses receive
+gradients from its own loss alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..checks import check_compatible, check_logit_width
+from ..config import DistillationConfig
+from ..evaluation import count_parameters
+from ..features import ModelFeatures
+from ..objective import Objective, check_finite
+from ..positions import ItemCounts, split_sample_index
+from ..teachers.ensemble import TeacherAggregator
+from .batch_loss import _drop_last_position, label_term, record_terms
+
+MEMBERS = "members"  # the one teacher name the objective's terms read: whichever members teach a member
+RESPONSE_ONLY = "kl, reverse_kl, jsd, soft_ce, tvd, prob_mse, logit_mse, dkd"
+
+
+class MemberModule(nn.Module):
+    """A module of named members trained together. Subclasses define :meth:`forward` (``{member: (outputs with
+    its label loss, ModelFeatures with its logits)}``), and how a checkpoint holds them
+    (:meth:`save_checkpoint`, :meth:`load_checkpoint`: e.g. one ``from_pretrained`` folder per peer)."""
+
+    members: list[str]
+
+    def signature_columns(self) -> list[str]:
+        """The data columns the members' forwards take (the Trainer keeps those)."""
+        raise NotImplementedError
+
+    def save_checkpoint(self, folder: str, processing_class=None) -> None:
+        """Write every member into the checkpoint ``folder``."""
+        raise NotImplementedError
+
+    def load_checkpoint(self, folder: str) -> None:
+        """Read every member back from a checkpoint :meth:`save_checkpoint` wrote."""
+        raise NotImplementedError
+
+
+class TrainedMembers:
+    """Who teaches whom among the members of a :class:`MemberModule`, and how one member predicts alone.
+
+    Args:
+        names: the members, in the module's order.
+        reference: one member's model, which tells the task (token level, causal LM, label names).
+        extra_terms: names of the scheme's own terms (logged per member as ``NAME/MEMBER``).
+
+    ``scheme`` and ``kind`` name the scheme and its members in messages (``"mutual learning"``, ``"peer"``).
+    """
+
+    scheme, kind = "online distillation", "member"
+
+    def __init__(self, names: list[str], reference: nn.Module, extra_terms: tuple[str, ...] = ()):
+        self.names, self.reference, self.extra_term_names = list(names), reference, tuple(extra_terms)
+
+    def teachers_of(self, member: str, detached: dict[str, ModelFeatures], term) -> list[ModelFeatures]:
+        """The detached predictions ``member`` learns from with ``term`` (none: it only learns from its labels)."""
+        raise NotImplementedError
+
+    def extra_terms(self, member: str, results: dict[str, tuple]) -> dict[str, torch.Tensor]:
+        """The scheme's own batch-level terms for ``member`` (named in ``extra_terms``), already weighted."""
+        return {}
+
+    def logits_alone(self, module: MemberModule, member: str, inputs: dict) -> torch.Tensor:
+        """``member``'s logits alone, for its evaluation (called under ``no_grad``)."""
+        raise NotImplementedError
+
+    def model_of(self, module: MemberModule, member: str) -> nn.Module:
+        """The model (or part) that is ``member``, for its parameter count."""
+        raise NotImplementedError
+
+    def evaluation_logits(self, detached: dict[str, ModelFeatures]) -> torch.Tensor:
+        """What evaluation's ``compute_metrics`` reads for the whole run: the members' mean prediction."""
+        return mean_prediction(list(detached.values()), 1.0)
+
+    def objective(self, args: DistillationConfig) -> Objective:
+        """The configured losses, each read between a member and the members that teach it."""
+        objective = Objective(args.loss_specs, [MEMBERS], args)
+        other = [term.loss.name for term in objective.terms if term.loss.side_needs("student") != {"logits"}]
+        if other:
+            raise ValueError(
+                f"{self.scheme} exchanges predictions, and {other} read other features (hidden states, embeddings) "
+                f"with learned parts sized for one teacher: use response losses ({RESPONSE_ONLY})."
+            )
+        check_logit_width(self.reference, objective.losses)
+        return objective
+
+
+def check_member_options(members: TrainedMembers, args: DistillationConfig, student_noise) -> None:
+    """Refuse, at construction, the :class:`~hf_kd.DistillationConfig` options a run of several trained members
+    cannot honour (they failed mid-training or were ignored): each names the scheme and the reason."""
+    scheme, kind = members.scheme, members.kind
+    if args.load_best_model_at_end:
+        raise ValueError(f"load_best_model_at_end reloads one model; {scheme} keeps every {kind}: leave it False.")
+    refusals = []
+    if args.chunk_size is not None:
+        refusals.append(
+            f"chunk_size={args.chunk_size}: the chunked loss runs one student against one frozen teacher's LM head; "
+            f"here every {kind} reads the others' full logits. Leave chunk_size unset"
+        )
+    if args.on_policy_fraction > 0:
+        refusals.append(
+            f"on_policy_fraction={args.on_policy_fraction}: on-policy batches are one student's generations scored by "
+            f"frozen teachers; the {kind}s all learn. Leave it 0"
+        )
+    if args.label_smoothing_factor > 0:
+        refusals.append(
+            f"label_smoothing_factor={args.label_smoothing_factor}: each {kind} computes its own label loss "
+            "(its model's loss), unsmoothed. Leave it 0"
+        )
+    if student_noise is not None:
+        refusals.append(
+            f"student_noise: every {kind} reads the same batch, and the ones that teach read it detached. "
+            "Noise the inputs in the data collator instead"
+        )
+    if args.teacher_aggregation != "mean_probs" or args.teacher_weights is not None:
+        refusals.append(
+            f"teacher_aggregation={args.teacher_aggregation!r} / teacher_weights={args.teacher_weights}: the "
+            f"{kind}s that teach are combined by the scheme itself (mutual learning: towards='peers' or "
+            "'ensemble'). Leave both unset"
+        )
+    if refusals:
+        raise ValueError(f"{scheme} cannot take " + "; ".join(refusals) + ".")
+
+
+def check_members_setup(module, teacher_model, args, members: TrainedMembers, student_noise, trainer_kwargs) -> None:
+    """What a trainer of several members refuses before anything is built (beside :func:`check_member_options`)."""
+    if not isinstance(members, TrainedMembers):
+        raise TypeError(f"members must be a TrainedMembers, got {type(members).__name__}.")
+    if not isinstance(args, DistillationConfig):
+        raise TypeError(f"args must be a DistillationConfig, got {type(args).__name__}.")
+    if trainer_kwargs.get("compute_loss_func") is not None:
+        raise ValueError(f"{members.scheme} trains the models it is given, with its own loss.")
+    if not isinstance(module, MemberModule):
+        raise TypeError(
+            f"with members, model must be the MemberModule that runs them (e.g. PeerCohort, EarlyExitModel), got "
+            f"{type(module).__name__}."
+        )
+    if teacher_model is not None:
+        raise ValueError(
+            f"{members.scheme} takes no teacher_model: its {members.kind}s teach each other (for a frozen teacher, "
+            "train one student with DistillationTrainer)."
+        )
+    check_member_options(members, args, student_noise)
+    train_dataset = trainer_kwargs.get("train_dataset")
+    if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+        raise ValueError("train_dataset is empty (0 rows): check the data loading and filtering before training.")
+
+
+def check_member_engine(trainer, members: TrainedMembers) -> None:
+    """Several members train as one module: DeepSpeed and FSDP wrap one model per engine."""
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        raise ValueError(
+            f"{members.scheme} is not supported under DeepSpeed or FSDP: they wrap one model per engine, and the "
+            f"{members.kind}s train as one module. Use one device or DDP (accelerate launch without a "
+            "DeepSpeed or FSDP config)."
+        )
+
+
+def members_loss(trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
+    """``DistillationTrainer.compute_loss`` when the trainer trains several members: every member once, each with
+    its label loss and its terms towards the members that teach it; logged per member (``kl/peer0``)."""
+    members: TrainedMembers = trainer.members
+    counts = num_items_in_batch
+    if not isinstance(counts, ItemCounts):  # called outside the training loop
+        counts = trainer._get_num_items_in_batch([inputs], trainer.args.device)
+    mode = "train" if model.training else "eval"
+    accumulation = getattr(trainer, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
+    inputs, _ = split_sample_index(inputs)
+    labels, label_weight = inputs.get("labels"), trainer.args.label_loss_weight
+    results = model(**inputs)  # every member once, through the module's (DDP) wrapper; each its own label loss
+    mask = trainer._distillation_mask(inputs)
+    features = {name: member_features for name, (_, member_features) in results.items()}
+    position_labels = labels
+    if trainer.token_level and trainer.shift_labels:
+        features = {name: _drop_last_position(member_features) for name, member_features in features.items()}
+        position_labels = None if labels is None else labels[:, 1:]
+    detached = {name: ModelFeatures(logits=each.logits.detach()) for name, each in features.items()}
+    step = trainer.state.global_step if mode == "train" else None
+    labeled = label_weight > 0 and labels is not None
+    objective, total = trainer.objective, None
+    for name, (outputs, _) in results.items():
+        student = features[name]
+        terms = label_term(trainer, outputs, labels, counts) if label_weight > 0 else {}
+        taught = False
+        for term in objective.terms:
+            teachers = members.teachers_of(name, detached, term)
+            if not teachers:
+                continue
+            values = []
+            for teacher in teachers:
+                check_compatible(student, teacher)
+                values.append(term.loss(student, teacher, mask=mask, labels=position_labels))
+            terms[term.name] = objective.normalise(term, sum(values) / len(values), counts, accumulation)
+            taught = True
+        extra = {key: value / accumulation for key, value in members.extra_terms(name, results).items()}
+        if trainer.args.check_finite:
+            where = f"{mode} step {trainer.state.global_step + 1}, {name}"
+            check_finite(where, {**terms, **extra}, student, {}, mask, trainer.args.device)
+        member_total = objective.total(terms, label_weight, step)
+        for value in extra.values():
+            member_total = value if member_total is None else member_total + value
+        if member_total is not None:  # None: an unlabeled batch for a member that no one teaches
+            total = member_total if total is None else total + member_total
+        record_terms(trainer, mode, terms, counts, accumulation, taught, labeled, suffix=f"/{name}", extra=extra)
+    if total is None:
+        raise ValueError("no loss term was computed: the batch has no labels and no member learns from another.")
+    if not return_outputs:
+        return total
+    return total, {"logits": members.evaluation_logits(detached)}
+
+
+def member_parameters(trainer, member: str) -> int:
+    """The parameter count of one member."""
+    return count_parameters(trainer.members.model_of(trainer.accelerator.unwrap_model(trainer.model), member))
+
+
+def mean_prediction(features: list[ModelFeatures], temperature: float) -> torch.Tensor:
+    """Logits that soften at ``temperature`` into the mean of the members' softened probabilities."""
+    shape = features[0].logits.shape
+    flat = [member.logits.reshape(-1, shape[-1]) for member in features]
+    weights = torch.full((flat[0].shape[0], len(flat)), 1.0 / len(flat), device=flat[0].device)
+    combined = TeacherAggregator([str(k) for k in range(len(flat))]).combine(flat, weights, temperature)
+    return combined.reshape(shape)
