@@ -57,7 +57,8 @@ def parse_losses(value: str | list | None, *, trust_imports: bool = False) -> li
         trust_imports: Let a dotted class path import its module.
 
     Returns:
-        One :class:`LossSpec` per loss, in order; a weight left unset is the loss class's ``default_weight``.
+        A list of :class:`LossSpec`, one per loss, in order; a weight left unset is the loss class's
+            ``default_weight``.
 
     Raises:
         ValueError: JSON that does not parse, an entry without a name, a weight that is not a number, an entry of

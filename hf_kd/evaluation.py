@@ -38,7 +38,7 @@ def evaluate_model(
 
     Returns:
         The metrics without their ``eval_`` prefix (timings and loss left out), ``parameters`` and
-        ``ms_per_example``.
+            ``ms_per_example``.
     """
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(

@@ -467,7 +467,7 @@ def run_federated(
         record_messages: Keep every message's content in the result's ``wire_log``.
 
     Returns:
-        The :class:`FederatedResult`.
+        The run's :class:`FederatedResult`.
 
     Raises:
         TypeError: ``config`` is not a :class:`FederatedConfig`.

@@ -186,7 +186,7 @@ class Objective:
 
         Returns:
             ``exp(−5(1 − step/N)²)`` for ``N = distillation_rampup_steps``; 1 without a ramp, at and after step N, and
-            outside training.
+                outside training.
         """
         if not self.rampup_steps or step is None or step >= self.rampup_steps:
             return 1.0

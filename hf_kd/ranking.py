@@ -276,7 +276,7 @@ class CrossEncoderRanker(_Ranker):
 
         Returns:
             A ``SequenceClassifierOutput`` with ``logits`` ``B×G`` (-inf where no candidate) and the loss when labels
-            are given.
+                are given.
 
         Raises:
             ValueError: ``input_ids`` is not ``B×G×T``.
@@ -358,7 +358,7 @@ class BiEncoderRanker(_Ranker):
 
         Returns:
             A ``SequenceClassifierOutput`` with ``logits`` ``B×G`` (-inf where no candidate) and the binary
-            cross-entropy of the judged candidates when labels are given.
+                cross-entropy of the judged candidates when labels are given.
 
         Raises:
             ValueError: the query or candidate ids are not laid out by :class:`RankingCollator`.
@@ -419,7 +419,7 @@ def score_groups(ranker: nn.Module, dataset, collator: RankingCollator, batch_si
 
     Returns:
         One ``(scores, grades or None)`` pair of numpy arrays per query, the padding dropped — what
-        :func:`hf_kd.metrics.ranking_metrics` reads.
+            :func:`hf_kd.metrics.ranking_metrics` reads.
     """
     was_training, device = ranker.training, next(ranker.parameters()).device
     ranker.eval()

@@ -227,7 +227,7 @@ class SentenceEmbeddingModel(nn.Module):
             **ignored: Other batch columns.
 
         Returns:
-            A :class:`SentenceEmbeddingOutput`.
+            The embeddings (and hidden states) as a :class:`SentenceEmbeddingOutput`.
 
         Raises:
             ValueError: hidden states asked of a SentenceTransformer whose first module does not give them.

@@ -122,7 +122,7 @@ def tokenize_words(
 
     Returns:
         Rows of ``input_ids``, ``attention_mask``, ``labels``, ``distillation_positions``, ``sentence_index`` and
-        ``word_ids`` (the input columns removed).
+            ``word_ids`` (the input columns removed).
 
     Raises:
         ValueError: an unknown ``subtokens``, a slow tokenizer, a ``max_length`` or ``stride`` that leaves no room, a

@@ -43,7 +43,7 @@ def split_views(inputs: dict) -> tuple[dict, dict | None]:
 
     Returns:
         ``(student, teacher)``; the teacher's is ``None`` when the batch has no ``teacher_*`` column (both models then
-        read the same inputs), else its columns without the prefix.
+            read the same inputs), else its columns without the prefix.
     """
     if not has_teacher_view(inputs):
         return inputs, None

@@ -92,13 +92,39 @@ def entries(lines: list[str]) -> dict[str, str]:
     result: dict[str, str] = {}
     name = None
     for line in lines:
-        if line.strip() and len(line) - len(line.lstrip()) == min(indents):
-            match = re.match(r"\s*(\*{0,2}[\w.]+)\s*(\([^)]*\))?\s*:(.*)", line)
-            name = match.group(1) if match else line.strip()
-            result[name] = match.group(3).strip() if match else ""
-        elif name is not None and line.strip():
+        match = re.match(r"\s*(\*{0,2}[\w.]+)\s*(\([^)]*\))?\s*:(.*)", line)
+        if match and len(line) - len(line.lstrip()) == min(indents):
+            name = match.group(1)
+            result[name] = match.group(3).strip()
+        elif name is not None and line.strip():  # a continuation (one not indented is a layout problem)
             result[name] += " " + line.strip()
     return result
+
+
+def layout_problems(label: str, doc: str) -> list[str]:
+    """What renders wrongly under mkdocstrings' Google defaults (``returns_multiple_items``, ``returns_named_value``):
+    an Args/Attributes/Raises line at the entries' indentation that is not ``name: text`` (a continuation that is
+    not indented), a Returns/Yields text that goes on at its first line's indentation (several values), or that
+    opens like ``word:`` (a named value)."""
+    problems = []
+    for kind, lines in sections(doc).items():
+        lines = [line for line in lines if line.strip()]
+        if not lines:
+            continue
+        indent = min(len(line) - len(line.lstrip()) for line in lines)
+        if kind in (*ARGUMENT_SECTIONS, "Attributes", "Raises"):
+            problems += [
+                f"{label}: {kind}: {line.strip()[:40]!r}... is not 'name: text' (indent a continuation further)"
+                for line in lines
+                if len(line) - len(line.lstrip()) == indent
+                and not re.match(r"\s*\*{0,2}[\w.]+\s*(\([^)]*\))?\s*:", line)
+            ]
+        elif kind in ("Returns", "Yields"):
+            if any(len(line) - len(line.lstrip()) <= indent for line in lines[1:]):
+                problems.append(f"{label}: {kind}: indent the lines after the first (it reads as several values)")
+            if re.match(r"\s*\w+\s*(\([^)]*\))?\s*:", lines[0]):
+                problems.append(f"{label}: {kind}: {lines[0].strip()[:40]!r} reads as a named value ('word:')")
+    return problems
 
 
 def documented(doc: str | None, *kinds: str) -> dict[str, str]:
@@ -182,6 +208,7 @@ def function_problems(label: str, function, doc: str | None, skip_first: bool) -
     if not (doc and doc.strip()):
         return [f"{label}: no docstring"]
     problems = argument_problems(label, parameter_names(function, skip_first), documented(doc, *ARGUMENT_SECTIONS))
+    problems += layout_problems(label, doc)
     definition = own_code(function)
     if definition is None:
         return problems
@@ -227,11 +254,12 @@ def class_problems(label: str, cls) -> list[str]:
         return [f"{label}: no docstring"]  # (a dataclass without one gets its signature as __doc__)
     init = cls.__dict__.get("__init__")
     init_doc = getattr(init, "__doc__", None) if init is not None else None
+    layout = layout_problems(label, doc) + (layout_problems(f"{label}.__init__", init_doc) if init_doc else [])
     args = {**documented(doc, *ARGUMENT_SECTIONS), **documented(init_doc, *ARGUMENT_SECTIONS)}
     attributes = documented(doc, "Attributes")
     parameters = constructor_parameters(cls)
     given = {name.lstrip("*") for name in {**args, **attributes}}
-    problems = [
+    problems = layout + [
         f"{label}: parameter {name!r} is missing from Args:" for name in parameters if name.lstrip("*") not in given
     ]
     problems += [
@@ -335,6 +363,25 @@ def test_the_checker_finds_what_is_missing():
         "f: raises ['ValueError'], and has no Raises: section",
     ]
     assert function_problems("g", lambda: None, None, skip_first=False) == ["g: no docstring"]
+
+    def misaligned(alpha):
+        """Summary.
+
+        Args:
+            alpha: the first,
+            and more about it.
+
+        Returns:
+            One :class:`int` per row,
+            and more about it.
+        """
+        return alpha
+
+    assert function_problems("h", misaligned, misaligned.__doc__, skip_first=False) == [
+        "h: Args: 'and more about it.'... is not 'name: text' (indent a continuation further)",
+        "h: Returns: indent the lines after the first (it reads as several values)",
+        "h: Returns: 'One :class:`int` per row,' reads as a named value ('word:')",
+    ]
 
     @dataclasses.dataclass
     class Settings:

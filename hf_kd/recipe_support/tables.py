@@ -132,7 +132,7 @@ def compare_recipe_models(
 
     Returns:
         ``(results, card_rows)``: every row, and ``{"teacher": ..., "student": ...}`` (the student alone when it is
-        the only model).
+            the only model).
     """
     write = trainer.is_world_process_zero()
     output_dir = output_dir or trainer.args.output_dir

@@ -47,7 +47,7 @@ class TeacherSource:
 
         Returns:
             ``(rows, to_logits)``: ``rows`` is a tuple of tensors with one row per position of ``mask``, and
-            ``to_logits(*row_chunk)`` gives those positions' logits (called under ``no_grad``).
+                ``to_logits(*row_chunk)`` gives those positions' logits (called under ``no_grad``).
         """
         raise NotImplementedError
 

@@ -194,7 +194,7 @@ class TeacherAggregator(nn.Module):
 
         Returns:
             ``τ·log Σₖ wₖ p_k^τ`` (``N×V``), sparse when every teacher is and their kept ids fit the vocabulary
-            (:func:`mix_sparse`); ``mean_logits``: ``Σₖ wₖ z_k`` (dense).
+                (:func:`mix_sparse`); ``mean_logits``: ``Σₖ wₖ z_k`` (dense).
         """
         sparse = [z for z in logits if isinstance(z, SparseDistribution)]
         if self.mode != "mean_logits" and len(sparse) == len(logits):

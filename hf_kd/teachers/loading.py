@@ -115,8 +115,8 @@ def place_teacher(teacher, trainer, losses) -> TeacherSource:
         losses: The losses that read this teacher (a cache checks it holds what they need).
 
     Returns:
-        A :class:`TeacherSource`: a model wrapped as a :class:`~hf_kd.teachers.LiveTeacher`, or the source itself,
-        attached to ``trainer``.
+        The teacher as a :class:`TeacherSource`: a model wrapped as a :class:`~hf_kd.teachers.LiveTeacher`, or the
+            source itself, attached to ``trainer``.
     """
     if not isinstance(teacher, TeacherSource):
         from .live import LiveTeacher
