@@ -124,6 +124,13 @@ CASES = [
         "the server answered for 9 prompt tokens where 8 were sent: it added or removed tokens (a BOS?)",
     ),
     Case(
+        "served-fewer-than-asked",
+        "an engine that returns 4 log-probabilities per position where `top_k=8` were asked",
+        lambda p: _served(p, {"returns_at_most": 4}),
+        ValueError,
+        "log-probabilities for a position where top_k=8 were asked: it caps them lower (--max-logprobs)",
+    ),
+    Case(
         "served-prefix-cache",
         "an engine that answers a cached prefix without prompt log-probabilities",
         lambda p: _served(p, {"cached_prefix": 3}),

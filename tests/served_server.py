@@ -8,8 +8,8 @@ Answers follow the engines' conventions: the entry of prompt token i is the dist
 before it (none for token 0); vLLM's entry is a dict ``{"<id>": {"logprob", "rank", "decoded_token"}}`` holding the
 top k and the prompt token itself; SGLang's lists ``[logprob, id, text]``. Switches reproduce what real deployments
 get wrong: logits instead of log-probabilities (``--logprobs-mode raw_logits``), a BOS put before the prompt, cached
-prefixes answered without log-probabilities, no token strings (``--skip-tokenizer-init``), failing or dropped
-requests, a slow answer, and the server going away (:meth:`TeacherServer.stop`).
+prefixes answered without log-probabilities, no token strings (``--skip-tokenizer-init``), fewer log-probabilities
+than asked, failing or dropped requests, a slow answer, and the server going away (:meth:`TeacherServer.stop`).
 """
 
 from __future__ import annotations
@@ -39,12 +39,14 @@ class TeacherServer:
         prepend: int | None = None,
         cached_prefix: int = 0,
         echo_token_ids: bool = True,
+        returns_at_most: int | None = None,
     ):
         self.model = copy.deepcopy(model).eval()  # the tests' own copy stays untouched by the server's threads
         self.name, self.tokenizer, self.max_logprobs = name, tokenizer, max_logprobs
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
         self.logits_mode, self.prepend, self.cached_prefix = logits_mode, prepend, cached_prefix
         self.echo_token_ids = echo_token_ids
+        self.returns_at_most = returns_at_most  # an engine that silently returns fewer than asked
         self.failures: list[int | str] = []  # answers for the next scoring requests: an HTTP status, or "drop"
         self.slow = False  # scoring requests wait until the test (or stop) releases them
         self.barrier: threading.Barrier | None = None  # the first scoring requests wait here for each other
@@ -103,7 +105,7 @@ class TeacherServer:
                 positions.append(None)
                 continue
             row = values[index - 1]
-            top = row.topk(k)
+            top = row.topk(min(k, self.returns_at_most or k))
             token_value = float(row[ids[index]])
             rank = int((row > row[ids[index]]).sum()) + 1
             positions.append((top.indices.tolist(), top.values.tolist(), token_value, rank))

@@ -43,7 +43,7 @@ RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 PROBE_LENGTH = 64  # prompt tokens of the probe request (ids spread over the tokenizer's vocabulary)
 LOGPROB_TOLERANCE = 1e-3  # the top-k probabilities of one position may sum above 1 by this much (rounding)
 # Flags named in errors, per engine: the cap on k, the prefix cache that leaves prompt positions out, how to serve.
-_CAP_FLAG = {"vllm": "--max-logprobs", "sglang": "(SGLang has no cap flag)"}
+_CAP_FLAG = {"vllm": "--max-logprobs", "sglang": "the server's limit on top_logprobs_num"}
 _PREFIX_CACHE_FLAG = {"vllm": "--no-enable-prefix-caching", "sglang": "--disable-radix-cache"}
 
 
@@ -497,6 +497,8 @@ class ServedTeacher(TeacherSource):
 
     def _score(self, prompt: list[int], probe: bool = False) -> _Answer:
         """The engine's answer for one prompt, checked (see :meth:`_parse`)."""
+        if probe:  # a probe runs alone: a failed batch before it must not cut its retries short
+            self._abort.clear()
         k = self.top_k
         if self.engine == "vllm":
             payload = {
@@ -607,8 +609,12 @@ class ServedTeacher(TeacherSource):
         if cap is not None:
             return ValueError(
                 f"the server caps log-probabilities at {cap.group(1)} per position and top_k={self.top_k} was asked: "
-                f"start it with {_CAP_FLAG[self.engine]} {self.top_k} or more (vLLM's default is 20), or use "
-                f"top_k <= {cap.group(1)}. The server said: {refusal.message}"
+                + (
+                    f"start it with --max-logprobs {self.top_k} or more (vLLM's default is 20)"
+                    if self.engine == "vllm"
+                    else f"raise {_CAP_FLAG[self.engine]}"
+                )
+                + f", or use top_k <= {cap.group(1)}. The server said: {refusal.message}"
             )
         return ValueError(
             f"the teacher server at {self.url} refused the probe request ({refusal}): check url=, model= and "
