@@ -14,12 +14,19 @@ import os
 import shutil
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
-from hf_kd.pretrained import packaged_path, read_ctranslate2_model, smollm2_135m_instruct, whisper_tiny_en
+from hf_kd.pretrained import (
+    convert_ctranslate2_whisper,
+    packaged_path,
+    read_ctranslate2_model,
+    smollm2_135m_instruct,
+    whisper_tiny_en,
+)
 from hf_kd.pretrained.ctranslate2_whisper import whisper_generation_settings
 
 # ---- CTranslate2's binary format, written by hand ---------------------------------------------------------------
@@ -112,15 +119,21 @@ needs_whisper = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="session")
-def smollm2_folder(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("pretrained")
-    return smollm2_135m_instruct(cache)
+def session_cache(tmp_path_factory):
+    """One cache folder for the test session: under xdist, the workers' common parent folder, so that the lock in
+    hf_kd.pretrained lets one worker export and the others reuse its folder."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "pretrained"
 
 
 @pytest.fixture(scope="session")
-def whisper_folder(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("pretrained")
-    return whisper_tiny_en(cache)
+def smollm2_folder(session_cache):
+    return smollm2_135m_instruct(session_cache)
+
+
+@pytest.fixture(scope="session")
+def whisper_folder(session_cache):
+    return whisper_tiny_en(session_cache)
 
 
 @pytest.mark.slow
@@ -193,6 +206,22 @@ def test_an_export_without_its_record_is_redone(whisper_folder, tmp_path):
         os.path.join(whisper_folder, "model.safetensors")
     )
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no partial export left behind
+
+
+@needs_whisper
+def test_processes_exporting_at_once_export_once(tmp_path, monkeypatch):
+    from hf_kd.pretrained import packaged
+
+    exports = []
+
+    def counted(ct2_dir, folder):
+        exports.append(folder)
+        return convert_ctranslate2_whisper(ct2_dir, folder)
+
+    monkeypatch.setattr(packaged, "convert_ctranslate2_whisper", counted)
+    with ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(whisper_tiny_en, [tmp_path, tmp_path]))
+    assert folders == [str(tmp_path / "whisper-tiny.en")] * 2 and len(exports) == 1
 
 
 # ---- Whisper tiny.en: transcripts and the CTranslate2 model's own outputs -----------------------------------------

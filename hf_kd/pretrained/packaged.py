@@ -59,28 +59,26 @@ def packaged_path(distribution: str, relative_path: str) -> str:
 def _cached_export(cache_dir: str | os.PathLike, name: str, record: dict, export: Callable[[str], object]) -> str:
     """``cache_dir/name`` made by ``export(folder)`` unless a finished export of the same ``record`` is there.
 
-    The export is written beside the target and renamed into place, so a run stopped mid-way leaves no folder that
-    looks finished, and of two processes exporting at once, one folder wins whole.
+    One process exports at a time (a lock file beside the folder: processes of one run, test workers), the others
+    wait and reuse its folder. The export is written beside the target and renamed into place, so a run stopped
+    mid-way leaves no folder that looks finished.
     """
+    from filelock import FileLock  # huggingface_hub's own dependency
+
     folder = os.path.join(os.fspath(cache_dir), name)
-    if _finished(folder, record):
-        return folder
-    os.makedirs(os.path.dirname(folder) or ".", exist_ok=True)
-    partial = tempfile.mkdtemp(prefix=f".{name}-", dir=os.path.dirname(folder) or ".")
-    try:
-        export(partial)
-        with open(os.path.join(partial, EXPORT_RECORD), "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=2)
-        if _finished(folder, record):  # another process finished first
+    os.makedirs(os.fspath(cache_dir), exist_ok=True)
+    with FileLock(folder + ".lock"):
+        if _finished(folder, record):
             return folder
-        shutil.rmtree(folder, ignore_errors=True)  # an unfinished or outdated export
+        partial = tempfile.mkdtemp(prefix=f".{name}-", dir=os.fspath(cache_dir))
         try:
+            export(partial)
+            with open(os.path.join(partial, EXPORT_RECORD), "w", encoding="utf-8") as handle:
+                json.dump(record, handle, indent=2)
+            shutil.rmtree(folder, ignore_errors=True)  # an unfinished or outdated export
             os.rename(partial, folder)
-        except OSError:  # another process renamed its export into place meanwhile
-            if not _finished(folder, record):
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     return folder
 
 
