@@ -22,14 +22,13 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..checkpoints import last_complete_checkpoint
 from ..config import DistillationConfig
 from ..evaluation import count_parameters
 from ..features import ModelFeatures, run_model
 from ..noise import compose_noise
 from ..teachers import LiveTeacher, check_materialized, freeze, unwrap
 from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
-from .stages import MODEL_FOLDER, Stage, pushed_by_the_caller, restore_push
+from .stages import MODEL_FOLDER, Stage, pushed_by_the_caller, restore_push, train_measure_save
 
 EMA_TEACHER = "ema_teacher"  # the teacher's name (logs: kl/…; card rows) and its stage folder beside the student
 
@@ -200,16 +199,17 @@ def mean_teacher(
         **trainer_kwargs,
     )
     trainer.scheme_config = scheme
-    folder = args.output_dir
-    checkpoint = last_complete_checkpoint(folder)
-    trainer.train(resume_from_checkpoint=checkpoint)
-    rows = trainer.compare_with_teacher() if trainer.eval_dataset is not None else {}
-    metrics = {name: _metrics(row) for name, row in rows.items()}
-    trainer.stage_metrics = metrics.get("student", {})
-    trainer.stage_details = {"scheme": "mean_teacher", "decay": ema_decay}
-    if EMA_TEACHER in metrics:
-        trainer.stage_details[EMA_TEACHER] = metrics[EMA_TEACHER]
-    trainer.save_model(os.path.join(folder, MODEL_FOLDER))
+    folder, metrics = args.output_dir, {}
+
+    def measure(trainer):  # the student and its EMA teacher, each alone
+        rows = trainer.compare_with_teacher() if trainer.eval_dataset is not None else {}
+        metrics.update({name: _metrics(row) for name, row in rows.items()})
+        trainer.stage_metrics = metrics.get("student", {})
+        trainer.stage_details = {"scheme": "mean_teacher", "decay": ema_decay}
+        if EMA_TEACHER in metrics:
+            trainer.stage_details[EMA_TEACHER] = metrics[EMA_TEACHER]
+
+    train_measure_save(trainer, os.path.join(folder, MODEL_FOLDER), measure)
     ema = Stage(EMA_TEACHER, os.path.join(folder, EMA_TEACHER), teacher.model, metrics.get(EMA_TEACHER, {}))
     if trainer.args.should_save:
         teacher.model.save_pretrained(ema.model_folder)

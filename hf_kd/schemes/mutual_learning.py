@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..checkpoints import last_complete_checkpoint
 from ..checks import check_logit_width
 from ..config import DistillationConfig
 from ..evaluation import count_parameters
@@ -35,7 +34,7 @@ from ..trainer.members import TrainedMembers, mean_prediction
 from ..trainer.reporting import run_summary, write_summary
 from .peer_cohort import PEER_PREFIX, PeerCohort
 from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
-from .stages import Stage
+from .stages import Stage, train_measure_save
 
 TOWARDS = ("peers", "ensemble")
 
@@ -233,9 +232,8 @@ def mutual_learning(
     trainer = MutualLearningTrainer(peers, args, towards=towards, **trainer_kwargs)
     trainer.scheme_config = scheme if scheme is not None else MutualLearningConfig(len(trainer.members.names), towards)
     folder = args.output_dir
-    checkpoint = last_complete_checkpoint(folder)
-    trainer.train(resume_from_checkpoint=checkpoint)
-    if trainer.eval_dataset is not None:
+
+    def measure(trainer):  # every peer alone; the best one marked
         rows = trainer.compare_with_teacher()
         trainer.peer_metrics = {
             name: {key: value for key, value in row.items() if key not in ("parameters", "ms_per_example")}
@@ -244,7 +242,8 @@ def mutual_learning(
         trainer.best_peer = best_member(
             trainer.peer_metrics, metric or args.metric_for_best_model, args.greater_is_better
         )
-    trainer.save_model(folder)
+
+    train_measure_save(trainer, folder, measure if trainer.eval_dataset is not None else None)
     stages = []
     for name, peer in trainer.peers.items():
         metrics = trainer.peer_metrics.get(name, {})

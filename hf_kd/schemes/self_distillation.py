@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from ..checkpoints import last_complete_checkpoint, load_saved_weights
+from ..checkpoints import load_saved_weights
 from ..config import DistillationConfig
 from ..evaluation import count_parameters
 from ..features import ModelFeatures, capture_modules, pool
@@ -41,7 +41,7 @@ from ..trainer.compat import TrainerCompat
 from ..trainer.members import MemberModule, TrainedMembers
 from ..trainer.reporting import run_summary, write_summary
 from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
-from .stages import Stage, pushed_by_the_caller, restore_push
+from .stages import MODEL_FOLDER, Stage, pushed_by_the_caller, restore_push, train_measure_save
 
 FINAL = "final"  # the member that is the model's own head (the deepest exit, the teacher)
 EXITS_CONFIG, EXITS_WEIGHTS = "early_exits.json", "early_exits.safetensors"
@@ -517,12 +517,8 @@ def self_distillation(
         if scheme is not None
         else SelfDistillationConfig(list(exits_after), exit_bottleneck, hint_weight, save_exits)
     )
-    folder = args.output_dir
-    checkpoint = last_complete_checkpoint(folder)
-    trainer.train(resume_from_checkpoint=checkpoint)
-    if trainer.eval_dataset is not None:
-        trainer.compare_with_teacher()
-    trainer.save_model(os.path.join(folder, "model"))
+    measure = (lambda trainer: trainer.compare_with_teacher()) if trainer.eval_dataset is not None else None
+    train_measure_save(trainer, os.path.join(args.output_dir, MODEL_FOLDER), measure)  # every exit alone
     return trainer
 
 

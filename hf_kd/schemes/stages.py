@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -99,11 +100,30 @@ def run_stage(
     trainer.stage_details = details or {}
     trainer.stage_setup = requested
     trainer.scheme_config = scheme
-    trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
-    metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
-    trainer.stage_metrics = metrics
-    trainer.save_model(model_folder)  # last: a stage counts as finished only once its model is there
+
+    def measure(trainer):
+        trainer.stage_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+
+    train_measure_save(trainer, model_folder, measure)
+    metrics = trainer.stage_metrics
     return Stage(name, folder, trainer.accelerator.unwrap_model(trainer.model), metrics, details or {}, trainer)
+
+
+def train_measure_save(trainer, model_folder: str, measure: Callable[[object], None] | None = None) -> None:
+    """The end of every scheme's run, in one place: train in ``trainer.args.output_dir``, resuming from its last
+    complete checkpoint there (a half-saved one is skipped with a warning); then ``measure(trainer)`` (evaluate,
+    compare, record what the saved summary reports); then save the model to ``model_folder`` — last, so that a folder
+    with its model counts as finished.
+
+    Args:
+        trainer: the scheme's :class:`~hf_kd.DistillationTrainer` (any of its subclasses).
+        model_folder: where ``save_model`` writes the trained model.
+        measure: called between training and saving; None measures nothing.
+    """
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(trainer.args.output_dir))
+    if measure is not None:
+        measure(trainer)
+    trainer.save_model(model_folder)
 
 
 _SETUP_FIELDS = ("losses", "temperature", "label_loss_weight", "distillation_weight", "teacher_aggregation")
