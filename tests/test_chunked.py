@@ -7,7 +7,6 @@ from conftest import classification_data, config, lm_data, tiny_bert, tiny_gpt2
 from hf_kd import DistillationTrainer
 from hf_kd.checks import check_chunkable as _check_chunkable
 from hf_kd.losses import get_loss
-from hf_kd.losses.chunked import output_logits
 
 RESPONSE_LOSSES = [
     "kl",
@@ -58,12 +57,6 @@ def test_chunked_matches_without_labels_and_with_the_convex_mix(tmp_path):
         assert chunked == pytest.approx(plain, rel=1e-5)
 
 
-def test_output_logits_apply_scale_and_soft_capping():
-    head = torch.nn.Linear(4, 6, bias=False)
-    hidden = torch.randn(3, 4) * 10
-    config = type("C", (), {"logit_scale": 0.5, "final_logit_softcapping": 2.0})()
-    expected = torch.tanh(head(hidden) * 0.5 / 2.0) * 2.0
-    torch.testing.assert_close(output_logits(hidden, head, config), expected)
 
 
 def test_chunked_training_matches_plain_training(tmp_path):

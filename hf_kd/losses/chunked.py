@@ -1,7 +1,8 @@
 """Token-level distillation from final hidden states and LM heads, chunk by chunk.
 
 The B×T×V logits of neither model are ever held whole: for each chunk of ``chunk_size`` supervised positions the
-student's and teacher's logits are computed from their final hidden states, every response loss (and the label
+student's and teacher's logits are computed from their final hidden states (each model's own logits:
+:class:`~hf_kd.losses.lm_head.LogitsHead`), every response loss (and the label
 cross-entropy) is summed over the chunk, and the chunk's logits are freed; in the backward pass each chunk's
 student logits are recomputed (activation checkpointing). Values and gradients equal the plain path.
 """
@@ -13,32 +14,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-try:
-    from torch.distributed.fsdp import FSDPModule
-except ImportError:  # torch built without distributed support
-    FSDPModule = ()
-
 from ..features import ModelFeatures
-
-
-def output_logits(hidden: torch.Tensor, head: nn.Module, config) -> torch.Tensor:
-    """The LM head's logits, with the output scaling some models apply (``logit_scale``, final soft-capping)."""
-    if isinstance(head, FSDPModule) and isinstance(head, nn.Linear):
-        # An FSDP2 unit of its own: calling it would run its hooks on every chunk (re-gathering a teacher's head,
-        # reducing the student's gradients before the backward pass is done). The caller holds it gathered.
-        logits = F.linear(hidden, head.weight, head.bias)
-    else:
-        logits = head(hidden)
-    scale = getattr(config, "logit_scale", None)
-    if scale is not None:
-        logits = logits * scale
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+from .lm_head import FSDPModule, LogitsHead  # noqa: F401  (FSDPModule: re-exported)
 
 
 def chunked_token_terms(
@@ -46,8 +25,7 @@ def chunked_token_terms(
     teacher_rows: tuple[torch.Tensor, ...],
     targets: torch.Tensor | None,
     *,
-    student_head: nn.Module,
-    student_config,
+    student_head: LogitsHead,
     teacher_logits: Callable[..., torch.Tensor] | None,
     losses: list,
     with_label_loss: bool,
@@ -56,6 +34,7 @@ def chunked_token_terms(
 ) -> torch.Tensor:
     """Sums over positions of ``[label CE (if with_label_loss), loss₁, loss₂, ...]``, computed chunk by chunk.
 
+    ``student_head`` is the student's own hidden → logits map (:class:`~hf_kd.losses.lm_head.LogitsHead`).
     ``student_hidden`` holds the final hidden states of the N supervised positions (N×H); ``teacher_rows`` one
     row per position of whatever the teacher's logits are made from (its hidden states, or cached top-k ids and
     log-probs), turned into logits chunk by chunk by ``teacher_logits(*rows)`` under ``no_grad``; ``targets``
@@ -67,7 +46,6 @@ def chunked_token_terms(
     terms = functools.partial(
         _chunk_terms,
         student_head=student_head,
-        student_config=student_config,
         teacher_logits=teacher_logits,
         losses=losses,
         with_label_loss=with_label_loss,
@@ -85,10 +63,8 @@ def chunked_token_terms(
     return torch.stack(totals).sum(0)
 
 
-def _chunk_terms(
-    student_hidden, targets, *teacher_rows, student_head, student_config, teacher_logits, losses, with_label_loss
-):
-    student_logits = output_logits(student_hidden, student_head, student_config)
+def _chunk_terms(student_hidden, targets, *teacher_rows, student_head, teacher_logits, losses, with_label_loss):
+    student_logits = student_head(student_hidden)
     values = []
     if with_label_loss:
         values.append(F.cross_entropy(student_logits.float(), targets, ignore_index=-100, reduction="sum"))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..features import ModelFeatures, run_model
-from ..losses.chunked import output_logits
+from ..losses.lm_head import LogitsHead
 from .base import TeacherSource
 from .live import LiveTeacher
 from .loading import unwrap
@@ -28,6 +28,7 @@ class AdapterBaseTeacher(TeacherSource):
         self.student = student
         self.model = None  # the base is not a separate network
         self._live = LiveTeacher(student)
+        self._logits_checked = False
 
     @contextlib.contextmanager
     def _base(self):
@@ -46,13 +47,16 @@ class AdapterBaseTeacher(TeacherSource):
     def token_rows(self, inputs: dict, mask: torch.Tensor, sample_index: torch.Tensor | None = None):
         with self._base():
             outputs = self.student(**self._live.inputs(inputs), output_hidden_states=True, logits_to_keep=1)
-        base = self.student.get_base_model()
-        head, config = base.get_output_embeddings(), base.config
+        head = LogitsHead(self.student.get_base_model(), "the teacher (the student's base)")
 
         def to_logits(hidden):
             with self._base():  # a LoRA on the LM head must be off for the teacher's logits too
-                return output_logits(hidden, head, config)
+                return head(hidden)
 
+        if not self._logits_checked:  # once, on the first batch: the head's logits are the model's own
+            self._logits_checked = True
+            with self._base():
+                head.check(outputs.hidden_states[-1][:, -1], outputs.logits[:, -1])
         return (outputs.hidden_states[-1][:, :-1][mask],), to_logits
 
     def describe(self) -> dict:

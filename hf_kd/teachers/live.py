@@ -9,7 +9,7 @@ from torch import nn
 
 from ..evaluation import count_parameters
 from ..features import ModelFeatures, run_model
-from ..losses.chunked import FSDPModule, output_logits
+from ..losses.lm_head import FSDPModule, LogitsHead
 from .base import TeacherSource
 from .loading import unwrap
 
@@ -26,6 +26,7 @@ class LiveTeacher(TeacherSource):
         parameters = inspect.signature(model.forward).parameters
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
         self._accepted = None if takes_any else set(parameters)
+        self._logits_checked = False
 
     def __call__(self, inputs: dict, needs: frozenset[str], sample_index: torch.Tensor | None = None) -> ModelFeatures:
         self.model.eval()  # Trainer.train() may have switched every module it saw to train mode
@@ -49,13 +50,15 @@ class LiveTeacher(TeacherSource):
     def token_rows(self, inputs: dict, mask: torch.Tensor, sample_index: torch.Tensor | None = None):
         # logits_to_keep=1: the model projects only its last position; the chunks project the rest.
         outputs = self.outputs(inputs, output_hidden_states=True, logits_to_keep=1)
-        model = unwrap(self.model)
         if isinstance(self.model, FSDPModule):
             # The chunks call the LM head outside the teacher's forward (and again when the backward pass recomputes
             # them): gather the unit holding it (Accelerate gives the head its own) until release().
             self._head_unit().unshard()
-        head, config = model.get_output_embeddings(), model.config
-        return (outputs.hidden_states[-1][:, :-1][mask],), lambda hidden: output_logits(hidden, head, config)
+        head = LogitsHead(unwrap(self.model), "the teacher")
+        if not self._logits_checked:  # once, on the first batch: the head's logits are the model's own
+            self._logits_checked = True
+            head.check(outputs.hidden_states[-1][:, -1], outputs.logits[:, -1])
+        return (outputs.hidden_states[-1][:, :-1][mask],), head
 
     def release(self) -> None:
         if isinstance(self.model, FSDPModule):

@@ -5,6 +5,7 @@ the :class:`~hf_kd.objective.Objective` for the one mix into the total. Function
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 from transformers.utils import logging
@@ -14,11 +15,14 @@ from ..cross_tokenizer import aligned_positions
 from ..data import model_inputs
 from ..features import ModelFeatures, output_field, run_model
 from ..losses.chunked import chunked_token_terms
+from ..losses.lm_head import LogitsHead
 from ..model_kinds import is_classifier
 from ..objective import LABEL_TERM, WEIGHT_PREFIX, check_finite
 from ..positions import ItemCounts, distillation_mask, labeled_entries, split_sample_index
 
 logger = logging.get_logger(__name__)
+# Students whose LM head was compared with their own logits (once, on the first chunked batch).
+_CHECKED_HEADS: weakref.WeakSet = weakref.WeakSet()
 
 
 def plain_terms(
@@ -124,7 +128,8 @@ def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: b
     """The causal-LM terms from final hidden states and LM heads, chunk by chunk (``chunk_size``).
 
     Only the supervised positions are projected to the vocabulary, by both models; the models themselves compute
-    logits for their last position only (``logits_to_keep=1``).
+    logits for their last position only (``logits_to_keep=1``), which the first batch compares with the hidden-state
+    path's (:meth:`~hf_kd.losses.lm_head.LogitsHead.check`).
     """
     (teacher_name,) = trainer.teachers  # one teacher (checked at construction)
     teacher = trainer.teachers[teacher_name]
@@ -144,6 +149,10 @@ def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: b
         teacher_rows, teacher_logits = teacher.token_rows(model_inputs, mask, sample_index=sample_index)
         terms_run = list(trainer.objective.terms)
     student = trainer.accelerator.unwrap_model(model)
+    student_head = LogitsHead(student, "the student")
+    if student not in _CHECKED_HEADS:  # once, on the first batch: the head's logits are the model's own
+        student_head.check(outputs.hidden_states[-1][:, -1].detach(), outputs.logits[:, -1].detach())
+        _CHECKED_HEADS.add(student)
     min_chunks = 0
     if trainer.is_deepspeed_enabled and trainer.accelerator.num_processes > 1:
         # ZeRO-3 gathers a sharded LM head on every call, collectively: all processes make the same number.
@@ -154,8 +163,7 @@ def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: b
         student_hidden[mask],
         teacher_rows,
         targets,
-        student_head=student.get_output_embeddings(),
-        student_config=student.config,
+        student_head=student_head,
         teacher_logits=teacher_logits,
         losses=[term.loss for term in terms_run],
         with_label_loss=with_label_loss,
@@ -164,11 +172,7 @@ def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: b
     )
     if not model.training:  # no backward pass will recompute the chunks
         teacher.release()
-    terms: dict[str, torch.Tensor] = {}
-    if with_label_loss:
-        terms[LABEL_TERM] = sums[0] * counts.scale / counts.labels.clamp(min=1)
-    for index, term in enumerate(terms_run):
-        terms[term.name] = trainer.objective.normalise(term, sums[index + int(with_label_loss)], counts, 1)
+    terms = _chunked_normalised(trainer, sums, terms_run, counts, with_label_loss)
     if trainer.args.check_finite:  # the rows the chunks read stand for each side's outputs
         rows = [row for row in teacher_rows if row.is_floating_point()]
         check_finite(
@@ -180,6 +184,16 @@ def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: b
             trainer.args.device,
         )
     return terms, outputs, bool(terms_run)
+
+
+def _chunked_normalised(trainer, sums, terms_run, counts: ItemCounts, with_label_loss: bool) -> dict:
+    """The chunked path's terms from its sums: the label CE per label token, the others by the objective."""
+    terms: dict[str, torch.Tensor] = {}
+    if with_label_loss:
+        terms[LABEL_TERM] = sums[0] * counts.scale / counts.labels.clamp(min=1)
+    for index, term in enumerate(terms_run):
+        terms[term.name] = trainer.objective.normalise(term, sums[index + int(with_label_loss)], counts, 1)
+    return terms
 
 
 def record_terms(
