@@ -1,12 +1,16 @@
 """Chunked token-level KD (``chunk_size``) against the plain path: same values, same gradients, less memory."""
 
+import math
+
 import pytest
 import torch
 from conftest import classification_data, config, lm_data, tiny_bert, tiny_gpt2
 
-from hf_kd import DistillationTrainer
+from hf_kd import DistillationTrainer, ModelFeatures
 from hf_kd.checks import check_chunkable as _check_chunkable
 from hf_kd.losses import get_loss
+from hf_kd.losses.chunked import chunked_token_terms
+from hf_kd.losses.lm_head import LogitsHead
 
 RESPONSE_LOSSES = [
     "kl",
@@ -55,8 +59,6 @@ def test_chunked_matches_without_labels_and_with_the_convex_mix(tmp_path):
         plain, _ = loss_and_grads(tmp_path / "a", student, teacher, "kl,tvd", None, **overrides)
         chunked, _ = loss_and_grads(tmp_path / "b", student, teacher, "kl,tvd", 4, **overrides)
         assert chunked == pytest.approx(plain, rel=1e-5)
-
-
 
 
 def test_chunked_training_matches_plain_training(tmp_path):
@@ -152,3 +154,161 @@ def test_chunked_equals_plain_with_final_logit_softcapping(tmp_path):
     assert chunked == pytest.approx(plain, rel=1e-5)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---- the fused chunked loss against the dense computation, function level ----------------------------------------
+
+
+class _TinyLM(torch.nn.Module):
+    """Just what LogitsHead reads: a config (its family) and output embeddings."""
+
+    def __init__(self, head, model_type="llama", **fields):
+        super().__init__()
+        self.head = head
+        self.config = type("Config", (), {"model_type": model_type, **fields})()
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def _dense_terms(hidden, head, teacher_logits, targets, losses, with_label_loss):
+    """The plain computation: whole logits, the losses' own forward passes."""
+    logits = head(hidden)
+    values = []
+    if with_label_loss:
+        values.append(torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum"))
+    teacher = ModelFeatures(logits=teacher_logits)
+    values += [loss(ModelFeatures(logits=logits), teacher, labels=targets) for loss in losses]
+    return torch.stack(values)
+
+
+def _loss(spec: str, **options):
+    """A loss from its spec string (``jsd:1.0:beta=0.3``: weight left out, options kept)."""
+    name, *parts = spec.split(":")
+    options.update({key: float(value) for key, _, value in (part.partition("=") for part in parts if "=" in part)})
+    return get_loss(name, **options)
+
+
+FUSED_CASES = {
+    "kl+ce": (["kl"], True, {}),
+    "jsd, tau 2": (["jsd:1.0:beta=0.3"], False, {"temperature": 2.0}),
+    "every loss": (RESPONSE_LOSSES[:-1], True, {}),  # uld compares sorted probabilities: autograd, like tvd
+    "jsd beta 0 and 1": (["jsd:1.0:beta=0.0", "jsd:1.0:beta=1.0"], True, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+@pytest.mark.parametrize("family", ["plain", "bias", "softcap", "hidden-division", "module"])
+def test_fused_terms_equal_the_dense_computation(case, family):
+    names, with_label_loss, options = FUSED_CASES[case]
+    torch.manual_seed(0)
+    rows, width, vocab = 11, 8, 24
+    linear = torch.nn.Linear(width, vocab, bias=family == "bias")
+    model = {
+        "plain": lambda: _TinyLM(linear),
+        "bias": lambda: _TinyLM(linear),
+        "softcap": lambda: _TinyLM(linear, "gemma2", final_logit_softcapping=2.0),
+        "hidden-division": lambda: _TinyLM(linear, "minicpm3", logits_scaling=4.0),
+        "module": lambda: _TinyLM(torch.nn.Sequential(torch.nn.LayerNorm(width), linear)),  # autograd through it
+    }[family]()
+    head = LogitsHead(model)
+    hidden = torch.randn(rows, width, requires_grad=True)
+    teacher_hidden = torch.randn(rows, 6)
+    teacher_head = torch.nn.Linear(6, vocab)
+    targets = torch.randint(0, vocab, (rows,))
+    targets[3] = -100  # a position without a label (distilled all the same)
+    losses = [_loss(spec, **options) for spec in names]
+    weights = torch.rand(len(losses) + int(with_label_loss)) + 0.1
+
+    dense = _dense_terms(hidden, head, teacher_head(teacher_hidden).detach(), targets, losses, with_label_loss)
+    (dense * weights).sum().mul(3.0).backward()  # 3: a factor the backward pass brings (e.g. loss scaling)
+    expected = [hidden.grad] + [p.grad for p in head.trainable_parameters()]
+    hidden.grad = None
+    model.zero_grad()
+
+    def teacher_logits(rows):
+        return teacher_head(rows)
+
+    sums = chunked_token_terms(
+        hidden,
+        (teacher_hidden,),
+        targets,
+        student_head=head,
+        teacher_logits=teacher_logits,
+        losses=losses,
+        with_label_loss=with_label_loss,
+        chunk_size=4,
+        weights=weights,
+    )
+    torch.testing.assert_close(sums, dense.detach(), rtol=1e-5, atol=1e-6)
+    (sums * weights).sum().mul(3.0).backward()
+    for got, want in zip([hidden.grad] + [p.grad for p in head.trainable_parameters()], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # evaluation: values only
+        torch.testing.assert_close(
+            chunked_token_terms(
+                hidden,
+                (teacher_hidden,),
+                targets,
+                student_head=head,
+                teacher_logits=teacher_logits,
+                losses=losses,
+                with_label_loss=with_label_loss,
+                chunk_size=4,
+            ),
+            dense.detach(),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+def test_fused_terms_with_masked_vocabulary_entries_stay_finite_and_exact():
+    # Entries at -inf in both models (a masked vocabulary): 0·log 0 is 0 in values and gradients, as in the plain path.
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 16)
+    with torch.no_grad():
+        linear.bias[:3] = -math.inf
+    head = LogitsHead(_TinyLM(linear))
+    hidden, teacher = torch.randn(9, 8, requires_grad=True), torch.randn(9, 16)
+    teacher[:, :3] = -math.inf
+    losses = [get_loss(name) for name in ("kl", "reverse_kl", "jsd", "soft_ce")]
+    weights = torch.ones(4)
+    dense = _dense_terms(hidden, head, teacher, None, losses, False)
+    dense.sum().backward()
+    expected = (hidden.grad, linear.weight.grad, linear.bias.grad)
+    hidden.grad = linear.weight.grad = linear.bias.grad = None
+    sums = chunked_token_terms(
+        hidden,
+        (teacher,),
+        None,
+        student_head=head,
+        teacher_logits=lambda rows: rows,
+        losses=losses,
+        with_label_loss=False,
+        chunk_size=4,
+        weights=weights,
+    )
+    sums.sum().backward()
+    torch.testing.assert_close(sums, dense.detach())
+    for got, want in zip((hidden.grad, linear.weight.grad, linear.bias.grad), expected):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_terms_refuse_a_backward_pass_with_other_weights():
+    torch.manual_seed(0)
+    head = LogitsHead(_TinyLM(torch.nn.Linear(8, 16)))
+    hidden = torch.randn(5, 8, requires_grad=True)
+    sums = chunked_token_terms(
+        hidden,
+        (torch.randn(5, 16),),
+        torch.randint(0, 16, (5,)),
+        student_head=head,
+        teacher_logits=lambda rows: rows,
+        losses=[get_loss("kl")],
+        with_label_loss=True,
+        chunk_size=4,
+        weights=torch.tensor([0.5, 1.0]),
+    )
+    with pytest.raises(RuntimeError, match=r"computed its gradients for the term weights \[0.5, 1.0\]"):
+        sums[1].backward()  # the kl alone: its gradient was never computed on its own

@@ -129,7 +129,8 @@ def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: b
 
     Only the supervised positions are projected to the vocabulary, by both models; the models themselves compute
     logits for their last position only (``logits_to_keep=1``), which the first batch compares with the hidden-state
-    path's (:meth:`~hf_kd.losses.lm_head.LogitsHead.check`).
+    path's (:meth:`~hf_kd.losses.lm_head.LogitsHead.check`). In training the gradients are computed in the same pass
+    (fused), for the weights the objective gives each term this step (:func:`term_weights`).
     """
     (teacher_name,) = trainer.teachers  # one teacher (checked at construction)
     teacher = trainer.teachers[teacher_name]
@@ -159,6 +160,7 @@ def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: b
         chunks = torch.tensor(-(-int(mask.sum()) // trainer.args.chunk_size), device=mask.device)
         torch.distributed.all_reduce(chunks, op=torch.distributed.ReduceOp.MAX)
         min_chunks = int(chunks)
+    fused = model.training and torch.is_grad_enabled() and not student_head.gathered_per_call
     sums = chunked_token_terms(
         student_hidden[mask],
         teacher_rows,
@@ -169,8 +171,9 @@ def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: b
         with_label_loss=with_label_loss,
         chunk_size=trainer.args.chunk_size,
         min_chunks=min_chunks,
+        weights=term_weights(trainer, terms_run, counts, with_label_loss, mode, mask.device) if fused else None,
     )
-    if not model.training:  # no backward pass will recompute the chunks
+    if fused or not model.training:  # no backward pass will recompute the chunks
         teacher.release()
     terms = _chunked_normalised(trainer, sums, terms_run, counts, with_label_loss)
     if trainer.args.check_finite:  # the rows the chunks read stand for each side's outputs
@@ -184,6 +187,20 @@ def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: b
             trainer.args.device,
         )
     return terms, outputs, bool(terms_run)
+
+
+def term_weights(trainer, terms_run, counts: ItemCounts, with_label_loss: bool, mode: str, device) -> torch.Tensor:
+    """Each chunked sum's weight in the step's total, ``∂ total / ∂ sums``: the sums go through the objective's own
+    normalisation and mix, so the fused gradients are those of the total the Trainer backpropagates (the ramp-up,
+    the label weight, the step's item counts over processes and micro-batches included)."""
+    with torch.enable_grad():
+        probe = torch.zeros(len(terms_run) + int(with_label_loss), device=device, requires_grad=True)
+        terms = _chunked_normalised(trainer, probe, terms_run, counts, with_label_loss)
+        label_weight = trainer.args.label_loss_weight if with_label_loss else 0.0
+        total = trainer.objective.total(terms, label_weight, trainer.state.global_step if mode == "train" else None)
+        if total is None:
+            return torch.zeros_like(probe).detach()
+        return torch.autograd.grad(total, probe, allow_unused=True, materialize_grads=True)[0].detach()
 
 
 def _chunked_normalised(trainer, sums, terms_run, counts: ItemCounts, with_label_loss: bool) -> dict:
