@@ -13,6 +13,10 @@ __version__ = "0.1.0"
 _SCHEME_EXPORTS = (
     "BornAgainConfig",
     "CrossModalConfig",
+    "DistillationGraph",
+    "GraphConfig",
+    "GraphEdge",
+    "GraphTrainer",
     "MeanTeacherConfig",
     "MutualLearningConfig",
     "MutualLearningTrainer",

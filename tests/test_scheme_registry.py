@@ -30,6 +30,7 @@ from hf_kd.schemes.born_again import born_again
 SCHEMES = [
     "born_again",
     "cross_modal",
+    "graph",
     "mean_teacher",
     "mutual_learning",
     "noisy_student",

@@ -5,6 +5,7 @@ imports every scheme module, so the registry is complete."""
 from . import (  # noqa: F401  (each module registers its scheme)
     born_again,
     cross_modal,
+    graph,
     mean_teacher,
     mutual_learning,
     noisy_student,
@@ -14,6 +15,7 @@ from . import (  # noqa: F401  (each module registers its scheme)
 )
 from .born_again import BornAgainConfig
 from .cross_modal import CrossModalConfig
+from .graph import DistillationGraph, GraphConfig, GraphEdge, GraphTrainer
 from .mean_teacher import MeanTeacherConfig
 from .mutual_learning import MutualLearningConfig, MutualLearningTrainer
 from .noisy_student import NoisyStudentConfig
@@ -35,6 +37,10 @@ from .teacher_assistant import TeacherAssistantConfig
 __all__ = [
     "BornAgainConfig",
     "CrossModalConfig",
+    "DistillationGraph",
+    "GraphConfig",
+    "GraphEdge",
+    "GraphTrainer",
     "MeanTeacherConfig",
     "MutualLearningConfig",
     "MutualLearningTrainer",

@@ -39,6 +39,76 @@ from .stages import Stage, train_measure_save
 TOWARDS = ("peers", "ensemble")
 
 
+class CohortTrainer(DistillationTrainer):
+    """A :class:`~hf_kd.DistillationTrainer` whose model is a :class:`PeerCohort` of models trained together:
+    ``save_model(DIR)`` writes every one to ``DIR/NAME`` with its own ``distillation_config.json`` and card, and
+    checkpoints hold one such folder each. Subclasses say what taught a member (:meth:`teachers_of_peer`) and what
+    its summary records (:meth:`peer_stage`); they set ``peer_metrics`` and ``best_peer``."""
+
+    no_push = ""  # the refusal of push_to_hub, naming what to push instead
+
+    @property
+    def peers(self) -> nn.ModuleDict:
+        """The models trained together, by name (unwrapped)."""
+        return self.accelerator.unwrap_model(self.model).peers
+
+    def teachers_of_peer(self, name: str) -> dict:
+        """``teacher``, ``teacher_class``, ``teacher_parameters`` of member ``name``'s summary."""
+        raise NotImplementedError
+
+    def peer_stage(self, name: str) -> dict:
+        """What member ``name``'s summary records under ``"stage"``."""
+        raise NotImplementedError
+
+    # ---- saving ---------------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Every peer to ``OUTPUT_DIR/NAME`` (``from_pretrained`` reads it), each with its own
+        ``distillation_config.json`` and model card; no cohort file."""
+        output_dir = output_dir or self.args.output_dir
+        TrainerCompat.save_model(self, output_dir, _internal_call)  # compat._save: one folder per peer
+        if not self.args.should_save:
+            return
+        for name, peer in self.peers.items():
+            summary = self.peer_summary(name)
+            write_summary(os.path.join(output_dir, name), summary)
+            if not _internal_call:
+                self._peer_card(name, peer, summary).save(os.path.join(output_dir, name, "README.md"))
+
+    def distillation_summary(self) -> dict:
+        return {name: self.peer_summary(name) for name in self.peers}
+
+    def peer_summary(self, name: str) -> dict:
+        """One member's ``distillation_config.json``: its teachers (:meth:`teachers_of_peer`) and its stage."""
+        summary = {**self.teachers_of_peer(name), **run_summary(self, self.peers[name]), "stage": self.peer_stage(name)}
+        if name in self.peer_metrics:
+            summary["metrics"] = self.peer_metrics[name]
+        return summary
+
+    def _peer_card(self, name: str, peer: nn.Module, summary: dict):
+        rows = None
+        if self.comparison:  # this peer last: the card's table reads the last row as the student
+            rows = {other: row for other, row in self.comparison.items() if other != name}
+            rows[f"{name} (this model)"] = self.comparison[name]
+        return render_student_card(
+            summary,
+            list(self.distillation_losses),
+            repo_id=self.args.hub_model_id or name,
+            auto_class=auto_class_for(peer).__name__,
+            comparison=rows,
+            eval_examples=self.comparison_examples,
+            device=str(self.args.device),
+            dataset_description=self.model_card_kwargs.get("dataset_description"),
+            license=self.model_card_kwargs.get("license"),
+        )
+
+    def create_model_card(self, *args, **kwargs):
+        raise NotImplementedError("each peer has its own card, written by save_model() into its folder.")
+
+    def push_to_hub(self, *args, **kwargs):
+        raise NotImplementedError(self.no_push)
+
+
 class PeerTeaching(TrainedMembers):
     """Deep mutual learning's members: every peer learns from the others (``towards="peers"``, averaged over them)
     or from their ensemble (``towards="ensemble"``)."""
@@ -62,7 +132,7 @@ class PeerTeaching(TrainedMembers):
         return module.peers[member]
 
 
-class MutualLearningTrainer(DistillationTrainer):
+class MutualLearningTrainer(CohortTrainer):
     """Trains ``peers`` (a list, named ``peer0``, ``peer1``, …, or a dict name → model) together by deep mutual
     learning: a :class:`~hf_kd.DistillationTrainer` whose model is the :class:`PeerCohort` of the peers and whose
     members (:class:`PeerTeaching`) teach each other.
@@ -112,72 +182,23 @@ class MutualLearningTrainer(DistillationTrainer):
         super().__init__(model=PeerCohort(named), args=args, members=members, **kwargs)
         for peer in named.values():  # distribution losses on a one-logit head
             check_logit_width(peer, self.objective.losses)
-        self.towards = towards
+        self.towards, self.no_push = towards, _NO_PUSH
         self.peer_metrics: dict[str, dict] = {}  # set by mutual_learning(): each peer's evaluation
         self.best_peer: str | None = None
 
-    @property
-    def peers(self) -> nn.ModuleDict:
-        """The peers by name (unwrapped)."""
-        return self.accelerator.unwrap_model(self.model).peers
-
-    # ---- saving ---------------------------------------------------------------------------------------------
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Every peer to ``OUTPUT_DIR/NAME`` (``from_pretrained`` reads it), each with its own
-        ``distillation_config.json`` and model card; no cohort file."""
-        output_dir = output_dir or self.args.output_dir
-        TrainerCompat.save_model(self, output_dir, _internal_call)  # compat._save: one folder per peer
-        if not self.args.should_save:
-            return
-        for name, peer in self.peers.items():
-            summary = self.peer_summary(name)
-            write_summary(os.path.join(output_dir, name), summary)
-            if not _internal_call:
-                self._peer_card(name, peer, summary).save(os.path.join(output_dir, name, "README.md"))
-
-    def distillation_summary(self) -> dict:
-        return {name: self.peer_summary(name) for name in self.peers}
-
-    def peer_summary(self, name: str) -> dict:
-        """One peer's ``distillation_config.json``: its teachers are the other peers."""
+    def teachers_of_peer(self, name: str) -> dict:
         others = [other for other in self.peers if other != name]
-        stage = {"scheme": "mutual_learning", "peer": name, "peers": list(self.peers), "towards": self.towards}
-        if self.best_peer is not None:
-            stage["best_peer"] = self.best_peer
-        summary = {
+        return {
             "teacher": f"its peers {', '.join(others)} (deep mutual learning)",
             "teacher_class": ", ".join(dict.fromkeys(type(self.peers[other]).__name__ for other in others)),
             "teacher_parameters": sum(count_parameters(self.peers[other]) for other in others),
-            **run_summary(self, self.peers[name]),
-            "stage": stage,
         }
-        if name in self.peer_metrics:
-            summary["metrics"] = self.peer_metrics[name]
-        return summary
 
-    def _peer_card(self, name: str, peer: nn.Module, summary: dict):
-        rows = None
-        if self.comparison:  # this peer last: the card's table reads the last row as the student
-            rows = {other: row for other, row in self.comparison.items() if other != name}
-            rows[f"{name} (this model)"] = self.comparison[name]
-        return render_student_card(
-            summary,
-            list(self.distillation_losses),
-            repo_id=self.args.hub_model_id or name,
-            auto_class=auto_class_for(peer).__name__,
-            comparison=rows,
-            eval_examples=self.comparison_examples,
-            device=str(self.args.device),
-            dataset_description=self.model_card_kwargs.get("dataset_description"),
-            license=self.model_card_kwargs.get("license"),
-        )
-
-    def create_model_card(self, *args, **kwargs):
-        raise NotImplementedError("each peer has its own card, written by save_model() into its folder.")
-
-    def push_to_hub(self, *args, **kwargs):
-        raise NotImplementedError(_NO_PUSH)
+    def peer_stage(self, name: str) -> dict:
+        stage = {"scheme": "mutual_learning", "peer": name, "peers": list(self.peers), "towards": self.towards}
+        if self.best_peer is not None:
+            stage["best_peer"] = self.best_peer
+        return stage
 
 
 _NO_PUSH = (

@@ -223,6 +223,7 @@ def record_terms(
     labeled: bool,
     suffix: str = "",
     extra: dict | None = None,
+    log_name=None,
 ):
     """Training: each term's share of its step, weighed 1 per step (the log is the mean per step). Evaluation:
     each term weighed by the items it averages (label tokens, distilled positions; 1 per batch for batch-level
@@ -231,7 +232,8 @@ def record_terms(
     Weights come from the step's counts — every process's, when they were summed — so a process whose rows have
     no label still weighs the step in, and every process divides the same sums by the same weights. ``suffix``
     goes after every logged name (``/peer0``: one model's terms among several trained together); ``extra`` are a
-    scheme's own batch-level terms (shares of the step, like the batch-level losses)."""
+    scheme's own batch-level terms (shares of the step, like the batch-level losses). ``log_name`` maps a term's
+    name to its logged name instead of the suffix (a graph's ``kl/teacher->student``)."""
     ensemble_weights = [name for name in terms if name.startswith(WEIGHT_PREFIX)]
     terms = {**terms, **(extra or {})}
     if mode == "train":
@@ -249,10 +251,11 @@ def record_terms(
         if labeled:
             weights[LABEL_TERM] = counts.labels / counts.scale
         terms = {name: value * weights[name] for name, value in terms.items()}
+    log_name = log_name or (lambda name: f"{name}{suffix}")
     trainer.term_log.record(
         mode,
-        {f"{name}{suffix}": value for name, value in terms.items()},
-        {f"{name}{suffix}": weight for name, weight in weights.items()},
+        {log_name(name): value for name, value in terms.items()},
+        {log_name(name): weight for name, weight in weights.items()},
     )
 
 

@@ -18,7 +18,7 @@ from ..checks import check_compatible, check_logit_width
 from ..config import DistillationConfig
 from ..evaluation import count_parameters
 from ..features import ModelFeatures
-from ..objective import Objective, check_finite
+from ..objective import LABEL_TERM, Objective, check_finite
 from ..positions import ItemCounts, split_sample_index
 from ..teachers.ensemble import TeacherAggregator
 from .batch_loss import _drop_last_position, label_term, record_terms
@@ -59,9 +59,24 @@ class TrainedMembers:
     """
 
     scheme, kind = "online distillation", "member"
+    takes_teachers = False  # whether frozen teachers (live, cached) are nodes beside the members (a graph)
 
     def __init__(self, names: list[str], reference: nn.Module, extra_terms: tuple[str, ...] = ()):
         self.names, self.reference, self.extra_term_names = list(names), reference, tuple(extra_terms)
+
+    def gate(self, term, sources: dict[str, ModelFeatures], labels, progress: float | None):
+        """How much of ``term`` a member takes this step: ``(scale, keep)``, ``keep`` a boolean mask of the rows
+        (or positions) it reads, or None for all. ``progress``: the share of training done (None outside it)."""
+        return 1.0, None
+
+    def log_name(self, term: str, member: str) -> str:
+        """The logged name of ``member``'s term ``term`` (``kl/peer0``)."""
+        return f"{term}/{member}"
+
+    def logged_names(self, objective: Objective) -> list[str]:
+        """Every name the run logs: each member's label loss, terms and scheme terms."""
+        terms = [LABEL_TERM, *objective.names, *self.extra_term_names]
+        return [self.log_name(term, member) for member in self.names for term in terms]
 
     def teachers_of(self, member: str, detached: dict[str, ModelFeatures], term) -> list[ModelFeatures]:
         """The detached predictions ``member`` learns from with ``term`` (none: it only learns from its labels)."""
@@ -146,7 +161,7 @@ def check_members_setup(module, teacher_model, args, members: TrainedMembers, st
             f"with members, model must be the MemberModule that runs them (e.g. PeerCohort, EarlyExitModel), got "
             f"{type(module).__name__}."
         )
-    if teacher_model is not None:
+    if teacher_model is not None and not members.takes_teachers:
         raise ValueError(
             f"{members.scheme} takes no teacher_model: its {members.kind}s teach each other (for a frozen teacher, "
             "train one student with DistillationTrainer)."
@@ -176,17 +191,24 @@ def members_loss(trainer, model, inputs, return_outputs=False, num_items_in_batc
         counts = trainer._get_num_items_in_batch([inputs], trainer.args.device)
     mode = "train" if model.training else "eval"
     accumulation = getattr(trainer, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
-    inputs, _ = split_sample_index(inputs)
+    inputs, sample_index = split_sample_index(inputs)
     labels, label_weight = inputs.get("labels"), trainer.args.label_loss_weight
     results = model(**inputs)  # every member once, through the module's (DDP) wrapper; each its own label loss
     mask = trainer._distillation_mask(inputs)
     features = {name: member_features for name, (_, member_features) in results.items()}
+    frozen = {  # frozen nodes beside the members (a graph's teachers): read as a teacher is
+        name: source(inputs, frozenset({"logits"}), sample_index=sample_index)
+        for name, source in trainer.teachers.items()
+    }
     position_labels = labels
     if trainer.token_level and trainer.shift_labels:
         features = {name: _drop_last_position(member_features) for name, member_features in features.items()}
+        frozen = {name: _drop_last_position(teacher) for name, teacher in frozen.items()}
         position_labels = None if labels is None else labels[:, 1:]
     detached = {name: ModelFeatures(logits=each.logits.detach()) for name, each in features.items()}
+    sources = {**detached, **frozen}
     step = trainer.state.global_step if mode == "train" else None
+    progress = step / max(trainer.state.max_steps, 1) if step is not None else None
     labeled = label_weight > 0 and labels is not None
     objective, total = trainer.objective, None
     for name, (outputs, _) in results.items():
@@ -194,25 +216,30 @@ def members_loss(trainer, model, inputs, return_outputs=False, num_items_in_batc
         terms = label_term(trainer, outputs, labels, counts) if label_weight > 0 else {}
         taught = False
         for term in objective.terms:
-            teachers = members.teachers_of(name, detached, term)
+            teachers = members.teachers_of(name, sources, term)
             if not teachers:
                 continue
+            scale, keep = members.gate(term, sources, position_labels, progress)
+            term_mask = keep if mask is None else (mask if keep is None else mask & keep)
             values = []
             for teacher in teachers:
                 check_compatible(student, teacher)
-                values.append(term.loss(student, teacher, mask=mask, labels=position_labels))
-            terms[term.name] = objective.normalise(term, sum(values) / len(values), counts, accumulation)
+                values.append(term.loss(student, teacher, mask=term_mask, labels=position_labels))
+            terms[term.name] = scale * objective.normalise(term, sum(values) / len(values), counts, accumulation)
             taught = True
         extra = {key: value / accumulation for key, value in members.extra_terms(name, results).items()}
         if trainer.args.check_finite:
             where = f"{mode} step {trainer.state.global_step + 1}, {name}"
-            check_finite(where, {**terms, **extra}, student, {}, mask, trainer.args.device)
+            check_finite(where, {**terms, **extra}, student, frozen, mask, trainer.args.device)
         member_total = objective.total(terms, label_weight, step)
         for value in extra.values():
             member_total = value if member_total is None else member_total + value
         if member_total is not None:  # None: an unlabeled batch for a member that no one teaches
             total = member_total if total is None else total + member_total
-        record_terms(trainer, mode, terms, counts, accumulation, taught, labeled, suffix=f"/{name}", extra=extra)
+        record_terms(
+            trainer, mode, terms, counts, accumulation, taught, labeled, extra=extra,
+            log_name=lambda term, name=name: members.log_name(term, name),
+        )
     if total is None:
         raise ValueError("no loss term was computed: the batch has no labels and no member learns from another.")
     if not return_outputs:

@@ -17,7 +17,7 @@ from ..features import output_field
 from ..generation import ON_POLICY_KEY
 from ..model_kinds import is_causal_lm, is_regression, is_token_level, labels_mark_distilled_positions
 from ..noise import compose_noise
-from ..objective import LABEL_TERM, Objective
+from ..objective import Objective
 from ..positions import ItemCounts, distillation_mask, split_sample_index
 from ..teachers import TeacherSource, build_teachers, place_teacher, use_eager_attention
 from ..teachers.ensemble import TeacherAggregator
@@ -95,7 +95,10 @@ class DistillationTrainer(TrainerCompat):
             reference = model
         else:
             check_members_setup(model, teacher_model, args, members, student_noise, kwargs)
-            self.student_noise, teachers, aggregator = None, {}, None
+            self.student_noise, aggregator = None, None
+            teachers = {}
+            if teacher_model is not None:  # frozen nodes beside the members (a graph's)
+                teachers = build_teachers(teacher_model, members.reference, args.teacher_dtype)
             objective = members.objective(args)
             reference = members.reference
         check_saveable(model, kwargs.get("processing_class"))
@@ -140,8 +143,7 @@ class DistillationTrainer(TrainerCompat):
         if members is None:
             self.term_log = TermLog(objective.logged_names, self.args.device)
         else:  # every term per member: ce/peer0, kl/peer0, hint/exit1, ...
-            logged = [LABEL_TERM, *objective.names, *members.extra_term_names]
-            self.term_log = TermLog([f"{term}/{name}" for name in members.names for term in logged], self.args.device)
+            self.term_log = TermLog(members.logged_names(objective), self.args.device)
         self._warned_unlabeled_eval = False
         self.add_callback(LossPartsCallback(self.loss_parts, self.accelerator))
         self.add_callback(TermLogReset(self.term_log))

@@ -1,0 +1,411 @@
+"""Distillation graphs (Minami et al. 2020, *Knowledge Transfer Graph for Deep Collaborative Learning*,
+arXiv:1909.04286): the models of a run are nodes — trained, or frozen (a live model, a cache) — and every transfer
+of knowledge is an edge ``source → target`` with a loss from the registry, a weight and a *gate* that scales it per
+step or per example. Offline KD (frozen → trained), deep mutual learning (trained ⇄ trained) and a teacher-assistant
+stage are graphs; the graph's point is to choose which edges exist and how strong each is over training.
+
+A trained node's loss is its label loss plus, for every edge into it, ``weight · gate · loss(node, sg(source))``;
+the run's loss is the sum over trained nodes, all trained together by one :class:`~hf_kd.DistillationTrainer`
+(its ``members``), one optimizer, one checkpoint. Edge terms are logged as ``LOSS/SOURCE->TARGET``, label losses as
+``ce/NODE``; every trained node is evaluated alone and saved to ``OUTPUT_DIR/NODE``.
+
+Gates (the paper's): ``through`` (1), ``cutoff`` (0: the edge is off), ``linear_up`` (t/T over training),
+``linear_down`` (1 − t/T) and ``correct`` (only the rows — positions, for token-level models — whose label the
+source predicts; rows without a label pass nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..checks import check_logit_width
+from ..config import DistillationConfig, LossSpec
+from ..features import output_field
+from ..losses import get_loss
+from ..model_kinds import is_causal_lm, is_token_level, num_classes
+from ..objective import LABEL_TERM, Objective
+from ..teachers import TeacherSource, check_materialized
+from ..trainer.members import RESPONSE_ONLY, TrainedMembers
+from .mutual_learning import CohortTrainer, best_member
+from .peer_cohort import PeerCohort
+from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
+from .stages import Stage, train_measure_save
+
+GATES = ("through", "cutoff", "linear_up", "linear_down", "correct")
+NODE_KINDS = ("trained", "frozen")
+
+
+@dataclass
+class GraphEdge:
+    """One transfer of knowledge.
+
+    Args:
+        source: The node it reads (detached: the source learns nothing from this edge).
+        target: The trained node it teaches.
+        loss: A response loss of the registry (``kl``, ``jsd``, ``logit_mse``, ...).
+        weight: Its weight in the target's total (finite, >= 0).
+        gate: ``through``, ``cutoff``, ``linear_up``, ``linear_down`` or ``correct``.
+        options: The loss's options (``{"temperature": 4.0}``; default temperature: ``args.temperature``).
+    """
+
+    source: str
+    target: str
+    loss: str = "kl"
+    weight: float = 1.0
+    gate: str = "through"
+    options: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """Its logged name, ``LOSS/SOURCE->TARGET``."""
+        return f"{self.loss}/{self.source}->{self.target}"
+
+
+@dataclass
+class DistillationGraph:
+    """Nodes and edges of a run.
+
+    Args:
+        nodes: Each node's name → ``"trained"`` or ``"frozen"``.
+        edges: The transfers, in order.
+        student: The trained node that is the run's result (its trainer is returned, saved and pushed).
+
+    Raises:
+        ValueError: an unknown node kind, gate or loss; an edge from or to an unknown node, into a frozen node, or
+            from a node to itself; two edges with the same source, target and loss; a non-finite or negative
+            weight; no trained node; ``student`` not a trained node.
+    """
+
+    nodes: dict[str, str]
+    edges: list[GraphEdge]
+    student: str
+
+    def __post_init__(self):
+        self.edges = [edge if isinstance(edge, GraphEdge) else GraphEdge(**edge) for edge in self.edges]
+        for name, kind in self.nodes.items():
+            if kind not in NODE_KINDS:
+                raise ValueError(f"node {name!r} is {kind!r}: a node is one of {NODE_KINDS}.")
+            if "/" in name or "->" in name or name == LABEL_TERM:
+                raise ValueError(f"node name {name!r}: no '/' or '->' (they are in logged names), and not 'ce'.")
+        if not self.trained:
+            raise ValueError("the graph has no trained node: at least one node must be 'trained'.")
+        if not self.edges:
+            raise ValueError("the graph has no edge: nothing would be distilled (fine-tune the student instead).")
+        if self.nodes.get(self.student) != "trained":
+            raise ValueError(f"student={self.student!r} must be a trained node; the trained nodes are {self.trained}.")
+        seen = set()
+        for edge in self.edges:
+            for end in (edge.source, edge.target):
+                if end not in self.nodes:
+                    raise ValueError(f"edge {edge.name} names the node {end!r}, which is not among {list(self.nodes)}.")
+            if self.nodes[edge.target] != "trained":
+                raise ValueError(f"edge {edge.name} teaches the frozen node {edge.target!r}: only trained nodes learn.")
+            if edge.source == edge.target:
+                raise ValueError(f"edge {edge.name} goes from a node to itself.")
+            if edge.gate not in GATES:
+                raise ValueError(f"edge {edge.name} has the gate {edge.gate!r}; gates: {GATES}.")
+            if not (isinstance(edge.weight, (int, float)) and math.isfinite(edge.weight) and edge.weight >= 0):
+                raise ValueError(f"edge {edge.name} has the weight {edge.weight!r}: a finite number >= 0.")
+            if edge.name in seen:
+                raise ValueError(f"edge {edge.name} is given twice: merge the two into one weight.")
+            seen.add(edge.name)
+            loss = get_loss(edge.loss, **edge.options)  # unknown ids and bad options raise here
+            if loss.side_needs("student") != {"logits"} or loss.side_needs("teacher") != {"logits"}:
+                raise ValueError(
+                    f"edge {edge.name}: a graph's edges exchange predictions; {edge.loss!r} reads other features. "
+                    f"Use a response loss ({RESPONSE_ONLY})."
+                )
+
+    @property
+    def trained(self) -> list[str]:
+        """The trained nodes, in order."""
+        return [name for name, kind in self.nodes.items() if kind == "trained"]
+
+    @property
+    def frozen(self) -> list[str]:
+        """The frozen nodes, in order."""
+        return [name for name, kind in self.nodes.items() if kind == "frozen"]
+
+    def to_dict(self) -> dict:
+        """The graph as plain data (what :meth:`save` writes)."""
+        edges = [dataclasses.asdict(edge) for edge in self.edges]
+        return {"nodes": dict(self.nodes), "edges": edges, "student": self.student}
+
+    def save(self, path: str) -> None:
+        """Write the graph as JSON (``.json``) or YAML (``.yaml``/``.yml``), readable and editable."""
+        with open(path, "w", encoding="utf-8") as handle:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                yaml.safe_dump(self.to_dict(), handle, sort_keys=False)
+            else:
+                json.dump(self.to_dict(), handle, indent=2)
+
+    @classmethod
+    def load(cls, path: str) -> DistillationGraph:
+        """Read a graph that :meth:`save` (or a person) wrote.
+
+        Raises:
+            ValueError: the file is not a mapping with ``nodes``, ``edges`` and ``student``.
+        """
+        with open(path, encoding="utf-8") as handle:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                data = yaml.safe_load(handle)
+            else:
+                data = json.load(handle)
+        if not isinstance(data, dict) or set(data) != {"nodes", "edges", "student"}:
+            raise ValueError(f"{path}: a graph file holds exactly 'nodes', 'edges' and 'student'.")
+        return cls(**data)
+
+
+class GraphTeaching(TrainedMembers):
+    """The trained nodes of a :class:`DistillationGraph` as a trainer's members; its frozen nodes are the trainer's
+    teachers. Each edge is one term of the objective, read by its target from its (detached) source."""
+
+    scheme, kind = "graph distillation", "node"
+    takes_teachers = True
+
+    def __init__(self, graph: DistillationGraph, reference: nn.Module):
+        super().__init__(graph.trained, reference)
+        self.graph = graph
+        self.edges = {edge.name: edge for edge in graph.edges}
+
+    def objective(self, args: DistillationConfig) -> Objective:
+        specs = [LossSpec(e.loss, float(e.weight), dict(e.options), teacher=e.source) for e in self.graph.edges]
+        objective = Objective(specs, list(self.graph.nodes), args)
+        # Terms named by their edge (the objective names a loss by the teacher it reads; an edge has two ends).
+        objective.terms = [dataclasses.replace(t, name=e.name) for t, e in zip(objective.terms, self.graph.edges)]
+        check_logit_width(self.reference, objective.losses)
+        return objective
+
+    def teachers_of(self, member, sources, term):
+        edge = self.edges[term.name]
+        return [sources[edge.source]] if edge.target == member and edge.gate != "cutoff" else []
+
+    def gate(self, term, sources, labels, progress):
+        gate = self.edges[term.name].gate
+        if gate == "linear_up":
+            return (1.0 if progress is None else progress), None
+        if gate == "linear_down":
+            return (1.0 if progress is None else 1.0 - progress), None
+        if gate == "correct":
+            logits = sources[self.edges[term.name].source].logits
+            if labels is None:
+                return 1.0, torch.zeros(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+            return 1.0, logits.argmax(-1).eq(labels) & labels.ne(-100)
+        return 1.0, None
+
+    def log_name(self, term, member):
+        return f"{term}/{member}" if term == LABEL_TERM else term
+
+    def logged_names(self, objective):
+        return [*(f"{LABEL_TERM}/{node}" for node in self.names), *objective.names]
+
+    def logits_alone(self, module, member, inputs):
+        return output_field(module.peers[member](**inputs), "logits")
+
+    def model_of(self, module, member):
+        return module.peers[member]
+
+
+class GraphTrainer(CohortTrainer):
+    """Trains the trained nodes of ``graph`` together, each learning from its edges; a
+    :class:`~hf_kd.DistillationTrainer` whose members are the trained nodes (:class:`GraphTeaching`) and whose
+    teachers are the frozen ones. ``save_model(DIR)`` writes every trained node to ``DIR/NODE`` with its own
+    ``distillation_config.json`` (its incoming edges) and card.
+
+    Args:
+        graph: The nodes and edges.
+        models: Each node's model: a model for a trained node; a model, path or
+            :class:`~hf_kd.teachers.TeacherSource` (a cache) for a frozen one.
+        args: The run's :class:`~hf_kd.DistillationConfig` (its ``losses`` are not read: the edges name theirs).
+        **kwargs: What :class:`~hf_kd.DistillationTrainer` takes beside ``model`` and ``teacher_model``.
+
+    Raises:
+        ValueError: a node without a model or a model without a node; trained nodes of different label sets or
+            kinds; a trained node that is not an ``nn.Module``; ``push_to_hub`` (push the student's trainer).
+    """
+
+    def __init__(self, graph: DistillationGraph, models: dict, args: DistillationConfig | None = None, **kwargs):
+        if not isinstance(graph, DistillationGraph):
+            raise TypeError(f"graph must be a DistillationGraph, got {type(graph).__name__}.")
+        if set(models) != set(graph.nodes):
+            raise ValueError(
+                f"the graph's nodes {sorted(graph.nodes)} and the models given {sorted(models)} differ: give one model "
+                "per node."
+            )
+        if args is not None and args.push_to_hub:
+            raise ValueError(_NO_PUSH)
+        trained = {name: models[name] for name in graph.trained}
+        for name, model in trained.items():
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"trained node {name!r} must be an nn.Module, got {type(model).__name__}.")
+            check_materialized(model, f"node {name!r}")
+        if len({id(model) for model in trained.values()}) < len(trained):
+            raise ValueError("the same model is given for two trained nodes: give each its own model.")
+        widths = {name: num_classes(model) for name, model in trained.items()}
+        if len(set(widths.values()) - {None}) > 1:
+            raise ValueError(f"the trained nodes' outputs differ in width ({widths}): edges compare predictions.")
+        if len({(is_token_level(m), is_causal_lm(m)) for m in trained.values()}) > 1:
+            raise ValueError("the trained nodes are of different kinds (sequence vs token outputs, causal or not).")
+        frozen = {name: models[name] for name in graph.frozen}
+        for name, model in frozen.items():
+            if not isinstance(model, (nn.Module, str, TeacherSource)):
+                raise TypeError(
+                    f"frozen node {name!r} must be a model, a path or a TeacherSource, got {type(model).__name__}."
+                )
+        members = GraphTeaching(graph, next(iter(trained.values())))
+        super().__init__(model=PeerCohort(trained), teacher_model=frozen or None, args=args, members=members, **kwargs)
+        self.graph, self.no_push = graph, _NO_PUSH
+        self.peer_metrics: dict[str, dict] = {}
+        self.best_peer: str | None = None
+
+    def teachers_of_peer(self, name: str) -> dict:
+        incoming = [edge for edge in self.graph.edges if edge.target == name and edge.gate != "cutoff"]
+        sources = list(dict.fromkeys(edge.source for edge in incoming))
+        classes, parameters = [], 0
+        for source in sources:
+            if source in self.peers:
+                classes.append(type(self.peers[source]).__name__)
+                parameters += sum(p.numel() for p in self.peers[source].parameters())
+            else:
+                described = self.teachers[source].describe()
+                classes.append(str(described.get("teacher_class")))
+                parameters += described.get("teacher_parameters") or 0
+        return {
+            "teacher": f"graph edges {', '.join(e.name for e in incoming)}" if incoming else "none (labels only)",
+            "teacher_class": ", ".join(dict.fromkeys(classes)),
+            "teacher_parameters": parameters,
+        }
+
+    def peer_stage(self, name: str) -> dict:
+        return {"scheme": "graph", "node": name, "graph": self.graph.to_dict()}
+
+
+_NO_PUSH = (
+    "a GraphTrainer does not push (push_to_hub=False): save_model() writes every trained node to OUTPUT_DIR/NODE "
+    "with its weights, distillation_config.json and card; run_scheme('graph', ...) with push_to_hub pushes the "
+    "graph's student."
+)
+
+
+@dataclass
+class GraphConfig(SchemeConfig):
+    """Settings of a distillation graph (Minami et al. 2020).
+
+    Args:
+        graph: The graph file (JSON or YAML: ``nodes``, ``edges``, ``student``). Its trained nodes are fresh
+            students (``make_student(k)`` for the k-th), its frozen ones the teachers given (one: any frozen node
+            name; several: by name).
+    """
+
+    graph: str | None = field(
+        default=None,
+        metadata={
+            "help": "graph: the graph file (JSON or YAML: nodes, edges, student); default: every teacher teaching "
+            "two trained nodes, student and peer, which also teach each other."
+        },
+    )
+
+    def __post_init__(self):
+        if self.graph is not None:
+            if not os.path.isfile(self.graph):
+                raise ValueError(f"graph file {self.graph!r} does not exist.")
+            DistillationGraph.load(self.graph)  # a bad graph is refused here, before anything loads
+
+
+def default_graph(teachers: list[str]) -> DistillationGraph:
+    """Every teacher (frozen) teaching two trained nodes, ``student`` and ``peer``, which teach each other (``kl``,
+    gates ``through``): offline KD and mutual learning in one graph."""
+    nodes = {**{name: "frozen" for name in teachers}, "student": "trained", "peer": "trained"}
+    edges = [GraphEdge(teacher, node) for teacher in teachers for node in ("student", "peer")]
+    edges += [GraphEdge("peer", "student"), GraphEdge("student", "peer")]
+    return DistillationGraph(nodes, edges, "student")
+
+
+def graph_distillation(
+    graph: DistillationGraph, models: dict, args: DistillationConfig, *, metric: str | None = None, **trainer_kwargs
+) -> list[Stage]:
+    """Train ``graph``'s trained nodes together in ``args.output_dir`` (resuming from its last checkpoint there),
+    measure each on ``eval_dataset`` alone and save every one to ``OUTPUT_DIR/NODE``.
+
+    Args:
+        graph: The nodes and edges.
+        models: Each node's model (see :class:`GraphTrainer`).
+        args: The run's :class:`~hf_kd.DistillationConfig`.
+        metric: The ``compute_metrics`` key that marks the best node (default ``args.metric_for_best_model``).
+        **trainer_kwargs: What :class:`~hf_kd.DistillationTrainer` takes (``train_dataset``, ``eval_dataset``, ...).
+
+    Returns:
+        One :class:`~hf_kd.schemes.stages.Stage` per trained node (``details["best"]``), each with the one trainer.
+    """
+    trainer = GraphTrainer(graph, models, args, **trainer_kwargs)
+
+    def measure(trainer):  # every trained node alone
+        rows = trainer.compare_with_teacher()
+        trainer.peer_metrics = {
+            name: {key: value for key, value in row.items() if key not in ("parameters", "ms_per_example")}
+            for name, row in rows.items()
+        }
+        best = metric or args.metric_for_best_model
+        trainer.best_peer = best_member(trainer.peer_metrics, best, args.greater_is_better)
+
+    train_measure_save(trainer, args.output_dir, measure if trainer.eval_dataset is not None else None)
+    return [
+        Stage(
+            name,
+            os.path.join(args.output_dir, name),
+            node,
+            trainer.peer_metrics.get(name, {}),
+            {"best": name == trainer.best_peer},
+            trainer,
+        )
+        for name, node in trainer.peers.items()
+    ]
+
+
+@register_scheme("graph", config=GraphConfig, teachers="many", stages=True)
+def run_graph(config: GraphConfig, args: DistillationConfig, given: SchemeInputs) -> SchemeResult:
+    """A distillation graph: trained and frozen nodes, edges with losses, weights and gates, all trained nodes
+    together; the graph's student is the result (Minami et al. 2020)."""
+    teachers = given.teacher if isinstance(given.teacher, dict) else None
+    if isinstance(given.teacher, (list, tuple)):
+        raise ValueError("the graph's frozen nodes are named: give its teachers as a dict by node name.")
+    if config.graph is None:
+        graph = default_graph(list(teachers) if teachers is not None else ["teacher"])
+    else:
+        graph = DistillationGraph.load(config.graph)
+    if not graph.frozen:
+        raise ValueError(
+            f"the graph {config.graph} has no frozen node, so the teacher given would not be read: add a frozen node "
+            "for it, or run the graph with GraphTrainer / graph_distillation (no teacher)."
+        )
+    if teachers is None and len(graph.frozen) > 1:
+        raise ValueError(f"the graph has the frozen nodes {graph.frozen}: give the teachers as a dict by those names.")
+    models = {name: (teachers[name] if teachers is not None else given.teacher) for name in graph.frozen}
+    if teachers is not None and set(teachers) != set(graph.frozen):
+        raise ValueError(f"the teachers {sorted(teachers)} and the graph's frozen nodes {graph.frozen} differ.")
+    for k, name in enumerate(graph.trained, start=1):
+        models[name] = given.make_student(k)
+    nodes = graph_distillation(graph, models, dataclasses.replace(args, push_to_hub=False), **given.trainer_kwargs)
+    student = next(node for node in nodes if node.name == graph.student)
+    others = [node for node in nodes if node is not student]
+    from ..trainer import DistillationTrainer
+
+    frozen = {name: node for name, node in models.items() if name in graph.frozen}
+    sources = {**frozen, **{node.name: node.model for node in others}}
+    trainer = DistillationTrainer(model=student.model, teacher_model=sources or None, args=args, **given.extra)
+    summary = student.trainer.peer_summary(student.name)
+    trainer.state.global_step = student.trainer.state.global_step
+    trainer.stage_metrics, trainer.stage_details = summary.get("metrics"), summary["stage"]
+    trainer.scheme_config = config
+    return SchemeResult(trainer, others)
