@@ -1,0 +1,97 @@
+"""Refusals of distillation graphs (hf_kd.schemes.graph): each before anything trains."""
+
+from conftest import classification_data, config, tiny_bert
+from refusal_cases import Case
+
+from hf_kd.schemes import run_scheme
+from hf_kd.schemes.graph import DistillationGraph, GraphConfig, GraphEdge, GraphTrainer
+
+
+def _graph(nodes, edges, student="b"):
+    return lambda p: DistillationGraph(nodes, edges, student)
+
+
+def _peer_graph_with_a_teacher(p):
+    path = str(p / "peers.json")
+    DistillationGraph({"a": "trained", "b": "trained"}, [GraphEdge("a", "b")], "b").save(path)
+    return run_scheme(
+        GraphConfig(graph=path),
+        config(p / "out", max_steps=1),
+        teacher=tiny_bert(seed=1),
+        make_student=lambda k: tiny_bert(hidden=16, seed=k),
+        train_dataset=classification_data(n=8),
+    )
+
+
+def _missing_model(p):
+    graph = DistillationGraph({"a": "frozen", "b": "trained"}, [GraphEdge("a", "b")], "b")
+    return GraphTrainer(graph, {"b": tiny_bert()}, config(p), train_dataset=classification_data(n=8))
+
+
+FROZEN_AND_TRAINED = {"a": "frozen", "b": "trained"}
+
+CASES = [
+    Case(
+        "graph-edge-into-frozen",
+        '`DistillationGraph(..., edges=[GraphEdge("b", "a")])` where `a` is frozen',
+        _graph(FROZEN_AND_TRAINED, [GraphEdge("b", "a")]),
+        ValueError,
+        "teaches the frozen node 'a': only trained nodes learn",
+    ),
+    Case(
+        "graph-unknown-node",
+        '`GraphEdge("a", "c")` where the graph has no node `c`',
+        _graph(FROZEN_AND_TRAINED, [GraphEdge("a", "c")]),
+        ValueError,
+        "names the node 'c', which is not among ['a', 'b']",
+    ),
+    Case(
+        "graph-unknown-gate",
+        '`GraphEdge("a", "b", gate="sometimes")`',
+        _graph(FROZEN_AND_TRAINED, [GraphEdge("a", "b", gate="sometimes")]),
+        ValueError,
+        "has the gate 'sometimes'; gates: ('through', 'cutoff', 'linear_up', 'linear_down', 'correct')",
+    ),
+    Case(
+        "graph-feature-loss",
+        '`GraphEdge("a", "b", "hidden_mse")`',
+        _graph(FROZEN_AND_TRAINED, [GraphEdge("a", "b", "hidden_mse")]),
+        ValueError,
+        "a graph's edges exchange predictions; 'hidden_mse' reads other features",
+    ),
+    Case(
+        "graph-duplicate-edge",
+        'the same `GraphEdge("a", "b", "kl")` twice',
+        _graph(FROZEN_AND_TRAINED, [GraphEdge("a", "b"), GraphEdge("a", "b")]),
+        ValueError,
+        "is given twice: merge the two into one weight",
+    ),
+    Case(
+        "graph-frozen-student",
+        '`DistillationGraph(..., student="a")` where `a` is frozen',
+        _graph(FROZEN_AND_TRAINED, [GraphEdge("a", "b")], student="a"),
+        ValueError,
+        "student='a' must be a trained node",
+    ),
+    Case(
+        "graph-no-edge",
+        "`DistillationGraph(nodes, edges=[], ...)`",
+        _graph(FROZEN_AND_TRAINED, []),
+        ValueError,
+        "the graph has no edge: nothing would be distilled",
+    ),
+    Case(
+        "graph-teacher-unread",
+        '`run_scheme(GraphConfig(graph="peers.json"), ..., teacher=...)` on a graph without frozen nodes',
+        _peer_graph_with_a_teacher,
+        ValueError,
+        "has no frozen node, so the teacher given would not be read",
+    ),
+    Case(
+        "graph-missing-model",
+        "`GraphTrainer(graph, models)` without a model for every node",
+        _missing_model,
+        ValueError,
+        "give one model per node",
+    ),
+]
