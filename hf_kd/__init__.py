@@ -4,7 +4,7 @@ from .cache import TeacherCache, write_teacher_cache
 from .config import DistillationConfig, LossSpec
 from .features import ModelFeatures
 from .losses import DistillationLoss, available_losses, get_loss, register_loss
-from .teachers import AdapterBaseTeacher
+from .teachers import AdapterBaseTeacher, ServedTeacher
 from .trainer import DistillationTrainer
 
 __version__ = "0.1.0"
@@ -52,6 +52,7 @@ __all__ = [
     "DistillationTrainer",
     "LossSpec",
     "ModelFeatures",
+    "ServedTeacher",
     "TeacherCache",
     "available_losses",
     "get_loss",

@@ -44,7 +44,7 @@ def distillation_summary(trainer) -> dict:
             "teacher_class": ", ".join(
                 dict.fromkeys(description["teacher_class"] for description in descriptions.values())
             ),
-            "teacher_parameters": sum(description["teacher_parameters"] for description in descriptions.values()),
+            "teacher_parameters": _total_parameters(descriptions.values()),
             "teachers": descriptions,
             "teacher_aggregation": trainer.args.teacher_aggregation,
             **({"teacher_weights": trainer.args.teacher_weights} if trainer.args.teacher_weights else {}),
@@ -215,3 +215,9 @@ def push_to_hub(trainer, commit_message, blocking, token, revision, private, cre
             f"the student, its card and distillation_config.json are in {folder}; push them again with "
             "trainer.push_to_hub() or huggingface_hub.upload_folder."
         ) from error
+
+
+def _total_parameters(descriptions) -> int | None:
+    """The teachers' parameters together; None when one's is unknown (a served teacher without ``parameters=``)."""
+    counts = [description["teacher_parameters"] for description in descriptions]
+    return None if any(count is None for count in counts) else sum(counts)
