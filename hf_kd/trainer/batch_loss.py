@@ -28,8 +28,26 @@ _CHECKED_HEADS: weakref.WeakSet = weakref.WeakSet()
 def plain_terms(
     trainer, model, inputs, teacher_inputs, counts: ItemCounts, label_weight, accumulation, mode, clean_inputs=None
 ):
-    """``(terms, student outputs, whether distillation ran)``. ``clean_inputs``: the batch before the student's
-    noise, which the teachers read and which decides the distilled positions."""
+    """The terms of one micro-batch from both models' outputs, as the objective asks for them.
+
+    Args:
+        trainer: the :class:`~hf_kd.DistillationTrainer`.
+        model: the (wrapped) student.
+        inputs: the student's batch (``sample_index`` included when the data has one).
+        teacher_inputs: the teacher's own view of the batch (another tokenizer or modality), or None.
+        counts: the step's :class:`~hf_kd.positions.ItemCounts`.
+        label_weight: the label loss's weight (0: the student's label loss is not computed).
+        accumulation: the number of micro-batches in the step (1 outside training).
+        mode: ``"train"`` or ``"eval"``.
+        clean_inputs: the batch before the student's noise, which the teachers read and which decides the
+            distilled positions (None: ``inputs``).
+
+    Returns:
+        ``(terms, student outputs, whether distillation ran)``, the terms by name as shares of the step.
+
+    Raises:
+        ValueError: a teacher's own tokenizer with several teachers.
+    """
     objective = trainer.objective
     inputs, sample_index = split_sample_index(inputs)
     inputs = with_decoder_inputs(trainer, model, inputs)
@@ -90,7 +108,17 @@ def plain_terms(
 
 
 def label_term(trainer, outputs, labels, counts: ItemCounts) -> dict[str, torch.Tensor]:
-    """``{"ce": the model's own label loss as a share of the step}``, or nothing when the micro-batch has no label."""
+    """The model's own label loss as a share of the step (a regression's: the MSE over the labeled rows).
+
+    Args:
+        trainer: the :class:`~hf_kd.DistillationTrainer`.
+        outputs: the model's outputs (with its ``loss``).
+        labels: the micro-batch's labels (None: unlabeled).
+        counts: the step's :class:`~hf_kd.positions.ItemCounts`.
+
+    Returns:
+        ``{"ce": loss}``, or nothing when the micro-batch has no label (or the model computed no loss).
+    """
     model_loss = output_field(outputs, "loss")
     if labels is None or model_loss is None:
         return {}
@@ -112,8 +140,15 @@ def label_term(trainer, outputs, labels, counts: ItemCounts) -> dict[str, torch.
 
 def check_regression_batch(labels: torch.Tensor, sample_index: torch.Tensor | None = None) -> None:
     """Regression targets of a batch are finite (NaN marks an unlabeled row): the batch-time check for data sets
-    the trainer could not read up front (:func:`hf_kd.checks.check_regression_targets`). The error names the data
-    set's row when the batch carries a ``sample_index``, else the batch's."""
+    the trainer could not read up front (:func:`hf_kd.checks.check_regression_targets`).
+
+    Args:
+        labels: the batch's regression targets.
+        sample_index: the batch's data set row indices, which the error names (None: the batch's row).
+
+    Raises:
+        ValueError: a target is infinite.
+    """
     infinite = labels.float().isinf().reshape(len(labels), -1).any(-1)
     if infinite.any():
         row = int(infinite.nonzero()[0])
@@ -131,6 +166,17 @@ def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: b
     logits for their last position only (``logits_to_keep=1``), which the first batch compares with the hidden-state
     path's (:meth:`~hf_kd.losses.lm_head.LogitsHead.check`). In training the gradients are computed in the same pass
     (fused), for the weights the objective gives each term this step (:func:`term_weights`).
+
+    Args:
+        trainer: the :class:`~hf_kd.DistillationTrainer` (one teacher).
+        model: the (wrapped) causal-LM student.
+        inputs: the batch.
+        counts: the step's :class:`~hf_kd.positions.ItemCounts`.
+        with_label_loss: compute the label cross-entropy in the chunks too.
+        mode: ``"train"`` or ``"eval"``.
+
+    Returns:
+        ``(terms, student outputs, whether distillation ran)``, the terms by name as shares of the step.
     """
     (teacher_name,) = trainer.teachers  # one teacher (checked at construction)
     teacher = trainer.teachers[teacher_name]
@@ -192,7 +238,19 @@ def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: b
 def term_weights(trainer, terms_run, counts: ItemCounts, with_label_loss: bool, mode: str, device) -> torch.Tensor:
     """Each chunked sum's weight in the step's total, ``∂ total / ∂ sums``: the sums go through the objective's own
     normalisation and mix, so the fused gradients are those of the total the Trainer backpropagates (the ramp-up,
-    the label weight, the step's item counts over processes and micro-batches included)."""
+    the label weight, the step's item counts over processes and micro-batches included).
+
+    Args:
+        trainer: the :class:`~hf_kd.DistillationTrainer`.
+        terms_run: the objective's terms the chunks compute, in order.
+        counts: the step's :class:`~hf_kd.positions.ItemCounts`.
+        with_label_loss: whether the first sum is the label cross-entropy.
+        mode: ``"train"`` (the objective's ramp-up applies) or ``"eval"``.
+        device: where the weights are made.
+
+    Returns:
+        One weight per sum (label first, when computed), detached; zeros when the total is empty.
+    """
     with torch.enable_grad():
         probe = torch.zeros(len(terms_run) + int(with_label_loss), device=device, requires_grad=True)
         terms = _chunked_normalised(trainer, probe, terms_run, counts, with_label_loss)
@@ -233,7 +291,20 @@ def record_terms(
     no label still weighs the step in, and every process divides the same sums by the same weights. ``suffix``
     goes after every logged name (``/peer0``: one model's terms among several trained together); ``extra`` are a
     scheme's own batch-level terms (shares of the step, like the batch-level losses). ``log_name`` maps a term's
-    name to its logged name instead of the suffix (a graph's ``kl/teacher->student``)."""
+    name to its logged name instead of the suffix (a graph's ``kl/teacher->student``).
+
+    Args:
+        trainer: the :class:`~hf_kd.DistillationTrainer` (its ``term_log`` records).
+        mode: ``"train"`` or ``"eval"``.
+        terms: the micro-batch's terms by name.
+        counts: the step's :class:`~hf_kd.positions.ItemCounts`.
+        accumulation: the number of micro-batches in the step (1 outside training).
+        distilled: whether the distillation terms ran.
+        labeled: whether the label loss ran.
+        suffix: appended to every logged name.
+        extra: a scheme's own batch-level terms by name.
+        log_name: maps a term's name to its logged name (None: the name and ``suffix``).
+    """
     ensemble_weights = [name for name in terms if name.startswith(WEIGHT_PREFIX)]
     terms = {**terms, **(extra or {})}
     if mode == "train":
@@ -261,7 +332,18 @@ def record_terms(
 
 def unlabeled_prediction(trainer, model, inputs, plain, prediction_loss_only):
     """An evaluation batch without labels (a transfer set): the loss is the distillation total. Cached teachers
-    have nothing for evaluation data: then no loss, and a warning says why nothing is reported."""
+    have nothing for evaluation data: then no loss, and a warning says why nothing is reported.
+
+    Args:
+        trainer: the :class:`~hf_kd.DistillationTrainer`.
+        model: the (wrapped) student.
+        inputs: the prepared batch, as ``compute_loss`` takes it.
+        plain: the student's view of the batch, without ``sample_index``.
+        prediction_loss_only: return no logits.
+
+    Returns:
+        ``prediction_step``'s ``(loss, logits, labels)``: labels None, the loss None without teacher outputs.
+    """
     if not trainer.teachers_cover_eval:
         if not trainer._warned_unlabeled_eval:
             logger.warning(
@@ -280,7 +362,22 @@ def unlabeled_prediction(trainer, model, inputs, plain, prediction_loss_only):
 def align_tokenizations(trainer, student, teacher, mask, teacher_inputs):
     """Different tokenizers: the k-th supervised student position meets the k-th supervised teacher position
     (see :mod:`hf_kd.cross_tokenizer`; for token classifiers, the k-th word: see
-    :mod:`hf_kd.token_classification`); returns flat ``N×V`` features of the aligned positions and no mask."""
+    :mod:`hf_kd.token_classification`).
+
+    Args:
+        trainer: the :class:`~hf_kd.DistillationTrainer`.
+        student: the student's features (logits).
+        teacher: the teacher's features (logits, dense or sparse).
+        mask: the student's distilled positions.
+        teacher_inputs: the teacher's view of the batch, whose labels or attention mask give its positions.
+
+    Returns:
+        ``(student, teacher, None)``: flat ``N×V`` features of the aligned positions, and no mask.
+
+    Raises:
+        ValueError: a loss that needs one vocabulary (for a student that is not a token classifier), or a side
+            without labels or attention mask.
+    """
     unaligned = [loss.name for loss in trainer.distillation_losses if not loss.cross_vocabulary]
     if unaligned and not is_classifier(trainer.student):  # token classifiers share a label set, not a vocabulary
         raise ValueError(
@@ -300,7 +397,16 @@ def align_tokenizations(trainer, student, teacher, mask, teacher_inputs):
 
 def with_decoder_inputs(trainer, model, inputs: dict) -> dict:
     """Encoder-decoder models: the decoder inputs the student would derive from its labels, made explicit so the
-    teacher (which never gets labels) and a student trained without the label loss decode the same sequence."""
+    teacher (which never gets labels) and a student trained without the label loss decode the same sequence.
+
+    Args:
+        trainer: the :class:`~hf_kd.DistillationTrainer`.
+        model: the (wrapped) student.
+        inputs: the batch.
+
+    Returns:
+        ``inputs`` with ``decoder_input_ids`` for an encoder-decoder student given labels; else ``inputs``.
+    """
     if "labels" not in inputs or "decoder_input_ids" in inputs or "decoder_inputs_embeds" in inputs:
         return inputs
     student = trainer.accelerator.unwrap_model(model)

@@ -42,6 +42,10 @@ CHECKPOINT_ONLY_FILES = (
 
 
 class TrainerCompat(Trainer):
+    """``transformers.Trainer`` with hf_kd's overrides of its private methods (each commented with its reason):
+    the columns the teachers read kept, on-policy batches and whole-step item counts, the loss parts saved in and
+    read from checkpoints, only the student saved and pushed. Constructed as a ``Trainer``."""
+
     def _set_signature_columns_if_needed(self):
         # Columns the student's forward does not take but the losses (sample_index) or the teacher read. A module
         # around models (peers, a model with exits), whose forward passes everything on, says what they take.

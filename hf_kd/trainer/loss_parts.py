@@ -27,6 +27,12 @@ class LossParts:
     DeepSpeed and FSDP build, shard and checkpoint the student's optimizer from the model's parameters alone, so the
     parts get an optimizer of the student's kind, hyperparameters and schedule, stepped with it (the callback) and
     checkpointed beside it.
+
+    Args:
+        losses: the objective's loss modules.
+        aggregator: the multi-teacher aggregator (its running reliability is checkpointed here), or None.
+        teachers: the teacher sources by name; those with a ``state_dict`` (a teacher that learns) are checkpointed
+            here.
     """
 
     def __init__(self, losses: nn.ModuleList, aggregator: nn.Module | None = None, teachers: dict | None = None):
@@ -37,11 +43,23 @@ class LossParts:
         self.scheduler = None
 
     def parameters(self) -> list[nn.Parameter]:
-        """Trainable parameters of the losses (projectors, regressors, heads), optimised beside the student."""
+        """Trainable parameters of the losses (projectors, regressors, heads), optimised beside the student.
+
+        Returns:
+            The parameters that require gradients.
+        """
         return [parameter for parameter in self.losses.parameters() if parameter.requires_grad]
 
     def setup(self, trainer, terms) -> None:
-        """Let losses with learned parts size them from one training batch (before any optimizer exists)."""
+        """Let losses with learned parts size them from one training batch (before any optimizer exists).
+
+        Args:
+            trainer: the :class:`~hf_kd.DistillationTrainer`, its models and teachers placed.
+            terms: the objective's terms.
+
+        Raises:
+            ValueError: a loss to size and no ``train_dataset``, or learned parts with fp16 under DeepSpeed or FSDP.
+        """
         pending = [term for term in terms if type(term.loss).setup is not DistillationLoss.setup]
         if not pending:
             return
@@ -79,14 +97,23 @@ class LossParts:
 
     def join(self, optimizer: torch.optim.Optimizer) -> None:
         """Add the parameters to the student's optimizer: same learning rate and schedule, no weight decay (as for
-        biases and norms)."""
+        biases and norms).
+
+        Args:
+            optimizer: the student's optimizer (parameters already in it are not added again).
+        """
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [p for p in self.parameters() if id(p) not in known]
         if missing:
             optimizer.add_param_group({"params": missing, "weight_decay": 0.0})
 
     def build_engine_optimizer(self, trainer, max_steps: int) -> None:
-        """Under DeepSpeed and FSDP: the parts' own optimizer, of the student's kind and schedule."""
+        """Under DeepSpeed and FSDP: the parts' own optimizer, of the student's kind and schedule.
+
+        Args:
+            trainer: the :class:`~hf_kd.DistillationTrainer` (its arguments give the optimizer and schedule).
+            max_steps: the run's number of optimizer steps, for the schedule.
+        """
         self.optimizer, self.scheduler = None, None
         parameters = self.parameters()
         if not (engine_owns_optimizer(trainer) and parameters):
@@ -102,6 +129,12 @@ class LossParts:
         )
 
     def state_dict(self) -> dict:
+        """What a checkpoint holds of the parts.
+
+        Returns:
+            The losses' state, the aggregator's under ``aggregator.`` and each learning teacher's under
+                ``teacher.NAME.``.
+        """
         state = dict(self.losses.state_dict())
         if self.aggregator is not None:
             state.update({f"{AGGREGATOR_PREFIX}{key}": value for key, value in self.aggregator.state_dict().items()})
@@ -110,6 +143,11 @@ class LossParts:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        Args:
+            state: the entries, as :meth:`state_dict` names them.
+        """
         prefixes = (AGGREGATOR_PREFIX, TEACHER_PREFIX)
         self.losses.load_state_dict({key: value for key, value in state.items() if not key.startswith(prefixes)})
         if self.aggregator is not None:
@@ -119,6 +157,11 @@ class LossParts:
                 teacher.load_state_dict(_under(state, f"{TEACHER_PREFIX}{name}."))
 
     def save(self, folder: str) -> None:
+        """Write the parts (``hf_kd_losses.safetensors``) and their own optimizer, if any, into a checkpoint.
+
+        Args:
+            folder: the checkpoint folder (made if missing; nothing is written when the parts have no state).
+        """
         state = self.state_dict()
         if not state:
             return
@@ -133,6 +176,14 @@ class LossParts:
             )
 
     def load(self, checkpoint: str) -> None:
+        """Read back what :meth:`save` wrote.
+
+        Args:
+            checkpoint: the checkpoint folder.
+
+        Raises:
+            ValueError: the checkpoint lacks the parts' file (while they have state) or their optimizer's file.
+        """
         path = os.path.join(checkpoint, LOSS_PARTS_NAME)
         if os.path.exists(path):
             self.load_state_dict(load_file(path))  # copied onto the parameters' device
@@ -156,12 +207,24 @@ def _under(state: dict, prefix: str) -> dict:
 
 
 def engine_owns_optimizer(trainer) -> bool:
-    """DeepSpeed and FSDP build, shard and checkpoint the student's optimizer from the model's parameters alone."""
+    """DeepSpeed and FSDP build, shard and checkpoint the student's optimizer from the model's parameters alone.
+
+    Args:
+        trainer: the Trainer.
+
+    Returns:
+        Whether DeepSpeed or FSDP is enabled (the loss parts then need their own optimizer).
+    """
     return trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
 
 
 class LossPartsCallback(TrainerCallback):
-    """What the Trainer loop does for the student's gradients and optimizer, done for the loss parts too."""
+    """What the Trainer loop does for the student's gradients and optimizer, done for the loss parts too.
+
+    Args:
+        parts: the trainer's :class:`LossParts`.
+        accelerator: the trainer's ``Accelerator`` (reduces the gradients across processes).
+    """
 
     def __init__(self, parts: LossParts, accelerator):
         self.parts = parts

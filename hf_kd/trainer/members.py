@@ -39,11 +39,20 @@ class MemberModule(nn.Module):
         raise NotImplementedError
 
     def save_checkpoint(self, folder: str, processing_class=None) -> None:
-        """Write every member into the checkpoint ``folder``."""
+        """Write every member into the checkpoint ``folder``.
+
+        Args:
+            folder: the checkpoint folder.
+            processing_class: the trainer's tokenizer or processor, saved beside each member.
+        """
         raise NotImplementedError
 
     def load_checkpoint(self, folder: str) -> None:
-        """Read every member back from a checkpoint :meth:`save_checkpoint` wrote."""
+        """Read every member back from a checkpoint :meth:`save_checkpoint` wrote.
+
+        Args:
+            folder: the checkpoint folder.
+        """
         raise NotImplementedError
 
 
@@ -66,40 +75,111 @@ class TrainedMembers:
 
     def gate(self, term, sources: dict[str, ModelFeatures], labels, progress: float | None):
         """How much of ``term`` a member takes this step: ``(scale, keep)``, ``keep`` a boolean mask of the rows
-        (or positions) it reads, or None for all. ``progress``: the share of training done (None outside it)."""
+        (or positions) it reads, or None for all. The base takes all of every term.
+
+        Args:
+            term: the objective's term.
+            sources: every member's detached prediction (and the frozen teachers'), by name.
+            labels: the batch's labels, aligned with the logits' positions (None: unlabeled).
+            progress: the share of training done (None outside it).
+
+        Returns:
+            ``(scale, keep)``: the factor on the term and the mask of what it reads (None: everything).
+        """
         return 1.0, None
 
     def log_name(self, term: str, member: str) -> str:
-        """The logged name of ``member``'s term ``term`` (``kl/peer0``)."""
+        """The logged name of ``member``'s term ``term`` (``kl/peer0``).
+
+        Args:
+            term: the term's name (``ce``, ``kl``, ...).
+            member: the member's name.
+
+        Returns:
+            ``TERM/MEMBER``.
+        """
         return f"{term}/{member}"
 
     def logged_names(self, objective: Objective) -> list[str]:
-        """Every name the run logs: each member's label loss, terms and scheme terms."""
+        """Every name the run logs: each member's label loss, terms and scheme terms.
+
+        Args:
+            objective: the run's :class:`~hf_kd.objective.Objective`.
+
+        Returns:
+            The names, member by member.
+        """
         terms = [LABEL_TERM, *objective.names, *self.extra_term_names]
         return [self.log_name(term, member) for member in self.names for term in terms]
 
     def teachers_of(self, member: str, detached: dict[str, ModelFeatures], term) -> list[ModelFeatures]:
-        """The detached predictions ``member`` learns from with ``term`` (none: it only learns from its labels)."""
+        """The detached predictions ``member`` learns from with ``term`` (none: it only learns from its labels).
+
+        Args:
+            member: the member's name.
+            detached: every member's detached prediction (and the frozen teachers'), by name.
+            term: the objective's term.
+
+        Returns:
+            The predictions of the members that teach ``member`` with ``term``.
+        """
         raise NotImplementedError
 
     def extra_terms(self, member: str, results: dict[str, tuple]) -> dict[str, torch.Tensor]:
-        """The scheme's own batch-level terms for ``member`` (named in ``extra_terms``), already weighted."""
+        """The scheme's own batch-level terms for ``member`` (named in ``extra_terms``), already weighted.
+
+        Args:
+            member: the member's name.
+            results: the module's forward output, ``{member: (outputs, ModelFeatures)}``.
+
+        Returns:
+            Each term's value by name (the base: none).
+        """
         return {}
 
     def logits_alone(self, module: MemberModule, member: str, inputs: dict) -> torch.Tensor:
-        """``member``'s logits alone, for its evaluation (called under ``no_grad``)."""
+        """``member``'s logits alone, for its evaluation (called under ``no_grad``).
+
+        Args:
+            module: the trainer's (unwrapped) :class:`MemberModule`.
+            member: the member's name.
+            inputs: the batch, without labels.
+        """
         raise NotImplementedError
 
     def model_of(self, module: MemberModule, member: str) -> nn.Module:
-        """The model (or part) that is ``member``, for its parameter count."""
+        """The model (or part) that is ``member``, for its parameter count.
+
+        Args:
+            module: the trainer's (unwrapped) :class:`MemberModule`.
+            member: the member's name.
+        """
         raise NotImplementedError
 
     def evaluation_logits(self, detached: dict[str, ModelFeatures]) -> torch.Tensor:
-        """What evaluation's ``compute_metrics`` reads for the whole run: the members' mean prediction."""
+        """What evaluation's ``compute_metrics`` reads for the whole run: the members' mean prediction.
+
+        Args:
+            detached: every member's detached prediction, by name.
+
+        Returns:
+            Logits whose softmax is the mean of the members' probabilities.
+        """
         return mean_prediction(list(detached.values()), 1.0)
 
     def objective(self, args: DistillationConfig) -> Objective:
-        """The configured losses, each read between a member and the members that teach it."""
+        """The configured losses, each read between a member and the members that teach it.
+
+        Args:
+            args: the run's :class:`~hf_kd.DistillationConfig`.
+
+        Returns:
+            The run's objective (:class:`~hf_kd.objective.Objective`), its one teacher named ``members``.
+
+        Raises:
+            ValueError: a loss reads more than logits (members exchange predictions only), or the logits' width
+                does not fit a loss.
+        """
         objective = Objective(args.loss_specs, [MEMBERS], args)
         other = [term.loss.name for term in objective.terms if term.loss.side_needs("student") != {"logits"}]
         if other:
@@ -113,7 +193,17 @@ class TrainedMembers:
 
 def check_member_options(members: TrainedMembers, args: DistillationConfig, student_noise) -> None:
     """Refuse, at construction, the :class:`~hf_kd.DistillationConfig` options a run of several trained members
-    cannot honour (they failed mid-training or were ignored): each names the scheme and the reason."""
+    cannot honour (they failed mid-training or were ignored): each names the scheme and the reason.
+
+    Args:
+        members: who teaches whom (its ``scheme`` and ``kind`` name the run in messages).
+        args: the run's :class:`~hf_kd.DistillationConfig`.
+        student_noise: the trainer's ``student_noise`` argument.
+
+    Raises:
+        ValueError: ``load_best_model_at_end``, ``chunk_size``, ``on_policy_fraction``, ``label_smoothing_factor``,
+            ``student_noise``, ``teacher_aggregation`` or ``teacher_weights`` set.
+    """
     scheme, kind = members.scheme, members.kind
     if args.load_best_model_at_end:
         raise ValueError(f"load_best_model_at_end reloads one model; {scheme} keeps every {kind}: leave it False.")
@@ -149,7 +239,21 @@ def check_member_options(members: TrainedMembers, args: DistillationConfig, stud
 
 
 def check_members_setup(module, teacher_model, args, members: TrainedMembers, student_noise, trainer_kwargs) -> None:
-    """What a trainer of several members refuses before anything is built (beside :func:`check_member_options`)."""
+    """What a trainer of several members refuses before anything is built (beside :func:`check_member_options`).
+
+    Args:
+        module: the trainer's model, which must be a :class:`MemberModule`.
+        teacher_model: the trainer's ``teacher_model`` (only schemes whose ``takes_teachers`` accept one).
+        args: the run's :class:`~hf_kd.DistillationConfig`.
+        members: who teaches whom.
+        student_noise: the trainer's ``student_noise`` argument.
+        trainer_kwargs: the other arguments given to the trainer (``train_dataset``, ``compute_loss_func``, ...).
+
+    Raises:
+        TypeError: ``members``, ``args`` or ``module`` of the wrong type.
+        ValueError: a ``compute_loss_func``, a teacher the scheme does not take, an empty ``train_dataset``, or
+            what :func:`check_member_options` refuses.
+    """
     if not isinstance(members, TrainedMembers):
         raise TypeError(f"members must be a TrainedMembers, got {type(members).__name__}.")
     if not isinstance(args, DistillationConfig):
@@ -173,7 +277,15 @@ def check_members_setup(module, teacher_model, args, members: TrainedMembers, st
 
 
 def check_member_engine(trainer, members: TrainedMembers) -> None:
-    """Several members train as one module: DeepSpeed and FSDP wrap one model per engine."""
+    """Several members train as one module: DeepSpeed and FSDP wrap one model per engine.
+
+    Args:
+        trainer: the :class:`~hf_kd.DistillationTrainer`, after the Trainer's set-up.
+        members: who teaches whom (names the scheme in the message).
+
+    Raises:
+        ValueError: DeepSpeed or FSDP is enabled.
+    """
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
         raise ValueError(
             f"{members.scheme} is not supported under DeepSpeed or FSDP: they wrap one model per engine, and the "
@@ -184,7 +296,22 @@ def check_member_engine(trainer, members: TrainedMembers) -> None:
 
 def members_loss(trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
     """``DistillationTrainer.compute_loss`` when the trainer trains several members: every member once, each with
-    its label loss and its terms towards the members that teach it; logged per member (``kl/peer0``)."""
+    its label loss and its terms towards the members that teach it; logged per member (``kl/peer0``).
+
+    Args:
+        trainer: the :class:`~hf_kd.DistillationTrainer`.
+        model: the (wrapped) :class:`MemberModule`.
+        inputs: the batch.
+        return_outputs: also return ``{"logits": the members' mean prediction}``.
+        num_items_in_batch: the :class:`~hf_kd.positions.ItemCounts` of the accumulated batch (computed from
+            ``inputs`` when called outside the training loop).
+
+    Returns:
+        The summed loss of every member, or ``(loss, outputs)`` with ``return_outputs``.
+
+    Raises:
+        ValueError: no term was computed (no labels, and no member learns from another).
+    """
     members: TrainedMembers = trainer.members
     counts = num_items_in_batch
     if not isinstance(counts, ItemCounts):  # called outside the training loop
@@ -237,7 +364,14 @@ def members_loss(trainer, model, inputs, return_outputs=False, num_items_in_batc
         if member_total is not None:  # None: an unlabeled batch for a member that no one teaches
             total = member_total if total is None else total + member_total
         record_terms(
-            trainer, mode, terms, counts, accumulation, taught, labeled, extra=extra,
+            trainer,
+            mode,
+            terms,
+            counts,
+            accumulation,
+            taught,
+            labeled,
+            extra=extra,
             log_name=lambda term, name=name: members.log_name(term, name),
         )
     if total is None:
@@ -248,12 +382,28 @@ def members_loss(trainer, model, inputs, return_outputs=False, num_items_in_batc
 
 
 def member_parameters(trainer, member: str) -> int:
-    """The parameter count of one member."""
+    """The parameter count of one member.
+
+    Args:
+        trainer: the :class:`~hf_kd.DistillationTrainer` of the members.
+        member: the member's name.
+
+    Returns:
+        The number of parameters of the member's model (or part).
+    """
     return count_parameters(trainer.members.model_of(trainer.accelerator.unwrap_model(trainer.model), member))
 
 
 def mean_prediction(features: list[ModelFeatures], temperature: float) -> torch.Tensor:
-    """Logits that soften at ``temperature`` into the mean of the members' softened probabilities."""
+    """Logits that soften at ``temperature`` into the mean of the members' softened probabilities.
+
+    Args:
+        features: the members' predictions, each with logits of one shape.
+        temperature: the softening temperature.
+
+    Returns:
+        Logits of that shape.
+    """
     shape = features[0].logits.shape
     flat = [member.logits.reshape(-1, shape[-1]) for member in features]
     weights = torch.full((flat[0].shape[0], len(flat)), 1.0 / len(flat), device=flat[0].device)

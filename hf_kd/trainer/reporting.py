@@ -25,7 +25,12 @@ STUDENT_ROLE = "student"
 
 def write_summary(output_dir: str, summary: dict) -> None:
     """``output_dir/distillation_config.json``: the one writer of every saved student's summary (a trainer's
-    :meth:`distillation_summary`, a peer's, a model with exits')."""
+    :meth:`distillation_summary`, a peer's, a model with exits').
+
+    Args:
+        output_dir: the folder the student was saved in.
+        summary: the JSON-serialisable summary.
+    """
     with open(os.path.join(output_dir, DISTILLATION_CONFIG_NAME), "w") as handle:
         json.dump(summary, handle, indent=2)
 
@@ -33,7 +38,14 @@ def write_summary(output_dir: str, summary: dict) -> None:
 def distillation_summary(trainer) -> dict:
     """What was distilled from what, with which losses: the content of ``distillation_config.json``. One teacher's
     description is at the top level (``teacher``, ``teacher_class``, ``teacher_parameters``); several teachers
-    are listed under ``teachers`` by name."""
+    are listed under ``teachers`` by name.
+
+    Args:
+        trainer: the :class:`~hf_kd.DistillationTrainer`.
+
+    Returns:
+        The teachers' description followed by :func:`run_summary`'s entries.
+    """
     descriptions = {name: source.describe() for name, source in trainer.teachers.items()}
     if len(descriptions) == 1:
         (described,) = descriptions.values()
@@ -53,7 +65,16 @@ def distillation_summary(trainer) -> dict:
 
 
 def run_summary(trainer, student: nn.Module) -> dict:
-    """The part of a summary about the student and how it was trained (everything but its teachers)."""
+    """The part of a summary about the student and how it was trained (everything but its teachers).
+
+    Args:
+        trainer: the trainer that trained ``student`` (its arguments, state and a scheme's stage details).
+        student: the unwrapped student.
+
+    Returns:
+        The student's class and size, losses, weights, steps, engine, and the adapter, lineage, metrics, stage,
+            scheme and set-up where there are any.
+    """
     return {
         "student_class": type(student).__name__,
         "student_parameters": count_parameters(student),
@@ -76,7 +97,14 @@ def run_summary(trainer, student: nn.Module) -> dict:
 
 
 def engine_description(trainer) -> str:
-    """How the student was trained: ``"DeepSpeed ZeRO-3, 8 processes"``, ``"1 process (cuda)"``..."""
+    """How the student was trained: ``"DeepSpeed ZeRO-3, 8 processes"``, ``"1 process (cuda)"``...
+
+    Args:
+        trainer: the Trainer.
+
+    Returns:
+        The engine and the number of processes, in words.
+    """
     processes = trainer.accelerator.num_processes
     if trainer.is_deepspeed_enabled:
         engine = f"DeepSpeed ZeRO-{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
@@ -90,7 +118,14 @@ def engine_description(trainer) -> str:
 
 
 def adapter_summary(model: nn.Module) -> dict | None:
-    """Type, base model and trainable parameters of a PEFT student (``None`` for a plain model)."""
+    """Type, base model and trainable parameters of a PEFT student (``None`` for a plain model).
+
+    Args:
+        model: the unwrapped student.
+
+    Returns:
+        ``{"type", "base_model", "parameters"}`` of the active adapter, or ``None`` for a model without adapters.
+    """
     if not hasattr(model, "peft_config") or not hasattr(model, "get_base_model"):
         return None
     config = model.peft_config[getattr(model, "active_adapter", "default")]
@@ -104,7 +139,18 @@ def adapter_summary(model: nn.Module) -> dict | None:
 def compare_with_teacher(trainer, eval_dataset=None) -> dict[str, dict]:
     """Rows of every teacher that covers evaluation data (a cache does not) and of the student: metrics
     (``compute_metrics``), parameters and ms per example, each model run alone by the trainer's own evaluation loop
-    (so under DDP, ZeRO-3 or FSDP every process takes part as in training)."""
+    (so under DDP, ZeRO-3 or FSDP every process takes part as in training).
+
+    Args:
+        trainer: the :class:`~hf_kd.DistillationTrainer` (``comparison`` and ``comparison_examples`` are set).
+        eval_dataset: the data to measure on (default: the trainer's ``eval_dataset``).
+
+    Returns:
+        One row per model by name (each covering teacher's, then ``"student"``), as :func:`measure_alone` makes.
+
+    Raises:
+        ValueError: no evaluation set, here or in the trainer.
+    """
     dataset = eval_dataset if eval_dataset is not None else trainer.eval_dataset
     if dataset is None:
         raise ValueError("compare_with_teacher needs an eval_dataset (here or in DistillationTrainer).")
@@ -116,7 +162,16 @@ def compare_with_teacher(trainer, eval_dataset=None) -> dict[str, dict]:
 
 def measure_alone(trainer, role: str, dataset) -> dict[str, float]:
     """One model's row: its metrics on ``dataset``, parameters and wall-clock ms per example (after one warm-up
-    batch, so the latency is not the first call's)."""
+    batch, so the latency is not the first call's).
+
+    Args:
+        trainer: the :class:`~hf_kd.DistillationTrainer`.
+        role: ``"student"``, a teacher's or a member's name.
+        dataset: the evaluation data.
+
+    Returns:
+        The model's metrics (without loss and timings), ``parameters`` and ``ms_per_example``.
+    """
     trainer._comparing = role
     try:
         if hasattr(dataset, "select"):
@@ -140,8 +195,17 @@ def measure_alone(trainer, role: str, dataset) -> dict[str, float]:
 
 
 def create_model_card(trainer, output_dir: str | None = None, **card) -> None:
-    """See :meth:`DistillationTrainer.create_model_card`; ``card`` holds its arguments, those left out (``None``)
-    fall back to ``trainer.model_card_kwargs``."""
+    """See :meth:`DistillationTrainer.create_model_card`; those of its arguments left out (``None``) fall back to
+    ``trainer.model_card_kwargs``.
+
+    Args:
+        trainer: the :class:`~hf_kd.DistillationTrainer`.
+        output_dir: where ``README.md`` (and the quality-latency plot) are written (default ``args.output_dir``).
+        **card: the other arguments of :meth:`~hf_kd.DistillationTrainer.create_model_card`, by name.
+
+    Raises:
+        ValueError: ``tasks`` names more than one task.
+    """
     if trainer.comparison is None and trainer.eval_dataset is not None:
         compare_with_teacher(trainer)  # on every process: the evaluation is collective
     if not trainer.is_world_process_zero():
@@ -186,7 +250,24 @@ def create_model_card(trainer, output_dir: str | None = None, **card) -> None:
 
 
 def push_to_hub(trainer, commit_message, blocking, token, revision, private, create_pr, card_kwargs):
-    """See :meth:`DistillationTrainer.push_to_hub`."""
+    """See :meth:`DistillationTrainer.push_to_hub`.
+
+    Args:
+        trainer: the :class:`~hf_kd.DistillationTrainer`.
+        commit_message: the commit's message.
+        blocking: wait for the upload (``False``: a future).
+        token: the Hub token (None: ``args.hub_token``).
+        revision: the branch (None: ``args.hub_revision``).
+        private: whether a newly created repository is private.
+        create_pr: open a pull request instead of committing.
+        card_kwargs: passed to :meth:`~hf_kd.DistillationTrainer.create_model_card`.
+
+    Returns:
+        ``upload_folder``'s commit information (or its future); ``None`` on processes other than the main one.
+
+    Raises:
+        RuntimeError: the upload failed (the files stay in ``OUTPUT_DIR/_hub_upload``, which the message names).
+    """
     folder = os.path.join(trainer.args.output_dir, HUB_UPLOAD_FOLDER)
     if trainer.args.should_save and os.path.isdir(folder):  # the whole folder is uploaded: no earlier push's files
         shutil.rmtree(folder)

@@ -77,7 +77,9 @@ class DistillationTrainer(TrainerCompat):
             **kwargs: everything ``transformers.Trainer`` takes (``train_dataset``, ``data_collator``, ...).
 
         Raises:
-            ValueError / TypeError: on a set-up that could not train as configured, before anything is loaded.
+            ValueError: on a set-up that could not train as configured (e.g. ``student_noise`` with
+                ``chunk_size``), before anything is loaded.
+            TypeError: on a model, teacher or argument of the wrong kind, before anything is loaded.
         """
         args = args if args is not None else DistillationConfig(output_dir="hf_kd_output")
         if members is None:
@@ -170,7 +172,14 @@ class DistillationTrainer(TrainerCompat):
         return all(source.covers_eval for source in self.teachers.values())
 
     def parameters_of(self, role: str) -> int:
-        """The parameter count of ``"student"`` or of a teacher, by its name (for comparison rows)."""
+        """The parameter count of ``"student"`` or of a teacher, by its name (for comparison rows).
+
+        Args:
+            role: ``"student"``, a teacher's name, or with several members a member's name.
+
+        Returns:
+            The number of parameters (``None`` for a teacher whose size is unknown, e.g. a served one).
+        """
         if self.members is not None:
             return member_parameters(self, role)
         if role == reporting.STUDENT_ROLE:
@@ -178,7 +187,11 @@ class DistillationTrainer(TrainerCompat):
         return self.teachers[role].describe()["teacher_parameters"]
 
     def loss_parameters(self) -> list[nn.Parameter]:
-        """Trainable parameters of the losses (projectors, regressors, heads), optimised beside the student."""
+        """Trainable parameters of the losses (projectors, regressors, heads), optimised beside the student.
+
+        Returns:
+            The parameters, each once.
+        """
         return self.loss_parts.parameters()
 
     def create_optimizer(self, model=None):
@@ -189,7 +202,21 @@ class DistillationTrainer(TrainerCompat):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from the last *complete* checkpoint in the output
-        folder (one that a kill inside its save left without ``trainer_state.json`` is skipped with a warning)."""
+        folder (one that a kill inside its save left without ``trainer_state.json`` is skipped with a warning).
+
+        Args:
+            resume_from_checkpoint: a checkpoint folder, ``True`` for the last complete one in ``args.output_dir``,
+                or ``None``/``False`` to start afresh.
+            trial: the hyper-parameter search trial, as for ``Trainer.train``.
+            ignore_keys_for_eval: output keys the evaluations during training leave out.
+            **kwargs: passed to ``Trainer.train``.
+
+        Returns:
+            ``Trainer.train``'s ``TrainOutput`` (global step, training loss, metrics).
+
+        Raises:
+            ValueError: ``resume_from_checkpoint=True`` and the output folder has no complete checkpoint.
+        """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -259,7 +286,18 @@ class DistillationTrainer(TrainerCompat):
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, **kwargs):
         """The Trainer's loop, plus each term's mean per item over the evaluation set under the loop's own prefix
         (``eval_kl``; ``test_kl`` from ``predict``; ``eval_NAME_kl`` for a dict of eval sets): ``exp(eval_ce)`` of
-        an LM is its per-token perplexity."""
+        an LM is its per-token perplexity.
+
+        Args:
+            dataloader: the evaluation batches.
+            description: the loop's name in the progress log (``"Evaluation"``, ``"Prediction"``, a model's name).
+            prediction_loss_only: only compute the loss (``None``: ``args.prediction_loss_only``).
+            ignore_keys: output keys left out of the predictions.
+            **kwargs: passed to ``Trainer.evaluation_loop`` (``metric_key_prefix``, default ``"eval"``).
+
+        Returns:
+            The Trainer's ``EvalLoopOutput``, its metrics holding each term's mean under the prefix.
+        """
         prefix = kwargs.get("metric_key_prefix", "eval")
         self.term_log.reset("eval")
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, **kwargs)
@@ -269,7 +307,16 @@ class DistillationTrainer(TrainerCompat):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """``Trainer.evaluate``; with several members, plus ``compute_metrics`` of each member alone under
-        ``{prefix}_{member}_`` (``eval_peer0_accuracy``)."""
+        ``{prefix}_{member}_`` (``eval_peer0_accuracy``).
+
+        Args:
+            eval_dataset: the evaluation set, or a dict of them (default: the trainer's ``eval_dataset``).
+            ignore_keys: output keys left out of the predictions.
+            metric_key_prefix: the prefix of every metric's name.
+
+        Returns:
+            The metrics by name (with several members, each member's as well).
+        """
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if self.members is None or self.compute_metrics is None or isinstance(dataset, dict):
@@ -322,19 +369,39 @@ class DistillationTrainer(TrainerCompat):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the student only — no teacher, no projectors or other learned loss parts — plus
-        ``distillation_config.json`` describing how it was distilled."""
+        ``distillation_config.json`` describing how it was distilled.
+
+        Args:
+            output_dir: the folder (default ``args.output_dir``).
+            _internal_call: set by the Trainer's own saves, which then do not push to the Hub.
+        """
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             reporting.write_summary(output_dir or self.args.output_dir, self.distillation_summary())
 
     def distillation_summary(self) -> dict:
-        """What was distilled from what, with which losses: the content of ``distillation_config.json``."""
+        """What was distilled from what, with which losses: the content of ``distillation_config.json``.
+
+        Returns:
+            The summary, a JSON-serialisable dict (see :func:`~hf_kd.trainer.reporting.distillation_summary`).
+        """
         return reporting.distillation_summary(self)
 
     def compare_with_teacher(self, eval_dataset=None) -> dict[str, dict]:
         """Metrics (``compute_metrics``), parameters and ms per example of each teacher and of the student, each
         run alone by this trainer's own evaluation loop (cached teachers have no row); kept in ``self.comparison``
-        for the model card's table. With several members: each member's row, measured alone."""
+        for the model card's table. With several members: each member's row, measured alone.
+
+        Args:
+            eval_dataset: the data to measure on (default: the trainer's ``eval_dataset``).
+
+        Returns:
+            One row per model by name (each teacher's, ``"student"``, or each member's): its metrics,
+                ``parameters`` and ``ms_per_example``.
+
+        Raises:
+            ValueError: no evaluation set, here or in the trainer.
+        """
         if self.members is None:
             return reporting.compare_with_teacher(self, eval_dataset)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -349,7 +416,13 @@ class DistillationTrainer(TrainerCompat):
     ) -> None:
         """Give the model card what the trainer cannot know: a teacher-vs-student ``comparison`` already measured
         (rows named ``teacher`` and ``student``, as :meth:`compare_with_teacher` returns) on ``eval_examples``
-        examples, and defaults for :meth:`create_model_card` (``dataset``, ``dataset_description``, ...)."""
+        examples, and defaults for :meth:`create_model_card` (``dataset``, ``dataset_description``, ...).
+
+        Args:
+            comparison: rows by model name, as :meth:`compare_with_teacher` returns (``None``: keep the current).
+            eval_examples: how many examples ``comparison`` was measured on.
+            **card_kwargs: defaults for :meth:`create_model_card`'s arguments.
+        """
         if comparison is not None:
             self.comparison, self.comparison_examples = comparison, eval_examples
         self.model_card_kwargs.update(card_kwargs)
@@ -377,6 +450,19 @@ class DistillationTrainer(TrainerCompat):
         output folder). The table comes from :meth:`compare_with_teacher`, run here when an eval set is known and
         it has not been. Arguments left out fall back to ``self.model_card_kwargs``, which also reach the card when
         ``save_model`` pushes because ``push_to_hub=True``.
+
+        Args:
+            language: the card's language(s).
+            license: the card's license.
+            tags: extra tags (a string or a list).
+            model_name: the repository name when no Hub id is set (default: the output folder's name).
+            finetuned_from: the card's ``base_model``.
+            tasks: the card's ``pipeline_tag`` (one task, or a list of one).
+            dataset_tags: the card's ``datasets`` (preferred over ``dataset``).
+            dataset: the data the student was distilled on.
+            dataset_args: the dataset configurations named beside the data.
+            dataset_description: a sentence about the data.
+            output_dir: where ``README.md`` is written (default ``args.output_dir``).
         """
         card = dict(locals())  # every argument above, by its name
         del card["self"]
@@ -401,20 +487,42 @@ class DistillationTrainer(TrainerCompat):
         down, no permission) they stay there and the error says so. ``revision`` (default ``args.hub_revision``) and
         ``create_pr`` go to ``upload_folder``; ``private`` (default ``args.hub_private_repo``) applies when the repo
         is created. Other keyword arguments go to :meth:`create_model_card`, which refuses unknown ones.
+
+        Args:
+            commit_message: the commit's message.
+            blocking: wait for the upload (``False``: run it in the background and return a future).
+            token: the Hub token (default ``args.hub_token``).
+            revision: the branch to push to (default ``args.hub_revision``).
+            private: whether a newly created repository is private (default ``args.hub_private_repo``).
+            create_pr: open a pull request instead of committing to the branch.
+            **card_kwargs: passed to :meth:`create_model_card`.
+
+        Returns:
+            ``upload_folder``'s commit information (a future when not ``blocking``); ``None`` on processes other
+                than the main one.
         """
         return reporting.push_to_hub(self, commit_message, blocking, token, revision, private, create_pr, card_kwargs)
 
 
 def check_saveable(model: nn.Module | None, processing_class) -> None:
     """Refuse, before anything trains, a student that ``save_model`` or the first checkpoint could not write: every
-    part of it that saves itself (``check_saveable``, e.g. a sentence encoder that needs its tokenizer) is asked."""
+    part of it that saves itself (``check_saveable``, e.g. a sentence encoder that needs its tokenizer) is asked.
+
+    Args:
+        model: the student (``None``: nothing to check).
+        processing_class: the trainer's tokenizer or processor, which some parts need to save.
+    """
     for module in model.modules() if isinstance(model, nn.Module) else ():
         if hasattr(module, "check_saveable"):
             module.check_saveable(processing_class)
 
 
 class TermLogReset(TrainerCallback):
-    """Each train() call, fresh or resumed, logs terms from its own first step."""
+    """Each train() call, fresh or resumed, logs terms from its own first step.
+
+    Args:
+        term_log: the trainer's :class:`~hf_kd.term_log.TermLog`, reset at the start of training.
+    """
 
     def __init__(self, term_log: TermLog):
         self.term_log = term_log
