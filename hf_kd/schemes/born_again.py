@@ -18,11 +18,15 @@ from .teacher_assistant import _describe_teacher
 
 @dataclass
 class BornAgainConfig(SchemeConfig):
-    """Settings of born-again networks.
+    """Settings of born-again networks: how many students are trained in a row, and whether the last learns from the
+    teacher and every earlier generation.
 
     Args:
-        generations: how many students are trained in a row (>= 1).
-        ensemble_last: the last generation learns from the teacher and every earlier generation (needs >= 2).
+        generations: born_again: the number of generations.
+        ensemble_last: born_again: the last generation learns from all earlier ones.
+
+    Raises:
+        ValueError: ``generations`` below 1, or ``ensemble_last`` with fewer than 2 generations.
     """
 
     generations: int = field(default=2, metadata={"help": "born_again: the number of generations."})
@@ -53,7 +57,24 @@ def born_again(
     ``args.output_dir/generation{k}``. With ``ensemble_last`` the last generation's teachers are ``teacher`` and
     every earlier generation (a dict, combined by ``args.teacher_aggregation``; a list or dict of teachers joins it
     member by member). Every generation's settings are checked before generation 1 trains. Resuming and lineage as in
-    :func:`~hf_kd.schemes.teacher_assistant.teacher_assistant`. Returns the generations in order.
+    :func:`~hf_kd.schemes.teacher_assistant.teacher_assistant`.
+
+    Args:
+        teacher: generation 1's teacher(s), as ``DistillationTrainer``'s ``teacher_model``.
+        make_student: ``make_student(k)`` builds generation k's fresh student.
+        args: the :class:`~hf_kd.DistillationConfig` of every generation (its ``output_dir`` holds them).
+        generations: how many students are trained in a row.
+        ensemble_last: the last generation learns from ``teacher`` and every earlier generation.
+        load_student: reads a finished generation's saved student back on a rerun.
+        scheme: the scheme's settings, recorded in each generation's summary (default: from the two above).
+        **trainer_kwargs: passed to every generation's trainer (``train_dataset``, ``data_collator``, ...).
+
+    Returns:
+        The generations in order.
+
+    Raises:
+        ValueError: with ``ensemble_last``, a teacher named like an earlier generation; or what
+            :func:`~hf_kd.schemes.stages.check_stages` and :func:`~hf_kd.schemes.stages.run_stage` refuse.
     """
     scheme = scheme if scheme is not None else BornAgainConfig(generations, ensemble_last)
     names = [f"generation{generation}" for generation in range(1, generations + 1)]
@@ -86,7 +107,16 @@ def born_again(
 @register_scheme("born_again", config=BornAgainConfig, teachers="many", stages=True)
 def run_born_again(config: BornAgainConfig, args: DistillationConfig, given: SchemeInputs) -> SchemeResult:
     """Born-again networks: generations of students of one architecture, each taught by the one before (the first by
-    the teacher); with ensemble_last, the last by all of them (Furlanello et al. 2018)."""
+    the teacher); with ensemble_last, the last by all of them (Furlanello et al. 2018).
+
+    Args:
+        config: the number of generations and ``ensemble_last``.
+        args: the :class:`~hf_kd.DistillationConfig` of every generation.
+        given: the student builder, data, teacher(s) and trainer arguments.
+
+    Returns:
+        The last generation's trainer, and the generations before it.
+    """
     stages = born_again(
         given.teacher,
         given.make_student,

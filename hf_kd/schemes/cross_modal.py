@@ -41,7 +41,18 @@ _NOT_INPUTS = {"labels", "label", "sample_index", "distillation_positions"}
 def paired_views(student_rows: Dataset, teacher_rows: Dataset) -> Dataset:
     """One data set of paired rows: ``student_rows``' columns (the student's modality, with the labels) and
     ``teacher_rows``' columns as the teacher's view, row ``i`` of each being the same example. Labels belong to the
-    student's view; the teacher's rows must not carry any (the teacher learns nothing here)."""
+    student's view; the teacher's rows must not carry any (the teacher learns nothing here).
+
+    Args:
+        student_rows: the student's modality (e.g. ``input_values`` of the audio), with the labels.
+        teacher_rows: the teacher's modality (e.g. ``input_ids`` of the text), row for row, without labels.
+
+    Returns:
+        The student's rows with the teacher's columns added as ``teacher_*``.
+
+    Raises:
+        ValueError: the teacher's rows carry labels, or the student's rows already have ``teacher_*`` columns.
+    """
     given = {"labels", "label"} & set(teacher_rows.column_names)
     if given:
         raise ValueError(
@@ -56,7 +67,15 @@ def paired_views(student_rows: Dataset, teacher_rows: Dataset) -> Dataset:
 class CrossModalCollator(ViewCollator):
     """Pads each view with its own processor: the student's with ``student_processor`` (a feature extractor or
     processor with ``pad``, e.g. ``Wav2Vec2FeatureExtractor``; or a tokenizer), the teacher's with
-    ``teacher_processor`` (e.g. the text teacher's tokenizer). Labels stay with the student's view."""
+    ``teacher_processor`` (e.g. the text teacher's tokenizer). Labels stay with the student's view.
+
+    Args:
+        student_processor: pads the student's view (it must have ``pad``).
+        teacher_processor: pads the teacher's view (it must have ``pad``).
+
+    Raises:
+        TypeError: a processor without a ``pad`` method.
+    """
 
     def __init__(self, student_processor, teacher_processor):
         super().__init__(_padder(student_processor, "student"), _padder(teacher_processor, "teacher"))
@@ -77,7 +96,16 @@ def _padder(processor, side: str):
 
 def check_views(student: nn.Module, teacher: nn.Module, columns) -> None:
     """Each model's forward takes its own view's columns: an error names a column a model would not read, and a
-    data set without a teacher view. A PEFT-wrapped model is judged by the model under its adapters."""
+    data set without a teacher view. A PEFT-wrapped model is judged by the model under its adapters.
+
+    Args:
+        student: the student (or its PEFT wrapper).
+        teacher: the teacher.
+        columns: the data set's column names.
+
+    Raises:
+        ValueError: no ``teacher_*`` column, or a view's column that its model's forward does not take.
+    """
     columns = list(columns)
     if not has_teacher_view(columns):
         raise ValueError(
@@ -101,7 +129,14 @@ def min_input_length(model: nn.Module) -> int | None:
     """The fewest input samples from which the model's convolutional feature encoder makes one frame (wav2vec 2.0,
     HuBERT, WavLM, …: ``config.conv_kernel`` / ``conv_stride``); None for a model without one. Each layer turns
     ``n`` samples into ``(n - kernel) // stride + 1`` frames, so one frame out needs ``(1 - 1)·s + k`` in, and so on
-    back to the waveform."""
+    back to the waveform.
+
+    Args:
+        model: the model (or its PEFT wrapper).
+
+    Returns:
+        The number of samples, or None when the model's config has no ``conv_kernel`` / ``conv_stride``.
+    """
     config = getattr(base_model(model), "config", None)
     kernels, strides = getattr(config, "conv_kernel", None), getattr(config, "conv_stride", None)
     if not kernels or not strides:
@@ -115,7 +150,17 @@ def min_input_length(model: nn.Module) -> int | None:
 def check_input_lengths(student: nn.Module, teacher: nn.Module, dataset, name: str = "train_dataset") -> None:
     """Every row's audio is long enough for its model's feature encoder to make a frame of it (see
     :func:`min_input_length`): a shorter row would be all padding after the convolutions — trained on silently
-    within a batch, a raw convolution error in a batch of its own. An error names the row and the minimum."""
+    within a batch, a raw convolution error in a batch of its own.
+
+    Args:
+        student: the student, which reads ``input_values``.
+        teacher: the teacher, which reads ``teacher_input_values``.
+        dataset: the paired rows.
+        name: the data set's name in the error.
+
+    Raises:
+        ValueError: a row shorter than its model's minimum (the message names the row and the minimum).
+    """
     columns = getattr(dataset, "column_names", None) or []
     for side, model, column in (
         ("student", student, "input_values"),
@@ -142,7 +187,18 @@ def cross_modal(
 ) -> DistillationTrainer:
     """A :class:`~hf_kd.DistillationTrainer` for paired rows, checked up front: every given data set has the
     teacher's view, each model takes its view's columns, and every row's audio makes at least one frame. The
-    student may be wrapped by PEFT (a LoRA speech student)."""
+    student may be wrapped by PEFT (a LoRA speech student).
+
+    Args:
+        student: the student, reading its view (e.g. audio).
+        teacher: the frozen teacher, reading the ``teacher_*`` view (e.g. text).
+        args: the run's :class:`~hf_kd.DistillationConfig`.
+        train_dataset: the paired rows (:func:`paired_views`).
+        **kwargs: passed to the trainer (``eval_dataset``, whose sets are checked too; ``data_collator``, ...).
+
+    Returns:
+        The trainer, not yet trained.
+    """
     for name, dataset in (("train_dataset", train_dataset), *_eval_sets(kwargs.get("eval_dataset"))):
         check_views(student, teacher, dataset.column_names)
         check_input_lengths(student, teacher, dataset, name)
@@ -166,7 +222,16 @@ class CrossModalConfig(SchemeConfig):
 @register_scheme("cross_modal", config=CrossModalConfig, teachers="one")
 def run_cross_modal(config: CrossModalConfig, args: DistillationConfig, given: SchemeInputs) -> SchemeResult:
     """Cross-modal: the teacher reads one modality of each paired row (its teacher_* view), the student another (text
-    → speech, say); the rows and models are checked up front."""
+    → speech, say); the rows and models are checked up front.
+
+    Args:
+        config: the scheme's settings (none).
+        args: the run's :class:`~hf_kd.DistillationConfig`.
+        given: the student builder, the paired rows, the teacher and trainer arguments.
+
+    Returns:
+        The trained student's trainer, and no stages.
+    """
     trainer = cross_modal(given.make_student(1), given.teacher, args, **given.trainer_kwargs)
     trainer.scheme_config = config
     trainer.train()

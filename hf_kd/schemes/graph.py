@@ -134,12 +134,20 @@ class DistillationGraph:
         return [name for name, kind in self.nodes.items() if kind == "frozen"]
 
     def to_dict(self) -> dict:
-        """The graph as plain data (what :meth:`save` writes)."""
+        """The graph as plain data (what :meth:`save` writes).
+
+        Returns:
+            ``{"nodes", "edges", "student"}``, each edge as a dict of its fields.
+        """
         edges = [dataclasses.asdict(edge) for edge in self.edges]
         return {"nodes": dict(self.nodes), "edges": edges, "student": self.student}
 
     def save(self, path: str) -> None:
-        """Write the graph as JSON (``.json``) or YAML (``.yaml``/``.yml``), readable and editable."""
+        """Write the graph as JSON (``.json``) or YAML (``.yaml``/``.yml``), readable and editable.
+
+        Args:
+            path: The file; YAML when it ends in ``.yaml`` or ``.yml``, else JSON.
+        """
         with open(path, "w", encoding="utf-8") as handle:
             if path.endswith((".yaml", ".yml")):
                 import yaml
@@ -152,8 +160,15 @@ class DistillationGraph:
     def load(cls, path: str) -> DistillationGraph:
         """Read a graph that :meth:`save` (or a person) wrote.
 
+        Args:
+            path: The file; YAML when it ends in ``.yaml`` or ``.yml``, else JSON.
+
+        Returns:
+            The graph, checked as its constructor checks it.
+
         Raises:
-            ValueError: the file is not a mapping with ``nodes``, ``edges`` and ``student``.
+            ValueError: the file is not a mapping with ``nodes``, ``edges`` and ``student``, or the graph is refused
+                (see :class:`DistillationGraph`).
         """
         with open(path, encoding="utf-8") as handle:
             if path.endswith((".yaml", ".yml")):
@@ -169,7 +184,12 @@ class DistillationGraph:
 
 class GraphTeaching(TrainedMembers):
     """The trained nodes of a :class:`DistillationGraph` as a trainer's members; its frozen nodes are the trainer's
-    teachers. Each edge is one term of the objective, read by its target from its (detached) source."""
+    teachers. Each edge is one term of the objective, read by its target from its (detached) source.
+
+    Args:
+        graph: The nodes and edges.
+        reference: One trained node's model, which tells the task.
+    """
 
     scheme, kind = "graph distillation", "node"
     takes_teachers = True
@@ -231,8 +251,10 @@ class GraphTrainer(CohortTrainer):
         **kwargs: What :class:`~hf_kd.DistillationTrainer` takes beside ``model`` and ``teacher_model``.
 
     Raises:
-        ValueError: a node without a model or a model without a node; trained nodes of different label sets or
-            kinds; a trained node that is not an ``nn.Module``; ``push_to_hub`` (push the student's trainer).
+        TypeError: ``graph`` is not a :class:`DistillationGraph`; a trained node that is not an ``nn.Module``; a
+            frozen node that is not a model, a path or a :class:`~hf_kd.teachers.TeacherSource`.
+        ValueError: a node without a model or a model without a node; one model for two trained nodes; trained
+            nodes of different label sets or kinds; ``push_to_hub`` (push the student's trainer).
     """
 
     def __init__(self, graph: DistillationGraph, models: dict, args: DistillationConfig | None = None, **kwargs):
@@ -300,12 +322,17 @@ _NO_PUSH = (
 
 @dataclass
 class GraphConfig(SchemeConfig):
-    """Settings of a distillation graph (Minami et al. 2020).
+    """Settings of a distillation graph (Minami et al. 2020). The graph file's trained nodes are fresh students
+    (``make_student(k)`` for the k-th), its frozen ones the teachers given (one: any frozen node name; several: by
+    name); without a file, :func:`default_graph`.
 
     Args:
-        graph: The graph file (JSON or YAML: ``nodes``, ``edges``, ``student``). Its trained nodes are fresh
-            students (``make_student(k)`` for the k-th), its frozen ones the teachers given (one: any frozen node
-            name; several: by name).
+        graph: graph: the graph file (JSON or YAML: nodes, edges, student); default: every teacher teaching two
+            trained nodes, student and peer, which also teach each other.
+
+    Raises:
+        ValueError: the graph file does not exist, or holds a graph that is refused (see
+            :meth:`DistillationGraph.load`).
     """
 
     graph: str | None = field(
@@ -325,7 +352,14 @@ class GraphConfig(SchemeConfig):
 
 def default_graph(teachers: list[str]) -> DistillationGraph:
     """Every teacher (frozen) teaching two trained nodes, ``student`` and ``peer``, which teach each other (``kl``,
-    gates ``through``): offline KD and mutual learning in one graph."""
+    gates ``through``): offline KD and mutual learning in one graph.
+
+    Args:
+        teachers: The frozen nodes' names.
+
+    Returns:
+        The graph, its student ``student``.
+    """
     nodes = {**{name: "frozen" for name in teachers}, "student": "trained", "peer": "trained"}
     edges = [GraphEdge(teacher, node) for teacher in teachers for node in ("student", "peer")]
     edges += [GraphEdge("peer", "student"), GraphEdge("student", "peer")]
@@ -346,7 +380,8 @@ def graph_distillation(
         **trainer_kwargs: What :class:`~hf_kd.DistillationTrainer` takes (``train_dataset``, ``eval_dataset``, ...).
 
     Returns:
-        One :class:`~hf_kd.schemes.stages.Stage` per trained node (``details["best"]``), each with the one trainer.
+        A stage per trained node (:class:`~hf_kd.schemes.stages.Stage`, ``details["best"]``), each with the one
+            trainer.
     """
     trainer = GraphTrainer(graph, models, args, **trainer_kwargs)
 
@@ -376,7 +411,21 @@ def graph_distillation(
 @register_scheme("graph", config=GraphConfig, teachers="many", stages=True)
 def run_graph(config: GraphConfig, args: DistillationConfig, given: SchemeInputs) -> SchemeResult:
     """A distillation graph: trained and frozen nodes, edges with losses, weights and gates, all trained nodes
-    together; the graph's student is the result (Minami et al. 2020)."""
+    together; the graph's student is the result (Minami et al. 2020).
+
+    Args:
+        config: The graph file (or none: :func:`default_graph`).
+        args: The run's :class:`~hf_kd.DistillationConfig`.
+        given: The student builder (one per trained node), data, teachers (the frozen nodes) and trainer arguments.
+
+    Returns:
+        A trainer around the graph's student (the other nodes its frozen teachers), and the other trained nodes'
+            stages.
+
+    Raises:
+        ValueError: teachers given as a list; a graph without frozen nodes; several frozen nodes and one teacher
+            not named; teachers whose names differ from the frozen nodes.
+    """
     teachers = given.teacher if isinstance(given.teacher, dict) else None
     if isinstance(given.teacher, (list, tuple)):
         raise ValueError("the graph's frozen nodes are named: give its teachers as a dict by node name.")

@@ -41,6 +41,15 @@ class EMATeacher(LiveTeacher):
     One device and DDP (every process updates its copy from the same synchronised student, so all hold the same
     teacher). DeepSpeed and FSDP shard or own the student's parameters, which a whole-model average cannot read
     step by step: refused.
+
+    Args:
+        student: the student it averages (copied now; the trainer's student must be this model).
+        decay: the EMA decay d in [0, 1), ramped up from 0 over the first steps (:meth:`decay_at`).
+        dropout: the teacher runs with its dropout on while the student trains (a second perturbed view).
+        noise: the teacher's own input noise while the student trains (a callable ``batch → batch`` or a list).
+
+    Raises:
+        ValueError: a decay outside [0, 1), or a student whose weights are not materialised.
     """
 
     def __init__(self, student: nn.Module, decay: float = 0.999, *, dropout: bool = True, noise=None):
@@ -70,12 +79,23 @@ class EMATeacher(LiveTeacher):
         trainer.add_callback(_EMAUpdate(self))
 
     def decay_at(self, step: int) -> float:
-        """The decay used by the update after optimizer step ``step`` (1, 2, ...): ``min(1 − 1/(step + 1), d)``."""
+        """The decay used by the update after an optimizer step: ``min(1 − 1/(step + 1), d)``.
+
+        Args:
+            step: the optimizer step just taken (1, 2, ...).
+
+        Returns:
+            The decay.
+        """
         return min(1.0 - 1.0 / (step + 1), self.decay)
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        """``θ_T ← d·θ_T + (1 − d)·θ_S`` for every floating-point parameter and buffer (others are copied)."""
+        """``θ_T ← d·θ_T + (1 − d)·θ_S`` for every floating-point parameter and buffer (others are copied).
+
+        Args:
+            step: the optimizer step just taken, which sets ``d`` (:meth:`decay_at`).
+        """
         decay = self.decay_at(step)
         pairs = list(zip(self.model.parameters(), self.student.parameters()))
         pairs += list(zip(self.model.buffers(), self.student.buffers()))
@@ -131,14 +151,20 @@ class _EMAUpdate(TrainerCallback):
 
 @dataclass
 class MeanTeacherConfig(SchemeConfig):
-    """Settings of the mean teacher (Tarvainen & Valpola 2017): the student's EMA is its teacher.
+    """Settings of the mean teacher (Tarvainen & Valpola 2017): the student's EMA is its teacher. ``ema_decay`` lies
+    in [0, 1); a ``consistency_loss`` of ``None`` keeps ``losses``; the teacher's dropout gives a second,
+    independently perturbed view; ``input_noise`` is the strength given to ``make_noise``
+    (:func:`~hf_kd.schemes.registry.run_scheme`; ``None`` or 0: no input noise), drawn separately for each view.
 
     Args:
-        ema_decay: the EMA decay d in [0, 1) (ramped up from 0 over the first steps).
-        consistency_loss: the loss between student and EMA teacher, replacing ``losses`` (``logit_mse`` as in the
-            paper, ``kl``, ...; ``None`` keeps ``losses``).
-        teacher_dropout: the EMA teacher runs with dropout (a second, independently perturbed view).
-        input_noise: the strength of the input noise on both views (``None``: the noise given as it is).
+        ema_decay: mean_teacher: the EMA decay d (ramped up from 0).
+        consistency_loss: mean_teacher: the consistency loss (logit_mse as in the paper, kl, ...), replacing
+            --losses.
+        teacher_dropout: mean_teacher: the EMA teacher runs with dropout.
+        input_noise: mean_teacher: token masking probability (text) or pixel noise std (images), both views.
+
+    Raises:
+        ValueError: ``ema_decay`` or ``input_noise`` outside [0, 1).
     """
 
     ema_decay: float = field(default=0.999, metadata={"help": "mean_teacher: the EMA decay d (ramped up from 0)."})
@@ -180,9 +206,20 @@ def mean_teacher(
     the EMA teacher to ``OUTPUT_DIR/ema_teacher/model`` — often the better of the two, so both are measured on
     ``eval_dataset`` (``compare_with_teacher``: the card's table has a row each).
 
-    ``consistency_loss``: the loss between the two (``logit_mse`` as in the paper, or ``kl``, ...) replacing
-    ``args.losses``; ``None`` keeps ``args.losses``. Returns the stages ``student`` and ``ema_teacher``, both with
-    the one trainer that trained them.
+    Args:
+        student: the student; its EMA copy is the teacher.
+        args: the run's :class:`~hf_kd.DistillationConfig`.
+        ema_decay: the EMA decay d in [0, 1).
+        consistency_loss: the loss between the two (``logit_mse`` as in the paper, or ``kl``, ...) replacing
+            ``args.losses``; ``None`` keeps ``args.losses``.
+        teacher_dropout: the EMA teacher runs with dropout while the student trains.
+        teacher_noise: the teacher's input noise (a callable ``batch → batch`` or a list).
+        student_noise: the student's input noise.
+        scheme: the scheme's settings, recorded in the student's summary (default: from the arguments above).
+        **trainer_kwargs: passed to the trainer (``train_dataset``, ``eval_dataset``, ...).
+
+    Returns:
+        The stages ``student`` and ``ema_teacher``, both with the one trainer that trained them.
     """
     if scheme is None:  # what this call asks for, as the scheme records it (input noise: the given objects')
         scheme = MeanTeacherConfig(ema_decay, consistency_loss, teacher_dropout, None)
@@ -229,7 +266,16 @@ def _metrics(row: dict) -> dict:
 @register_scheme("mean_teacher", config=MeanTeacherConfig, teachers="none")
 def run_mean_teacher(config: MeanTeacherConfig, args: DistillationConfig, given: SchemeInputs) -> SchemeResult:
     """Mean teacher: the student's exponential moving average is its teacher, with consistency between two noised
-    views on labeled and unlabeled rows (Tarvainen & Valpola 2017)."""
+    views on labeled and unlabeled rows (Tarvainen & Valpola 2017).
+
+    Args:
+        config: the decay, consistency loss, teacher dropout and input noise.
+        args: the run's :class:`~hf_kd.DistillationConfig`.
+        given: the student builder, data, noise builder and trainer arguments.
+
+    Returns:
+        The student's trainer, and the EMA teacher's stage.
+    """
     noise = given.noise(config.input_noise)
     student, ema = mean_teacher(
         given.make_student(1),

@@ -43,7 +43,16 @@ class CohortTrainer(DistillationTrainer):
     """A :class:`~hf_kd.DistillationTrainer` whose model is a :class:`PeerCohort` of models trained together:
     ``save_model(DIR)`` writes every one to ``DIR/NAME`` with its own ``distillation_config.json`` and card, and
     checkpoints hold one such folder each. Subclasses say what taught a member (:meth:`teachers_of_peer`) and what
-    its summary records (:meth:`peer_stage`); they set ``peer_metrics`` and ``best_peer``."""
+    its summary records (:meth:`peer_stage`); they set ``peer_metrics`` and ``best_peer``.
+
+    Args:
+        model: the :class:`PeerCohort` of the models trained together.
+        teacher_model: as for :class:`~hf_kd.DistillationTrainer` (None: the members teach each other).
+        args: the run's :class:`~hf_kd.DistillationConfig`.
+        student_noise: as for :class:`~hf_kd.DistillationTrainer` (refused with members).
+        members: who teaches whom among the peers (a :class:`~hf_kd.trainer.members.TrainedMembers`).
+        **kwargs: everything ``transformers.Trainer`` takes (``train_dataset``, ``data_collator``, ...).
+    """
 
     no_push = ""  # the refusal of push_to_hub, naming what to push instead
 
@@ -53,18 +62,31 @@ class CohortTrainer(DistillationTrainer):
         return self.accelerator.unwrap_model(self.model).peers
 
     def teachers_of_peer(self, name: str) -> dict:
-        """``teacher``, ``teacher_class``, ``teacher_parameters`` of member ``name``'s summary."""
+        """``teacher``, ``teacher_class``, ``teacher_parameters`` of member ``name``'s summary.
+
+        Args:
+            name: the member's name.
+        """
         raise NotImplementedError
 
     def peer_stage(self, name: str) -> dict:
-        """What member ``name``'s summary records under ``"stage"``."""
+        """What member ``name``'s summary records under ``"stage"``.
+
+        Args:
+            name: the member's name.
+        """
         raise NotImplementedError
 
     # ---- saving ---------------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Every peer to ``OUTPUT_DIR/NAME`` (``from_pretrained`` reads it), each with its own
-        ``distillation_config.json`` and model card; no cohort file."""
+        ``distillation_config.json`` and model card; no cohort file.
+
+        Args:
+            output_dir: the folder (default ``args.output_dir``).
+            _internal_call: set by the Trainer's own saves (checkpoints), which write no cards.
+        """
         output_dir = output_dir or self.args.output_dir
         TrainerCompat.save_model(self, output_dir, _internal_call)  # compat._save: one folder per peer
         if not self.args.should_save:
@@ -79,7 +101,14 @@ class CohortTrainer(DistillationTrainer):
         return {name: self.peer_summary(name) for name in self.peers}
 
     def peer_summary(self, name: str) -> dict:
-        """One member's ``distillation_config.json``: its teachers (:meth:`teachers_of_peer`) and its stage."""
+        """One member's ``distillation_config.json``: its teachers (:meth:`teachers_of_peer`) and its stage.
+
+        Args:
+            name: the member's name.
+
+        Returns:
+            The summary, with the member's ``metrics`` once measured.
+        """
         summary = {**self.teachers_of_peer(name), **run_summary(self, self.peers[name]), "stage": self.peer_stage(name)}
         if name in self.peer_metrics:
             summary["metrics"] = self.peer_metrics[name]
@@ -111,7 +140,13 @@ class CohortTrainer(DistillationTrainer):
 
 class PeerTeaching(TrainedMembers):
     """Deep mutual learning's members: every peer learns from the others (``towards="peers"``, averaged over them)
-    or from their ensemble (``towards="ensemble"``)."""
+    or from their ensemble (``towards="ensemble"``).
+
+    Args:
+        names: the peers, in the cohort's order.
+        reference: one peer's model, which tells the task.
+        towards: ``"peers"`` or ``"ensemble"``.
+    """
 
     scheme, kind = "mutual learning", "peer"
 
@@ -210,11 +245,16 @@ _NO_PUSH = (
 
 @dataclass
 class MutualLearningConfig(SchemeConfig):
-    """Settings of deep mutual learning (Zhang et al. 2018).
+    """Settings of deep mutual learning (Zhang et al. 2018): at least 2 peers, each a fresh ``make_student(k)``;
+    ``towards="peers"`` is the paper's (each peer learns from the others, averaged), ``"ensemble"`` learns from their
+    mean prediction.
 
     Args:
-        peers: how many students train together (>= 2), each a fresh ``make_student(k)``.
-        towards: each peer learns from every other peer (``peers``, averaged: the paper) or from their ensemble.
+        peers: mutual_learning: the number of peers (each a fresh student).
+        towards: mutual_learning: each peer learns from every other peer (averaged), or from their ensemble.
+
+    Raises:
+        ValueError: fewer than 2 peers, or ``towards`` neither ``peers`` nor ``ensemble``.
     """
 
     peers: int = field(default=2, metadata={"help": "mutual_learning: the number of peers (each a fresh student)."})
@@ -245,10 +285,18 @@ def mutual_learning(
     """Train ``peers`` together by deep mutual learning in ``args.output_dir`` (resuming from its last checkpoint
     there), measure each on ``eval_dataset`` alone, mark the best and save every peer to ``OUTPUT_DIR/NAME``.
 
-    ``metric``: the ``compute_metrics`` key that decides the best peer (default ``args.metric_for_best_model``, else
-    ``accuracy``; higher is better unless ``args.greater_is_better`` is False or the key ends in ``loss``). Without
-    an eval set, or without that metric, no peer is marked. Returns one :class:`Stage` per peer
-    (``details["best"]``), each with the one trainer that trained them all.
+    Args:
+        peers: the models trained together (a list or a dict name → model).
+        args: the run's :class:`~hf_kd.DistillationConfig`.
+        towards: ``"peers"`` (the paper) or ``"ensemble"``.
+        metric: the ``compute_metrics`` key that decides the best peer (default ``args.metric_for_best_model``,
+            else ``accuracy``; higher is better unless ``args.greater_is_better`` is False or the key ends in
+            ``loss``). Without an eval set, or without that metric, no peer is marked.
+        scheme: the scheme's settings, recorded in each peer's summary (default: from the arguments above).
+        **trainer_kwargs: passed to the :class:`MutualLearningTrainer` (``train_dataset``, ``eval_dataset``, ...).
+
+    Returns:
+        A stage per peer (:class:`Stage`, ``details["best"]``), each with the one trainer that trained them all.
     """
     trainer = MutualLearningTrainer(peers, args, towards=towards, **trainer_kwargs)
     trainer.scheme_config = scheme if scheme is not None else MutualLearningConfig(len(trainer.members.names), towards)
@@ -274,7 +322,16 @@ def mutual_learning(
 
 
 def best_member(metrics: dict[str, dict], metric: str | None, greater_is_better: bool | None) -> str | None:
-    """The member with the best ``metric`` (``accuracy`` by default; none when a member lacks it)."""
+    """The member with the best ``metric``.
+
+    Args:
+        metrics: each member's metrics, by name.
+        metric: the metric's key, with or without ``eval_`` (None: ``accuracy``).
+        greater_is_better: whether higher is better (None: unless the key ends in ``loss``).
+
+    Returns:
+        The best member's name; None when a member lacks the metric or there are none.
+    """
     metric = (metric or "accuracy").removeprefix("eval_")
     scored = {name: row[metric] for name, row in metrics.items() if metric in row}
     if len(scored) != len(metrics) or not scored:
@@ -307,7 +364,16 @@ def _named_peers(peers) -> dict[str, nn.Module]:
 @register_scheme("mutual_learning", config=MutualLearningConfig, teachers="none", stages=True)
 def run_mutual_learning(config: MutualLearningConfig, args: DistillationConfig, given: SchemeInputs) -> SchemeResult:
     """Deep mutual learning: peers trained together from scratch, each learning from the others' predictions; no
-    pretrained teacher, and the best peer is the student (Zhang et al. 2018)."""
+    pretrained teacher, and the best peer is the student (Zhang et al. 2018).
+
+    Args:
+        config: the number of peers and what each learns from.
+        args: the run's :class:`~hf_kd.DistillationConfig`.
+        given: the student builder (one per peer), data and trainer arguments.
+
+    Returns:
+        A trainer around the best peer (the other peers its frozen teachers), and the other peers' stages.
+    """
     peers = mutual_learning(
         [given.make_student(k) for k in range(1, config.peers + 1)],
         dataclasses.replace(args, push_to_hub=False),  # the cohort never pushes; the best peer's trainer does

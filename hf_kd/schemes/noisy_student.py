@@ -40,8 +40,16 @@ MODES = ("soft", "hard")
 
 @dataclass
 class PseudoLabels:
-    """The rows the teacher labelled: ``dataset`` (kept rows, duplicates included, labels −100 for soft
-    pseudo-labels or the teacher's class for hard ones), and per kept row the teacher's class and confidence."""
+    """The rows the teacher labelled, made by :func:`pseudo_label`.
+
+    Args:
+        dataset: the kept rows, duplicates included, labels −100 for soft pseudo-labels or the teacher's class for
+            hard ones.
+        classes: the teacher's class per kept row.
+        confidence: the teacher's top probability per kept row.
+        considered: how many unlabeled rows the teacher saw.
+        num_classes: the teacher's number of classes.
+    """
 
     dataset: Dataset
     classes: np.ndarray
@@ -50,6 +58,12 @@ class PseudoLabels:
     num_classes: int
 
     def summary(self) -> dict:
+        """What a round records about its pseudo-labels (in its ``distillation_config.json``, under ``"stage"``).
+
+        Returns:
+            ``unlabeled_rows``, ``kept_rows``, ``distinct_rows`` (None without ``sample_index``),
+                ``rows_per_class`` and ``mean_confidence`` (None when no row was kept).
+        """
         counts = np.bincount(self.classes, minlength=self.num_classes).tolist()
         return {
             "unlabeled_rows": self.considered,
@@ -77,7 +91,27 @@ def pseudo_label(
     :class:`~hf_kd.TeacherCache` of one (rows found by ``sample_index``) — on its clean inputs. Keeps the rows whose
     top probability is ≥ ``threshold``; ``balance=True`` brings every class the teacher assigns to the mean count
     per class (``balance=N``: to N): the most confident rows of a larger class, the rows of a smaller one repeated,
-    most confident first."""
+    most confident first.
+
+    Args:
+        teacher: a classifier of whole examples, or a :class:`~hf_kd.TeacherCache` of one.
+        dataset: the unlabeled rows (with ``sample_index`` for a cached teacher).
+        mode: ``"soft"`` (labels −100: the distillation losses carry the teacher's distribution) or ``"hard"``
+            (the teacher's class as the label).
+        threshold: keep the rows whose top probability is at least this, in [0, 1).
+        balance: even the kept rows' classes (``True``: to the mean count per class; a number: to it).
+        data_collator: batches the rows for the teacher (default: ``default_data_collator``).
+        batch_size: rows per teacher batch.
+        label_column: the label column, replaced by the pseudo-labels.
+
+    Returns:
+        The kept rows, with the teacher's class and confidence per row.
+
+    Raises:
+        ValueError: a bad ``mode``, ``threshold`` or ``balance``; no rows; a token-level teacher (or cache); a
+            cached teacher without ``sample_index`` in the rows.
+        TypeError: a teacher that is neither a model nor a :class:`~hf_kd.TeacherCache`.
+    """
     _check_options(mode, threshold, balance)
     if len(dataset) == 0:
         raise ValueError("there are no unlabeled rows to pseudo-label.")
@@ -100,16 +134,23 @@ def pseudo_label(
 
 @dataclass
 class NoisyStudentConfig(SchemeConfig):
-    """Settings of noisy-student training (Xie et al. 2020).
+    """Settings of noisy-student training (Xie et al. 2020): teacher → student rounds, each student the next round's
+    teacher; ``soft`` pseudo-labels carry the teacher's distribution, ``hard`` ones its arg-max as the label; the
+    kept rows' classes are evened to the mean count. ``input_noise`` is the strength given to ``make_noise``
+    (:func:`~hf_kd.schemes.registry.run_scheme`; ``None`` or 0: no input noise); ``student_dropout`` ``None`` keeps
+    the student's own rate.
 
     Args:
-        rounds: teacher → student rounds, each student the next round's teacher (>= 1).
-        pseudo_labels: ``soft`` (the teacher's distribution) or ``hard`` (its arg-max as the label).
-        pseudo_label_threshold: keep only unlabeled rows whose top probability is at least this, in [0, 1).
-        balance_pseudo_labels: even the classes of the kept rows (``True``: to the mean count; a number: to it).
-        input_noise: the strength of the input noise on the student (token masking probability, pixel noise std);
-            ``None``: the noise given as ``student_noise`` as it is.
-        student_dropout: the student's dropout rate while it trains, in [0, 1) (``None``: its own).
+        rounds: noisy_student: the number of rounds.
+        pseudo_labels: noisy_student: soft or hard.
+        pseudo_label_threshold: noisy_student: keep unlabeled rows the teacher is at least this sure of.
+        balance_pseudo_labels: noisy_student: even the classes.
+        input_noise: noisy_student: token masking probability (text) or pixel noise std (images).
+        student_dropout: noisy_student: the student's dropout rate while it trains.
+
+    Raises:
+        ValueError: ``rounds`` below 1, ``pseudo_labels`` neither soft nor hard, a threshold, dropout or input
+            noise outside [0, 1).
     """
 
     rounds: int = field(default=1, metadata={"help": "noisy_student: the number of rounds."})
@@ -164,7 +205,32 @@ def noisy_student(
     trains. ``trainer_kwargs`` go to each round's :class:`~hf_kd.DistillationTrainer` (``data_collator`` also
     batches the pseudo-labelling). Each round's ``distillation_config.json`` records its pseudo-labels (rows kept
     per class, mean confidence) and its lineage; running again resumes as
-    :func:`~hf_kd.schemes.teacher_assistant.teacher_assistant` does. Returns the rounds in order."""
+    :func:`~hf_kd.schemes.teacher_assistant.teacher_assistant` does.
+
+    Args:
+        teacher: the first round's teacher (a model or a :class:`~hf_kd.TeacherCache` of one).
+        make_student: ``make_student(k)`` builds round k's fresh student.
+        args: the :class:`~hf_kd.DistillationConfig` of every round (its ``output_dir`` holds them).
+        train_dataset: the labeled rows and the unlabeled ones (label −100).
+        rounds: how many rounds.
+        pseudo_labels: ``"soft"`` or ``"hard"`` (see :func:`pseudo_label`).
+        pseudo_label_threshold: keep the unlabeled rows whose teacher confidence is at least this.
+        balance_pseudo_labels: even the pseudo-labels' classes (``True``: to the mean count; a number: to it).
+        student_noise: the noise on the student's inputs (a callable ``batch → batch`` or a list of them).
+        student_dropout: every ``nn.Dropout`` of the student at this rate while it trains (None: its own).
+        load_student: reads a finished round's saved student back on a rerun.
+        label_column: the label column (−100 marks the unlabeled rows).
+        scheme: the scheme's settings, recorded in each round's summary (default: from the arguments above).
+        **trainer_kwargs: passed to every round's trainer (``data_collator`` also batches the pseudo-labelling).
+
+    Returns:
+        The rounds in order.
+
+    Raises:
+        ValueError: hard pseudo-labels from a cached teacher, no ``label_column``, or what
+            :func:`pseudo_label`, :func:`~hf_kd.schemes.stages.check_stages` and
+            :func:`~hf_kd.schemes.stages.run_stage` refuse.
+    """
     if scheme is None:  # what this call asks for, as the scheme records it (input noise: the given noise object's)
         scheme = NoisyStudentConfig(
             rounds, pseudo_labels, pseudo_label_threshold, balance_pseudo_labels, None, student_dropout
@@ -295,7 +361,16 @@ def _set_dropout(model: nn.Module, rate: float) -> None:
 @register_scheme("noisy_student", config=NoisyStudentConfig, teachers="one", stages=True)
 def run_noisy_student(config: NoisyStudentConfig, args: DistillationConfig, given: SchemeInputs) -> SchemeResult:
     """Noisy student: the teacher pseudo-labels the unlabeled rows, an equal-or-larger student learns from them with
-    noised inputs and dropout, and becomes the next round's teacher (Xie et al. 2020)."""
+    noised inputs and dropout, and becomes the next round's teacher (Xie et al. 2020).
+
+    Args:
+        config: the rounds, pseudo-labels, noise and dropout.
+        args: the :class:`~hf_kd.DistillationConfig` of every round.
+        given: the student builder, data, teacher, noise builder and trainer arguments.
+
+    Returns:
+        The last round's trainer, and the rounds before it.
+    """
     stages = noisy_student(
         given.teacher,
         given.make_student,

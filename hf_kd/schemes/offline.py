@@ -18,7 +18,16 @@ class OfflineConfig(SchemeConfig):
 
 @register_scheme("offline", config=OfflineConfig, teachers="many")
 def run_offline(config: OfflineConfig, args: DistillationConfig, given: SchemeInputs) -> SchemeResult:
-    """Offline: one distillation run from frozen teachers (several are combined by --teacher_aggregation)."""
+    """Offline: one distillation run from frozen teachers (several are combined by --teacher_aggregation).
+
+    Args:
+        config: the scheme's settings (none).
+        args: the run's :class:`~hf_kd.DistillationConfig`.
+        given: the student builder, data, teacher(s) and trainer arguments.
+
+    Returns:
+        The trained student's trainer, and no stages.
+    """
     trainer = DistillationTrainer(
         model=given.make_student(1), teacher_model=given.teacher, args=args, **given.trainer_kwargs
     )

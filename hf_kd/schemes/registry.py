@@ -32,7 +32,11 @@ class SchemeConfig:
     name: ClassVar[str] = ""
 
     def to_dict(self) -> dict:
-        """``{"name": ..., **settings}``: what ``distillation_config.json`` records under ``"scheme"``."""
+        """What ``distillation_config.json`` records under ``"scheme"``.
+
+        Returns:
+            ``{"name": ..., **settings}``.
+        """
         return {"name": self.name, **dataclasses.asdict(self)}
 
 
@@ -85,15 +89,29 @@ class SchemeInputs:
         return {"train_dataset": self.train_dataset, **self.extra}
 
     def noise(self, strength: float | None):
-        """This modality's input noise at ``strength`` (none without ``make_noise`` or at strength 0/None)."""
+        """This modality's input noise at ``strength``.
+
+        Args:
+            strength: the noise's strength (0 or None: no noise).
+
+        Returns:
+            ``make_noise(strength)``, or None without ``make_noise`` or at strength 0/None.
+        """
         return self.make_noise(strength) if self.make_noise is not None and strength else None
 
 
 @dataclass(frozen=True)
 class SchemeEntry:
-    """A registered scheme: its ``name``, ``config`` class, ``run`` function, what it takes as teacher (``teachers``:
-    ``"none"`` — its teachers train with the student —, ``"one"`` or ``"many"``) and whether it runs several
-    trainers in one process (``stages``: not under DeepSpeed or FSDP)."""
+    """A registered scheme (made by :func:`register_scheme`).
+
+    Args:
+        name: the registry name.
+        config: the scheme's :class:`SchemeConfig` dataclass.
+        run: the function that runs it, ``run(config, args, given)``.
+        teachers: what it takes as teacher: ``"none"`` (its teachers train with the student), ``"one"`` or
+            ``"many"``.
+        stages: whether it runs several trainers in one process (then not under DeepSpeed or FSDP).
+    """
 
     name: str
     config: type[SchemeConfig]
@@ -115,6 +133,19 @@ def register_scheme(name: str, *, config: type[SchemeConfig], teachers: str = "m
 
     The run function is called as ``run(config, args, given)`` (``given``: a :class:`SchemeInputs`) and returns a
     :class:`SchemeResult` (see :func:`run_scheme`).
+
+    Args:
+        name: the registry name (the recipes' ``--scheme NAME``).
+        config: the scheme's :class:`SchemeConfig` dataclass (its ``name`` is set to ``name``).
+        teachers: what the scheme takes as teacher: ``"none"``, ``"one"`` or ``"many"``.
+        stages: whether it runs several trainers in one process (refused under DeepSpeed or FSDP).
+
+    Returns:
+        The decorator, which registers the run function and returns it unchanged.
+
+    Raises:
+        ValueError: ``teachers`` is not one of ``none``, ``one``, ``many``.
+        TypeError: ``config`` is not a :class:`SchemeConfig` dataclass.
     """
     if teachers not in TEACHERS:
         raise ValueError(f"register_scheme({name!r}): teachers is one of {TEACHERS}, got {teachers!r}.")
@@ -132,12 +163,26 @@ def register_scheme(name: str, *, config: type[SchemeConfig], teachers: str = "m
 
 
 def available_schemes() -> list[str]:
-    """The registered scheme names, sorted."""
+    """The registered scheme names, sorted.
+
+    Returns:
+        The names.
+    """
     return sorted(_SCHEMES)
 
 
 def get_scheme(name: str) -> SchemeEntry:
-    """The registered scheme ``name``; an unknown name is refused with the closest one and the list."""
+    """The registered scheme ``name``.
+
+    Args:
+        name: a registered name.
+
+    Returns:
+        The scheme's :class:`SchemeEntry` (config class, run function, teachers, stages).
+
+    Raises:
+        ValueError: an unknown name (the message suggests the closest one and lists the registered).
+    """
     if name not in _SCHEMES:
         close = difflib.get_close_matches(name, _SCHEMES, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -173,6 +218,9 @@ def run_scheme(
             that noise inputs (noisy student, mean teacher).
         trainer_kwargs: passed to every :class:`~hf_kd.DistillationTrainer` (``eval_dataset``, ``data_collator``,
             ``processing_class``, ``compute_metrics``, ...).
+
+    Returns:
+        The final student's trainer and the models trained before or beside it.
 
     Raises:
         ValueError: an unknown scheme; a teacher the scheme does not take (several for a one-teacher chain, any for

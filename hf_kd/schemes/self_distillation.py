@@ -50,7 +50,17 @@ _BLOCK_LISTS = ("layer", "layers", "stages", "blocks", "h")  # how models name t
 
 def block_paths(model: nn.Module) -> list[str]:
     """The dotted paths of the model's blocks, in order (``bert.encoder.layer.0``, …; ``vit.layers.0``, …;
-    ``resnet.encoder.stages.0``, …): the longest ``nn.ModuleList`` named like a block list."""
+    ``resnet.encoder.stages.0``, …): the longest ``nn.ModuleList`` named like a block list.
+
+    Args:
+        model: the network.
+
+    Returns:
+        The blocks' module paths, first block first.
+
+    Raises:
+        ValueError: the model has no module list named ``layer``, ``layers``, ``stages``, ``blocks`` or ``h``.
+    """
     lists = [
         (name, module)
         for name, module in model.named_modules()
@@ -67,7 +77,14 @@ def block_paths(model: nn.Module) -> list[str]:
 
 class ExitHead(nn.Module):
     """An exit: the block's output pooled to one vector, normalised, optionally through a bottleneck, classified;
-    ``project`` maps its features to the final block's width for the hint."""
+    ``project`` maps its features to the final block's width for the hint.
+
+    Args:
+        width: the width of the block's pooled output.
+        num_labels: the number of classes.
+        bottleneck: the width of a bottleneck before the classifier (None or 0: none).
+        hint_width: the final block's width, for the hint projector (None: no projector).
+    """
 
     def __init__(self, width: int, num_labels: int, bottleneck: int | None, hint_width: int | None):
         super().__init__()
@@ -95,8 +112,20 @@ class EarlyExitModel(MemberModule):
     ModelFeatures)}`` for every exit (``exit1``, …; a path's exit is named ``exit@PATH``) and ``final`` (the model's
     own outputs); with ``labels``, every member's outputs carry its cross-entropy.
 
-    ``widths``: the hidden width after each exit's block, when it cannot be read from the block's last parameter.
-    ``hint``: give each exit a projector onto the final block's width (for the feature hint).
+    Args:
+        model: a sequence or image classifier (or its PEFT wrapper).
+        exits_after: the blocks to put exits after: layer numbers (1 = the first block, the last one excluded) or
+            module paths.
+        bottleneck: the exits' bottleneck width (None: none).
+        pooling: how an exit pools its block's output (``"auto"``: mean over real tokens, or over the spatial grid;
+            see :func:`~hf_kd.features.pool`).
+        hint: give each exit a projector onto the final block's width (for the feature hint).
+        widths: the hidden width after each exit's block, when it cannot be read from the block's last parameter.
+
+    Raises:
+        ValueError: a token-level or regression model, no exits, a layer number out of range (or the last
+            block), a block named twice, a model without a block list for layer numbers, or a block whose width
+            cannot be read.
     """
 
     def __init__(
@@ -156,11 +185,16 @@ class EarlyExitModel(MemberModule):
         self.exits_after = list(exits_after)
 
     def signature_columns(self) -> list[str]:
-        """The inputs the model's forward takes (the Trainer keeps those data columns; a PEFT model's: its base's)."""
+        """The inputs the model's forward takes (the Trainer keeps those data columns; a PEFT model's: its base's).
+
+        Returns:
+            The forward's parameter names.
+        """
         return list(inspect.signature(base_model(self.model).forward).parameters)
 
     @property
     def members(self) -> list[str]:
+        """The exits' names, shallowest first, then ``final``."""
         return [*self.exit_paths, FINAL]
 
     def forward(self, labels=None, **inputs) -> dict[str, tuple]:
@@ -182,7 +216,18 @@ class EarlyExitModel(MemberModule):
         return results
 
     def exit_logits(self, member: str, inputs: dict) -> torch.Tensor:
-        """One member's logits, computing only what it needs: the model stops at the exit's block."""
+        """One member's logits, computing only what it needs: the model stops at the exit's block.
+
+        Args:
+            member: an exit's name, or ``final``.
+            inputs: the model's inputs (no labels).
+
+        Returns:
+            The member's logits.
+
+        Raises:
+            RuntimeError: the forward pass ended without reaching the exit's block.
+        """
         if member == FINAL:
             return self.model(**inputs).logits
         try:
@@ -194,7 +239,15 @@ class EarlyExitModel(MemberModule):
         raise RuntimeError(f"the forward pass never reached the block of {member}.")
 
     def used_parameters(self, member: str, inputs: dict) -> list[nn.Parameter]:
-        """The parameters ``member`` uses: those of every module that runs before its exit, and its head."""
+        """The parameters ``member`` uses: those of every module that runs before its exit, and its head.
+
+        Args:
+            member: an exit's name, or ``final`` (every parameter of the model).
+            inputs: one batch of model inputs, run to see which modules take part.
+
+        Returns:
+            The parameters, each once.
+        """
         if member == FINAL:
             return list(self.model.parameters())
         ran: list[nn.Module] = []
@@ -209,6 +262,11 @@ class EarlyExitModel(MemberModule):
         return [*used.values(), *self.exits[member].parameters()]
 
     def exits_config(self) -> dict:
+        """What ``early_exits.json`` holds: enough to rebuild the exits on the model.
+
+        Returns:
+            ``exits_after``, ``exit_paths``, ``bottleneck``, ``pooling``, ``hint`` and each exit's ``widths``.
+        """
         return {
             "exits_after": self.exits_after,
             "exit_paths": self.exit_paths,
@@ -220,7 +278,12 @@ class EarlyExitModel(MemberModule):
 
     def save_pretrained(self, folder: str, with_exits: bool = True) -> None:
         """The model by ``save_pretrained`` (``from_pretrained`` reads it without exits) and, with ``with_exits``,
-        its exits beside it."""
+        its exits beside it.
+
+        Args:
+            folder: the folder.
+            with_exits: also write ``early_exits.json`` and ``early_exits.safetensors``.
+        """
         self.model.save_pretrained(folder)
         if with_exits:
             with open(os.path.join(folder, EXITS_CONFIG), "w") as handle:
@@ -229,12 +292,30 @@ class EarlyExitModel(MemberModule):
             save_file(state, os.path.join(folder, EXITS_WEIGHTS))
 
     def load_exits(self, folder: str) -> None:
+        """Read the exits' weights that :meth:`save_pretrained` wrote.
+
+        Args:
+            folder: the folder holding ``early_exits.safetensors``.
+        """
         self.exits.load_state_dict(load_file(os.path.join(folder, EXITS_WEIGHTS)))
 
     @classmethod
     def from_pretrained(cls, folder: str, model_class=None, **kwargs) -> EarlyExitModel:
         """A folder :meth:`save_pretrained` wrote with its exits: the model through ``model_class.from_pretrained``
-        (default: the class its config names) and the exits on it."""
+        (default: the class its config names) and the exits on it.
+
+        Args:
+            folder: the saved folder.
+            model_class: the model's class (None: the first architecture its config names).
+            **kwargs: passed to ``model_class.from_pretrained``.
+
+        Returns:
+            The model with its exits.
+
+        Raises:
+            FileNotFoundError: the folder has no ``early_exits.json`` (it was saved without exits).
+            ValueError: no ``model_class`` given and the config names no architecture.
+        """
         path = os.path.join(folder, EXITS_CONFIG)
         if not os.path.exists(path):
             raise FileNotFoundError(
@@ -279,7 +360,13 @@ class ExitView(nn.Module):
     block only (as an early-exit deployment would) and returns its logits — for evaluation tables and latency."""
 
     def __init__(self, early: EarlyExitModel, member: str, example_inputs: dict):
-        """``example_inputs``: one batch, to find the parameters the member uses (``parameters()`` yields those)."""
+        """Build the view of ``member``.
+
+        Args:
+            early: the model with its exits.
+            member: an exit's name, or ``final``.
+            example_inputs: one batch, to find the parameters the member uses (``parameters()`` yields those).
+        """
         super().__init__()
         self.early, self.member = early, member
         self.config = early.model.config  # what evaluation helpers read (num_labels, ...)
@@ -336,7 +423,12 @@ def _stop_at(model: nn.Module, path: str):
 
 class ExitTeaching(TrainedMembers):
     """Self-distillation's members: the model's own head (``final``) teaches every exit with the configured response
-    losses, and with ``hint_weight`` > 0 the exits' hint projections match its features."""
+    losses, and with ``hint_weight`` > 0 the exits' hint projections match its features.
+
+    Args:
+        early: the model with its exits.
+        hint_weight: the weight of the exits' feature hint (0: no hint term).
+    """
 
     scheme, kind = "self-distillation", "exit"
 
@@ -412,6 +504,7 @@ class SelfDistillationTrainer(DistillationTrainer):
 
     @property
     def early_exit_model(self) -> EarlyExitModel:
+        """The model with its exits, unwrapped."""
         return self.accelerator.unwrap_model(self.model)
 
     @property
@@ -428,14 +521,23 @@ class SelfDistillationTrainer(DistillationTrainer):
         return sum(p.numel() for p in self.early_exit_model.used_parameters(role, self.example_inputs()))
 
     def example_inputs(self) -> dict:
-        """One batch of model inputs (no labels), from the evaluation set or else the training set."""
+        """One batch of model inputs (no labels), from the evaluation set or else the training set.
+
+        Returns:
+            The batch's inputs that the model's forward takes, on the trainer's device.
+        """
         loader = self.get_eval_dataloader() if self.eval_dataset is not None else self.get_train_dataloader()
         taken = set(self.early_exit_model.signature_columns()) - {"labels"}
         return {key: value for key, value in self._prepare_inputs(next(iter(loader))).items() if key in taken}
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The plain model (``from_pretrained`` reads it; exits dropped), with ``save_exits`` its exits too, and
-        ``distillation_config.json``. Checkpoints always hold the exits."""
+        ``distillation_config.json``. Checkpoints always hold the exits.
+
+        Args:
+            output_dir: the folder (default ``args.output_dir``).
+            _internal_call: set by the Trainer's own saves (checkpoints), which keep the exits.
+        """
         output_dir = output_dir or self.args.output_dir
         TrainerCompat.save_model(self, output_dir, _internal_call)  # compat._save: the model with its exits
         if not self.args.should_save:
@@ -466,13 +568,18 @@ class SelfDistillationTrainer(DistillationTrainer):
 
 @dataclass
 class SelfDistillationConfig(SchemeConfig):
-    """Settings of self-distillation through early exits (Zhang et al. 2019, *Be Your Own Teacher*).
+    """Settings of self-distillation through early exits (Zhang et al. 2019, *Be Your Own Teacher*): exits after the
+    blocks numbered from 1 (``None``: every block but the last), an optional bottleneck (``None``: none), the weight
+    of the exits' feature hint towards the deepest features (0: none), and whether the saved model keeps its exits.
 
     Args:
-        exits_after: the blocks to put exits after, by number from 1 (``None``: every block but the last).
-        exit_bottleneck: the exits' bottleneck width (``None``: none).
-        hint_weight: the weight of the exits' feature hint towards the deepest features (0: none).
-        save_exits: save the model with its exits (``EarlyExitModel.from_pretrained`` reads them).
+        exits_after: self_distillation: the blocks to put exits after, e.g. 1 2 (default: all but the last).
+        exit_bottleneck: self_distillation: the exits' bottleneck width.
+        hint_weight: self_distillation: the weight of the exits' hint.
+        save_exits: self_distillation: save the student with its exits (EarlyExitModel.from_pretrained).
+
+    Raises:
+        ValueError: an empty ``exits_after``, or a negative (or NaN) ``hint_weight``.
     """
 
     exits_after: list[int] | None = field(
@@ -509,7 +616,20 @@ def self_distillation(
     """Attach exits after the blocks ``exits_after`` of ``model``, train it by self-distillation in
     ``args.output_dir`` (resuming from its last checkpoint there), measure every exit on ``eval_dataset``
     (``trainer.comparison``) and save the model to ``OUTPUT_DIR/model`` (with its exits when ``save_exits``).
-    Returns the trainer; ``trainer.early_exit_model`` is the model with its exits."""
+
+    Args:
+        model: the network (a sequence or image classifier).
+        args: the run's :class:`~hf_kd.DistillationConfig`.
+        exits_after: the blocks to put exits after (layer numbers from 1, or module paths).
+        exit_bottleneck: the exits' bottleneck width (None: none).
+        hint_weight: the weight of the exits' feature hint (0: none).
+        save_exits: keep the exits in the saved model.
+        scheme: the scheme's settings, recorded in the summary (default: from the arguments above).
+        **trainer_kwargs: passed to the :class:`SelfDistillationTrainer` (``train_dataset``, ``eval_dataset``, ...).
+
+    Returns:
+        The trained trainer; ``trainer.early_exit_model`` is the model with its exits.
+    """
     early = EarlyExitModel(model, exits_after, bottleneck=exit_bottleneck, hint=hint_weight > 0)
     trainer = SelfDistillationTrainer(early, args, hint_weight=hint_weight, save_exits=save_exits, **trainer_kwargs)
     trainer.scheme_config = (
@@ -535,7 +655,20 @@ def exit_report(
     """Accuracy and latency of every exit alone (the model stopped at its block), and of the anytime rule "leave at
     the first exit whose top probability reaches the threshold, else at the final head" for each threshold:
     its accuracy, mean milliseconds per example (each example charged the measured latency of the exit it left at)
-    and the share of examples leaving at each member. Rows are keyed ``exit1``…, ``final``, ``threshold 0.9``…"""
+    and the share of examples leaving at each member.
+
+    Args:
+        model: the model with its exits.
+        dataset: labeled rows.
+        data_collator: batches the rows (default: ``default_data_collator``).
+        batch_size: rows per batch.
+        thresholds: the anytime rule's confidence thresholds.
+        device: where the model runs.
+
+    Returns:
+        Rows keyed ``exit1``…, ``final``, ``threshold 0.9``…, each with ``accuracy`` and ``ms_per_example`` (the
+            thresholds' also ``share MEMBER``).
+    """
     from torch.utils.data import DataLoader
 
     model = model.to(device).eval()
@@ -583,7 +716,19 @@ def exit_report(
 def run_self_distillation(
     config: SelfDistillationConfig, args: DistillationConfig, given: SchemeInputs
 ) -> SchemeResult:
-    """Self-distillation (be your own teacher): exits after the student's blocks learn from its own deepest exit."""
+    """Self-distillation (be your own teacher): exits after the student's blocks learn from its own deepest exit.
+
+    Args:
+        config: the exits, bottleneck, hint weight and whether the exits are saved.
+        args: the run's :class:`~hf_kd.DistillationConfig`.
+        given: the student builder, data and trainer arguments.
+
+    Returns:
+        The trainer of the model with its exits, and a stage per exit (an :class:`ExitView`, not measured).
+
+    Raises:
+        ValueError: a student with a single block and no ``exits_after``.
+    """
     student = given.make_student(1)
     blocks = config.exits_after or list(range(1, len(block_paths(student))))
     if not blocks:

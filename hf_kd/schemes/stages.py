@@ -27,7 +27,16 @@ LINEAGE_KEY = "lineage"
 
 @dataclass
 class Stage:
-    """One finished stage: its name, folder, the student it trained (in memory) and the metrics of ``evaluate``."""
+    """One finished stage: its name, folder, the student it trained (in memory) and the metrics of ``evaluate``.
+
+    Args:
+        name: the stage's name (its folder under the run's ``output_dir``).
+        folder: the stage's folder.
+        model: the student it trained, in memory.
+        metrics: its ``evaluate`` metrics (empty without an evaluation set).
+        details: what the scheme records about the stage (e.g. a round's pseudo-labels).
+        trainer: the stage's trainer; None when the stage was read back from an earlier run.
+    """
 
     name: str
     folder: str
@@ -38,6 +47,7 @@ class Stage:
 
     @property
     def model_folder(self) -> str:
+        """Where the stage's student is saved (``FOLDER/model``)."""
         return os.path.join(self.folder, MODEL_FOLDER)
 
 
@@ -64,11 +74,16 @@ def run_stage(
         load_student: reads a finished stage's saved student back.
         details: what the scheme records about the stage (e.g. a round's pseudo-labels), under ``"stage"``.
         scheme: the scheme's :class:`~hf_kd.schemes.registry.SchemeConfig`, recorded under ``"scheme"``.
+        **trainer_kwargs: passed to the stage's :class:`~hf_kd.DistillationTrainer` (``train_dataset``, ...).
+
+    Returns:
+        The finished :class:`Stage` (its ``trainer`` None when read back).
 
     Raises:
         ValueError: the stage finished before under another set-up (teacher, losses, weights, scheme settings or
             lineage): reusing it would hand the next stage a model trained otherwise than asked. The message names
-            the differences; remove the stage's folder (and those after it) or use another ``output_dir``.
+            the differences; remove the stage's folder (and those after it) or use another ``output_dir``. Also a
+            finished stage without ``load_student`` to read it back.
     """
     from ..trainer import DistillationTrainer
 
@@ -132,7 +147,17 @@ _SETUP_FIELDS = ("losses", "temperature", "label_loss_weight", "distillation_wei
 def stage_setup(teacher, args: DistillationConfig, lineage: list[dict], scheme=None) -> dict:
     """What decides a stage's result besides its data and seed: its teacher(s) (class and size of a model, a path
     as given, a source's description), the distillation settings of ``args``, the scheme's settings and the lineage
-    before it. Recorded in the stage's summary (``"setup"``) and compared on a rerun."""
+    before it. Recorded in the stage's summary (``"setup"``) and compared on a rerun.
+
+    Args:
+        teacher: the stage's teacher(s), as ``DistillationTrainer``'s ``teacher_model``.
+        args: the run's :class:`~hf_kd.DistillationConfig`.
+        lineage: every teacher before the stage (:func:`describe` entries).
+        scheme: the scheme's config, or None.
+
+    Returns:
+        The set-up, a JSON-serialisable dict.
+    """
     return {
         "teacher": _teacher_setup(teacher),
         **{field: getattr(args, field) for field in _SETUP_FIELDS},
@@ -169,7 +194,17 @@ def final_trainer(stages: list[Stage], args: DistillationConfig, scheme, given) 
     """The trainer of a chain's final student: the one that trained it, or — when it finished in an earlier run and
     was read back — a trainer around it (its teacher the stage before), for evaluation, saving and pushing (with
     ``args.push_to_hub``, its ``save_model`` pushes the student, as a Trainer's does; no stage pushed before).
-    ``given``: the scheme's :class:`~hf_kd.schemes.registry.SchemeInputs`."""
+
+    Args:
+        stages: the chain's stages, in order (the last is the final student).
+        args: the run's :class:`~hf_kd.DistillationConfig`.
+        scheme: the scheme's config, recorded in the student's summary.
+        given: the scheme's :class:`~hf_kd.schemes.registry.SchemeInputs` (the first teacher, the trainer's
+            other arguments).
+
+    Returns:
+        The final student's :class:`~hf_kd.DistillationTrainer`.
+    """
     last = stages[-1]
     if last.trainer is not None:
         return restore_push(last.trainer, args)  # it trained as a stage, which never pushes
@@ -189,13 +224,28 @@ def pushed_by_the_caller(args):
     """``args`` for a scheme function that saves its student itself (mean teacher, self-distillation) when run by
     :func:`~hf_kd.schemes.registry.run_scheme`: without ``push_to_hub``, so that the student is pushed once — by the
     caller's ``result.trainer.save_model()`` / ``push_to_hub()``, with the card the caller completes (see
-    :func:`restore_push`)."""
+    :func:`restore_push`).
+
+    Args:
+        args: the run's :class:`~hf_kd.DistillationConfig`.
+
+    Returns:
+        ``args`` with ``push_to_hub=False`` (``args`` itself when it does not push).
+    """
     return dataclasses.replace(args, push_to_hub=False) if args.push_to_hub else args
 
 
 def restore_push(trainer, args):
     """Give the scheme's final trainer ``args.push_to_hub`` back (set on its own arguments: replacing them would
-    rebuild their process state), so its ``save_model`` pushes as a Trainer's does."""
+    rebuild their process state), so its ``save_model`` pushes as a Trainer's does.
+
+    Args:
+        trainer: the scheme's final trainer.
+        args: the run's :class:`~hf_kd.DistillationConfig`, as the caller gave it.
+
+    Returns:
+        ``trainer``.
+    """
     if args.push_to_hub:
         trainer.args.push_to_hub = True
     return trainer
@@ -206,7 +256,16 @@ def check_stages(args: DistillationConfig, stages: dict[str, list[str]]) -> None
     had trained. ``stages``: each stage's name → the names of its teachers (:func:`chain_teachers`), which change
     along a chain (several teachers, then one; one, then born-again's ensemble), and with them what ``args`` must
     fit: a weight per teacher, ``chunk_size`` with one teacher only, the teachers the losses name. Stages finished
-    in an earlier run are read back, not trained, and not checked."""
+    in an earlier run are read back, not trained, and not checked.
+
+    Args:
+        args: the :class:`~hf_kd.DistillationConfig` every stage uses.
+        stages: each stage's name → the names of its teachers (:func:`chain_teachers`).
+
+    Raises:
+        ValueError: ``teacher_aggregation`` / ``teacher_weights`` set while every stage has one teacher, or a
+            stage's trainer would refuse ``args`` (the message names the stage and its teachers).
+    """
     combined = args.teacher_aggregation != "mean_probs" or args.teacher_weights is not None
     if combined and all(len(teachers) == 1 for teachers in stages.values()):
         raise ValueError(
@@ -232,7 +291,15 @@ def check_stages(args: DistillationConfig, stages: dict[str, list[str]]) -> None
 def args_for_teachers(args: DistillationConfig, teachers: list[str]) -> DistillationConfig:
     """A stage's ``args``: a chain's ``teacher_aggregation`` / ``teacher_weights`` are for its stages with several
     teachers (born-again's last generation, say); a stage with one teacher has nothing to combine, so it runs
-    without them (a lone trainer refuses them)."""
+    without them (a lone trainer refuses them).
+
+    Args:
+        args: the chain's :class:`~hf_kd.DistillationConfig`.
+        teachers: the stage's teachers by name.
+
+    Returns:
+        ``args``, or a copy without ``teacher_aggregation`` / ``teacher_weights`` for a stage with one teacher.
+    """
     if len(teachers) > 1 or (args.teacher_weights is None and args.teacher_aggregation == "mean_probs"):
         return args
     return dataclasses.replace(args, teacher_aggregation="mean_probs", teacher_weights=None)
@@ -241,18 +308,43 @@ def args_for_teachers(args: DistillationConfig, teachers: list[str]) -> Distilla
 def chain_teachers(names: list[str], teacher) -> dict[str, list[str]]:
     """Each stage's teachers by name, for :func:`check_stages`, along a chain whose stages ``names`` each learn
     from the one before: the first from ``teacher`` (one model, source or path: ``"teacher"``; a list or dict: its
-    members, named as its trainer names them), every later one from one model."""
+    members, named as its trainer names them), every later one from one model.
+
+    Args:
+        names: the stages, in order.
+        teacher: the first stage's teacher(s).
+
+    Returns:
+        Each stage's name → its teachers' names.
+    """
     first = list(name_models(teacher, SINGLE_TEACHER, reserved=("student",)))
     return {name: first if index == 0 else [SINGLE_TEACHER] for index, name in enumerate(names)}
 
 
 def finished_stage(args: DistillationConfig, name: str) -> bool:
-    """Whether stage ``name`` saved its model in an earlier run (and so is read back, not trained)."""
+    """Whether stage ``name`` saved its model in an earlier run (and so is read back, not trained).
+
+    Args:
+        args: the run's :class:`~hf_kd.DistillationConfig` (its ``output_dir`` holds the stages).
+        name: the stage's name.
+
+    Returns:
+        Whether ``OUTPUT_DIR/NAME/model/distillation_config.json`` exists.
+    """
     return os.path.exists(os.path.join(args.output_dir, name, MODEL_FOLDER, DISTILLATION_CONFIG_NAME))
 
 
 def describe(name: str, model: nn.Module, metrics: dict | None = None) -> dict:
-    """A lineage entry: a stage (or the first teacher) by name, class, size and its evaluation metrics."""
+    """A lineage entry: a stage (or the first teacher) by name, class, size and its evaluation metrics.
+
+    Args:
+        name: the stage's (or teacher's) name.
+        model: its model.
+        metrics: its evaluation metrics, if any.
+
+    Returns:
+        ``{"stage", "class", "parameters"}`` and ``"metrics"`` when given.
+    """
     from ..evaluation import count_parameters
 
     return {

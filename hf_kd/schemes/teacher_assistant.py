@@ -16,11 +16,15 @@ from .stages import Stage, chain_teachers, check_stages, describe, final_trainer
 
 @dataclass
 class TeacherAssistantConfig(SchemeConfig):
-    """Settings of the teacher-assistant chain (teacher → assistant → student).
+    """Settings of the teacher-assistant chain (teacher → assistant → student). Both are handed to
+    ``make_assistant(hidden_size, layers)``; left unset, it chooses (the recipes: between teacher and student).
 
     Args:
-        assistant_hidden_size: the assistant's width (default: the recipe's choice between teacher and student).
-        assistant_layers: the assistant's depth (default: between the two).
+        assistant_hidden_size: teacher_assistant: the assistant's width (default: between the two).
+        assistant_layers: teacher_assistant: the assistant's depth (default: between the two).
+
+    Raises:
+        ValueError: a setting that is neither None nor a whole number >= 1.
     """
 
     assistant_hidden_size: int | None = field(
@@ -57,6 +61,22 @@ def teacher_assistant(
     teacher and every stage before it, with their metrics. Every stage's settings are checked before the first one
     trains (:func:`~hf_kd.schemes.stages.check_stages`). ``scheme`` (the settings the assistants were built with)
     is recorded in each stage's summary.
+
+    Args:
+        teacher: the first stage's teacher(s), as ``DistillationTrainer``'s ``teacher_model``.
+        assistants: the assistants, largest first, each trained before the next.
+        student: the last stage's model.
+        args: the :class:`~hf_kd.DistillationConfig` of every stage (its ``output_dir`` holds the stages).
+        load_student: reads a finished stage's saved student back on a rerun.
+        scheme: the scheme's settings, recorded in each stage's summary (default: ``TeacherAssistantConfig()``).
+        **trainer_kwargs: passed to every stage's trainer (``train_dataset``, ``data_collator``, ...).
+
+    Returns:
+        The stages in order, the student's last.
+
+    Raises:
+        ValueError: no assistant, or what :func:`~hf_kd.schemes.stages.check_stages` and
+            :func:`~hf_kd.schemes.stages.run_stage` refuse.
     """
     scheme = scheme if scheme is not None else TeacherAssistantConfig()
     if not assistants:
@@ -89,7 +109,19 @@ def run_teacher_assistant(
     config: TeacherAssistantConfig, args: DistillationConfig, given: SchemeInputs
 ) -> SchemeResult:
     """teacher → assistant → student: an assistant between the two sizes learns from the teacher, then teaches the
-    student (Mirzadeh et al. 2020)."""
+    student (Mirzadeh et al. 2020).
+
+    Args:
+        config: the assistant's size.
+        args: the :class:`~hf_kd.DistillationConfig` of every stage.
+        given: the student and assistant builders, data, teacher and trainer arguments.
+
+    Returns:
+        The student's trainer, and the assistant's stage.
+
+    Raises:
+        ValueError: no ``make_assistant`` given.
+    """
     if given.make_assistant is None:
         raise ValueError("scheme 'teacher_assistant' needs make_assistant(hidden_size, layers) to build the assistant.")
     assistant = given.make_assistant(config.assistant_hidden_size, config.assistant_layers)
