@@ -10,7 +10,7 @@ STAMP := $(VENV)/.hf_kd-installed
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install espeak test demo demo-image demo-lm demo-seq2seq demo-regression demo-embeddings demo-ranking demo-ner \
-	demo-speech demo-federated pictures lint
+	demo-speech demo-asr demo-federated pictures lint
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ demo-ner: $(STAMP)
 
 demo-speech: $(STAMP)
 	$(BIN)/python recipes/cross_modal_speech.py --config recipes/configs/cross_modal_speech.yaml
+
+# distil-whisper's recipe: the packaged Whisper tiny.en teaches a 2-decoder-layer student on espeak-ng speech
+demo-asr: $(STAMP)
+	$(BIN)/python recipes/speech_recognition.py --config recipes/configs/speech_recognition.yaml
 
 demo-federated: $(STAMP)
 	$(BIN)/python recipes/federated.py --config recipes/configs/federated.yaml

@@ -27,7 +27,7 @@ BOOKKEEPING = {
 #: The speed columns of a results table, in the order a redrawn picture looks for them (texts_per_s: a throughput).
 LATENCY_COLUMNS = ("ms_per_example", "ms_per_query", "texts_per_s")
 #: Quality columns where a smaller number is the better model.
-LOWER_IS_BETTER = {"perplexity", "mse", "mae", "loss", "ce"}
+LOWER_IS_BETTER = {"perplexity", "mse", "mae", "loss", "ce", "wer"}
 _EVAL_BOOKKEEPING = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
 
 

