@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 # The schemes are a layer above the trainer: exported here, loaded on first use (``import hf_kd`` stays the core).
 _SCHEME_EXPORTS = (
+    "AmalgamationConfig",
     "BornAgainConfig",
     "CrossModalConfig",
     "DistillationGraph",

@@ -18,7 +18,7 @@ from hf_kd.teachers import LiveTeacher
 
 ALL_IDS = """at attention_kl attention_mse crd dkd embedding_cosine embedding_mse fsp hidden_cosine hidden_mse hint
     infonce irg jsd kl listwise_kl logit_mse margin_mse pkd pkt prob_mse regression_mse reverse_kl rkd_angle
-    rkd_distance skew_kl skew_reverse_kl soft_ce sp teacher_bounded tvd uld vid""".split()
+    rkd_distance skew_kl skew_reverse_kl soft_ce sp teacher_bounded tvd uhc uld vid""".split()
 RESPONSE_IDS = [
     "dkd",
     "jsd",
@@ -30,6 +30,7 @@ RESPONSE_IDS = [
     "skew_reverse_kl",
     "soft_ce",
     "tvd",
+    "uhc",
     "uld",
 ]
 

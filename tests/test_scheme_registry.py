@@ -28,6 +28,7 @@ from hf_kd.schemes import registry as scheme_registry
 from hf_kd.schemes.born_again import born_again
 
 SCHEMES = [
+    "amalgamation",
     "born_again",
     "cross_modal",
     "graph",

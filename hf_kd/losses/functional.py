@@ -121,6 +121,37 @@ def forward_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, re
     return reduce_positions(values * temperature**2, mask, reduction)
 
 
+def subset_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction: Reduction = "mean"):
+    """τ²·KL(p_T^τ ‖ p̂_S^τ), p̂_S the student's distribution restricted to the teacher's classes and renormalised:
+    the cross-entropy objective of Vongkulbhisal et al. 2019, *Unifying Heterogeneous Classifiers with
+    Distillation* (UHC), up to the teacher's entropy, which does not depend on the student.
+
+    A teacher that knows only some of the student's classes gives ``-inf`` logits at the others (its logits placed
+    at the student's class ids: :class:`~hf_kd.schemes.amalgamation.LabelSubsetTeacher`); the student's logits there
+    are left out of its softmax, so ``p̂_S(c) = p_S(c) / Σ_{k ∈ C_T} p_S(k)`` for c in the teacher's classes C_T. The
+    loss says nothing of how the student splits its mass between C_T and the other classes, and the other classes
+    get no gradient. With every class known it equals :func:`forward_kl`.
+
+    Args:
+        student_logits: Student logits ``…×C`` over the student's classes.
+        teacher_logits: Teacher logits of the same shape, ``-inf`` at the classes the teacher does not know (at least
+            one finite entry per position).
+        temperature: Softmax temperature τ > 0.
+        mask: Bool over the leading dimensions: the positions that count; ``None``: all.
+        reduction: ``"mean"`` over the kept positions, ``"sum"`` or ``"none"`` (see :func:`reduce_positions`).
+
+    Returns:
+        The loss: a scalar, or per-position values for ``reduction="none"``.
+
+    Raises:
+        ValueError: the logits differ in shape, or ``temperature <= 0``.
+    """
+    _check(student_logits, teacher_logits, temperature)
+    unknown = teacher_logits == float("-inf")
+    restricted = student_logits.masked_fill(unknown, float("-inf"))  # no gradient reaches the left-out classes
+    return forward_kl(restricted, teacher_logits, temperature=temperature, mask=mask, reduction=reduction)
+
+
 def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction: Reduction = "mean"):
     """τ²·KL(p_S^τ ‖ p_T^τ): mode-seeking KD (MiniLLM, Gu et al. 2024).
 

@@ -283,6 +283,27 @@ class DecoupledKD(ResponseLoss):
 
 
 @register_loss(
+    "uhc",
+    paper="Vongkulbhisal, Vinayavekhin & Visentini-Scarzanella 2019, Unifying Heterogeneous Classifiers with "
+    "Distillation, arXiv:1904.06062",
+)
+class UnifyingHeterogeneousClassifiers(ResponseLoss):
+    """τ²·KL(p_T^τ ‖ p̂_S^τ) against the student restricted and renormalised to the teacher's classes (UHC,
+    Vongkulbhisal et al. 2019): :func:`~hf_kd.losses.functional.subset_kl`.
+
+    The teacher's classes are its finite logits: a teacher over a subset of the student's classes
+    (:class:`~hf_kd.schemes.amalgamation.LabelSubsetTeacher`, the amalgamation scheme) gives ``-inf`` at the others,
+    which this loss leaves out of the student's softmax. With every class known it is ``kl``.
+
+    Args:
+        temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
+            loss's options set one).
+    """
+
+    function = F.subset_kl
+
+
+@register_loss(
     "uld",
     paper="Boizard et al. 2024, Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss for "
     "LLMs, arXiv:2402.12030",

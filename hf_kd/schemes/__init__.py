@@ -3,6 +3,7 @@ run function registered with :func:`register_scheme`; :func:`run_scheme` runs an
 imports every scheme module, so the registry is complete."""
 
 from . import (  # noqa: F401  (each module registers its scheme)
+    amalgamation,
     born_again,
     cross_modal,
     graph,
@@ -13,6 +14,7 @@ from . import (  # noqa: F401  (each module registers its scheme)
     self_distillation,
     teacher_assistant,
 )
+from .amalgamation import AmalgamationConfig
 from .born_again import BornAgainConfig
 from .cross_modal import CrossModalConfig
 from .graph import DistillationGraph, GraphConfig, GraphEdge, GraphTrainer
@@ -35,6 +37,7 @@ from .stages import Stage
 from .teacher_assistant import TeacherAssistantConfig
 
 __all__ = [
+    "AmalgamationConfig",
     "BornAgainConfig",
     "CrossModalConfig",
     "DistillationGraph",
