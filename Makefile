@@ -10,7 +10,7 @@ STAMP := $(VENV)/.hf_kd-installed
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install espeak test demo demo-image demo-lm demo-seq2seq demo-regression demo-embeddings demo-ranking demo-ner \
-	demo-speech demo-asr demo-federated pictures lint
+	demo-speech demo-asr demo-federated pictures lint docs
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -74,6 +74,11 @@ demo-federated: $(STAMP)
 # The README's pictures (docs/NAME.png) from the recipe runs that have finished (make demo-*); lists the others.
 pictures: $(STAMP)
 	$(BIN)/python -c "from hf_kd.plots import main; main()"
+
+# The docs site (mkdocs.yml) into build/site, strict: a broken link or reference, or a docstring that does not render,
+# fails it (as in tests/test_docs.py). NO_MKDOCS_2_WARNING silences Material's banner about its successor.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 
 lint: $(STAMP)
 	$(BIN)/ruff check hf_kd recipes tests benchmarks
