@@ -12,13 +12,15 @@ hf_kd path that does not exist is a warning, which fails the strict build: a sta
 
 from __future__ import annotations
 
+import logging
 import re
 
 import griffe
 
 ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|obj|exc):`(?P<tilde>~?)(?P<target>\.*[\w.]+)`")
 PACKAGE = "hf_kd"
-logger = griffe.get_logger("hf_kd_docs.sphinx_roles")
+# Under MkDocs' logger, so that a strict build counts the warnings (and fails on them).
+logger = logging.getLogger("mkdocs.plugins.hf_kd_docs.sphinx_roles")
 
 
 def _lookup(collection, path: str):
