@@ -241,10 +241,11 @@ def scheme_part(name: str) -> str:
             else "one `DistillationTrainer`: every engine it supports",
         ),
     ]
-    lines = ["| | |", "|---|---|", *(f"| {key} | {cell(value)} |" for key, value in facts), ""]
+    lines = ["## In the registry", "", "| | |", "|---|---|", *(f"| {key} | {cell(value)} |" for key, value in facts)]
+    lines.append("")
     fields = dataclasses.fields(config)
     if fields:
-        lines += [f"**Settings** (each is also a recipe flag). {' '.join(text.split())}", ""]
+        lines += ["## Settings", "", f"Each is also a recipe flag. {' '.join(text.split())}", ""]
         lines += ["| setting | flag | default | meaning |"]
         lines.append("|---|---|---|---|")
         for field in fields:
@@ -252,14 +253,14 @@ def scheme_part(name: str) -> str:
             meaning = (arguments.get(field.name) or field.metadata.get("help", "")).removeprefix(f"{name}: ")
             lines.append(f"| `{field.name}` | `--{field.name}` | `{default!r}` | {cell(meaning)} |")
     else:
-        lines.append("**Settings**: none of its own; `DistillationConfig` and the teachers say it all.")
+        lines += ["## Settings", "", "None of its own: `DistillationConfig` and the teachers say it all."]
     cases = [case for case in refusal_cases() if case.id.startswith(SCHEME_REFUSALS.get(name, ()))]
-    lines.append("")
+    lines += ["", "## Refused", ""]
     if cases:
-        lines += ["**Refused** (each row a test case; the full list: [What hf_kd refuses](../refusals.md)):", ""]
+        lines += ["Each row is a test case; the full list: [What hf_kd refuses](../refusals.md).", ""]
         lines += ["| input | hf_kd says |", "|---|---|", *map(refusal_row, cases)]
     else:
-        lines.append("**Refused**: nothing of its own; the general ones apply ([What hf_kd refuses](../refusals.md)).")
+        lines.append("Nothing of its own; the general refusals apply ([What hf_kd refuses](../refusals.md)).")
     return "\n".join(lines)
 
 

@@ -6,7 +6,8 @@ are. Each role is resolved the way Python resolves the name where the docstring 
 relative path (leading dots, from the docstring's package), or a name seen from the documented object, its class or
 its module (an imported name is followed to its definition). A role that resolves to a public hf_kd object becomes a
 cross-reference ``[`name`][hf_kd.path]``, which mkdocs-autorefs links and a strict build checks; one that resolves to
-a private object or to another library's (``transformers.TrainingArguments``) is shown as code; one that names an
+a private or undocumented object (the reference shows neither) or to another library's
+(``transformers.TrainingArguments``) is shown as code; one that names an
 hf_kd path that does not exist is a warning, which fails the strict build: a stale reference.
 """
 
@@ -91,8 +92,8 @@ def markdown_roles(obj, text: str) -> str:
             if target.startswith(".") or target.split(".")[0] == PACKAGE:
                 logger.warning(f"{obj.path}: the docstring names {target!r}, which is not an object of {PACKAGE}")
             return f"`{shown}`"
-        if any(part.startswith("_") for part in found.path.split(".")):
-            return f"`{shown}`"
+        if any(part.startswith("_") for part in found.path.split(".")) or not found.docstring:
+            return f"`{shown}`"  # private or undocumented: the reference has no entry to link to
         return f"[`{shown}`][{found.path}]"
 
     return ROLE.sub(replace, text)
