@@ -358,3 +358,37 @@ def test_an_amalgamated_student_beats_an_untrained_one_over_the_union(tmp_path):
     assert summary["stage"]["teacher_classes"] == {"low": ["a", "b", "c"], "high": ["c", "d"]}
     assert summary["teachers"]["high"]["classes"] == ["c", "d"]
     assert (tmp_path / "model" / "distillation_config.json").exists()
+
+
+def test_token_classifiers_with_different_tag_sets_amalgamate_token_by_token(tmp_path):
+    from transformers import BertConfig, BertForTokenClassification
+
+    def tagger(names, seed, hidden=32):
+        torch.manual_seed(seed)
+        config_ = BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=64,
+            num_labels=len(names),
+        )
+        return _named(BertForTokenClassification(config_), names)
+
+    people, places = tagger(["O", "B-PER"], 1), tagger(["O", "B-LOC"], 2)
+    ids = torch.randint(0, VOCAB, (8, 6), generator=torch.Generator().manual_seed(0))
+    rows = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * 6] * 8, "labels": [[-100] * 6] * 8})
+    source = LabelSubsetTeacher(places, [0, 2], 3, ["O", "B-LOC"])
+    placed = source({"input_ids": ids[:2]}, frozenset({"logits"})).logits
+    assert placed.shape == (2, 6, 3) and torch.isneginf(placed[..., 1]).all()
+    torch.testing.assert_close(placed[..., [0, 2]], places(input_ids=ids[:2]).logits)
+    result = run_scheme(
+        "amalgamation",
+        config(tmp_path, max_steps=2),
+        teacher={"people": people, "places": places},
+        make_student=lambda k: tagger(["O", "B-PER", "B-LOC"], 3, hidden=16),
+        train_dataset=rows,
+    )
+    logged = result.trainer.state.log_history[0]
+    assert result.trainer.state.global_step == 2 and logged["uhc/people"] > 0 and logged["uhc/places"] > 0
