@@ -8,8 +8,9 @@
 - ``test_shell_examples``: each page's ```` ```bash ```` commands name repository files that exist, ``make`` targets
   of the Makefile, extras of ``pyproject.toml``, and flags that the recipe or script they run accepts.
 - ``test_code_blocks_are_python_or_bash``: no third kind of block escapes both checks.
-- The checkers themselves on planted cases: the shell check, and the griffe extension that turns the docstrings'
-  Sphinx roles into cross-references (a stale ``hf_kd`` path is a warning, so the strict build fails on it).
+- The checkers themselves on planted cases: the shell check, the build hook (unknown markers, a scheme without its
+  page; the refusals page holds every row of ``refusal_table()``), and the griffe extension that turns the
+  docstrings' Sphinx roles into cross-references (a stale ``hf_kd`` path is a warning, so the strict build fails).
 
 The pages are ``docs/**/*.md`` plus the files they include (``<!-- hf_kd:include PATH -->``).
 """
@@ -123,6 +124,42 @@ KNOWN_DEFECTS = {
         "name[:weight][:key=value] outside backticks, which Markdown reads as a reference link"
     ),
 }
+
+
+def docs_hook():
+    """``docs/hooks/hf_kd_docs.py``, imported as MkDocs imports it."""
+    pytest.importorskip("mkdocs", reason='the docs extra is not installed (pip install -e ".[docs]")')
+    spec = importlib.util.spec_from_file_location("docs_hook_hf_kd_docs", DOCS / "hooks" / "hf_kd_docs.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    return hook
+
+
+def test_the_refusals_page_holds_every_row_of_the_refusal_table():
+    from test_bad_inputs import refusal_table
+
+    page = docs_hook().refusals_page()
+    rows = refusal_table().splitlines()[2:]
+    assert rows and all(row in page for row in rows)
+    assert f"{len(rows)} refusals in all." in page
+
+
+def test_the_hook_refuses_unknown_markers_and_schemes_without_a_page():
+    from mkdocs.exceptions import PluginError
+
+    from hf_kd.schemes import available_schemes
+
+    hook = docs_hook()
+    with pytest.raises(PluginError, match="unknown docs marker <!-- hf_kd:lossess -->"):
+        hook.on_page_markdown("# Losses\n\n<!-- hf_kd:lossess -->\n", page=None, config=None, files=None)
+    with pytest.raises(PluginError, match="no scheme 'nope' is registered"):
+        hook.generated("scheme", "nope")
+    pages = [types.SimpleNamespace(src_uri=f"schemes/{name}.md") for name in available_schemes()]
+    assert hook.on_files(pages, config=None) == pages
+    with pytest.raises(PluginError, match=r"registered schemes without a page: \['born_again'\]"):
+        hook.on_files([page for page in pages if page.src_uri != "schemes/born_again.md"], config=None)
+    with pytest.raises(PluginError, match=r"scheme pages of no registered scheme: \['dml'\]"):
+        hook.on_files([*pages, types.SimpleNamespace(src_uri="schemes/dml.md")], config=None)
 
 
 def test_sphinx_roles_become_checked_cross_references(caplog):
