@@ -2,7 +2,8 @@
 
 - ``test_site_builds_strictly``: ``mkdocs build --strict`` of ``mkdocs.yml`` into a temporary folder (a broken link,
   a missing reference, a docstring that does not render or a generated part that fails stops it), and the generated
-  pages list every exported name, loss and scheme. Skipped, saying so, where the ``docs`` extra is not installed.
+  pages list every exported name, every module (the API reference), every loss and every scheme. Skipped, saying
+  so, where the ``docs`` extra is not installed.
 - ``test_python_examples``: each page's ```` ```python ```` blocks run in order in one namespace, in a fresh
   temporary folder (tiny models from configs, a few steps).
 - ``test_shell_examples``: each page's ```` ```bash ```` commands name repository files that exist, ``make`` targets
@@ -22,6 +23,7 @@ import functools
 import importlib.util
 import logging
 import pathlib
+import pkgutil
 import re
 import shlex
 import sys
@@ -93,6 +95,9 @@ def test_site_builds_strictly(tmp_path, monkeypatch):
     exports = (site / "api" / "index.html").read_text(encoding="utf-8")
     for name in hf_kd.__all__:
         assert f"<code>{name}</code></a>" in exports, f"the API index has no link for hf_kd.{name}"
+    reference = "".join(page.read_text(encoding="utf-8") for page in (site / "api").glob("*/index.html"))
+    for module in pkgutil.walk_packages(hf_kd.__path__, "hf_kd."):
+        assert module.ispkg or f'id="{module.name}"' in reference, f"the API reference lacks {module.name}"
     losses = (site / "losses" / "index.html").read_text(encoding="utf-8")
     for name in available_losses():
         assert f'id="{name}"' in losses, f"the losses page has no section for {name!r}"

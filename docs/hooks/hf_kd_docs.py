@@ -12,6 +12,8 @@ A page asks for a generated part with an HTML comment alone on its line:
 - ``<!-- hf_kd:exports -->``: every name ``hf_kd`` exports, linked to its API reference.
 - ``<!-- hf_kd:benchmark-scripts -->``: every script in ``benchmarks/`` with the first sentence of its docstring.
 - ``<!-- hf_kd:include PATH -->``: a Markdown file of the repository (its first heading dropped).
+- ``<!-- hf_kd:api PAGE -->``: the mkdocstrings directives of an API reference page: every module of hf_kd is on one
+  page (:data:`API_PAGES`), a new module included without anyone listing it.
 
 An unknown marker, a registered scheme without its page (``docs/schemes/NAME.md``) or a page of a scheme that is not
 registered fails the build, so the site cannot fall behind the registries. Links written as ``[text][hf_kd.x.y]``
@@ -26,6 +28,7 @@ import importlib
 import inspect
 import os
 import pathlib
+import pkgutil
 import re
 import sys
 
@@ -83,6 +86,56 @@ REFUSAL_AREAS = {
     "stages_security": "Stages, resuming, loss imports and cache files",
     "tasks": "Tasks",
     "token_classification": "Named entities",
+}
+
+# The API reference pages (docs/api/NAME.md, marker <!-- hf_kd:api NAME -->) and the modules each documents, in order:
+# a name, or PREFIX.* for the modules under PREFIX not claimed before, or * for every module no page claims (the
+# internals page, expanded last). So a new module is in the reference without anyone adding it.
+API_PAGES = {
+    "config": ("hf_kd.config",),
+    "trainer": ("hf_kd.trainer.trainer", "hf_kd.trainer.members", "hf_kd.trainer.reporting"),
+    "losses": (
+        "hf_kd.losses.registry",
+        "hf_kd.losses.base",
+        "hf_kd.losses.functional",
+        *(f"hf_kd.losses.{module}" for module in FAMILIES),
+        "hf_kd.losses.*",
+    ),
+    "teachers": (
+        "hf_kd.teachers.base",
+        "hf_kd.teachers.live",
+        "hf_kd.teachers.adapter_base",
+        "hf_kd.teachers.served",
+        "hf_kd.teachers.precomputed",
+        "hf_kd.teachers.ensemble",
+        "hf_kd.teachers.*",
+        "hf_kd.cache",
+        "hf_kd.cache_format",
+    ),
+    "schemes": (
+        "hf_kd.schemes.registry",
+        "hf_kd.schemes.stages",
+        "hf_kd.schemes.offline",
+        "hf_kd.schemes.multi_teacher",
+        "hf_kd.schemes.*",
+    ),
+    "data": (
+        "hf_kd.data",
+        "hf_kd.noise",
+        "hf_kd.views",
+        "hf_kd.features",
+        "hf_kd.positions",
+        "hf_kd.projectors",
+        "hf_kd.metrics",
+        "hf_kd.evaluation",
+        "hf_kd.generation",
+        "hf_kd.cross_tokenizer",
+        "hf_kd.hub",
+        "hf_kd.plots",
+    ),
+    "tasks": ("hf_kd.sentence_embeddings", "hf_kd.ranking", "hf_kd.token_classification", "hf_kd.federated"),
+    "pretrained": ("hf_kd.pretrained.packaged", "hf_kd.pretrained.gguf", "hf_kd.pretrained.*"),
+    "internals": ("hf_kd.objective", "hf_kd.term_log", "hf_kd.checks", "hf_kd.checkpoints", "hf_kd.model_kinds", "*"),
 }
 
 ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|obj|exc):`(?P<tilde>~?)(?P<target>[\w.]+)`")
@@ -342,6 +395,40 @@ def include(path: str) -> str:
     return re.sub(r"\]\((?P<target>(?![a-z]+:|#)[^)\s]+)\)", relink, text)
 
 
+_API: dict[str, list[str]] | None = None
+
+
+def api_modules() -> dict[str, list[str]]:
+    """Each API page's modules: every module of hf_kd (packages' ``__init__`` re-export and are left out) on exactly
+    one page, by :data:`API_PAGES`."""
+    global _API
+    if _API is None:
+        import hf_kd
+
+        left = sorted(module.name for module in pkgutil.walk_packages(hf_kd.__path__, "hf_kd.") if not module.ispkg)
+        _API = {}
+        for page in sorted(API_PAGES, key=lambda name: "*" in API_PAGES[name]):  # the catch-all page last
+            claimed = []
+            for pattern in API_PAGES[page]:
+                if pattern == "*":
+                    matches = list(left)
+                elif pattern.endswith(".*"):
+                    matches = [name for name in left if name.startswith(pattern[:-1])]
+                else:
+                    matches = [pattern] if pattern in left else []
+                claimed += matches
+                left = [name for name in left if name not in matches]
+            _API[page] = claimed
+    return _API
+
+
+def api_page(page: str) -> str:
+    """The mkdocstrings directives of an API page, one per module."""
+    if page not in API_PAGES:
+        raise PluginError(f"<!-- hf_kd:api {page} -->: no such API page; the pages are {sorted(API_PAGES)}.")
+    return "\n\n".join(f"::: {module}" for module in api_modules()[page])
+
+
 def generated(kind: str, argument: str | None) -> str:
     """The Markdown a marker stands for."""
     parts = {
@@ -357,6 +444,8 @@ def generated(kind: str, argument: str | None) -> str:
         return scheme_part(argument)
     if kind == "include" and argument:
         return include(argument)
+    if kind == "api" and argument:
+        return api_page(argument)
     raise PluginError(f"unknown docs marker <!-- hf_kd:{kind}{' ' + argument if argument else ''} -->.")
 
 
