@@ -10,8 +10,8 @@
   of the Makefile, extras of ``pyproject.toml``, and flags that the recipe or script they run accepts.
 - ``test_code_blocks_are_python_or_bash``: no third kind of block escapes both checks.
 - The checkers themselves on planted cases: the shell check, the build hook (unknown markers, a scheme without its
-  page; the refusals page holds every row of ``refusal_table()``), and the griffe extension that turns the
-  docstrings' Sphinx roles into cross-references (a stale ``hf_kd`` path is a warning, so the strict build fails).
+  page, a stale reference; the refusals page holds every row of ``refusal_table()``), and the griffe extension that
+  turns the docstrings' Sphinx roles into cross-references (a stale ``hf_kd`` path is a warning: the build fails).
 
 The pages are ``docs/**/*.md`` plus the files they include (``<!-- hf_kd:include PATH -->``).
 """
@@ -159,6 +159,13 @@ def test_the_hook_refuses_unknown_markers_and_schemes_without_a_page():
         hook.on_page_markdown("# Losses\n\n<!-- hf_kd:lossess -->\n", page=None, config=None, files=None)
     with pytest.raises(PluginError, match="no scheme 'nope' is registered"):
         hook.generated("scheme", "nope")
+    # A role in a loss's or scheme's docstring: a re-exported name links where it is defined; a stale one fails.
+    text = ":class:`~hf_kd.teachers.LiveTeacher` and :func:`hf_kd.noise`"
+    assert (
+        hook.markdown_text(text) == "[`LiveTeacher`][hf_kd.teachers.live.LiveTeacher] and [`hf_kd.noise`][hf_kd.noise]"
+    )
+    with pytest.raises(PluginError, match="names 'hf_kd.no_such_module.f', which is not an object of hf_kd"):
+        hook.markdown_text(":func:`hf_kd.no_such_module.f`")
     pages = [types.SimpleNamespace(src_uri=f"schemes/{name}.md") for name in available_schemes()]
     assert hook.on_files(pages, config=None) == pages
     with pytest.raises(PluginError, match=r"registered schemes without a page: \['born_again'\]"):

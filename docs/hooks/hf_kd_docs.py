@@ -154,11 +154,35 @@ def markdown_text(text: str) -> str:
     def replace(match: re.Match) -> str:
         target = match["target"]
         shown = target.rsplit(".", 1)[-1] if match["tilde"] else target
-        if target.startswith("hf_kd.") and not any(part.startswith("_") for part in target.split(".")):
-            return f"[`{shown}`][{target}]"
-        return f"`{shown}`"
+        path = canonical(target) if target.startswith("hf_kd.") else None
+        return f"[`{shown}`][{path}]" if path else f"`{shown}`"
 
     return ROLE.sub(replace, text)
+
+
+def canonical(target: str) -> str | None:
+    """Where the API reference documents the object ``target`` names (a re-exported name is followed to the module
+    that defines it); ``None`` for a private or undocumented object, which the reference does not show.
+
+    Raises:
+        PluginError: ``target`` names no object: a stale reference in a docstring.
+    """
+    parts = target.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for attribute in parts[split:]:
+                obj = getattr(obj, attribute)
+        except AttributeError:
+            break
+        path = obj.__name__ if inspect.ismodule(obj) else reference(obj) if hasattr(obj, "__qualname__") else None
+        if path is None or not inspect.getdoc(obj) or any(part.startswith("_") for part in path.split(".")):
+            return None
+        return path
+    raise PluginError(f"a docstring names {target!r}, which is not an object of hf_kd.")
 
 
 def parse_docstring(obj) -> tuple[str, dict[str, str]]:
