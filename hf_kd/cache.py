@@ -11,15 +11,18 @@ causal/seq2seq LM, attended tokens without labels, one row per example for class
   gradients, where top-k truncation is biased towards the head.
 
 Layout: ``manifest.json`` (format version, teacher, tokenizer and example fingerprints' digest, settings, one
-entry per shard with its sha256) and ``shard-NNNNN.safetensors`` files (``ids`` int32 N×k, ``logprobs`` N×k,
-``offsets`` per example, ``fingerprints`` per example). No pickle. Writing again over an existing cache verifies
-every shard it lists (present, checksum, readable) and rewrites the missing or bad ones, then the rest; loading
-checks the version and checksums, and the trainer checks the examples, tokenizer and vocabulary against the
-cache, with errors that say what differs.
+entry per shard with its sha256, the KL divergence between the live and the replayed distribution) and
+``shard-NNNNN.safetensors`` files holding the rows (:mod:`hf_kd.cache_format`: unpacked, format version 2, or
+packed, version 3), ``offsets`` per example and ``fingerprints`` per example. No pickle. Writing again over an
+existing cache verifies every shard it lists (present, checksum, readable) and rewrites the missing or bad ones,
+then the rest; loading checks the version and checksums, and the trainer checks the examples, tokenizer and
+vocabulary against the cache, with errors that say what differs. Under a launcher with N processes every process
+writes its share of the shards and the main process writes the one manifest: the same files as one process writes.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -31,19 +34,38 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, default_data_collator
+from transformers.utils import logging
 
+from .cache_format import (
+    LOG_PROB_BITS,
+    PACKED_VERSION,
+    UNPACKED_VERSION,
+    VALUE_DTYPES,
+    RowLayout,
+    layout_of,
+    shard_tensors,
+)
 from .data import SAMPLE_INDEX
 from .evaluation import count_parameters
-from .features import ModelFeatures, SparseDistribution
+from .features import ModelFeatures
 from .model_kinds import is_causal_lm, is_token_level, labels_mark_distilled_positions, output_size
 from .positions import distillation_mask
 from .teachers import LiveTeacher, ServedTeacher, TeacherSource, unwrap
 from .teachers.precomputed import sparse_batch, sparse_rows
 
+logger = logging.get_logger(__name__)
+
 # 2: attention_mask and token_type_ids joined the fingerprints; token classifiers distil every attended token.
-CACHE_FORMAT_VERSION = 2
+# 3: the packed rows (hf_kd.cache_format). Both are read.
+READABLE_VERSIONS = (UNPACKED_VERSION, PACKED_VERSION)
 MANIFEST_NAME = "manifest.json"
+# What each process of an N-process write has finished so far (the main process merges them into the manifest).
+PROGRESS_NAME = "manifest-process-{:05d}.json"
 MODES = ("top_k", "sampled")
+# Manifest fields that summarise the shards written, not settings a resumed write must share.
+SUMMARY_FIELDS = ("vocab_size", "replay_kl", "shards")
+# Positions whose live and replayed distributions are compared at once (two dense N×V tensors each).
+KL_ROWS_PER_PASS = 256
 # The columns an example's cached rows depend on: what the teacher reads and what decides the distilled positions.
 FINGERPRINT_COLUMNS = (
     "input_ids",
@@ -56,11 +78,17 @@ FINGERPRINT_COLUMNS = (
     "input_values",
     "input_features",
 )
-_VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def example_fingerprint(example: dict) -> int:
-    """A 63-bit hash of an example's token ids / labels / pixels: a cache row belongs to exactly this example."""
+    """A 63-bit hash of an example's token ids / labels / pixels: a cache row belongs to exactly this example.
+
+    Args:
+        example: A dataset row (its :data:`FINGERPRINT_COLUMNS` count).
+
+    Returns:
+        A non-negative int below 2^63.
+    """
     digest = hashlib.blake2b(digest_size=8)
     for column in FINGERPRINT_COLUMNS:
         if column in example and example[column] is not None:
@@ -72,7 +100,14 @@ def example_fingerprint(example: dict) -> int:
 
 
 def tokenizer_fingerprint(tokenizer) -> str | None:
-    """A digest of a tokenizer's vocabulary and special tokens (``None`` without a tokenizer)."""
+    """A digest of a tokenizer's vocabulary and special tokens.
+
+    Args:
+        tokenizer: A tokenizer with ``get_vocab``, or ``None``.
+
+    Returns:
+        16 hex digits, or ``None`` without a tokenizer.
+    """
     if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
         return None
     payload = json.dumps(
@@ -109,32 +144,96 @@ def write_teacher_cache(
     max_length: int | None = None,
     batch_size: int = 8,
     shard_size: int = 1024,
-    dtype: str = "float16",
+    dtype: str | None = None,
+    packed: bool = False,
+    log_prob_bits: int | None = None,
     token_level: bool | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
+    all_processes: bool = True,
     progress: bool = True,
 ) -> TeacherCache:
     """Run ``teacher`` once over ``dataset`` (tokenised, in its row order) and write its outputs to ``path``.
 
-    ``top_k`` is k (ids kept per position, or draws per position in ``sampled`` mode). ``data_collator``
-    batches rows as in training (default: padding with ``tokenizer`` — per-token labels with -100 —, else
-    ``default_data_collator``).
-    ``tokenizer`` and ``max_length`` are recorded so a mismatch at training time is caught. Rerunning with the
-    same arguments resumes: every shard already listed is verified (present, checksum, readable) and the missing
-    or bad ones are rewritten with the rest, so a repaired cache equals an unbroken run's. Different arguments on
-    an existing cache raise. ``teacher`` may be a :class:`~hf_kd.teachers.ServedTeacher` (a causal LM answered by an
-    inference engine): its top-k answers are written as they come (``top_k`` at most its own), and a server that
-    stops answering leaves the shards written so far for the rerun.
+    Rerunning with the same arguments resumes: every shard already listed is verified (present, checksum, readable)
+    and the missing or bad ones are rewritten with the rest, so a repaired cache equals an unbroken run's. Different
+    arguments on an existing cache raise. Under a launcher with N processes (``torchrun``, ``accelerate launch``),
+    every process calls this with the same arguments: process r writes the shards i with i mod N = r and, once all
+    are done, the main process writes the one manifest — the same files, byte for byte, as one process writes. For
+    top-k caches the writer measures, position by position, the KL divergence KL(live ‖ replayed) between the
+    distribution the teacher gives (a served teacher: its top-k answer as training would read it) and the one the
+    cache replays; the manifest's ``replay_kl`` holds its mean and maximum over the positions where it is finite,
+    and how many positions it is infinite at (the unpacked layout drops a remaining mass below 1e-6), and the
+    writer logs them.
+
+    Args:
+        teacher: A model, or a :class:`~hf_kd.teachers.ServedTeacher` (a causal LM answered by an inference engine,
+            whose top-k answers are written as they come; a server that stops answering leaves the shards written
+            so far for the rerun).
+        dataset: Tokenised rows (a ``datasets.Dataset``), in training row order.
+        path: The cache folder (under N processes, one folder that every process sees).
+        top_k: k: ids kept per position, or draws per position in ``sampled`` mode (a served teacher: at most its
+            own ``top_k``).
+        mode: ``"top_k"`` or ``"sampled"`` (see the module docstring).
+        tokenizer: Recorded so that training with another tokenizer is refused; pads rows of unequal length.
+        data_collator: Batches rows as in training (default: padding with ``tokenizer`` — per-token labels with
+            -100 —, else ``default_data_collator``).
+        max_length: Recorded so that a mismatch at training time is caught.
+        batch_size: Rows per teacher forward.
+        shard_size: Rows per shard file.
+        dtype: The unpacked layout's log-probability dtype: ``"float16"`` (default), ``"bfloat16"`` or
+            ``"float32"``.
+        packed: Write the packed layout (format version 3, :mod:`hf_kd.cache_format`): ids in ⌈log₂ V⌉ bits,
+            top-k log-probabilities as ``log_prob_bits``-bit codes per row with the remaining mass kept exactly,
+            sampled draws as exact counts. 198 bytes per position at k = 64, V = 49,152 (384 unpacked).
+        log_prob_bits: Bits per log-probability of a packed top-k cache, 2 to 16 (default 8).
+        token_level: Whether the teacher predicts per token (default: from the model).
+        seed: Seeds the draws of ``sampled`` mode (shard i draws from ``seed + i``).
+        device: Where the teacher's inputs go (default: the teacher's device).
+        all_processes: Under a launcher with N processes, share the work among all of them (every process calls
+            this). ``False``: this process writes the whole cache alone (call it from one process only).
+        progress: Show a progress bar (the main process's share).
+
+    Returns:
+        The written :class:`TeacherCache`.
+
+    Raises:
+        ValueError: An unknown mode or dtype, ``top_k``, ``shard_size``, ``batch_size`` or ``log_prob_bits`` out of
+            range, an option of the other layout, ``top_k`` above the vocabulary, a folder holding a cache written
+            with other settings, or processes of one launch called with different arguments.
+        TypeError: A dataset without indexing, or ``packed`` not a bool.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     if top_k <= 0:
         raise ValueError(f"top_k must be a positive number of entries per position, got {top_k}.")
-    if dtype not in _VALUE_DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(_VALUE_DTYPES)}, got {dtype!r}.")
     if shard_size <= 0 or batch_size <= 0:
         raise ValueError(f"shard_size and batch_size must be > 0, got {shard_size} and {batch_size}.")
+    if not isinstance(packed, bool):
+        raise TypeError(f"packed must be True or False, got {packed!r}.")
+    if log_prob_bits is not None and (not isinstance(log_prob_bits, int) or log_prob_bits not in LOG_PROB_BITS):
+        raise ValueError(f"log_prob_bits must be a whole number of bits from 2 to 16, got {log_prob_bits!r}.")
+    if packed:
+        if dtype is not None:
+            raise ValueError(
+                f"dtype={dtype!r} is the value type of the unpacked layout; a packed cache stores each top-k "
+                "log-probability as a log_prob_bits-bit code (and sampled draws as counts): leave dtype out."
+            )
+        if mode == "sampled" and log_prob_bits is not None:
+            raise ValueError(
+                "a packed sampled cache stores each id's draw count exactly (⌈log₂(k + 1)⌉ bits): log_prob_bits "
+                "applies to top_k caches only."
+            )
+        log_prob_bits = 8 if mode == "top_k" and log_prob_bits is None else log_prob_bits
+    else:
+        if log_prob_bits is not None:
+            raise ValueError(
+                f"log_prob_bits={log_prob_bits} sets the packed layout's codes: pass packed=True with it (the "
+                "unpacked layout stores log-probabilities at dtype)."
+            )
+        dtype = "float16" if dtype is None else dtype
+        if dtype not in VALUE_DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(VALUE_DTYPES)}, got {dtype!r}.")
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise TypeError("dataset must be indexable with a length (a datasets.Dataset), in training row order.")
     served = teacher if isinstance(teacher, ServedTeacher) else None
@@ -159,14 +258,17 @@ def write_teacher_cache(
     if data_collator is None:
         data_collator = _default_collator(dataset, tokenizer)
 
+    rank, processes, group = _process_share() if all_processes else (0, 1, None)
     columns = [c for c in dataset.column_names if c != SAMPLE_INDEX] if hasattr(dataset, "column_names") else None
     rows = dataset.select_columns(columns) if columns is not None else dataset
-    fingerprints = [example_fingerprint(rows[index]) for index in range(len(rows))]
-    manifest = {
-        "format_version": CACHE_FORMAT_VERSION,
+    num_shards = -(-len(rows) // shard_size)
+    mine = [index for index in range(num_shards) if index % processes == rank]
+    settings = {
+        "format_version": PACKED_VERSION if packed else UNPACKED_VERSION,
         "mode": mode,
         "top_k": top_k,
         "dtype": dtype,
+        **({"log_prob_bits": log_prob_bits} if packed else {}),
         "seed": seed,
         "token_level": token_level,
         "causal": shift,
@@ -175,44 +277,61 @@ def write_teacher_cache(
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": max_length,
         "num_examples": len(rows),
+    }
+    # Each process fingerprints the rows of its own shards; all of them need the digest of every row.
+    own = {
+        index: [example_fingerprint(rows[row]) for row in _shard_range(index, shard_size, len(rows))] for index in mine
+    }
+    call = {**settings, "path": os.path.abspath(path), "batch_size": batch_size, "shard_size": shard_size}
+    shared = _gather((call, own), processes, group)
+    differing = sorted(
+        {key for other, _ in shared for key in call.keys() | other.keys() if other.get(key) != call.get(key)}
+    )
+    if differing:
+        raise ValueError(
+            f"write_teacher_cache was called with different {differing} in the processes of this launch: every "
+            "process calls it with the same teacher, data, folder and settings (each writes its share of the "
+            "shards), or pass all_processes=False and call it from one process."
+        )
+    by_shard = {index: prints for _, part in shared for index, prints in part.items()}
+    fingerprints = [value for index in range(num_shards) for value in by_shard[index]]
+    manifest = {
+        **settings,
         "examples": hashlib.sha256(np.asarray(fingerprints, dtype=np.int64).tobytes()).hexdigest()[:16],
         "shard_size": shard_size,
     }
     os.makedirs(path, exist_ok=True)
     manifest_path = os.path.join(path, MANIFEST_NAME)
-    shards: list[dict] = []
-    existing: dict = {}
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as handle:
-            existing = json.load(handle)
-        shards = existing.pop("shards", [])
-        written = {key: value for key, value in existing.items() if key != "vocab_size"}
-        differing = sorted(key for key in manifest.keys() | written.keys() if manifest.get(key) != written.get(key))
-        if differing:
-            raise ValueError(
-                f"{path} already holds a teacher cache written with different {differing}; resume with the same "
-                "teacher, data and settings, or write to an empty folder."
-            )
-    shards = [shard for shard in shards if _shard_problem(path, shard) is None]  # the others are written again
-    vocab_size = existing.get("vocab_size") if shards else None
-    done = {shard["first"] for shard in shards}
+    listed, vocab_size = _listed_shards(path, manifest)
+    _barrier(processes, group)  # every process has read what earlier runs left before any writes
+    tensors = shard_tensors(packed, mode)
+    done: dict[int, dict] = {}
+    for index in mine:  # the others are written again
+        first = index * shard_size
+        sound = [shard for shard in listed.get(first, []) if _shard_problem(path, shard, tensors) is None]
+        if sound:
+            done[index] = sound[0]
+    vocab_size = vocab_size if done else None
+    record = manifest_path if processes == 1 else os.path.join(path, PROGRESS_NAME.format(rank))
     live = None if served is not None else LiveTeacher(teacher)
     resume = "The shards written before it are kept: rerun write_teacher_cache with the same arguments to go on."
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    num_shards = -(-len(rows) // shard_size)
-    bar = tqdm(total=len(rows), desc="teacher cache", unit="ex", disable=not progress)
-    for shard_index in range(num_shards):
-        first = shard_index * shard_size
-        count = min(shard_size, len(rows) - first)
-        if first in done:
-            generator.manual_seed(seed + shard_index + 1)
-            bar.update(count)
+    generator = torch.Generator(device="cpu")
+    bar = tqdm(
+        total=sum(len(_shard_range(index, shard_size, len(rows))) for index in mine),
+        desc="teacher cache",
+        unit="ex",
+        disable=not progress or rank != 0,
+    )
+    for index in mine:
+        span = _shard_range(index, shard_size, len(rows))
+        if index in done:
+            bar.update(len(span))
             continue
-        generator.manual_seed(seed + shard_index)  # a resumed shard draws the same samples as an unbroken run
-        ids, values, per_example = [], [], []
-        for start in range(first, first + count, batch_size):
-            stop = min(start + batch_size, first + count)
-            batch = data_collator([rows[index] for index in range(start, stop)])
+        generator.manual_seed(seed + index)  # a resumed shard draws the same samples as an unbroken run
+        stored, per_example, kl = [], [], _KLTally()
+        for start in range(span.start, span.stop, batch_size):
+            stop = min(start + batch_size, span.stop)
+            batch = data_collator([rows[row] for row in range(start, stop)])
             batch = {key: value.to(device) for key, value in batch.items() if torch.is_tensor(value)}
             mask = distillation_mask(batch, token_level, shift, by_labels)
             if served is not None:  # the engine's top-k as it answered: the rows a live teacher's top-k would give
@@ -223,8 +342,11 @@ def write_teacher_cache(
                 answered = answered[mask]
                 per_example += mask.sum(-1).tolist()
                 vocab_size = answered.vocab_size
-                ids.append(answered.ids[:, :top_k].to("cpu", torch.int32))
-                values.append(answered.logprobs[:, :top_k].to("cpu", _VALUE_DTYPES[dtype]))
+                layout = RowLayout(mode, top_k, vocab_size, dtype, log_prob_bits)
+                ids, values = answered.ids[:, :top_k], answered.logprobs[:, :top_k]
+                tails = (1 - values.double().exp().sum(-1)).clamp(min=0).float() if packed else None
+                stored.append(layout.encode(ids, values, tails))
+                kl.add(lambda part, answered=answered: answered[part].dense(), layout, stored[-1])
                 bar.update(stop - start)
                 continue
             logits = live(batch, frozenset({"logits"})).logits
@@ -239,36 +361,209 @@ def write_teacher_cache(
             vocab_size = logits.shape[-1]
             if top_k > vocab_size and mode == "top_k":
                 raise ValueError(f"top_k={top_k} exceeds the teacher's {vocab_size} classes/vocabulary entries.")
-            batch_ids, batch_values = _sparsify(positions, top_k, mode, generator)
-            ids.append(batch_ids.to("cpu", torch.int32))
-            values.append(batch_values.to("cpu", _VALUE_DTYPES[dtype]))
+            layout = RowLayout(mode, top_k, vocab_size, dtype, log_prob_bits)
+            if mode == "sampled":
+                stored.append(layout.encode(*_sparsify(positions, top_k, mode, generator), None))
+            else:
+                stored.append(_top_k_rows(positions, layout, kl))
             bar.update(stop - start)
-        name = f"shard-{shard_index:05d}.safetensors"
+        name = f"shard-{index:05d}.safetensors"
         file = os.path.join(path, name)  # os.replace below replaces a link at that name, never writes through it
         offsets = np.concatenate([[0], np.cumsum(per_example)]).astype(np.int64)
         _remove_leftover(file + ".tmp")
         save_file(
             {
-                "ids": torch.cat(ids).contiguous(),
-                "logprobs": torch.cat(values).contiguous(),
+                **{key: torch.cat([part[key] for part in stored]).contiguous() for key in stored[0]},
                 "offsets": torch.from_numpy(offsets),
-                "fingerprints": torch.tensor(fingerprints[first : first + count], dtype=torch.int64),
+                "fingerprints": torch.tensor(fingerprints[span.start : span.stop], dtype=torch.int64),
             },
             file + ".tmp",
         )
         os.replace(file + ".tmp", file)
-        shards = [shard for shard in shards if shard["first"] != first]
-        shards.append({"file": name, "first": first, "count": count, "sha256": _sha256(file)})
-        _write_json(manifest_path, {**manifest, "vocab_size": vocab_size, "shards": sorted(shards, key=_first)})
+        done[index] = {"file": name, "first": span.start, "count": len(span), "sha256": _sha256(file), **kl.entry()}
+        if _replay_kl(done.values()) is not None:  # the mean KL(live ‖ replayed) so far
+            bar.set_postfix(kl=f"{_replay_kl(done.values())['mean']:.3g}")
+        _write_json(record, _manifest(manifest, vocab_size, done.values()))
     bar.close()
-    _write_json(manifest_path, {**manifest, "vocab_size": vocab_size, "shards": sorted(shards, key=_first)})
-    return TeacherCache.load(path)
+    finished = _gather((list(done.values()), vocab_size), processes, group)
+    shards = [shard for part, _ in finished for shard in part]
+    vocab_size = next((size for _, size in finished if size is not None), None)
+    complete = _manifest(manifest, vocab_size, shards)
+    if rank == 0:
+        _write_json(manifest_path, complete)
+        for leftover in glob.glob(os.path.join(glob.escape(path), PROGRESS_NAME.replace("{:05d}", "*"))):
+            os.remove(leftover)  # merged into the manifest
+        if complete["replay_kl"] is not None:
+            kl = complete["replay_kl"]
+            summary = (
+                f"teacher cache {path}: KL(live ‖ replayed) mean {kl['mean']:.4g}, max {kl['max']:.4g} nats over "
+                f"{kl['positions']} positions" + (f"; infinite at {kl['infinite']}" if kl["infinite"] else "")
+            )
+            logger.info(summary)
+            if progress:
+                tqdm.write(summary)
+    _barrier(processes, group)  # no process returns before the manifest is there
+    return TeacherCache.load(path, verify_checksums=False)  # every shard was just hashed
+
+
+def _shard_range(index: int, shard_size: int, num_examples: int) -> range:
+    return range(index * shard_size, min((index + 1) * shard_size, num_examples))
+
+
+def _process_share() -> tuple[int, int, object]:
+    """``(rank, number of processes, group)`` of the launch this process belongs to: ``group`` is a gloo group over
+    all of them for the writer's own small exchanges (settings, fingerprints, manifest entries; the default group's
+    when it is gloo). Joins the launch's default process group when a launcher (``torchrun``, ``accelerate
+    launch``) started several processes and none is set up yet; a trainer made afterwards finds it."""
+    if not torch.distributed.is_available():
+        return 0, 1, None
+    if not torch.distributed.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1, None
+        torch.distributed.init_process_group()  # env://, NCCL for CUDA tensors and gloo for CPU ones where CUDA is
+    processes = torch.distributed.get_world_size()
+    if processes == 1:
+        return 0, 1, None
+    group = None if torch.distributed.get_backend() == "gloo" else torch.distributed.new_group(backend="gloo")
+    return torch.distributed.get_rank(), processes, group
+
+
+def _gather(value, processes: int, group) -> list:
+    """``value`` of every process, in rank order (JSON-like values: settings, fingerprints, manifest entries)."""
+    if processes == 1:
+        return [value]
+    gathered = [None] * processes
+    torch.distributed.all_gather_object(gathered, value, group=group)
+    return gathered
+
+
+def _barrier(processes: int, group) -> None:
+    if processes > 1:
+        torch.distributed.barrier(group=group)
+
+
+def _listed_shards(path: str, manifest: dict) -> tuple[dict[int, list[dict]], int | None]:
+    """The shards that the manifest and the processes' progress records of an earlier run list, by first example,
+    and the vocabulary size they record; raises when those were written with other settings."""
+    listed: dict[int, list[dict]] = {}
+    vocab_size = None
+    records = [os.path.join(path, MANIFEST_NAME)]
+    records += sorted(glob.glob(os.path.join(glob.escape(path), PROGRESS_NAME.replace("{:05d}", "*"))))
+    for record in records:
+        if not os.path.exists(record):
+            continue
+        with open(record) as handle:
+            existing = json.load(handle)
+        written = {key: value for key, value in existing.items() if key not in SUMMARY_FIELDS}
+        differing = sorted(key for key in manifest.keys() | written.keys() if manifest.get(key) != written.get(key))
+        if differing:
+            raise ValueError(
+                f"{path} already holds a teacher cache written with different {differing}; resume with the same "
+                "teacher, data and settings, or write to an empty folder."
+            )
+        for shard in existing.get("shards", []):
+            listed.setdefault(shard["first"], []).append(shard)
+        vocab_size = existing.get("vocab_size") if existing.get("shards") else vocab_size
+    return listed, vocab_size
+
+
+def _manifest(settings: dict, vocab_size: int | None, shards) -> dict:
+    shards = sorted(shards, key=_first)
+    return {**settings, "vocab_size": vocab_size, "replay_kl": _replay_kl(shards), "shards": shards}
+
+
+def _replay_kl(shards) -> dict | None:
+    """The KL divergence between the live and the replayed distribution over every position of ``shards``
+    (``None`` for sampled caches, or while a shard written before the measure lacks it)."""
+    shards = list(shards)
+    if not shards or any("kl_sum" not in shard for shard in shards):
+        return None
+    positions = sum(shard["kl_positions"] for shard in shards)
+    return {
+        "mean": sum(shard["kl_sum"] for shard in shards) / max(positions, 1),
+        "max": max(shard["kl_max"] for shard in shards),
+        "positions": positions,
+        "infinite": sum(shard["kl_infinite"] for shard in shards),
+    }
+
+
+class _KLTally:
+    """KL(live ‖ replayed) over a shard's positions: sum and maximum where finite, and the infinite count."""
+
+    def __init__(self):
+        self.total, self.largest, self.finite, self.infinite, self.measured = 0.0, 0.0, 0, 0, False
+
+    def add(self, live, layout: RowLayout, stored: dict) -> None:
+        """Compare the positions of ``stored`` (one layout's row tensors) with ``live(rows)``, their live dense
+        log-probabilities (a function of a slice, so that only a slice is dense at a time)."""
+        if layout.mode != "top_k":
+            return
+        self.measured = True
+        ids, values, *tails = layout.decode(stored)
+        replay = sparse_rows(ids, values, layout.vocab_size, tail=tails[0] if tails else None)
+        for start in range(0, replay.ids.shape[0], KL_ROWS_PER_PASS):
+            part = slice(start, start + KL_ROWS_PER_PASS)
+            values = replay_divergence(live(part), replay[part].dense())
+            finite = torch.isfinite(values)
+            self.total += float(values[finite].sum())
+            self.largest = max(self.largest, float(values[finite].max())) if finite.any() else self.largest
+            self.finite += int(finite.sum())
+            self.infinite += int((~finite).sum())
+
+    def entry(self) -> dict:
+        """The shard entry's KL fields (none for sampled rows)."""
+        if not self.measured:
+            return {}
+        return {"kl_sum": self.total, "kl_max": self.largest, "kl_positions": self.finite, "kl_infinite": self.infinite}
+
+
+def replay_divergence(live: torch.Tensor, replayed: torch.Tensor) -> torch.Tensor:
+    """KL(live ‖ replayed) = Σ p (log p − log q) per position, float64; infinite where the replay gives
+    probability 0 to an entry the live distribution does not.
+
+    Args:
+        live: N×V live log-probabilities.
+        replayed: N×V replayed log-probabilities.
+
+    Returns:
+        N values in nats.
+    """
+    live = live.float()
+    probabilities = live.exp()
+    terms = torch.where(probabilities > 0, probabilities * (live - replayed.float()), 0.0)
+    return terms.sum(-1, dtype=torch.float64)
+
+
+@torch.no_grad()
+def _top_k_rows(positions: torch.Tensor, layout: RowLayout, kl: _KLTally) -> dict:
+    """The top-k rows of ``positions`` (N×V logits) as ``layout`` stores them, tallying their replay's KL."""
+    parts = []
+    for start in range(0, max(positions.shape[0], 1), KL_ROWS_PER_PASS):  # no position: one empty part
+        log_probs = torch.log_softmax(positions[start : start + KL_ROWS_PER_PASS].float(), dim=-1)
+        values, ids = log_probs.topk(layout.top_k, dim=-1)
+        tails = None
+        if layout.packed:  # the remaining mass itself, exact where it is far below the top-k's rounding
+            tails = torch.logsumexp(log_probs.scatter(1, ids, float("-inf")), dim=-1).exp()
+        parts.append(layout.encode(ids, values, tails))
+        kl.add(lambda part, log_probs=log_probs: log_probs[part], layout, parts[-1])
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
 
 def shard_file(path: str, shard: dict) -> str:
     """The file of the manifest entry ``shard``, confined to the cache folder ``path``: a relative name without
-    ``..`` that does not resolve, through links, outside the folder — else a ``ValueError`` naming the entry (a
-    manifest is data: it must not make a load read, or a repair trust, a file elsewhere)."""
+    ``..`` that does not resolve, through links, outside the folder (a manifest is data: it must not make a load
+    read, or a repair trust, a file elsewhere).
+
+    Args:
+        path: The cache folder.
+        shard: A manifest entry (its ``file``, and ``first`` and ``count`` for the error).
+
+    Returns:
+        The file's path inside ``path``.
+
+    Raises:
+        ValueError: The entry names no file, an absolute path, climbs out with ``..`` or resolves outside the folder.
+    """
     name = shard.get("file") if isinstance(shard, dict) else None
     problem = None
     if not isinstance(name, str) or not name.strip():
@@ -299,9 +594,9 @@ def _remove_leftover(temporary: str) -> None:
         os.remove(temporary)
 
 
-def _shard_problem(path: str, shard: dict) -> str | None:
-    """Why a listed shard cannot be used (missing, checksum, unreadable), or ``None`` when it is sound; a shard
-    outside the cache folder raises (:func:`shard_file`)."""
+def _shard_problem(path: str, shard: dict, tensors: tuple[str, ...]) -> str | None:
+    """Why a listed shard cannot be used (missing, checksum, unreadable, without one of ``tensors``), or ``None``
+    when it is sound; a shard outside the cache folder raises (:func:`shard_file`)."""
     file = shard_file(path, shard)
     if not os.path.exists(file):
         return "is missing"
@@ -309,7 +604,7 @@ def _shard_problem(path: str, shard: dict) -> str | None:
         return "does not match its checksum (corrupt or changed)"
     try:
         with safe_open(file, "pt") as handle:
-            missing = {"ids", "logprobs", "offsets", "fingerprints"} - set(handle.keys())
+            missing = set(tensors) - set(handle.keys())
     except (SafetensorError, OSError) as error:
         return f"is not a readable safetensors file ({error})"
     return f"lacks the tensors {sorted(missing)}" if missing else None
@@ -344,7 +639,17 @@ def _sparsify(positions: torch.Tensor, k: int, mode: str, generator: torch.Gener
 
 
 def densify(ids: torch.Tensor, logprobs: torch.Tensor, vocab_size: int, spread_tail: bool = True) -> torch.Tensor:
-    """Full N×V log-probabilities from cached rows (see :func:`sparse_rows`)."""
+    """Full N×V log-probabilities from cached rows (see :func:`~hf_kd.teachers.precomputed.sparse_rows`).
+
+    Args:
+        ids: N×k vocabulary ids.
+        logprobs: N×k log-probabilities.
+        vocab_size: V.
+        spread_tail: Spread the remaining mass over the other entries (top-k rows), else 0 (sampled rows).
+
+    Returns:
+        An N×V float tensor.
+    """
     return sparse_rows(ids, logprobs, vocab_size, spread_tail).dense()
 
 
@@ -352,7 +657,17 @@ class TeacherCache(TeacherSource):
     """A teacher replayed from :func:`write_teacher_cache` output: pass it as ``teacher_model=`` to
     :class:`~hf_kd.DistillationTrainer`. The training set must be the cached dataset with a ``sample_index``
     column (:func:`hf_kd.data.add_sample_index`), which keys each batch row to its cached rows. Only logit losses
-    can be replayed; evaluation reports the student's label loss (the cache covers the training data only)."""
+    can be replayed; evaluation reports the student's label loss (the cache covers the training data only). Reads
+    both layouts (format versions 2 and 3, :mod:`hf_kd.cache_format`); packed rows are unpacked on the device of the
+    batch, so only their bytes cross to it.
+
+    Args:
+        path: The cache folder.
+        manifest: Its manifest (use :meth:`load`, which checks it).
+
+    Raises:
+        ValueError: A shard that is not a readable safetensors file.
+    """
 
     provides = frozenset({"logits"})
     covers_eval = False
@@ -362,6 +677,7 @@ class TeacherCache(TeacherSource):
         self.manifest = manifest
         self.model = None
         self.vocab_size = manifest["vocab_size"]
+        self.layout = layout_of(manifest)
         self._firsts = np.asarray([shard["first"] for shard in manifest["shards"]])
         try:
             self._handles = [safe_open(shard_file(path, shard), "pt") for shard in manifest["shards"]]
@@ -382,18 +698,35 @@ class TeacherCache(TeacherSource):
         tokenizer=None,
         max_length: int | None = None,
     ) -> TeacherCache:
-        """Open a cache; checks its format version, completeness, shard checksums and, when given, that it was
-        written by ``teacher`` (name or path), with ``tokenizer`` and ``max_length``."""
+        """Open a cache, checking its format version, completeness, shard checksums and, when given, that it was
+        written by ``teacher``, with ``tokenizer`` and ``max_length``.
+
+        Args:
+            path: The cache folder.
+            verify_checksums: Hash every shard against the manifest's sha256.
+            teacher: The teacher's name or path the cache must have been written by.
+            tokenizer: The tokenizer the cache must have been written with.
+            max_length: The ``max_length`` the cache must have been written with.
+
+        Returns:
+            The opened cache (a :class:`TeacherCache`).
+
+        Raises:
+            FileNotFoundError: ``path`` holds no manifest.
+            ValueError: Another format version, a cache not finished, a missing or damaged shard, or another
+                teacher, tokenizer or ``max_length``.
+        """
         manifest_path = os.path.join(path, MANIFEST_NAME)
         if not os.path.exists(manifest_path):
             raise FileNotFoundError(f"{path} is not a teacher cache (no {MANIFEST_NAME}); write one first.")
         with open(manifest_path) as handle:
             manifest = json.load(handle)
         version = manifest.get("format_version")
-        if version != CACHE_FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(
-                f"{path} is a teacher cache of format version {version}; this hf_kd reads version "
-                f"{CACHE_FORMAT_VERSION}. Write the cache again with this version."
+                f"{path} is a teacher cache of format version {version}; this hf_kd reads versions "
+                f"{UNPACKED_VERSION} (unpacked) and {PACKED_VERSION} (packed). Write the cache again with this "
+                "version."
             )
         cached = sum(shard["count"] for shard in manifest["shards"])
         if cached != manifest["num_examples"]:
@@ -401,8 +734,9 @@ class TeacherCache(TeacherSource):
                 f"{path} is incomplete: {cached} of {manifest['num_examples']} examples were written. Run "
                 "write_teacher_cache again with the same arguments to resume."
             )
+        tensors = shard_tensors(version == PACKED_VERSION, manifest["mode"])
         for shard in manifest["shards"]:
-            problem = _shard_problem(path, shard) if verify_checksums else None
+            problem = _shard_problem(path, shard, tensors) if verify_checksums else None
             if problem is None and not os.path.exists(shard_file(path, shard)):
                 problem = "is missing"
             if problem is not None:
@@ -426,18 +760,44 @@ class TeacherCache(TeacherSource):
     def __len__(self) -> int:
         return self.manifest["num_examples"]
 
-    def rows(self, example: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached ``(ids, log-probabilities)`` of one dataset row: one row per distilled position."""
+    def _stored(self, example: int) -> dict:
+        """The row tensors of one dataset row as stored (packed or not)."""
         if not 0 <= example < len(self):
             raise IndexError(f"example {example} is outside the cache's {len(self)} examples.")
         shard = int(np.searchsorted(self._firsts, example, side="right")) - 1
         local = example - self._firsts[shard]
         start, stop = self._offsets[shard][local : local + 2].tolist()
         handle = self._handles[shard]
-        return handle.get_slice("ids")[start:stop], handle.get_slice("logprobs")[start:stop]
+        return {name: handle.get_slice(name)[start:stop] for name in self.layout.row_tensors}
+
+    def rows(self, example: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached rows of one dataset row: one per distilled position.
+
+        Args:
+            example: The row's index in the cached dataset (its ``sample_index``).
+
+        Returns:
+            ``(ids, log-probabilities)``, N×k each; a packed top-k row's log-probabilities hold exactly 1 − its
+                stored remaining mass.
+
+        Raises:
+            IndexError: ``example`` lies outside the cache.
+        """
+        return self.layout.decode(self._stored(example))[:2]
 
     def check_compatible(self, *, student: nn.Module, train_dataset, tokenizer=None, losses=()) -> None:
-        """Raise, saying what differs, unless the cache fits this student, training set, tokenizer and losses."""
+        """Raise, saying what differs, unless the cache fits this student, training set, tokenizer and losses.
+
+        Args:
+            student: The student model.
+            train_dataset: The training set (with ``sample_index``), or ``None`` to skip the row checks.
+            tokenizer: The training tokenizer.
+            losses: The configured losses (a sampled cache allows only those linear in the teacher, at τ = 1).
+
+        Raises:
+            ValueError: The student predicts other positions or another vocabulary, another tokenizer, a loss a
+                sampled cache cannot serve, or a training row that is not the cached example at its index.
+        """
         manifest = self.manifest
         if is_token_level(student) != manifest["token_level"] or (
             manifest["token_level"]
@@ -495,31 +855,45 @@ class TeacherCache(TeacherSource):
         shard = int(np.searchsorted(self._firsts, example, side="right")) - 1
         return int(self._handles[shard].get_slice("fingerprints")[example - self._firsts[shard]].item())
 
-    def _batch_rows(self, sample_index: torch.Tensor | None, counts: list[int]):
+    def _batch_rows(self, sample_index: torch.Tensor | None, counts: list[int], device) -> tuple[torch.Tensor, ...]:
+        """The rows of a batch's examples, unpacked on ``device``: the arguments of :meth:`_sparse`."""
         if sample_index is None:
             raise ValueError(
                 "a cached teacher needs the sample_index column in every batch: add it with "
                 "hf_kd.data.add_sample_index and keep it through the collator."
             )
-        ids, values = [], []
+        stored = []
         for example, count in zip(sample_index.tolist(), counts):
-            example_ids, example_values = self.rows(int(example))
-            if len(example_ids) != count:
+            rows = self._stored(int(example))
+            if len(rows["ids"]) != count:
                 raise ValueError(
-                    f"example {example} has {count} distilled positions in this batch but {len(example_ids)} in "
+                    f"example {example} has {count} distilled positions in this batch but {len(rows['ids'])} in "
                     "the cache: the batch was built differently from the cached data (labels, truncation)."
                 )
-            ids.append(example_ids)
-            values.append(example_values)
-        return torch.cat(ids), torch.cat(values)
+            stored.append(rows)
+        joined = {name: torch.cat([rows[name] for rows in stored]).to(device) for name in self.layout.row_tensors}
+        return self.layout.decode(joined)
 
-    def _sparse(self, ids: torch.Tensor, values: torch.Tensor) -> SparseDistribution:
+    def _sparse(self, ids: torch.Tensor, values: torch.Tensor, tails: torch.Tensor | None = None):
         # A sampled cache is the empirical distribution itself: nothing outside the draws.
-        return sparse_rows(ids, values, self.vocab_size, spread_tail=self.manifest["mode"] == "top_k")
+        return sparse_rows(ids, values, self.vocab_size, spread_tail=self.manifest["mode"] == "top_k", tail=tails)
 
     def __call__(self, inputs: dict, needs: frozenset[str], sample_index: torch.Tensor | None = None) -> ModelFeatures:
         """The cached distributions of the batch's rows as ``sparse_logits`` (kl and soft_ce read them as they
-        are; other losses get them dense)."""
+        are; other losses get them dense).
+
+        Args:
+            inputs: The batch.
+            needs: The features the losses need (``{"logits"}``).
+            sample_index: Each row's index in the cached dataset.
+
+        Returns:
+            ``ModelFeatures(sparse_logits=...)``: B×k rows for classifiers, B×T×k for token-level teachers
+                (positions that are not distilled hold the uniform distribution).
+
+        Raises:
+            ValueError: No ``sample_index``, or an example with another number of distilled positions than cached.
+        """
         reference = inputs.get("input_ids", next(v for v in inputs.values() if torch.is_tensor(v)))
         device = reference.device
         mask = distillation_mask(
@@ -527,24 +901,44 @@ class TeacherCache(TeacherSource):
         )
         batch = reference.shape[0]
         if not self.manifest["token_level"]:
-            ids, values = self._batch_rows(sample_index, [1] * batch)
-            return ModelFeatures(sparse_logits=self._sparse(ids.to(device), values.to(device)))
+            return ModelFeatures(sparse_logits=self._sparse(*self._batch_rows(sample_index, [1] * batch, device)))
         length = reference.shape[1]
         if mask is None:
             mask = torch.ones(batch, length - int(self.manifest["causal"]), dtype=torch.bool, device=device)
-        ids, values = self._batch_rows(sample_index, mask.sum(-1).tolist())
-        return ModelFeatures(sparse_logits=sparse_batch(self._sparse(ids.to(device), values.to(device)), mask, length))
+        rows = self._sparse(*self._batch_rows(sample_index, mask.sum(-1).tolist(), device))
+        return ModelFeatures(sparse_logits=sparse_batch(rows, mask, length))
 
     def token_rows(self, inputs: dict, mask: torch.Tensor, sample_index: torch.Tensor | None = None):
-        ids, values = self._batch_rows(sample_index, mask.sum(-1).tolist())
-        return (ids.to(mask.device), values.to(mask.device)), lambda i, v: self._sparse(i, v).dense()
+        """For chunked causal-LM KD (``chunk_size``): the cached rows of the positions ``mask`` marks.
+
+        Args:
+            inputs: The batch.
+            mask: B×(T−1) supervised positions.
+            sample_index: Each row's index in the cached dataset.
+
+        Returns:
+            ``(rows, to_logits)``: the N-row tensors (ids, log-probabilities and, for packed top-k rows, the
+                remaining masses), and a function giving a slice's dense N×V log-probabilities.
+        """
+        rows = self._batch_rows(sample_index, mask.sum(-1).tolist(), mask.device)
+        return rows, lambda *part: self._sparse(*part).dense()
 
     def describe(self) -> dict:
+        """What the model card and ``distillation_config.json`` record of this teacher.
+
+        Returns:
+            The teacher's name, class and size as the cache recorded them, and the cache's settings (a packed
+                cache also its format version and bits per log-probability; a top-k cache written by this version
+                the KL divergence between the live and the replayed distribution).
+        """
+        settings = {key: self.manifest[key] for key in ("mode", "top_k", "dtype", "num_examples", "vocab_size")}
+        if self.layout.packed:
+            settings.update(format_version=PACKED_VERSION, log_prob_bits=self.manifest["log_prob_bits"])
+        if self.manifest.get("replay_kl") is not None:
+            settings["replay_kl"] = self.manifest["replay_kl"]
         return {
             "teacher": self.manifest["teacher"],
             "teacher_class": self.manifest["teacher_class"],
             "teacher_parameters": self.manifest["teacher_parameters"],
-            "teacher_cache": {
-                key: self.manifest[key] for key in ("mode", "top_k", "dtype", "num_examples", "vocab_size")
-            },
+            "teacher_cache": settings,
         }

@@ -302,3 +302,222 @@ def test_a_rewrite_never_writes_through_a_link_left_at_a_temporary_name(tmp_path
     assert victim.read_text() == "untouched"
     assert repaired.manifest["shards"] == whole.manifest["shards"]
     assert sorted(os.listdir(folder)) == [MANIFEST_NAME, "shard-00000.safetensors", "shard-00001.safetensors"]
+
+
+# --- Packed rows (format version 3), caches written by several processes, old caches -------------------------------
+
+
+@pytest.mark.parametrize("width", [1, 3, 8, 13, 15, 16, 17, 25, 32])
+def test_bit_fields_round_trip_and_take_ceil_k_times_width_over_8_bytes(width):
+    from hf_kd.cache_format import pack_bits, unpack_bits
+
+    values = torch.randint(0, 1 << width, (9, 11), generator=torch.Generator().manual_seed(width))
+    values[0] = (1 << width) - 1  # every bit set
+    packed = pack_bits(values, width)
+    assert packed.dtype == torch.uint8 and packed.shape == (9, -(-11 * width // 8))
+    assert torch.equal(unpack_bits(packed, 11, width), values)
+    assert int.from_bytes(pack_bits(torch.tensor([[5, 1]]), 3).numpy().tobytes(), "little") == 5 | 1 << 3
+    with pytest.raises(ValueError, match=f"do not fit {width}-bit fields"):
+        pack_bits(values + 1, width)
+
+
+def _exact_top_k(logits, k):
+    """The teacher's top-k log-probabilities (float32) and remaining mass, as a packed cache is written from."""
+    log_probs = logits.float().log_softmax(-1)
+    values, ids = log_probs.topk(k, dim=-1)
+    return log_probs, ids, values, torch.logsumexp(log_probs.scatter(1, ids, float("-inf")), -1).exp()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_packed_rows_stay_within_one_step_and_their_kl_within_half_a_step_squared(bits):
+    from hf_kd.cache_format import RowLayout
+    from hf_kd.teachers.precomputed import sparse_rows
+
+    generator = torch.Generator().manual_seed(bits)
+    logits = torch.randn(40, 300, generator=generator) * torch.linspace(0.5, 6, 40)[:, None]  # flat to peaked
+    logits[3, :250] = float("-inf")  # only 50 entries possible: the top-k holds probability-0 entries
+    log_probs, ids, values, tails = _exact_top_k(logits, 64)
+    layout = RowLayout("top_k", 64, 300, log_prob_bits=bits)
+    stored = layout.encode(ids, values, tails)
+    assert {name: tensor.shape for name, tensor in stored.items()} == {
+        "ids": (40, 72),  # 64 × ⌈log₂ 300⌉ = 64 × 9 bits
+        "codes": (40, 8 * bits),
+        "steps": (40,),
+        "tails": (40,),
+    }
+    decoded_ids, decoded, decoded_tails = layout.decode(stored)
+    assert torch.equal(decoded_ids, ids) and torch.equal(decoded_tails, tails)
+    assert torch.isneginf(decoded[3, 50:]).all() and torch.isfinite(decoded[3, :50]).all()
+    step = stored["steps"].float()
+    finite = torch.isfinite(values)
+    # The step: the smallest float16 ≥ (largest − smallest finite) / (2^bits − 2) (float16 spacing: 2^-10 relative,
+    # 2^-24 absolute below 2^-14).
+    exact_step = (values[:, 0] - torch.where(finite, values, float("inf")).amin(-1)) / ((1 << bits) - 2)
+    assert (step >= exact_step).all() and (step <= exact_step * (1 + 2**-10) + 2**-24).all()
+    error = (decoded - values).abs().masked_fill(~finite, 0).amax(-1)
+    assert (error <= step + 2e-6).all(), (error - step).max()
+    torch.testing.assert_close(decoded.exp().sum(-1) + tails, torch.ones(40))  # the remaining mass is kept
+    exact = sparse_rows(ids, values, 300, tail=tails).dense()
+    packed = sparse_rows(decoded_ids, decoded, 300, tail=decoded_tails).dense()
+    kl = torch.where(exact.exp() > 0, exact.exp() * (exact - packed), 0.0).sum(-1)
+    assert (kl <= step**2 / 2 + 1e-6).all(), (kl - step**2 / 2).max()
+
+
+def test_packed_sampled_rows_keep_their_draw_counts_exactly(tmp_path):
+    data = lm_data(n=7)
+    teacher = tiny_gpt2(seed=1)
+    options = dict(top_k=6, mode="sampled", shard_size=3, progress=False)
+    unpacked = write_teacher_cache(teacher, data, str(tmp_path / "unpacked"), dtype="float32", **options)
+    packed = write_teacher_cache(teacher, data, str(tmp_path / "packed"), packed=True, **options)
+    assert packed.manifest["format_version"] == 3 and packed.manifest["replay_kl"] is None
+    for example in range(7):
+        ids, values = packed.rows(example)
+        reference_ids, reference_values = unpacked.rows(example)
+        assert torch.equal(ids, reference_ids.long()) and torch.equal(values, reference_values)
+    # Per row: 6 ids of ⌈log₂ 64⌉ = 6 bits and 6 counts of ⌈log₂ 7⌉ = 3 bits, 5 + 3 bytes (48 unpacked in float32).
+    handle = packed._handles[0]
+    rows = handle.get_slice("ids").get_shape()[0]
+    assert handle.get_slice("ids").get_shape() == [rows, 5] and handle.get_slice("counts").get_shape() == [rows, 3]
+
+
+def _live_divergence(teacher, data, cache):
+    """KL(live ‖ replayed) per distilled position, from the teacher run here and the cache's replay of each batch."""
+    values = []
+    for example in range(len(data)):
+        batch = {key: torch.tensor([data[example][key]]) for key in ("input_ids", "attention_mask", "labels")}
+        with torch.no_grad():
+            live = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        replayed = cache(batch, frozenset({"logits"}), sample_index=torch.tensor([example])).sparse_logits[:, :-1]
+        mask = batch["labels"][:, 1:].ne(-100)
+        live = live[mask].log_softmax(-1)
+        values.append(torch.where(live.exp() > 0, live.exp() * (live - replayed[mask].dense()), 0.0).sum(-1))
+    return torch.cat(values).double()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_writer_reports_the_kl_between_the_live_and_the_replayed_distribution(tmp_path, packed):
+    data = lm_data(n=9)
+    teacher = tiny_gpt2(hidden=48, seed=1)
+    cache = write_teacher_cache(teacher, data, str(tmp_path / "cache"), top_k=8, packed=packed, shard_size=4)
+    expected = _live_divergence(teacher, data, cache)
+    reported = cache.manifest["replay_kl"]
+    assert reported["positions"] == len(expected) and reported["infinite"] == 0
+    assert reported["mean"] == pytest.approx(expected.mean().item(), rel=1e-5)
+    assert reported["max"] == pytest.approx(expected.max().item(), rel=1e-5)
+    shards = cache.manifest["shards"]
+    assert sum(shard["kl_positions"] for shard in shards) == len(expected)
+    assert cache.describe()["teacher_cache"]["replay_kl"] == reported
+    if packed:
+        assert cache.describe()["teacher_cache"] | {"replay_kl": None} == {
+            "mode": "top_k",
+            "top_k": 8,
+            "dtype": None,
+            "num_examples": 9,
+            "vocab_size": VOCAB,
+            "format_version": 3,
+            "log_prob_bits": 8,
+            "replay_kl": None,
+        }
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_a_packed_full_vocabulary_cache_trains_like_the_live_teacher(tmp_path, chunk_size):
+    # 16-bit codes: every log-probability within one step (~2e-4 nats here) of the live one, so the loss and its
+    # gradients agree to about that; the chunked path reads the same rows (ids, log-probs and remaining masses).
+    data = add_sample_index(lm_data(n=16))
+    teacher = tiny_gpt2(hidden=48, seed=1)
+    cache = write_teacher_cache(
+        teacher, data, str(tmp_path / "cache"), top_k=VOCAB, packed=True, log_prob_bits=16, shard_size=5
+    )
+    steps = torch.cat([handle.get_tensor("steps").float() for handle in cache._handles])
+    assert steps.max() < 3e-4
+    args = config(tmp_path / "out", losses="kl", temperature=2.0, chunk_size=chunk_size)
+    live_loss, live_grads = _losses(
+        DistillationTrainer(model=tiny_gpt2(), teacher_model=teacher, args=args, train_dataset=data), data
+    )
+    replay_loss, replay_grads = _losses(
+        DistillationTrainer(model=tiny_gpt2(), teacher_model=cache, args=args, train_dataset=data), data
+    )
+    torch.testing.assert_close(replay_loss, live_loss, rtol=1e-3, atol=0)
+    for a, b in zip(replay_grads, live_grads):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-5)
+
+
+OLD_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "teacher_cache_v2")
+
+
+def test_a_cache_written_by_the_previous_version_replays_as_before(tmp_path):
+    # tests/data/teacher_cache_v2: written by hf_kd before format version 3 (top_k=8, float16, lm_data(n=6), shards
+    # of 4), with no KL fields. Its rows replay as the unpacked format defines them: the k entries as stored and
+    # the remaining mass 1 − Σ spread uniformly over the other V − k entries.
+    from safetensors.torch import load_file
+
+    from hf_kd.teachers.precomputed import sparse_rows
+
+    cache = TeacherCache.load(OLD_CACHE)
+    assert cache.manifest["format_version"] == 2 and "replay_kl" not in cache.manifest
+    data = add_sample_index(lm_data(n=6))
+    raw = [load_file(os.path.join(OLD_CACHE, shard["file"])) for shard in cache.manifest["shards"]]
+    for example in range(6):
+        shard, local = raw[example // 4], example % 4
+        start, stop = shard["offsets"][local : local + 2].tolist()
+        ids, values = cache.rows(example)
+        assert torch.equal(ids, shard["ids"][start:stop].long()) and torch.equal(values, shard["logprobs"][start:stop])
+        batch = {key: torch.tensor([data[example][key]]) for key in ("input_ids", "attention_mask", "labels")}
+        replayed = cache(batch, frozenset({"logits"}), sample_index=torch.tensor([example])).sparse_logits[:, :-1]
+        stored = shard["logprobs"][start:stop].float()
+        tail = 1 - stored.exp().sum(-1)
+        expected = (tail / (VOCAB - 8)).log()[:, None].expand(-1, VOCAB).clone()
+        expected.scatter_(1, shard["ids"][start:stop].long(), stored)
+        torch.testing.assert_close(replayed[batch["labels"][:, 1:].ne(-100)].dense(), expected)
+        assert torch.equal(replayed[batch["labels"][:, 1:].ne(-100)].dense(), sparse_rows(ids, values, VOCAB).dense())
+    trainer = DistillationTrainer(
+        model=tiny_gpt2(), teacher_model=cache, args=config(tmp_path / "out", max_steps=2), train_dataset=data
+    )
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(entry["kl"])) for entry in trainer.state.log_history if "kl" in entry)
+
+
+def test_a_rerun_merges_what_the_processes_of_a_broken_launch_recorded(tmp_path):
+    # A 2-process write that died: each process had recorded its finished shards in its own progress record, and no
+    # manifest was written. Rerun by one process, the writer keeps the recorded shards, writes the rest, and leaves
+    # the files of an unbroken run.
+    from hf_kd.cache import PROGRESS_NAME
+
+    data, teacher = lm_data(n=10), tiny_gpt2(seed=1)
+    options = dict(top_k=4, shard_size=3, packed=True, progress=False)
+    whole = write_teacher_cache(teacher, data, str(tmp_path / "whole"), **options)
+    folder = tmp_path / "broken"
+    write_teacher_cache(teacher, data, str(folder), **options)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    (folder / MANIFEST_NAME).unlink()
+    shards = manifest.pop("shards")
+    for rank, kept in ((0, [shards[0]]), (1, [shards[1]])):  # shards 2 and 3 were never finished
+        (folder / PROGRESS_NAME.format(rank)).write_text(json.dumps({**manifest, "shards": kept}))
+    for shard in shards[2:]:
+        (folder / shard["file"]).unlink()
+    before = {shard["file"]: (folder / shard["file"]).stat().st_mtime_ns for shard in shards[:2]}
+    resumed = write_teacher_cache(teacher, data, str(folder), **options)
+    assert resumed.manifest == whole.manifest
+    assert {name: (folder / name).stat().st_mtime_ns for name in before} == before  # kept, not written again
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(tmp_path / "whole"))  # the progress records are gone
+    (folder / PROGRESS_NAME.format(1)).write_text(json.dumps({**manifest, "top_k": 8, "shards": []}))
+    with pytest.raises(ValueError, match=r"different \['top_k'\]"):
+        write_teacher_cache(teacher, data, str(folder), **options)
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_one_process_cache_byte_for_byte(tmp_path):
+    # torchrun, 2 processes: rank 0 first writes each cache alone (all_processes=False), then both write it together
+    # (5 shards: rank 0 writes 0, 2, 4 and rank 1 writes 1, 3); every file of the two folders is the same.
+    from conftest import run_two_processes
+
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed", "cache_worker.py")
+    run_two_processes(worker, tmp_path, "write", timeout=300)
+    for name in ("unpacked", "packed", "sampled"):
+        one, two = tmp_path / "one" / name, tmp_path / "two" / name
+        files = sorted(os.listdir(one))
+        assert files == sorted(os.listdir(two)) == [MANIFEST_NAME] + [f"shard-{i:05d}.safetensors" for i in range(5)]
+        for file in files:
+            assert (one / file).read_bytes() == (two / file).read_bytes(), f"{name}/{file}"
+        assert json.loads((two / MANIFEST_NAME).read_text())["num_examples"] == 14

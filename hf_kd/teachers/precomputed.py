@@ -36,7 +36,11 @@ class PrecomputedPredictions(nn.Module):
 
 
 def sparse_rows(
-    ids: torch.Tensor, logprobs: torch.Tensor, vocab_size: int, spread_tail: bool = True
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    vocab_size: int,
+    spread_tail: bool = True,
+    tail: torch.Tensor | None = None,
 ) -> SparseDistribution:
     """Known entries of a teacher's distribution as one distribution: the form of a top-k teacher cache's rows and of
     an inference engine's top-k answer.
@@ -45,17 +49,23 @@ def sparse_rows(
         ids: N×k vocabulary ids.
         logprobs: N×k log-probabilities of those ids.
         vocab_size: V, the number of entries of the distribution.
-        spread_tail: Spread the remaining mass 1 − Σ exp(logprobs) uniformly over the other V − k entries (else they
-            get probability 0: a sampled cache's empirical distribution).
+        spread_tail: Spread the remaining mass uniformly over the other V − k entries (else they get probability 0:
+            a sampled cache's empirical distribution).
+        tail: The remaining mass of each row where it is known as such (a packed cache stores it): spread wherever
+            it is above 0. ``None``: 1 − Σ exp(logprobs), spread where it is above 1e-6 (below, it is within the
+            rounding of stored log-probabilities).
 
     Returns:
-        The :class:`~hf_kd.features.SparseDistribution` of the rows.
+        The rows as one distribution (a :class:`~hf_kd.features.SparseDistribution`).
     """
     logprobs = logprobs.float()
     k = ids.shape[-1]
-    tail = (1 - torch.logsumexp(logprobs, dim=-1).exp()).clamp(min=0)
+    if tail is None:
+        tail, threshold = (1 - torch.logsumexp(logprobs, dim=-1).exp()).clamp(min=0), 1e-6
+    else:
+        tail, threshold = tail.float().clamp(min=0), 0.0
     if spread_tail and k < vocab_size:
-        fill = torch.where(tail > 1e-6, torch.log(tail / (vocab_size - k)), torch.full_like(tail, float("-inf")))
+        fill = torch.where(tail > threshold, torch.log(tail / (vocab_size - k)), torch.full_like(tail, float("-inf")))
     else:
         fill = torch.full_like(tail, float("-inf"))
     return SparseDistribution(ids.long(), logprobs, fill, vocab_size)
@@ -71,8 +81,8 @@ def sparse_batch(rows: SparseDistribution, mask: torch.Tensor, length: int) -> S
         length: T, the positions of each example.
 
     Returns:
-        A B×T distribution whose positions outside the mask, which no loss reads, hold the uniform distribution (ids
-        0..k−1 and every other entry at log(1/V)).
+        A B×T distribution whose positions outside the mask, which no loss reads, hold the uniform distribution
+            (ids 0..k−1 and every other entry at log(1/V)).
     """
     batch, k, vocab_size = mask.shape[0], rows.ids.shape[-1], rows.vocab_size
     device = rows.ids.device

@@ -80,10 +80,9 @@ def main(output_dir: str, batch_size: int, accumulation: int, engine: str = "ddp
         teacher = tiny_gpt2(seed=1)
         if variant == "adapterbase":  # the teacher is the student's own base, adapters off
             teacher = AdapterBaseTeacher(student)
-        if variant == "cache":  # the teacher's full distributions on disk, written once (by the main process)
-            with args.main_process_first():
-                path = os.path.join(output_dir, "cache")
-                teacher = write_teacher_cache(teacher, data, path, top_k=VOCAB, dtype="float32", progress=False)
+        if variant == "cache":  # the teacher's full distributions on disk, written once (each process its shards)
+            path = os.path.join(output_dir, "cache")
+            teacher = write_teacher_cache(teacher, data, path, top_k=VOCAB, dtype="float32", progress=False)
         return DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
 
     trainer = make_trainer(output_dir)
