@@ -142,7 +142,7 @@ class DistillationConfig(TrainingArguments):
         alpha: Convex mix (1 - alpha)·CE + alpha·KD with 0 <= alpha <= 1. Leave unset to use hard_label_weight
             (additive form).
         hard_label_weight: γ in the additive form γ·CE + Σ wᵢ·Lᵢ (default 1.0). Cannot be combined with alpha.
-        losses: Distillation losses: 'kl:1.0,logit_mse:0.5' (name[:weight][:key=value]) or a JSON/YAML list of
+        losses: Distillation losses: 'kl:1.0,logit_mse:0.5' (`name[:weight][:key=value]`) or a JSON/YAML list of
             {name, weight, ...options}. Default: kl with weight 1.
         trust_loss_imports: Let a dotted loss path (my_pkg.losses.MyLoss) import its module. Off by default: a path
             resolves only in a module your code has already imported, since importing runs the module's top-level
@@ -211,7 +211,7 @@ class DistillationConfig(TrainingArguments):
     losses: list[dict] | str | None = field(
         default=None,
         metadata={
-            "help": "Distillation losses: 'kl:1.0,logit_mse:0.5' (name[:weight][:key=value]) or a JSON/YAML "
+            "help": "Distillation losses: 'kl:1.0,logit_mse:0.5' (`name[:weight][:key=value]`) or a JSON/YAML "
             "list of {name, weight, ...options}. Default: kl with weight 1."
         },
     )

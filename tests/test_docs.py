@@ -89,8 +89,7 @@ def test_site_builds_strictly(tmp_path, monkeypatch):
             raise  # a build error, not a warning
     finally:
         logging.getLogger("mkdocs").removeHandler(warnings)
-    unknown = [message for message in warnings.messages if not any(known in message for known in KNOWN_DEFECTS)]
-    assert not unknown, "the strict build warns:\n" + "\n".join(unknown)
+    assert not warnings.messages, "the strict build warns:\n" + "\n".join(warnings.messages)
 
     exports = (site / "api" / "index.html").read_text(encoding="utf-8")
     for name in hf_kd.__all__:
@@ -106,8 +105,6 @@ def test_site_builds_strictly(tmp_path, monkeypatch):
         assert f"--scheme {name}" in page, f"the page of scheme {name!r} lacks its generated registry entry"
     refusals = (site / "refusals" / "index.html").read_text(encoding="utf-8")
     assert "teacher_model is the student itself" in refusals
-    if warnings.messages:
-        pytest.xfail("known docstring defects: " + "; ".join(KNOWN_DEFECTS.values()))
 
 
 class _Warnings(logging.Handler):
@@ -119,16 +116,6 @@ class _Warnings(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
-
-
-# Docstrings that do not render yet, reported to their owners: the build test fails on any other warning, and
-# expects a failure (xfail) while only these remain. Delete an entry once its docstring is fixed.
-KNOWN_DEFECTS = {
-    "Could not find cross-reference target ':key=value'": (
-        "hf_kd/config.py: DistillationConfig's losses argument (docstring Args and field help) writes "
-        "name[:weight][:key=value] outside backticks, which Markdown reads as a reference link"
-    ),
-}
 
 
 def docs_hook():
