@@ -335,3 +335,33 @@ def test_seq2seq_token_level_kd_on_decoder_logits(tmp_path):
     assert loss == pytest.approx(F.forward_kl(s[mask], t[mask], temperature=2.0).item(), rel=1e-5)
     trainer.train()
     assert all(torch.isfinite(torch.tensor(e["kl"])) for e in trainer.state.log_history if "kl" in e)
+
+
+def test_a_whisper_student_given_labels_only_decodes_what_its_forward_would(tmp_path):
+    """Whisper has no prepare_decoder_input_ids_from_labels: the decoder inputs are its forward's own shift."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    def whisper(seed):
+        torch.manual_seed(seed)
+        return WhisperForConditionalGeneration(
+            WhisperConfig(
+                vocab_size=64, num_mel_bins=8, d_model=16, encoder_layers=1, decoder_layers=1,
+                encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                max_source_positions=16, max_target_positions=16, pad_token_id=0, decoder_start_token_id=1,
+                eos_token_id=2, bos_token_id=1, suppress_tokens=[], begin_suppress_tokens=[],
+            )
+        )  # fmt: skip
+
+    student, teacher = whisper(0), whisper(1)
+    features = torch.randn(2, 8, 32)
+    labels = torch.tensor([[5, 6, 7, 2], [8, 9, 2, -100]])
+    args = config(tmp_path, losses="kl", temperature=1.0)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args)
+    total = trainer.compute_loss(student, {"input_features": features, "labels": labels})
+    with torch.no_grad():
+        own = student(input_features=features, labels=labels)  # its forward shifts the labels itself
+        decoder_input_ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 2]])
+        teacher_logits = teacher(input_features=features, decoder_input_ids=decoder_input_ids).logits
+    q, log_p = teacher_logits.softmax(-1), own.logits.log_softmax(-1)
+    kl = (q * (q.log() - log_p)).sum(-1)[labels != -100].mean()
+    assert total.item() == pytest.approx(own.loss.item() + kl.item(), rel=1e-4)

@@ -413,7 +413,16 @@ def with_decoder_inputs(trainer, model, inputs: dict) -> dict:
     student = student.get_base_model() if hasattr(student, "get_base_model") else student
     if not getattr(getattr(student, "config", None), "is_encoder_decoder", False):  # (custom modules: no config)
         return inputs
-    decoder_input_ids = student.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+    labels = inputs["labels"]
+    prepare = getattr(student, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is not None:
+        return {**inputs, "decoder_input_ids": prepare(labels=labels)}
+    # Models without it (Whisper) shift their labels right behind decoder_start_token_id in forward: the same here.
+    config = student.config
+    decoder_input_ids = labels.new_full(labels.shape, config.pad_token_id)
+    decoder_input_ids[:, 1:] = labels[:, :-1]
+    decoder_input_ids[:, 0] = config.decoder_start_token_id
+    decoder_input_ids.masked_fill_(decoder_input_ids == -100, config.pad_token_id)
     return {**inputs, "decoder_input_ids": decoder_input_ids}
 
 
