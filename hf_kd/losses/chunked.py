@@ -113,7 +113,8 @@ def _common_factor(grad_sums: torch.Tensor, weights: torch.Tensor) -> float:
             "not a multiple of them: backpropagate the weighted total the weights were given for, or call "
             "chunked_token_terms without weights (each chunk is then recomputed in the backward pass)."
         )
-    return factor.item()
+    factor = factor.item()
+    return 1.0 if abs(factor - 1.0) <= 1e-6 else factor  # the same weights up to rounding: no scaled copy
 
 
 class _Chunks:
@@ -136,8 +137,7 @@ class _Chunks:
         totals = torch.zeros(self.size, device=hidden.device)
         with torch.no_grad():
             for chunk, targets, rows in self.slices(num_chunks):
-                raw = self.head.project(self.head.prepare(hidden[chunk]))
-                totals += self.terms(raw, targets, rows, None)[0]
+                totals += self.terms(self.head.project(self.head.prepare(hidden[chunk])), targets, rows, None)[0]
         return totals
 
     def recomputed(self, hidden: torch.Tensor, num_chunks: int) -> torch.Tensor:
@@ -165,8 +165,10 @@ class _Chunks:
                 if linear is None:
                     raw = head.project(inputs)
             if linear is not None:  # grad mode is off here (inside autograd.Function.forward): no graph
-                raw = F.linear(inputs.detach(), *linear)
-            values, grad_raw = self.terms(raw.detach(), targets, rows, weight_values)
+                # Passed inline: terms() holds the only reference to the chunk's logits and frees them early.
+                values, grad_raw = self.terms(F.linear(inputs.detach(), *linear), targets, rows, weight_values)
+            else:  # autograd still reads the module's output: not this loop's to overwrite
+                values, grad_raw = self.terms(raw.detach(), targets, rows, weight_values, owns_raw=False)
             totals += values
             if linear is not None:
                 weight, bias = linear
@@ -191,11 +193,13 @@ class _Chunks:
                 for grad, accumulated in zip(grads, grad_parameters):
                     if grad is not None:
                         accumulated += grad
+            raw = grad_raw = grad_raw_low = None  # freed before the next chunk's logits exist
         grad_parameters = [grad.to(p.dtype) for grad, p in zip(grad_parameters, parameters)]
         return totals, grad_hidden, grad_parameters
 
-    def terms(self, raw, targets, rows, weights: list[float] | None):
-        """``(the chunk's sums, ∂(Σ weightsᵢ·sumsᵢ)/∂raw or None)`` for the head's raw output ``raw`` (C×V)."""
+    def terms(self, raw, targets, rows, weights: list[float] | None, owns_raw: bool = True):
+        """``(the chunk's sums, ∂(Σ weightsᵢ·sumsᵢ)/∂raw or None)`` for the head's raw output ``raw`` (C×V);
+        ``owns_raw``: nothing else reads ``raw``, which may then be overwritten and freed as soon as it is softened."""
         wants_grad = weights is not None
         if wants_grad and self.head.finishes_logits:  # scales, soft-caps: autograd takes the gradient through them
             with torch.enable_grad():
@@ -203,14 +207,28 @@ class _Chunks:
                 logits = self.head.finish(raw)
         else:
             logits = self.head.finish(raw)
-        teacher = None
+        fused = [loss for loss in self.losses if type(loss) in _FUSED_LOSSES]
+        # Autograd losses read both models' logits as they are; a family's output steps need them for the gradient.
+        keeps_logits = len(fused) < len(self.losses) or (wants_grad and self.head.finishes_logits)
+        temperatures = {float(loss.temperature) for loss in fused}
+        teacher, teacher_side = None, None
         if self.losses:
             with torch.no_grad():
                 teacher = self.teacher_logits(*rows)
             _check_vocabularies(logits, teacher)
-        student_side = _Softened(logits.detach().float())
-        teacher_side = _Softened(teacher.float()) if teacher is not None else None
-        grad = torch.zeros_like(student_side.logits) if wants_grad else None
+            teacher_side = _Softened(teacher.float(), temperatures, temperatures)
+            if not keeps_logits:
+                teacher = None  # the softened groups hold what the fused losses read
+        student_side = _Softened(
+            logits.detach().float(),
+            temperatures | ({1.0} if self.with_label_loss else set()),
+            temperatures,
+            targets if self.with_label_loss else None,
+            overwrite=owns_raw and not keeps_logits,  # the logits are this chunk's own and read by nothing else
+        )
+        if not keeps_logits:
+            del logits, raw
+        grad = student_side.zeros() if wants_grad else None
         values = []
         index = 0
         if self.with_label_loss:
@@ -218,9 +236,9 @@ class _Chunks:
             index = 1
         for loss in self.losses:
             weight = weights[index] if wants_grad else 0.0
-            fused = _FUSED_LOSSES.get(type(loss))
-            if fused is not None:
-                values.append(fused(loss, student_side, teacher_side, grad, weight))
+            kernel = _FUSED_LOSSES.get(type(loss))
+            if kernel is not None:
+                values.append(kernel(loss, student_side, teacher_side, grad, weight))
             else:
                 values.append(_autograd_term(loss, logits.detach(), teacher, targets, grad, weight))
             index += 1
@@ -257,24 +275,64 @@ def _check_vocabularies(student_logits: torch.Tensor, teacher_logits: torch.Tens
 
 
 class _Softened:
-    """One side's chunk of logits (float32) and, per temperature τ, ``log softmax(z/τ)`` and its exponent, made once
-    and shared by the terms that read them. Log-probabilities of −inf (masked vocabulary entries) become the most
-    negative float, as in :mod:`hf_kd.losses.functional`, so that 0·log 0 is 0 in values and gradients."""
+    """One side's chunk of logits z (float32), softened: for each temperature τ of ``temperatures`` the probabilities
+    ``softmax(z/τ)``, and at those of ``log_probs_at`` ``log softmax(z/τ)`` too, made once and shared by the terms;
+    with ``targets``, ``log softmax(z)`` at the targets (the label CE). z itself is not kept, so the caller can free
+    it; with ``overwrite`` it is divided by each τ in place rather than copied. Log-probabilities of −inf (masked
+    vocabulary entries) become the most negative float, as in :mod:`hf_kd.losses.functional`, so that 0·log 0 is 0 in
+    values and gradients."""
 
-    def __init__(self, logits: torch.Tensor):
-        self.logits = logits
-        self._by_temperature: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, logits, temperatures: set[float], log_probs_at: set[float], targets=None, overwrite=False):
+        lowest = torch.finfo(logits.dtype).min
+        self._groups: dict[float, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.target_log_probs = None
+        divided_by = 1.0  # what ``logits`` holds now: z / divided_by
+        for temperature in sorted(temperatures, key=lambda tau: tau != 1.0):  # τ = 1 first: the targets read z
+            if temperature == divided_by:
+                scaled = logits
+            elif overwrite:
+                scaled, divided_by = logits.mul_(divided_by / temperature), temperature
+            else:
+                scaled = logits / temperature
+            if temperature in log_probs_at:
+                log_probs = torch.log_softmax(scaled, dim=-1).clamp_(min=lowest)
+                self._groups[temperature] = (log_probs, log_probs.exp())
+            else:  # the label CE alone: probabilities, and the log-probabilities of the targets below
+                self._groups[temperature] = (None, torch.softmax(scaled, dim=-1))
+            if temperature == 1.0 and targets is not None:
+                self.target_log_probs = self._target_log_probs(scaled, targets, lowest)
 
-    def at(self, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        if temperature not in self._by_temperature:
-            scaled = self.logits if temperature == 1.0 else self.logits / temperature
-            log_probs = torch.log_softmax(scaled, dim=-1).clamp_(min=torch.finfo(scaled.dtype).min)
-            self._by_temperature[temperature] = (log_probs, log_probs.exp())
-        return self._by_temperature[temperature]
+    def _target_log_probs(self, logits, targets, lowest):
+        log_probs, probs = self._groups[1.0]
+        safe = targets.clamp(min=0)[:, None]
+        if log_probs is not None:
+            picked = log_probs.gather(1, safe).squeeze(1)
+            picked = picked.masked_fill(picked <= lowest, -math.inf)  # a masked target: CE = inf
+        else:  # log p(t) = z_t − log Σ exp z, the normaliser read off the most probable entry k: z_k − log p_k
+            top = probs.argmax(-1, keepdim=True)
+            normaliser = logits.gather(1, top) - probs.gather(1, top).log()
+            picked = (logits.gather(1, safe) - normaliser).squeeze(1)
+        return picked.masked_fill(targets == -100, 0.0)
+
+    def at(self, temperature: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(log softmax(z/τ) or None, softmax(z/τ))``."""
+        return self._groups[temperature]
+
+    def zeros(self) -> torch.Tensor:
+        """A gradient buffer of the logits' shape."""
+        return torch.zeros_like(next(iter(self._groups.values()))[1])
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vecdot(a, b)
+    """Σ_v a·b per row, as a batch of 1×V · V×1 products (no C×V temporary); for sums of one sign only, whose
+    rounding stays relative to the result (differences of large sums go through :func:`_row_sum_of_products`)."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
+
+
+def _row_sum_of_products(factor: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Σ_v factor·values per row, ``values`` overwritten by the products and summed the way the plain path sums them
+    (a KL is a small sum of terms of both signs: made from two large dot products it would lose digits)."""
+    return values.mul_(factor).sum(-1)
 
 
 # Each fused loss returns its sum over the chunk and adds weight·∂sum/∂z to ``grad`` (z: the student's logits).
@@ -283,15 +341,12 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _label_cross_entropy(student: _Softened, targets, grad, weight):
     """Σ −log p_S(target) over the positions with a target (not -100); ∂/∂z = p_S − onehot(target)."""
-    log_probs, probs = student.at(1.0)
-    given = targets != -100
-    safe = targets.clamp(min=0)[:, None]
-    picked = log_probs.gather(1, safe).squeeze(1)
-    picked = picked.masked_fill(picked <= torch.finfo(picked.dtype).min, -math.inf)  # a masked target: CE = inf
-    value = -(picked.masked_fill(~given, 0.0)).sum()
+    _, probs = student.at(1.0)
+    value = -student.target_log_probs.sum()
     if grad is not None and weight:
-        grad.addcmul_(probs, given[:, None].to(probs.dtype), value=weight)
-        grad.scatter_add_(1, safe, given[:, None].to(grad.dtype) * -weight)
+        given = (targets != -100)[:, None].to(probs.dtype)
+        grad.addcmul_(probs, given, value=weight)
+        grad.scatter_add_(1, targets.clamp(min=0)[:, None], given * -weight)
     return value
 
 
@@ -300,7 +355,7 @@ def _forward_kl(loss, student: _Softened, teacher: _Softened, grad, weight):
     tau = loss.temperature
     log_s, p_s = student.at(tau)
     log_t, p_t = teacher.at(tau)
-    value = (_row_dot(p_t, log_t) - _row_dot(p_t, log_s)).sum() * tau**2
+    value = _row_sum_of_products(p_t, log_t - log_s).sum() * tau**2
     if grad is not None and weight:
         grad.add_(p_s, alpha=weight * tau).sub_(p_t, alpha=weight * tau)
     return value
@@ -317,16 +372,21 @@ def _soft_cross_entropy(loss, student: _Softened, teacher: _Softened, grad, weig
     return value
 
 
+def _student_kl_and_grad(p_s, gap, grad, scale):
+    """KL(p_S ‖ q) per row from ``gap`` = log p_S − log q (overwritten), and ``grad += scale·p_S·(gap − KL)``, the
+    gradient of that KL with respect to the student's logits."""
+    per_row = _row_sum_of_products(p_s, gap)  # gap now holds p_S·gap
+    if grad is not None and scale:
+        grad.add_(gap, alpha=scale).addcmul_(p_s, per_row[:, None], value=-scale)
+    return per_row
+
+
 def _reverse_kl(loss, student: _Softened, teacher: _Softened, grad, weight):
     """τ²·Σ p_S·(log p_S − log p_T); ∂/∂z = τ·p_S·(log p_S − log p_T − KL)."""
     tau = loss.temperature
     log_s, p_s = student.at(tau)
     log_t, _ = teacher.at(tau)
-    gap = log_s - log_t
-    per_row = _row_dot(p_s, gap)
-    if grad is not None and weight:
-        grad.add_(gap.sub_(per_row[:, None]).mul_(p_s), alpha=weight * tau)
-    return per_row.sum() * tau**2
+    return _student_kl_and_grad(p_s, log_s - log_t, grad, weight * tau).sum() * tau**2
 
 
 def _generalized_jsd(loss, student: _Softened, teacher: _Softened, grad, weight):
@@ -341,11 +401,9 @@ def _generalized_jsd(loss, student: _Softened, teacher: _Softened, grad, weight)
     log_s, p_s = student.at(tau)
     log_t, p_t = teacher.at(tau)
     log_m = torch.lerp(p_s, p_t, beta).log_().clamp_(min=torch.finfo(p_s.dtype).min)
-    teacher_kl = _row_dot(p_t, log_t) - _row_dot(p_t, log_m)
+    teacher_kl = _row_sum_of_products(p_t, log_t - log_m)
     gap = torch.sub(log_s, log_m, out=log_m)  # log p_S − log m, in log m's place
-    student_kl = _row_dot(p_s, gap)
-    if grad is not None and weight:
-        grad.add_(gap.sub_(student_kl[:, None]).mul_(p_s), alpha=weight * tau * (1 - beta))
+    student_kl = _student_kl_and_grad(p_s, gap, grad, weight * tau * (1 - beta))
     return (beta * teacher_kl + (1 - beta) * student_kl).sum() * tau**2
 
 

@@ -118,6 +118,22 @@ class LogitsHead:
         self.model_class = type(base).__name__
         self.family = getattr(self.config, "model_type", None)
 
+    @classmethod
+    def of_head(cls, module: nn.Module, name: str = "the model") -> LogitsHead:
+        """A bare output layer as the whole map (no family steps): for calling the chunked loss on plain tensors.
+
+        Args:
+            module: The output embeddings, e.g. an ``nn.Linear(hidden, vocab)``.
+            name: How errors name the model.
+
+        Returns:
+            The map ``module(h)``.
+        """
+        head = cls.__new__(cls)
+        head.module, head.config, head.steps, head.name = module, None, (), name
+        head.model_class, head.family = type(module).__name__, None
+        return head
+
     # ---- the map --------------------------------------------------------------------------------------------
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -223,7 +239,10 @@ class LogitsHead:
             difference = f"logits of shape {tuple(ours.shape)} instead of {tuple(logits.shape)}"
         else:
             ours, own = ours.float(), logits.float()
-            lowest = min((hidden.dtype, logits.dtype), key=lambda dtype: torch.finfo(dtype).bits)
+            dtypes = [hidden.dtype, logits.dtype]
+            if torch.is_autocast_enabled(hidden.device.type):  # the head ran in the autocast dtype
+                dtypes.append(torch.get_autocast_dtype(hidden.device.type))
+            lowest = min(dtypes, key=lambda dtype: torch.finfo(dtype).bits)
             rtol = max(4 * torch.finfo(lowest).eps, 1e-5)
             atol = rtol * own.pow(2).mean().sqrt().item()
             gap = (ours - own).abs()
