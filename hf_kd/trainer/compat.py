@@ -22,7 +22,6 @@ from ..generation import ON_POLICY_KEY, student_rollout
 from ..positions import ItemCounts, count_items, split_sample_index
 from ..views import TEACHER_PREFIX, has_teacher_view
 from .loss_parts import LOSS_OPTIMIZER_NAME, LOSS_PARTS_NAME
-from .members import MemberModule
 
 # What a checkpoint holds beside the student: resumable state, never part of the student pushed to the repo root.
 CHECKPOINT_ONLY_FILES = (
@@ -48,8 +47,9 @@ class TrainerCompat(Trainer):
 
     def _set_signature_columns_if_needed(self):
         # Columns the student's forward does not take but the losses (sample_index) or the teacher read. A module
-        # around models (peers, a model with exits), whose forward passes everything on, says what they take.
-        if self._signature_columns is None and isinstance(self.model, MemberModule):
+        # around models (peers, a model with exits, a sentence encoder, a ranker), whose forward passes everything on,
+        # says what they take (signature_columns; save_checkpoint / load_checkpoint below: the same duck type).
+        if self._signature_columns is None and hasattr(self.model, "signature_columns"):
             self._signature_columns = [*self.model.signature_columns(), "label", "label_ids", *self.label_names]
         super()._set_signature_columns_if_needed()
         for column in (SAMPLE_INDEX, DISTILLATION_POSITIONS):
@@ -144,7 +144,7 @@ class TrainerCompat(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None):
         # A module around models (peers, a model with exits) saves them as from_pretrained folders, not as one
         # merged state dict (checkpoints too).
-        if isinstance(self.model, MemberModule):
+        if hasattr(self.model, "save_checkpoint"):
             if self.args.should_save:
                 self.model.save_checkpoint(output_dir or self.args.output_dir, self.processing_class)
             return
@@ -156,7 +156,7 @@ class TrainerCompat(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # ... and reads them back itself (the Trainer's loader looks for one state dict).
         model = model if model is not None else self.model
-        if isinstance(model, MemberModule):
+        if hasattr(model, "load_checkpoint"):
             model.load_checkpoint(resume_from_checkpoint)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
