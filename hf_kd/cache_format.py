@@ -11,10 +11,11 @@ A row is one distilled position: ``k`` vocabulary ids and what the teacher gave 
   entries are scaled to hold exactly 1 − tail. A sampled row stores its draw counts exactly, in ⌈log₂(k + 1)⌉ bits.
   At k = 64, 8 bits and V = 49,152: 128 + 64 + 6 = 198 B per position.
 
-The packed top-k row's error is bounded per row by its step s: every kept log-probability lies within s of the
-unpacked one (their distances below the largest are rounded by at most s/2, and the normalisation moves all of them
-by at most s/2 more), the remaining mass is the same, and so the KL divergence between the two distributions is at
-most s²/2 (the log-ratio spans at most s over entries of equal total mass: KL ≤ s · TV ≤ s · √(KL/2), Pinsker).
+The packed top-k row's error is bounded per row by its step s. Every kept log-probability lies within s of the
+float32 one it was written from (their distances below the largest are rounded by at most s/2, and the
+normalisation moves all of them by at most s/2 more), and the remaining mass is the same, so the log-ratio r = log p
+− log q of the float32 distribution p and the packed one q spans at most s, and KL(p ‖ q) ≤ KL(p ‖ q) + KL(q ‖ p) =
+Σ (p − q) r ≤ s · TV(p, q) ≤ s · √(KL(p ‖ q) / 2) (Pinsker): KL(p ‖ q) ≤ s²/2.
 """
 
 from __future__ import annotations
@@ -98,21 +99,24 @@ def unpack_bits(packed: torch.Tensor, count: int, width: int) -> torch.Tensor:
     Returns:
         int64 N×count.
     """
+    # Every 8 values fill exactly ``width`` bytes, so value j of each such group sits at the same bit offset j·width:
+    # one strided slice per byte it touches, for all groups and rows at once (no gather).
+    rows, groups = packed.shape[0], -(-count // 8)
+    grouped = F.pad(packed, (0, groups * width - packed.shape[1])).reshape(rows, groups, width)
     if width % 8 == 0:  # whole bytes: each value's bytes side by side, least significant first
-        size = width // 8
-        fields = packed[:, : count * size].reshape(-1, count, size).long()
-        value = fields[..., 0].clone()
-        for byte in range(1, size):
-            value |= fields[..., byte] << (8 * byte)
-        return value
-    starts = torch.arange(count, device=packed.device) * width
-    first, shift = starts >> 3, starts & 7
-    span = (width + 14) // 8  # the bytes a field can touch: ⌈(7 + width) / 8⌉
-    padded = F.pad(packed, (0, span))
-    value = torch.zeros(packed.shape[0], count, dtype=torch.long, device=packed.device)
-    for byte in range(span):
-        value |= padded[:, first + byte].long() << (8 * byte)
-    return (value >> shift) & ((1 << width) - 1)
+        grouped = grouped.reshape(rows, groups * 8, width // 8)
+        values = grouped[..., 0].long()
+        for byte in range(1, width // 8):
+            values |= grouped[..., byte].long() << (8 * byte)
+        return values[:, :count]
+    values = torch.empty(rows, groups, 8, dtype=torch.long, device=packed.device)
+    for j in range(8):
+        first, shift = (j * width) >> 3, (j * width) & 7
+        value = grouped[..., first].long()
+        for byte in range(1, (shift + width + 7) // 8):
+            value |= grouped[..., first + byte].long() << (8 * byte)
+        values[..., j] = (value >> shift) & ((1 << width) - 1)
+    return values.reshape(rows, groups * 8)[:, :count]
 
 
 def quantize_log_probs(logprobs: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +169,7 @@ def dequantize_log_probs(codes: torch.Tensor, steps: torch.Tensor, tails: torch.
     """
     relative = -codes.float() * steps.float()[:, None]
     relative = relative.masked_fill(codes == (1 << bits) - 1, -math.inf)
-    total = torch.logsumexp(relative, dim=-1, keepdim=True)
+    total = relative.exp().sum(-1, keepdim=True).log()  # no overflow: the largest is 0 (code 0), the rest below
     kept = torch.log1p(-tails.float().clamp(0, 1))[:, None]
     return torch.where(torch.isfinite(total), relative - total + kept, relative)
 
