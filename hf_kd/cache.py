@@ -462,6 +462,7 @@ def _listed_shards(path: str, manifest: dict) -> tuple[dict[int, list[dict]], in
                 "teacher, data and settings, or write to an empty folder."
             )
         for shard in existing.get("shards", []):
+            shard_file(path, shard)  # a name outside the folder is refused by every process alike, before any writes
             listed.setdefault(shard["first"], []).append(shard)
         vocab_size = existing.get("vocab_size") if existing.get("shards") else vocab_size
     return listed, vocab_size
