@@ -26,6 +26,7 @@ import glob
 import hashlib
 import json
 import os
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -151,6 +152,7 @@ def write_teacher_cache(
     seed: int = 0,
     device: str | torch.device | None = None,
     all_processes: bool = True,
+    join_timeout: float = 600.0,
     progress: bool = True,
 ) -> TeacherCache:
     """Run ``teacher`` once over ``dataset`` (tokenised, in its row order) and write its outputs to ``path``.
@@ -192,6 +194,9 @@ def write_teacher_cache(
         device: Where the teacher's inputs go (default: the teacher's device).
         all_processes: Under a launcher with N processes, share the work among all of them (every process calls
             this). ``False``: this process writes the whole cache alone (call it from one process only).
+        join_timeout: Seconds every process of the launch waits, on entry, for all the others to call the writer
+            too; a process that does not (a call under ``if accelerator.is_main_process:``) makes the ones that did
+            raise instead of waiting on it forever.
         progress: Show a progress bar (the main process's share).
 
     Returns:
@@ -202,6 +207,8 @@ def write_teacher_cache(
             range, an option of the other layout, ``top_k`` above the vocabulary, a folder holding a cache written
             with other settings, or processes of one launch called with different arguments.
         TypeError: A dataset without indexing, or ``packed`` not a bool.
+        RuntimeError: Under N processes with ``all_processes=True``, a process of the launch did not call the writer
+            within ``join_timeout`` seconds.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -259,6 +266,7 @@ def write_teacher_cache(
         data_collator = _default_collator(dataset, tokenizer)
 
     rank, processes, group = _process_share() if all_processes else (0, 1, None)
+    _every_process_joins(processes, group, join_timeout)
     columns = [c for c in dataset.column_names if c != SAMPLE_INDEX] if hasattr(dataset, "column_names") else None
     rows = dataset.select_columns(columns) if columns is not None else dataset
     num_shards = -(-len(rows) // shard_size)
@@ -426,6 +434,21 @@ def _process_share() -> tuple[int, int, object]:
         return 0, 1, None
     group = None if torch.distributed.get_backend() == "gloo" else torch.distributed.new_group(backend="gloo")
     return torch.distributed.get_rank(), processes, group
+
+
+def _every_process_joins(processes: int, group, timeout: float) -> None:
+    """Raise when a process of the launch does not reach the writer within ``timeout`` seconds: the writer's exchanges
+    are collective, so a call from the main process alone would otherwise wait on the others forever."""
+    if processes == 1:
+        return
+    try:  # gloo's barrier that names the processes missing, instead of hanging until the group's own timeout
+        torch.distributed.monitored_barrier(group=group, timeout=timedelta(seconds=timeout), wait_all_ranks=True)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"write_teacher_cache runs on every process of the launch ({processes} processes), each writing its share "
+            f"of the shards, but not all of them called it within join_timeout={timeout:g} s ({error}). Call it from "
+            "every process, or pass all_processes=False to write the whole cache from this one process."
+        ) from None
 
 
 def _gather(value, processes: int, group) -> list:

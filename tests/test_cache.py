@@ -507,6 +507,20 @@ def test_a_rerun_merges_what_the_processes_of_a_broken_launch_recorded(tmp_path)
 
 
 @pytest.mark.slow
+def test_a_writer_called_from_the_main_process_alone_is_refused_not_left_waiting(tmp_path):
+    # torchrun, 2 processes: rank 0 calls write_teacher_cache under `if is_main_process:`, rank 1 does something else;
+    # rank 0 raises after join_timeout instead of waiting on rank 1 forever, and the launch ends cleanly.
+    from conftest import run_two_processes
+
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed", "cache_worker.py")
+    run_two_processes(worker, tmp_path, "main_only", timeout=300)
+    said = (tmp_path / "refusal-0.txt").read_text()
+    assert said.startswith("write_teacher_cache runs on every process of the launch (2 processes)")
+    assert "join_timeout=3 s" in said and "all_processes=False" in said
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")  # nothing written
+
+
+@pytest.mark.slow
 def test_two_processes_write_the_one_process_cache_byte_for_byte(tmp_path):
     # torchrun, 2 processes: rank 0 first writes each cache alone (all_processes=False), then both write it together
     # (5 shards: rank 0 writes 0, 2, 4 and rank 1 writes 1, 3); every file of the two folders is the same.
