@@ -2,15 +2,19 @@
 
 One table (``CASES``): what a user did, and either the error it must raise (type and a phrase of its message) or a
 check of the correct result. A refusal must leave nothing in the output folder that could pass for a result. The
-README's "What hf_kd refuses" table is generated from the refusals here (``python tests/test_bad_inputs.py``) and
-checked against them (``test_readme_lists_every_refusal``).
+docs page "What hf_kd refuses" (``docs/refusals.md``) is generated from the refusals here and in ``tests/refusals_*.py``
+when the site is built (``docs/hooks/hf_kd_docs.py``), one section per file; ``test_the_docs_list_every_refusal``
+checks that it lists exactly these rows. ``python tests/test_bad_inputs.py`` prints the rows as one table, without
+building the site.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import pathlib
 import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -46,8 +50,6 @@ from hf_kd.schemes.self_distillation import EarlyExitModel, SelfDistillationConf
 from hf_kd.sentence_embeddings import SentenceEmbeddingModel
 from hf_kd.token_classification import add_teacher_words, tokenize_words
 from hf_kd.views import ViewCollator, pad_rows
-
-README_START, README_END = "<!-- refusals:start -->", "<!-- refusals:end -->"
 
 
 def trainer(tmp_path, student=None, teacher=None, data=None, student_noise=None, processing_class=None, **overrides):
@@ -980,11 +982,25 @@ def type_name(case: Case) -> str:
     return case.error.__name__
 
 
-def test_readme_lists_every_refusal():
+def test_the_docs_list_every_refusal():
+    # The table lives on the docs site, written at build time by the docs hook from the cases: the page asks for it,
+    # the hook's rows are exactly refusal_table()'s (same rows, same order, none left out or added), every area file
+    # has a section title of its own, and the README keeps no hand-pasted copy that could go stale.
+    pytest.importorskip("mkdocs", reason='the docs extra is not installed (pip install -e ".[docs]")')
+    spec = importlib.util.spec_from_file_location(
+        "docs_hook_hf_kd_docs", os.path.join(ROOT, "docs", "hooks", "hf_kd_docs.py")
+    )
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    with open(os.path.join(ROOT, "docs", "refusals.md"), encoding="utf-8") as handle:
+        assert "<!-- hf_kd:refusals -->" in handle.read().splitlines()
+    page = hook.refusals_page()
+    rows = [line for line in page.splitlines() if line.startswith("| ") and line != "| input | hf_kd says |"]
+    assert rows == refusal_table().splitlines()[2:]
+    areas = {path.stem.removeprefix("refusals_") for path in pathlib.Path(ROOT, "tests").glob("refusals_*.py")}
+    assert areas - set(hook.REFUSAL_AREAS) == set(), "give each tests/refusals_AREA.py a title in REFUSAL_AREAS"
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
-        readme = handle.read()
-    section = readme.split(README_START)[1].split(README_END)[0].strip()
-    assert section == refusal_table(), "regenerate the README table with: python tests/test_bad_inputs.py"
+        assert "<!-- refusals:start -->" not in handle.read()
 
 
 def test_every_logged_term_survives_a_process_without_labels(tmp_path):

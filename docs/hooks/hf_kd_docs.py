@@ -8,7 +8,7 @@ A page asks for a generated part with an HTML comment alone on its line:
 - ``<!-- hf_kd:scheme NAME -->``: one scheme's registry entry, its settings (its config dataclass: field, flag,
   default, the ``Args:`` text of its docstring) and the refusals the tests hold for it.
 - ``<!-- hf_kd:refusals -->``: every refusal of ``tests/test_bad_inputs.py`` and ``tests/refusals_*.py``, grouped by
-  the file it comes from (the rows of the README's table, ``python tests/test_bad_inputs.py``).
+  the file it comes from (the rows ``python tests/test_bad_inputs.py`` prints as one table).
 - ``<!-- hf_kd:exports -->``: every name ``hf_kd`` exports, linked to its API reference.
 - ``<!-- hf_kd:benchmark-scripts -->``: every script in ``benchmarks/`` with the first sentence of its docstring.
 - ``<!-- hf_kd:include PATH -->``: a Markdown file of the repository (its first heading dropped).
@@ -76,6 +76,7 @@ REFUSAL_AREAS = {
     "test_bad_inputs": "Configuration, data, teachers and the trainer",
     "aggregation": "Several teachers",
     "amalgamation": "Knowledge amalgamation",
+    "cache": "Teacher caches",
     "federated": "Federated distillation",
     "graph": "Distillation graphs",
     "hub_embeddings": "The Hub and sentence embeddings",
