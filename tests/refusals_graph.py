@@ -28,6 +28,16 @@ def _missing_model(p):
     return GraphTrainer(graph, {"b": tiny_bert()}, config(p), train_dataset=classification_data(n=8))
 
 
+def _search_without_validation(p):
+    return run_scheme(
+        GraphConfig(graph_search=2),
+        config(p / "out", max_steps=1),
+        teacher=tiny_bert(seed=1),
+        make_student=lambda k: tiny_bert(hidden=16, seed=k),
+        train_dataset=classification_data(n=8),
+    )
+
+
 FROZEN_AND_TRAINED = {"a": "frozen", "b": "trained"}
 
 CASES = [
@@ -93,5 +103,19 @@ CASES = [
         _missing_model,
         ValueError,
         "give one model per node",
+    ),
+    Case(
+        "graph-search-no-validation",
+        "`run_scheme(GraphConfig(graph_search=2), ...)` without `eval_dataset` and `compute_metrics`",
+        _search_without_validation,
+        ValueError,
+        "a graph search compares trials on the student node's validation metric: give eval_dataset",
+    ),
+    Case(
+        "graph-search-feature-loss",
+        '`GraphConfig(graph_search=4, search_losses="kl,hidden_mse")`',
+        lambda p: GraphConfig(graph_search=4, search_losses="kl,hidden_mse"),
+        ValueError,
+        "search_losses: 'hidden_mse' reads other features",
     ),
 ]

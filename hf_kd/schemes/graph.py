@@ -324,15 +324,26 @@ _NO_PUSH = (
 class GraphConfig(SchemeConfig):
     """Settings of a distillation graph (Minami et al. 2020). The graph file's trained nodes are fresh students
     (``make_student(k)`` for the k-th), its frozen ones the teachers given (one: any frozen node name; several: by
-    name); without a file, :func:`default_graph`.
+    name); without a file, :func:`default_graph`. With ``graph_search``, that graph's edges are searched first
+    (:func:`~hf_kd.schemes.graph_search.search_graph`: gate, loss and weight of each edge, compared on the student
+    node's metric on ``eval_dataset``), the best graph is written to ``OUTPUT_DIR/searched_graph.yaml``, and that
+    graph is the one trained.
 
     Args:
         graph: graph: the graph file (JSON or YAML: nodes, edges, student); default: every teacher teaching two
             trained nodes, student and peer, which also teach each other.
+        graph_search: graph: trials of a search over the graph's edges (gate, loss, weight; Optuna through
+            Trainer.hyperparameter_search, the search extra), compared on the student node's validation metric;
+            0: no search.
+        search_losses: graph: with --graph_search, the response losses an edge may use besides its own
+            (comma-separated).
+        search_weights: graph: with --graph_search, the weights an edge may take (comma-separated); default: each
+            edge keeps its own.
 
     Raises:
         ValueError: the graph file does not exist, or holds a graph that is refused (see
-            :meth:`DistillationGraph.load`).
+            :meth:`DistillationGraph.load`); ``graph_search`` < 0; a search loss that is not a response loss or a
+            search weight that is not a number >= 0.
     """
 
     graph: str | None = field(
@@ -342,12 +353,67 @@ class GraphConfig(SchemeConfig):
             "two trained nodes, student and peer, which also teach each other."
         },
     )
+    graph_search: int = field(
+        default=0,
+        metadata={
+            "help": "graph: trials of a search over the graph's edges (gate, loss, weight; Optuna through "
+            "Trainer.hyperparameter_search, the search extra), compared on the student node's validation metric; "
+            "0: no search."
+        },
+    )
+    search_losses: str = field(
+        default="kl",
+        metadata={
+            "help": "graph: with --graph_search, the response losses an edge may use besides its own (comma-separated)."
+        },
+    )
+    search_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "graph: with --graph_search, the weights an edge may take (comma-separated); default: each edge "
+            "keeps its own."
+        },
+    )
 
     def __post_init__(self):
         if self.graph is not None:
             if not os.path.isfile(self.graph):
                 raise ValueError(f"graph file {self.graph!r} does not exist.")
             DistillationGraph.load(self.graph)  # a bad graph is refused here, before anything loads
+        if not isinstance(self.graph_search, int) or self.graph_search < 0:
+            raise ValueError(f"graph_search is a number of trials (0: no search), got {self.graph_search!r}.")
+        for loss in self.losses_searched:
+            probe = get_loss(loss)
+            if probe.side_needs("student") != {"logits"} or probe.side_needs("teacher") != {"logits"}:
+                raise ValueError(
+                    f"search_losses: {loss!r} reads other features; use response losses ({RESPONSE_ONLY})."
+                )
+        self.weights_searched  # noqa: B018  (refuses a weight that is not a number >= 0)
+
+    @property
+    def losses_searched(self) -> tuple[str, ...]:
+        """``search_losses`` as a tuple of loss ids."""
+        return tuple(loss.strip() for loss in self.search_losses.split(",") if loss.strip())
+
+    @property
+    def weights_searched(self) -> tuple[float, ...] | None:
+        """``search_weights`` as a tuple of numbers (None: not searched).
+
+        Raises:
+            ValueError: an entry that is not a finite number >= 0.
+        """
+        if self.search_weights is None:
+            return None
+        weights = []
+        for entry in self.search_weights.split(","):
+            try:
+                weight = float(entry)
+            except ValueError:
+                weight = float("nan")
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"search_weights: {entry.strip()!r} is not a finite number >= 0.")
+            weights.append(weight)
+        return tuple(weights)
 
 
 def default_graph(teachers: list[str]) -> DistillationGraph:
@@ -424,7 +490,8 @@ def run_graph(config: GraphConfig, args: DistillationConfig, given: SchemeInputs
 
     Raises:
         ValueError: teachers given as a list; a graph without frozen nodes; several frozen nodes and one teacher
-            not named; teachers whose names differ from the frozen nodes.
+            not named; teachers whose names differ from the frozen nodes; ``graph_search`` without ``eval_dataset``
+            and ``compute_metrics``.
     """
     teachers = given.teacher if isinstance(given.teacher, dict) else None
     if isinstance(given.teacher, (list, tuple)):
@@ -443,6 +510,8 @@ def run_graph(config: GraphConfig, args: DistillationConfig, given: SchemeInputs
     models = {name: (teachers[name] if teachers is not None else given.teacher) for name in graph.frozen}
     if teachers is not None and set(teachers) != set(graph.frozen):
         raise ValueError(f"the teachers {sorted(teachers)} and the graph's frozen nodes {graph.frozen} differ.")
+    if config.graph_search:
+        graph = _searched(graph, config, args, models, given)
     for k, name in enumerate(graph.trained, start=1):
         models[name] = given.make_student(k)
     nodes = graph_distillation(graph, models, dataclasses.replace(args, push_to_hub=False), **given.trainer_kwargs)
@@ -458,3 +527,25 @@ def run_graph(config: GraphConfig, args: DistillationConfig, given: SchemeInputs
     trainer.stage_metrics, trainer.stage_details = summary.get("metrics"), summary["stage"]
     trainer.scheme_config = config
     return SchemeResult(trainer, others)
+
+
+def _searched(graph: DistillationGraph, config: GraphConfig, args: DistillationConfig, frozen: dict, given):
+    """``graph`` with its edges searched (``config.graph_search`` trials in ``OUTPUT_DIR/graph_search``, no
+    checkpoints); the best graph is written to ``OUTPUT_DIR/searched_graph.yaml`` and returned."""
+    from .graph_search import search_graph
+
+    trials_args = dataclasses.replace(
+        args, output_dir=os.path.join(args.output_dir, "graph_search"), save_strategy="no", push_to_hub=False
+    )
+    found = search_graph(
+        graph,
+        lambda name: given.make_student(graph.trained.index(name) + 1),  # as the run below builds the k-th node
+        frozen,
+        trials_args,
+        n_trials=config.graph_search,
+        output_file=os.path.join(args.output_dir, "searched_graph.yaml"),
+        losses=config.losses_searched,
+        weights=config.weights_searched,
+        **given.trainer_kwargs,
+    )
+    return found.graph
