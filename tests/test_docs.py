@@ -13,7 +13,9 @@
   page, a stale reference; the refusals page holds every row of ``refusal_table()``), and the griffe extension that
   turns the docstrings' Sphinx roles into cross-references (a stale ``hf_kd`` path is a warning: the build fails).
 
-The pages are ``docs/**/*.md`` plus the files they include (``<!-- hf_kd:include PATH -->``).
+The pages are ``docs/**/*.md``, the files they include (``<!-- hf_kd:include PATH -->``) and ``README.md``, whose
+examples run and whose bash commands are checked as the docs' are; ``test_readme_links_resolve`` checks that its
+relative links (read on GitHub and the Hub, not by MkDocs) name files that exist and headings those files have.
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ REPO_TOP = {path.name for path in ROOT.iterdir() if not path.name.startswith("."
 
 
 def doc_pages() -> list[pathlib.Path]:
-    """The docs' Markdown pages and the repository files they include."""
+    """The docs' Markdown pages, the repository files they include, and the README."""
     pages = sorted(path for path in DOCS.rglob("*.md") if "hooks" not in path.parts)
     included = {ROOT / match["path"] for page in pages for match in INCLUDE.finditer(page.read_text(encoding="utf-8"))}
-    return pages + sorted(included)
+    return pages + sorted(included) + [ROOT / "README.md"]
 
 
 def page_id(path: pathlib.Path) -> str:
@@ -309,6 +311,43 @@ def test_code_blocks_are_python_or_bash():
         if language not in ("python", "bash")
     ]
     assert not others, "an example is run (```python) or checked (```bash); these are neither:\n" + "\n".join(others)
+
+
+MARKDOWN_LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub (and the Hub) give a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def broken_links(page: pathlib.Path) -> list[str]:
+    """The relative links of a Markdown file whose file does not exist or whose ``#anchor`` no heading there has."""
+    problems = []
+    for match in MARKDOWN_LINK.finditer(page.read_text(encoding="utf-8")):
+        target = match["target"]
+        if re.match(r"[a-z]+:", target):
+            continue  # http(s), mailto: not the repository's
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            problems.append(f"{target}: no file {file.relative_to(ROOT) if file.is_relative_to(ROOT) else file}")
+        elif anchor:
+            headings = re.findall(r"^#+ (.+)$", file.read_text(encoding="utf-8"), re.M)
+            if anchor not in {github_anchor(heading) for heading in headings}:
+                problems.append(f"{target}: {path or page.name} has no heading with the anchor #{anchor}")
+    return problems
+
+
+def test_readme_links_resolve(tmp_path):
+    assert broken_links(ROOT / "README.md") == []
+    # The checker on planted links: a missing file, a missing anchor, a good one (heading with code and a colon).
+    (tmp_path / "page.md").write_text("# `kl`: the loss\n", encoding="utf-8")
+    planted = tmp_path / "README.md"
+    planted.write_text(
+        "[a](page.md#kl-the-loss) [b](nope.md) [c](page.md#nope) [d](https://x.org/y)\n", encoding="utf-8"
+    )
+    assert [problem.split(":")[0] for problem in broken_links(planted)] == ["nope.md", "page.md#nope"]
 
 
 def test_shell_checks_catch_what_is_missing():
