@@ -29,8 +29,11 @@ except ImportError:  # torch built without distributed support
 class OutputStep:
     """One operation a family's ``forward`` applies around its LM head, with the config field giving its value.
 
-    ``kind``: ``divide_hidden`` (the final hidden states, before the head), ``multiply`` / ``divide`` (the logits),
-    ``softcap`` (``cap·tanh(logits / cap)``) or ``vocabulary`` (keep the first ``value`` entries).
+    Args:
+        kind: ``divide_hidden`` (the final hidden states, before the head), ``multiply`` / ``divide`` (the logits),
+            ``softcap`` (``cap·tanh(logits / cap)``) or ``vocabulary`` (keep the first ``value`` entries).
+        field: The config field that holds the step's value (``logits_scaling``, ``final_logit_softcapping``, ...).
+        value: That field's value in one model's config; ``None`` in :data:`OUTPUT_STEPS`, which lists fields only.
     """
 
     kind: str
@@ -82,7 +85,15 @@ OUTPUT_STEPS: dict[str, tuple[OutputStep, ...]] = {
 
 
 def output_steps(config) -> tuple[OutputStep, ...]:
-    """The operations ``config``'s family applies around its LM head, with their values (unset fields skipped)."""
+    """The operations ``config``'s family applies around its LM head, with their values (unset fields skipped).
+
+    Args:
+        config: A model's ``PretrainedConfig`` (a multimodal one's text config is read for the values).
+
+    Returns:
+        The family's steps (:class:`OutputStep`) in the order its ``forward`` applies them, each with its value;
+            empty for a family whose logits are ``lm_head(h)``.
+    """
     fields = config.get_text_config() if hasattr(config, "get_text_config") else config
     steps = []
     for step in OUTPUT_STEPS.get(getattr(config, "model_type", None), ()):
@@ -105,6 +116,9 @@ class LogitsHead:
     Attributes:
         module: The output embeddings (``model.get_output_embeddings()``).
         steps: The family's operations around it, with their values.
+
+    Raises:
+        ValueError: ``model`` has no output embeddings.
     """
 
     def __init__(self, model: nn.Module, name: str = "the model"):
@@ -137,26 +151,49 @@ class LogitsHead:
     # ---- the map --------------------------------------------------------------------------------------------
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's logits for final hidden states ``hidden`` (…×H)."""
+        """The model's logits for final hidden states.
+
+        Args:
+            hidden: Final hidden states (…×H).
+
+        Returns:
+            The logits (…×V), as the model's ``forward`` computes them.
+        """
         return self.finish(self.project(self.prepare(hidden)))
 
     @property
     def prepares_hidden(self) -> bool:
+        """Whether the family scales the hidden states before the head (so :meth:`prepare` is not the identity)."""
         return any(step.kind == "divide_hidden" for step in self.steps)
 
     @property
     def finishes_logits(self) -> bool:
+        """Whether the family changes the head's output (so :meth:`finish` is not the identity)."""
         return any(step.kind != "divide_hidden" for step in self.steps)
 
     def prepare(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The head's input: the final hidden states after the family's hidden-side steps."""
+        """The head's input: the final hidden states after the family's hidden-side steps.
+
+        Args:
+            hidden: Final hidden states (…×H).
+
+        Returns:
+            The hidden states the output embeddings read (…×H).
+        """
         for step in self.steps:
             if step.kind == "divide_hidden":
                 hidden = hidden / step.value
         return hidden
 
     def project(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The output embeddings' output (raw logits, before the logit-side steps)."""
+        """The output embeddings' output (raw logits, before the logit-side steps).
+
+        Args:
+            inputs: What :meth:`prepare` returned (…×H).
+
+        Returns:
+            The raw logits (…×V).
+        """
         if isinstance(self.module, FSDPModule) and isinstance(self.module, nn.Linear):
             # An FSDP2 unit of its own: calling it would run its hooks on every chunk (re-gathering a teacher's head,
             # reducing the student's gradients before the backward pass is done). The caller holds it gathered.
@@ -164,7 +201,14 @@ class LogitsHead:
         return self.module(inputs)
 
     def finish(self, raw: torch.Tensor) -> torch.Tensor:
-        """The logit-side steps, in the family's order and with its operations (so low precision rounds alike)."""
+        """The logit-side steps, in the family's order and with its operations (so low precision rounds alike).
+
+        Args:
+            raw: What :meth:`project` returned (…×V).
+
+        Returns:
+            The model's logits (…×V, or fewer entries where the family cuts them to its real vocabulary).
+        """
         logits = raw
         for step in self.steps:
             if step.kind == "multiply":
@@ -188,7 +232,11 @@ class LogitsHead:
         return (module.weight, module.bias) if plain else None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The head's parameters that train (none for a frozen or LoRA-adapted base head)."""
+        """The head's parameters that train.
+
+        Returns:
+            The parameters with ``requires_grad`` (none for a frozen or LoRA-adapted base head).
+        """
         return [p for p in self.module.parameters() if p.requires_grad]
 
     @property
@@ -200,7 +248,11 @@ class LogitsHead:
     # ---- the dry run ----------------------------------------------------------------------------------------
 
     def describe(self) -> str:
-        """The map as a formula, for error messages."""
+        """The map as a formula, for error messages.
+
+        Returns:
+            E.g. ``"get_output_embeddings()(h) / logits_scaling (4)"``.
+        """
         text = "h"
         for step in self.steps:
             if step.kind == "divide_hidden":

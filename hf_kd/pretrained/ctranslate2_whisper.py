@@ -123,7 +123,7 @@ def whisper_state_dict(model: CTranslate2Model) -> dict[str, torch.Tensor]:
 
     Returns:
         The weights under transformers' names (``model.encoder.layers.0.self_attn.q_proj.weight``, ...);
-        ``proj_out.weight`` is included only when the CTranslate2 model does not tie it to the token embeddings.
+            ``proj_out.weight`` is included only when the CTranslate2 model does not tie it to the token embeddings.
 
     Raises:
         ValueError: When the model is not a WhisperSpec, or holds quantised (int8/int16) weights.

@@ -16,7 +16,15 @@ from .loading import unwrap
 
 class AdapterBaseTeacher(TeacherSource):
     """The teacher is the student's own base model with its adapters switched off (a PEFT/LoRA student on the
-    teacher's weights): one copy of the base in memory, the teacher pass runs under ``disable_adapter()``."""
+    teacher's weights): one copy of the base in memory, the teacher pass runs under ``disable_adapter()``.
+
+    Args:
+        student: The PEFT student (``peft.get_peft_model(base, LoraConfig(...))``; unwrapped from DDP or
+            DeepSpeed if wrapped), whose base model is the teacher.
+
+    Raises:
+        ValueError: ``student`` is not a PEFT model (it has no ``disable_adapter`` / ``get_base_model``).
+    """
 
     def __init__(self, student: nn.Module):
         student = unwrap(student)

@@ -19,6 +19,10 @@ class LiveTeacher(TeacherSource):
 
     Inputs the teacher's ``forward`` does not take (say ``token_type_ids`` for a teacher without them) are
     dropped, and labels are never passed: the teacher computes no loss.
+
+    Args:
+        model: The teacher, already placed and frozen by the trainer (a model, a PEFT model, or one wrapped by
+            DDP, DeepSpeed or FSDP2).
     """
 
     def __init__(self, model: nn.Module):
@@ -34,13 +38,28 @@ class LiveTeacher(TeacherSource):
             return run_model(self.model, self.inputs(inputs), needs, module_root=unwrap(self.model))[1]
 
     def outputs(self, inputs: dict, **kwargs):
-        """The teacher's raw outputs for a batch of student inputs, with extra forward arguments."""
+        """The teacher's raw outputs for a batch of student inputs, with extra forward arguments.
+
+        Args:
+            inputs: The student's batch (its ``labels`` and arguments the teacher does not take are left out).
+            **kwargs: More arguments of the teacher's ``forward`` (``output_hidden_states=True``, ...).
+
+        Returns:
+            What the teacher's ``forward`` returns, computed in eval mode under ``no_grad``.
+        """
         self.model.eval()
         with torch.no_grad():
             return self.model(**self.inputs(inputs), **kwargs)
 
     def inputs(self, inputs: dict) -> dict:
-        """The student inputs the teacher takes: never labels, and only arguments its forward accepts."""
+        """The student inputs the teacher takes: never labels, and only arguments its forward accepts.
+
+        Args:
+            inputs: The student's batch.
+
+        Returns:
+            The entries of ``inputs`` to pass to the teacher's ``forward``.
+        """
         return {
             key: value
             for key, value in inputs.items()

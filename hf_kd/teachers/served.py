@@ -193,7 +193,7 @@ class ServedTeacher(TeacherSource):
 
         Returns:
             ``ModelFeatures(sparse_logits=...)``: B×T×k ids and log-probabilities plus each position's tail value;
-            positions that predict no token of their row (the last attended one, padding) are uniform.
+                positions that predict no token of their row (the last attended one, padding) are uniform.
 
         Raises:
             ValueError: The batch cannot be sent as prompts (no ``input_ids``, gaps in an attention mask, a row
@@ -310,7 +310,7 @@ class ServedTeacher(TeacherSource):
 
         Returns:
             ``teacher`` (the model's name), ``teacher_class``, ``teacher_parameters`` (``parameters``) and
-            ``teacher_server`` (url, engine, top_k).
+                ``teacher_server`` (url, engine, top_k).
         """
         return {
             "teacher": self.model_name,
@@ -332,7 +332,7 @@ class ServedTeacher(TeacherSource):
 
         Returns:
             The manifest's ``teacher``, ``teacher_class``, ``teacher_parameters`` and ``teacher_config`` (``None``:
-            the served model is known by its name).
+                the served model is known by its name).
 
         Raises:
             ValueError: ``mode='sampled'``, ``top_k`` above this teacher's, ``token_level=False`` or an unknown
