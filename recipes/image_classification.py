@@ -50,6 +50,7 @@ from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group
 from hf_kd.recipe_support.schemes import parse_recipe_args, stage_rows
 from hf_kd.recipe_support.tables import compare_recipe_models
 from hf_kd.schemes import run_scheme
+from hf_kd.schemes.amalgamation import own_class_rows
 
 
 @dataclass
@@ -146,6 +147,10 @@ def main():
     dataset = dataset.map(preprocess, batched=True, remove_columns=["pixels"]).with_format("torch")
     splits = dataset.train_test_split(test_size=recipe.test_fraction, stratify_by_column="labels", seed=args.seed)
     train, test = splits["train"], splits["test"]
+    validation = None
+    if getattr(scheme, "graph_search", 0):  # the search compares its trials on held-out training rows, never the test
+        held = train.train_test_split(test_size=0.15, stratify_by_column="labels", seed=args.seed)
+        train, validation = held["train"], held["test"]
     labeled, transfer = split_labeled_transfer(train, recipe.num_labeled, seed=args.seed)
     transfer = add_sample_index(transfer)  # row ids for losses with per-example memory (crd); others ignore them
     labeled, transfer = labeled.with_format("torch"), transfer.with_format("torch")
@@ -165,7 +170,12 @@ def main():
     # ---- students: from scratch on the labeled images vs distilled on labeled + unlabeled, same steps/seed ----
     def make_student(generation: int) -> ViTForImageClassification:
         set_seed(args.seed + generation - 1)  # generation / round 1: the scratch student's initialisation
-        return vit(recipe, recipe.student_hidden_size, recipe.student_layers, num_labels)
+        student = vit(recipe, recipe.student_hidden_size, recipe.student_layers, num_labels)
+        if scheme.name == "amalgamation":  # its classes are matched by name with each teacher's id2label
+            names = dataset.features["labels"].names
+            student.config.id2label = dict(enumerate(names))
+            student.config.label2id = {name: index for index, name in enumerate(names)}
+        return student
 
     def make_assistant(hidden_size: int | None, layers: int | None) -> ViTForImageClassification:
         hidden = hidden_size or 16 * round((recipe.teacher_hidden_size * recipe.student_hidden_size) ** 0.5 / 16)
@@ -188,6 +198,7 @@ def main():
         train_dataset=transfer,
         processing_class=processor,
         compute_metrics=compute_metrics,
+        **({"eval_dataset": validation} if validation is not None else {}),
     )
     trainer, stages = result.trainer, result.stages
     student = trainer.student
@@ -197,6 +208,7 @@ def main():
         f"digits, test split of {len(test)} images, {steps} steps, losses {trainer.args.losses}, "
         f"temperature {args.temperature}, seed {args.seed}, scheme {scheme.name}"
         + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 else "")
+        + (f", graph searched on {len(validation)} held-out training images" if validation is not None else "")
     )
     distilled = f"student distilled ({len(labeled)} labels + {len(transfer) - len(labeled)} unlabeled)"
     rows = {distilled: student}
@@ -206,14 +218,20 @@ def main():
         else:
             name = f"teacher (ViT {recipe.teacher_layers}×{recipe.teacher_hidden_size}, all {len(train)} labels)"
             teacher_rows = {name: teacher}
+        if scheme.name == "amalgamation":
+            teacher_rows = {f"{row}, on the images of its own classes": model for row, model in teacher_rows.items()}
         rows = {
             **teacher_rows,
             f"student from scratch ({len(labeled)} labels)": scratch,
             **stage_rows(stages),
             **rows,
         }
+    row_datasets = None
+    if scheme.name == "amalgamation" and recipe.baselines:  # each teacher on the test images of its own classes
+        names = dataset.features["labels"].names
+        row_datasets = {row: own_class_rows(test, model, names) for row, model in teacher_rows.items()}
     _, comparison = compare_recipe_models(
-        trainer, test, rows, title=title, data_collator=None, output_dir=args.output_dir
+        trainer, test, rows, title=title, data_collator=None, output_dir=args.output_dir, row_datasets=row_datasets
     )
 
     # ---- save (and with --push_to_hub share) the student: weights, processor, distillation_config.json, card ----

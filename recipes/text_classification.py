@@ -62,6 +62,7 @@ from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group
 from hf_kd.recipe_support.schemes import parse_recipe_args, stage_rows
 from hf_kd.recipe_support.tables import compare_recipe_models
 from hf_kd.schemes import run_scheme
+from hf_kd.schemes.amalgamation import own_class_rows
 
 
 @dataclass
@@ -144,9 +145,11 @@ def load_text_dataset(recipe: TextRecipeArguments, cache_dir: str):
     return dataset.select_columns(["text", "labels"])
 
 
-def build_student(recipe: TextRecipeArguments, teacher, hidden=None, layers=None, heads=None):
-    """The recipe's student (or, with ``hidden``/``layers``/``heads``, a teacher assistant of that size)."""
+def build_student(recipe: TextRecipeArguments, teacher, hidden=None, layers=None, heads=None, label_names=None):
+    """The recipe's student (or, with ``hidden``/``layers``/``heads``, a teacher assistant of that size); with
+    ``label_names``, over those classes instead of the teacher's (amalgamation: the union of its teachers')."""
     teacher_config = teacher.config
+    id2label = dict(enumerate(label_names)) if label_names is not None else teacher_config.id2label
     if recipe.student_init_from_teacher and hidden is None:
         config = BertConfig(**{**teacher_config.to_dict(), "num_hidden_layers": recipe.student_layers})
         student = BertForSequenceClassification(config)
@@ -164,9 +167,9 @@ def build_student(recipe: TextRecipeArguments, teacher, hidden=None, layers=None
         num_attention_heads=heads or recipe.student_heads,
         intermediate_size=4 * (hidden or recipe.student_hidden_size),
         max_position_embeddings=teacher_config.max_position_embeddings,
-        num_labels=teacher_config.num_labels,
-        id2label=teacher_config.id2label,
-        label2id=teacher_config.label2id,
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id={name: index for index, name in id2label.items()},
     )
     return BertForSequenceClassification(config)
 
@@ -182,6 +185,10 @@ def main():
     with args.main_process_first(desc="export the data"):  # one process writes the local copy
         dataset = load_text_dataset(recipe, cache_dir=os.path.join(args.output_dir, "data"))
     splits = dataset.train_test_split(test_size=recipe.test_fraction, stratify_by_column="labels", seed=args.seed)
+    validation = None
+    if getattr(scheme, "graph_search", 0):  # the search compares its trials on held-out training rows, never the test
+        held = splits["train"].train_test_split(test_size=0.15, stratify_by_column="labels", seed=args.seed)
+        splits["train"], validation = held["train"], held["test"]
     labeled, transfer = split_labeled_transfer(splits["train"], recipe.num_labeled, seed=args.seed)
     transfer = add_sample_index(transfer)  # row ids for losses with per-example memory (crd); others ignore them
     label_names = dataset.features["labels"].names
@@ -196,11 +203,13 @@ def main():
     labeled, transfer, test = (
         split.map(tokenize, batched=True, remove_columns=["text"]) for split in (labeled, transfer, splits["test"])
     )
+    if validation is not None:
+        validation = validation.map(tokenize, batched=True, remove_columns=["text"])
     collator = DataCollatorWithPadding(tokenizer)
     id2label = dict(enumerate(label_names))
-    teacher = AutoModelForSequenceClassification.from_pretrained(
-        teacher_path, num_labels=len(label_names), id2label=id2label, label2id={v: k for k, v in id2label.items()}
-    )
+    amalgamating = scheme.name == "amalgamation"  # teachers over some of the classes, read as they were saved
+    head = {"num_labels": len(label_names), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_path, **({} if amalgamating else head))
     if not teacher_paths:
         teacher_args = TrainingArguments(
             output_dir=os.path.join(args.output_dir, "teacher"),
@@ -224,7 +233,7 @@ def main():
     # ---- students: from scratch on the labeled split vs distilled on labeled + transfer, same steps/seed ----
     def make_student(generation: int) -> BertForSequenceClassification:
         set_seed(args.seed + generation - 1)  # generation / round 1: the scratch student's initialisation
-        return build_student(recipe, teacher)
+        return build_student(recipe, teacher, label_names=label_names if amalgamating else None)
 
     def make_assistant(hidden_size: int | None, layers: int | None) -> BertForSequenceClassification:
         hidden = hidden_size or 64 * max(
@@ -257,6 +266,7 @@ def main():
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
+        **({"eval_dataset": validation} if validation is not None else {}),
     )
     trainer, stages = result.trainer, result.stages
     student = trainer.student
@@ -266,6 +276,7 @@ def main():
         f"BBC-style text classification, test split of {len(test)} examples, {args.max_steps} steps, "
         f"losses {trainer.args.losses}, temperature {args.temperature}, seed {args.seed}, scheme {scheme.name}"
         + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 else "")
+        + (f", graph searched on {len(validation)} held-out training examples" if validation is not None else "")
     )
     distilled = f"student distilled ({len(labeled)} labels + {len(transfer) - len(labeled)} unlabeled)"
     rows = {distilled: student}
@@ -274,14 +285,19 @@ def main():
             teacher_rows = {f"teacher {path}": model for path, model in zip(teacher_paths, teachers)}
         else:
             teacher_rows = {f"teacher (MiniLM, fine-tuned on {len(labeled)} labels)": teacher}
+        if amalgamating:
+            teacher_rows = {f"{row}, on the test rows of its own classes": model for row, model in teacher_rows.items()}
         rows = {
             **teacher_rows,
             f"student from scratch ({len(labeled)} labels)": scratch,
             **stage_rows(stages),
             **rows,
         }
+    row_datasets = None
+    if amalgamating and recipe.baselines:  # each teacher on the test rows of its own classes
+        row_datasets = {row: own_class_rows(test, model, label_names) for row, model in teacher_rows.items()}
     _, comparison = compare_recipe_models(
-        trainer, test, rows, title=title, data_collator=collator, output_dir=args.output_dir
+        trainer, test, rows, title=title, data_collator=collator, output_dir=args.output_dir, row_datasets=row_datasets
     )
 
     # ---- save (and with --push_to_hub share) the student: weights, processor, distillation_config.json, card ----

@@ -24,6 +24,7 @@ def compare_models(
     use_cpu: bool = False,
     write: bool = True,
     metrics: tuple[str, ...] = CLASSIFICATION_COLUMNS,
+    row_datasets: dict | None = None,
 ) -> dict[str, dict]:
     """Evaluate ``models`` side by side on ``dataset`` and print (and save) the table.
 
@@ -40,13 +41,20 @@ def compare_models(
         use_cpu: Evaluate on the CPU.
         write: Save the files (the main process only, in a distributed run).
         metrics: The quality columns.
+        row_datasets: Rows measured on another set, by row name (a teacher of some of the classes: the rows of its
+            classes).
 
     Returns:
         The rows (see :func:`~hf_kd.evaluation.evaluate_model`).
     """
+    row_datasets = row_datasets or {}
     results = {
         name: evaluate_model(
-            model, dataset, compute_metrics=compute_metrics, data_collator=data_collator, use_cpu=use_cpu
+            model,
+            row_datasets.get(name, dataset),
+            compute_metrics=compute_metrics,
+            data_collator=data_collator,
+            use_cpu=use_cpu,
         )
         for name, model in models.items()
     }
@@ -114,6 +122,7 @@ def compare_recipe_models(
     data_collator=None,
     output_dir: str | None = None,
     metrics: tuple[str, ...] = CLASSIFICATION_COLUMNS,
+    row_datasets: dict | None = None,
 ) -> tuple[dict[str, dict], dict[str, dict]]:
     """The recipes' test-split table and the card's teacher-vs-student rows.
 
@@ -129,6 +138,7 @@ def compare_recipe_models(
         data_collator: The evaluation's data collator.
         output_dir: Where to save; default the trainer's ``output_dir``.
         metrics: The quality columns.
+        row_datasets: Rows measured on another set than ``dataset``, by row name (see :func:`compare_models`).
 
     Returns:
         ``(results, card_rows)``: every row, and ``{"teacher": ..., "student": ...}`` (the student alone when it is
@@ -148,6 +158,7 @@ def compare_recipe_models(
             use_cpu=trainer.args.use_cpu,
             write=write,
             metrics=metrics,
+            row_datasets=row_datasets,
         )
         rows = list(results.values())
         return results, {"teacher": rows[0], "student": rows[-1]}

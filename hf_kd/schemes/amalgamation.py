@@ -69,6 +69,34 @@ def class_names(model: nn.Module, role: str) -> list[str]:
     return names
 
 
+def own_class_rows(dataset, teacher: nn.Module, names: list[str], label_column: str = "labels"):
+    """The rows of ``dataset`` whose class ``teacher`` knows, their labels as the teacher's class ids: where a teacher
+    of some of the classes is measured (it cannot name the others).
+
+    Args:
+        dataset: A ``datasets.Dataset`` whose ``label_column`` holds class ids of ``names``.
+        teacher: A classifier over some of the classes, named in its ``config.id2label``.
+        names: The dataset's class names, in id order.
+        label_column: The label column.
+
+    Returns:
+        The selected rows, relabelled (same format as ``dataset``).
+
+    Raises:
+        ValueError: the teacher knows none of the dataset's classes.
+    """
+    known = class_names(teacher, "the teacher")
+    to_teacher = {index: known.index(name) for index, name in enumerate(names) if name in known}
+    if not to_teacher:
+        raise ValueError(f"the teacher's classes {known} are none of the dataset's {names}.")
+    labels = [int(label) for label in dataset.with_format(None)[label_column]]
+    rows = dataset.select([row for row, label in enumerate(labels) if label in to_teacher])
+    relabelled = [to_teacher[label] for label in labels if label in to_teacher]
+    form = rows.format
+    rows = rows.with_format(None).remove_columns(label_column).add_column(label_column, relabelled)
+    return rows.with_format(form["type"], columns=form["columns"], output_all_columns=form["output_all_columns"])
+
+
 def union_labels(teachers) -> list[str]:
     """The union of the teachers' classes, in the order amalgamation defines: the first teacher's classes in its id
     order, then each later teacher's classes not named before, in its id order.

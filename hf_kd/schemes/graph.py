@@ -482,24 +482,34 @@ def run_graph(config: GraphConfig, args: DistillationConfig, given: SchemeInputs
     Args:
         config: The graph file (or none: :func:`default_graph`).
         args: The run's :class:`~hf_kd.DistillationConfig`.
-        given: The student builder (one per trained node), data, teachers (the frozen nodes) and trainer arguments.
+        given: The student builder (one per trained node), data, teachers (the frozen nodes: one, a dict by node
+            name, or a list in the graph file's order) and trainer arguments.
 
     Returns:
         A trainer around the graph's student (the other nodes its frozen teachers), and the other trained nodes'
             stages.
 
     Raises:
-        ValueError: teachers given as a list; a graph without frozen nodes; several frozen nodes and one teacher
-            not named; teachers whose names differ from the frozen nodes; ``graph_search`` without ``eval_dataset``
-            and ``compute_metrics``.
+        ValueError: a list of teachers whose length differs from the graph's frozen nodes (a list is read in the
+            file's order of frozen nodes; without a file the teachers are ``teacher0``, ``teacher1``, ...); a graph
+            without frozen nodes; several frozen nodes and one teacher not named; teachers whose names differ from the
+            frozen nodes; ``graph_search`` without ``eval_dataset`` and ``compute_metrics``.
     """
     teachers = given.teacher if isinstance(given.teacher, dict) else None
-    if isinstance(given.teacher, (list, tuple)):
-        raise ValueError("the graph's frozen nodes are named: give its teachers as a dict by node name.")
+    listed = list(given.teacher) if isinstance(given.teacher, (list, tuple)) else None
     if config.graph is None:
+        if listed is not None:
+            teachers = {f"teacher{k}": teacher for k, teacher in enumerate(listed)}
         graph = default_graph(list(teachers) if teachers is not None else ["teacher"])
     else:
         graph = DistillationGraph.load(config.graph)
+        if listed is not None:  # the recipes' --teachers A,B: the file's frozen nodes, in its order
+            if len(listed) != len(graph.frozen):
+                raise ValueError(
+                    f"{len(listed)} teachers for the graph's frozen nodes {graph.frozen}: give one per frozen node, "
+                    "in the graph file's order (or a dict by node name)."
+                )
+            teachers = dict(zip(graph.frozen, listed))
     if not graph.frozen:
         raise ValueError(
             f"the graph {config.graph} has no frozen node, so the teacher given would not be read: add a frozen node "
