@@ -1,6 +1,7 @@
 """Checks that refuse, before training starts, a set-up whose distillation could not take effect.
 
-Each raises with what was wrong, the value seen and what to set instead (the README's "What hf_kd refuses").
+Each raises with what was wrong, the value seen and what to set instead (the docs' "What hf_kd refuses", generated
+from the tests).
 """
 
 from __future__ import annotations

@@ -391,7 +391,7 @@ def redraw(output_dir: str, stem: str) -> dict | list | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Draw the README's pictures from the recipe runs that have finished (``python -m hf_kd.plots``).
+    """Draw the docs' pictures from the recipe runs that have finished (``python -m hf_kd.plots``).
 
     Writes ``DOCS/NAME.png`` for every recipe config NAME whose run (its ``output_dir``) has finished; the others
     are listed with the command that makes them.

@@ -203,7 +203,7 @@ def test_the_collator_pads_each_view_with_its_own_processor():
     assert set(student) == {"input_values", "labels"} and set(teacher) == {"input_ids", "attention_mask"}
 
 
-def test_bad_paired_data_is_refused_with_the_reason():  # (more in test_bad_inputs.py, listed in the README)
+def test_bad_paired_data_is_refused_with_the_reason():  # (more in test_bad_inputs.py, listed in docs/refusals.md)
     with pytest.raises(ValueError, match="1 rows in 'input_ids' for the student's 2"):
         paired_views(Dataset.from_dict({"input_values": [[0.0], [0.0]]}), Dataset.from_dict({"input_ids": [[1]]}))
     with pytest.raises(TypeError, match="the teacher's processor must have a pad method"):

@@ -54,7 +54,7 @@ def refuse_engines_for_multi_model_recipes(args) -> None:
 
     The recipes train a teacher and a scratch baseline beside the distilled student in one process and evaluate
     them with plain Trainers. Accelerate allows one DeepSpeed set-up per process, and FSDP2 prepares a model only
-    with its optimizer, so with baselines they run on one device or with DDP (README, "Scale out").
+    with its optimizer, so with baselines they run on one device or with DDP (docs: Scaling out).
 
     Args:
         args: The training arguments (or anything :func:`~hf_kd.checks.sharding_engine` reads).
