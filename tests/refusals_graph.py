@@ -60,7 +60,7 @@ CASES = [
         '`GraphEdge("a", "b", gate="sometimes")`',
         _graph(FROZEN_AND_TRAINED, [GraphEdge("a", "b", gate="sometimes")]),
         ValueError,
-        "has the gate 'sometimes'; gates: ('through', 'cutoff', 'linear_up', 'linear_down', 'correct')",
+        "has the gate 'sometimes'; gates: ('through', 'cutoff', 'linear_up', 'linear_down', 'correct', 'learned')",
     ),
     Case(
         "graph-feature-loss",

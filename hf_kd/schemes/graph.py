@@ -11,7 +11,15 @@ the run's loss is the sum over trained nodes, all trained together by one :class
 
 Gates (the paper's): ``through`` (1), ``cutoff`` (0: the edge is off), ``linear_up`` (t/T over training),
 ``linear_down`` (1 − t/T) and ``correct`` (only the rows — positions, for token-level models — whose label the
-source predicts; rows without a label pass nothing).
+source predicts; rows without a label pass nothing). And ``learned`` (Luo et al. 2018, *Graph Distillation for Action
+Detection with Privileged Modalities*, arXiv:1712.00108): a weight per example, ``π(x)``, computed by a small network
+on the source's prediction — a softmax over the target's learned edges and a "none" option, so the weights lie in
+(0, 1) and sum to at most 1. The networks train on the labeled rows of each batch, by the likelihood of the label
+under the sources' predictions mixed by those weights (``−log(Σⱼ πⱼ(x)·pⱼ(y|x) + π_none(x)/C)``, logged as
+``edge_nll/TARGET``): they learn on which rows each source is right, and weigh every row, labeled or not, by it. The
+edge terms read the weights detached (driven by the imitation losses instead, the weights would learn to switch off
+the edges that disagree with the target). A frozen node reads the row's ``teacher_*`` view when the data has one
+(:mod:`hf_kd.views`; Luo et al.'s privileged modalities), the trained nodes the plain view.
 """
 
 from __future__ import annotations
@@ -28,17 +36,21 @@ from torch import nn
 from ..checks import check_logit_width
 from ..config import DistillationConfig, LossSpec
 from ..features import output_field
-from ..losses import get_loss
+from ..losses import DistillationLoss, get_loss
+from ..losses.response import ResponseLoss
 from ..model_kinds import is_causal_lm, is_token_level, num_classes
 from ..objective import LABEL_TERM, Objective
 from ..teachers import TeacherSource, check_materialized
 from ..trainer.members import RESPONSE_ONLY, TrainedMembers
+from ..views import split_views
 from .mutual_learning import CohortTrainer, best_member
 from .peer_cohort import PeerCohort
 from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
 from .stages import Stage, train_measure_save
 
-GATES = ("through", "cutoff", "linear_up", "linear_down", "correct")
+GATES = ("through", "cutoff", "linear_up", "linear_down", "correct", "learned")
+EDGE_NLL = "edge_nll"  # logged per target with learned edges: the weight networks' training loss
+SCORER_WIDTH = 32  # hidden units of a learned edge's weight network
 NODE_KINDS = ("trained", "frozen")
 
 
@@ -51,7 +63,8 @@ class GraphEdge:
         target: The trained node it teaches.
         loss: A response loss of the registry (``kl``, ``jsd``, ``logit_mse``, ...).
         weight: Its weight in the target's total (finite, >= 0).
-        gate: ``through``, ``cutoff``, ``linear_up``, ``linear_down`` or ``correct``.
+        gate: ``through``, ``cutoff``, ``linear_up``, ``linear_down``, ``correct`` or ``learned`` (a weight per example
+            from a network on the source's prediction, trained on labeled rows).
         options: The loss's options (``{"temperature": 4.0}``; default temperature: ``args.temperature``).
     """
 
@@ -182,6 +195,75 @@ class DistillationGraph:
         return cls(**data)
 
 
+class LearnedEdgeLoss(DistillationLoss):
+    """A learned edge's loss: its response loss per position, and the small network that scores its source's
+    prediction per example (the edge's weight is the softmax of the scores over the target's learned edges and
+    "none", see :meth:`GraphTeaching.edge_weights`).
+
+    Args:
+        loss: The edge's response loss (one that calls a function of :mod:`hf_kd.losses.functional`: ``kl``,
+            ``reverse_kl``, ``jsd``, ``tvd``, ``soft_ce``, ``logit_mse``, ...).
+        num_classes: The width of the source's prediction (the network's input).
+        hidden: The network's hidden units.
+
+    Raises:
+        ValueError: a loss that is not computed position by position from the two predictions (``dkd``).
+    """
+
+    def __init__(self, loss: DistillationLoss, num_classes: int, hidden: int = SCORER_WIDTH):
+        super().__init__()
+        if not (isinstance(loss, ResponseLoss) and hasattr(type(loss), "function") and loss.per_position):
+            raise ValueError(
+                f"a learned edge weighs its loss position by position; {loss.name!r} is not computed that way: use "
+                "kl, reverse_kl, jsd, tvd, soft_ce or logit_mse."
+            )
+        self.loss, self.name = loss, loss.name
+        self.compares_distributions = loss.compares_distributions
+        self.scorer = nn.Sequential(nn.Linear(num_classes, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.scorer[-1].weight)  # every source starts at the same weight as "none"
+        nn.init.zeros_(self.scorer[-1].bias)
+
+    @property
+    def temperature(self) -> float:
+        """The edge loss's temperature."""
+        return self.loss.temperature
+
+    def score(self, source_logits: torch.Tensor) -> torch.Tensor:
+        """The network's score of a source's prediction at each position.
+
+        Args:
+            source_logits: The source's (detached) logits, ``…×C``.
+
+        Returns:
+            The scores, ``…`` (one per position).
+        """
+        return self.scorer(torch.log_softmax(source_logits.float(), -1)).squeeze(-1)
+
+    def position_values(self, student, teacher, mask) -> torch.Tensor:
+        """The edge loss at every position (0 outside ``mask``).
+
+        Args:
+            student: The target's features.
+            teacher: The source's detached features.
+            mask: The positions that count (None: all).
+
+        Returns:
+            The values, one per position.
+        """
+        loss = self.loss
+        return type(loss).function(
+            student.logits,
+            teacher.dense_logits(),
+            temperature=loss.temperature,
+            mask=loss.confident_mask(teacher, mask),
+            reduction="none",
+            **loss.options,
+        )
+
+    def forward(self, student, teacher, mask=None, labels=None, sample_index=None):
+        return self.loss(student, teacher, mask=mask, labels=labels, sample_index=sample_index)
+
+
 class GraphTeaching(TrainedMembers):
     """The trained nodes of a :class:`DistillationGraph` as a trainer's members; its frozen nodes are the trainer's
     teachers. Each edge is one term of the objective, read by its target from its (detached) source.
@@ -203,9 +285,73 @@ class GraphTeaching(TrainedMembers):
         specs = [LossSpec(e.loss, float(e.weight), dict(e.options), teacher=e.source) for e in self.graph.edges]
         objective = Objective(specs, list(self.graph.nodes), args)
         # Terms named by their edge (the objective names a loss by the teacher it reads; an edge has two ends).
-        objective.terms = [dataclasses.replace(t, name=e.name) for t, e in zip(objective.terms, self.graph.edges)]
+        terms = [dataclasses.replace(t, name=e.name) for t, e in zip(objective.terms, self.graph.edges)]
+        learned = [edge for edge in self.graph.edges if edge.gate == "learned"]
+        if learned:
+            width = num_classes(self.reference)
+            if not width or width < 2:
+                raise ValueError(
+                    f"learned edges {[edge.name for edge in learned]} score a source by its distribution over the "
+                    f"classes; the trained nodes have {width} output(s)."
+                )
+            terms = [
+                dataclasses.replace(term, loss=LearnedEdgeLoss(term.loss, width)) if edge.gate == "learned" else term
+                for term, edge in zip(terms, self.graph.edges)
+            ]
+        # The learned edges' weight networks are loss parts: optimised with the nodes, checkpointed beside them.
+        objective.terms, objective.losses = terms, nn.ModuleList(term.loss for term in terms)
+        self.learned_losses = {term.name: term.loss for term in terms if isinstance(term.loss, LearnedEdgeLoss)}
+        self._weights = None  # (sources, {target: (weights by edge, label likelihood loss)}) of the current batch
         check_logit_width(self.reference, objective.losses)
         return objective
+
+    def edge_weights(self, target: str, sources: dict, labels) -> tuple[dict, torch.Tensor]:
+        """The per-position weights of ``target``'s learned edges and their networks' training loss, on one batch.
+
+        Args:
+            target: A trained node with learned edges.
+            sources: Every node's detached prediction, by name.
+            labels: The batch's labels, aligned with the logits' positions (None: unlabeled).
+
+        Returns:
+            ``({edge name: π over the positions}, loss)``: ``π`` the softmax over the learned edges and "none";
+                ``loss`` the mean over labeled positions of ``−log(Σⱼ πⱼ·pⱼ(y) + π_none/C)`` (0 without labels).
+        """
+        if self._weights is None or self._weights[0] is not sources:
+            self._weights = (sources, {})
+        cached = self._weights[1]
+        if target not in cached:
+            names = [name for name, edge in self.edges.items() if edge.target == target and name in self.learned_losses]
+            logits = [sources[self.edges[name].source].logits.detach().float() for name in names]
+            scores = [self.learned_losses[name].score(each) for name, each in zip(names, logits)]
+            scores.append(torch.zeros_like(scores[0]))  # "none": the label loss alone
+            weights = torch.softmax(torch.stack(scores, -1), -1)
+            loss = weights.sum() * 0.0  # no labeled position: a zero that still reaches every network
+            if labels is not None:
+                labeled = labels.ne(-100)
+                if labeled.any():
+                    target_ids = labels.clamp(min=0).unsqueeze(-1)
+                    right = [torch.softmax(each, -1).gather(-1, target_ids).squeeze(-1) for each in logits]
+                    right.append(torch.full_like(right[0], 1.0 / logits[0].shape[-1]))
+                    likelihood = (weights * torch.stack(right, -1)).sum(-1)
+                    loss = -likelihood.clamp(min=1e-12).log()[labeled].mean()
+            cached[target] = ({name: weights[..., k] for k, name in enumerate(names)}, loss)
+        return cached[target]
+
+    def term_value(self, term, student, teacher, mask, labels, sources):
+        edge = self.edges[term.name]
+        if edge.gate != "learned":
+            return super().term_value(term, student, teacher, mask, labels, sources)
+        weights, _ = self.edge_weights(edge.target, sources, labels)
+        return (term.loss.position_values(student, teacher, mask) * weights[term.name].detach()).sum()
+
+    def extra_terms(self, member, results):
+        if not any(self.edges[name].target == member for name in self.learned_losses):
+            return {}
+        if self._weights is None:  # every edge into the member was skipped: nothing was weighed
+            return {}
+        _, loss = self._weights[1].get(member, (None, None))
+        return {} if loss is None else {f"{EDGE_NLL}/{member}": loss}
 
     def teachers_of(self, member, sources, term):
         edge = self.edges[term.name]
@@ -228,10 +374,16 @@ class GraphTeaching(TrainedMembers):
         return f"{term}/{member}" if term == LABEL_TERM else term
 
     def logged_names(self, objective):
-        return [*(f"{LABEL_TERM}/{node}" for node in self.names), *objective.names]
+        learned_targets = dict.fromkeys(e.target for e in self.graph.edges if e.gate == "learned")
+        return [
+            *(f"{LABEL_TERM}/{node}" for node in self.names),
+            *objective.names,
+            *(f"{EDGE_NLL}/{node}" for node in learned_targets),
+        ]
 
     def logits_alone(self, module, member, inputs):
-        return output_field(module.peers[member](**inputs), "logits")
+        plain, _ = split_views(inputs)  # a node alone reads the plain view
+        return output_field(module.peers[member](**plain), "logits")
 
     def model_of(self, module, member):
         return module.peers[member]

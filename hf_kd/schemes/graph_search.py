@@ -32,6 +32,8 @@ from ..config import DistillationConfig
 from .graph import GATES, DistillationGraph, GraphEdge, GraphTrainer
 from .peer_cohort import PeerCohort
 
+SEARCH_GATES = tuple(gate for gate in GATES if gate != "learned")  # a learned edge's network is not a choice
+
 
 def _pair(edge: GraphEdge) -> str:
     return f"{edge.source}->{edge.target}"
@@ -48,24 +50,25 @@ class GraphSearchSpace:
     Args:
         losses: The response losses an edge may use besides its own (``kl``, ``jsd``, ``reverse_kl``, ...).
         gates: The gates an edge may take (a subset of ``through``, ``cutoff``, ``linear_up``, ``linear_down``,
-            ``correct``).
+            ``correct``; ``learned`` edges train networks of their own, which a trial cannot switch in and out).
         weights: The weights an edge may take; None: each edge keeps its own.
 
     Raises:
-        ValueError: no gate or loss to choose from, an unknown gate, or a weight that is not a finite number >= 0.
+        ValueError: no gate or loss to choose from, an unknown gate or ``learned``, or a weight that is not a finite
+            number >= 0.
     """
 
     losses: tuple[str, ...] = ("kl",)
-    gates: tuple[str, ...] = GATES
+    gates: tuple[str, ...] = SEARCH_GATES
     weights: tuple[float, ...] | None = None
 
     def __post_init__(self):
         self.losses, self.gates = tuple(self.losses), tuple(self.gates)
         if not self.losses or not self.gates:
             raise ValueError("a graph search needs at least one loss and one gate to choose from.")
-        unknown = [gate for gate in self.gates if gate not in GATES]
+        unknown = [gate for gate in self.gates if gate not in SEARCH_GATES]
         if unknown:
-            raise ValueError(f"gates {unknown} are not gates; the gates are {GATES}.")
+            raise ValueError(f"gates {unknown} cannot be searched; the gates a search chooses from are {SEARCH_GATES}.")
         if self.weights is not None:
             self.weights = tuple(self.weights)
             if not self.weights or not all(isinstance(w, (int, float)) and 0 <= w < float("inf") for w in self.weights):
@@ -161,7 +164,8 @@ class GraphSearchTrainer(GraphTrainer):
 
     Raises:
         TypeError: ``make_node`` is not callable.
-        ValueError: two edges between the same nodes, or what :class:`~hf_kd.schemes.graph.GraphTrainer` refuses.
+        ValueError: two edges between the same nodes, a ``learned`` edge, or what
+            :class:`~hf_kd.schemes.graph.GraphTrainer` refuses.
     """
 
     def __init__(
@@ -176,6 +180,9 @@ class GraphSearchTrainer(GraphTrainer):
     ):
         if not callable(make_node):
             raise TypeError(f"make_node must build a trained node's model from its name, got {type(make_node)}.")
+        learned = [edge.name for edge in graph.edges if edge.gate == "learned"]
+        if learned:
+            raise ValueError(f"edges {learned} are learned: a search chooses among fixed gates; give them another.")
         pairs = [_pair(edge) for edge in graph.edges]
         repeated = sorted({pair for pair in pairs if pairs.count(pair) > 1})
         if repeated:
@@ -274,7 +281,7 @@ def search_graph(
     n_trials: int,
     output_file: str,
     losses: tuple[str, ...] = ("kl",),
-    gates: tuple[str, ...] = GATES,
+    gates: tuple[str, ...] = SEARCH_GATES,
     weights: tuple[float, ...] | None = None,
     metric: str | None = None,
     hp_space: Callable | None = None,

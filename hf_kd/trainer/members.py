@@ -21,6 +21,7 @@ from ..features import ModelFeatures
 from ..objective import LABEL_TERM, Objective, check_finite
 from ..positions import ItemCounts, split_sample_index
 from ..teachers.ensemble import TeacherAggregator
+from ..views import split_views
 from .batch_loss import _drop_last_position, label_term, record_terms
 
 MEMBERS = "members"  # the one teacher name the objective's terms read: whichever members teach a member
@@ -87,6 +88,23 @@ class TrainedMembers:
             ``(scale, keep)``: the factor on the term and the mask of what it reads (None: everything).
         """
         return 1.0, None
+
+    def term_value(self, term, student, teacher, mask, labels, sources: dict[str, ModelFeatures]) -> torch.Tensor:
+        """One term of a member against one teacher on a micro-batch (the base: the term's loss as it is; a graph
+        weighs a learned edge's positions).
+
+        Args:
+            term: the objective's term.
+            student: the member's features.
+            teacher: the teacher's detached features.
+            mask: the positions that count (None: all).
+            labels: the batch's labels, aligned with the logits' positions (None: unlabeled).
+            sources: every member's detached prediction (and the frozen teachers'), by name.
+
+        Returns:
+            The term's value, as its loss returns it (a sum over positions, or a batch mean).
+        """
+        return term.loss(student, teacher, mask=mask, labels=labels)
 
     def log_name(self, term: str, member: str) -> str:
         """The logged name of ``member``'s term ``term`` (``kl/peer0``).
@@ -319,12 +337,13 @@ def members_loss(trainer, model, inputs, return_outputs=False, num_items_in_batc
     mode = "train" if model.training else "eval"
     accumulation = getattr(trainer, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
     inputs, sample_index = split_sample_index(inputs)
+    inputs, teacher_inputs = split_views(inputs)  # members read the plain view; frozen nodes their own, if any
     labels, label_weight = inputs.get("labels"), trainer.args.label_loss_weight
     results = model(**inputs)  # every member once, through the module's (DDP) wrapper; each its own label loss
     mask = trainer._distillation_mask(inputs)
     features = {name: member_features for name, (_, member_features) in results.items()}
     frozen = {  # frozen nodes beside the members (a graph's teachers): read as a teacher is
-        name: source(inputs, frozenset({"logits"}), sample_index=sample_index)
+        name: source(teacher_inputs or inputs, frozenset({"logits"}), sample_index=sample_index)
         for name, source in trainer.teachers.items()
     }
     position_labels = labels
@@ -351,7 +370,7 @@ def members_loss(trainer, model, inputs, return_outputs=False, num_items_in_batc
             values = []
             for teacher in teachers:
                 check_compatible(student, teacher)
-                values.append(term.loss(student, teacher, mask=term_mask, labels=position_labels))
+                values.append(members.term_value(term, student, teacher, term_mask, position_labels, sources))
             terms[term.name] = scale * objective.normalise(term, sum(values) / len(values), counts, accumulation)
             taught = True
         extra = {key: value / accumulation for key, value in members.extra_terms(name, results).items()}
