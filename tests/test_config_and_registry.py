@@ -16,9 +16,9 @@ from hf_kd.recipe_support.cli import parse_args
 from hf_kd.sentence_embeddings import SentenceEmbeddingModel
 from hf_kd.teachers import LiveTeacher
 
-ALL_IDS = """at attention_kl attention_mse crd dkd embedding_cosine embedding_mse fsp hidden_cosine hidden_mse hint
-    infonce irg jsd kl listwise_kl logit_mse margin_mse pkd pkt prob_mse regression_mse reverse_kl rkd_angle
-    rkd_distance skew_kl skew_reverse_kl soft_ce sp teacher_bounded tvd uhc uld vid""".split()
+ALL_IDS = """at attention_kl attention_mse class_balance crd dkd embedding_cosine embedding_mse fsp hidden_cosine
+    hidden_mse hint infonce irg jsd kl listwise_kl logit_mse margin_mse pkd pkt prob_mse regression_mse reverse_kl
+    rkd_angle rkd_distance skew_kl skew_reverse_kl soft_ce sp teacher_bounded tvd uhc uld vid""".split()
 RESPONSE_IDS = [
     "dkd",
     "jsd",
@@ -82,6 +82,7 @@ def test_every_registered_loss_builds_with_defaults_and_backpropagates(name):
     # margin_mse relevance grades per candidate (the three logits as a query's candidates).
     labels = torch.randn(6, 3) if name == "teacher_bounded" else torch.tensor([0, 1, 2, 0, 1, 2])
     labels = torch.eye(3, dtype=torch.long)[labels] if name == "margin_mse" else labels
+    labels = labels.masked_fill(torch.arange(6) % 2 == 0, -100) if name == "class_balance" else labels  # reads these
     value = loss(student, teacher, labels=labels, sample_index=torch.arange(6))
     assert value.dim() == 0 and torch.isfinite(value)
     value.backward()
@@ -97,7 +98,8 @@ def test_unknown_loss_lists_valid_ids():
 
 def test_unknown_loss_option_lists_accepted_ones():
     with pytest.raises(
-        ValueError, match=r"unknown option 'betta'; it accepts \['temperature', 'beta'\]. Did you mean 'beta'"
+        ValueError,
+        match=r"unknown option 'betta'; it accepts \['temperature', 'beta', 'confidence_threshold'\]. Did you mean 'be",
     ):
         get_loss("jsd", betta=0.3)
 

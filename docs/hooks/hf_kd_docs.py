@@ -74,6 +74,7 @@ SCHEME_REFUSALS = {
 # Titles of the per-area refusal tables (tests/refusals_AREA.py); an area not listed gets its file name.
 REFUSAL_AREAS = {
     "test_bad_inputs": "Configuration, data, teachers and the trainer",
+    "adaptation": "Domain adaptation: confidence thresholds and class balance",
     "aggregation": "Several teachers",
     "amalgamation": "Knowledge amalgamation",
     "cache": "Teacher caches",

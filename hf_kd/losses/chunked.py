@@ -207,7 +207,7 @@ class _Chunks:
                 logits = self.head.finish(raw)
         else:
             logits = self.head.finish(raw)
-        fused = [loss for loss in self.losses if type(loss) in _FUSED_LOSSES]
+        fused = [loss for loss in self.losses if _fused_kernel(loss) is not None]
         # Autograd losses read both models' logits as they are; a family's output steps need them for the gradient.
         keeps_logits = len(fused) < len(self.losses) or (wants_grad and self.head.finishes_logits)
         temperatures = {float(loss.temperature) for loss in fused}
@@ -236,7 +236,7 @@ class _Chunks:
             index = 1
         for loss in self.losses:
             weight = weights[index] if wants_grad else 0.0
-            kernel = _FUSED_LOSSES.get(type(loss))
+            kernel = _fused_kernel(loss)
             if kernel is not None:
                 values.append(kernel(loss, student_side, teacher_side, grad, weight))
             else:
@@ -284,6 +284,8 @@ class _Softened:
 
     def __init__(self, logits, temperatures: set[float], log_probs_at: set[float], targets=None, overwrite=False):
         lowest = torch.finfo(logits.dtype).min
+        # The gradient buffer's form: with only autograd losses and no label loss there is no softened group to copy.
+        self._shape, self._dtype, self._device = logits.shape, logits.dtype, logits.device
         self._groups: dict[float, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.target_log_probs = None
         divided_by = 1.0  # what ``logits`` holds now: z / divided_by
@@ -320,7 +322,7 @@ class _Softened:
 
     def zeros(self) -> torch.Tensor:
         """A gradient buffer of the logits' shape."""
-        return torch.zeros_like(next(iter(self._groups.values()))[1])
+        return torch.zeros(self._shape, dtype=self._dtype, device=self._device)
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -413,6 +415,12 @@ _FUSED_LOSSES = {
     GeneralizedJSD: _generalized_jsd,
     SoftCrossEntropy: _soft_cross_entropy,
 }
+
+
+def _fused_kernel(loss):
+    """The loss's written-out gradient, or None: autograd takes it (a confidence threshold masks positions, which
+    the kernels do not)."""
+    return None if getattr(loss, "confidence_threshold", None) is not None else _FUSED_LOSSES.get(type(loss))
 
 
 def _autograd_term(loss, logits, teacher, targets, grad, weight):

@@ -13,6 +13,7 @@ model, as long as the teacher gives them zero probability) produce neither NaN v
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -685,6 +686,69 @@ def dkd(
     non_target_t = F.log_softmax(log_t.masked_fill(is_target, float("-inf")), dim=-1)
     nckd = _kl_from_log_probs(non_target_t, non_target_s)
     return reduce_positions((alpha * tckd + beta * nckd) * temperature**2, mask, reduction)
+
+
+def confident_positions(teacher_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Where the teacher's top-class probability (softmax at temperature 1) reaches ``threshold``: the positions a
+    confidence-thresholded consistency keeps (French et al. 2018's self-ensembling for domain adaptation, FixMatch).
+
+    Args:
+        teacher_logits: Teacher logits ``…×C`` (C >= 2).
+        threshold: The smallest top-class probability kept, in (0, 1).
+
+    Returns:
+        Bool over the leading dimensions: True where ``max_c softmax(teacher_logits)_c >= threshold``.
+
+    Raises:
+        ValueError: ``threshold`` is outside (0, 1), or the logits have one entry per position (whose softmax is 1
+            whatever the logit, so no position would ever be left out).
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"confidence_threshold must be in (0, 1), got {threshold}.")
+    if teacher_logits.shape[-1] < 2:
+        raise ValueError(
+            "confidence_threshold reads the teacher's top-class probability, a softmax over its logits; the teacher "
+            "has one logit per position (a regression or a relevance score), whose softmax is 1 whatever the logit. "
+            "Leave confidence_threshold unset for one-logit heads."
+        )
+    return _log_probs(teacher_logits, 1.0).amax(-1) >= math.log(threshold)
+
+
+def class_balance(student_logits: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """French et al. 2018's class-balance loss: Σ_c BCE(m_c, 1/C), m the mean of the student's softmax over the
+    positions of ``mask``, BCE(m, u) = −u·log m − (1 − u)·log(1 − m).
+
+    Penalises a batch whose predictions pile onto a few classes (the collapse of self-ensembling on unlabeled rows);
+    its minimum, C·H(1/C) with H the binary entropy, is reached when every class has mean probability 1/C.
+
+    Args:
+        student_logits: Student logits ``…×C`` (C >= 2).
+        mask: Bool over the leading dimensions: the positions averaged; ``None``: all. No position: 0.
+
+    Returns:
+        The loss, a scalar.
+
+    Raises:
+        ValueError: ``mask``'s shape differs from the positions', or the logits have fewer than 2 entries.
+    """
+    num_classes = student_logits.shape[-1]
+    if num_classes < 2:
+        raise ValueError(f"class_balance needs at least 2 classes, got logits of shape {tuple(student_logits.shape)}.")
+    log_p = _log_probs(student_logits, 1.0).reshape(-1, num_classes)
+    if mask is not None:
+        if mask.shape != student_logits.shape[:-1]:
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} does not match the positions {tuple(student_logits.shape[:-1])}."
+            )
+        log_p = log_p[mask.reshape(-1).bool()]
+    if len(log_p) == 0:
+        return student_logits.sum() * 0.0  # no position to balance: nothing, still in the graph
+    tiny = torch.finfo(log_p.dtype).tiny
+    mean = log_p.exp().mean(0)
+    # 1 − m_c as the mean of 1 − p_c = −expm1(log p_c): exact where a class holds nearly all the mass.
+    rest = (-torch.expm1(log_p)).mean(0)
+    uniform = 1.0 / num_classes
+    return -(uniform * mean.clamp(min=tiny).log() + (1 - uniform) * rest.clamp(min=tiny).log()).sum()
 
 
 RESPONSE_FUNCTIONS = {

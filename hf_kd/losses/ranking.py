@@ -44,6 +44,8 @@ class ListwiseKL(ResponseLoss):
     Args:
         temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
             loss's options set one).
+        confidence_threshold: Leave out the positions where the teacher's top-class probability is below it, in
+            (0, 1) (see :class:`~hf_kd.losses.response.ResponseLoss`); ``None``: none.
     """
 
     function = F.listwise_kl

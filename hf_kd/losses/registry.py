@@ -134,11 +134,18 @@ def check_loss_options(name: str, options: dict) -> None:
         options: The options given for it.
 
     Raises:
-        ValueError: an option the loss does not take, or a float option that is NaN or infinite.
+        ValueError: an option the loss does not take (``confidence_threshold`` on a loss that reads no teacher
+            probabilities: said so), or a float option that is NaN or infinite.
     """
     accepted = accepted_options(resolve_loss_class(name))
     if accepted is not None:
         for key in options:
+            if key == "confidence_threshold" and key not in accepted:
+                raise ValueError(
+                    f"loss {name!r} does not take confidence_threshold: it leaves out the positions where the "
+                    "teacher's top-class probability is below it, so it applies to the losses on the teacher's class "
+                    "probabilities (the response losses: kl, prob_mse, logit_mse, dkd, ...), and not to this one."
+                )
             if key not in accepted:
                 close = difflib.get_close_matches(key, accepted, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""

@@ -9,6 +9,8 @@ import math
 from collections.abc import Callable
 from typing import ClassVar
 
+import torch
+
 from . import functional as F
 from .base import DistillationLoss
 from .registry import register_loss
@@ -20,12 +22,19 @@ class ResponseLoss(DistillationLoss):
     A subclass names its function of :mod:`hf_kd.losses.functional` (and, optionally, the one that reads a sparse
     cached teacher directly) and adds its own options.
 
+    Every response loss takes ``confidence_threshold``: the positions where the teacher's top-class probability
+    (softmax of its logits at temperature 1) is below it contribute nothing, as in French et al. 2018's
+    self-ensembling for domain adaptation (0.968 there) and FixMatch; they still count in the normalisation (the
+    loss is a mean over every distilled position, as theirs is), so a teacher confident nowhere gives 0.
+
     Args:
         temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
             loss's options set one).
+        confidence_threshold: Keep only the positions where the teacher's top-class probability is at least this,
+            in (0, 1); ``None``: every position.
 
     Raises:
-        ValueError: ``temperature`` is not a finite number > 0.
+        ValueError: ``temperature`` is not a finite number > 0, or ``confidence_threshold`` is not in (0, 1).
     """
 
     needs = frozenset({"logits"})
@@ -36,15 +45,33 @@ class ResponseLoss(DistillationLoss):
     # Reads a distribution over the classes (softmax of the logits): meaningless for a one-logit head.
     compares_distributions: ClassVar[bool] = True
 
-    def __init__(self, temperature: float = 1.0):
+    def __init__(self, temperature: float = 1.0, confidence_threshold: float | None = None):
         super().__init__()
         if not (temperature > 0 and math.isfinite(temperature)):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature} for loss {self.name!r}.")
+        check_confidence_threshold(self.name, confidence_threshold)
         self.temperature = temperature
+        self.confidence_threshold = confidence_threshold
         self.options: dict = {}  # a subclass's own options, passed on to its function
+
+    def confident_mask(self, teacher, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """``mask`` narrowed to the positions where the teacher is confident (unchanged without a threshold).
+
+        Args:
+            teacher: The teacher's features (dense or sparse logits).
+            mask: Bool over the positions that count; ``None``: all.
+
+        Returns:
+            The positions that count and where the teacher's top-class probability reaches ``confidence_threshold``.
+        """
+        if self.confidence_threshold is None:
+            return mask
+        confident = teacher_confident(teacher, self.confidence_threshold)
+        return confident if mask is None else mask.bool() & confident
 
     def forward(self, student, teacher, mask=None, labels=None, sample_index=None):
         function, teacher_logits = type(self).function, teacher.logits
+        mask = self.confident_mask(teacher, mask)
         if teacher_logits is None and teacher.sparse_logits is not None:
             if type(self).sparse_function is not None:
                 function, teacher_logits = type(self).sparse_function, teacher.sparse_logits
@@ -55,7 +82,43 @@ class ResponseLoss(DistillationLoss):
         )
 
     def extra_repr(self) -> str:
-        return ", ".join([f"temperature={self.temperature}"] + [f"{k}={v}" for k, v in self.options.items()])
+        threshold = [] if self.confidence_threshold is None else [f"confidence_threshold={self.confidence_threshold}"]
+        options = [f"{k}={v}" for k, v in self.options.items()]
+        return ", ".join([f"temperature={self.temperature}", *options, *threshold])
+
+
+def check_confidence_threshold(name: str, threshold: float | None) -> None:
+    """Raise unless ``threshold`` is ``None`` or a number in (0, 1).
+
+    Args:
+        name: The loss's id, named in the error.
+        threshold: The configured ``confidence_threshold``.
+
+    Raises:
+        ValueError: ``threshold`` is not in (0, 1).
+    """
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
+        raise ValueError(
+            f"confidence_threshold of loss {name!r} must be a probability in (0, 1), got {threshold!r}: the positions "
+            "where the teacher's top-class probability is below it are left out (French et al. 2018 use 0.968)."
+        )
+
+
+def teacher_confident(teacher, threshold: float) -> torch.Tensor:
+    """Where the teacher's top-class probability (temperature 1) reaches ``threshold``, from dense or sparse logits.
+
+    Args:
+        teacher: The teacher's :class:`~hf_kd.features.ModelFeatures`.
+        threshold: A probability in (0, 1).
+
+    Returns:
+        Bool over the positions.
+    """
+    if teacher.logits is None and teacher.sparse_logits is not None:  # a cached top-k: the best kept entry or the rest
+        sparse = teacher.sparse_logits
+        top = torch.maximum(sparse.logprobs.float().amax(-1), sparse.fill.float())
+        return top >= math.log(threshold)
+    return F.confident_positions(teacher.logits, threshold)
 
 
 @register_loss(
@@ -70,6 +133,8 @@ class ForwardKL(ResponseLoss):
     Args:
         temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
             loss's options set one).
+        confidence_threshold: Leave out the positions where the teacher's top-class probability is below it, in
+            (0, 1) (see :class:`~hf_kd.losses.response.ResponseLoss`); ``None``: none.
     """
 
     function = F.forward_kl
@@ -87,6 +152,8 @@ class ReverseKL(ResponseLoss):
     Args:
         temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
             loss's options set one).
+        confidence_threshold: Leave out the positions where the teacher's top-class probability is below it, in
+            (0, 1) (see :class:`~hf_kd.losses.response.ResponseLoss`); ``None``: none.
     """
 
     function = F.reverse_kl
@@ -104,18 +171,20 @@ class GeneralizedJSD(ResponseLoss):
     Args:
         temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
             loss's options set one).
+        confidence_threshold: Leave out the positions where the teacher's top-class probability is below it, in
+            (0, 1) (see :class:`~hf_kd.losses.response.ResponseLoss`); ``None``: none.
         beta: β in [0, 1], the teacher's share of the mixture m = β·p_T + (1 − β)·p_S.
 
     Raises:
-        ValueError: ``beta`` outside [0, 1], or a bad ``temperature``.
+        ValueError: ``beta`` outside [0, 1], or a bad ``temperature`` or ``confidence_threshold``.
     """
 
     function = F.generalized_jsd
 
-    def __init__(self, temperature: float = 1.0, beta: float = 0.5):
+    def __init__(self, temperature: float = 1.0, beta: float = 0.5, confidence_threshold: float | None = None):
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"jsd needs 0 <= beta <= 1, got beta={beta}.")
-        super().__init__(temperature)
+        super().__init__(temperature, confidence_threshold)
         self.options = {"beta": beta}
 
 
@@ -129,18 +198,20 @@ class SkewKL(ResponseLoss):
     Args:
         temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
             loss's options set one).
+        confidence_threshold: Leave out the positions where the teacher's top-class probability is below it, in
+            (0, 1) (see :class:`~hf_kd.losses.response.ResponseLoss`); ``None``: none.
         skew: α in [0, 1).
 
     Raises:
-        ValueError: ``skew`` outside [0, 1), or a bad ``temperature``.
+        ValueError: ``skew`` outside [0, 1), or a bad ``temperature`` or ``confidence_threshold``.
     """
 
     function = F.skew_kl
 
-    def __init__(self, temperature: float = 1.0, skew: float = 0.1):
+    def __init__(self, temperature: float = 1.0, skew: float = 0.1, confidence_threshold: float | None = None):
         if not 0.0 <= skew < 1.0:
             raise ValueError(f"skew_kl needs 0 <= skew < 1, got skew={skew}.")
-        super().__init__(temperature)
+        super().__init__(temperature, confidence_threshold)
         self.options = {"skew": skew}
 
 
@@ -156,18 +227,20 @@ class SkewReverseKL(ResponseLoss):
     Args:
         temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
             loss's options set one).
+        confidence_threshold: Leave out the positions where the teacher's top-class probability is below it, in
+            (0, 1) (see :class:`~hf_kd.losses.response.ResponseLoss`); ``None``: none.
         skew: α in [0, 1).
 
     Raises:
-        ValueError: ``skew`` outside [0, 1), or a bad ``temperature``.
+        ValueError: ``skew`` outside [0, 1), or a bad ``temperature`` or ``confidence_threshold``.
     """
 
     function = F.skew_reverse_kl
 
-    def __init__(self, temperature: float = 1.0, skew: float = 0.1):
+    def __init__(self, temperature: float = 1.0, skew: float = 0.1, confidence_threshold: float | None = None):
         if not 0.0 <= skew < 1.0:
             raise ValueError(f"skew_reverse_kl needs 0 <= skew < 1, got skew={skew}.")
-        super().__init__(temperature)
+        super().__init__(temperature, confidence_threshold)
         self.options = {"skew": skew}
 
 
@@ -181,6 +254,8 @@ class TotalVariation(ResponseLoss):
     Args:
         temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
             loss's options set one).
+        confidence_threshold: Leave out the positions where the teacher's top-class probability is below it, in
+            (0, 1) (see :class:`~hf_kd.losses.response.ResponseLoss`); ``None``: none.
     """
 
     function = F.tvd
@@ -199,6 +274,8 @@ class SoftCrossEntropy(ResponseLoss):
     Args:
         temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
             loss's options set one).
+        confidence_threshold: Leave out the positions where the teacher's top-class probability is below it, in
+            (0, 1) (see :class:`~hf_kd.losses.response.ResponseLoss`); ``None``: none.
     """
 
     function = F.soft_ce
@@ -216,6 +293,8 @@ class LogitMSE(ResponseLoss):
     Args:
         temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
             loss's options set one).
+        confidence_threshold: Leave out the positions where the teacher's top-class probability is below it, in
+            (0, 1) (see :class:`~hf_kd.losses.response.ResponseLoss`); ``None``: none.
     """
 
     function = F.logit_mse
@@ -234,6 +313,8 @@ class ProbabilityMSE(ResponseLoss):
     Args:
         temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
             loss's options set one).
+        confidence_threshold: Leave out the positions where the teacher's top-class probability is below it, in
+            (0, 1) (see :class:`~hf_kd.losses.response.ResponseLoss`); ``None``: none.
     """
 
     function = F.prob_mse
@@ -249,19 +330,27 @@ class DecoupledKD(ResponseLoss):
     Args:
         temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
             loss's options set one).
+        confidence_threshold: Leave out the positions where the teacher's top-class probability is below it, in
+            (0, 1) (see :class:`~hf_kd.losses.response.ResponseLoss`); ``None``: none.
         alpha: α >= 0, the weight of the target-class term.
         beta: β >= 0, the weight of the non-target-class term.
 
     Raises:
-        ValueError: a negative ``alpha`` or ``beta``, or a bad ``temperature``.
+        ValueError: a negative ``alpha`` or ``beta``, or a bad ``temperature`` or ``confidence_threshold``.
     """
 
     function = F.dkd
 
-    def __init__(self, temperature: float = 1.0, alpha: float = 1.0, beta: float = 8.0):
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        confidence_threshold: float | None = None,
+    ):
         if alpha < 0 or beta < 0:
             raise ValueError(f"dkd needs alpha >= 0 and beta >= 0, got alpha={alpha}, beta={beta}.")
-        super().__init__(temperature)
+        super().__init__(temperature, confidence_threshold)
         self.options = {"alpha": alpha, "beta": beta}
 
     def forward(self, student, teacher, mask=None, labels=None, sample_index=None):
@@ -276,7 +365,7 @@ class DecoupledKD(ResponseLoss):
             teacher.dense_logits(),
             target=target,
             temperature=self.temperature,
-            mask=mask,
+            mask=self.confident_mask(teacher, mask),
             reduction="sum",
             **self.options,
         )
@@ -298,6 +387,8 @@ class UnifyingHeterogeneousClassifiers(ResponseLoss):
     Args:
         temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
             loss's options set one).
+        confidence_threshold: Leave out the positions where the teacher's top-class probability is below it, in
+            (0, 1) (see :class:`~hf_kd.losses.response.ResponseLoss`); ``None``: none.
     """
 
     function = F.subset_kl
@@ -317,7 +408,68 @@ class UniversalLogitDistillation(ResponseLoss):
     Args:
         temperature: Softmax temperature τ > 0 (the trainer passes ``DistillationConfig.temperature`` unless the
             loss's options set one).
+        confidence_threshold: Leave out the positions where the teacher's top-class probability is below it, in
+            (0, 1) (see :class:`~hf_kd.losses.response.ResponseLoss`); ``None``: none.
     """
 
     function = F.uld
     cross_vocabulary = True
+
+
+@register_loss(
+    "class_balance",
+    paper="French, Mackiewicz & Fisher 2018, Self-ensembling for visual domain adaptation, arXiv:1706.05208",
+)
+class ClassBalance(DistillationLoss):
+    """French et al. 2018's class-balance loss: Σ_c BCE(m_c, 1/C), m the mean of the student's softmax over the
+    batch's unlabeled (target) rows: :func:`~hf_kd.losses.functional.class_balance`.
+
+    Keeps self-ensembling on unlabeled rows from piling its predictions onto a few classes. It reads the student
+    alone (the teacher only for ``confidence_threshold``) and is one value per batch, not a sum over positions.
+
+    Args:
+        rows: ``"unlabeled"``: the rows labeled -100 (every row of a batch without labels), the target rows of
+            domain adaptation; ``"all"``: every distilled row.
+        confidence_threshold: Scale the loss by the fraction of those rows where the teacher's top-class probability
+            reaches it, in (0, 1), as French et al. do with their thresholded consistency; ``None``: unscaled.
+
+    Raises:
+        ValueError: ``rows`` is neither ``"unlabeled"`` nor ``"all"``, or ``confidence_threshold`` is not in (0, 1).
+    """
+
+    per_position = False
+    compares_distributions = True
+    default_weight = 0.005  # French et al.'s code's default weight (cls_balance)
+
+    def __init__(self, rows: str = "unlabeled", confidence_threshold: float | None = None):
+        super().__init__()
+        if rows not in ("unlabeled", "all"):
+            raise ValueError(f"class_balance rows must be 'unlabeled' or 'all', got {rows!r}.")
+        check_confidence_threshold(self.name, confidence_threshold)
+        self.rows, self.confidence_threshold = rows, confidence_threshold
+
+    def side_needs(self, side):
+        if side == "teacher" and self.confidence_threshold is None:
+            return frozenset()
+        return self.needs
+
+    def forward(self, student, teacher, mask=None, labels=None, sample_index=None):
+        logits = student.logits
+        positions = logits.shape[:-1]
+        rows = torch.ones(positions, dtype=torch.bool, device=logits.device) if mask is None else mask.bool()
+        if self.rows == "unlabeled" and labels is not None:
+            if labels.shape != positions:
+                raise ValueError(
+                    f"class_balance with rows='unlabeled' finds the unlabeled rows by their label -100, which needs "
+                    f"one label per position {tuple(positions)}; got labels of shape {tuple(labels.shape)}. Use "
+                    "rows='all'."
+                )
+            rows = rows & labels.eq(-100)
+        value = F.class_balance(logits, mask=rows)
+        if self.confidence_threshold is not None:
+            confident = teacher_confident(teacher, self.confidence_threshold) & rows
+            value = value * (confident.sum().to(value.dtype) / rows.sum().clamp(min=1).to(value.dtype))
+        return value
+
+    def extra_repr(self) -> str:
+        return f"rows={self.rows!r}, confidence_threshold={self.confidence_threshold}"
