@@ -1,19 +1,30 @@
 """The mean teacher on a real domain shift: digits (scikit-learn's 8×8 images) → the same digits rotated, with no
-target label seen.
+target label seen; plain, and with French et al. 2018's fixes (self-ensembling for domain adaptation).
 
 Per seed: a held-out test split of 360 images, rotated (the target domain). Of the 1,437 training images, a random
 half stays upright and labeled (the source), the other half is rotated and unlabeled (the target rows, label −100).
-The same ViT 2×32 student, steps and seed for every row:
+The same ViT 2×32 student, steps and seed for every row (--runs picks them):
 
-- source only: trained on the labeled upright images;
-- mean teacher: the labeled source rows + the unlabeled target rows, the student's EMA as teacher (consistency
+- ``source``: source only, trained on the labeled upright images;
+- ``source_augmented``: the same with French et al.'s augmentation (below), so that the adaptation rows are compared
+  with the augmentation alone too;
+- ``mean_teacher``: the labeled source rows + the unlabeled target rows, the student's EMA as teacher (consistency
   --consistency, default ``logit_mse``, ramped up over the first third of the steps; Gaussian input noise --noise
   for each model, drawn separately), the student and its EMA teacher both measured;
-- upper bound: trained with the target rows' labels too.
+- ``self_ensembling``: French et al.'s set-up on the same data: ``prob_mse`` (their squared difference of the
+  probabilities) weight --se_weight with ``confidence_threshold`` --confidence_threshold (their 0.968), plus
+  ``class_balance`` weight --class_balance scaled by the confident fraction, no ramp-up (theirs has none with the
+  threshold), and their augmentation drawn separately for each model: a random affine map (identity + N(0, 0.1²) per
+  entry), a translation of up to 2 px of their 32 (here 0.5 px of 8), Gaussian noise 0.1;
+- ``upper``: upper bound, trained with the target rows' labels too.
+
+--validation measures every row on the target training rows (rotated, their labels never used in training)
+instead of the test split: settings are chosen there, the test split is read once, for the table.
 
 Prints the rotated-test accuracy (mean ± std over seeds) and writes it to --output_dir/mean_teacher_digits.md.
 
-    python benchmarks/mean_teacher_digits.py --seeds 0 1 2      # ~4 min per seed on 2 CPU cores
+    python benchmarks/mean_teacher_digits.py --seeds 0 1 2      # ~7 min per seed on 2 CPU cores
+    python benchmarks/mean_teacher_digits.py --seeds 0 --runs self_ensembling --validation
 """
 
 from __future__ import annotations
@@ -23,10 +34,12 @@ import dataclasses
 import os
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from datasets import concatenate_datasets
 from schemes_digits import TRAINING, digits, load_recipe, recorder, sweep
 from scipy.ndimage import rotate
-from transformers import set_seed
+from transformers import default_data_collator, set_seed
 
 from hf_kd import DistillationConfig
 from hf_kd.evaluation import evaluate_model
@@ -34,6 +47,8 @@ from hf_kd.metrics import classification_metrics
 from hf_kd.noise import GaussianNoise
 from hf_kd.recipe_support.baselines import train_plainly
 from hf_kd.schemes.mean_teacher import mean_teacher
+
+RUNS = ["source", "source_augmented", "mean_teacher", "self_ensembling", "upper"]
 
 
 def rotated(dataset, angle: float):
@@ -47,6 +62,35 @@ def rotated(dataset, angle: float):
     return dataset.with_format(None).map(turn, batched=True).with_format("torch")
 
 
+class RandomAffine:
+    """French et al. 2018's augmentation of small images: a random affine map (the identity plus N(0, std²) on each
+    entry of its 2×2 matrix), a translation uniform in ±shift pixels along each axis, then Gaussian noise.
+
+    Args:
+        std: The standard deviation added to each entry of the affine matrix.
+        shift: The largest translation, in pixels.
+        noise: The standard deviation of the Gaussian noise added afterwards (0: none).
+        fill: The value of pixels mapped from outside the image (the normalised background).
+    """
+
+    def __init__(self, std: float = 0.1, shift: float = 0.5, noise: float = 0.1, fill: float = -1.0):
+        self.std, self.shift, self.noise, self.fill = std, shift, noise, fill
+
+    def __call__(self, batch: dict) -> dict:
+        images = batch["pixel_values"]
+        size, (height, width) = len(images), images.shape[-2:]
+        matrix = torch.eye(2) + self.std * torch.randn(size, 2, 2)
+        # affine_grid's coordinates span [-1, 1]: one pixel is 2/width of them.
+        pixels = torch.tensor([2.0 / width, 2.0 / height])
+        translation = (torch.rand(size, 2) * 2 - 1) * self.shift * pixels
+        theta = torch.cat([matrix, translation[:, :, None]], dim=2).to(images)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        moved = F.grid_sample(images - self.fill, grid, align_corners=False) + self.fill  # outside: the fill
+        if self.noise:
+            moved = moved + self.noise * torch.randn_like(moved)
+        return {**batch, "pixel_values": moved}
+
+
 def run_seed(seed: int, options, recipe_module, scores: dict[str, list[float]]) -> None:
     folder = os.path.join(options.output_dir, f"seed{seed}")
     recipe, train, test = digits(recipe_module, os.path.join(options.output_dir, "data"), seed)
@@ -54,6 +98,8 @@ def run_seed(seed: int, options, recipe_module, scores: dict[str, list[float]]) 
     halves = train.train_test_split(test_size=0.5, stratify_by_column="labels", seed=seed)
     source, target = halves["train"], rotated(halves["test"], options.angle)
     unlabeled = target.with_format(None).map(lambda row: {"labels": -100}).with_format("torch")
+    measured_on = target if options.validation else test  # the target rows' labels: measuring only
+    mixed = concatenate_datasets([source, unlabeled]).shuffle(seed=seed)
     plain_args = DistillationConfig(
         output_dir=folder,
         max_steps=options.steps,
@@ -68,31 +114,64 @@ def run_seed(seed: int, options, recipe_module, scores: dict[str, list[float]]) 
         return recipe_module.vit(recipe, 32, 2, 10)
 
     def accuracy(model):
-        return evaluate_model(model, test, compute_metrics=classification_metrics, use_cpu=True)["accuracy"]
+        return evaluate_model(model, measured_on, compute_metrics=classification_metrics, use_cpu=True)["accuracy"]
+
+    def augmentation():
+        return RandomAffine(options.affine_std, options.shift_pixels, options.augment_noise)
 
     record = recorder(scores, seed)
 
-    record(
-        "source only (upright labels)",
-        accuracy(train_plainly(student(), plain_args, source, output_dir=f"{folder}/source")),
-    )
-    args = dataclasses.replace(plain_args, output_dir=f"{folder}/mean_teacher")
-    trained, ema = mean_teacher(
-        student(),
-        args,
-        ema_decay=options.decay,
-        consistency_loss=f"{options.consistency}:{options.consistency_weight}",
-        student_noise=GaussianNoise(options.noise) if options.noise else None,
-        teacher_noise=GaussianNoise(options.noise) if options.noise else None,
-        train_dataset=concatenate_datasets([source, unlabeled]).shuffle(seed=seed),
-    )
-    record("mean teacher: the student", accuracy(trained.model))
-    record("mean teacher: its EMA teacher", accuracy(ema.model))
-    both = concatenate_datasets([source, target])
-    record(
-        "upper bound (target labels too)",
-        accuracy(train_plainly(student(), plain_args, both, output_dir=f"{folder}/upper")),
-    )
+    if "source" in options.runs:
+        record(
+            "source only (upright labels)",
+            accuracy(train_plainly(student(), plain_args, source, output_dir=f"{folder}/source")),
+        )
+    if "source_augmented" in options.runs:
+        augment = augmentation()
+        model = train_plainly(
+            student(),
+            plain_args,
+            source,
+            output_dir=f"{folder}/source_augmented",
+            data_collator=lambda rows: augment(default_data_collator(rows)),
+        )
+        record("source only, French et al.'s augmentation", accuracy(model))
+    if "mean_teacher" in options.runs:
+        args = dataclasses.replace(plain_args, output_dir=f"{folder}/mean_teacher")
+        trained, ema = mean_teacher(
+            student(),
+            args,
+            ema_decay=options.decay,
+            consistency_loss=f"{options.consistency}:{options.consistency_weight}",
+            student_noise=GaussianNoise(options.noise) if options.noise else None,
+            teacher_noise=GaussianNoise(options.noise) if options.noise else None,
+            train_dataset=mixed,
+        )
+        record("mean teacher: the student", accuracy(trained.model))
+        record("mean teacher: its EMA teacher", accuracy(ema.model))
+    if "self_ensembling" in options.runs:
+        threshold = options.confidence_threshold
+        losses = f"prob_mse:{options.se_weight}:confidence_threshold={threshold}"
+        if options.class_balance:
+            losses += f",class_balance:{options.class_balance}:confidence_threshold={threshold}"
+        args = dataclasses.replace(plain_args, output_dir=f"{folder}/self_ensembling", distillation_rampup_steps=0)
+        trained, ema = mean_teacher(
+            student(),
+            args,
+            ema_decay=options.decay,
+            consistency_loss=losses,
+            student_noise=augmentation(),
+            teacher_noise=augmentation(),
+            train_dataset=mixed,
+        )
+        record("self-ensembling (French et al.): the student", accuracy(trained.model))
+        record("self-ensembling (French et al.): its EMA teacher", accuracy(ema.model))
+    if "upper" in options.runs:
+        both = concatenate_datasets([source, target])
+        record(
+            "upper bound (target labels too)",
+            accuracy(train_plainly(student(), plain_args, both, output_dir=f"{folder}/upper")),
+        )
 
 
 def main():
@@ -104,6 +183,14 @@ def main():
     parser.add_argument("--consistency", default="logit_mse", help="The consistency loss (logit_mse, prob_mse, kl).")
     parser.add_argument("--consistency_weight", type=float, default=1.0)
     parser.add_argument("--noise", type=float, default=0.1, help="Gaussian input noise std for each model (0: none).")
+    parser.add_argument("--confidence_threshold", type=float, default=0.968, help="self_ensembling's threshold.")
+    parser.add_argument("--se_weight", type=float, default=3.0, help="self_ensembling's consistency weight.")
+    parser.add_argument("--class_balance", type=float, default=0.005, help="self_ensembling's class balance weight.")
+    parser.add_argument("--affine_std", type=float, default=0.1, help="The augmentation's affine-matrix std.")
+    parser.add_argument("--shift_pixels", type=float, default=0.5, help="The augmentation's largest translation.")
+    parser.add_argument("--augment_noise", type=float, default=0.1, help="The augmentation's Gaussian noise std.")
+    parser.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS, help="Which rows to train.")
+    parser.add_argument("--validation", action="store_true", help="Measure on the target training rows.")
     parser.add_argument("--output_dir", default="outputs/mean_teacher_digits")
     options = parser.parse_args()
     recipe_module = load_recipe("image_classification")
@@ -113,7 +200,11 @@ def main():
         lambda seeds: (
             f"digits → digits rotated {options.angle:g}°: 718 labeled upright + 719 unlabeled rotated "
             f"training images, 360 rotated test images, {options.steps} steps, decay {options.decay}, consistency "
-            f"{options.consistency}:{options.consistency_weight:g}, noise {options.noise:g}, seeds {seeds}"
+            f"{options.consistency}:{options.consistency_weight:g}, noise {options.noise:g}; self-ensembling: "
+            f"prob_mse:{options.se_weight:g} threshold {options.confidence_threshold:g}, class_balance "
+            f"{options.class_balance:g}, affine {options.affine_std:g}, shift {options.shift_pixels:g} px, noise "
+            f"{options.augment_noise:g}; measured on the "
+            f"{'target training rows (validation)' if options.validation else 'rotated test split'}; seeds {seeds}"
         ),
         "mean_teacher_digits",
     )
