@@ -118,4 +118,18 @@ CASES = [
         ValueError,
         "search_losses: 'hidden_mse' reads other features",
     ),
+    Case(
+        "graph-ema-follows-frozen",
+        '`DistillationGraph({"a": "frozen", "b": "trained", "m": {"ema": "a"}}, ...)`',
+        _graph({"a": "frozen", "b": "trained", "m": {"ema": "a"}}, [GraphEdge("m", "b")]),
+        ValueError,
+        "EMA node 'm' follows 'a', which is not a trained node of the graph",
+    ),
+    Case(
+        "graph-edge-into-ema",
+        '`GraphEdge("b", "m")` where `m` is an EMA node',
+        _graph({"b": "trained", "m": {"ema": "b"}}, [GraphEdge("b", "m")]),
+        ValueError,
+        "teaches the EMA node 'm': only trained nodes learn",
+    ),
 ]

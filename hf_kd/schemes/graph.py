@@ -35,6 +35,7 @@ from torch import nn
 
 from ..checks import check_logit_width
 from ..config import DistillationConfig, LossSpec
+from ..evaluation import evaluate_model
 from ..features import output_field
 from ..losses import DistillationLoss, get_loss
 from ..losses.response import ResponseLoss
@@ -43,6 +44,7 @@ from ..objective import LABEL_TERM, Objective
 from ..teachers import TeacherSource, check_materialized
 from ..trainer.members import RESPONSE_ONLY, TrainedMembers
 from ..views import split_views
+from .mean_teacher import EMATeacher
 from .mutual_learning import CohortTrainer, best_member
 from .peer_cohort import PeerCohort
 from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
@@ -51,7 +53,8 @@ from .stages import Stage, train_measure_save
 GATES = ("through", "cutoff", "linear_up", "linear_down", "correct", "learned")
 EDGE_NLL = "edge_nll"  # logged per target with learned edges: the weight networks' training loss
 SCORER_WIDTH = 32  # hidden units of a learned edge's weight network
-NODE_KINDS = ("trained", "frozen")
+NODE_KINDS = ("trained", "frozen", "ema")
+EMA_DECAY = 0.999  # an EMA node's default decay (the mean teacher's)
 
 
 @dataclass
@@ -86,25 +89,32 @@ class DistillationGraph:
     """Nodes and edges of a run.
 
     Args:
-        nodes: Each node's name → ``"trained"`` or ``"frozen"``.
+        nodes: Each node's name → ``"trained"``, ``"frozen"``, or ``{"ema": NODE, "decay": d}``: a node that follows
+            the trained node NODE's weights by their exponential moving average (the mean teacher's
+            :class:`~hf_kd.schemes.mean_teacher.EMATeacher`; ``d`` in [0, 1), default 0.999, ramped up from 0).
         edges: The transfers, in order.
         student: The trained node that is the run's result (its trainer is returned, saved and pushed).
 
     Raises:
-        ValueError: an unknown node kind, gate or loss; an edge from or to an unknown node, into a frozen node, or
-            from a node to itself; two edges with the same source, target and loss; a non-finite or negative
-            weight; no trained node; ``student`` not a trained node.
+        ValueError: an unknown node kind, gate or loss; an EMA node that follows no trained node or has a decay
+            outside [0, 1); an edge from or to an unknown node, into a frozen or EMA node, or from a node to itself;
+            two edges with the same source, target and loss; a non-finite or negative weight; no trained node;
+            ``student`` not a trained node.
     """
 
-    nodes: dict[str, str]
+    nodes: dict[str, str | dict]
     edges: list[GraphEdge]
     student: str
 
     def __post_init__(self):
         self.edges = [edge if isinstance(edge, GraphEdge) else GraphEdge(**edge) for edge in self.edges]
         for name, kind in self.nodes.items():
-            if kind not in NODE_KINDS:
-                raise ValueError(f"node {name!r} is {kind!r}: a node is one of {NODE_KINDS}.")
+            if isinstance(kind, dict):
+                self._check_ema(name, kind)
+            elif kind not in NODE_KINDS[:2]:
+                raise ValueError(
+                    f"node {name!r} is {kind!r}: a node is 'trained', 'frozen' or {{'ema': NODE, 'decay': d}}."
+                )
             if "/" in name or "->" in name or name == LABEL_TERM:
                 raise ValueError(f"node name {name!r}: no '/' or '->' (they are in logged names), and not 'ce'.")
         if not self.trained:
@@ -119,7 +129,8 @@ class DistillationGraph:
                 if end not in self.nodes:
                     raise ValueError(f"edge {edge.name} names the node {end!r}, which is not among {list(self.nodes)}.")
             if self.nodes[edge.target] != "trained":
-                raise ValueError(f"edge {edge.name} teaches the frozen node {edge.target!r}: only trained nodes learn.")
+                kind = "frozen" if self.nodes[edge.target] == "frozen" else "EMA"
+                raise ValueError(f"edge {edge.name} teaches the {kind} node {edge.target!r}: only trained nodes learn.")
             if edge.source == edge.target:
                 raise ValueError(f"edge {edge.name} goes from a node to itself.")
             if edge.gate not in GATES:
@@ -145,6 +156,24 @@ class DistillationGraph:
     def frozen(self) -> list[str]:
         """The frozen nodes, in order."""
         return [name for name, kind in self.nodes.items() if kind == "frozen"]
+
+    @property
+    def ema(self) -> dict[str, tuple[str, float]]:
+        """The EMA nodes, in order: name → (the trained node followed, decay)."""
+        return {
+            name: (kind["ema"], float(kind.get("decay", EMA_DECAY)))
+            for name, kind in self.nodes.items()
+            if isinstance(kind, dict)
+        }
+
+    def _check_ema(self, name: str, kind: dict) -> None:
+        if set(kind) - {"ema", "decay"} or "ema" not in kind:
+            raise ValueError(f"node {name!r} is {kind!r}: an EMA node is {{'ema': NODE, 'decay': d}}.")
+        if self.nodes.get(kind["ema"]) != "trained":
+            raise ValueError(f"EMA node {name!r} follows {kind['ema']!r}, which is not a trained node of the graph.")
+        decay = kind.get("decay", EMA_DECAY)
+        if not (isinstance(decay, (int, float)) and math.isfinite(decay) and 0.0 <= decay < 1.0):
+            raise ValueError(f"EMA node {name!r} has the decay {decay!r}: a number in [0, 1).")
 
     def to_dict(self) -> dict:
         """The graph as plain data (what :meth:`save` writes).
@@ -262,6 +291,32 @@ class LearnedEdgeLoss(DistillationLoss):
 
     def forward(self, student, teacher, mask=None, labels=None, sample_index=None):
         return self.loss(student, teacher, mask=mask, labels=labels, sample_index=sample_index)
+
+
+class EMANode(EMATeacher):
+    """A graph node that follows a trained node's weights by their exponential moving average: the mean teacher's
+    :class:`~hf_kd.schemes.mean_teacher.EMATeacher` (the same update after every optimizer step, the same
+    checkpointing), following one node of the graph instead of the trainer's one student. It predicts without
+    dropout (a source like the others).
+
+    Args:
+        model: The trained node's model (copied now).
+        decay: The EMA decay d in [0, 1), ramped up from 0 over the first steps.
+        follows: The trained node's name.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, follows: str):
+        super().__init__(model, decay, dropout=False)
+        self.follows = follows
+
+    def followed(self, trainer) -> nn.Module:
+        return trainer.accelerator.unwrap_model(trainer.model).peers[self.follows]
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "teacher": f"node {self.follows}'s exponential moving average (decay {self.decay})",
+        }
 
 
 class GraphTeaching(TrainedMembers):
@@ -412,10 +467,11 @@ class GraphTrainer(CohortTrainer):
     def __init__(self, graph: DistillationGraph, models: dict, args: DistillationConfig | None = None, **kwargs):
         if not isinstance(graph, DistillationGraph):
             raise TypeError(f"graph must be a DistillationGraph, got {type(graph).__name__}.")
-        if set(models) != set(graph.nodes):
+        given = sorted(set(graph.nodes) - set(graph.ema))
+        if set(models) != set(given):
             raise ValueError(
-                f"the graph's nodes {sorted(graph.nodes)} and the models given {sorted(models)} differ: give one model "
-                "per node."
+                f"the graph's trained and frozen nodes {given} and the models given {sorted(models)} differ: give one "
+                "model per node (an EMA node is built from the node it follows)."
             )
         if args is not None and args.push_to_hub:
             raise ValueError(_NO_PUSH)
@@ -437,8 +493,12 @@ class GraphTrainer(CohortTrainer):
                 raise TypeError(
                     f"frozen node {name!r} must be a model, a path or a TeacherSource, got {type(model).__name__}."
                 )
+        followers = {name: EMANode(trained[node], decay, node) for name, (node, decay) in graph.ema.items()}
+        teachers = {**frozen, **followers}  # the graph's sources beside the members, in a dict by node name
         members = GraphTeaching(graph, next(iter(trained.values())))
-        super().__init__(model=PeerCohort(trained), teacher_model=frozen or None, args=args, members=members, **kwargs)
+        super().__init__(
+            model=PeerCohort(trained), teacher_model=teachers or None, args=args, members=members, **kwargs
+        )
         self.graph, self.no_push = graph, _NO_PUSH
         self.peer_metrics: dict[str, dict] = {}
         self.best_peer: str | None = None
@@ -598,8 +658,8 @@ def graph_distillation(
         **trainer_kwargs: What :class:`~hf_kd.DistillationTrainer` takes (``train_dataset``, ``eval_dataset``, ...).
 
     Returns:
-        A stage per trained node (:class:`~hf_kd.schemes.stages.Stage`, ``details["best"]``), each with the one
-            trainer.
+        A stage per trained node (:class:`~hf_kd.schemes.stages.Stage`, ``details["best"]``), then one per EMA node
+            (``details["follows"]``), each with the one trainer.
     """
     trainer = GraphTrainer(graph, models, args, **trainer_kwargs)
 
@@ -613,7 +673,7 @@ def graph_distillation(
         trainer.best_peer = best_member(trainer.peer_metrics, best, args.greater_is_better)
 
     train_measure_save(trainer, args.output_dir, measure if trainer.eval_dataset is not None else None)
-    return [
+    stages = [
         Stage(
             name,
             os.path.join(args.output_dir, name),
@@ -624,6 +684,25 @@ def graph_distillation(
         )
         for name, node in trainer.peers.items()
     ]
+    for name, (follows, decay) in graph.ema.items():  # each EMA node measured alone and saved as a model of its own
+        node = trainer.teachers[name].model
+        folder = os.path.join(args.output_dir, name)
+        metrics = {}
+        if trainer.eval_dataset is not None and trainer.compute_metrics is not None:
+            row = evaluate_model(
+                node,
+                trainer.eval_dataset,
+                compute_metrics=trainer.compute_metrics,
+                data_collator=trainer.data_collator,
+                use_cpu=args.use_cpu,
+            )
+            metrics = {key: value for key, value in row.items() if key not in ("parameters", "ms_per_example")}
+        if args.should_save:
+            node.save_pretrained(folder)
+            if trainer.processing_class is not None:
+                trainer.processing_class.save_pretrained(folder)
+        stages.append(Stage(name, folder, node, metrics, {"follows": follows, "decay": decay}, trainer))
+    return stages
 
 
 @register_scheme("graph", config=GraphConfig, teachers="many", stages=True)

@@ -164,7 +164,7 @@ class GraphSearchTrainer(GraphTrainer):
 
     Raises:
         TypeError: ``make_node`` is not callable.
-        ValueError: two edges between the same nodes, a ``learned`` edge, or what
+        ValueError: two edges between the same nodes, a ``learned`` edge, an EMA node, or what
             :class:`~hf_kd.schemes.graph.GraphTrainer` refuses.
     """
 
@@ -180,6 +180,11 @@ class GraphSearchTrainer(GraphTrainer):
     ):
         if not callable(make_node):
             raise TypeError(f"make_node must build a trained node's model from its name, got {type(make_node)}.")
+        if graph.ema:
+            raise ValueError(
+                f"EMA nodes {list(graph.ema)} follow the models of one run; a search rebuilds the nodes every trial. "
+                "Search the graph without them."
+            )
         learned = [edge.name for edge in graph.edges if edge.gate == "learned"]
         if learned:
             raise ValueError(f"edges {learned} are learned: a search chooses among fixed gates; give them another.")

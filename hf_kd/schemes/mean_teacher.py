@@ -67,7 +67,7 @@ class EMATeacher(LiveTeacher):
                 "shard or own its parameters: train it on one device or with DDP (accelerate launch without a "
                 "DeepSpeed or FSDP config)."
             )
-        student = trainer.accelerator.unwrap_model(trainer.model)
+        student = self.followed(trainer)
         shapes = [tuple(p.shape) for p in student.parameters()]
         if shapes != [tuple(p.shape) for p in self.model.parameters()]:
             raise ValueError(
@@ -77,6 +77,17 @@ class EMATeacher(LiveTeacher):
         self.student = student
         self.model.to(next(student.parameters()).device)
         trainer.add_callback(_EMAUpdate(self))
+
+    def followed(self, trainer) -> nn.Module:
+        """The model this teacher averages: the trainer's student (a graph's EMA node follows one of its nodes).
+
+        Args:
+            trainer: the trainer it is attached to.
+
+        Returns:
+            The model, unwrapped.
+        """
+        return trainer.accelerator.unwrap_model(trainer.model)
 
     def decay_at(self, step: int) -> float:
         """The decay used by the update after an optimizer step: ``min(1 − 1/(step + 1), d)``.
