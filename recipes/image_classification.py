@@ -207,7 +207,11 @@ def main():
     title = (
         f"digits, test split of {len(test)} images, {steps} steps, losses {trainer.args.losses}, "
         f"temperature {args.temperature}, seed {args.seed}, scheme {scheme.name}"
-        + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 else "")
+        + (
+            f", teachers combined by {args.teacher_aggregation}"
+            if len(teachers) > 1 and scheme.name != "amalgamation"
+            else ""
+        )
         + (f", graph searched on {len(validation)} held-out training images" if validation is not None else "")
     )
     distilled = f"student distilled ({len(labeled)} labels + {len(transfer) - len(labeled)} unlabeled)"

@@ -275,7 +275,7 @@ def main():
     title = (
         f"BBC-style text classification, test split of {len(test)} examples, {args.max_steps} steps, "
         f"losses {trainer.args.losses}, temperature {args.temperature}, seed {args.seed}, scheme {scheme.name}"
-        + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 else "")
+        + (f", teachers combined by {args.teacher_aggregation}" if len(teachers) > 1 and not amalgamating else "")
         + (f", graph searched on {len(validation)} held-out training examples" if validation is not None else "")
     )
     distilled = f"student distilled ({len(labeled)} labels + {len(transfer) - len(labeled)} unlabeled)"
