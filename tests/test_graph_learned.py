@@ -5,6 +5,7 @@ sources; the frozen node reads its own view of each row. Checked against the for
 import torch
 import torch.nn.functional as F
 from conftest import classification_data, config, tiny_bert
+from safetensors.torch import load_file
 
 from hf_kd.schemes.graph import DistillationGraph, GraphEdge, GraphTrainer, LearnedEdgeLoss, graph_distillation
 
@@ -91,7 +92,7 @@ def test_a_run_with_learned_edges_trains_their_networks_and_logs_their_loss(tmp_
     data = data.add_column("teacher_input_ids", [list(reversed(row)) for row in data["input_ids"]])
     data = data.add_column("teacher_attention_mask", data["attention_mask"])
     models = {"teacher": tiny_bert(seed=1), "student": tiny_bert(hidden=16, seed=2), "peer": tiny_bert(seed=3)}
-    args = config(tmp_path, max_steps=3, learning_rate=1e-2)
+    args = config(tmp_path, max_steps=3, learning_rate=1e-2, save_strategy="steps", save_steps=3)
     trainer = GraphTrainer(learned_graph(), models, args, train_dataset=data)
     before = {n: loss.scorer[2].weight.detach().clone() for n, loss in trainer.members.learned_losses.items()}
     trainer.train()
@@ -100,6 +101,10 @@ def test_a_run_with_learned_edges_trains_their_networks_and_logs_their_loss(tmp_
     logged = {key for entry in trainer.state.log_history for key in entry}
     assert {"edge_nll/student", "kl/teacher->student", "kl/peer->student", "kl/student->peer"} <= logged
     assert "edge_nll/peer" not in logged
+    parts = load_file(str(tmp_path / "checkpoint-3" / "hf_kd_losses.safetensors"))  # the networks resume with the run
+    for index, term in enumerate(trainer.objective.terms):  # the objective's loss modules, in the terms' order
+        if term.name in trainer.members.learned_losses:
+            torch.testing.assert_close(parts[f"{index}.scorer.2.weight"], term.loss.scorer[2].weight.detach())
 
     nodes = graph_distillation(learned_graph(), {**models, "student": tiny_bert(hidden=16, seed=2)},
                                config(tmp_path / "run", max_steps=1), train_dataset=data)  # fmt: skip
