@@ -38,6 +38,32 @@ def _search_without_validation(p):
     )
 
 
+def _search_with_a_learned_edge(p):
+    from hf_kd.schemes.graph_search import search_graph
+
+    graph = DistillationGraph({"a": "frozen", "b": "trained"}, [GraphEdge("a", "b", gate="learned")], "b")
+    return search_graph(graph, lambda name: tiny_bert(hidden=16), {"a": tiny_bert()}, config(p), n_trials=1,
+                        output_file=str(p / "g.yaml"), train_dataset=classification_data(n=8),
+                        eval_dataset=classification_data(n=8), compute_metrics=lambda prediction: {})  # fmt: skip
+
+
+def _learned_dkd_edge(p):
+    graph = DistillationGraph({"a": "frozen", "b": "trained"}, [GraphEdge("a", "b", "dkd", gate="learned")], "b")
+    return GraphTrainer(graph, {"a": tiny_bert(), "b": tiny_bert(hidden=16)}, config(p))
+
+
+def _listed_teachers_for_one_frozen_node(p):
+    path = str(p / "graph.json")
+    DistillationGraph({"a": "frozen", "b": "trained"}, [GraphEdge("a", "b")], "b").save(path)
+    return run_scheme(
+        GraphConfig(graph=path),
+        config(p / "out", max_steps=1),
+        teacher=[tiny_bert(seed=1), tiny_bert(seed=2)],
+        make_student=lambda k: tiny_bert(hidden=16, seed=k),
+        train_dataset=classification_data(n=8),
+    )
+
+
 FROZEN_AND_TRAINED = {"a": "frozen", "b": "trained"}
 
 CASES = [
@@ -131,5 +157,40 @@ CASES = [
         _graph({"b": "trained", "m": {"ema": "b"}}, [GraphEdge("b", "m")]),
         ValueError,
         "teaches the EMA node 'm': only trained nodes learn",
+    ),
+    Case(
+        "graph-ema-decay",
+        '`{"ema": "b", "decay": 1.0}` as a node',
+        _graph({"b": "trained", "m": {"ema": "b", "decay": 1.0}}, [GraphEdge("m", "b")]),
+        ValueError,
+        "EMA node 'm' has the decay 1.0: a number in [0, 1)",
+    ),
+    Case(
+        "graph-learned-edge-dkd",
+        '`GraphEdge("a", "b", "dkd", gate="learned")`',
+        _learned_dkd_edge,
+        ValueError,
+        "a learned edge weighs its loss position by position; 'dkd' is not computed that way",
+    ),
+    Case(
+        "graph-search-learned-edge",
+        '`search_graph(graph, ...)` where an edge has `gate="learned"`',
+        _search_with_a_learned_edge,
+        ValueError,
+        "are learned: a search chooses among fixed gates",
+    ),
+    Case(
+        "graph-search-weights",
+        '`GraphConfig(graph_search=4, search_weights="1,heavy")`',
+        lambda p: GraphConfig(graph_search=4, search_weights="1,heavy"),
+        ValueError,
+        "search_weights: 'heavy' is not a finite number >= 0",
+    ),
+    Case(
+        "graph-listed-teachers",
+        "`--teachers A,B` (a list) for a graph file with one frozen node",
+        _listed_teachers_for_one_frozen_node,
+        ValueError,
+        "2 teachers for the graph's frozen nodes ['a']: give one per frozen node, in the graph file's order",
     ),
 ]

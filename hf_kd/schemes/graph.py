@@ -241,7 +241,9 @@ class LearnedEdgeLoss(DistillationLoss):
 
     def __init__(self, loss: DistillationLoss, num_classes: int, hidden: int = SCORER_WIDTH):
         super().__init__()
-        if not (isinstance(loss, ResponseLoss) and hasattr(type(loss), "function") and loss.per_position):
+        # Only a loss whose value is its function's sum over positions can be weighed position by position.
+        plain = isinstance(loss, ResponseLoss) and type(loss).forward is ResponseLoss.forward and loss.per_position
+        if not plain:
             raise ValueError(
                 f"a learned edge weighs its loss position by position; {loss.name!r} is not computed that way: use "
                 "kl, reverse_kl, jsd, tvd, soft_ce or logit_mse."
