@@ -398,6 +398,8 @@ def main():
     )
     trainer, stages = result.trainer, result.stages
     student = trainer.student
+    for trained in [student] + ([scratch] if recipe.baselines else []):  # the Trainer turned the cache off
+        trained.config.use_cache = True
 
     # ---- results: test perplexity ----
     continuations = []

@@ -321,6 +321,8 @@ def main():
     )
     trainer.train()
     distilled = trainer.student
+    for trained in (on_truth, distilled):  # transformers' Trainer turns the cache off (args.use_cache): decode with it
+        trained.config.use_cache = True
 
     # ---- the table ----
     kept_share = f"{len(kept)} of {len(rates)} pseudo-labels kept (WER <= {recipe.wer_threshold:.0%})"

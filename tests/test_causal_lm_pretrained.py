@@ -156,7 +156,7 @@ def test_recipe_distils_a_given_teacher_into_its_layers_from_a_cache_and_across_
     assert "| teacher |" in card and "| student trained on the text alone (CE) |" in card and "| student |" in card
     assert f"{results['student distilled']['perplexity']:.3g}" in card
     saved = LlamaForCausalLM.from_pretrained(tmp_path / "student")
-    assert saved.config.num_hidden_layers == 2
+    assert saved.config.num_hidden_layers == 2 and saved.config.use_cache  # generates with its cache
 
 
 @pytest.mark.slow

@@ -126,7 +126,7 @@ def test_speech_recognition_recipe_distils_whisper(tmp_path):
     assert (tmp_path / "results.png").exists() and (tmp_path / "curves.png").exists()
     distilled = WhisperForConditionalGeneration.from_pretrained(tmp_path / "student")
     teacher = WhisperForConditionalGeneration.from_pretrained(tmp_path / "models" / "whisper-tiny.en")
-    assert distilled.config.decoder_layers == 2
+    assert distilled.config.decoder_layers == 2 and distilled.config.use_cache  # decodes with its cache
     assert torch.equal(distilled.model.encoder.conv1.weight, teacher.model.encoder.conv1.weight)  # frozen
     assert not torch.equal(distilled.model.decoder.layers[1].fc1.weight, teacher.model.decoder.layers[3].fc1.weight)
     card = (tmp_path / "student" / "README.md").read_text()  # the original's Hub id as base model, the lineage
