@@ -53,6 +53,17 @@ def test_student_copies_maximally_spaced_layers_embeddings_norm_and_head():
     assert not torch.equal(student.model.layers[1].mlp.up_proj.weight, taught["model.layers.3.mlp.up_proj.weight"])
 
 
+def test_a_teacher_without_model_layers_is_refused_with_the_alternative():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    lm = recipe_module("causal_lm")
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=16))
+    with pytest.raises(
+        ValueError, match=r"GPT2LMHeadModel keeps no layers under model.layers.N: use --student_init scratch"
+    ):
+        lm.student_from_teacher_layers(teacher, [0, 1])
+
+
 def test_arguments_that_need_a_teacher_say_so_and_prompts_fit_in_a_block():
     from datasets import Dataset
 
