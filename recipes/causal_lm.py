@@ -462,6 +462,7 @@ def main():
     # ---- save (and with --push_to_hub share) the student ----
     source = export_source(teacher_paths[0]) if teacher_paths else None
     if source is not None and recipe.baselines:  # a packaged teacher: the card names the original as base model
+        read = steps * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
         trainer.set_model_card_details(
             # the same blocks and tokenizer: teacher, the student trained on the text alone, and distilled
             comparison={
@@ -473,7 +474,8 @@ def main():
             finetuned_from=source["hub_id"],
             license=source["license"],
             language="en",
-            dataset_description=f"{recipe.dataset_name} ({len(train)} blocks of {recipe.block_size} tokens); teacher: "
+            dataset_description=f"{recipe.dataset_name} ({min(len(train), read):,} of {len(train):,} blocks of "
+            f"{recipe.block_size} tokens read in training); teacher: "
             f"{source['lineage']}; student: {len(layers)} of its {teachers[0].config.num_hidden_layers} layers "
             f"({', '.join(map(str, layers))}) with its embeddings, final norm and LM head",
         )

