@@ -211,7 +211,8 @@ def student_rollout(model: nn.Module, batch: dict, generation_kwargs: dict, sync
         pad = _pad_token_id(model)
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-        kwargs = {"pad_token_id": pad, "synced_gpus": synced_gpus, **generation_kwargs}
+        # use_cache: the Trainer turned the model's cache off for training; sampling with it is several times faster
+        kwargs = {"pad_token_id": pad, "synced_gpus": synced_gpus, "use_cache": True, **generation_kwargs}
         if getattr(model.config, "is_encoder_decoder", False):
             encoder = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
             sampled = model.generate(**encoder, **kwargs)[:, 1:]  # without the decoder start token

@@ -365,3 +365,22 @@ def test_a_whisper_student_given_labels_only_decodes_what_its_forward_would(tmp_
     q, log_p = teacher_logits.softmax(-1), own.logits.log_softmax(-1)
     kl = (q * (q.log() - log_p)).sum(-1)[labels != -100].mean()
     assert total.item() == pytest.approx(own.loss.item() + kl.item(), rel=1e-4)
+
+
+def test_the_student_leaves_training_and_is_saved_with_its_own_key_value_cache(tmp_path):
+    # transformers' Trainer sets config.use_cache = args.use_cache (False) on the model it trains; a checkpoint, the
+    # saved student and the model after train() keep the student's own setting (True), so they generate with a cache.
+    student = tiny_gpt2(seed=2)
+    assert student.config.use_cache is True
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=tiny_gpt2(seed=1),
+        args=config(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+        train_dataset=lm_data(n=8),
+    )
+    assert student.config.use_cache is False  # the Trainer's training setting, left alone while training
+    trainer.train()
+    assert student.config.use_cache is True
+    trainer.save_model(str(tmp_path / "student"))
+    for folder in ("student", "checkpoint-2"):
+        assert json.loads((tmp_path / folder / "config.json").read_text())["use_cache"] is True, folder

@@ -151,7 +151,24 @@ class TrainerCompat(Trainer):
         # Engines (ZeRO-1/2, FSDP2) hand over gathered state dicts in which tied weights arrive as separate copies.
         if state_dict is not None:
             state_dict = _without_tied_copies(self.accelerator.unwrap_model(self.model), state_dict)
-        super()._save(output_dir, state_dict)
+        training = self._restore_use_cache()  # the saved config.json keeps the model's own key-value cache setting
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            if training is not None:
+                self._model_config().use_cache = training
+
+    def _model_config(self):
+        return getattr(self.accelerator.unwrap_model(self.model), "config", None)
+
+    def _restore_use_cache(self) -> bool | None:
+        """Give the model back the ``config.use_cache`` it came with (``given_use_cache``), which transformers'
+        Trainer replaced by ``args.use_cache`` for training; returns the replaced value (``None``: nothing to do)."""
+        config, given = self._model_config(), getattr(self, "given_use_cache", None)
+        if given is None or config is None or getattr(config, "use_cache", None) in (None, given):
+            return None
+        training, config.use_cache = config.use_cache, given
+        return training
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # ... and reads them back itself (the Trainer's loader looks for one state dict).

@@ -104,6 +104,10 @@ class DistillationTrainer(TrainerCompat):
             objective = members.objective(args)
             reference = members.reference
         check_saveable(model, kwargs.get("processing_class"))
+        # transformers' Trainer turns the model's key-value cache off for training (config.use_cache =
+        # args.use_cache, False by default); the student leaves training and is saved with the setting it came with,
+        # so it generates at full speed afterwards (TrainerCompat._save, train).
+        self.given_use_cache = getattr(getattr(model, "config", None), "use_cache", None)
         super().__init__(model=model, args=args, **kwargs)
 
         self.members = members
@@ -224,7 +228,10 @@ class DistillationTrainer(TrainerCompat):
                     f"resume_from_checkpoint=True, but {self.args.output_dir} has no complete checkpoint-N folder: "
                     "train without resume_from_checkpoint to start afresh."
                 )
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        finally:
+            self._restore_use_cache()
 
     # ---- loss -----------------------------------------------------------------------------------------------
 
