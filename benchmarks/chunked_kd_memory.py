@@ -1,9 +1,10 @@
 """Peak memory and time of token-level KD: plain full-logits loss vs hf_kd's chunked path, side by side.
 
-Forward + backward of KL(teacher ‖ student) + label CE from final hidden states and LM heads at a 128k vocabulary.
-Peak memory is the high-water mark of live CPU bytes recorded by the PyTorch profiler (``profile_memory=True``): each
-operator's own net allocation and the frees outside operators, summed in start order, so it counts only what the
-loss step allocates, at operator granularity.
+Forward + backward of KL(teacher ‖ student) + label CE from final hidden states and LM heads at a 128k vocabulary,
+plain and chunked (the fused chunks the trainer runs: gradients computed in the chunk loop). Peak memory is the
+allocation profiler's peak of live bytes: every CPU allocation and free during the step (``torch.profiler`` with
+``profile_memory=True``, its allocation events in order), so the inputs made before do not count and the gradients
+made during the step do.
 
     python benchmarks/chunked_kd_memory.py                      # V = 128k, 2,048 and 8,192 tokens (~2 min)
     python benchmarks/chunked_kd_memory.py --vocab 32000 --tokens 1024 4096 --chunk_size 512
@@ -16,23 +17,31 @@ import time
 
 import torch
 from torch import nn
+from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from hf_kd import ModelFeatures, get_loss
 from hf_kd.losses.chunked import chunked_token_terms
+from hf_kd.losses.lm_head import LogitsHead
 from hf_kd.plots import plot_bars
 
 
 def peak_bytes(step) -> tuple[int, float]:
-    """(peak live bytes allocated during ``step()``, seconds) from the profiler's allocation events."""
+    """(peak live bytes allocated during ``step()``, seconds): the running sum of the profiler's allocation events
+    (frees are negative) in time order, intra-operator temporaries included."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         start = time.perf_counter()
         step()
         seconds = time.perf_counter() - start
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    allocations, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        if event.typed[0] == _EventType.Allocation:
+            allocations.append((event.start_time_ns, event.typed[1].alloc_size))
+        pending.extend(event.children)
     live = peak = 0
-    for event in events:
-        live += event.self_cpu_memory_usage
+    for _, size in sorted(allocations):
+        live += size
         peak = max(peak, live)
     return peak, seconds
 
@@ -58,19 +67,19 @@ def plain_step(student_head, teacher_head, student_hidden, teacher_hidden, targe
 
 
 def chunked_step(student_head, teacher_head, student_hidden, teacher_hidden, targets, kl, chunk_size):
-    config = type("Config", (), {})()
+    weights = torch.ones(2)  # CE + KL, each summed over the tokens
     sums = chunked_token_terms(
         student_hidden,
         (teacher_hidden,),
         targets,
-        student_head=student_head,
-        student_config=config,
+        student_head=LogitsHead.of_head(student_head),
         teacher_logits=teacher_head,
         losses=[kl],
         with_label_loss=True,
         chunk_size=chunk_size,
+        weights=weights,
     )
-    sums.sum().backward()
+    (sums * weights).sum().backward()
 
 
 def main():

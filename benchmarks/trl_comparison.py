@@ -1,25 +1,30 @@
-"""hf_kd vs TRL's GKD on the same loss and step: value, step time and peak memory side by side, in one run.
+"""hf_kd vs TRL's DistillationTrainer on the same loss step: value, step time and peak memory side by side, one run.
 
-TRL (``pip install trl``; only this benchmark needs it) ``experimental.gkd.GKDTrainer`` with ``lmbda=0`` (the
-dataset's own completions, no generation: the deterministic part of a GKD step) against hf_kd's
-``DistillationTrainer`` with ``losses="jsd:1.0:beta=…"`` and no label loss — the same generalized JSD over the
-completion tokens — plain and with ``chunk_size``. Same GPT-2-style student and teacher, same batch with prompts
-masked, same process. Time is the median of ``training_step`` with the trainers taking turns; peak memory is the
-high-water mark of live bytes during one step (profiler allocation events, as in ``chunked_kd_memory.py``).
+TRL 1.16's stable ``trl.DistillationTrainer`` (generalized JSD, on-policy: every step first generates completions,
+then computes its chunked JSD loss from both models' hidden states) against hf_kd's ``DistillationTrainer`` with
+``losses="jsd:1.0:beta=…"`` and no label loss, plain and with ``chunk_size``. The generation is left out (it is random
+and has nothing to do with the loss): every trainer gets the same prompt + completion batch, TRL as the inputs its
+``compute_loss`` receives after generation (``prompt_ids``/``completion_ids``), hf_kd as rows whose labels mask the
+prompt, so both compute the JSD over the completion tokens. Same GPT-2-style student and teacher, same process. Time
+is the median of ``compute_loss`` + ``backward`` with the trainers taking turns; peak memory is the allocation
+profiler's peak of live bytes during one such step (as in ``chunked_kd_memory.py``).
 
-    pip install trl && python benchmarks/trl_comparison.py          # ~2 min on 2 CPU cores
-    python benchmarks/trl_comparison.py --vocab 32000 --length 256
+    pip install -c constraints/cpu.txt trl==1.16.0    # only the benchmarks need it
+    python benchmarks/trl_comparison.py               # vocab 8k (~1 min on 2 CPU cores)
+    python benchmarks/trl_comparison.py --vocab 32000
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
+import time
 
 import torch
 from chunked_kd_memory import peak_bytes
 from datasets import Dataset
-from kd_step_cost import gpt2, interleaved_step_times
+from kd_step_cost import gpt2
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
@@ -28,9 +33,19 @@ from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.plots import plot_bars
 
 try:
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    import trl
 except ImportError as error:  # a benchmark-only dependency
-    raise SystemExit(f"this benchmark compares against TRL: pip install trl ({error})") from None
+    raise SystemExit(f"this benchmark compares against TRL: pip install -c constraints/cpu.txt trl ({error})") from None
+
+TRL = "TRL DistillationTrainer"
+
+
+def loss_step(trainer, student, batch):
+    """One ``compute_loss`` + ``backward`` from zeroed gradients; the loss."""
+    student.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(student, dict(batch))
+    loss.backward()
+    return loss.detach()
 
 
 def main():
@@ -47,12 +62,21 @@ def main():
 
     student = gpt2(2, 256, options.vocab, options.length, seed=0)
     teacher = gpt2(6, 512, options.vocab, options.length, seed=1)
+    student.train()
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1, options.vocab, (options.batch, options.length), generator=generator)
     labels = ids.clone()
     labels[:, : options.prompt] = -100
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    # GKDTrainer reads its tokenizer's pad id only (for generation, unused with lmbda=0).
+    hf_kd_batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    completion = ids[:, options.prompt :]
+    trl_batch = {  # what TRL's compute_loss reads once its generation step has made the completions
+        "prompt_ids": ids[:, : options.prompt],
+        "prompt_mask": torch.ones(options.batch, options.prompt, dtype=torch.long),
+        "completion_ids": completion,
+        "completion_mask": torch.ones_like(completion),
+        "num_items_in_batch": torch.tensor(float(completion.numel())),
+    }
+    # TRL reads its tokenizer for generation only (not run here).
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(WordLevel({"[PAD]": 0, "[UNK]": 1}, unk_token="[UNK]")),
         pad_token="[PAD]",
@@ -61,12 +85,14 @@ def main():
 
     with tempfile.TemporaryDirectory() as folder:
         common = dict(output_dir=folder, use_cpu=True, report_to=[], temperature=1.0)
-        trl = GKDTrainer(
+        trl_trainer = trl.DistillationTrainer(
             model=student,
             teacher_model=teacher,
-            args=GKDConfig(**common, lmbda=0.0, beta=options.beta, seq_kd=False, disable_dropout=False),
+            # bf16=False: TRL's configs default to bf16 autocast, which its accelerator would also wrap around the
+            # shared teacher's forward; this comparison is fp32 for all.
+            args=trl.DistillationConfig(**common, beta=options.beta, disable_dropout=False, bf16=False),
             processing_class=tokenizer,
-            train_dataset=Dataset.from_dict({key: value.tolist() for key, value in batch.items()}),  # not iterated
+            train_dataset=Dataset.from_dict({"prompt": ["w"] * options.batch}),  # not iterated
         )
         hf_kd_args = dict(**common, losses=f"jsd:1.0:beta={options.beta}", hard_label_weight=0.0)
         plain = DistillationTrainer(model=student, teacher_model=teacher, args=DistillationConfig(**hf_kd_args))
@@ -75,42 +101,43 @@ def main():
             teacher_model=teacher,
             args=DistillationConfig(**hf_kd_args, chunk_size=options.chunk_size),
         )
-        trainers = {
-            "TRL GKDTrainer (lmbda=0)": trl,
-            "hf_kd DistillationTrainer": plain,
-            f"hf_kd DistillationTrainer, chunk_size={options.chunk_size}": chunked,
+        runs = {
+            TRL: (trl_trainer, trl_batch),
+            "hf_kd DistillationTrainer": (plain, hf_kd_batch),
+            f"hf_kd DistillationTrainer, chunk_size={options.chunk_size}": (chunked, hf_kd_batch),
         }
-        # The same loss value from every trainer (each normalises by the completion tokens of the batch).
-        values = {}
-        for name, trainer in trainers.items():
-            count = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
-            with torch.no_grad():
-                values[name] = trainer.compute_loss(student, dict(batch), num_items_in_batch=count).item()
-        times = interleaved_step_times({name: (t, batch) for name, t in trainers.items()}, options.repeats)
+        for trainer, _ in runs.values():
+            trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this bypasses
+        values = {name: loss_step(trainer, student, batch).item() for name, (trainer, batch) in runs.items()}
+        seconds = {name: [] for name in runs}
+        for _ in range(options.repeats + 1):  # the first round warms up
+            for name, (trainer, batch) in runs.items():
+                start = time.perf_counter()
+                loss_step(trainer, student, batch)
+                seconds[name].append(time.perf_counter() - start)
+        times = {name: statistics.median(values[1:]) for name, values in seconds.items()}
         peaks = {}
-        for name, trainer in trainers.items():
-            peaks[name], _ = peak_bytes(lambda trainer=trainer: trainer.training_step(student, dict(batch)))
-            student.zero_grad()
+        for name, (trainer, batch) in runs.items():
+            peaks[name], _ = peak_bytes(lambda trainer=trainer, batch=batch: loss_step(trainer, student, batch))
 
     print(
         f"student GPT-2 2×256, teacher 6×512, vocab {options.vocab:,}, batch {options.batch} × {options.length} "
         f"tokens ({options.length - options.prompt} completion tokens per row), generalized JSD β={options.beta}, "
-        "τ=1, fp32, 2 CPU threads\n"
+        f"τ=1, fp32, {torch.get_num_threads()} CPU threads, trl {trl.__version__}\n"
     )
-    reference = "TRL GKDTrainer (lmbda=0)"
     print("| trainer | loss | s / step | time vs TRL | peak step memory (MiB) | memory vs TRL |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name in trainers:
+    for name in runs:
         print(
-            f"| {name} | {values[name]:.6f} | {times[name]:.3f} | {times[name] / times[reference]:.2f} | "
-            f"{peaks[name] / 2**20:.0f} | {peaks[name] / peaks[reference]:.2f} |"
+            f"| {name} | {values[name]:.6f} | {times[name]:.3f} | {times[name] / times[TRL]:.2f} | "
+            f"{peaks[name] / 2**20:,.0f} | {peaks[name] / peaks[TRL]:.2f} |"
         )
     ratios = {
-        f"{name}: {kind}": measured[name] / measured[reference]
-        for name in trainers
+        f"{name}: {kind}": measured[name] / measured[TRL]
+        for name in runs
         for kind, measured in (("time", times), ("memory", peaks))
     }
-    plot_bars(ratios, options.plot, xlabel="vs TRL GKDTrainer", reference=1.0, title="hf_kd vs TRL GKD")
+    plot_bars(ratios, options.plot, xlabel="vs TRL DistillationTrainer", reference=1.0, title="hf_kd vs TRL")
     print(f"\npicture: {options.plot}")
 
 
