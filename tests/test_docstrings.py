@@ -71,6 +71,7 @@ MODULES = [
     "hf_kd.schemes.born_again",
     "hf_kd.schemes.cross_modal",
     "hf_kd.schemes.graph",
+    "hf_kd.schemes.graph_search",
     "hf_kd.schemes.mean_teacher",
     "hf_kd.schemes.multi_teacher",
     "hf_kd.schemes.mutual_learning",
