@@ -171,7 +171,7 @@ def test_kl_in_losses_stands_for_the_teachers_terms_and_feature_losses_stay(tmp_
 # ---- refusals ----------------------------------------------------------------------------------------------------
 
 
-def _refused(message, tmp_path, teachers, student, **overrides):
+def assert_refused(message, tmp_path, teachers, student, **overrides):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         amalgamation(teachers, student, config(tmp_path / "out", max_steps=1, **overrides), train_dataset=_rows(8))
     assert not (tmp_path / "out").exists()  # refused before anything was written
@@ -183,7 +183,7 @@ def test_a_teacher_class_the_student_lacks_is_refused_with_the_names(tmp_path):
         "high": _named(tiny_bert(seed=2), NAMES[1:]),
     }
     student = _named(tiny_bert(hidden=16, num_labels=3, seed=3), ["a", "b", "c"])
-    _refused(
+    assert_refused(
         "teacher 'high' knows the classes ['d'], which the student does not have (its classes: ['a', 'b', 'c']): "
         "build the student over the union of the teachers' classes, e.g. with "
         "hf_kd.schemes.amalgamation.union_label_config(teachers).",
@@ -195,7 +195,7 @@ def test_a_teacher_class_the_student_lacks_is_refused_with_the_names(tmp_path):
 
 def test_placeholder_label_names_are_refused_naming_the_fix(tmp_path):
     student = _named(tiny_bert(hidden=16, seed=3), ["a", "b", "c"])
-    _refused(
+    assert_refused(
         "teacher 'teacher0' knows the classes ['LABEL_0', 'LABEL_1', 'LABEL_2'], which the student does not have "
         "(its classes: ['a', 'b', 'c']) (LABEL_0, LABEL_1, ... are transformers' placeholder names, which name no "
         "class: set the teacher's config.id2label to the names of its classes): build the student over the union of "
@@ -212,7 +212,7 @@ def test_a_student_class_no_teacher_knows_is_refused(tmp_path):
         "high": _named(tiny_bert(seed=2), NAMES[1:]),
     }
     student = _named(tiny_bert(hidden=16, num_labels=5, seed=3), [*NAMES, "e"])
-    _refused(
+    assert_refused(
         "the student's classes ['e'] are known by no teacher (the teachers' classes: {'low': ['a', 'b'], 'high': "
         "['b', 'c', 'd']}), so nothing would teach them: drop them from the student's id2label, or add a teacher "
         "that knows them.",
@@ -224,7 +224,7 @@ def test_a_student_class_no_teacher_knows_is_refused(tmp_path):
 
 def test_a_class_named_twice_is_refused(tmp_path):
     student = _named(tiny_bert(hidden=16, seed=3), ["a", "b", "a"])
-    _refused(
+    assert_refused(
         "the student's config.id2label names ['a'] more than once: amalgamation matches classes across models by "
         "name, so each class needs a name of its own.",
         tmp_path,
@@ -234,7 +234,7 @@ def test_a_class_named_twice_is_refused(tmp_path):
 
 
 def test_models_that_are_not_classifiers_and_teachers_without_classes_are_refused(tmp_path):
-    _refused(
+    assert_refused(
         "amalgamation matches classes by name (config.id2label) across classifiers; the student is a GPT2LMHeadModel, "
         "which is not a classifier (…ForSequenceClassification, …ForImageClassification, …ForTokenClassification, "
         "...).",
@@ -244,7 +244,7 @@ def test_models_that_are_not_classifiers_and_teachers_without_classes_are_refuse
     )
     labeled = _rows(8).map(lambda row: {"labels": row["labels"] % 3})
     cache = write_teacher_cache(tiny_bert(seed=1), labeled, str(tmp_path / "cache"), top_k=3)
-    _refused(
+    assert_refused(
         "amalgamation reads each teacher's classes from its model's config.id2label; teacher 'teacher0' is a "
         "TeacherCache, which has none: give the teacher model (or its folder).",
         tmp_path,
@@ -256,7 +256,7 @@ def test_models_that_are_not_classifiers_and_teachers_without_classes_are_refuse
 def test_options_that_cannot_take_effect_are_refused_naming_them(tmp_path):
     teachers = [_named(tiny_bert(seed=1), ["a", "b", "c"])]
     student = _named(tiny_bert(hidden=16, seed=3), ["a", "b", "c"])
-    _refused(
+    assert_refused(
         "amalgamation combines classifiers over the union of their label sets; chunk_size is a causal-LM option and "
         "does not apply: leave it unset.",
         tmp_path,
@@ -264,7 +264,7 @@ def test_options_that_cannot_take_effect_are_refused_naming_them(tmp_path):
         student,
         chunk_size=4,
     )
-    _refused(
+    assert_refused(
         "amalgamation gives each teacher its own term on its own classes and combines no distributions: "
         "teacher_aggregation='adaptive' / teacher_weights=None would do nothing. Leave both unset (weigh a teacher's "
         "term through losses instead).",
@@ -273,7 +273,7 @@ def test_options_that_cannot_take_effect_are_refused_naming_them(tmp_path):
         student,
         teacher_aggregation="adaptive",
     )
-    _refused(
+    assert_refused(
         "amalgamation gives each teacher its own 'uhc' term on its own classes; losses also lists 'logit_mse', which "
         "would compare the student's logits class by class with teachers that know only some of its classes. Keep kl "
         "(it stands for the amalgamation's terms, with its weight) and losses on other features.",

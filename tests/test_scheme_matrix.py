@@ -134,7 +134,7 @@ def _run(scheme, tmp_path, folder, option=None, kill_at_step=None, monkeypatch=N
             monkeypatch.setattr(DistillationTrainer, "training_step", original)
 
 
-def _same_weights(model, reference, atol=1e-6):
+def assert_same_weights(model, reference, atol=1e-6):
     expected = reference.state_dict()
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, expected[name], atol=atol, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
@@ -161,10 +161,12 @@ def test_working_cells_train_what_the_plain_computation_trains(scheme, option, t
         scheme = NoisyStudentConfig(input_noise=0.0, student_dropout=0.0)
     try:
         result = _run(scheme, tmp_path, "cell", option, **cell)
-    except ValueError:
-        return  # an early refusal: the matrix above checks it comes before the first step and names the option
+    except ValueError as refusal:  # an early refusal (the matrix above checks it comes before the first step)
+        named = OPTIONS[option][1]
+        assert named in str(refusal), f"{scheme} × {option} raised an error not naming {named!r}: {refusal}"
+        return
     reference = _run(scheme, tmp_path, "plain", option, **plain)
-    _same_weights(result.student, reference.student, atol=1e-5)
+    assert_same_weights(result.student, reference.student, atol=1e-5)
 
 
 @pytest.mark.parametrize("scheme", available_schemes())
@@ -176,7 +178,7 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(scheme, tmp
         _run(scheme, tmp_path, "killed", kill_at_step=2, monkeypatch=monkeypatch, **saving)
     resumed = _run(scheme, tmp_path, "killed", **saving)
     reference = _run(scheme, tmp_path, "whole", **saving)
-    _same_weights(resumed.student, reference.student)
+    assert_same_weights(resumed.student, reference.student)
 
 
 def test_every_scheme_pushes_its_final_student_or_refuses_before_training(tmp_path):
