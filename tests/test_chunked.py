@@ -262,6 +262,47 @@ def test_fused_terms_equal_the_dense_computation(case, family):
         )
 
 
+@pytest.mark.parametrize("precision", ["bf16 weights", "fp32 weights under bf16 autocast"])
+def test_fused_terms_in_low_precision_match_the_fp32_computation(precision):
+    """The head's weight gradient is taken in the dtype autograd would use (bf16 products, fp32 sums over chunks):
+    it stays within bf16 rounding of the same computation in fp32 and comes back in the weight's dtype."""
+    torch.manual_seed(0)
+    rows, width, vocab = 64, 16, 48
+    low_weights = precision == "bf16 weights"
+    linear = torch.nn.Linear(width, vocab, bias=False)
+    if low_weights:
+        linear = linear.to(torch.bfloat16)
+    hidden = torch.randn(rows, width).to(torch.bfloat16 if low_weights else torch.float32).requires_grad_()
+    teacher_logits = torch.randn(rows, vocab) * 2
+    targets = torch.randint(0, vocab, (rows,))
+    losses = [get_loss("kl", temperature=2.0)]
+    weights = torch.tensor([0.7, 0.3])
+
+    reference = torch.nn.Linear(width, vocab, bias=False)
+    reference.weight.data = linear.weight.detach().float().clone()
+    reference_hidden = hidden.detach().float().requires_grad_()
+    dense = _dense_terms(reference_hidden, LogitsHead(_TinyLM(reference)), teacher_logits, targets, losses, True)
+    (dense * weights).sum().backward()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not low_weights):
+        sums = chunked_token_terms(
+            hidden,
+            (teacher_logits,),
+            targets,
+            student_head=LogitsHead(_TinyLM(linear)),
+            teacher_logits=lambda rows: rows,
+            losses=losses,
+            with_label_loss=True,
+            chunk_size=16,
+            weights=weights,
+        )
+        (sums * weights).sum().backward()
+    assert linear.weight.grad.dtype == linear.weight.dtype
+    torch.testing.assert_close(sums, dense.detach(), rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(linear.weight.grad.float(), reference.weight.grad, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(hidden.grad.float(), reference_hidden.grad, rtol=3e-2, atol=3e-2)
+
+
 def test_fused_terms_with_masked_vocabulary_entries_stay_finite_and_exact():
     # Entries at -inf in both models (a masked vocabulary): 0·log 0 is 0 in values and gradients, as in the plain path.
     torch.manual_seed(0)

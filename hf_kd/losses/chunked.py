@@ -155,6 +155,7 @@ class _Chunks:
         grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
         grad_parameters = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in parameters]
         totals = torch.zeros(self.size, device=hidden.device)
+        autocast = torch.is_autocast_enabled(hidden.device.type)
         for chunk, targets, rows in self.slices(num_chunks):
             # A graph only where autograd takes the gradients: through a family's division of the hidden states,
             # and through a head that is not a plain Linear (its parameters too).
@@ -179,7 +180,11 @@ class _Chunks:
                         (grad_inputs,) = torch.autograd.grad(inputs, hidden_chunk, grad_inputs)
                     grad_hidden[chunk] = grad_inputs
                 for parameter, accumulated in zip(parameters, grad_parameters):
-                    if parameter is weight:
+                    if parameter is weight and (weight.dtype != torch.float32 or autocast):
+                        # In the dtype autograd would use (bf16/fp16 weights, or autocast's): tensor cores, where an
+                        # fp32 product is several times slower on GPUs; summed over chunks in fp32.
+                        accumulated += grad_raw_low.T @ inputs.detach().to(grad_raw_low.dtype)
+                    elif parameter is weight:
                         accumulated.addmm_(grad_raw.T, inputs.detach().float())
                     elif parameter is bias:
                         accumulated += grad_raw.sum(0)
