@@ -65,6 +65,8 @@ def render_student_card(
     base_model: str | None = None,
     pipeline_tag: str | None = None,
     picture: str | None = None,
+    teacher_name: str | None = None,
+    teacher_lineage: str | None = None,
 ) -> ModelCard:
     """A card saying what the student was distilled from, with which losses, on what data, and how it compares.
 
@@ -86,19 +88,31 @@ def render_student_card(
         base_model: The card's base model (by default the teacher, or a PEFT student's base, when it is a Hub repo).
         pipeline_tag: The card's pipeline tag.
         picture: The file name of the comparison's quality–latency picture, uploaded beside the card.
+        teacher_name: What the teacher is, where ``summary["teacher"]`` is only where it was loaded from (a local
+            copy): its Hub id names and links it, and is the default base model. By default, for a folder that
+            :mod:`hf_kd.pretrained` exported from a package, the original's Hub id
+            (:func:`~hf_kd.pretrained.export_source`).
+        teacher_lineage: How the teacher that taught relates to ``teacher_name`` (converted from the package it
+            shipped in), said beside the teacher. By default, an exported folder's lineage.
 
     Returns:
         The rendered ``huggingface_hub.ModelCard``.
     """
-    teacher = summary["teacher"] or "a teacher model"
-    teacher_url = hub_url(summary["teacher"])
+    if teacher_name is None and teacher_lineage is None and summary["teacher"]:
+        from .pretrained import export_source  # the packaged teachers: the card names the original, not the copy
+
+        source = export_source(summary["teacher"]) if os.path.isdir(summary["teacher"]) else None
+        if source is not None:
+            teacher_name, teacher_lineage = source["hub_id"], source["lineage"]
+    teacher = teacher_name or summary["teacher"] or "a teacher model"
+    teacher_url = hub_url(teacher)
     tags = list(dict.fromkeys(["hf_kd", "knowledge-distillation", *(tags or [])]))
     adapter = summary.get("adapter")
     if adapter:
         adapter = {**adapter, "parameters": _parameters(adapter["parameters"])}
         default_base = adapter["base_model"] if hub_url(adapter["base_model"]) else None
     else:
-        default_base = summary["teacher"] if teacher_url else None
+        default_base = teacher if teacher_url else None
     card_data = ModelCardData(
         base_model=base_model if base_model is not None else default_base,
         pipeline_tag=pipeline_tag,
@@ -133,6 +147,7 @@ def render_student_card(
         repo_id=repo_id,
         teacher=teacher,
         teacher_url=teacher_url,
+        teacher_lineage=teacher_lineage,
         teacher_class=summary["teacher_class"],
         teacher_parameters=_parameters(summary["teacher_parameters"]) if summary["teacher_parameters"] else None,
         student_parameters=_parameters(summary["student_parameters"]),

@@ -475,8 +475,8 @@ def main():
             license=source["license"],
             language="en",
             dataset_description=f"{recipe.dataset_name} ({min(len(train), read):,} of {len(train):,} blocks of "
-            f"{recipe.block_size} tokens read in training); teacher: "
-            f"{source['lineage']}; student: {len(layers)} of its {teachers[0].config.num_hidden_layers} layers "
+            f"{recipe.block_size} tokens read in training); student: {len(layers)} of its "
+            f"{teachers[0].config.num_hidden_layers} layers "
             f"({', '.join(map(str, layers))}) with its embeddings, final norm and LM head",
         )
     elif args.push_to_hub:
