@@ -10,14 +10,18 @@ by espeak-ng in several voices (cached under OUTPUT_DIR/data/speech); test: held
 held-out voices. The frozen encoder runs once per clip: its outputs are the training rows (teacher and student read
 the same ones, as distil-whisper shares them) and score every model's test transcripts (the encoders are equal).
 
-The script prints (and saves to OUTPUT_DIR/results.md) word error rate (jiwer, after Whisper's English normaliser),
-parameters, milliseconds per utterance of greedy decoding from audio and the real-time factor, for the teacher, the
-student as built from the teacher's layers, the same student trained on the true text (cross-entropy, the same
-steps, no teacher), and the distilled student.
+Both trained students read the same clips (the kept ones) for the same steps: the distilled one their pseudo-labels
+and the teacher, the undistilled one their true text. --wer_threshold and --kl_weights take several values: one
+distilled student is trained per pair and the one with the lowest WER on the validation split (held-out sentences in
+the training voices, never the test voices) is tested. The script prints (and saves to OUTPUT_DIR/results.md) word
+error rate (jiwer, after Whisper's English normaliser), parameters, milliseconds per utterance of greedy decoding from
+audio and the real-time factor, for the teacher, the student as built from the teacher's layers, the student trained
+on the true text (cross-entropy, no teacher) and the distilled student; then every validation WER
+(OUTPUT_DIR/validation.json).
 
     # espeak-ng: `make install` installs it (apt, as root); otherwise `apt-get install espeak-ng`
     python recipes/speech_recognition.py --config recipes/configs/speech_recognition.yaml     # make demo-asr
-    python recipes/speech_recognition.py --config recipes/configs/speech_recognition.yaml --wer_threshold 1.0
+    python recipes/speech_recognition.py --config recipes/configs/speech_recognition.yaml --wer_threshold 0.4
     python recipes/speech_recognition.py --config recipes/configs/speech_recognition.yaml --student_decoder_layers 1
 """
 
