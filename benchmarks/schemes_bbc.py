@@ -62,13 +62,16 @@ BBC_TRAINING = dict(
 )
 
 
-def bbc_splits(module, output_dir: str, seed: int, max_length: int = 128):
-    """The text recipe's BBC News split for ``seed`` (20% held out, stratified), MiniLM's tokenizer and
-    ``tokenize(split)``, which cuts the articles at ``max_length`` tokens."""
+def bbc_splits(
+    module, output_dir: str, seed: int, max_length: int = 128, tokenizer_path: str | None = None, data_dir=None
+):
+    """The text recipe's BBC News split for ``seed`` (20% held out, stratified), MiniLM's tokenizer (or the one at
+    ``tokenizer_path``) and ``tokenize(split)``, which cuts the articles at ``max_length`` tokens. The articles are
+    exported once to ``data_dir`` (default ``output_dir/data``) and read from there."""
     recipe = module.TextRecipeArguments()
-    dataset = module.load_text_dataset(recipe, cache_dir=os.path.join(output_dir, "data"))
+    dataset = module.load_text_dataset(recipe, cache_dir=data_dir or os.path.join(output_dir, "data"))
     splits = dataset.train_test_split(test_size=0.2, stratify_by_column="labels", seed=seed)
-    tokenizer = AutoTokenizer.from_pretrained(module._packaged_minilm())
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or module._packaged_minilm())
 
     def tokenize(split):
         return split.map(
