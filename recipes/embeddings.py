@@ -231,7 +231,9 @@ def main():
         processing_class=tokenizer,
     )
     if recipe.pca_projector:
-        losses = [term.loss for term in trainer.objective.terms if isinstance(term.loss, EmbeddingDistanceLoss)]
+        losses = [
+            term.loss for term in trainer.distillation_objective.terms if isinstance(term.loss, EmbeddingDistanceLoss)
+        ]
         if not losses:
             raise ValueError("--pca_projector starts the projector of embedding_mse / embedding_cosine: use one.")
         sample = train_sentences[: min(len(train_sentences), 4096)]

@@ -246,7 +246,7 @@ def test_a_bare_encoder_student_learns_the_teacher_and_saves_as_a_sentence_trans
     student = SentenceEmbeddingModel(bert(16, 1, seed=1), pooling="mean", normalize=True)
     untrained = SentenceEmbeddingModel(bert(16, 1, seed=1), pooling="mean", normalize=True)
     trainer = trainer_for(tmp_path, student, teacher, tok, max_steps=40)  # widths 16 → 32: a projector
-    (loss,) = [term.loss for term in trainer.objective.terms]
+    (loss,) = [term.loss for term in trainer.distillation_objective.terms]
     loss.init_projector_from_pca(torch.from_numpy(encode(teacher, tok, texts(64, seed=5))))
     start = loss.projector.net.weight.detach().clone()
     trainer.train()
@@ -408,5 +408,5 @@ def test_relation_and_contrastive_losses_read_sentence_embeddings(tmp_path):
     logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
     assert {"embedding_cosine", "rkd_distance", "sp", "infonce"} <= set(logged)
     # rkd_distance compares the 16- and 32-wide embeddings' distance structures: no projector needed
-    rkd = next(term.loss for term in trainer.objective.terms if term.name == "rkd_distance")
+    rkd = next(term.loss for term in trainer.distillation_objective.terms if term.name == "rkd_distance")
     assert rkd.sources == {"student": "embeddings", "teacher": "embeddings"} and not list(rkd.parameters())

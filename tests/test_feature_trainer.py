@@ -45,7 +45,7 @@ def test_bert_hidden_and_attention_losses_with_projector_checkpoint_and_resume(t
         return DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=classification_data())
 
     trainer = make(tmp_path / "a")
-    assert trainer.objective.needs("student") == {"logits", "hidden_states", "attentions"}
+    assert trainer.distillation_objective.needs("student") == {"logits", "hidden_states", "attentions"}
     assert trainer.model.config._attn_implementation == "eager"
     assert trainer.teacher_model.config._attn_implementation == "eager"
     projector = trainer.distillation_losses[1].projectors
@@ -90,7 +90,7 @@ def test_cnn_feature_maps_through_hooks(tmp_path):
         train_dataset=image_data(),
         args=config(tmp_path, losses=losses, max_steps=3),
     )
-    assert "module:resnet.encoder.stages.1" in trainer.objective.needs("teacher")
+    assert "module:resnet.encoder.stages.1" in trainer.distillation_objective.needs("teacher")
     conv = trainer.distillation_losses[0].projectors[0].net
     assert isinstance(conv, torch.nn.Conv2d) and (conv.in_channels, conv.out_channels) == (12, 32)
     trainer.train()
@@ -207,4 +207,4 @@ def test_engines_owning_the_optimizer_refuse_fp16_with_learned_loss_parts(tmp_pa
     monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
     monkeypatch.setattr(trainer.args, "fp16", True)
     with pytest.raises(ValueError, match="use bf16"):
-        trainer.loss_parts.setup(trainer, trainer.objective.terms)
+        trainer.loss_parts.setup(trainer, trainer.distillation_objective.terms)

@@ -102,7 +102,8 @@ def test_a_run_with_learned_edges_trains_their_networks_and_logs_their_loss(tmp_
     assert {"edge_nll/student", "kl/teacher->student", "kl/peer->student", "kl/student->peer"} <= logged
     assert "edge_nll/peer" not in logged
     parts = load_file(str(tmp_path / "checkpoint-3" / "hf_kd_losses.safetensors"))  # the networks resume with the run
-    for index, term in enumerate(trainer.objective.terms):  # the objective's loss modules, in the terms' order
+    terms = trainer.distillation_objective.terms  # the objective's loss modules, in the terms' order
+    for index, term in enumerate(terms):
         if term.name in trainer.members.learned_losses:
             torch.testing.assert_close(parts[f"{index}.scorer.2.weight"], term.loss.scorer[2].weight.detach())
 

@@ -97,9 +97,9 @@ def test_the_consistency_weight_ramps_up_as_exp_of_minus_five_one_minus_t_square
     trainer = DistillationTrainer(
         model=student, teacher_model=EMATeacher(student, 0.9), args=args, train_dataset=classification_data()
     )
-    ramp = [trainer.objective.ramp(step) for step in range(6)]
+    ramp = [trainer.distillation_objective.ramp(step) for step in range(6)]
     assert ramp == pytest.approx([math.exp(-5), math.exp(-5 * 0.75**2), math.exp(-5 * 0.25), math.exp(-5 / 16), 1, 1])
-    assert trainer.objective.ramp(None) == 1.0  # evaluation: no ramp
+    assert trainer.distillation_objective.ramp(None) == 1.0  # evaluation: no ramp
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     for step, entry in enumerate(logs):  # the logged total is CE + ramp(step)·consistency, step by step

@@ -163,7 +163,7 @@ def test_each_teacher_gets_its_own_feature_term_projector_and_layer_map(tmp_path
         args=config(tmp_path, losses="kl,hidden_mse:1:projector=linear,hint:1:teacher=narrow"),
         train_dataset=classification_data(),
     )
-    terms = {term.name: term for term in trainer.objective.terms}
+    terms = {term.name: term for term in trainer.distillation_objective.terms}
     assert list(terms) == ["kl", "hidden_mse/wide", "hidden_mse/narrow", "hint/narrow"]
     assert terms["kl"].teacher == "ensemble"
     wide_loss, narrow_loss = terms["hidden_mse/wide"].loss, terms["hidden_mse/narrow"].loss

@@ -210,7 +210,7 @@ class LabelSubsetTeacher(LiveTeacher):
 
     def attach(self, trainer) -> None:
         # What the trainer does for a teacher model it is given: placement for its engine, eager attention if read.
-        if "attentions" in trainer.objective.needs("teacher"):
+        if "attentions" in trainer.distillation_objective.needs("teacher"):
             use_eager_attention(self.model)
         self.model = prepare_teacher(self.model, trainer.accelerator)
 

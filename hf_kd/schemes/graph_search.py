@@ -199,10 +199,6 @@ class GraphSearchTrainer(GraphTrainer):
         every = space.every_choice(graph)
         models = {**frozen, **{name: make_node(name) for name in graph.trained}}
         super().__init__(every, models, args, **kwargs)
-        # Trainer.hyperparameter_search keeps a trial's value in `self.objective` (None when a trial starts), the
-        # attribute a DistillationTrainer keeps its Objective in: the edges' Objective lives here, and compute_loss
-        # lends it to the loss for the length of a call.
-        self.edge_objective, self.objective = self.objective, None
         self.model_init = self.fresh_nodes  # set after the Trainer's set-up, which refuses a model and model_init
         self.use_graph(graph)
 
@@ -235,16 +231,9 @@ class GraphSearchTrainer(GraphTrainer):
         self.graph = self.members.graph = DistillationGraph(dict(chosen.nodes), edges, chosen.student)
         self.members.edges = {edge.name: edge for edge in edges}
         weights = {edge.name: float(edge.weight) for edge in edges}
-        terms = self.edge_objective.terms
-        self.edge_objective.terms = [dataclasses.replace(term, weight=weights[term.name]) for term in terms]
+        terms = self.distillation_objective.terms
+        self.distillation_objective.terms = [dataclasses.replace(term, weight=weights[term.name]) for term in terms]
         self.chosen = chosen
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        search_value, self.objective = self.objective, self.edge_objective
-        try:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        finally:
-            self.objective = search_value
 
     def _hp_search_setup(self, trial) -> None:
         # The Trainer's hook for a trial (called by train(trial=...) after model_init): the edges first, then the

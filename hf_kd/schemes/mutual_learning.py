@@ -216,7 +216,7 @@ class MutualLearningTrainer(CohortTrainer):
         members = PeerTeaching(list(named), next(iter(named.values())), towards)
         super().__init__(model=PeerCohort(named), args=args, members=members, **kwargs)
         for peer in named.values():  # distribution losses on a one-logit head
-            check_logit_width(peer, self.objective.losses)
+            check_logit_width(peer, self.distillation_objective.losses)
         self.towards, self.no_push = towards, _NO_PUSH
         self.peer_metrics: dict[str, dict] = {}  # set by mutual_learning(): each peer's evaluation
         self.best_peer: str | None = None

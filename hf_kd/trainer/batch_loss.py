@@ -48,7 +48,7 @@ def plain_terms(
     Raises:
         ValueError: a teacher's own tokenizer with several teachers.
     """
-    objective = trainer.objective
+    objective = trainer.distillation_objective
     inputs, sample_index = split_sample_index(inputs)
     inputs = with_decoder_inputs(trainer, model, inputs)
     clean = inputs if clean_inputs is None else with_decoder_inputs(trainer, model, split_sample_index(clean_inputs)[0])
@@ -194,7 +194,7 @@ def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: b
         teacher_rows, teacher_logits, terms_run = (), None, []
     else:
         teacher_rows, teacher_logits = teacher.token_rows(model_inputs, mask, sample_index=sample_index)
-        terms_run = list(trainer.objective.terms)
+        terms_run = list(trainer.distillation_objective.terms)
     student = trainer.accelerator.unwrap_model(model)
     student_head = LogitsHead(student, "the student")
     if student not in _CHECKED_HEADS:  # once, on the first batch: the head's logits are the model's own
@@ -255,7 +255,9 @@ def term_weights(trainer, terms_run, counts: ItemCounts, with_label_loss: bool, 
         probe = torch.zeros(len(terms_run) + int(with_label_loss), device=device, requires_grad=True)
         terms = _chunked_normalised(trainer, probe, terms_run, counts, with_label_loss)
         label_weight = trainer.args.label_loss_weight if with_label_loss else 0.0
-        total = trainer.objective.total(terms, label_weight, trainer.state.global_step if mode == "train" else None)
+        total = trainer.distillation_objective.total(
+            terms, label_weight, trainer.state.global_step if mode == "train" else None
+        )
         if total is None:
             return torch.zeros_like(probe).detach()
         return torch.autograd.grad(total, probe, allow_unused=True, materialize_grads=True)[0].detach()
@@ -267,7 +269,7 @@ def _chunked_normalised(trainer, sums, terms_run, counts: ItemCounts, with_label
     if with_label_loss:
         terms[LABEL_TERM] = sums[0] * counts.scale / counts.labels.clamp(min=1)
     for index, term in enumerate(terms_run):
-        terms[term.name] = trainer.objective.normalise(term, sums[index + int(with_label_loss)], counts, 1)
+        terms[term.name] = trainer.distillation_objective.normalise(term, sums[index + int(with_label_loss)], counts, 1)
     return terms
 
 
@@ -309,7 +311,9 @@ def record_terms(
     terms = {**terms, **(extra or {})}
     if mode == "train":
         weights = (
-            {name: 1.0 / accumulation for name in [*trainer.objective.names, *ensemble_weights]} if distilled else {}
+            {name: 1.0 / accumulation for name in [*trainer.distillation_objective.names, *ensemble_weights]}
+            if distilled
+            else {}
         )
         weights.update({name: 1.0 / accumulation for name in extra or {}})
         if labeled:
@@ -317,7 +321,7 @@ def record_terms(
     else:
         weights = {name: 1.0 for name in [*ensemble_weights, *(extra or {})]}
         if distilled:
-            for term in trainer.objective.terms:
+            for term in trainer.distillation_objective.terms:
                 weights[term.name] = counts.positions / counts.scale if term.loss.per_position else 1.0
         if labeled:
             weights[LABEL_TERM] = counts.labels / counts.scale

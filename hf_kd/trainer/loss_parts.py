@@ -75,9 +75,11 @@ class LossParts:
         was_training = trainer.model.training
         trainer.model.eval()  # no dropout, no batch-norm statistics update in the dry run
         with torch.no_grad():
-            _, student = run_model(trainer.model, model_inputs, trainer.objective.needs("student"))
+            _, student = run_model(trainer.model, model_inputs, trainer.distillation_objective.needs("student"))
             teachers = {  # teachers never see labels
-                name: trainer.teachers[name](batch, trainer.objective.needs("teacher", name), sample_index=sample_index)
+                name: trainer.teachers[name](
+                    batch, trainer.distillation_objective.needs("teacher", name), sample_index=sample_index
+                )
                 for name in dict.fromkeys(term.teacher for term in pending)
             }
         trainer.model.train(was_training)

@@ -356,7 +356,7 @@ def members_loss(trainer, model, inputs, return_outputs=False, num_items_in_batc
     step = trainer.state.global_step if mode == "train" else None
     progress = step / max(trainer.state.max_steps, 1) if step is not None else None
     labeled = label_weight > 0 and labels is not None
-    objective, total = trainer.objective, None
+    objective, total = trainer.distillation_objective, None
     for name, (outputs, _) in results.items():
         student = features[name]
         terms = label_term(trainer, outputs, labels, counts) if label_weight > 0 else {}

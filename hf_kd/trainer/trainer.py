@@ -115,7 +115,7 @@ class DistillationTrainer(TrainerCompat):
             check_member_engine(self, members)
             if args.label_names is None:  # the module's forward hides the members' label arguments
                 self.label_names = find_labels(type(reference))
-        self.objective = objective
+        self.distillation_objective = objective
         self.distillation_losses = objective.losses.to(self.args.device)
         if "attentions" in objective.needs("student") | objective.needs("teacher"):
             for network in [model, *(teacher for teacher in teachers.values() if isinstance(teacher, nn.Module))]:
@@ -269,7 +269,9 @@ class DistillationTrainer(TrainerCompat):
             terms, outputs, distilled = plain_terms(
                 self, model, inputs, teacher_inputs, counts, label_weight, accumulation, mode, clean_inputs
             )
-        total = self.objective.total(terms, label_weight, self.state.global_step if mode == "train" else None)
+        total = self.distillation_objective.total(
+            terms, label_weight, self.state.global_step if mode == "train" else None
+        )
         if total is None and mode == "eval" and not self.teachers_cover_eval:
             # A cache has no outputs for evaluation data: evaluation reports the student's own label loss.
             total = output_field(outputs, "loss")
