@@ -1,9 +1,14 @@
-"""Where a run that is started again resumes: its last *complete* checkpoint; and reading a model's weights back.
+"""Where a run that is started again resumes: its last *complete* checkpoint, made under the same set-up; and
+reading a model's weights back.
 
 A kill inside a save (out of memory, a preempted job, Ctrl-C) leaves a ``checkpoint-N`` folder without the files
 written after the model. ``transformers.Trainer`` writes ``trainer_state.json`` last, so a checkpoint counts as
 complete when that file is there and reads as JSON; resuming from an incomplete one would stop every rerun with a
 raw ``FileNotFoundError``. Every scheme that resumes from its output folder asks here.
+
+Each checkpoint also records the run's set-up (``hf_kd_run_setup.json``: losses, weights, teachers, the trained
+members and a graph's edges, the scheme's settings); resuming under another set-up is refused, since it would
+continue the other run (a rerun with a changed graph in the same ``output_dir``, say) rather than start this one.
 """
 
 from __future__ import annotations
@@ -21,6 +26,61 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+RUN_SETUP_NAME = "hf_kd_run_setup.json"
+
+
+def changed_fields(saved: dict | None, requested: dict) -> str:
+    """The fields of ``requested`` that differ from ``saved``, as ``field: saved → requested`` (``saved`` None: a
+    record from before set-ups were recorded, nothing to compare, nothing reported).
+
+    Args:
+        saved: The set-up read back from a file, or None.
+        requested: This run's set-up (JSON-serialisable).
+
+    Returns:
+        The differences joined by ``"; "``, empty when there is none.
+    """
+    if saved is None:
+        return ""
+    requested = json.loads(json.dumps(requested))  # as it reads back from the file (tuples as lists, ...)
+    return "; ".join(
+        f"{key}: {saved.get(key)!r} → {value!r}" for key, value in requested.items() if saved.get(key) != value
+    )
+
+
+def write_run_setup(checkpoint: str, setup: dict) -> None:
+    """Record the run's set-up in a checkpoint folder (made if need be), for :func:`check_run_setup` on resuming.
+
+    Args:
+        checkpoint: The ``checkpoint-N`` folder.
+        setup: The trainer's set-up (JSON-serialisable).
+    """
+    os.makedirs(checkpoint, exist_ok=True)
+    with open(os.path.join(checkpoint, RUN_SETUP_NAME), "w") as handle:
+        json.dump(setup, handle, indent=2)
+
+
+def check_run_setup(checkpoint: str, setup: dict) -> None:
+    """Refuse to resume from ``checkpoint`` when the run that saved it had another set-up.
+
+    Args:
+        checkpoint: The ``checkpoint-N`` folder to resume from.
+        setup: This run's set-up.
+
+    Raises:
+        ValueError: the recorded set-up differs; the message names each difference.
+    """
+    path = os.path.join(checkpoint, RUN_SETUP_NAME)
+    if not os.path.isfile(path):  # saved before hf_kd recorded set-ups, or by a plain Trainer: nothing to compare
+        return
+    with open(path) as handle:
+        changed = changed_fields(json.load(handle), setup)
+    if changed:
+        raise ValueError(
+            f"{checkpoint} was saved by a run with another set-up ({changed}): resuming from it would continue that "
+            f"run, not this one. Remove the checkpoint-N folders of {os.path.dirname(checkpoint) or '.'} (or give "
+            "another output_dir) to start this run afresh."
+        )
 
 
 def last_complete_checkpoint(folder: str) -> str | None:

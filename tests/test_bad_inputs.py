@@ -251,9 +251,10 @@ def _push(tmp_path, *flags):
 def _check_pushed_checkpoints(state, tmp_path):
     files = [path for commit in state.commits for path in commit["files"]]
     assert "last-checkpoint/hf_kd_losses.safetensors" in files  # a run resumed from the Hub finds its projector
+    assert "last-checkpoint/hf_kd_run_setup.json" in files  # and the set-up it compares on resuming
     assert "last-checkpoint/optimizer.pt" in files and "model.safetensors" in files
     assert not any(path.endswith("training_args.bin") for path in files)  # no pickle in any upload
-    assert not any(path in ("optimizer.pt", "hf_kd_losses.safetensors") for path in files)  # root: student only
+    assert not any(path in ("optimizer.pt", "hf_kd_losses.safetensors", "hf_kd_run_setup.json") for path in files)
 
 
 CASES = [

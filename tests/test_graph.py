@@ -231,3 +231,32 @@ def test_models_must_match_the_nodes(tmp_path):
     graph = DistillationGraph({"a": "frozen", "b": "trained"}, [GraphEdge("a", "b")], "b")
     with pytest.raises(ValueError, match="give one model per node"):
         GraphTrainer(graph, {"b": tiny_bert()}, config(tmp_path), train_dataset=classification_data(n=8))
+
+
+def test_a_rerun_resumes_its_own_graph_and_refuses_another_graphs_checkpoints(tmp_path):
+    data = classification_data(n=16)
+
+    def run(gate):
+        graph = DistillationGraph(
+            {"teacher": "frozen", "student": "trained", "peer": "trained"},
+            [GraphEdge("teacher", "student"), GraphEdge("peer", "student", gate=gate)],
+            "student",
+        )
+        models = {"teacher": tiny_bert(seed=1), "student": tiny_bert(hidden=16, seed=2), "peer": tiny_bert(seed=3)}
+        args = config(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+        return graph_distillation(graph, models, args, train_dataset=data)
+
+    first = run("through")
+    assert first[0].trainer.state.global_step == 2
+    again = run("through")  # the same graph: resumes from its checkpoint-2, nothing left to train
+    assert again[0].trainer.state.global_step == 2
+    torch.testing.assert_close(again[0].model.state_dict(), first[0].model.state_dict())
+    with pytest.raises(ValueError) as refused:
+        run("linear_up")  # another graph, same folder: its checkpoint is not this run's
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / 'checkpoint-2'} was saved by a run with another set-up (members: ")
+    assert "'gate': 'through'" in message and "'gate': 'linear_up'" in message
+    assert message.endswith(
+        f"resuming from it would continue that run, not this one. Remove the checkpoint-N folders of {tmp_path} "
+        "(or give another output_dir) to start this run afresh."
+    )

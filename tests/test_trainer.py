@@ -191,6 +191,36 @@ def test_checkpoints_hold_the_student_only_and_resume_reproduces(tmp_path):
         assert second[step]["ce"] == pytest.approx(first[step]["ce"], rel=1e-4)
 
 
+def test_resuming_from_a_checkpoint_of_another_set_up_is_refused_naming_the_differences(tmp_path):
+    data = classification_data()
+
+    def make(losses, steps=2):
+        return DistillationTrainer(
+            model=tiny_bert(hidden=16, layers=1, seed=2),
+            teacher_model=tiny_bert(hidden=48, layers=3, seed=1),
+            args=config(tmp_path, max_steps=steps, save_strategy="steps", save_steps=2, losses=losses),
+            train_dataset=data,
+        )
+
+    make("kl").train()
+    with open(tmp_path / "checkpoint-2" / "hf_kd_run_setup.json") as handle:
+        recorded = json.load(handle)
+    assert recorded["losses"] == [{"name": "kl", "weight": 1.0}] and recorded["terms"] == [["kl", "teacher", 1.0]]
+    assert recorded["teachers"]["teacher"]["teacher_class"] == "BertForSequenceClassification"
+    resumed = make("kl", steps=4)
+    resumed.train(resume_from_checkpoint=True)  # the same set-up resumes: steps 3 and 4 only
+    assert [entry["step"] for entry in resumed.state.log_history if "kl" in entry] == [1, 2, 3, 4]
+    with pytest.raises(ValueError) as refused:
+        make("jsd", steps=6).train(resume_from_checkpoint=True)
+    assert str(refused.value) == (
+        f"{tmp_path / 'checkpoint-4'} was saved by a run with another set-up (losses: [{{'name': 'kl', 'weight': "
+        "1.0}] → [{'name': 'jsd', 'weight': 1.0}]; terms: [['kl', 'teacher', 1.0]] → [['jsd', 'teacher', 1.0]]): "
+        "resuming from it would continue that run, not "
+        f"this one. Remove the checkpoint-N folders of {tmp_path} (or give another output_dir) to start this run "
+        "afresh."
+    )
+
+
 def test_save_model_writes_student_and_distillation_config(tmp_path):
     trainer = DistillationTrainer(
         model=tiny_bert(hidden=16, seed=2),

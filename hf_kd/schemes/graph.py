@@ -338,6 +338,14 @@ class GraphTeaching(TrainedMembers):
         self.graph = graph
         self.edges = {edge.name: edge for edge in graph.edges}
 
+    def setup(self) -> dict:
+        """The members' class and names, and the graph (its nodes, edges with their gates, student).
+
+        Returns:
+            What a checkpoint records about the graph, compared when a run resumes from it.
+        """
+        return {**super().setup(), "graph": self.graph.to_dict()}
+
     def objective(self, args: DistillationConfig) -> Objective:
         specs = [LossSpec(e.loss, float(e.weight), dict(e.options), teacher=e.source) for e in self.graph.edges]
         objective = Objective(specs, list(self.graph.nodes), args)

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..checkpoints import last_complete_checkpoint
+from ..checkpoints import changed_fields, last_complete_checkpoint
 from ..checks import check_teacher_count
 from ..config import DistillationConfig
 from ..objective import Objective
 from ..teachers import SINGLE_TEACHER, TeacherAggregator, name_models
-from ..trainer.reporting import DISTILLATION_CONFIG_NAME
+from ..trainer.reporting import DISTILLATION_CONFIG_NAME, SETUP_FIELDS
 
 MODEL_FOLDER = "model"  # a stage's saved student, inside the stage folder
 LINEAGE_KEY = "lineage"
@@ -93,7 +93,7 @@ def run_stage(
     if finished_stage(args, name):
         with open(os.path.join(model_folder, DISTILLATION_CONFIG_NAME)) as handle:
             saved = json.load(handle)
-        changed = _changed(saved.get("setup"), requested)
+        changed = changed_fields(saved.get("setup"), requested)
         if changed:
             raise ValueError(
                 f"stage {name!r} finished in an earlier run ({model_folder}) under another set-up: {changed}. "
@@ -141,9 +141,6 @@ def train_measure_save(trainer, model_folder: str, measure: Callable[[object], N
     trainer.save_model(model_folder)
 
 
-_SETUP_FIELDS = ("losses", "temperature", "label_loss_weight", "distillation_weight", "teacher_aggregation")
-
-
 def stage_setup(teacher, args: DistillationConfig, lineage: list[dict], scheme=None) -> dict:
     """What decides a stage's result besides its data and seed: its teacher(s) (class and size of a model, a path
     as given, a source's description), the distillation settings of ``args``, the scheme's settings and the lineage
@@ -160,8 +157,7 @@ def stage_setup(teacher, args: DistillationConfig, lineage: list[dict], scheme=N
     """
     return {
         "teacher": _teacher_setup(teacher),
-        **{field: getattr(args, field) for field in _SETUP_FIELDS},
-        "teacher_weights": args.teacher_weights,
+        **{field: getattr(args, field) for field in SETUP_FIELDS},
         "scheme": scheme.to_dict() if scheme is not None else None,
         "lineage": lineage,
     }
@@ -177,17 +173,6 @@ def _teacher_setup(teacher):
     if isinstance(teacher, str):
         return teacher
     return teacher.describe()  # a TeacherSource (a cache, ...)
-
-
-def _changed(saved: dict | None, requested: dict) -> str:
-    """The fields of ``requested`` that differ from ``saved``, as ``field: saved → requested`` (a summary written
-    before set-ups were recorded has none to compare: nothing is reported)."""
-    if saved is None:
-        return ""
-    requested = json.loads(json.dumps(requested))  # as it reads back from the file (tuples as lists, ...)
-    return "; ".join(
-        f"{key}: {saved.get(key)!r} → {value!r}" for key, value in requested.items() if saved.get(key) != value
-    )
 
 
 def final_trainer(stages: list[Stage], args: DistillationConfig, scheme, given) -> object:

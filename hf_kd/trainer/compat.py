@@ -17,6 +17,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from transformers.utils.hub import PushInProgress
 
+from ..checkpoints import RUN_SETUP_NAME, write_run_setup
 from ..data import DISTILLATION_POSITIONS, SAMPLE_INDEX
 from ..generation import ON_POLICY_KEY, student_rollout
 from ..positions import ItemCounts, count_items, split_sample_index
@@ -31,6 +32,7 @@ CHECKPOINT_ONLY_FILES = (
     "rng_state*.pth",
     "trainer_state.json",
     LOSS_PARTS_NAME,
+    RUN_SETUP_NAME,
     LOSS_OPTIMIZER_NAME,
     "global_step*",
     "latest",
@@ -133,6 +135,7 @@ class TrainerCompat(Trainer):
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             self.loss_parts.save(folder)
+            write_run_setup(folder, self.run_setup())  # compared when a run resumes from this checkpoint
         super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):

@@ -74,6 +74,14 @@ class TrainedMembers:
     def __init__(self, names: list[str], reference: nn.Module, extra_terms: tuple[str, ...] = ()):
         self.names, self.reference, self.extra_term_names = list(names), reference, tuple(extra_terms)
 
+    def setup(self) -> dict:
+        """What a checkpoint records about the members, compared when a run resumes from it.
+
+        Returns:
+            The members' class and names (a graph adds its nodes and edges).
+        """
+        return {"class": type(self).__name__, "names": self.names}
+
     def gate(self, term, sources: dict[str, ModelFeatures], labels, progress: float | None):
         """How much of ``term`` a member takes this step: ``(scale, keep)``, ``keep`` a boolean mask of the rows
         (or positions) it reads, or None for all. The base takes all of every term.

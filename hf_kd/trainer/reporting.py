@@ -19,6 +19,16 @@ from ..model_kinds import auto_class_for
 from ..plots import plot_quality_latency
 
 DISTILLATION_CONFIG_NAME = "distillation_config.json"
+# The distillation settings of a DistillationConfig that decide a run's result (recorded in set-ups, compared on
+# resuming and when a chain reruns a finished stage).
+SETUP_FIELDS = (
+    "losses",
+    "temperature",
+    "label_loss_weight",
+    "distillation_weight",
+    "teacher_aggregation",
+    "teacher_weights",
+)
 HUB_UPLOAD_FOLDER = "_hub_upload"  # what push_to_hub uploads; "_*" is skipped by the Trainer's own pushes
 STUDENT_ROLE = "student"
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import find_labels
 
-from ..checkpoints import last_complete_checkpoint
+from ..checkpoints import check_run_setup, last_complete_checkpoint
 from ..checks import check_chunkable, check_on_policy, check_setup, check_teachers
 from ..config import DistillationConfig
 from ..data import model_inputs
@@ -219,7 +221,9 @@ class DistillationTrainer(TrainerCompat):
             ``Trainer.train``'s ``TrainOutput`` (global step, training loss, metrics).
 
         Raises:
-            ValueError: ``resume_from_checkpoint=True`` and the output folder has no complete checkpoint.
+            ValueError: ``resume_from_checkpoint=True`` and the output folder has no complete checkpoint; or the
+                checkpoint was saved by a run with another set-up (:meth:`run_setup`: losses, weights, teachers, a
+                graph's edges, the scheme's settings), which resuming would continue instead of this run.
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
@@ -228,10 +232,34 @@ class DistillationTrainer(TrainerCompat):
                     f"resume_from_checkpoint=True, but {self.args.output_dir} has no complete checkpoint-N folder: "
                     "train without resume_from_checkpoint to start afresh."
                 )
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            check_run_setup(str(resume_from_checkpoint), self.run_setup())
         try:
             return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         finally:
             self._restore_use_cache()
+
+    def run_setup(self) -> dict:
+        """What decides this run besides its data and seed, recorded in every checkpoint (``hf_kd_run_setup.json``)
+        and compared when a run resumes from one.
+
+        Returns:
+            The losses and their weights, the objective's terms, the teachers (class and size), the trained
+                members (a graph's nodes and edges) and the scheme's settings, JSON-serialisable.
+        """
+        # A teacher's class and size: not its name, which differs when a rerun loads a chain's saved assistant
+        # that the first run held in memory, nor a server's address, which may move.
+        described = ("teacher_class", "teacher_parameters")
+        scheme = getattr(self, "scheme_config", None)
+        return {
+            **{field: getattr(self.args, field) for field in reporting.SETUP_FIELDS},
+            "terms": [[term.name, term.teacher, term.weight] for term in self.distillation_objective.terms],
+            "teachers": {
+                name: {key: source.describe().get(key) for key in described} for name, source in self.teachers.items()
+            },
+            "members": self.members.setup() if self.members is not None else None,
+            "scheme": scheme.to_dict() if scheme is not None else None,
+        }
 
     # ---- loss -----------------------------------------------------------------------------------------------
 
