@@ -94,6 +94,14 @@ def _self_distillation(out):
     )
 
 
+def _mutual_rerun_with_other_losses(out):
+    peers = [tiny_bert(hidden=16, seed=1), tiny_bert(hidden=16, seed=2)]
+    first = config(out, max_steps=2, save_strategy="steps", save_steps=2, losses="kl")
+    mutual_learning(peers, first, train_dataset=classification_data(n=32))
+    peers = [tiny_bert(hidden=16, seed=1), tiny_bert(hidden=16, seed=2)]
+    return mutual_learning(peers, _checkpointed(out, losses="jsd"), train_dataset=classification_data(n=32))
+
+
 # ---- a chain refuses, before its first stage, what a later stage would refuse ------------------------------------
 
 
@@ -280,6 +288,13 @@ CASES = [
         "`self_distillation` rerun after a kill inside a save",
         lambda p: _resume_after_a_killed_save(p, _self_distillation, ""),
         check=_check_resumed_from_the_complete_one,
+    ),
+    Case(
+        "resume-another-set-up",
+        '`mutual_learning(..., losses="jsd")` rerun in the folder of a `losses="kl"` run (its `checkpoint-2`)',
+        _mutual_rerun_with_other_losses,
+        ValueError,
+        "was saved by a run with another set-up (losses: [{'name': 'kl', 'weight': 1.0}] → [{'name': 'jsd'",
     ),
     Case(
         "born-again-ensemble-weights",
