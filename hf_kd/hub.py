@@ -90,7 +90,7 @@ def render_student_card(
         picture: The file name of the comparison's quality–latency picture, uploaded beside the card.
         teacher_name: What the teacher is, where ``summary["teacher"]`` is only where it was loaded from (a local
             copy): its Hub id names and links it, and is the default base model. By default, for a folder that
-            :mod:`hf_kd.pretrained` exported from a package, the original's Hub id
+            ``hf_kd.pretrained`` exported from a package, the original's Hub id
             (:func:`~hf_kd.pretrained.export_source`).
         teacher_lineage: How the teacher that taught relates to ``teacher_name`` (converted from the package it
             shipped in), said beside the teacher. By default, an exported folder's lineage.
