@@ -221,6 +221,24 @@ def test_resuming_from_a_checkpoint_of_another_set_up_is_refused_naming_the_diff
     )
 
 
+def test_a_finished_run_resumed_at_max_steps_mid_epoch_trains_no_further_step(tmp_path):
+    def make():  # 32 rows of 8: 4 steps an epoch, so step 2 ends mid-epoch
+        return DistillationTrainer(
+            model=tiny_bert(hidden=16, layers=1, seed=2),
+            teacher_model=tiny_bert(hidden=48, layers=3, seed=1),
+            args=config(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+            train_dataset=classification_data(),
+        )
+
+    finished = make()
+    finished.train()
+    again = make()
+    again.train(resume_from_checkpoint=True)
+    assert again.state.global_step == 2 and not (tmp_path / "checkpoint-3").exists()
+    for key, value in finished.model.state_dict().items():
+        torch.testing.assert_close(again.model.state_dict()[key], value)
+
+
 def test_save_model_writes_student_and_distillation_config(tmp_path):
     trainer = DistillationTrainer(
         model=tiny_bert(hidden=16, seed=2),

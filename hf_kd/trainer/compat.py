@@ -129,6 +129,15 @@ class TrainerCompat(Trainer):
         self.loss_parts.build_engine_optimizer(self, max_steps)
         return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
 
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from a checkpoint saved at max_steps in the middle of an epoch, transformers' loop enters the epoch
+        # and takes one more optimiser step before it checks max_steps: a finished run that is run again (a scheme
+        # rerun in its folder) would move its weights. Nothing is left to train there.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def _save_checkpoint(self, model, trial):
         # Learned loss parts resume with the student, outside its weights; written first, because the Trainer
         # pushes the checkpoint (hub_strategy) inside its own save.
