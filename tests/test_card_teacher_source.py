@@ -57,3 +57,26 @@ def test_a_teacher_named_by_the_caller_and_a_local_teacher_without_a_record(tmp_
     card, lines = card_lines(str(tmp_path))  # no export record: the folder as loaded, no base model
     assert f"- Teacher: `{tmp_path}` (`WhisperForConditionalGeneration`)" in lines
     assert card.data.base_model is None
+
+
+def test_the_trainer_names_a_teacher_converted_another_way_on_its_card(tmp_path):
+    from conftest import classification_data, config, tiny_bert
+
+    from hf_kd import DistillationTrainer
+
+    teacher = tiny_bert(hidden=32, seed=1)
+    teacher.save_pretrained(tmp_path / "converted")
+    trainer = DistillationTrainer(
+        model=tiny_bert(hidden=16, layers=1, seed=2),
+        teacher_model=str(tmp_path / "converted"),
+        args=config(tmp_path / "run", max_steps=1),
+        train_dataset=classification_data(n=8),
+    )
+    trainer.train()
+    trainer.create_model_card(teacher_name="org/teacher", teacher_lineage="converted from ONNX by hand")
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert (
+        "- Teacher: [org/teacher](https://huggingface.co/org/teacher) (`BertForSequenceClassification`): converted "
+        "from ONNX by hand"
+    ) in card.splitlines()
+    assert "base_model: org/teacher" in card and str(tmp_path / "converted") not in card

@@ -255,6 +255,8 @@ def create_model_card(trainer, output_dir: str | None = None, **card) -> None:
         base_model=card["finetuned_from"],
         pipeline_tag=tasks[0] if isinstance(tasks, (list, tuple)) else tasks,
         picture=picture,
+        teacher_name=card["teacher_name"],
+        teacher_lineage=card["teacher_lineage"],
     )
     rendered.save(os.path.join(folder, "README.md"))
 

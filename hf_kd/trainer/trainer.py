@@ -477,6 +477,8 @@ class DistillationTrainer(TrainerCompat):
         dataset_args=None,
         *,
         dataset_description: str | None = None,
+        teacher_name: str | None = None,
+        teacher_lineage: str | None = None,
         output_dir: str | None = None,
     ) -> None:
         """Write ``README.md``: teachers, losses with their papers, data, and the teacher-vs-student table.
@@ -499,6 +501,10 @@ class DistillationTrainer(TrainerCompat):
             dataset: the data the student was distilled on.
             dataset_args: the dataset configurations named beside the data.
             dataset_description: a sentence about the data.
+            teacher_name: what the teacher is (a Hub id, linked, and the default ``base_model``) where the run loaded
+                it from a local copy; a folder ``hf_kd.pretrained`` exported is named by its original without it.
+            teacher_lineage: how the teacher that taught relates to ``teacher_name`` (e.g. "dequantised from a
+                4-bit GGUF file"), on the card's Teacher line.
             output_dir: where ``README.md`` is written (default ``args.output_dir``).
         """
         card = dict(locals())  # every argument above, by its name
