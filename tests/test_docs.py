@@ -189,14 +189,19 @@ def test_sphinx_roles_become_checked_cross_references(caplog):
 
 
 @pytest.mark.parametrize("page", pages_with("python"), ids=page_id)
-def test_python_examples(page, tmp_path, monkeypatch):
+def test_python_examples(page, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # examples write where they stand ("out/", "cache/")
     # The page runs as a module of its own, as a script runs as __main__: a class it defines has an importable path.
     module = types.ModuleType("docs_example_" + re.sub(r"\W", "_", page_id(page)))
     monkeypatch.setitem(sys.modules, module.__name__, module)
     for language, line, code in code_blocks(page):
         if language == "python":
+            before = dict(module.__dict__)
             exec(compile(code, f"{page_id(page)}:{line}", "exec"), module.__dict__)  # a failure names page and line
+            made = {name for name, value in module.__dict__.items() if before.get(name, object()) is not value}
+            printed = capsys.readouterr().out
+            # An example shows something: it binds the names the page goes on with, or prints its result.
+            assert made or printed.strip(), f"{page_id(page)}:{line} runs but neither binds a name nor prints anything"
 
 
 def makefile_targets() -> set[str]:
