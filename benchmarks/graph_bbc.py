@@ -31,23 +31,19 @@ of the student (and the peer where there is one) per seed and as mean ± std, wr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 
-from graph_digits import full_graph
+from graph_digits import compare_schemes
 from mutual_learning_cost import bert
 from schemes_bbc import BBC_TRAINING, bbc_splits
 from schemes_digits import load_recipe, recorder, sweep
 from transformers import DataCollatorWithPadding
 
-from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd import DistillationConfig
 from hf_kd.data import split_labeled_transfer
 from hf_kd.evaluation import evaluate_model
 from hf_kd.metrics import classification_metrics
 from hf_kd.recipe_support.baselines import train_plainly
-from hf_kd.schemes.graph import DistillationGraph, graph_distillation
-from hf_kd.schemes.graph_search import search_graph
-from hf_kd.schemes.mutual_learning import mutual_learning
 
 TEACHER = (256, 4)  # hidden size, layers (heads: hidden / 64)
 NODES = {"student": (128, 2), "peer": (192, 2)}
@@ -99,44 +95,18 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
     record("teacher BERT 4×256 (every label)", accuracy(teacher))
     scratch = train_plainly(node("student"), args, labeled, output_dir=f"{folder}/scratch", data_collator=collator)
     record("scratch: student", accuracy(scratch))
-    common = dict(train_dataset=transfer, data_collator=collator)
-
-    offline = DistillationTrainer(
-        model=node("student"),
-        teacher_model=teacher,
-        args=dataclasses.replace(args, output_dir=f"{folder}/offline"),
-        **common,
-    )
-    offline.train()
-    record("offline KD: student", accuracy(offline.student))
-
-    peers = {"student": node("student"), "peer": node("peer")}
-    for stage in mutual_learning(peers, dataclasses.replace(args, output_dir=f"{folder}/dml"), **common):
-        record(f"mutual learning: {stage.name}", accuracy(stage.model))
-
-    def run_graph(graph: DistillationGraph, name: str) -> None:
-        models = {"teacher": teacher, "student": node("student"), "peer": node("peer")}
-        for stage in graph_distillation(
-            graph, models, dataclasses.replace(args, output_dir=f"{folder}/{name}"), **common
-        ):
-            record(f"{name.replace('_', ' ')}: {stage.name}", accuracy(stage.model))
-
-    run_graph(full_graph(), "graph_all_edges_through")
-    found = search_graph(
-        full_graph(),
+    compare_schemes(
+        teacher,
         node,
-        {"teacher": teacher},
-        dataclasses.replace(args, output_dir=f"{folder}/search"),
-        n_trials=options.trials,
-        output_file=f"{folder}/searched_graph.yaml",
-        losses=("kl", "jsd"),
-        eval_dataset=validation,
-        compute_metrics=classification_metrics,
-        **common,
+        args,
+        folder,
+        options.trials,
+        validation,
+        record,
+        accuracy,
+        train_dataset=transfer,
+        data_collator=collator,
     )
-    record("searched graph: student's validation accuracy (best trial)", found.value)
-    print(f"seed {seed}: searched graph {[(e.name, e.gate) for e in found.graph.edges]}", flush=True)
-    run_graph(found.graph, "searched_graph")
 
 
 def main():

@@ -83,23 +83,41 @@ def run_seed(seed: int, options, recipe_module, scores: dict[str, list[float]]) 
     scratch = train_plainly(node("student"), args, labeled, output_dir=f"{folder}/scratch")
     record("scratch: student", accuracy(scratch))
 
+    compare_schemes(teacher, node, args, folder, options.trials, validation, record, accuracy, train_dataset=transfer)
+
+
+def compare_schemes(teacher, node, args, folder, trials, validation, record, accuracy, **common) -> None:
+    """The rows every graph benchmark shares, after its teacher and scratch rows: offline KD, mutual learning, the
+    graph of every edge, the searched graph (``trials`` trials on ``validation``), each trained node recorded.
+
+    Args:
+        teacher: The trained teacher (the frozen node).
+        node: ``node(name)`` builds the student or the peer afresh, the same initialisation each call.
+        args: The runs' DistillationConfig (each run gets its folder under ``folder``).
+        folder: The seed's output folder.
+        trials: The graph search's budget.
+        validation: The search's validation rows.
+        record: ``record(row, accuracy)``.
+        accuracy: ``accuracy(model)`` on the test rows.
+        **common: The trainers' data arguments (``train_dataset``, ``data_collator``).
+    """
     offline = DistillationTrainer(
         model=node("student"),
         teacher_model=teacher,
         args=dataclasses.replace(args, output_dir=f"{folder}/offline"),
-        train_dataset=transfer,
+        **common,
     )
     offline.train()
     record("offline KD: student", accuracy(offline.student))
 
     peers = {"student": node("student"), "peer": node("peer")}
-    for stage in mutual_learning(peers, dataclasses.replace(args, output_dir=f"{folder}/dml"), train_dataset=transfer):
+    for stage in mutual_learning(peers, dataclasses.replace(args, output_dir=f"{folder}/dml"), **common):
         record(f"mutual learning: {stage.name}", accuracy(stage.model))
 
     def run_graph(graph: DistillationGraph, name: str) -> None:
         models = {"teacher": teacher, "student": node("student"), "peer": node("peer")}
         for stage in graph_distillation(
-            graph, models, dataclasses.replace(args, output_dir=f"{folder}/{name}"), train_dataset=transfer
+            graph, models, dataclasses.replace(args, output_dir=f"{folder}/{name}"), **common
         ):
             record(f"{name.replace('_', ' ')}: {stage.name}", accuracy(stage.model))
 
@@ -109,15 +127,15 @@ def run_seed(seed: int, options, recipe_module, scores: dict[str, list[float]]) 
         node,
         {"teacher": teacher},
         dataclasses.replace(args, output_dir=f"{folder}/search"),
-        n_trials=options.trials,
+        n_trials=trials,
         output_file=f"{folder}/searched_graph.yaml",
         losses=("kl", "jsd"),
-        train_dataset=transfer,
         eval_dataset=validation,
         compute_metrics=classification_metrics,
+        **common,
     )
     record("searched graph: student's validation accuracy (best trial)", found.value)
-    print(f"seed {seed}: searched graph {[(e.name, e.gate) for e in found.graph.edges]}", flush=True)
+    print(f"searched graph {[(e.name, e.gate) for e in found.graph.edges]}", flush=True)
     run_graph(found.graph, "searched_graph")
 
 
