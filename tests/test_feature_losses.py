@@ -321,6 +321,24 @@ def test_crd_softmax_form_reference():
     torch.testing.assert_close(loss.teacher_memory[2], expected_row)
 
 
+def test_crd_scores_a_small_bank_with_one_matmul_and_a_large_one_by_rows_with_equal_values_and_gradients():
+    loss = get_loss("crd", nce_temperature=0.5)
+    normalize = torch.nn.functional.normalize
+    anchors = normalize(torch.randn(3, 4), dim=1).requires_grad_()
+    candidates = torch.tensor([[2, 0, 7], [5, 5, 1], [9, 3, 8]])  # column 0 the positive
+    target = torch.zeros(3, dtype=torch.long)
+    for size in (10, 13):  # 10 <= 4·3 columns: the matmul path; 13 > 12: the rows are gathered
+        bank = normalize(torch.randn(size, 4), dim=1)
+        value = loss._contrast_bank(anchors, bank, candidates)
+        (gradient,) = torch.autograd.grad(value, anchors)
+        # By hand: a softmax over each anchor's dot products with its candidate rows, / τ.
+        logits = torch.stack([bank[candidates[row]] @ anchors[row] for row in range(3)]) / 0.5
+        expected = torch.nn.functional.cross_entropy(logits, target)
+        (expected_gradient,) = torch.autograd.grad(expected, anchors)
+        torch.testing.assert_close(value, expected)
+        torch.testing.assert_close(gradient, expected_gradient)
+
+
 def test_hint_is_half_the_feature_mse_through_its_regressor():
     student = ModelFeatures(hidden_states=(torch.randn(2, 3, 4), torch.randn(2, 3, 4)), attention_mask=None)
     teacher = ModelFeatures(hidden_states=(torch.randn(2, 3, 6), torch.randn(2, 3, 6)))

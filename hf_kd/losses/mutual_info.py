@@ -184,12 +184,24 @@ class ContrastiveRepresentationDistillation(EmbeddingRelationLoss):
         size = len(self.student_memory)
         negatives = torch.randint(0, size, (len(index), min(self.num_negatives, size)), device=index.device)
         candidates = torch.cat([index[:, None], negatives], dim=1)  # column 0 is the positive
-        loss = self._contrast(s, self.teacher_memory[candidates]) + self._contrast(t, self.student_memory[candidates])
+        loss = self._contrast_bank(s, self.teacher_memory, candidates) + self._contrast_bank(
+            t, self.student_memory, candidates
+        )
         with torch.no_grad():  # momentum update of the banks at the rows of this batch, on every process
             index, s, t = _rows_of_every_process(index, s.detach(), t.detach())
             for bank, fresh in ((self.student_memory, s), (self.teacher_memory, t)):
                 bank[index] = torch_F.normalize(self.momentum * bank[index] + (1 - self.momentum) * fresh, dim=1)
         return loss
+
+    def _contrast_bank(self, anchors: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """``_contrast`` of each anchor against its ``candidates`` rows of ``bank`` (column 0 the positive)."""
+        if len(bank) <= 4 * candidates.shape[1]:
+            # A bank not much larger than the candidates: score every row with one matmul and pick the candidates'
+            # columns, instead of copying B×K×D rows out of the bank (the same values, several times faster).
+            scores = anchors @ bank.to(anchors.dtype, copy=True).T  # a copy: the bank is updated in place next
+            logits = scores.gather(1, candidates) / self.nce_temperature
+            return torch_F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+        return self._contrast(anchors, bank[candidates])
 
     def _contrast(self, anchors: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         logits = torch.einsum("bd,bkd->bk", anchors, candidates.to(anchors.dtype)) / self.nce_temperature
