@@ -114,13 +114,21 @@ class FederatedConfig:
         learning_rate: The clients' learning rate.
         server_learning_rate: The server's learning rate of distillation.
         temperature: Softmax temperature of the distillation (server and digest); 1: none.
+        server_validation_fraction: The share of the public rows held out from the server's distillation to
+            validate it (Lin et al. 2020 early-stop the server on held-out data): every ``server_eval_steps`` the
+            distillation loss on them (the KL from the clients' mean-logit ensemble to the server, which needs no
+            labels) is measured and the server keeps its best checkpoint (``load_best_model_at_end``). The same rows
+            (drawn with ``seed``) every round. 0: none, the server distils every ``server_steps`` on every row.
+        server_eval_steps: With validation: server steps between two validations.
+        server_patience: With validation: stop the server after this many validations without improvement
+            (transformers' ``EarlyStoppingCallback``); 0: run every ``server_steps`` and keep the best.
         seed: Seed of every party's training.
         num_cpus_per_client: Ray resources of one client; clients run in parallel up to the machine's cores.
 
     Raises:
         ValueError: a field out of its range (an unknown mode, a count that is not a whole number >= 1 or >= 0, a
             rate or temperature that is not a finite number > 0, more CPUs per client than the machine has, fedmd
-            without server steps).
+            without server steps, a validation share outside [0, 1), a patience without validation rows).
     """
 
     mode: str = field(default="feddf", metadata={"help": "One of fedavg, feddf and fedmd."})
@@ -138,6 +146,18 @@ class FederatedConfig:
     temperature: float = field(
         default=1.0, metadata={"help": "Softmax temperature of the distillation (server and digest); 1: none."}
     )
+    server_validation_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of the public rows held out to validate the server's distillation (KL to the clients' "
+            "ensemble) and keep its best checkpoint; 0: none."
+        },
+    )
+    server_eval_steps: int = field(default=10, metadata={"help": "With validation: server steps between validations."})
+    server_patience: int = field(
+        default=0,
+        metadata={"help": "With validation: stop after this many validations without improvement; 0: never."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of every party's training."})
     num_cpus_per_client: float = field(
         default=1.0,
@@ -152,6 +172,20 @@ class FederatedConfig:
         for name in ("server_steps", "digest_steps"):
             _whole_number(name, getattr(self, name), 0, "0 skips the step.")
         _whole_number("seed", self.seed, 0, "any whole number >= 0 seeds the run.")
+        _whole_number("server_eval_steps", self.server_eval_steps, 1, "server steps between two validations.")
+        _whole_number("server_patience", self.server_patience, 0, "0 never stops early.")
+        fraction = self.server_validation_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 <= fraction < 1:
+            raise ValueError(
+                f"server_validation_fraction must be a number in [0, 1), got {fraction!r}: the share of the public "
+                "rows held out to validate the server (e.g. 0.2); 0 holds out none."
+            )
+        if self.server_patience and not fraction:
+            raise ValueError(
+                f"server_patience={self.server_patience} stops the server when its validation loss stops improving, "
+                "but server_validation_fraction=0 holds out no public rows to validate on: set "
+                "server_validation_fraction > 0 (e.g. 0.2) or server_patience=0."
+            )
         for name in ("learning_rate", "server_learning_rate"):
             _positive_number(name, getattr(self, name), "a step size such as 1e-3.")
         _positive_number("temperature", self.temperature, "1.0 means no softening.")
@@ -241,31 +275,73 @@ def distil_on_public(
     config: FederatedConfig,
     learning_rate: float,
     seed: int,
+    *,
+    validation_fraction: float = 0.0,
 ) -> nn.Module:
     """``model`` distilled on the unlabeled ``public`` set from the mean logits of ``predictions``.
 
     A multi-teacher :class:`~hf_kd.DistillationTrainer` run whose teachers are the predictions, carried by the rows
     as teacher views (``teacher_client0``, …) — the same run as with the client models as live teachers (tested).
+    The teacher is the ensemble's mean **logits** (``teacher_aggregation="mean_logits"``), Lin et al.'s AVGLOGITS.
+
+    With ``validation_fraction`` > 0, that share of the rows (drawn with ``config.seed``: the same rows every round)
+    is held out: every ``config.server_eval_steps`` steps the distillation loss on them is measured, the best
+    checkpoint is loaded at the end (``load_best_model_at_end``) and, with ``config.server_patience``, the run stops
+    after that many validations without improvement (``transformers.EarlyStoppingCallback``).
 
     Args:
         model: The model to distil, trained in place.
         public: The public rows (a ``labels`` column is left out).
         predictions: One ``N×C`` array of logits per client.
-        steps: Distillation steps (0: none).
-        config: The run's settings (batch size, temperature).
+        steps: Distillation steps (0: none), at most with validation.
+        config: The run's settings (batch size, temperature, validation steps and patience).
         learning_rate: The distillation's learning rate.
         seed: Seeds the training.
+        validation_fraction: The share of the rows held out to validate on, in [0, 1).
 
     Returns:
         ``model``.
 
     Raises:
-        ValueError: a client's predictions of another number of rows or classes.
+        ValueError: a client's predictions of another number of rows or classes, or a validation share that
+            leaves no row to validate on or none to distil on.
     """
+    return _distil(model, public, predictions, steps, config, learning_rate, seed, validation_fraction)[0]
+
+
+def validation_rows(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The public rows the server distils on and those it holds out to validate on.
+
+    Args:
+        count: The number of public rows.
+        fraction: The held-out share, in (0, 1): ``round(fraction × count)`` rows.
+        seed: Seeds the draw (one seed: the same rows every round).
+
+    Returns:
+        The sorted indices of the distillation rows and of the validation rows.
+
+    Raises:
+        ValueError: a share that holds out no row, or every row.
+    """
+    held_out = int(round(fraction * count))
+    if not 0 < held_out < count:
+        raise ValueError(
+            f"server_validation_fraction={fraction:g} of {count} public rows holds out {held_out}: the server needs "
+            "at least one row to validate on and one to distil on. Use more public rows or another fraction."
+        )
+    order = np.random.default_rng(seed).permutation(count)
+    return np.sort(order[held_out:]), np.sort(order[:held_out])
+
+
+def _distil(model, public, predictions, steps, config, learning_rate, seed, validation_fraction):
+    """:func:`distil_on_public`, also returning what the run did: ``server_steps_run`` and, with validation,
+    ``server_validation_loss`` (the best) and ``server_best_step``."""
+    from transformers import EarlyStoppingCallback, PrinterCallback
+
     from .trainer import DistillationTrainer
 
     if steps == 0:
-        return model
+        return model, {}
     rows = public.select_columns([c for c in public.column_names if c != "labels"])
     for index, logits in enumerate(predictions):
         if logits.shape[0] != len(rows):
@@ -278,16 +354,50 @@ def distil_on_public(
             )
         rows = rows.add_column(f"teacher_client{index}", logits.tolist())
     teachers = {f"client{index}": PrecomputedPredictions(f"client{index}") for index in range(len(predictions))}
+    validation, callbacks = None, []
     with tempfile.TemporaryDirectory() as folder:
+        settings = _args(folder, steps, config.batch_size, learning_rate, seed)
+        if validation_fraction:
+            distilled, held_out = validation_rows(len(rows), validation_fraction, config.seed)
+            rows, validation = rows.select(distilled), rows.select(held_out).with_format("torch")
+            # The Trainer's own validation and best-checkpoint machinery: a checkpoint (the student's weights only)
+            # at every validation, the best one loaded at the end.
+            settings.update(
+                eval_strategy="steps",
+                eval_steps=config.server_eval_steps,
+                save_strategy="steps",
+                save_steps=config.server_eval_steps,
+                save_only_model=True,
+                save_total_limit=1,
+                load_best_model_at_end=True,
+                metric_for_best_model="eval_loss",
+                greater_is_better=False,
+                per_device_eval_batch_size=256,
+            )
+            if config.server_patience:
+                callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.server_patience))
         args = DistillationConfig(
-            **_args(folder, steps, config.batch_size, learning_rate, seed),
+            **settings,
             losses="kl",
             temperature=config.temperature,
             teacher_aggregation="mean_logits",
             check_finite=True,
         )
-        DistillationTrainer(model, teachers, args, train_dataset=rows.with_format("torch")).train()
-    return model
+        trainer = DistillationTrainer(
+            model,
+            teachers,
+            args,
+            train_dataset=rows.with_format("torch"),
+            eval_dataset=validation,
+            callbacks=callbacks,
+        )
+        trainer.remove_callback(PrinterCallback)  # silent, as logging_strategy="no" means: no line per validation
+        trainer.train()
+    report = {"server_steps_run": trainer.state.global_step}
+    if validation is not None:
+        report["server_validation_loss"] = float(trainer.state.best_metric)
+        report["server_best_step"] = int(trainer.state.best_global_step)
+    return model, report
 
 
 def average_weights(states: list[dict[str, torch.Tensor]], sizes: list[int]) -> dict[str, torch.Tensor]:
@@ -448,6 +558,7 @@ def run_federated(
     config: FederatedConfig,
     *,
     evaluate: Callable[[nn.Module], dict] | None = None,
+    evaluate_ensemble: bool = False,
     record_messages: bool = False,
 ) -> FederatedResult:
     """Run ``config.rounds`` rounds of federated training with Flower's simulation.
@@ -463,7 +574,11 @@ def run_federated(
         client_data: One private shard per client.
         public: The unlabeled rows every party may read (its labels, if any, are dropped).
         config: The run's settings.
-        evaluate: ``evaluate(server_model)`` gives each round's metrics.
+        evaluate: ``evaluate(server_model)`` gives each round's metrics. With server validation (feddf, fedmd), each
+            round's history also holds ``server_steps_run``, ``server_best_step`` and ``server_validation_loss``.
+        evaluate_ensemble: Also evaluate, each round, the ensemble the server distils from: the clients' models
+            (rebuilt from the weights they sent) behind their mean logits, under ``ensemble_<metric>`` (fedavg,
+            feddf; needs ``evaluate``). It tells whether distillation had a better teacher than the average.
         record_messages: Keep every message's content in the result's ``wire_log``.
 
     Returns:
@@ -471,8 +586,9 @@ def run_federated(
 
     Raises:
         TypeError: ``config`` is not a :class:`FederatedConfig`.
-        ValueError: an empty public set (feddf, fedmd), or parties and shards that :func:`check_parties` and
-            :func:`check_shards` refuse.
+        ValueError: an empty public set (feddf, fedmd), a validation share that leaves the server no row to validate
+            or distil on (:func:`validation_rows`), ``evaluate_ensemble`` without ``evaluate`` or in fedmd (no
+            weights), or parties and shards that :func:`check_parties` and :func:`check_shards` refuse.
         RuntimeError: a client failed, or the simulation stopped before the last round.
     """
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -485,6 +601,14 @@ def run_federated(
     public = public.select_columns([c for c in public.column_names if c != "labels"])
     if len(public) == 0 and config.mode != "fedavg":
         raise ValueError(f"{config.mode} distils on the public set, which is empty.")
+    if config.mode != "fedavg" and config.server_steps and config.server_validation_fraction:
+        validation_rows(len(public), config.server_validation_fraction, config.seed)
+    if evaluate_ensemble and (evaluate is None or config.mode == "fedmd"):
+        raise ValueError(
+            "evaluate_ensemble evaluates the clients' models, rebuilt from the weights they send, with evaluate: "
+            f"it needs evaluate and mode fedavg or feddf, got evaluate={'set' if evaluate else None} and "
+            f"mode={config.mode!r} (fedmd clients send no weights)."
+        )
     # Everything a client or the server would fail on is checked here, in the driver, before the simulation starts.
     server_model = make_server()
     check_shards(client_data, check_parties(make_client, server_model, len(client_data), config.mode))
@@ -557,19 +681,38 @@ def run_federated(
                 )
             ordered = [by_node[node] for node in nodes]
             sizes = [int(content[REPORT]["num_examples"]) for content in ordered]
+            server_report, ensemble_metrics = {}, {}
             if config.mode in ("fedavg", "feddf"):
                 states = [content[WEIGHTS].to_torch_state_dict() for content in ordered]
                 server_model.load_state_dict(average_weights(states, sizes))
+                if evaluate_ensemble:
+                    ensemble = _LogitEnsemble([_loaded(make_client(k), state) for k, state in enumerate(states)])
+                    ensemble_metrics = {f"ensemble_{name}": value for name, value in evaluate(ensemble).items()}
             if config.mode in ("feddf", "fedmd"):
                 predictions = [content[PUBLIC_LOGITS]["logits"].numpy() for content in ordered]
                 seed = config.seed + round_number
-                distil_on_public(
-                    server_model, public, predictions, config.server_steps, config, config.server_learning_rate, seed
-                )
+                server_report = _distil(
+                    server_model,
+                    public,
+                    predictions,
+                    config.server_steps,
+                    config,
+                    config.server_learning_rate,
+                    seed,
+                    config.server_validation_fraction,
+                )[1]
                 if config.mode == "fedmd":
                     consensus = np.mean(predictions, axis=0).astype(np.float32)
             metrics = evaluate(server_model) if evaluate is not None else {}
-            history.append({"round": round_number, **metrics, "seconds": time.perf_counter() - start})
+            history.append(
+                {
+                    "round": round_number,
+                    **metrics,
+                    **ensemble_metrics,
+                    **server_report,
+                    "seconds": time.perf_counter() - start,
+                }
+            )
 
     # Ray starts its workers (the clients) at niceness 15: beside any other work on the machine they would starve,
     # while the server waits for them at normal priority.
@@ -588,6 +731,24 @@ def run_federated(
             f"the federated run stopped after {len(history)} of {config.rounds} rounds: see Flower's log above."
         )
     return FederatedResult(server=server_model, history=history, wire_log=wire_log)
+
+
+def _loaded(model: nn.Module, state: dict) -> nn.Module:
+    model.load_state_dict(state)
+    return model.eval()
+
+
+class _LogitEnsemble(nn.Module):
+    """The clients' models behind their mean logits (AVGLOGITS): what the feddf server distils from."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, **inputs):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        return SequenceClassifierOutput(logits=torch.stack([m(**inputs).logits for m in self.members]).mean(0))
 
 
 def _array(values: np.ndarray):
@@ -620,4 +781,5 @@ __all__ = [
     "predict",
     "run_federated",
     "train_locally",
+    "validation_rows",
 ]

@@ -149,4 +149,47 @@ CASES = [
         ValueError,
         "client 1 sent predictions over 4 classes and client 0 over 3",
     ),
+    Case(
+        "federated-validation-fraction",
+        "`FederatedConfig(server_validation_fraction=1.0)`",
+        lambda p: FederatedConfig(server_validation_fraction=1.0),
+        ValueError,
+        "server_validation_fraction must be a number in [0, 1), got 1.0",
+    ),
+    Case(
+        "federated-patience-without-validation",
+        "`FederatedConfig(server_patience=3)` with no validation rows",
+        lambda p: FederatedConfig(server_patience=3),
+        ValueError,
+        "server_patience=3 stops the server when its validation loss stops improving, but "
+        "server_validation_fraction=0 holds out no public rows",
+    ),
+    Case(
+        "federated-validation-rows",
+        "`run_federated` whose `server_validation_fraction=0.1` holds out none of 4 public rows",
+        lambda p: run_federated(
+            lambda k: bert(k),
+            lambda: bert(0),
+            [rows(4), rows(4)],
+            rows(4).remove_columns("labels"),
+            FederatedConfig(rounds=1, local_steps=1, server_steps=1, batch_size=2, server_validation_fraction=0.1),
+        ),
+        ValueError,
+        "server_validation_fraction=0.1 of 4 public rows holds out 0",
+    ),
+    Case(
+        "federated-ensemble-fedmd",
+        "`run_federated(..., evaluate_ensemble=True)` in fedmd, whose clients send no weights",
+        lambda p: run_federated(
+            lambda k: bert(k),
+            lambda: bert(0),
+            [rows(4), rows(4)],
+            rows(4).remove_columns("labels"),
+            FederatedConfig(mode="fedmd", rounds=1, local_steps=1, server_steps=1, batch_size=2),
+            evaluate=lambda model: {},
+            evaluate_ensemble=True,
+        ),
+        ValueError,
+        "evaluate_ensemble evaluates the clients' models, rebuilt from the weights they send, with evaluate",
+    ),
 ]

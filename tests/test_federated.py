@@ -22,6 +22,8 @@ from hf_kd.federated import (
     SETTINGS,
     WEIGHTS,
     FederatedConfig,
+    _distil,
+    _LogitEnsemble,
     average_weights,
     check_parties,
     check_shards,
@@ -29,6 +31,7 @@ from hf_kd.federated import (
     distil_on_public,
     predict,
     run_federated,
+    validation_rows,
 )
 
 CLASSES, SIDE = 4, 4
@@ -164,6 +167,50 @@ def test_the_feddf_server_step_equals_a_multi_teacher_run_on_the_client_models(t
     assert any(not torch.equal(value, untrained[name]) for name, value in live.state_dict().items())  # it trained
 
 
+def test_the_server_validates_on_a_seeded_share_of_the_public_rows_the_same_every_round():
+    distilled, held_out = validation_rows(10, 0.3, seed=7)
+    order = np.random.default_rng(7).permutation(10)  # by hand: the first round(0.3 × 10) = 3 of a seeded draw
+    assert held_out.tolist() == sorted(order[:3].tolist()) and distilled.tolist() == sorted(order[3:].tolist())
+    assert validation_rows(10, 0.3, seed=7)[1].tolist() == held_out.tolist()
+    with pytest.raises(ValueError, match=r"server_validation_fraction=0.1 of 4 public rows holds out 0: the server"):
+        validation_rows(4, 0.1, seed=0)
+
+
+def test_server_validation_keeps_the_best_checkpoint_and_patience_stops_the_distillation():
+    clients = [resnet(seed) for seed in (1, 2, 3)]
+    public = images(40, seed=4, labels=False)
+    predictions = [predict(client, public) for client in clients]
+    _, held_out = validation_rows(40, 0.25, seed=0)
+    reports = {}
+    for patience in (0, 1):
+        config = FederatedConfig(
+            server_steps=16,
+            batch_size=8,
+            temperature=2.0,
+            server_validation_fraction=0.25,
+            server_eval_steps=2,
+            server_patience=patience,
+        )
+        model, reports[patience] = _distil(resnet(0), public, predictions, 16, config, 0.05, 5, 0.25)
+        # By hand: τ² · KL(softmax(mean client logits / τ) ‖ softmax(server logits / τ)) on the held-out rows, mean
+        # over rows — the returned model is the checkpoint of the best validation, not the last step's.
+        teacher = torch.tensor(np.mean([logits[held_out] for logits in predictions], axis=0)) / 2
+        student = torch.tensor(predict(model, public.select(held_out))) / 2
+        by_hand = 4 * (teacher.softmax(-1) * (teacher.log_softmax(-1) - student.log_softmax(-1))).sum(-1).mean()
+        assert reports[patience]["server_validation_loss"] == pytest.approx(by_hand.item(), rel=1e-4)
+    # At lr 0.05 the validation loss is best after the first validation (step 2) and worse after: without patience
+    # all 16 steps run and step 2's weights come back; with patience 1 it stops at the next validation.
+    assert reports[0] == {**reports[0], "server_steps_run": 16, "server_best_step": 2}
+    assert reports[1] == {**reports[0], "server_steps_run": 4}
+
+
+def test_the_ensemble_a_feddf_server_distils_from_averages_the_clients_logits():
+    clients = [resnet(seed) for seed in (1, 2, 3)]
+    rows = images(12, seed=4, labels=False)
+    expected = np.mean([predict(client, rows) for client in clients], axis=0)  # AVGLOGITS: logits, not probabilities
+    np.testing.assert_allclose(predict(_LogitEnsemble(clients), rows), expected, atol=1e-6)
+
+
 def _shards(count: int, alpha: float, seed: int) -> list[Dataset]:
     rows = images(240, seed=seed)
     return [rows.select(shard) for shard in dirichlet_split(np.asarray(rows["labels"]), count, alpha, seed=seed)]
@@ -184,6 +231,10 @@ def test_a_flower_simulation_of_3_clients_and_2_rounds_sends_no_raw_data(mode):
         batch_size=16,
         learning_rate=1e-2,
         server_learning_rate=1e-2,
+        # feddf: the server validates on 16 of the 64 public rows every 5 steps and stops after 2 without progress
+        server_validation_fraction=0.25 if mode == "feddf" else 0.0,
+        server_eval_steps=5,
+        server_patience=2 if mode == "feddf" else 0,
     )
     result = run_federated(
         lambda k: resnet(10 + k, *sizes[k]),
@@ -192,9 +243,14 @@ def test_a_flower_simulation_of_3_clients_and_2_rounds_sends_no_raw_data(mode):
         public,
         config,
         evaluate=lambda model: {"accuracy": accuracy(model, test)},
+        evaluate_ensemble=mode == "feddf",
         record_messages=True,
     )
     assert [entry["round"] for entry in result.history] == [1, 2]
+    if mode == "feddf":
+        for entry in result.history:
+            assert 5 <= entry["server_best_step"] <= entry["server_steps_run"] <= 15
+            assert entry["server_validation_loss"] >= 0 and 0 <= entry["ensemble_accuracy"] <= 1
     assert result.history[-1]["accuracy"] > 0.4  # 4 classes: chance is 0.25
     assert len(result.wire_log) == 2 * 2 * 3  # 3 messages each way per round
     private = [np.asarray(shard[:]["pixel_values"]) for shard in shards]
