@@ -29,13 +29,30 @@ import os
 import statistics
 
 import numpy as np
+import torch
 from schemes_digits import load_recipe, recorder, sweep
-from transformers import set_seed
+from transformers import ResNetConfig, ResNetForImageClassification, set_seed
 from transformers.utils import logging as transformers_logging
 
 from hf_kd.federated import FederatedConfig, dirichlet_split, predict, run_federated
 
 RUNS = ["fedavg", "feddf", "feddf_recipe"]
+
+
+def resnet(width: int, seed: int) -> ResNetForImageClassification:
+    """The recipe's ResNet (``recipes/federated.py``), defined here: Ray's client processes unpickle the model
+    builder, and a function of this script travels by value where one of the recipe module would not import."""
+    torch.manual_seed(seed)
+    config = ResNetConfig(
+        num_channels=1,
+        embedding_size=width,
+        hidden_sizes=[width, 2 * width],
+        depths=[1, 1],
+        layer_type="basic",
+        downsample_in_first_stage=False,
+        num_labels=10,
+    )
+    return ResNetForImageClassification(config)
 
 
 def run_seed(seed: int, options, recipe, scores: dict[str, list[float]], steps_run: dict[str, list[float]]) -> None:
@@ -81,8 +98,8 @@ def run_seed(seed: int, options, recipe, scores: dict[str, list[float]], steps_r
         for run in options.runs:
             config = configs[run]
             result = run_federated(
-                lambda client: recipe.resnet(16, seed=seed + client),
-                lambda: recipe.resnet(16, seed=seed),
+                lambda client: resnet(16, seed=seed + client),
+                lambda: resnet(16, seed=seed),
                 shards,
                 public,
                 config,
