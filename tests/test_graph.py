@@ -52,6 +52,43 @@ def test_a_frozen_node_teaching_a_trained_one_is_offline_kd(tmp_path, temperatur
     assert_same(loss_and_grads(in_graph, [student], batch), loss_and_grads(offline, [twin], batch))
 
 
+def test_a_cached_frozen_node_teaches_as_the_live_one_does(tmp_path):
+    """A frozen node given as a cache of its outputs (every class, float32) gives the live node's loss and gradients
+    to both trained nodes it teaches (the cache is checked against the graph's trained nodes, not the cohort)."""
+    from hf_kd import TeacherCache, write_teacher_cache
+    from hf_kd.data import add_sample_index
+
+    data = add_sample_index(classification_data(n=8))
+    teacher, student, peer = tiny_bert(seed=1), tiny_bert(hidden=16, seed=2), tiny_bert(hidden=24, seed=3)
+    twins = [copy.deepcopy(student), copy.deepcopy(peer)]
+    write_teacher_cache(teacher, data, str(tmp_path / "cache"), top_k=3, dtype="float32", progress=False)
+    args = config(tmp_path, losses="kl", temperature=2.0)
+    nodes = {"teacher": "frozen", "student": "trained", "peer": "trained"}
+    edges = [GraphEdge("teacher", "student"), GraphEdge("teacher", "peer"), GraphEdge("peer", "student")]
+    graph = DistillationGraph(nodes, edges, "student")
+    cached = GraphTrainer(
+        graph,
+        {"teacher": TeacherCache.load(str(tmp_path / "cache")), "student": student, "peer": peer},
+        args,
+        train_dataset=data,
+    )
+    live = GraphTrainer(graph, {"teacher": teacher, "student": twins[0], "peer": twins[1]}, args, train_dataset=data)
+    batch = {**batch_of(data[:8]), "sample_index": torch.tensor(data["sample_index"])}
+    assert_same(loss_and_grads(cached, [student, peer], batch), loss_and_grads(live, twins, dict(batch)))
+    # The cache holds no evaluation rows: evaluation reports the edges between trained nodes and the labels, as the
+    # same graph without the frozen node does.
+    held_out = classification_data(n=6, seed=1)
+    without = GraphTrainer(
+        DistillationGraph({"student": "trained", "peer": "trained"}, [GraphEdge("peer", "student")], "student"),
+        {"student": twins[0], "peer": twins[1]},
+        args,
+        train_dataset=data,
+    )
+    torch.testing.assert_close(
+        cached.evaluate(held_out)["eval_loss"], without.evaluate(held_out)["eval_loss"], rtol=1e-6, atol=1e-7
+    )
+
+
 def test_a_finished_assistant_teaching_the_student_is_a_teacher_assistant_stage(tmp_path):
     """teacher → assistant (frozen, trained in the stage before) → student: the student's stage of the chain."""
     from hf_kd.schemes.stages import run_stage

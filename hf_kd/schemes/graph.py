@@ -420,7 +420,8 @@ class GraphTeaching(TrainedMembers):
 
     def teachers_of(self, member, sources, term):
         edge = self.edges[term.name]
-        return [sources[edge.source]] if edge.target == member and edge.gate != "cutoff" else []
+        read = edge.target == member and edge.gate != "cutoff" and edge.source in sources  # absent: a cache at eval
+        return [sources[edge.source]] if read else []
 
     def gate(self, term, sources, labels, progress):
         gate = self.edges[term.name].gate

@@ -123,8 +123,11 @@ def place_teacher(teacher, trainer, losses) -> TeacherSource:
 
         return LiveTeacher(prepare_teacher(teacher, trainer.accelerator))
     if hasattr(teacher, "check_compatible"):  # a cache: same examples, vocabulary and tokenizer
+        # Several trained members (a graph's nodes) share one output space: the cache is checked against one.
+        members = getattr(trainer, "members", None)
+        student = members.reference if members is not None else trainer.accelerator.unwrap_model(trainer.model)
         teacher.check_compatible(
-            student=trainer.accelerator.unwrap_model(trainer.model),
+            student=student,
             train_dataset=trainer.train_dataset,
             tokenizer=trainer.processing_class,
             losses=list(losses),

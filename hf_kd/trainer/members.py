@@ -350,9 +350,12 @@ def members_loss(trainer, model, inputs, return_outputs=False, num_items_in_batc
     results = model(**inputs)  # every member once, through the module's (DDP) wrapper; each its own label loss
     mask = trainer._distillation_mask(inputs)
     features = {name: member_features for name, (_, member_features) in results.items()}
-    frozen = {  # frozen nodes beside the members (a graph's teachers): read as a teacher is
+    # Frozen nodes beside the members (a graph's teachers) are read as a teacher is. A cache holds the training
+    # rows only: evaluation then leaves the frozen nodes' edges out, as a single student's evaluation does.
+    uncovered = mode == "eval" and not trainer.teachers_cover_eval
+    frozen = {
         name: source(teacher_inputs or inputs, frozenset({"logits"}), sample_index=sample_index)
-        for name, source in trainer.teachers.items()
+        for name, source in ({} if uncovered else trainer.teachers).items()
     }
     position_labels = labels
     if trainer.token_level and trainer.shift_labels:
