@@ -144,6 +144,45 @@ def test_attention_losses_reference_and_head_averaging():
     assert F.attention_kl(t, t).item() == pytest.approx(0.0, abs=1e-12)
 
 
+def test_attention_losses_compare_the_keys_the_students_attention_dropout_kept():
+    # One query row of 4 keys; dropout (p = 0.5) zeroed key 1 and doubled the others, as transformers returns it.
+    student_softmax = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    dropped = student_softmax * torch.tensor([2.0, 0.0, 2.0, 2.0])
+    teacher = torch.tensor([0.25, 0.25, 0.4, 0.1], dtype=torch.float64)
+    # By hand, over keys 0, 2, 3: the student's softmax and the teacher's row, each renormalised there.
+    s_kept, t_kept = np.array([0.1, 0.3, 0.4]) / 0.8, np.array([0.25, 0.4, 0.1]) / 0.75
+    kl = np.sum(t_kept * np.log(t_kept / s_kept))
+    mse = np.sum((s_kept - t_kept) ** 2) / 4  # the dropped key counts as equal on both sides
+    as_maps = lambda row: row.view(1, 1, 1, 4)  # noqa: E731
+    assert F.attention_kl(as_maps(dropped), as_maps(teacher)).item() == pytest.approx(kl, rel=1e-6)
+    assert F.attention_mse(as_maps(dropped), as_maps(teacher)).item() == pytest.approx(mse, rel=1e-6)
+    # Without dropout nothing changes: the plain KL and MSE of the two rows.
+    plain_kl = np.sum(teacher.numpy() * np.log(teacher.numpy() / student_softmax.numpy()))
+    assert F.attention_kl(as_maps(student_softmax), as_maps(teacher)).item() == pytest.approx(plain_kl, rel=1e-6)
+
+
+def test_attention_kl_of_a_bert_in_training_mode_against_itself_is_zero():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.5, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = BertModel(config)
+    ids, mask = torch.randint(0, 50, (3, 7)), torch.ones(3, 7, dtype=torch.long)
+    mask[0, 5:] = 0
+    model.eval()
+    with torch.no_grad():
+        teacher = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    model.train()  # the same weights, with attention dropout: the returned weights have dropped entries
+    student = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    assert (student[0][mask[:, None, :, None].expand_as(student[0]).bool() & (student[0] == 0)]).numel() > 0
+    token_mask = mask.bool()
+    assert F.attention_kl(student[0], teacher[0], token_mask=token_mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert F.attention_mse(student[0], teacher[0], token_mask=token_mask).item() == pytest.approx(0.0, abs=1e-9)
+
+
 def test_pkd_reference():
     s, t = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
     expected = np.mean(

@@ -822,8 +822,26 @@ def feature_cosine(student, teacher, *, token_mask=None):
     return _mean_over_tokens(1 - F.cosine_similarity(s, t, dim=-1), token_mask)
 
 
+def _kept_keys(student_attention, teacher_attention):
+    """Both sides' attention rows over the keys the student's attention dropout kept.
+
+    transformers returns attention probabilities after dropout: in training, dropped entries are 0 and the others
+    are scaled by 1/(1 − p), so comparing them as they are adds a large constant to a KL (the teacher's mass on
+    dropped keys against log 0) and teaches ``attention_mse`` a target scaled by 1/(1 − p). The student's row
+    divided by its sum is its softmax restricted to the kept keys; with equal head counts the teacher's row is
+    restricted to the same keys and renormalised. Without dropout (evaluation, p = 0) both rows are unchanged.
+    """
+    tiny = torch.finfo(student_attention.dtype).tiny
+    student = student_attention / student_attention.sum(-1, keepdim=True).clamp(min=tiny)
+    if student_attention.shape[1] != teacher_attention.shape[1]:
+        return student, teacher_attention  # heads do not correspond: nothing to restrict them to
+    teacher = teacher_attention * (student_attention > 0)
+    return student, teacher / teacher.sum(-1, keepdim=True).clamp(min=tiny)
+
+
 def _match_heads(student_attention, teacher_attention):
     """Average over heads on both sides when the head counts differ (B×h×T×T → B×1×T×T)."""
+    student_attention, teacher_attention = _kept_keys(student_attention, teacher_attention)
     if student_attention.shape[1] != teacher_attention.shape[1]:
         return student_attention.mean(1, keepdim=True), teacher_attention.mean(1, keepdim=True)
     return student_attention, teacher_attention
@@ -832,7 +850,8 @@ def _match_heads(student_attention, teacher_attention):
 def attention_mse(student_attention, teacher_attention, *, token_mask=None):
     """TinyBERT: MSE between attention probabilities B×h×T×T, averaged over keys, heads and real query tokens.
 
-    Head counts may differ: both sides are then averaged over their heads first.
+    Head counts may differ: both sides are then averaged over their heads first. Keys the student's attention
+    dropout zeroed are left out of both rows (:func:`_kept_keys`).
 
     Args:
         student_attention: The student's attention probabilities ``B×h×T×T``.
@@ -849,7 +868,8 @@ def attention_mse(student_attention, teacher_attention, *, token_mask=None):
 def attention_kl(student_attention, teacher_attention, *, token_mask=None):
     """MiniLM: KL(A_T ‖ A_S) per query row, averaged over heads and real query tokens.
 
-    Head counts may differ: both sides are then averaged over their heads first.
+    Head counts may differ: both sides are then averaged over their heads first. Keys the student's attention
+    dropout zeroed are left out of both rows (:func:`_kept_keys`).
 
     Args:
         student_attention: The student's attention probabilities ``B×h×T×T``.
