@@ -10,10 +10,16 @@ Rows, each trained for the same steps, batch and seed:
 - ``kl + hidden + attention``: TinyBERT/MiniLM-style intermediate distillation added to ``kl``: ``hidden_mse`` on
   the layer map embeddings 0↔0 and student layer m ↔ teacher layer ⌊6m/4⌋ (1, 3, 4, 6), and ``attention_kl``
   (MiniLM's KL between attention distributions, per head: 12 heads on both sides) on the same layers;
-- ``kl + crd``: CRD (Tian et al. 2020; weight 0.8, 128-wide heads, every other training article a negative)
-  on the last hidden state's token mean, added to ``kl``.
+- the same two distilled rows with the student started from the teacher's embeddings and layers 1, 3, 4, 6
+  (DistilBERT's initialisation; TinyBERT's task distillation likewise starts from an already distilled student);
+- ``kl + crd`` (``--rows``, off by default: CRD + KD is measured on digits, ``feature_kd_digits.py``): CRD
+  (Tian et al. 2020; weight 0.8, 128-wide heads, every other training article a negative) on the last hidden
+  state's token mean, added to ``kl``.
 
-    flock /tmp/heavy.lock env OMP_NUM_THREADS=1 python benchmarks/feature_kd_bbc.py --seeds 0 1 2
+Every article is cut at 64 tokens and the students train 120 steps of batch 16 at learning rate 5·10⁻⁴ (one pass
+over the training articles): the budget that fits 3 seeds in an hour on one CPU thread.
+
+    flock /tmp/heavy.lock env OMP_NUM_THREADS=1 python benchmarks/feature_kd_bbc.py --seeds 0 1 2   # ~18 min a seed
     python benchmarks/feature_kd_bbc.py --seeds 0 --steps 4 --max_length 32 --output_dir /tmp/feat_smoke  # smoke
 """
 
