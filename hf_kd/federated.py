@@ -128,7 +128,8 @@ class FederatedConfig:
     Raises:
         ValueError: a field out of its range (an unknown mode, a count that is not a whole number >= 1 or >= 0, a
             rate or temperature that is not a finite number > 0, more CPUs per client than the machine has, fedmd
-            without server steps, a validation share outside [0, 1), a patience without validation rows).
+            without server steps, a validation share outside [0, 1), a patience without validation rows, validation
+            less often than once in ``server_steps``).
     """
 
     mode: str = field(default="feddf", metadata={"help": "One of fedavg, feddf and fedmd."})
@@ -179,6 +180,12 @@ class FederatedConfig:
             raise ValueError(
                 f"server_validation_fraction must be a number in [0, 1), got {fraction!r}: the share of the public "
                 "rows held out to validate the server (e.g. 0.2); 0 holds out none."
+            )
+        if fraction and 0 < self.server_steps < self.server_eval_steps:
+            raise ValueError(
+                f"server_eval_steps={self.server_eval_steps} is more than server_steps={self.server_steps}: the "
+                "server would hold out its validation rows and never validate. Set server_eval_steps <= "
+                "server_steps, or server_validation_fraction=0."
             )
         if self.server_patience and not fraction:
             raise ValueError(

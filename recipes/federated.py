@@ -2,12 +2,13 @@
 learns from what their models predict on an unlabeled public set.
 
 The digits (1,797 8×8 images) are exported once to a local JSON file and read back with load_dataset, then split:
-a held-out test set (the server's evaluation), an unlabeled public set every party may read, and the rest shared
-among --num_clients clients by a Dirichlet(α) split over labels (--alphas: small α, each client sees few digits).
-The models are small transformers ResNets built from configs. For every α the script runs, side by side with the
-same seed: each client alone (local only), FedAvg, FedDF, FedMD (with --heterogeneous, clients of different widths)
-and centralised training on every client's rows, and prints (and saves to OUTPUT_DIR/results.md) the server's
-test accuracy after the last round, its best, and the rounds it took to reach --target_accuracy.
+a held-out test set (the server's evaluation), an unlabeled public set every party may read (--public_fraction of the
+rest; FedAvg never reads it), and the rest shared among --num_clients clients by a Dirichlet(α) split over labels
+(--alphas: small α, each client sees few digits). The models are small transformers ResNets built from configs. For
+every α the script runs, side by side with the same seed: each client alone (local only), FedAvg, FedDF, FedMD (with
+--heterogeneous, clients of different widths) and centralised training on every client's rows, and prints (and saves
+to OUTPUT_DIR/results.md) the server's test accuracy after the last round, its best, and the rounds it took to reach
+--target_accuracy. benchmarks/federated_digits.py compares FedAvg and FedDF over seeds.
 
     pip install "hf_kd[federated]"       # Flower's simulation (included in `make install`)
     python recipes/federated.py --config recipes/configs/federated.yaml                        # ~10 min, 2 cores
@@ -160,10 +161,16 @@ def main():
             "seconds": time.perf_counter() - start,
         }
     size = count_parameters(resnet(recipe.width))
+    validation = (
+        f" at most (validated every {config.server_eval_steps} on {config.server_validation_fraction:.0%} of the "
+        f"public rows, best kept, patience {config.server_patience})"
+        if config.server_validation_fraction
+        else ""
+    )
     title = (
         f"digits, {recipe.num_clients} clients (Dirichlet split), {len(public)} unlabeled public rows, {len(test)} "
         f"test rows; {config.rounds} rounds × {config.local_steps} local steps, server {config.server_steps} "
-        f"distillation steps per round, ResNet width {recipe.width} ({size / 1e3:.0f}k "
+        f"distillation steps per round{validation}, ResNet width {recipe.width} ({size / 1e3:.0f}k "
         f"parameters), seed {config.seed}; rounds_to_target: server accuracy ≥ {recipe.target_accuracy:.0%}"
     )
     os.makedirs(recipe.output_dir, exist_ok=True)

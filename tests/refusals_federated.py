@@ -165,6 +165,14 @@ CASES = [
         "server_validation_fraction=0 holds out no public rows",
     ),
     Case(
+        "federated-validation-never",
+        "`FederatedConfig(server_steps=2, server_eval_steps=20, server_validation_fraction=0.2)`",
+        lambda p: FederatedConfig(server_steps=2, server_eval_steps=20, server_validation_fraction=0.2),
+        ValueError,
+        "server_eval_steps=20 is more than server_steps=2: the server would hold out its validation rows and never "
+        "validate",
+    ),
+    Case(
         "federated-validation-rows",
         "`run_federated` whose `server_validation_fraction=0.1` holds out none of 4 public rows",
         lambda p: run_federated(
@@ -172,7 +180,14 @@ CASES = [
             lambda: bert(0),
             [rows(4), rows(4)],
             rows(4).remove_columns("labels"),
-            FederatedConfig(rounds=1, local_steps=1, server_steps=1, batch_size=2, server_validation_fraction=0.1),
+            FederatedConfig(
+                rounds=1,
+                local_steps=1,
+                server_steps=1,
+                batch_size=2,
+                server_validation_fraction=0.1,
+                server_eval_steps=1,
+            ),
         ),
         ValueError,
         "server_validation_fraction=0.1 of 4 public rows holds out 0",

@@ -284,7 +284,7 @@ def test_the_federated_recipe_compares_every_mode_with_local_and_central_trainin
         "federated.py",
         *("--config", "recipes/configs/federated.yaml", "--output_dir", str(tmp_path), "--modes", "fedmd"),
         *("--alphas", "0.5", "--num_clients", "3", "--rounds", "2", "--local_steps", "2", "--server_steps", "2"),
-        *("--digest_steps", "1", "--width", "8"),
+        *("--digest_steps", "1", "--width", "8", "--server_eval_steps", "1"),
     )
     assert "rounds_to_target" in output
     results = json.loads((tmp_path / "results.json").read_text())
