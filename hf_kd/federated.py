@@ -215,8 +215,11 @@ def _ray_cpus() -> int:
 # ---- the steps a client and the server take (plain functions: tested without Flower) -------------------------------
 
 
-def _args(folder: str, steps: int, batch_size: int, learning_rate: float, seed: int, **extra) -> dict:
+def _args(folder: str, steps: int, batch_size: int, learning_rate: float, seed: int, rows: int, **extra) -> dict:
+    # An epoch's last batch of one row is dropped: BatchNorm cannot train on one row (ResNets fail on it).
+    one_row_left = rows > batch_size and rows % batch_size == 1
     return dict(
+        dataloader_drop_last=one_row_left,
         output_dir=folder,
         max_steps=steps,
         per_device_train_batch_size=batch_size,
@@ -232,7 +235,8 @@ def _args(folder: str, steps: int, batch_size: int, learning_rate: float, seed: 
 
 
 def train_locally(model: nn.Module, shard: Dataset, steps: int, config: FederatedConfig, seed: int) -> nn.Module:
-    """A client's plain training on its private shard (a ``transformers.Trainer`` run on the CPU).
+    """A client's plain training on its private shard (a ``transformers.Trainer`` run on the CPU). An epoch's last
+    batch of a single row is dropped (BatchNorm cannot train on one row).
 
     Args:
         model: The client's model, trained in place.
@@ -245,7 +249,7 @@ def train_locally(model: nn.Module, shard: Dataset, steps: int, config: Federate
         ``model``.
     """
     with tempfile.TemporaryDirectory() as folder:
-        args = TrainingArguments(**_args(folder, steps, config.batch_size, config.learning_rate, seed))
+        args = TrainingArguments(**_args(folder, steps, config.batch_size, config.learning_rate, seed, len(shard)))
         Trainer(model=model, args=args, train_dataset=shard).train()
     return model
 
@@ -363,10 +367,11 @@ def _distil(model, public, predictions, steps, config, learning_rate, seed, vali
     teachers = {f"client{index}": PrecomputedPredictions(f"client{index}") for index in range(len(predictions))}
     validation, callbacks = None, []
     with tempfile.TemporaryDirectory() as folder:
-        settings = _args(folder, steps, config.batch_size, learning_rate, seed)
         if validation_fraction:
             distilled, held_out = validation_rows(len(rows), validation_fraction, config.seed)
             rows, validation = rows.select(distilled), rows.select(held_out).with_format("torch")
+        settings = _args(folder, steps, config.batch_size, learning_rate, seed, len(rows))
+        if validation is not None:
             # The Trainer's own validation and best-checkpoint machinery: a checkpoint (the student's weights only)
             # at every validation, the best one loaded at the end.
             settings.update(
@@ -379,7 +384,7 @@ def _distil(model, public, predictions, steps, config, learning_rate, seed, vali
                 load_best_model_at_end=True,
                 metric_for_best_model="eval_loss",
                 greater_is_better=False,
-                per_device_eval_batch_size=256,
+                per_device_eval_batch_size=len(validation),  # one batch: dropping a last batch drops nothing
             )
             if config.server_patience:
                 callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.server_patience))

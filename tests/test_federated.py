@@ -31,6 +31,7 @@ from hf_kd.federated import (
     distil_on_public,
     predict,
     run_federated,
+    train_locally,
     validation_rows,
 )
 
@@ -202,6 +203,17 @@ def test_server_validation_keeps_the_best_checkpoint_and_patience_stops_the_dist
     # all 16 steps run and step 2's weights come back; with patience 1 it stops at the next validation.
     assert reports[0] == {**reports[0], "server_steps_run": 16, "server_best_step": 2}
     assert reports[1] == {**reports[0], "server_steps_run": 4}
+
+
+def test_a_client_whose_last_batch_would_hold_one_row_trains_without_it():
+    # 9 rows at batch 4: each epoch's last batch would hold 1 row, on which BatchNorm cannot train (ValueError);
+    # it is dropped, so 2 epochs are 4 steps, not 6.
+    shard, model = images(9, seed=3), resnet(0)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    train_locally(model, shard, 4, FederatedConfig(batch_size=4), seed=0)
+    assert any(not torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        resnet(0).train()(pixel_values=shard[:1]["pixel_values"])  # what the last batch did before
 
 
 def test_the_ensemble_a_feddf_server_distils_from_averages_the_clients_logits():
