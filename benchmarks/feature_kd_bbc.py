@@ -122,12 +122,13 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
         seed=seed,
         **{**BBC_TRAINING, "learning_rate": options.learning_rate, "per_device_train_batch_size": options.batch},
     )
-    start = time.perf_counter()
-    scratch = train_plainly(
-        student_like(teacher, 4, seed), args, labeled, output_dir=f"{folder}/scratch", data_collator=collator
-    )
-    record("student BERT 4×384 from scratch (labels only)", accuracy(scratch))
-    print(f"seed {seed}: scratch took {time.perf_counter() - start:.0f} s", flush=True)
+    if not options.skip_scratch:
+        start = time.perf_counter()
+        scratch = train_plainly(
+            student_like(teacher, 4, seed), args, labeled, output_dir=f"{folder}/scratch", data_collator=collator
+        )
+        record("student BERT 4×384 from scratch (labels only)", accuracy(scratch))
+        print(f"seed {seed}: scratch took {time.perf_counter() - start:.0f} s", flush=True)
     for row in options.rows:
         start = time.perf_counter()
         losses, from_teacher = ROWS[row]
@@ -156,6 +157,7 @@ def main():
     parser.add_argument("--max_length", type=int, default=64)
     parser.add_argument("--teacher_epochs", type=float, default=10)
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
+    parser.add_argument("--skip_scratch", action="store_true", help="leave out the scratch row")
     parser.add_argument("--output_dir", default="outputs/feature_kd_bbc")
     options = parser.parse_args()
     module = load_recipe("text_classification")
