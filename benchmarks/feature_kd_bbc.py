@@ -13,7 +13,7 @@ Rows, each trained for the same steps, batch and seed:
 - the same two distilled rows with the student started from the teacher's embeddings and layers 1, 3, 4, 6
   (DistilBERT's initialisation; TinyBERT's task distillation likewise starts from an already distilled student);
 - ``kl + crd`` (``--rows``, off by default: CRD + KD is measured on digits, ``feature_kd_digits.py``): CRD
-  (Tian et al. 2020; weight 0.8, 128-wide heads, every other training article a negative) on the last hidden
+  (Tian et al. 2020; weight 0.8, 128-wide heads, as many negatives drawn as the banks have rows) on the last hidden
   state's token mean, added to ``kl``.
 
 Every article is cut at 64 tokens and the students train 120 steps of batch 16 at learning rate 5·10⁻⁴ (one pass

@@ -3,8 +3,9 @@
 1,437 training labels, α = 0.5, τ = 2, 800 steps of batch 64) with a student of the teacher's width, ViT 2×64
 (102k parameters, 26× the table's 3.9k-parameter ViT 1×16), so no feature has to be squeezed through a 16-wide
 student. Rows: scratch (the 100 labels only), ``kl``, and ``kl`` + each feature loss at its paper weight: CRD
-(Tian et al. 2020's CRD + KD, weight 0.8, every other training image a negative), ``hidden_mse`` (uniform map),
-``hint`` and ``hidden_cosine`` (last layer). Same seeds (student initialisation and data order) across rows.
+(Tian et al. 2020's CRD + KD: weight 0.8, as many negatives drawn at random as the banks have rows),
+``hidden_mse`` (uniform map), ``hint`` and ``hidden_cosine`` (last layer). Same seeds (student initialisation and
+data order) across rows.
 
     flock /tmp/heavy.lock env OMP_NUM_THREADS=1 python benchmarks/feature_kd_digits.py --seeds 0 1 2
     python benchmarks/feature_kd_digits.py --seeds 0 --steps 20 --teacher_steps 20        # smoke
