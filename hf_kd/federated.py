@@ -315,7 +315,7 @@ def distil_on_public(
 
     Raises:
         ValueError: a client's predictions of another number of rows or classes, or a validation share that
-            leaves no row to validate on or none to distil on.
+            leaves no row to validate on or none to distil on, or fewer steps than ``config.server_eval_steps``.
     """
     return _distil(model, public, predictions, steps, config, learning_rate, seed, validation_fraction)[0]
 
@@ -368,6 +368,11 @@ def _distil(model, public, predictions, steps, config, learning_rate, seed, vali
     validation, callbacks = None, []
     with tempfile.TemporaryDirectory() as folder:
         if validation_fraction:
+            if steps < config.server_eval_steps:
+                raise ValueError(
+                    f"server_eval_steps={config.server_eval_steps} is more than the {steps} distillation steps: the "
+                    "rows held out would never be validated on. Set server_eval_steps <= steps."
+                )
             distilled, held_out = validation_rows(len(rows), validation_fraction, config.seed)
             rows, validation = rows.select(distilled), rows.select(held_out).with_format("torch")
         settings = _args(folder, steps, config.batch_size, learning_rate, seed, len(rows))

@@ -173,6 +173,22 @@ CASES = [
         "validate",
     ),
     Case(
+        "federated-distil-validation-never",
+        "`distil_on_public(..., steps=2, validation_fraction=0.5)` with `server_eval_steps=10`",
+        lambda p: distil_on_public(
+            bert(0),
+            rows(4).remove_columns("labels"),
+            [np.zeros((4, 2), np.float32)],
+            2,
+            FederatedConfig(batch_size=2),
+            1e-3,
+            0,
+            validation_fraction=0.5,
+        ),
+        ValueError,
+        "server_eval_steps=10 is more than the 2 distillation steps",
+    ),
+    Case(
         "federated-validation-rows",
         "`run_federated` whose `server_validation_fraction=0.1` holds out none of 4 public rows",
         lambda p: run_federated(
