@@ -52,9 +52,11 @@ def test_a_frozen_node_teaching_a_trained_one_is_offline_kd(tmp_path, temperatur
     assert_same(loss_and_grads(in_graph, [student], batch), loss_and_grads(offline, [twin], batch))
 
 
-def test_a_cached_frozen_node_teaches_as_the_live_one_does(tmp_path):
+@pytest.mark.parametrize("gate", ["through", "correct", "learned"])
+def test_a_cached_frozen_node_teaches_as_the_live_one_does(tmp_path, gate):
     """A frozen node given as a cache of its outputs (every class, float32) gives the live node's loss and gradients
-    to both trained nodes it teaches (the cache is checked against the graph's trained nodes, not the cohort)."""
+    to both trained nodes it teaches (the cache is checked against the graph's trained nodes, not the cohort), with
+    gates that read the source's predictions too."""
     from hf_kd import TeacherCache, write_teacher_cache
     from hf_kd.data import add_sample_index
 
@@ -64,7 +66,7 @@ def test_a_cached_frozen_node_teaches_as_the_live_one_does(tmp_path):
     write_teacher_cache(teacher, data, str(tmp_path / "cache"), top_k=3, dtype="float32", progress=False)
     args = config(tmp_path, losses="kl", temperature=2.0)
     nodes = {"teacher": "frozen", "student": "trained", "peer": "trained"}
-    edges = [GraphEdge("teacher", "student"), GraphEdge("teacher", "peer"), GraphEdge("peer", "student")]
+    edges = [GraphEdge("teacher", "student", gate=gate), GraphEdge("teacher", "peer"), GraphEdge("peer", "student")]
     graph = DistillationGraph(nodes, edges, "student")
     cached = GraphTrainer(
         graph,

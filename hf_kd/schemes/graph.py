@@ -387,7 +387,7 @@ class GraphTeaching(TrainedMembers):
         cached = self._weights[1]
         if target not in cached:
             names = [name for name, edge in self.edges.items() if edge.target == target and name in self.learned_losses]
-            logits = [sources[self.edges[name].source].logits.detach().float() for name in names]
+            logits = [sources[self.edges[name].source].dense_logits().detach().float() for name in names]
             scores = [self.learned_losses[name].score(each) for name, each in zip(names, logits)]
             scores.append(torch.zeros_like(scores[0]))  # "none": the label loss alone
             weights = torch.softmax(torch.stack(scores, -1), -1)
@@ -410,11 +410,11 @@ class GraphTeaching(TrainedMembers):
         weights, _ = self.edge_weights(edge.target, sources, labels)
         return (term.loss.position_values(student, teacher, mask) * weights[term.name].detach()).sum()
 
-    def extra_terms(self, member, results):
+    def extra_terms(self, member, results, sources):
         if not any(self.edges[name].target == member for name in self.learned_losses):
             return {}
-        if self._weights is None:  # every edge into the member was skipped: nothing was weighed
-            return {}
+        if self._weights is None or self._weights[0] is not sources:
+            return {}  # every edge into the member was skipped in this batch (a cache at evaluation): none weighed
         _, loss = self._weights[1].get(member, (None, None))
         return {} if loss is None else {f"{EDGE_NLL}/{member}": loss}
 
@@ -430,7 +430,7 @@ class GraphTeaching(TrainedMembers):
         if gate == "linear_down":
             return (1.0 if progress is None else 1.0 - progress), None
         if gate == "correct":
-            logits = sources[self.edges[term.name].source].logits
+            logits = sources[self.edges[term.name].source].dense_logits()  # a cache: its dense form
             if labels is None:
                 return 1.0, torch.zeros(logits.shape[:-1], dtype=torch.bool, device=logits.device)
             return 1.0, logits.argmax(-1).eq(labels) & labels.ne(-100)

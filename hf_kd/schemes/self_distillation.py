@@ -442,7 +442,7 @@ class ExitTeaching(TrainedMembers):
     def teachers_of(self, member, detached, term):
         return [] if member == FINAL else [detached[FINAL]]
 
-    def extra_terms(self, member, results):
+    def extra_terms(self, member, results, sources):
         if self.hint_weight == 0 or member == FINAL:
             return {}
         exit_features = results[member][1].hidden_states[-1]

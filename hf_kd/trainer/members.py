@@ -151,12 +151,16 @@ class TrainedMembers:
         """
         raise NotImplementedError
 
-    def extra_terms(self, member: str, results: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    def extra_terms(
+        self, member: str, results: dict[str, tuple], sources: dict[str, ModelFeatures]
+    ) -> dict[str, torch.Tensor]:
         """The scheme's own batch-level terms for ``member`` (named in ``extra_terms``), already weighted.
 
         Args:
             member: the member's name.
             results: the module's forward output, ``{member: (outputs, ModelFeatures)}``.
+            sources: this batch's detached predictions of every member and frozen node, as ``teachers_of`` read
+                them.
 
         Returns:
             Each term's value by name (the base: none).
@@ -384,7 +388,7 @@ def members_loss(trainer, model, inputs, return_outputs=False, num_items_in_batc
                 values.append(members.term_value(term, student, teacher, term_mask, position_labels, sources))
             terms[term.name] = scale * objective.normalise(term, sum(values) / len(values), counts, accumulation)
             taught = True
-        extra = {key: value / accumulation for key, value in members.extra_terms(name, results).items()}
+        extra = {key: value / accumulation for key, value in members.extra_terms(name, results, sources).items()}
         if trainer.args.check_finite:
             where = f"{mode} step {trainer.state.global_step + 1}, {name}"
             check_finite(where, {**terms, **extra}, student, frozen, mask, trainer.args.device)
