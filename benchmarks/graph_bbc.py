@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from graph_digits import compare_schemes
+from graph_digits import compare_schemes, searched_graph_rows
 from mutual_learning_cost import bert
 from schemes_bbc import BBC_TRAINING, bbc_splits
 from schemes_digits import load_recipe, recorder, sweep
@@ -82,6 +82,14 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
     def accuracy(trained):
         return evaluate_model(trained, test, compute_metrics=classification_metrics, data_collator=collator)["accuracy"]
 
+    cache_folder = f"{folder}/teacher_cache"
+    if options.search_only:  # the teacher trained and cached by a full run of this seed in this folder
+        if not os.path.exists(f"{cache_folder}/manifest.json"):
+            raise SystemExit(f"--search_only reads the teacher's cache {cache_folder}: run this seed in full first.")
+        common = dict(train_dataset=add_sample_index(transfer), data_collator=collator)
+        teacher = TeacherCache.load(cache_folder)
+        searched_graph_rows(teacher, node, args, folder, options.trials, validation, record, accuracy, **common)
+        return
     teacher = model(*TEACHER, seed)
     train_plainly(
         teacher,
@@ -95,12 +103,12 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
     record("teacher BERT 4×256 (every label)", accuracy(teacher))
     # The teacher is frozen and in evaluation mode, so its outputs on the transfer rows are fixed: run it once and
     # replay them (every class kept, float32: the same loss and gradients as the live teacher, tested in
-    # tests/test_cache.py) instead of once per step of the 11 runs that read it.
+    # tests/test_graph.py) instead of once per step of the 11 runs that read it.
     transfer = add_sample_index(transfer)
     write_teacher_cache(
         teacher,
         transfer,
-        f"{folder}/teacher_cache",
+        cache_folder,
         top_k=teacher.config.num_labels,
         dtype="float32",
         tokenizer=tokenizer,
@@ -108,7 +116,7 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
         batch_size=64,
         progress=False,
     )
-    teacher = TeacherCache.load(f"{folder}/teacher_cache")
+    teacher = TeacherCache.load(cache_folder)
     scratch = train_plainly(node("student"), args, labeled, output_dir=f"{folder}/scratch", data_collator=collator)
     record("scratch: student", accuracy(scratch))
     compare_schemes(
@@ -142,6 +150,11 @@ def main():
         help="Where the articles are exported to (bbcnews.jsonl) and read from (default: OUTPUT_DIR/data).",
     )
     parser.add_argument("--output_dir", default="outputs/graph_bbc")
+    parser.add_argument(
+        "--search_only",
+        action="store_true",
+        help="Only the searched graph's rows, from the teacher cache a full run of each seed left in --output_dir.",
+    )
     options = parser.parse_args()
     module = load_recipe("text_classification")
     sweep(

@@ -114,14 +114,14 @@ def compare_schemes(teacher, node, args, folder, trials, validation, record, acc
     for stage in mutual_learning(peers, dataclasses.replace(args, output_dir=f"{folder}/dml"), **common):
         record(f"mutual learning: {stage.name}", accuracy(stage.model))
 
-    def run_graph(graph: DistillationGraph, name: str) -> None:
-        models = {"teacher": teacher, "student": node("student"), "peer": node("peer")}
-        for stage in graph_distillation(
-            graph, models, dataclasses.replace(args, output_dir=f"{folder}/{name}"), **common
-        ):
-            record(f"{name.replace('_', ' ')}: {stage.name}", accuracy(stage.model))
+    run_graph(full_graph(), "graph_all_edges_through", teacher, node, args, folder, record, accuracy, **common)
+    searched_graph_rows(teacher, node, args, folder, trials, validation, record, accuracy, **common)
 
-    run_graph(full_graph(), "graph_all_edges_through")
+
+def searched_graph_rows(teacher, node, args, folder, trials, validation, record, accuracy, **common) -> None:
+    """The searched graph's rows alone: ``trials`` trials on ``validation``, then the best graph trained again and
+    each trained node recorded (arguments as :func:`compare_schemes` takes them)."""
+
     found = search_graph(
         full_graph(),
         node,
@@ -136,7 +136,14 @@ def compare_schemes(teacher, node, args, folder, trials, validation, record, acc
     )
     record("searched graph: student's validation accuracy (best trial)", found.value)
     print(f"searched graph {[(e.name, e.gate) for e in found.graph.edges]}", flush=True)
-    run_graph(found.graph, "searched_graph")
+    run_graph(found.graph, "searched_graph", teacher, node, args, folder, record, accuracy, **common)
+
+
+def run_graph(graph: DistillationGraph, name: str, teacher, node, args, folder, record, accuracy, **common) -> None:
+    """Train ``graph``'s nodes (the student and the peer afresh) and record each trained node as ``name: NODE``."""
+    models = {"teacher": teacher, "student": node("student"), "peer": node("peer")}
+    for stage in graph_distillation(graph, models, dataclasses.replace(args, output_dir=f"{folder}/{name}"), **common):
+        record(f"{name.replace('_', ' ')}: {stage.name}", accuracy(stage.model))
 
 
 def main():
