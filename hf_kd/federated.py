@@ -114,14 +114,15 @@ class FederatedConfig:
         learning_rate: The clients' learning rate.
         server_learning_rate: The server's learning rate of distillation.
         temperature: Softmax temperature of the distillation (server and digest); 1: none.
-        server_validation_fraction: The share of the public rows held out from the server's distillation to
-            validate it (Lin et al. 2020 early-stop the server on held-out data): every ``server_eval_steps`` the
-            distillation loss on them (the KL from the clients' mean-logit ensemble to the server, which needs no
-            labels) is measured and the server keeps its best checkpoint (``load_best_model_at_end``). The same rows
-            (drawn with ``seed``) every round. 0: none, the server distils every ``server_steps`` on every row.
-        server_eval_steps: With validation: server steps between two validations.
-        server_patience: With validation: stop the server after this many validations without improvement
-            (transformers' ``EarlyStoppingCallback``); 0: run every ``server_steps`` and keep the best.
+        server_validation_fraction: Share of the public rows held out to validate the server's distillation (KL
+            to the clients' ensemble) and keep its best checkpoint; 0: none. Lin et al. 2020 early-stop the server
+            on held-out data: every ``server_eval_steps`` the distillation loss on these rows (the KL from the
+            clients' mean-logit ensemble to the server, which needs no labels) is measured and the server keeps its
+            best checkpoint (``load_best_model_at_end``); the same rows (drawn with ``seed``) every round. 0: the
+            server distils every ``server_steps`` on every row.
+        server_eval_steps: With validation: server steps between validations.
+        server_patience: With validation: stop after this many validations without improvement; 0: never
+            (transformers' ``EarlyStoppingCallback``; 0 runs every ``server_steps`` and keeps the best).
         seed: Seed of every party's training.
         num_cpus_per_client: Ray resources of one client; clients run in parallel up to the machine's cores.
 
@@ -151,13 +152,20 @@ class FederatedConfig:
         default=0.0,
         metadata={
             "help": "Share of the public rows held out to validate the server's distillation (KL to the clients' "
-            "ensemble) and keep its best checkpoint; 0: none."
+            "ensemble) and keep its best checkpoint; 0: none. Lin et al. 2020 early-stop the server on held-out "
+            "data: every ``server_eval_steps`` the distillation loss on these rows (the KL from the clients' "
+            "mean-logit ensemble to the server, which needs no labels) is measured and the server keeps its best "
+            "checkpoint (``load_best_model_at_end``); the same rows (drawn with ``seed``) every round. 0: the "
+            "server distils every ``server_steps`` on every row."
         },
     )
     server_eval_steps: int = field(default=10, metadata={"help": "With validation: server steps between validations."})
     server_patience: int = field(
         default=0,
-        metadata={"help": "With validation: stop after this many validations without improvement; 0: never."},
+        metadata={
+            "help": "With validation: stop after this many validations without improvement; 0: never "
+            "(transformers' ``EarlyStoppingCallback``; 0 runs every ``server_steps`` and keeps the best)."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of every party's training."})
     num_cpus_per_client: float = field(
