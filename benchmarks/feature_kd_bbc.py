@@ -31,16 +31,12 @@ import os
 import time
 
 import torch
-from schemes_bbc import BBC_TRAINING, bbc_splits
+from schemes_bbc import BBC_TRAINING, bbc_splits, fine_tune_minilm
 from schemes_digits import load_recipe, recorder, sweep
 from transformers import (
-    AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
     DataCollatorWithPadding,
-    Trainer,
-    TrainingArguments,
-    set_seed,
 )
 
 from hf_kd import DistillationConfig, DistillationTrainer
@@ -94,23 +90,10 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
             model, test, compute_metrics=classification_metrics, data_collator=collator, use_cpu=True
         )["accuracy"]
 
-    set_seed(seed)  # the teacher: MiniLM fine-tuned on the labeled articles, as in schemes_bbc.py
-    teacher = AutoModelForSequenceClassification.from_pretrained(module._packaged_minilm(), num_labels=5)
-    teacher_args = TrainingArguments(
-        output_dir=f"{folder}/teacher",
-        num_train_epochs=options.teacher_epochs,
-        learning_rate=1e-4,
-        per_device_train_batch_size=32,
-        warmup_steps=0.1,
-        weight_decay=0.01,
-        save_strategy="no",
-        report_to=[],
-        seed=seed,
-        use_cpu=True,
-        disable_tqdm=True,
+    teacher = fine_tune_minilm(  # the teacher: MiniLM fine-tuned on the labeled articles, as in schemes_bbc.py
+        module._packaged_minilm(), labeled, f"{folder}/teacher", seed, collator, epochs=options.teacher_epochs
     )
-    Trainer(model=teacher, args=teacher_args, train_dataset=labeled, data_collator=collator).train()
-    record("teacher: MiniLM 6×384 fine-tuned on the labels", accuracy(teacher.eval()))
+    record("teacher: MiniLM 6×384 fine-tuned on the labels", accuracy(teacher))
 
     args = DistillationConfig(
         output_dir=folder,
