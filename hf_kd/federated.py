@@ -42,6 +42,7 @@ from .model_kinds import base_model, num_classes
 from .teachers import PrecomputedPredictions
 
 MODES = ("fedavg", "feddf", "fedmd")
+ENSEMBLE_WEIGHTINGS = ("uniform", "class_counts")
 WEIGHTS, PUBLIC_LOGITS, CONSENSUS, SETTINGS, REPORT = "weights", "public_logits", "consensus", "settings", "report"
 
 
@@ -123,6 +124,10 @@ class FederatedConfig:
         server_eval_steps: With validation: server steps between validations.
         server_patience: With validation: stop after this many validations without improvement; 0: never
             (transformers' ``EarlyStoppingCallback``; 0 runs every ``server_steps`` and keeps the best).
+        ensemble_weighting: How the server combines the clients' logits (feddf, fedmd): uniform (their mean: Lin et
+            al.'s AVGLOGITS) or class_counts (class by class, each client's logit weighted by its share of that
+            class's training rows, Zhang et al. 2022's class-level ensemble: a client that never saw a class has no
+            say on it; clients then also send their rows per class).
         seed: Seed of every party's training.
         num_cpus_per_client: Ray resources of one client; clients run in parallel up to the machine's cores.
 
@@ -130,7 +135,8 @@ class FederatedConfig:
         ValueError: a field out of its range (an unknown mode, a count that is not a whole number >= 1 or >= 0, a
             rate or temperature that is not a finite number > 0, more CPUs per client than the machine has, fedmd
             without server steps, a validation share outside [0, 1), a patience without validation rows, validation
-            less often than once in ``server_steps``).
+            less often than once in ``server_steps``, an unknown ``ensemble_weighting`` or a non-uniform one in
+            fedavg).
     """
 
     mode: str = field(default="feddf", metadata={"help": "One of fedavg, feddf and fedmd."})
@@ -165,6 +171,16 @@ class FederatedConfig:
         metadata={
             "help": "With validation: stop after this many validations without improvement; 0: never "
             "(transformers' ``EarlyStoppingCallback``; 0 runs every ``server_steps`` and keeps the best)."
+        },
+    )
+    ensemble_weighting: str = field(
+        default="uniform",
+        metadata={
+            "help": "How the server combines the clients' logits (feddf, fedmd): uniform (their mean: Lin et al.'s "
+            "AVGLOGITS) or class_counts (class by class, each client's logit weighted by its share of that class's "
+            "training rows, Zhang et al. 2022's class-level ensemble: a client that never saw a class has no say on "
+            "it; clients then also send their rows per class).",
+            "choices": list(ENSEMBLE_WEIGHTINGS),
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of every party's training."})
@@ -210,6 +226,15 @@ class FederatedConfig:
             raise ValueError(
                 f"num_cpus_per_client={self.num_cpus_per_client:g} is more than this machine's {cores} cores, which "
                 f"is all the simulation gets: Ray could never start a client. Set num_cpus_per_client <= {cores}."
+            )
+        if self.ensemble_weighting not in ENSEMBLE_WEIGHTINGS:
+            raise ValueError(
+                f"ensemble_weighting must be one of {ENSEMBLE_WEIGHTINGS}, got {self.ensemble_weighting!r}."
+            )
+        if self.ensemble_weighting != "uniform" and self.mode == "fedavg":
+            raise ValueError(
+                f"ensemble_weighting={self.ensemble_weighting!r} weighs the clients' logits, which fedavg never "
+                "combines (it averages weights): use mode='feddf' or 'fedmd', or ensemble_weighting='uniform'."
             )
         if self.mode == "fedmd" and self.server_steps == 0:
             raise ValueError("fedmd has no server weights but its distilled student: server_steps must be >= 1.")
@@ -296,8 +321,10 @@ def distil_on_public(
     seed: int,
     *,
     validation_fraction: float = 0.0,
+    class_weights: np.ndarray | None = None,
 ) -> nn.Module:
-    """``model`` distilled on the unlabeled ``public`` set from the mean logits of ``predictions``.
+    """``model`` distilled on the unlabeled ``public`` set from the mean logits of ``predictions`` (with
+    ``class_weights``: their weighted sum, class by class, :func:`combine_logits`).
 
     A multi-teacher :class:`~hf_kd.DistillationTrainer` run whose teachers are the predictions, carried by the rows
     as teacher views (``teacher_client0``, …) — the same run as with the client models as live teachers (tested).
@@ -317,15 +344,55 @@ def distil_on_public(
         learning_rate: The distillation's learning rate.
         seed: Seeds the training.
         validation_fraction: The share of the rows held out to validate on, in [0, 1).
+        class_weights: ``K×C`` weights of the clients' logits per class (:func:`class_count_weights`); None: the mean.
 
     Returns:
         ``model``.
 
     Raises:
         ValueError: a client's predictions of another number of rows or classes, or a validation share that
-            leaves no row to validate on or none to distil on, or fewer steps than ``config.server_eval_steps``.
+            leaves no row to validate on or none to distil on, or fewer steps than ``config.server_eval_steps``, or
+            ``class_weights`` of another shape than clients × classes.
     """
-    return _distil(model, public, predictions, steps, config, learning_rate, seed, validation_fraction)[0]
+    distilled, _ = _distil(
+        model, public, predictions, steps, config, learning_rate, seed, validation_fraction, class_weights
+    )
+    return distilled
+
+
+def class_count_weights(class_counts) -> np.ndarray:
+    """The class-level ensemble's weights (Zhang et al. 2022, FedFTG): client k's share of class c's rows.
+
+    Args:
+        class_counts: ``K×C`` rows per client and class.
+
+    Returns:
+        ``K×C`` float32 weights, each class's column summing to 1; a class no client holds weighs every client 1/K.
+
+    Raises:
+        ValueError: counts that are not a ``K×C`` array of whole numbers >= 0.
+    """
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if counts.ndim != 2 or not len(counts) or (counts < 0).any() or (counts != np.round(counts)).any():
+        raise ValueError(f"class_counts must be K×C row counts >= 0, got {np.asarray(class_counts).tolist()!r}.")
+    totals = counts.sum(0, keepdims=True)
+    uniform = np.full_like(counts, 1.0 / len(counts))
+    return np.where(totals > 0, counts / np.maximum(totals, 1.0), uniform).astype(np.float32)
+
+
+def combine_logits(predictions: list[np.ndarray], class_weights: np.ndarray | None = None) -> np.ndarray:
+    """The clients' ensemble: the mean of their logits, or their sum weighted class by class (Σₖ wₖ,c · zₖ,c).
+
+    Args:
+        predictions: One ``N×C`` array of logits per client.
+        class_weights: ``K×C`` weights (:func:`class_count_weights`); None: the mean.
+
+    Returns:
+        The ``N×C`` ensemble logits (float32).
+    """
+    if class_weights is None:
+        return np.mean(predictions, axis=0).astype(np.float32)
+    return np.einsum("knc,kc->nc", np.stack(predictions), class_weights).astype(np.float32)
 
 
 def validation_rows(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -352,7 +419,7 @@ def validation_rows(count: int, fraction: float, seed: int) -> tuple[np.ndarray,
     return np.sort(order[held_out:]), np.sort(order[:held_out])
 
 
-def _distil(model, public, predictions, steps, config, learning_rate, seed, validation_fraction):
+def _distil(model, public, predictions, steps, config, learning_rate, seed, validation_fraction, class_weights=None):
     """:func:`distil_on_public`, also returning what the run did: ``server_steps_run`` and, with validation,
     ``server_validation_loss`` (the best) and ``server_best_step``."""
     from transformers import EarlyStoppingCallback, PrinterCallback
@@ -371,6 +438,14 @@ def _distil(model, public, predictions, steps, config, learning_rate, seed, vali
                 f"{predictions[0].shape[-1]}: their mean needs one label set. Build every client with the same "
                 "num_labels and id2label."
             )
+    if class_weights is not None:
+        if np.shape(class_weights) != (len(predictions), predictions[0].shape[-1]):
+            raise ValueError(
+                f"class_weights has shape {np.shape(class_weights)}; {len(predictions)} clients' logits over "
+                f"{predictions[0].shape[-1]} classes need {(len(predictions), predictions[0].shape[-1])}."
+            )
+        predictions = [combine_logits(predictions, class_weights)]  # one teacher: the weighted ensemble
+    for index, logits in enumerate(predictions):
         rows = rows.add_column(f"teacher_client{index}", logits.tolist())
     teachers = {f"client{index}": PrecomputedPredictions(f"client{index}") for index in range(len(predictions))}
     validation, callbacks = None, []
@@ -523,6 +598,30 @@ def check_parties(make_client: Callable[[int], nn.Module], server: nn.Module, co
     return classes[0]
 
 
+def class_counts(shard: Dataset, classes: int) -> np.ndarray:
+    """A client's training rows per class (its ``labels`` or ``label`` column; −100 rows left out): what it sends
+    for ``ensemble_weighting="class_counts"``.
+
+    Args:
+        shard: The client's rows.
+        classes: The models' number of classes.
+
+    Returns:
+        The rows of each class 0..classes−1.
+
+    Raises:
+        ValueError: a shard without an integer ``labels``/``label`` column.
+    """
+    column = next((name for name in ("labels", "label") if name in shard.column_names), None)
+    labels = np.asarray(shard.with_format("numpy")[column]) if column else np.zeros(0, dtype=np.float32)
+    if column is None or labels.dtype.kind not in "iu":
+        raise ValueError(
+            "ensemble_weighting='class_counts' counts each client's rows per class, which needs an integer "
+            f"'labels' (or 'label') column; this shard has {shard.column_names}."
+        )
+    return np.bincount(labels[labels >= 0].astype(np.int64), minlength=classes)[:classes]
+
+
 def check_shards(client_data: list[Dataset], classes: int | None) -> None:
     """Before round 1: every client has rows to train on, and their class labels lie in the models' label set.
 
@@ -636,7 +735,11 @@ def run_federated(
         )
     # Everything a client or the server would fail on is checked here, in the driver, before the simulation starts.
     server_model = make_server()
-    check_shards(client_data, check_parties(make_client, server_model, len(client_data), config.mode))
+    classes = check_parties(make_client, server_model, len(client_data), config.mode)
+    check_shards(client_data, classes)
+    if config.ensemble_weighting == "class_counts":  # a shard without integer labels fails here, not in a client
+        for shard in client_data:
+            class_counts(shard, classes or 1)
     history: list[dict] = []
     wire_log: list[dict] = []
 
@@ -657,11 +760,16 @@ def run_federated(
             consensus = msg.content[CONSENSUS]["logits"].numpy()
             distil_on_public(model, public, [consensus], config.digest_steps, config, config.learning_rate, seed)
         train_locally(model, client_data[client], config.local_steps, config, seed)
-        content = RecordDict({REPORT: MetricRecord({"num_examples": len(client_data[client])})})
+        report = {"num_examples": len(client_data[client])}
+        content = RecordDict()
         if config.mode in ("fedavg", "feddf"):
             content[WEIGHTS] = ArrayRecord(model.state_dict())
         if config.mode in ("feddf", "fedmd"):
-            content[PUBLIC_LOGITS] = ArrayRecord({"logits": _array(predict(model, public))})
+            logits = predict(model, public)
+            content[PUBLIC_LOGITS] = ArrayRecord({"logits": _array(logits)})
+            if config.ensemble_weighting == "class_counts":
+                report["class_counts"] = class_counts(client_data[client], logits.shape[-1]).tolist()
+        content[REPORT] = MetricRecord(report)
         if config.mode == "fedmd":
             context.state["model"] = ArrayRecord(model.state_dict())
         return Message(content=content, reply_to=msg)
@@ -706,12 +814,16 @@ def run_federated(
                 )
             ordered = [by_node[node] for node in nodes]
             sizes = [int(content[REPORT]["num_examples"]) for content in ordered]
+            weights = None
+            if config.ensemble_weighting == "class_counts":
+                weights = class_count_weights([content[REPORT]["class_counts"] for content in ordered])
             server_report, ensemble_metrics = {}, {}
             if config.mode in ("fedavg", "feddf"):
                 states = [content[WEIGHTS].to_torch_state_dict() for content in ordered]
                 server_model.load_state_dict(average_weights(states, sizes))
                 if evaluate_ensemble:
-                    ensemble = _LogitEnsemble([_loaded(make_client(k), state) for k, state in enumerate(states)])
+                    members = [_loaded(make_client(k), state) for k, state in enumerate(states)]
+                    ensemble = _LogitEnsemble(members, weights)
                     ensemble_metrics = {f"ensemble_{name}": value for name, value in evaluate(ensemble).items()}
             if config.mode in ("feddf", "fedmd"):
                 predictions = [content[PUBLIC_LOGITS]["logits"].numpy() for content in ordered]
@@ -725,9 +837,10 @@ def run_federated(
                     config.server_learning_rate,
                     seed,
                     config.server_validation_fraction,
+                    weights,
                 )[1]
                 if config.mode == "fedmd":
-                    consensus = np.mean(predictions, axis=0).astype(np.float32)
+                    consensus = combine_logits(predictions, weights)
             metrics = evaluate(server_model) if evaluate is not None else {}
             history.append(
                 {
@@ -764,16 +877,20 @@ def _loaded(model: nn.Module, state: dict) -> nn.Module:
 
 
 class _LogitEnsemble(nn.Module):
-    """The clients' models behind their mean logits (AVGLOGITS): what the feddf server distils from."""
+    """The clients' models behind their mean logits (AVGLOGITS), or their class-weighted sum with ``weights``
+    (:func:`combine_logits`): what the feddf server distils from."""
 
-    def __init__(self, members: list[nn.Module]):
+    def __init__(self, members: list[nn.Module], weights: np.ndarray | None = None):
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
 
     def forward(self, **inputs):
         from transformers.modeling_outputs import SequenceClassifierOutput
 
-        return SequenceClassifierOutput(logits=torch.stack([m(**inputs).logits for m in self.members]).mean(0))
+        logits = torch.stack([m(**inputs).logits for m in self.members])
+        combined = logits.mean(0) if self.weights is None else (logits * self.weights[:, None, :]).sum(0)
+        return SequenceClassifierOutput(logits=combined)
 
 
 def _array(values: np.ndarray):
@@ -795,12 +912,16 @@ def _wait_for_nodes(grid, count: int, timeout: float = 120.0) -> list[int]:
 
 
 __all__ = [
+    "ENSEMBLE_WEIGHTINGS",
     "MODES",
     "FederatedConfig",
     "FederatedResult",
     "average_weights",
     "check_parties",
     "check_shards",
+    "class_count_weights",
+    "class_counts",
+    "combine_logits",
     "dirichlet_split",
     "distil_on_public",
     "predict",

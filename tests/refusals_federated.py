@@ -9,7 +9,14 @@ from conftest import tiny_bert
 from datasets import Dataset
 from refusal_cases import Case
 
-from hf_kd.federated import FederatedConfig, average_weights, dirichlet_split, distil_on_public, run_federated
+from hf_kd.federated import (
+    FederatedConfig,
+    average_weights,
+    class_count_weights,
+    dirichlet_split,
+    distil_on_public,
+    run_federated,
+)
 
 
 def bert(seed: int, num_labels: int = 2, names: list[str] | None = None):
@@ -27,9 +34,9 @@ def rows(count: int, labels: list[int] | None = None) -> Dataset:
     )
 
 
-def federate(make_client, make_server=lambda: bert(0), shards=None, mode="feddf"):
+def federate(make_client, make_server=lambda: bert(0), shards=None, mode="feddf", **options):
     """One round of the smallest run; every row below is refused before it starts."""
-    settings = dict(rounds=1, local_steps=1, server_steps=1, digest_steps=1, batch_size=2)
+    settings = dict(rounds=1, local_steps=1, server_steps=1, digest_steps=1, batch_size=2, **options)
     shards = shards if shards is not None else [rows(4), rows(4)]
     public = rows(4).remove_columns("labels")
     return run_federated(make_client, make_server, shards, public, FederatedConfig(mode=mode, **settings))
@@ -222,5 +229,53 @@ CASES = [
         ),
         ValueError,
         "evaluate_ensemble evaluates the clients' models, rebuilt from the weights they send, with evaluate",
+    ),
+    Case(
+        "federated-ensemble-weighting",
+        "`FederatedConfig(ensemble_weighting='by_size')`",
+        lambda p: FederatedConfig(ensemble_weighting="by_size"),
+        ValueError,
+        "ensemble_weighting must be one of ('uniform', 'class_counts'), got 'by_size'",
+    ),
+    Case(
+        "federated-ensemble-weighting-fedavg",
+        "`FederatedConfig(mode='fedavg', ensemble_weighting='class_counts')`",
+        lambda p: FederatedConfig(mode="fedavg", ensemble_weighting="class_counts"),
+        ValueError,
+        "ensemble_weighting='class_counts' weighs the clients' logits, which fedavg never combines",
+    ),
+    Case(
+        "federated-class-counts-no-labels",
+        "`run_federated` with `ensemble_weighting='class_counts'` and a shard without a label column",
+        lambda p: federate(
+            lambda k: bert(k),
+            shards=[rows(4), rows(4).remove_columns("labels")],
+            ensemble_weighting="class_counts",
+        ),
+        ValueError,
+        "ensemble_weighting='class_counts' counts each client's rows per class, which needs an integer 'labels'",
+    ),
+    Case(
+        "federated-class-weights-shape",
+        "`distil_on_public(..., class_weights=)` of 3 clients' weights for 2 clients",
+        lambda p: distil_on_public(
+            bert(0),
+            rows(4).remove_columns("labels"),
+            [np.zeros((4, 2), np.float32)] * 2,
+            1,
+            FederatedConfig(batch_size=2),
+            1e-3,
+            0,
+            class_weights=np.full((3, 2), 1 / 3, np.float32),
+        ),
+        ValueError,
+        "class_weights has shape (3, 2); 2 clients' logits over 2 classes need (2, 2)",
+    ),
+    Case(
+        "federated-class-counts-negative",
+        "`class_count_weights([[1, -1]])`",
+        lambda p: class_count_weights([[1, -1]]),
+        ValueError,
+        "class_counts must be K×C row counts >= 0, got [[1, -1]]",
     ),
 ]

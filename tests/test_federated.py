@@ -27,6 +27,9 @@ from hf_kd.federated import (
     average_weights,
     check_parties,
     check_shards,
+    class_count_weights,
+    class_counts,
+    combine_logits,
     dirichlet_split,
     distil_on_public,
     predict,
@@ -223,6 +226,36 @@ def test_the_ensemble_a_feddf_server_distils_from_averages_the_clients_logits():
     np.testing.assert_allclose(predict(_LogitEnsemble(clients), rows), expected, atol=1e-6)
 
 
+def test_the_class_level_ensemble_weighs_each_client_by_its_share_of_each_class():
+    # Client 0 holds 3 rows of class 0 and 1 of class 2, client 1 one row of class 0; nobody holds class 1.
+    counts = class_counts(Dataset.from_dict({"labels": [0, 0, 2, 0, -100]}), 3)
+    assert counts.tolist() == [3, 0, 1]  # the −100 row is not counted
+    weights = class_count_weights([counts, [1, 0, 0]])
+    # By hand: class 0 is 3 : 1, class 1 (no rows anywhere) 1/2 each, class 2 only client 0's.
+    np.testing.assert_allclose(weights, [[0.75, 0.5, 1.0], [0.25, 0.5, 0.0]])
+    logits = [np.array([[4.0, 1.0, 2.0]]), np.array([[0.0, 3.0, -6.0]])]
+    np.testing.assert_allclose(combine_logits(logits, weights), [[3.0, 2.0, 2.0]])  # 0.75·4 + 0.25·0, …
+    np.testing.assert_allclose(combine_logits(logits), [[2.0, 2.0, -2.0]])  # uniform: the mean
+    clients, rows = [resnet(seed) for seed in (1, 2)], images(12, seed=4, labels=False)
+    expected = combine_logits([predict(client, rows) for client in clients], weights[:, [0, 1, 2, 2]])
+    ensemble = _LogitEnsemble(clients, weights[:, [0, 1, 2, 2]])  # (4 classes here)
+    np.testing.assert_allclose(predict(ensemble, rows), expected, atol=1e-6)
+
+
+def test_a_class_weighted_server_distils_from_the_weighted_ensemble(tmp_path):
+    # The server taught by the clients with class weights trains exactly as one taught by their weighted logits.
+    clients, public = [resnet(seed) for seed in (1, 2, 3)], images(32, seed=4, labels=False)
+    predictions = [predict(client, public) for client in clients]
+    weights = class_count_weights([[5, 0, 1, 2], [0, 4, 1, 2], [1, 1, 0, 2]])
+    config = FederatedConfig(server_steps=4, batch_size=8, temperature=2.0)
+    weighted = distil_on_public(resnet(0), public, predictions, 4, config, 1e-2, 5, class_weights=weights)
+    combined = distil_on_public(resnet(0), public, [combine_logits(predictions, weights)], 4, config, 1e-2, 5)
+    uniform = distil_on_public(resnet(0), public, predictions, 4, config, 1e-2, 5)
+    for name, value in weighted.state_dict().items():
+        assert torch.equal(value, combined.state_dict()[name]), name
+    assert any(not torch.allclose(value, uniform.state_dict()[name]) for name, value in weighted.state_dict().items())
+
+
 def _shards(count: int, alpha: float, seed: int) -> list[Dataset]:
     rows = images(240, seed=seed)
     return [rows.select(shard) for shard in dirichlet_split(np.asarray(rows["labels"]), count, alpha, seed=seed)]
@@ -247,6 +280,8 @@ def test_a_flower_simulation_of_3_clients_and_2_rounds_sends_no_raw_data(mode):
         server_validation_fraction=0.25 if mode == "feddf" else 0.0,
         server_eval_steps=5,
         server_patience=2 if mode == "feddf" else 0,
+        # fedmd: the class-level ensemble, for which clients also send their rows per class
+        ensemble_weighting="class_counts" if mode == "fedmd" else "uniform",
     )
     result = run_federated(
         lambda k: resnet(10 + k, *sizes[k]),
@@ -272,7 +307,11 @@ def test_a_flower_simulation_of_3_clients_and_2_rounds_sends_no_raw_data(mode):
         if entry["direction"] == "to server":
             expected = {REPORT, PUBLIC_LOGITS} | ({WEIGHTS} if mode == "feddf" else set())
             assert records == expected
-            assert set(content[REPORT]) == {"num_examples"}
+            if mode == "fedmd":  # the rows per class, counted as the client's shard holds them
+                sized = [shard for shard in shards if len(shard) == content[REPORT]["num_examples"]]
+                counted = [np.bincount(shard["labels"], minlength=CLASSES).tolist() for shard in sized]
+                assert content[REPORT]["class_counts"] in counted
+            assert set(content[REPORT]) == {"num_examples"} | ({"class_counts"} if mode == "fedmd" else set())
             logits = content[PUBLIC_LOGITS]["logits"].numpy()
             assert logits.shape == (len(public), CLASSES)
         else:
