@@ -132,7 +132,9 @@ def main():
                 "seconds": time.perf_counter() - start,
             }
         for mode in modes:
-            run_config = dataclasses.replace(config, mode=mode)
+            # FedAvg combines no logits: the ensemble weighting applies to the distilling modes only.
+            weighting = config.ensemble_weighting if mode != "fedavg" else "uniform"
+            run_config = dataclasses.replace(config, mode=mode, ensemble_weighting=weighting)
             start = time.perf_counter()
             result = run_federated(
                 lambda client, mode=mode: resnet(*client_shape(client, mode), seed=config.seed + client),
