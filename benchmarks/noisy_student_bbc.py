@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from schemes_bbc import bbc_splits, fine_tune_minilm
+from schemes_bbc import BBC_TRAINING, bbc_splits, fine_tune_minilm
 from schemes_digits import load_recipe, recorder, sweep
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, set_seed
 
@@ -49,24 +49,16 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
         set_seed(seed + 20 + k)
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=5)
 
-    def args(name):
+    def args(name):  # the BBC students' training, at fine-tuning's learning rate and warm-up (a pretrained student)
         return DistillationConfig(
             output_dir=f"{folder}/{name}",
             max_steps=options.steps,
             losses="kl",
             temperature=1.0,
             alpha=options.alpha,
-            learning_rate=1e-4,
-            warmup_steps=0.1,
-            weight_decay=0.01,
-            per_device_train_batch_size=32,
-            per_device_eval_batch_size=64,
             logging_steps=25,
-            save_strategy="no",
-            report_to=[],
             seed=seed,
-            use_cpu=True,
-            disable_tqdm=True,
+            **{**BBC_TRAINING, "learning_rate": 1e-4, "warmup_steps": 0.1},
         )
 
     common = dict(
