@@ -598,6 +598,10 @@ def check_parties(make_client: Callable[[int], nn.Module], server: nn.Module, co
     return classes[0]
 
 
+def _label_column(shard: Dataset) -> str | None:
+    return next((name for name in ("labels", "label") if name in shard.column_names), None)
+
+
 def class_counts(shard: Dataset, classes: int) -> np.ndarray:
     """A client's training rows per class (its ``labels`` or ``label`` column; −100 rows left out): what it sends
     for ``ensemble_weighting="class_counts"``.
@@ -612,7 +616,7 @@ def class_counts(shard: Dataset, classes: int) -> np.ndarray:
     Raises:
         ValueError: a shard without an integer ``labels``/``label`` column.
     """
-    column = next((name for name in ("labels", "label") if name in shard.column_names), None)
+    column = _label_column(shard)
     labels = np.asarray(shard.with_format("numpy")[column]) if column else np.zeros(0, dtype=np.float32)
     if column is None or labels.dtype.kind not in "iu":
         raise ValueError(
@@ -640,7 +644,7 @@ def check_shards(client_data: list[Dataset], classes: int | None) -> None:
                 f"client {index}'s shard has 0 rows: a client without rows cannot train. Give every client rows "
                 "(dirichlet_split keeps at least min_rows per client)."
             )
-        column = next((name for name in ("labels", "label") if name in shard.column_names), None)
+        column = _label_column(shard)
         if classes is None or column is None:
             continue
         labels = np.asarray(shard.with_format("numpy")[column])
