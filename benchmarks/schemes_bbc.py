@@ -62,11 +62,13 @@ BBC_TRAINING = dict(
 )
 
 
-def fine_tune_minilm(path: str, data, output_dir: str, seed: int, data_collator, epochs: float = 10):
-    """MiniLM (the folder ``path``) fine-tuned as a 5-topic classifier on ``data``: the BBC benchmarks' teacher
-    (learning rate 1e-4, batch 32, 10% warm-up), returned in evaluation mode."""
+def fine_tune_minilm(
+    path: str, data, output_dir: str, seed: int, data_collator, epochs: float = 10, num_labels: int = 5
+):
+    """MiniLM (the folder ``path``) fine-tuned as a classifier on ``data`` (5 topics by default): the BBC
+    benchmarks' teacher (learning rate 1e-4, batch 32, 10% warm-up), returned in evaluation mode."""
     set_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=5)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     args = TrainingArguments(
         output_dir=output_dir,
         num_train_epochs=epochs,
