@@ -123,6 +123,7 @@ def run_seed(seed: int, options, recipe_module, scores: dict[str, list[float]]) 
         max_steps=options.steps,
         seed=seed,
         temperature=1.0,
+        hard_label_weight=1.0,  # CE + the ramped consistency, as in Tarvainen & Valpola and French et al.
         distillation_rampup_steps=options.steps // 3,
         **TRAINING,
     )

@@ -49,6 +49,7 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
         max_steps=options.steps,
         losses="kl",
         temperature=1.0,
+        hard_label_weight=1.0,  # each peer's CE + KL, as in Zhang et al.'s DML
         logging_steps=50,
         seed=seed,
         **BBC_TRAINING,

@@ -48,7 +48,13 @@ def run_seed(seed: int, options, recipe_module, scores: dict[str, list[float]]) 
     labeled, transfer = split_labeled_transfer(train, options.num_labeled, seed=seed)
     labeled, transfer = labeled.with_format("torch"), transfer.with_format("torch")
     args = DistillationConfig(
-        output_dir=folder, max_steps=options.steps, seed=seed, losses="kl", temperature=1.0, **TRAINING
+        output_dir=folder,
+        max_steps=options.steps,
+        seed=seed,
+        losses="kl",
+        temperature=1.0,
+        hard_label_weight=1.0,  # each peer's CE + KL, as in Zhang et al.'s DML
+        **TRAINING,
     )
 
     def vit(hidden, layers, init_seed):

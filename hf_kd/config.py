@@ -124,24 +124,31 @@ def _parse_compact(item: str) -> dict[str, Any]:
     return entry
 
 
+# The convex mix used when neither alpha nor hard_label_weight is set: with kl, 0.1·CE + 0.9·KD beat 0.5/0.5 (and the
+# former default CE + KD) at τ 1, 2 and 4 on label-starved digits, BBC News and tweets over 3 seeds
+# (benchmarks/defaults_sweep.py; the table in docs/loss.md).
+DEFAULT_ALPHA = 0.9
+
+
 @dataclass
 class DistillationConfig(TrainingArguments):
     """Training arguments for :class:`~hf_kd.DistillationTrainer`.
 
-    The total loss is ``hard_label_weight·CE + Σ wᵢ·Lᵢ`` (additive form), or ``(1 − alpha)·CE + alpha·Σ wᵢ·Lᵢ``
-    when ``alpha`` is set (convex form). CE is the student's own loss on the labels (cross-entropy for
-    classification and language modelling); it is skipped for batches without labels, e.g. an unlabeled
-    transfer set. Every argument of :class:`transformers.TrainingArguments` is accepted too; the arguments below are
-    what distillation adds (each documented by its command-line help).
+    The total loss is ``(1 − alpha)·CE + alpha·Σ wᵢ·Lᵢ`` (convex form; alpha is :data:`DEFAULT_ALPHA` = 0.9 unless
+    set), or ``hard_label_weight·CE + Σ wᵢ·Lᵢ`` when ``hard_label_weight`` is set (additive form). CE is the
+    student's own loss on the labels (cross-entropy for classification and language modelling); it is skipped for
+    batches without labels, e.g. an unlabeled transfer set. Every argument of
+    :class:`transformers.TrainingArguments` is accepted too; the arguments below are what distillation adds (each
+    documented by its command-line help).
 
     Args:
         teacher_model_name_or_path: Teacher to load with from_pretrained when DistillationTrainer gets no teacher_model.
         teacher_dtype: dtype to run the teacher in: auto (a loaded teacher keeps its saved dtype, a given model its
             own), float32, bfloat16 or float16.
         temperature: Softmax temperature τ shared by the losses (a loss's own 'temperature' option wins).
-        alpha: Convex mix (1 - alpha)·CE + alpha·KD with 0 <= alpha <= 1. Leave unset to use hard_label_weight
-            (additive form).
-        hard_label_weight: γ in the additive form γ·CE + Σ wᵢ·Lᵢ (default 1.0). Cannot be combined with alpha.
+        alpha: Convex mix (1 - alpha)·CE + alpha·KD with 0 <= alpha <= 1; 0.9 when neither alpha nor
+            hard_label_weight is set.
+        hard_label_weight: γ in the additive form γ·CE + Σ wᵢ·Lᵢ (1 gives CE + KD). Cannot be combined with alpha.
         losses: Distillation losses: 'kl:1.0,logit_mse:0.5' (`name[:weight][:key=value]`) or a JSON/YAML list of
             {name, weight, ...options}. Default: kl with weight 1.
         trust_loss_imports: Let a dotted loss path (my_pkg.losses.MyLoss) import its module. Off by default: a path
@@ -200,13 +207,13 @@ class DistillationConfig(TrainingArguments):
     alpha: float | None = field(
         default=None,
         metadata={
-            "help": "Convex mix (1 - alpha)·CE + alpha·KD with 0 <= alpha <= 1. Leave unset to use "
-            "hard_label_weight (additive form)."
+            "help": "Convex mix (1 - alpha)·CE + alpha·KD with 0 <= alpha <= 1; 0.9 when neither alpha nor "
+            "hard_label_weight is set."
         },
     )
     hard_label_weight: float | None = field(
         default=None,
-        metadata={"help": "γ in the additive form γ·CE + Σ wᵢ·Lᵢ (default 1.0). Cannot be combined with alpha."},
+        metadata={"help": "γ in the additive form γ·CE + Σ wᵢ·Lᵢ (1 gives CE + KD). Cannot be combined with alpha."},
     )
     losses: list[dict] | str | None = field(
         default=None,
@@ -382,12 +389,15 @@ class DistillationConfig(TrainingArguments):
 
     @property
     def label_loss_weight(self) -> float:
-        """The weight of the student's own label loss."""
-        if self.alpha is not None:
-            return 1.0 - self.alpha
-        return 1.0 if self.hard_label_weight is None else self.hard_label_weight
+        """The weight of the student's own label loss: 1 − alpha, or hard_label_weight in the additive form."""
+        if self.hard_label_weight is not None:
+            return self.hard_label_weight
+        return 1.0 - (DEFAULT_ALPHA if self.alpha is None else self.alpha)
 
     @property
     def distillation_weight(self) -> float:
-        """The factor on Σ wᵢ·Lᵢ: alpha in the convex form, 1 in the additive form."""
-        return 1.0 if self.alpha is None else self.alpha
+        """The factor on Σ wᵢ·Lᵢ: alpha in the convex form (:data:`DEFAULT_ALPHA` unless set), 1 in the additive
+        form."""
+        if self.hard_label_weight is not None:
+            return 1.0
+        return DEFAULT_ALPHA if self.alpha is None else self.alpha

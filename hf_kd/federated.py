@@ -480,6 +480,7 @@ def _distil(model, public, predictions, steps, config, learning_rate, seed, vali
             **settings,
             losses="kl",
             temperature=config.temperature,
+            hard_label_weight=1.0,  # public rows carry no labels: the KL alone, at weight 1 as in FedDF
             teacher_aggregation="mean_logits",
             check_finite=True,
         )

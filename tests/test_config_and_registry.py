@@ -206,7 +206,10 @@ def test_bad_configs_raise_naming_the_field(tmp_path, overrides, message):
 
 
 def test_weights_of_both_forms(tmp_path):
-    additive = config(tmp_path)
+    unset = config(tmp_path)  # the default mix is convex at DEFAULT_ALPHA = 0.9 (benchmarks/defaults_sweep.py)
+    assert unset.alpha is None and unset.hard_label_weight is None
+    assert (unset.label_loss_weight, unset.distillation_weight) == pytest.approx((0.1, 0.9))
+    additive = config(tmp_path, hard_label_weight=1.0)
     assert (additive.label_loss_weight, additive.distillation_weight) == (1.0, 1.0)
     convex = config(tmp_path, alpha=0.3)
     assert (convex.label_loss_weight, convex.distillation_weight) == pytest.approx((0.7, 0.3))

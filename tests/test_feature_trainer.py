@@ -41,7 +41,9 @@ def test_bert_hidden_and_attention_losses_with_projector_checkpoint_and_resume(t
     def make(output_dir):
         teacher = tiny_bert(hidden=32, layers=4, heads=4, seed=1)
         student = tiny_bert(hidden=16, layers=2, heads=2, seed=2)
-        args = config(output_dir, losses=losses, max_steps=4, save_strategy="steps", save_steps=2)
+        args = config(
+            output_dir, losses=losses, max_steps=4, save_strategy="steps", save_steps=2, hard_label_weight=1.0
+        )
         return DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=classification_data())
 
     trainer = make(tmp_path / "a")

@@ -64,7 +64,7 @@ def test_a_cached_frozen_node_teaches_as_the_live_one_does(tmp_path, gate):
     teacher, student, peer = tiny_bert(seed=1), tiny_bert(hidden=16, seed=2), tiny_bert(hidden=24, seed=3)
     twins = [copy.deepcopy(student), copy.deepcopy(peer)]
     write_teacher_cache(teacher, data, str(tmp_path / "cache"), top_k=3, dtype="float32", progress=False)
-    args = config(tmp_path, losses="kl", temperature=2.0)
+    args = config(tmp_path, losses="kl", temperature=2.0, hard_label_weight=1.0)
     nodes = {"teacher": "frozen", "student": "trained", "peer": "trained"}
     edges = [GraphEdge("teacher", "student", gate=gate), GraphEdge("teacher", "peer"), GraphEdge("peer", "student")]
     graph = DistillationGraph(nodes, edges, "student")
@@ -140,7 +140,10 @@ def test_gates_scale_the_edge_as_the_paper_defines_them(tmp_path, gate):
         {"teacher": "frozen", "student": "trained"}, [GraphEdge("teacher", "student", gate=gate)], "student"
     )
     trainer = GraphTrainer(
-        graph, {"teacher": teacher, "student": student}, config(tmp_path, max_steps=4), train_dataset=data
+        graph,
+        {"teacher": teacher, "student": student},
+        config(tmp_path, max_steps=4, hard_label_weight=1.0),
+        train_dataset=data,
     )
     trainer.state.global_step, trainer.state.max_steps = 1, 4  # a quarter of training done
     batch = batch_of(data[:8])

@@ -49,7 +49,9 @@ def test_learned_edges_weigh_rows_as_the_formula_says_and_train_their_networks(t
         teacher.classifier.weight.mul_(50.0)
         peer.classifier.weight.mul_(50.0)
     models = {"teacher": teacher, "student": student, "peer": peer}
-    trainer = GraphTrainer(learned_graph(), models, config(tmp_path, temperature=1.0), train_dataset=None)
+    trainer = GraphTrainer(
+        learned_graph(), models, config(tmp_path, temperature=1.0, hard_label_weight=1.0), train_dataset=None
+    )
     learned = trainer.members.learned_losses
     assert set(learned) == {"kl/teacher->student", "kl/peer->student"}
     torch.manual_seed(7)

@@ -92,7 +92,7 @@ def test_the_ema_teacher_checkpoints_and_resumes_exactly(tmp_path):
 
 
 def test_the_consistency_weight_ramps_up_as_exp_of_minus_five_one_minus_t_squared(tmp_path):
-    args = config(tmp_path, max_steps=6, losses="logit_mse", distillation_rampup_steps=4)
+    args = config(tmp_path, max_steps=6, losses="logit_mse", distillation_rampup_steps=4, hard_label_weight=1.0)
     student = tiny_bert(hidden=16, seed=2)
     trainer = DistillationTrainer(
         model=student, teacher_model=EMATeacher(student, 0.9), args=args, train_dataset=classification_data()

@@ -46,7 +46,10 @@ def test_each_peer_learns_from_the_others_detached_predictions_only(tmp_path, to
     data = classification_data(n=8)
     peers = [tiny_bert(hidden=16, seed=1), tiny_bert(hidden=32, seed=2), tiny_bert(hidden=16, layers=1, seed=3)]
     trainer = MutualLearningTrainer(
-        peers, config(tmp_path, losses="kl", temperature=2.0), towards=towards, train_dataset=data
+        peers,
+        config(tmp_path, losses="kl", temperature=2.0, hard_label_weight=1.0),
+        towards=towards,
+        train_dataset=data,
     )
     batch = batch_of(data[:8])
     total = trainer.compute_loss(trainer.model, dict(batch))

@@ -71,7 +71,10 @@ def test_unlabeled_regression_rows_carry_nan_and_the_label_loss_reads_only_the_o
     student = tiny_bert(num_labels=1, seed=1)
     teacher = tiny_bert(num_labels=1, seed=2)
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=config(tmp_path, losses="regression_mse"), train_dataset=transfer
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, losses="regression_mse", hard_label_weight=1.0),
+        train_dataset=transfer,
     )
     assert trainer.regression
     batch = {key: torch.tensor(transfer[:16][key]) for key in ("input_ids", "attention_mask", "labels")}
@@ -98,7 +101,7 @@ def test_multi_output_regression_marks_unlabeled_rows_and_learns_from_the_given_
     student = tiny_bert(num_labels=2, seed=1)
     student.config.problem_type = "regression"  # two outputs: transformers would read float labels as multi-label
     teacher = tiny_bert(num_labels=2, seed=2)
-    args = config(tmp_path, losses="regression_mse,teacher_bounded")
+    args = config(tmp_path, losses="regression_mse,teacher_bounded", hard_label_weight=1.0)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=transfer)
     batch = {key: torch.tensor(transfer[:12][key]) for key in ("input_ids", "attention_mask", "labels")}
     loss = trainer.compute_loss(student, dict(batch))

@@ -49,7 +49,10 @@ def test_the_deepest_exit_gets_no_distillation_gradient_and_exits_follow_the_for
     early = EarlyExitModel(tiny_bert(layers=3, seed=1), exits_after=[1, 2], hint=True)
     tau, hint_weight = 2.0, 0.5
     trainer = SelfDistillationTrainer(
-        early, config(tmp_path, losses="kl", temperature=tau), hint_weight=hint_weight, train_dataset=data
+        early,
+        config(tmp_path, losses="kl", temperature=tau, hard_label_weight=1.0),
+        hint_weight=hint_weight,
+        train_dataset=data,
     )
     batch = {key: torch.tensor(data[:8][key]) for key in ("input_ids", "attention_mask", "labels")}
     total = trainer.compute_loss(trainer.model, dict(batch))

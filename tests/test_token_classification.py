@@ -130,7 +130,7 @@ def test_unlabeled_rows_are_distilled_on_every_word_with_the_first_sub_token_con
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
-        args=config(tmp_path / "run", losses="kl", per_device_train_batch_size=4),
+        args=config(tmp_path / "run", losses="kl", per_device_train_batch_size=4, hard_label_weight=1.0),
         train_dataset=data,
         data_collator=CrossTokenizerCollator(tok.pad_token_id, tok.pad_token_id),
     )
@@ -155,7 +155,7 @@ def test_different_tokenizers_meet_word_by_word(tmp_path):
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
-        args=config(tmp_path / "run", losses="kl", per_device_train_batch_size=2),
+        args=config(tmp_path / "run", losses="kl", per_device_train_batch_size=2, hard_label_weight=1.0),
         train_dataset=rows,
         data_collator=CrossTokenizerCollator(pieces.pad_token_id, whole.pad_token_id),
     )
@@ -353,7 +353,7 @@ def test_a_teacher_with_its_own_tokenizer_meets_the_student_word_by_word_in_ever
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
-        args=config(tmp_path / "run", losses="kl", per_device_train_batch_size=len(rows)),
+        args=config(tmp_path / "run", losses="kl", per_device_train_batch_size=len(rows), hard_label_weight=1.0),
         train_dataset=rows,
         data_collator=CrossTokenizerCollator(pieces.pad_token_id, whole.pad_token_id),
     )

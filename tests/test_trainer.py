@@ -306,7 +306,8 @@ def test_eval_logs_terms_and_metrics(tmp_path):
     )
     metrics = trainer.evaluate()
     assert {"eval_loss", "eval_ce", "eval_kl", "eval_accuracy", "eval_macro_f1"} <= set(metrics)
-    assert metrics["eval_loss"] == pytest.approx(metrics["eval_ce"] + metrics["eval_kl"], rel=1e-3)
+    # Nothing set: the default convex mix 0.1·CE + 0.9·KL (DEFAULT_ALPHA).
+    assert metrics["eval_loss"] == pytest.approx(0.1 * metrics["eval_ce"] + 0.9 * metrics["eval_kl"], rel=1e-3)
 
 
 def test_padded_batches_through_a_collator(tmp_path):
@@ -403,7 +404,7 @@ def test_a_whisper_student_given_labels_only_decodes_what_its_forward_would(tmp_
     student, teacher = whisper(0), whisper(1)
     features = torch.randn(2, 8, 32)
     labels = torch.tensor([[5, 6, 7, 2], [8, 9, 2, -100]])
-    args = config(tmp_path, losses="kl", temperature=1.0)
+    args = config(tmp_path, losses="kl", temperature=1.0, hard_label_weight=1.0)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args)
     total = trainer.compute_loss(student, {"input_features": features, "labels": labels})
     with torch.no_grad():
