@@ -161,6 +161,7 @@ def test_the_feddf_server_step_equals_a_multi_teacher_run_on_the_client_models(t
         seed=5,
         losses="kl",
         temperature=2.0,
+        hard_label_weight=1.0,  # the server's KL at weight 1
         teacher_aggregation="mean_logits",
     )
     live = resnet(0)
