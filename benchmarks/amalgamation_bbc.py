@@ -27,7 +27,7 @@ import dataclasses
 import os
 
 import torch
-from amalgamation_digits import write_table
+from amalgamation_digits import write_seed_table
 from schemes_bbc import BBC_TRAINING, bbc_splits
 from schemes_digits import load_recipe
 from transformers import BertConfig, BertForSequenceClassification, DataCollatorWithPadding, set_seed
@@ -157,7 +157,7 @@ def main():
             f"2×128, {options.teacher_steps} steps on their own 3 topics; students BERT 2×128, {options.steps} steps, "
             f"temperature {options.temperature:g}; seeds {options.seeds[:done]}"
         )
-        write_table(scores, title, options.seeds[:done], os.path.join(options.output_dir, "amalgamation_bbc"))
+        write_seed_table(scores, title, options.seeds[:done], os.path.join(options.output_dir, "amalgamation_bbc"))
 
 
 if __name__ == "__main__":

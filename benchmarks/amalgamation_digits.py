@@ -36,7 +36,7 @@ import os
 import statistics
 
 import torch
-from schemes_digits import TRAINING, digits, load_recipe
+from schemes_digits import TRAINING, digits, load_recipe, write_table
 from transformers import set_seed
 
 from hf_kd import DistillationConfig
@@ -137,7 +137,7 @@ def run_seed(seed: int, options, recipe_module, scores: dict[str, list[float]]) 
             record(f"{setup}: student, {title}", accuracy(trainer.student, test))
 
 
-def write_table(scores: dict[str, list[float]], title: str, seeds: list[int], stem: str) -> None:
+def write_seed_table(scores: dict[str, list[float]], title: str, seeds: list[int], stem: str) -> None:
     """Print the table (per seed, mean ± std) and write it to ``STEM.md``, the raw values to ``STEM.json``."""
     lines = [
         title,
@@ -149,10 +149,7 @@ def write_table(scores: dict[str, list[float]], title: str, seeds: list[int], st
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         cells = " | ".join(f"{100 * value:.1f}%" for value in values)
         lines.append(f"| {name} | {cells} | {100 * statistics.mean(values):.1f}% ± {100 * spread:.1f} |")
-    table = "\n".join(lines)
-    print(table, flush=True)
-    with open(f"{stem}.md", "w") as handle:
-        handle.write(table + "\n")
+    write_table("\n".join(lines), f"{stem}.md")
     with open(f"{stem}.json", "w") as handle:
         json.dump(scores, handle, indent=1)
 
@@ -184,7 +181,7 @@ def main():
             f"teachers ViT 2×32, {options.teacher_steps} steps on their own digits; students ViT 2×32, "
             f"{options.steps} steps, temperature {options.temperature:g}; seeds {options.seeds[:done]}"
         )
-        write_table(scores, title, options.seeds[:done], os.path.join(options.output_dir, "amalgamation_digits"))
+        write_seed_table(scores, title, options.seeds[:done], os.path.join(options.output_dir, "amalgamation_digits"))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import types
 import numpy as np
 import torch
 from schemes_bbc import BBC_TRAINING, bbc_splits, fine_tune_minilm
-from schemes_digits import TRAINING, digits, load_recipe
+from schemes_digits import TRAINING, digits, load_recipe, write_table
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -276,11 +276,7 @@ def main():
         ]
         gap = max(best[s] - m for s, m in zip(options.settings, means))
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {100 * statistics.mean(means):.1f} | {100 * gap:.1f} |")
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(os.path.dirname(options.output) or ".", exist_ok=True)
-    with open(options.output, "w") as handle:
-        handle.write(table + "\n")
+    write_table("\n".join(lines), options.output)
 
 
 if __name__ == "__main__":

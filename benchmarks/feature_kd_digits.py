@@ -14,13 +14,13 @@ data order) across rows.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 
 import torch
 from knowledge_table import accuracy, arguments, digits_splits, train_teacher, vit
+from schemes_digits import write_table
 from transformers import Trainer, TrainingArguments, ViTForImageClassification
 
 from hf_kd import DistillationConfig, DistillationTrainer
@@ -89,11 +89,7 @@ def main():
         per_seed = " / ".join(f"{score:.1f}" for score in scores)
         ms = statistics.mean(ms for _, ms in values)
         lines.append(f"| {method} | {statistics.mean(scores):.1f} ± {spread:.1f} | {per_seed} | {ms:.0f} |")
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(os.path.dirname(options.output) or ".", exist_ok=True)
-    with open(options.output, "w") as handle:
-        handle.write(table + "\n")
+    write_table("\n".join(lines), options.output)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 import numpy as np
 import torch
 from datasets import Dataset
+from schemes_digits import write_table
 from sklearn.datasets import load_digits
 from transformers import EvalPrediction, Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
 
@@ -200,11 +201,7 @@ def main():
             f"| {method} | {family} | {cell(accuracies_of(method, 'alone'))} | {plus} | "
             f"{step_ms(method, 'alone')} | {step_ms(method, '+ kl')} |"
         )
-    table = "\n".join(lines) + "\n"
-    print(table)
-    os.makedirs(os.path.dirname(options.output) or ".", exist_ok=True)
-    with open(options.output, "w") as handle:
-        handle.write(table)
+    write_table("\n".join(lines), options.output)
     accuracies, spreads = {}, {}  # the picture: every cell's mean ± std, the scratch student as the line
     for method, variant in [("scratch", "alone")] + [(m, v) for m in options.methods for v in ("alone", "+ kl")]:
         values = accuracies_of(method, variant)

@@ -212,20 +212,26 @@ def noisy_student_rounds(seed, options, plain, vit, accuracy, record, labeled, t
         record(f"noisy student {stage.name}", accuracy(stage.model))
 
 
-def write_scores(scores: dict[str, list[float]], title: str, stem: str) -> None:
-    """Print the mean ± std table of ``scores`` (accuracies; ``adaptive:`` rows are weights, ``… ms per example``
-    rows latencies) and write it to ``STEM.md``, the raw values to ``STEM.json`` and the accuracies to ``STEM.png``."""
-    lines = [title, "", "| model | test accuracy (mean ± std) |", "|---|---:|"]
+def write_table(table: str, path: str) -> None:
+    """Print a finished table and write it to ``path`` (its folder made if missing)."""
+    print(table, flush=True)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write(table.rstrip("\n") + "\n")
+
+
+def write_scores(scores: dict[str, list[float]], title: str, stem: str, metric: str = "test accuracy") -> None:
+    """Print the mean ± std table of ``scores`` (fractions of 1 shown in %, named ``metric``; ``adaptive:`` rows are
+    weights, ``… ms per example`` rows latencies) and write it to ``STEM.md``, the raw values to ``STEM.json`` and
+    the fractions to ``STEM.png``."""
+    lines = [title, "", f"| model | {metric} (mean ± std) |", "|---|---:|"]
     for name, values in scores.items():
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         if name.startswith("adaptive:") or name.endswith("ms per example"):  # weights and latencies, as numbers
             lines.append(f"| {name} | {statistics.mean(values):.3f} ± {spread:.3f} |")
         else:
             lines.append(f"| {name} | {100 * statistics.mean(values):.1f}% ± {100 * spread:.1f} |")
-    table = "\n".join(lines)
-    print(table)
-    with open(f"{stem}.md", "w") as handle:
-        handle.write(table + "\n")
+    write_table("\n".join(lines), f"{stem}.md")
     with open(f"{stem}.json", "w") as handle:
         json.dump(scores, handle, indent=1)
     accuracies = {  # the picture: the accuracy rows, in % (weights and latencies are on other scales)
@@ -234,7 +240,7 @@ def write_scores(scores: dict[str, list[float]], title: str, stem: str) -> None:
         if not (name.startswith("adaptive:") or name.endswith("ms per example"))
     }
     spreads = {name: 100 * statistics.stdev(scores[name]) if len(scores[name]) > 1 else 0.0 for name in accuracies}
-    plot_bars(accuracies, f"{stem}.png", xlabel="test accuracy, % (mean ± std over seeds)", errors=spreads, title=title)
+    plot_bars(accuracies, f"{stem}.png", xlabel=f"{metric}, % (mean ± std over seeds)", errors=spreads, title=title)
 
 
 def main():
@@ -260,14 +266,14 @@ def main():
     )
 
 
-def sweep(options, run_seed, title, stem: str) -> None:
+def sweep(options, run_seed, title, stem: str, metric: str = "test accuracy") -> None:
     """``run_seed(seed, scores)`` for each of ``options.seeds``; the table (``title(seeds done)``) is rewritten to
     ``options.output_dir/STEM.md`` after every seed, so an interrupted sweep keeps the seeds it finished."""
     os.makedirs(options.output_dir, exist_ok=True)
     scores: dict[str, list[float]] = {}
     for done, seed in enumerate(options.seeds, start=1):
         run_seed(seed, scores)
-        write_scores(scores, title(options.seeds[:done]), os.path.join(options.output_dir, stem))
+        write_scores(scores, title(options.seeds[:done]), os.path.join(options.output_dir, stem), metric)
 
 
 if __name__ == "__main__":
