@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
 import itertools
 import json
 import os
@@ -213,12 +212,11 @@ def bbc_sentences(recipe: SpeechRecognitionArguments, seed: int) -> tuple[list[s
 
 
 def speech(texts: list[str], voices: list[str], recipe, data_dir: str) -> tuple[list[np.ndarray], list[str]]:
-    """Every text in every voice: the clips (float, [-1, 1]) and their true texts, voice by voice; cached in a folder
-    named by a digest of the texts (another seed or sentence filter never reads another list's audio)."""
-    cache_dir = os.path.join(data_dir, hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12])
+    """Every text in every voice: the clips (float, [-1, 1]) and their true texts, voice by voice; cached per list
+    of texts (another seed or sentence filter never reads another list's audio)."""
     clips, truths = [], []
     for voice in voices:
-        clips += [clip.astype(np.float32) / 32768 for clip in spoken(texts, voice, recipe.words_per_minute, cache_dir)]
+        clips += [clip.astype(np.float32) / 32768 for clip in spoken(texts, voice, recipe.words_per_minute, data_dir)]
         truths += texts
     return clips, truths
 

@@ -198,3 +198,25 @@ def test_speech_recognition_recipe_distils_whisper(tmp_path):
     assert (tmp_path / "student" / "preprocessor_config.json").exists() or (
         tmp_path / "student" / "processor_config.json"
     ).exists()
+
+
+def test_speech_cache_is_keyed_by_the_texts(tmp_path, monkeypatch):
+    """Two lists of the same length in one cache folder get their own clips; a list said before is read back."""
+    import numpy as np
+
+    from hf_kd.recipe_support import speech
+
+    said = []
+
+    def speak(text, voice, words_per_minute):
+        said.append(text)
+        return np.full(len(text), ord(text[0]), dtype=np.int16)
+
+    monkeypatch.setattr(speech, "speak", speak)
+    first = speech.spoken(["ab", "cde"], "en-us", 175, str(tmp_path))
+    second = speech.spoken(["xy", "zzz"], "en-us", 175, str(tmp_path))
+    assert [clip.tolist() for clip in second] == [[ord("x")] * 2, [ord("z")] * 3]
+    again = speech.spoken(["ab", "cde"], "en-us", 175, str(tmp_path))
+    assert [clip.tolist() for clip in again] == [clip.tolist() for clip in first] == [[97] * 2, [99] * 3]
+    assert sorted(said) == ["ab", "cde", "xy", "zzz"]  # the third call synthesised nothing
+    assert len(list((tmp_path / "speech").glob("en-us-175wpm-2-*.npz"))) == 2

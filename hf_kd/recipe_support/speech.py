@@ -3,6 +3,7 @@ cached per voice (the cross-modal and speech-recognition recipes). Recipe suppor
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import subprocess
@@ -42,9 +43,8 @@ def speak(text: str, voice: str, words_per_minute: int) -> np.ndarray:
 
 
 def spoken(texts: list[str], voice: str, words_per_minute: int, cache_dir: str) -> list[np.ndarray]:
-    """Every text in ``voice`` (:func:`speak`), cached as one file per voice, rate and number of texts.
-
-    The file name does not say which texts: give each list of texts its own ``cache_dir``.
+    """Every text in ``voice`` (:func:`speak`), cached as one file per voice, rate and list of texts (a digest of
+    the texts in its name: another list, even of the same length, never reads these clips).
 
     Args:
         texts: What to say, one clip each.
@@ -55,7 +55,8 @@ def spoken(texts: list[str], voice: str, words_per_minute: int, cache_dir: str) 
     Returns:
         One int16 clip per text, in order.
     """
-    path = os.path.join(cache_dir, "speech", f"{voice}-{words_per_minute}wpm-{len(texts)}.npz")
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
+    path = os.path.join(cache_dir, "speech", f"{voice}-{words_per_minute}wpm-{len(texts)}-{digest}.npz")
     if os.path.exists(path):
         cached = np.load(path)
         return np.split(cached["samples"], cached["offsets"][1:-1])
