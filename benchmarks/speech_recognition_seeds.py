@@ -15,7 +15,7 @@ sentences and orders the batches), and trains on the same kept clips, for the sa
 Prints test WER (held-out voices) and validation WER (training voices) per seed and the mean ± std table, written
 to --output_dir/speech_recognition_seeds.md after every seed.
 
-    python benchmarks/speech_recognition_seeds.py --seeds 42 1 2       # ~15 min per seed on the 2-core machine
+    python benchmarks/speech_recognition_seeds.py --seeds 42 1 2       # ~22 min per seed on the 2-core machine
 """
 
 from __future__ import annotations
@@ -48,43 +48,24 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
     teacher_path = whisper_tiny_en(os.path.join(options.output_dir, "models"))
     teacher = WhisperForConditionalGeneration.from_pretrained(teacher_path).eval()
     processor = WhisperProcessor.from_pretrained(teacher_path)
-    data_dir = os.path.join(options.output_dir, "data")
-
-    train_texts, validation_texts, test_texts = module.bbc_sentences(recipe, seed)
-    train_voices, test_voices = recipe.train_voices.split(","), recipe.test_voices.split(",")
-    train_clips, train_truths = module.speech(train_texts, train_voices, recipe, data_dir)
-    validation_clips, validation_truths = module.speech(validation_texts, train_voices, recipe, data_dir)
-    test_clips, test_truths = module.speech(test_texts, test_voices, recipe, data_dir)
-    train_encoded = module.encode(teacher, processor, train_clips, batch_size)
-    validation_encoded = module.encode(teacher, processor, validation_clips, batch_size)
-    test_encoded = module.encode(teacher, processor, test_clips, batch_size)
-
-    def wers(model) -> tuple[float, float]:
-        """(test WER, validation WER) as fractions."""
-        model.eval().config.use_cache = True  # the Trainer turns it off: decode with it
-        return tuple(
-            module.corpus_wer(
-                processor.tokenizer.batch_decode(
-                    module.transcribe(model, processor, encoded, batch_size, recipe.max_new_tokens)
-                ),
-                truths,
-            )
-            for encoded, truths in ((test_encoded, test_truths), (validation_encoded, validation_truths))
-        )
+    splits = module.spoken_splits(
+        recipe, seed, teacher, processor, os.path.join(options.output_dir, "data"), batch_size
+    )
+    train = splits["train"]
 
     def score(name: str, model) -> None:
-        test, validation = wers(model)
-        record(f"{name}: test WER (held-out voices)", test)
-        record(f"{name}: validation WER (training voices)", validation)
+        for split, what in (("test", "test WER (held-out voices)"), ("validation", "validation WER (training voices)")):
+            wer = module.model_wer(model, processor, splits[split], batch_size, recipe.max_new_tokens)
+            record(f"{name}: {what}", wer)
 
     score("teacher (Whisper tiny.en)", teacher)
-    pseudo_labels = module.transcribe(teacher, processor, train_encoded, batch_size, recipe.max_new_tokens)
-    rates = module.error_rates(processor.tokenizer.batch_decode(pseudo_labels), train_truths)
+    pseudo_labels = module.transcribe(teacher, processor, train.encoded, batch_size, recipe.max_new_tokens)
+    rates = module.error_rates(processor.tokenizer.batch_decode(pseudo_labels), train.truths)
     kept = [index for index, rate in enumerate(rates) if rate <= options.wer_threshold]
     print(f"seed {seed}: pseudo-labels kept: {len(kept)} of {len(rates)} (WER <= {options.wer_threshold:.0%})")
-    truth_ids = [processor.tokenizer(" " + train_truths[index], add_special_tokens=False).input_ids for index in kept]
-    pseudo_rows = module.decoder_rows(train_encoded[kept], [pseudo_labels[index] for index in kept], processor)
-    truth_rows = module.decoder_rows(train_encoded[kept], truth_ids, processor)
+    truth_ids = module.text_ids(processor, [train.truths[index] for index in kept])
+    pseudo_rows = module.decoder_rows(train.encoded[kept], [pseudo_labels[index] for index in kept], processor)
+    truth_rows = module.decoder_rows(train.encoded[kept], truth_ids, processor)
     layers = module.spaced_layers(teacher.config.decoder_layers, recipe.student_decoder_layers)
     collator = functools.partial(module.collate, pad_token_id=processor.tokenizer.eos_token_id)
 

@@ -39,6 +39,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -221,6 +222,36 @@ def speech(texts: list[str], voices: list[str], recipe, data_dir: str) -> tuple[
     return clips, truths
 
 
+class SpokenSplit(NamedTuple):
+    """One split's sentences, the voices that speak them, the clips (voice by voice), their true texts and the
+    encoder's outputs for them."""
+
+    texts: list[str]
+    voices: list[str]
+    clips: list[np.ndarray]
+    truths: list[str]
+    encoded: torch.Tensor
+
+
+def spoken_splits(recipe, seed: int, teacher, processor, data_dir: str, batch_size: int) -> dict[str, SpokenSplit]:
+    """``train`` and ``validation`` sentences in the training voices, ``test`` sentences in the held-out voices,
+    spoken (cached under ``data_dir``) and encoded by the teacher's encoder."""
+    train_voices = [voice for voice in recipe.train_voices.split(",") if voice]
+    test_voices = [voice for voice in recipe.test_voices.split(",") if voice]
+    splits = {}
+    for name, texts, voices in zip(
+        ("train", "validation", "test"), bbc_sentences(recipe, seed), (train_voices, train_voices, test_voices)
+    ):
+        clips, truths = speech(texts, voices, recipe, data_dir)
+        splits[name] = SpokenSplit(texts, voices, clips, truths, encode(teacher, processor, clips, batch_size))
+    return splits
+
+
+def text_ids(processor, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids as a transcript (a leading space, as Whisper writes it; no special tokens)."""
+    return [processor.tokenizer(" " + text, add_special_tokens=False).input_ids for text in texts]
+
+
 @torch.no_grad()
 def encode(model, processor, clips: list[np.ndarray], batch_size: int) -> torch.Tensor:
     """The encoder's outputs for every clip (one 30 s Whisper window each), as float16 to halve the rows' memory."""
@@ -252,6 +283,13 @@ def error_rates(hypotheses: list[str], references: list[str]) -> list[float]:
 
     normalise = EnglishTextNormalizer()
     return [jiwer.wer(normalise(ref), normalise(hyp) or "<empty>") for hyp, ref in zip(hypotheses, references)]
+
+
+def model_wer(model, processor, split: SpokenSplit, batch_size: int, max_new_tokens: int) -> float:
+    """The corpus WER (a fraction) of ``model``'s greedy transcripts of a split, decoded with its cache."""
+    model.eval().config.use_cache = True  # the Trainer turns it off: decode with it
+    tokens = transcribe(model, processor, split.encoded, batch_size, max_new_tokens)
+    return corpus_wer(processor.tokenizer.batch_decode(tokens), split.truths)
 
 
 def corpus_wer(hypotheses: list[str], references: list[str]) -> float:
@@ -377,19 +415,13 @@ def main():
     processor = WhisperProcessor.from_pretrained(teacher_path)
 
     # ---- speech: training and validation sentences in the training voices, test ones in held-out voices ----
-    train_texts, validation_texts, test_texts = bbc_sentences(recipe, args.seed)
-    train_voices = [voice for voice in recipe.train_voices.split(",") if voice]
-    test_voices = [voice for voice in recipe.test_voices.split(",") if voice]
-    train_clips, train_truths = speech(train_texts, train_voices, recipe, data_dir)
-    validation_clips, validation_truths = speech(validation_texts, train_voices, recipe, data_dir)
-    test_clips, test_truths = speech(test_texts, test_voices, recipe, data_dir)
-    train_encoded = encode(teacher, processor, train_clips, batch_size)
-    validation_encoded = encode(teacher, processor, validation_clips, batch_size)
-    test_encoded = encode(teacher, processor, test_clips, batch_size)
+    splits = spoken_splits(recipe, args.seed, teacher, processor, data_dir, batch_size)
+    train_texts, train_voices, train_clips, train_truths, train_encoded = splits["train"]
+    validation_texts, _, validation_clips, _, _ = splits["validation"]
+    test_texts, test_voices, test_clips, test_truths, test_encoded = splits["test"]
 
     def validation_wer(model) -> float:
-        tokens = transcribe(model.eval(), processor, validation_encoded, batch_size, recipe.max_new_tokens)
-        return 100 * corpus_wer(processor.tokenizer.batch_decode(tokens), validation_truths)
+        return 100 * model_wer(model, processor, splits["validation"], batch_size, recipe.max_new_tokens)
 
     # ---- pseudo-labels: the teacher's greedy transcripts, kept where close enough to the true text ----
     pseudo_labels = transcribe(teacher, processor, train_encoded, batch_size, recipe.max_new_tokens)
@@ -405,7 +437,7 @@ def main():
     # ---- distilled students, one per setting; the validation split (training voices) picks one ----
     layers = spaced_layers(teacher.config.decoder_layers, recipe.student_decoder_layers)
     collator = functools.partial(collate, pad_token_id=processor.tokenizer.eos_token_id)
-    truth_ids = [processor.tokenizer(" " + truth, add_special_tokens=False).input_ids for truth in train_truths]
+    truth_ids = text_ids(processor, train_truths)
     labels_of = {"pseudo": pseudo_labels, "true": truth_ids}
     validation = {"teacher": validation_wer(teacher)}
     trainer, chosen = None, None
@@ -421,7 +453,6 @@ def main():
                 processing_class=processor,
             )
             candidate.train()
-            candidate.student.config.use_cache = True  # the Trainer turns it off (args.use_cache): decode with it
             name = (
                 f"distilled, {LABEL_SOURCES[label_source]} CE, WER <= {threshold:.0%} ({len(kept)} clips), "
                 f"losses {losses_text(losses)}"
@@ -442,7 +473,6 @@ def main():
         output_dir=os.path.join(args.output_dir, "truth"),
         data_collator=collator,
     )
-    on_truth.config.use_cache = True
     truth_name = f"trained on the true text (CE) of the same {len(kept)} clips"
     validation[truth_name] = validation_wer(on_truth)
     as_built = shallow_student(teacher, layers, recipe.freeze_decoder_embeddings)
