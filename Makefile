@@ -10,7 +10,7 @@ STAMP := $(VENV)/.hf_kd-installed
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install espeak test demo demo-image demo-lm demo-seq2seq demo-regression demo-embeddings demo-ranking demo-ner \
-	demo-speech demo-asr demo-federated demo-lm-smollm2 pictures lint docs
+	demo-speech demo-asr demo-asr-few-labels demo-federated demo-lm-smollm2 pictures lint docs
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -71,6 +71,11 @@ demo-speech: $(STAMP)
 # distil-whisper's recipe: the packaged Whisper tiny.en teaches a 2-decoder-layer student on espeak-ng speech
 demo-asr: $(STAMP)
 	$(BIN)/python recipes/speech_recognition.py --config recipes/configs/speech_recognition.yaml
+
+# The same with 50 of the 200 training sentences transcribed: the distilled student also reads the teacher's
+# transcripts of the other 450 clips
+demo-asr-few-labels: $(STAMP)
+	$(BIN)/python recipes/speech_recognition.py --config recipes/configs/speech_recognition_few_labels.yaml
 
 demo-federated: $(STAMP)
 	$(BIN)/python recipes/federated.py --config recipes/configs/federated.yaml

@@ -14,7 +14,10 @@ Both trained students read the same clips (the kept ones) for the same steps: th
 and the teacher (--distilled_labels true: their true text and the teacher), the undistilled one their true text.
 --wer_threshold, --kl_weights and --distilled_labels take several values: one distilled student is trained per
 combination and the one with the lowest WER on the validation split (held-out sentences in the training voices, never
-the test voices) is tested. The script prints (and saves to OUTPUT_DIR/results.md) word
+the test voices) is tested. --labelled_sentences N keeps the true text of the first N training sentences only: the
+clips of the others (in --unlabelled_voices) are untranscribed audio, which only the distilled student reads, through
+the teacher's transcripts of the clips it is sure of (openai-whisper's tests: ended, mean log-prob, compression ratio)
+and its KL. The script prints (and saves to OUTPUT_DIR/results.md) word
 error rate (jiwer, after Whisper's English normaliser), parameters, milliseconds per utterance of greedy decoding from
 audio and the real-time factor, for the teacher, the student as built from the teacher's layers, the student trained
 on the true text (cross-entropy, no teacher) and the distilled student; then every validation WER
@@ -25,6 +28,7 @@ on the true text (cross-entropy, no teacher) and the distilled student; then eve
     python recipes/speech_recognition.py --config recipes/configs/speech_recognition.yaml --wer_threshold 0.4
     python recipes/speech_recognition.py --config recipes/configs/speech_recognition.yaml --student_decoder_layers 1
     python recipes/speech_recognition.py --config recipes/configs/speech_recognition.yaml --distilled_labels pseudo,true
+    python recipes/speech_recognition.py --config recipes/configs/speech_recognition_few_labels.yaml  # 50 labelled
 """
 
 from __future__ import annotations
@@ -95,8 +99,9 @@ class SpeechRecognitionArguments:
         metadata={
             "help": "Only the first N training sentences keep their true text; the others are unlabelled audio "
             "(spoken in --unlabelled_voices): the undistilled student cannot read them, the distilled one also reads "
-            "the teacher's transcripts of those the teacher is sure of (--logprob_threshold, "
-            "--compression_ratio_threshold) and its KL on them. Default: every training sentence is labelled."
+            "the teacher's transcripts of those the teacher is sure of (ended before --max_new_tokens, "
+            "--logprob_threshold, --compression_ratio_threshold) and its KL on them. Default: every training "
+            "sentence is labelled."
         },
     )
     unlabelled_voices: str = field(
