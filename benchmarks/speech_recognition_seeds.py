@@ -132,25 +132,17 @@ def with_unlabelled(recipe, args, options, module, teacher, processor, splits, s
     the unlabelled clips."""
     batch_size = args.per_device_eval_batch_size
     train, unlabelled = splits["train"], splits["unlabelled"]
-    transcripts = module.transcribe(teacher, processor, unlabelled.encoded, batch_size, recipe.max_new_tokens)
-    texts = processor.tokenizer.batch_decode(transcripts)
-    max_new_tokens = recipe.max_new_tokens
-    logprobs = module.mean_logprobs(teacher, processor, unlabelled.encoded, transcripts, batch_size)
-    trusted = module.trusted_transcripts(
-        transcripts, texts, logprobs, recipe.logprob_threshold, recipe.compression_ratio_threshold, max_new_tokens
-    )
-    kept_texts, kept_truths = [texts[index] for index in trusted], [unlabelled.truths[index] for index in trusted]
+    transcripts = module.trusted_teacher_transcripts(teacher, processor, unlabelled, recipe, batch_size)
     print(
-        f"seed {args.seed}: teacher transcripts kept: {len(trusted)} of {len(texts)} unlabelled clips "
-        f"({', '.join(unlabelled.voices)}); their WER against the true text: "
-        f"{100 * module.corpus_wer(kept_texts, kept_truths):.1f}%",
+        f"seed {args.seed}: teacher transcripts kept: {len(transcripts.kept)} of {len(unlabelled.clips)} unlabelled "
+        f"clips ({', '.join(unlabelled.voices)}); their WER against the true text: {100 * transcripts.wer:.1f}%",
         flush=True,
     )
     truth_ids = module.text_ids(processor, train.truths)
     truth_rows = module.decoder_rows(train.encoded, truth_ids, processor)
     both = module.decoder_rows(
-        torch.cat([train.encoded, unlabelled.encoded[trusted]]),
-        truth_ids + [transcripts[index] for index in trusted],
+        torch.cat([train.encoded, unlabelled.encoded[transcripts.kept]]),
+        truth_ids + transcripts.token_ids,
         processor,
     )
     every_truth = module.decoder_rows(

@@ -387,6 +387,36 @@ def trusted_transcripts(
     ]
 
 
+class TeacherTranscripts(NamedTuple):
+    """The teacher's transcripts of unlabelled clips that pass the tests: their indices in the split, their token
+    ids, and their corpus WER against the true text (a fraction: reported, never trained on)."""
+
+    kept: list[int]
+    token_ids: list[list[int]]
+    wer: float
+
+
+def trusted_teacher_transcripts(teacher, processor, split: SpokenSplit, recipe, batch_size: int) -> TeacherTranscripts:
+    """The teacher's greedy transcripts of ``split`` that :func:`trusted_transcripts` keeps under the recipe's
+    ``--logprob_threshold``, ``--compression_ratio_threshold`` and ``--max_new_tokens``.
+
+    Raises:
+        SystemExit: none is kept.
+    """
+    transcripts = transcribe(teacher, processor, split.encoded, batch_size, recipe.max_new_tokens)
+    texts = processor.tokenizer.batch_decode(transcripts)
+    logprobs = mean_logprobs(teacher, processor, split.encoded, transcripts, batch_size)
+    thresholds = recipe.logprob_threshold, recipe.compression_ratio_threshold
+    kept = trusted_transcripts(transcripts, texts, logprobs, *thresholds, recipe.max_new_tokens)
+    if not kept:
+        raise SystemExit(
+            "no teacher transcript of the unlabelled clips passes --logprob_threshold and "
+            "--compression_ratio_threshold: loosen them."
+        )
+    wer = corpus_wer([texts[index] for index in kept], [split.truths[index] for index in kept])
+    return TeacherTranscripts(kept, [transcripts[index] for index in kept], wer)
+
+
 def error_rates(hypotheses: list[str], references: list[str]) -> list[float]:
     """Word error rate of each hypothesis against its reference, after Whisper's English normaliser."""
     import jiwer
@@ -550,33 +580,17 @@ def main():
     extra_encoded, extra_ids, extra_share = train_encoded[:0], [], ""
     if "unlabelled" in splits:
         unlabelled = splits["unlabelled"]
-        transcripts = transcribe(teacher, processor, unlabelled.encoded, batch_size, recipe.max_new_tokens)
-        texts = processor.tokenizer.batch_decode(transcripts)
-        logprobs = mean_logprobs(teacher, processor, unlabelled.encoded, transcripts, batch_size)
-        trusted = trusted_transcripts(
-            transcripts,
-            texts,
-            logprobs,
-            recipe.logprob_threshold,
-            recipe.compression_ratio_threshold,
-            recipe.max_new_tokens,
-        )
-        if not trusted:
-            raise SystemExit(
-                "no teacher transcript of the unlabelled clips passes --logprob_threshold and "
-                "--compression_ratio_threshold: loosen them."
-            )
-        extra_encoded, extra_ids = unlabelled.encoded[trusted], [transcripts[index] for index in trusted]
+        transcripts = trusted_teacher_transcripts(teacher, processor, unlabelled, recipe, batch_size)
+        extra_encoded, extra_ids = unlabelled.encoded[transcripts.kept], transcripts.token_ids
         extra_share = (
-            f"{len(trusted)} of {len(texts)} unlabelled clips ({len(unlabelled.texts)} other sentences × "
-            f"{len(unlabelled.voices)} voices, {','.join(unlabelled.voices)}) with the teacher's transcripts (ended "
+            f"{len(extra_ids)} of {len(unlabelled.clips)} unlabelled clips ({len(unlabelled.texts)} other sentences "
+            f"× {len(unlabelled.voices)} voices, {','.join(unlabelled.voices)}) with the teacher's transcripts (ended "
             f"before {recipe.max_new_tokens} tokens, mean log-prob >= {recipe.logprob_threshold:g}, compression "
             f"ratio <= {recipe.compression_ratio_threshold:g})"
         )
-        truths = [unlabelled.truths[index] for index in trusted]
         print(
             f"unlabelled clips: {extra_share}; their WER against the true text, which nothing trains on or chooses "
-            f"by: {100 * corpus_wer([texts[index] for index in trusted], truths):.1f}%"
+            f"by: {100 * transcripts.wer:.1f}%"
         )
 
     # ---- distilled students, one per setting; the validation split (training voices) picks one ----

@@ -327,3 +327,35 @@ def test_mean_logprobs_are_the_transcripts_own_token_log_probabilities():
         targets = [*ids, 0]
         expected = sum(logits[1 + step].log_softmax(-1)[token].item() for step, token in enumerate(targets))
         assert means[index] == pytest.approx(expected / len(targets), abs=1e-5)
+
+
+def test_trusted_teacher_transcripts_keep_the_sure_ones_and_refuse_when_none_is(monkeypatch):
+    pytest.importorskip("jiwer", reason="jiwer is not installed (pip install jiwer)")
+    pytest.importorskip("whisper_normalizer", reason="whisper-normalizer is not installed")
+    recipe = recipe_module("speech_recognition")
+    words = {1: " the", 2: " cat", 3: " sat", 4: " dog"}
+
+    class Tokenizer:
+        @staticmethod
+        def batch_decode(rows):
+            return ["".join(words[token] for token in row) for row in rows]
+
+    class Processor:
+        tokenizer = Tokenizer()
+
+    split = recipe.SpokenSplit(["the cat", "the dog sat"], ["en-gb"], [None, None], ["the cat", "the dog sat"], None)
+    settings = recipe.SpeechRecognitionArguments(max_new_tokens=8)
+    monkeypatch.setattr(recipe, "transcribe", lambda *args: [[1, 2], [1, 2, 3]])
+    monkeypatch.setattr(recipe, "mean_logprobs", lambda *args: [-0.5, -0.9])
+    kept = recipe.trusted_teacher_transcripts(None, Processor(), split, settings, batch_size=2)
+    # "the cat sat" for "the dog sat": 1 substitution in 5 reference words over both kept transcripts.
+    assert kept == recipe.TeacherTranscripts([0, 1], [[1, 2], [1, 2, 3]], pytest.approx(1 / 5))
+    monkeypatch.setattr(recipe, "mean_logprobs", lambda *args: [-0.5, -1.5])
+    assert recipe.trusted_teacher_transcripts(None, Processor(), split, settings, batch_size=2).kept == [0]
+    monkeypatch.setattr(recipe, "mean_logprobs", lambda *args: [-2.0, -1.5])
+    with pytest.raises(
+        SystemExit,
+        match=r"^no teacher transcript of the unlabelled clips passes --logprob_threshold and "
+        r"--compression_ratio_threshold: loosen them.$",
+    ):
+        recipe.trusted_teacher_transcripts(None, Processor(), split, settings, batch_size=2)
