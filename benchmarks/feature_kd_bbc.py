@@ -86,6 +86,21 @@ def student_like(teacher, layers: int, seed: int, from_teacher: bool = False) ->
     return student
 
 
+@torch.no_grad()
+def state_spread(model, rows, collator, count: int = 200) -> str:
+    """How much the last layer's states differ between articles: over ``count`` test articles, the share of the mean
+    squared norm of the [CLS] states (and of every real token's) that their variance holds — near 0 when the model
+    writes one vector whatever the article, the collapse the random-start feature rows show."""
+    model.eval()
+    articles = [rows[index] for index in range(min(count, len(rows)))]
+    batch = collator([{key: article[key] for key in ("input_ids", "attention_mask")} for article in articles])
+    last = model(**batch, output_hidden_states=True).hidden_states[-1]
+    shares = []
+    for states in (last[:, 0], last[batch["attention_mask"].bool()]):
+        shares.append(float(states.var(0).sum() / states.pow(2).sum(-1).mean()))
+    return f"between-article share of the last layer's [CLS] states {shares[0]:.3f}, token states {shares[1]:.3f}"
+
+
 def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None:
     folder = os.path.join(options.output_dir, f"seed{seed}")
     _, splits, tokenizer, tokenize = bbc_splits(module, options.output_dir, seed, max_length=options.max_length)
@@ -104,6 +119,7 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
         module._packaged_minilm(), labeled, f"{folder}/teacher", seed, collator, epochs=options.teacher_epochs
     )
     record("teacher: MiniLM 6×384 fine-tuned on the labels", accuracy(teacher))
+    print(f"seed {seed}: teacher: {state_spread(teacher, test, collator)}", flush=True)
 
     args = DistillationConfig(
         output_dir=folder,
@@ -143,6 +159,7 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
             terms = [entry for entry in trainer.state.log_history if "loss" in entry]
             print(f"seed {seed}: {row}, stage {stage}: first and last logged terms {terms[:1]} {terms[-1:]}")
         record(f"student ← {row}", accuracy(trainer.model))
+        print(f"seed {seed}: {row}: {state_spread(trainer.model, test, collator)}", flush=True)
         print(f"seed {seed}: {row} took {time.perf_counter() - start:.0f} s", flush=True)
 
 
