@@ -14,7 +14,8 @@ Rows, each trained for the same steps, batch and seed:
   (DistilBERT's initialisation; TinyBERT's task distillation likewise starts from an already distilled student);
 - ``kl + hidden + attention at weight 0.1`` and ``hidden + attention, then kl`` (``--rows``, off by default: they
   look into why the random start collapses): the feature terms at a tenth of their papers' weight; or TinyBERT's
-  order, the feature terms alone for the first half of the steps, then ``kl`` alone for the second;
+  order, the feature terms alone for the first half of the steps, then ``kl`` alone for the second; ``kl + hidden``
+  and ``kl + attention``: one feature term at a time;
 - ``kl + crd`` (``--rows``, off by default: CRD + KD is measured on digits, ``feature_kd_digits.py``): CRD
   (Tian et al. 2020; weight 0.8, 128-wide heads, as many negatives drawn as the banks have rows) on the last hidden
   state's token mean, added to ``kl``.
@@ -63,13 +64,20 @@ ROWS = {
     "kl + hidden + attention": ([FEATURES], False),
     "kl + hidden + attention at weight 0.1": ([LIGHT_FEATURES], False),
     "hidden + attention, then kl": ([FEATURES[1:], ["kl"]], False),
+    "kl + hidden": ([FEATURES[:2]], False),
+    "kl + attention": ([[FEATURES[0], FEATURES[2]]], False),
     "kl + crd": ([["kl", {"name": "crd", "weight": 0.8, "pooling": "mean"}]], False),
     "kl, student from the teacher's layers": ([["kl"]], True),
     "kl + hidden + attention, student from the teacher's layers": ([FEATURES], True),
 }
 # CRD + KD is measured on digits (feature_kd_digits.py); the lighter and two-stage rows look into the random start's
 # collapse (--rows)
-LOOKS_INTO_THE_COLLAPSE = ("kl + hidden + attention at weight 0.1", "hidden + attention, then kl")
+LOOKS_INTO_THE_COLLAPSE = (
+    "kl + hidden + attention at weight 0.1",
+    "hidden + attention, then kl",
+    "kl + hidden",
+    "kl + attention",
+)
 DEFAULT_ROWS = [row for row in ROWS if row != "kl + crd" and row not in LOOKS_INTO_THE_COLLAPSE]
 
 
