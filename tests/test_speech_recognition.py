@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -39,6 +40,17 @@ def tiny_whisper(decoder_layers: int = 4):
         begin_suppress_tokens=None,
     )
     return WhisperForConditionalGeneration(config)
+
+
+def prompt_processor(end_of_text: int, start: int, no_timestamps: int):
+    """A stand-in processor whose tokenizer knows the decoder prompt's two tokens and the end of text."""
+    tokenizer = types.SimpleNamespace(
+        eos_token_id=end_of_text,
+        convert_tokens_to_ids=lambda tokens: [
+            {"<|startoftranscript|>": start, "<|notimestamps|>": no_timestamps}[token] for token in tokens
+        ],
+    )
+    return types.SimpleNamespace(tokenizer=tokenizer)
 
 
 def test_student_keeps_the_encoder_frozen_and_maximally_spaced_decoder_layers():
@@ -115,19 +127,8 @@ def test_validation_sentences_come_from_articles_neither_training_nor_test_reads
 
 def test_rows_and_collator_teacher_force_the_transcript_after_the_prompt():
     recipe = recipe_module("speech_recognition")
-
-    class Tokenizer:
-        eos_token_id = 50256
-
-        @staticmethod
-        def convert_tokens_to_ids(tokens):
-            return [{"<|startoftranscript|>": 50257, "<|notimestamps|>": 50362}[token] for token in tokens]
-
-    class Processor:
-        tokenizer = Tokenizer()
-
     encoded = torch.randn(2, 3, 4).half()
-    rows = recipe.decoder_rows(encoded, [[7, 8, 9], [5]], Processor())
+    rows = recipe.decoder_rows(encoded, [[7, 8, 9], [5]], prompt_processor(50256, 50257, 50362))
     batch = recipe.collate([rows[0], rows[1]], pad_token_id=50256)
     # Logits at position i predict labels[i]: the transcript after <|notimestamps|>, then the end of text.
     assert batch["decoder_input_ids"].tolist() == [[50257, 50362, 7, 8, 9], [50257, 50362, 5, 50256, 50256]]
@@ -304,20 +305,10 @@ def test_transcripts_are_trusted_when_ended_sure_and_not_looping():
 def test_mean_logprobs_are_the_transcripts_own_token_log_probabilities():
     recipe = recipe_module("speech_recognition")
     model = tiny_whisper().eval()
-
-    class Tokenizer:
-        eos_token_id = 0
-
-        @staticmethod
-        def convert_tokens_to_ids(tokens):
-            return [{"<|startoftranscript|>": 1, "<|notimestamps|>": 2}[token] for token in tokens]
-
-    class Processor:
-        tokenizer = Tokenizer()
-
     encoded = torch.randn(3, 16, 16)
     transcripts = [[5, 9, 7], [11], [3, 4]]
-    means = recipe.mean_logprobs(model, Processor(), encoded.half(), transcripts, batch_size=2)
+    processor = prompt_processor(end_of_text=0, start=1, no_timestamps=2)
+    means = recipe.mean_logprobs(model, processor, encoded.half(), transcripts, batch_size=2)
     for index, ids in enumerate(transcripts):  # prompt 1, 2; targets: the transcript, then the end of text (0)
         with torch.no_grad():
             logits = model(
