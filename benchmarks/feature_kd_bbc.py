@@ -70,8 +70,8 @@ ROWS = {
     "kl, student from the teacher's layers": ([["kl"]], True),
     "kl + hidden + attention, student from the teacher's layers": ([FEATURES], True),
 }
-# CRD + KD is measured on digits (feature_kd_digits.py); the lighter and two-stage rows look into the random start's
-# collapse (--rows)
+# CRD + KD is measured on digits (feature_kd_digits.py); the lighter, two-stage and one-term rows look into the random
+# start's collapse (--rows)
 LOOKS_INTO_THE_COLLAPSE = (
     "kl + hidden + attention at weight 0.1",
     "hidden + attention, then kl",
