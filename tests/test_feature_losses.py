@@ -161,6 +161,36 @@ def test_attention_losses_compare_the_keys_the_students_attention_dropout_kept()
     assert F.attention_kl(as_maps(student_softmax), as_maps(teacher)).item() == pytest.approx(plain_kl, rel=1e-6)
 
 
+def test_attention_losses_leave_the_sink_keys_out_of_both_rows():
+    # One query row of 4 keys: both sides park mass on key 0 (the sink); sink_keys=1 compares keys 1..3 only.
+    student = torch.tensor([0.5, 0.1, 0.1, 0.3], dtype=torch.float64)
+    teacher = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+    s_rest, t_rest = np.array([0.1, 0.1, 0.3]) / 0.5, np.array([0.3, 0.2, 0.1]) / 0.6
+    kl = np.sum(t_rest * np.log(t_rest / s_rest))
+    mse = np.sum((s_rest - t_rest) ** 2) / 4  # the left-out key counts as equal on both sides
+    as_maps = lambda row, heads=1: row.repeat(heads).view(1, heads, 1, 4)  # noqa: E731
+    assert F.attention_kl(as_maps(student), as_maps(teacher), sink_keys=1).item() == pytest.approx(kl, rel=1e-6)
+    assert F.attention_mse(as_maps(student), as_maps(teacher), sink_keys=1).item() == pytest.approx(mse, rel=1e-6)
+    # With other head counts the teacher's rows are renormalised over the same keys before the heads are averaged.
+    assert F.attention_kl(as_maps(student), as_maps(teacher, 3), sink_keys=1).item() == pytest.approx(kl, rel=1e-6)
+    # A row that differs only in its sink mass (here 0.9 against 0.4) costs nothing once the sink is left out.
+    parked = torch.tensor([0.9, 0.05, 0.1 / 3, 0.05 / 3], dtype=torch.float64)
+    assert F.attention_kl(as_maps(parked), as_maps(teacher), sink_keys=1).item() == pytest.approx(0.0, abs=1e-12)
+    assert F.attention_kl(as_maps(parked), as_maps(teacher)).item() > 0.1
+
+
+def test_attention_losses_take_sink_keys_as_a_loss_option_and_refuse_bad_values():
+    from hf_kd.config import parse_losses
+
+    (spec,) = parse_losses("attention_kl:1.0:sink_keys=1")
+    assert get_loss(spec.name, **spec.options).sink_keys == 1
+    assert get_loss("attention_mse", sink_keys=2).sink_keys == 2
+    assert get_loss("attention_kl").sink_keys == 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"sink_keys must be a non-negative integer .*, got {bad!r}"):
+            get_loss("attention_kl", sink_keys=bad)
+
+
 def test_attention_kl_of_a_bert_in_training_mode_against_itself_is_zero():
     from transformers import BertConfig, BertModel
 

@@ -822,32 +822,40 @@ def feature_cosine(student, teacher, *, token_mask=None):
     return _mean_over_tokens(1 - F.cosine_similarity(s, t, dim=-1), token_mask)
 
 
-def _kept_keys(student_attention, teacher_attention):
-    """Both sides' attention rows over the keys the student's attention dropout kept.
+def _kept_keys(student_attention, teacher_attention, sink_keys: int = 0):
+    """Both sides' attention rows over the keys the student's attention dropout kept, less the first ``sink_keys``.
 
     transformers returns attention probabilities after dropout: in training, dropped entries are 0 and the others
     are scaled by 1/(1 − p), so comparing them as they are adds a large constant to a KL (the teacher's mass on
     dropped keys against log 0) and teaches ``attention_mse`` a target scaled by 1/(1 − p). The student's row
     divided by its sum is its softmax restricted to the kept keys; with equal head counts the teacher's row is
     restricted to the same keys and renormalised. Without dropout (evaluation, p = 0) both rows are unchanged.
+
+    ``sink_keys`` leaves the first keys out of both rows (then renormalised over the rest): a trained model parks
+    much of its attention on its first token (BERT's [CLS], a decoder's first token), whose value is small, so
+    the parked mass reads nothing; a student that copies it reads a real vector instead.
     """
     tiny = torch.finfo(student_attention.dtype).tiny
+    if sink_keys:
+        keys = torch.arange(student_attention.shape[-1], device=student_attention.device) >= sink_keys
+        student_attention, teacher_attention = student_attention * keys, teacher_attention * keys
     student = student_attention / student_attention.sum(-1, keepdim=True).clamp(min=tiny)
-    if student_attention.shape[1] != teacher_attention.shape[1]:
-        return student, teacher_attention  # heads do not correspond: nothing to restrict them to
-    teacher = teacher_attention * (student_attention > 0)
-    return student, teacher / teacher.sum(-1, keepdim=True).clamp(min=tiny)
+    if student_attention.shape[1] == teacher_attention.shape[1]:
+        teacher_attention = teacher_attention * (student_attention > 0)
+    elif not sink_keys:
+        return student, teacher_attention  # heads do not correspond and no key is left out: nothing to restrict
+    return student, teacher_attention / teacher_attention.sum(-1, keepdim=True).clamp(min=tiny)
 
 
-def _match_heads(student_attention, teacher_attention):
+def _match_heads(student_attention, teacher_attention, sink_keys: int = 0):
     """Average over heads on both sides when the head counts differ (B×h×T×T → B×1×T×T)."""
-    student_attention, teacher_attention = _kept_keys(student_attention, teacher_attention)
+    student_attention, teacher_attention = _kept_keys(student_attention, teacher_attention, sink_keys)
     if student_attention.shape[1] != teacher_attention.shape[1]:
         return student_attention.mean(1, keepdim=True), teacher_attention.mean(1, keepdim=True)
     return student_attention, teacher_attention
 
 
-def attention_mse(student_attention, teacher_attention, *, token_mask=None):
+def attention_mse(student_attention, teacher_attention, *, token_mask=None, sink_keys: int = 0):
     """TinyBERT: MSE between attention probabilities B×h×T×T, averaged over keys, heads and real query tokens.
 
     Head counts may differ: both sides are then averaged over their heads first. Keys the student's attention
@@ -857,15 +865,17 @@ def attention_mse(student_attention, teacher_attention, *, token_mask=None):
         student_attention: The student's attention probabilities ``B×h×T×T``.
         teacher_attention: The teacher's, ``B×h'×T×T``.
         token_mask: Bool ``B×T``, True on real query tokens; ``None``: every token.
+        sink_keys: Leave the first this many keys out of both rows, renormalised over the rest (attention sinks:
+            :func:`_kept_keys`); 0 compares every key, as the paper does.
 
     Returns:
         The scalar loss.
     """
-    s, t = _match_heads(student_attention.float(), teacher_attention.float())
+    s, t = _match_heads(student_attention.float(), teacher_attention.float(), sink_keys)
     return _mean_over_tokens((s - t).pow(2).mean(-1).mean(1), token_mask)
 
 
-def attention_kl(student_attention, teacher_attention, *, token_mask=None):
+def attention_kl(student_attention, teacher_attention, *, token_mask=None, sink_keys: int = 0):
     """MiniLM: KL(A_T ‖ A_S) per query row, averaged over heads and real query tokens.
 
     Head counts may differ: both sides are then averaged over their heads first. Keys the student's attention
@@ -875,11 +885,13 @@ def attention_kl(student_attention, teacher_attention, *, token_mask=None):
         student_attention: The student's attention probabilities ``B×h×T×T``.
         teacher_attention: The teacher's, ``B×h'×T×T``.
         token_mask: Bool ``B×T``, True on real query tokens; ``None``: every token.
+        sink_keys: Leave the first this many keys out of both rows, renormalised over the rest (attention sinks:
+            :func:`_kept_keys`); 0 compares every key, as the paper does.
 
     Returns:
         The scalar loss.
     """
-    s, t = _match_heads(student_attention.float(), teacher_attention.float())
+    s, t = _match_heads(student_attention.float(), teacher_attention.float(), sink_keys)
     tiny = torch.finfo(torch.float32).tiny
     values = (t * (t.clamp(min=tiny).log() - s.clamp(min=tiny).log())).sum(-1)
     return _mean_over_tokens(values.mean(1), token_mask)

@@ -29,6 +29,14 @@ class _PairAverage(LayerPairLoss):
         return torch.stack(values).mean()
 
 
+def _sink_keys(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"sink_keys must be a non-negative integer (how many leading keys to leave out), got {value!r}."
+        )
+    return value
+
+
 @register_loss("hint", paper="Romero et al. 2015, FitNets: Hints for Thin Deep Nets, arXiv:1412.6550")
 class Hint(_PairAverage):
     """FitNets (Romero et al. 2015): ½·mean((F_T − r(F_S))²) with r a learned regressor (Linear for tokens, 1×1
@@ -107,15 +115,20 @@ class AttentionMSE(_PairAverage):
     Args:
         layer_map: Which layers to pair: ``"uniform"``, ``"last"`` or ``[[s, t], ...]`` (layers 1 and above: the
             embedding output has no attention).
+        sink_keys: Leave the first this many keys (attention sinks such as BERT's [CLS]) out of both maps.
+
+    Raises:
+        ValueError: ``sink_keys`` is not a non-negative integer.
     """
 
     field = "attentions"
 
-    def __init__(self, layer_map="uniform"):
+    def __init__(self, layer_map="uniform", sink_keys: int = 0):
         super().__init__(layer_map=layer_map)
+        self.sink_keys = _sink_keys(sink_keys)
 
     def pair_loss(self, student, teacher, token_mask):
-        return F.attention_mse(student, teacher, token_mask=token_mask)
+        return F.attention_mse(student, teacher, token_mask=token_mask, sink_keys=self.sink_keys)
 
 
 @register_loss("attention_kl", paper="Wang et al. 2020, MiniLM: Deep Self-Attention Distillation, arXiv:2002.10957")
@@ -125,15 +138,22 @@ class AttentionKL(_PairAverage):
     Args:
         layer_map: Which layers to pair: ``"uniform"``, ``"last"`` or ``[[s, t], ...]`` (layers 1 and above: the
             embedding output has no attention).
+        sink_keys: Leave the first this many keys (attention sinks such as BERT's [CLS]) out of both distributions,
+            renormalised over the rest. A trained teacher parks much of its attention on its first token, whose value
+            is small; a student that copies that mass reads a real vector instead (docs/losses.md, "Attention sinks").
+
+    Raises:
+        ValueError: ``sink_keys`` is not a non-negative integer.
     """
 
     field = "attentions"
 
-    def __init__(self, layer_map="last"):
+    def __init__(self, layer_map="last", sink_keys: int = 0):
         super().__init__(layer_map=layer_map)
+        self.sink_keys = _sink_keys(sink_keys)
 
     def pair_loss(self, student, teacher, token_mask):
-        return F.attention_kl(student, teacher, token_mask=token_mask)
+        return F.attention_kl(student, teacher, token_mask=token_mask, sink_keys=self.sink_keys)
 
 
 @register_loss(
