@@ -66,6 +66,7 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
         data_collator=collator,
         pseudo_labels=options.pseudo_labels,
         pseudo_label_threshold=options.threshold,
+        balance_pseudo_labels=options.balance,
     )
     if "noisy" in options.runs:
         rounds = noisy_student(
@@ -99,6 +100,9 @@ def main():
         help="soft: the teacher's distribution, through the KL; hard: its class as the label (--alpha 0: CE alone).",
     )
     parser.add_argument("--threshold", type=float, default=0.0, help="Keep pseudo-labels at least this confident.")
+    parser.add_argument(
+        "--balance", action="store_true", help="Even the classes of the kept pseudo-labels (Xie et al.'s balancing)."
+    )
     parser.add_argument("--token_masking", type=float, default=0.1, help="The student's token masking rate.")
     parser.add_argument("--dropout", type=float, default=0.1, help="The student's dropout while it trains.")
     parser.add_argument("--runs", nargs="+", default=["noisy", "clean"], choices=["noisy", "clean"])
