@@ -10,20 +10,29 @@ Rows, each trained for the same steps, batch and seed:
 - ``kl + hidden + attention``: TinyBERT/MiniLM-style intermediate distillation added to ``kl``: ``hidden_mse`` on
   the layer map embeddings 0↔0 and student layer m ↔ teacher layer ⌊6m/4⌋ (1, 3, 4, 6), and ``attention_kl``
   (MiniLM's KL between attention distributions, per head: 12 heads on both sides) on the same layers;
+- ``kl + attention, [CLS] key left out`` and ``kl + hidden + attention, [CLS] key left out``: ``attention_kl`` with
+  ``sink_keys=1``. The teacher parks 30–40% of its middle layers' attention on [CLS], whose value is small (the
+  script prints, per layer, the attention on [CLS] and [CLS]'s share of what the heads read); a random student that
+  copies the parking reads a real vector there instead;
+- ``kl, then kl + attention`` (with and without the [CLS] key) and ``kl, then kl + hidden + attention, [CLS] key
+  left out``: ``kl`` alone for the first half of the steps, then the feature terms join it (a warm-up, the reverse of
+  TinyBERT's order); ``kl, then kl`` is their control (the second stage restarts the optimizer and schedule);
 - the same two distilled rows with the student started from the teacher's embeddings and layers 1, 3, 4, 6
   (DistilBERT's initialisation; TinyBERT's task distillation likewise starts from an already distilled student);
 - ``kl + hidden + attention at weight 0.1`` and ``hidden + attention, then kl`` (``--rows``, off by default: they
   look into why the random start collapses): the feature terms at a tenth of their papers' weight; or TinyBERT's
   order, the feature terms alone for the first half of the steps, then ``kl`` alone for the second; ``kl + hidden``
-  and ``kl + attention``: one feature term at a time;
+  and ``kl + attention``: one feature term at a time; ``kl + hidden through a linear projector`` and ``kl + hidden
+  cosine``: TinyBERT's learned W_h, and DistilBERT's scale-free cosine, in place of the plain MSE;
 - ``kl + crd`` (``--rows``, off by default: CRD + KD is measured on digits, ``feature_kd_digits.py``): CRD
   (Tian et al. 2020; weight 0.8, 128-wide heads, as many negatives drawn as the banks have rows) on the last hidden
   state's token mean, added to ``kl``.
 
 Every article is cut at 64 tokens and the students train 120 steps of batch 16 at learning rate 5·10⁻⁴ (one pass
-over the training articles): the budget that fits 3 seeds in an hour on one CPU thread.
+over the training articles); the tables in docs/losses.md use ``--steps 200`` (about 3 minutes a row on one CPU
+thread, 10 rows and the teacher a seed by default).
 
-    flock /tmp/heavy.lock env OMP_NUM_THREADS=1 python benchmarks/feature_kd_bbc.py --seeds 0 1 2   # ~18 min a seed
+    flock /tmp/heavy.lock env OMP_NUM_THREADS=1 python benchmarks/feature_kd_bbc.py --seeds 0 1 2 --steps 200
     python benchmarks/feature_kd_bbc.py --seeds 0 --steps 4 --max_length 32 --output_dir /tmp/feat_smoke  # smoke
 """
 
@@ -57,6 +66,8 @@ FEATURES = [
     {"name": "attention_kl", "weight": 1.0, "layer_map": "uniform"},
 ]
 LIGHT_FEATURES = ["kl", *({**entry, "weight": 0.1} for entry in FEATURES[1:])]
+# attention_kl with the first key ([CLS], where the teacher parks its attention) left out of both distributions
+SINKLESS_ATTENTION = {**FEATURES[2], "sink_keys": 1}
 # row → (the losses of each stage, which share the steps equally; whether the student starts from the teacher's
 # embeddings and layers 1, 3, 4, 6)
 ROWS = {
@@ -66,6 +77,14 @@ ROWS = {
     "hidden + attention, then kl": ([FEATURES[1:], ["kl"]], False),
     "kl + hidden": ([FEATURES[:2]], False),
     "kl + attention": ([[FEATURES[0], FEATURES[2]]], False),
+    "kl + hidden through a linear projector": ([["kl", {**FEATURES[1], "projector": "linear"}]], False),
+    "kl + hidden cosine": ([["kl", {**FEATURES[1], "name": "hidden_cosine"}]], False),
+    "kl + attention, [CLS] key left out": ([["kl", SINKLESS_ATTENTION]], False),
+    "kl + hidden + attention, [CLS] key left out": ([[*FEATURES[:2], SINKLESS_ATTENTION]], False),
+    "kl, then kl": ([["kl"], ["kl"]], False),
+    "kl, then kl + attention": ([["kl"], [FEATURES[0], FEATURES[2]]], False),
+    "kl, then kl + attention, [CLS] key left out": ([["kl"], ["kl", SINKLESS_ATTENTION]], False),
+    "kl, then kl + hidden + attention, [CLS] key left out": ([["kl"], [*FEATURES[:2], SINKLESS_ATTENTION]], False),
     "kl + crd": ([["kl", {"name": "crd", "weight": 0.8, "pooling": "mean"}]], False),
     "kl, student from the teacher's layers": ([["kl"]], True),
     "kl + hidden + attention, student from the teacher's layers": ([FEATURES], True),
@@ -77,6 +96,8 @@ LOOKS_INTO_THE_COLLAPSE = (
     "hidden + attention, then kl",
     "kl + hidden",
     "kl + attention",
+    "kl + hidden through a linear projector",
+    "kl + hidden cosine",
 )
 DEFAULT_ROWS = [row for row in ROWS if row != "kl + crd" and row not in LOOKS_INTO_THE_COLLAPSE]
 
@@ -92,6 +113,29 @@ def student_like(teacher, layers: int, seed: int, from_teacher: bool = False) ->
         for index, layer in enumerate(student.bert.encoder.layer):
             layer.load_state_dict(teacher.bert.encoder.layer[(index + 1) * depth // layers - 1].state_dict())
     return student
+
+
+@torch.no_grad()
+def attention_sink(model, rows, collator, count: int = 64) -> str:
+    """Per layer, over ``count`` test articles: the attention mass every real query puts on the first key ([CLS]),
+    and [CLS]'s share of what the heads actually read — Σ α·‖W_O·v‖ over keys (Kobayashi et al. 2020), v the
+    head's value at that key — which is small when [CLS] is a sink: much attention, a small value."""
+    model.eval()
+    batch = collator([{key: rows[index][key] for key in ("input_ids", "attention_mask")} for index in range(count)])
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # the only one that returns attention probabilities
+    outputs = model(**batch, output_hidden_states=True, output_attentions=True)
+    model.set_attn_implementation(implementation)
+    mask, parts = batch["attention_mask"].bool(), []
+    for layer, (states, attention) in enumerate(zip(outputs.hidden_states, outputs.attentions), 1):
+        module = model.bert.encoder.layer[layer - 1].attention
+        heads = attention.shape[1]
+        values = module.self.value(states).unflatten(-1, (heads, -1))  # B×T×h×d
+        output = module.output.dense.weight.unflatten(1, (heads, -1))  # H×h×d
+        read = attention * torch.einsum("bkhd,ohd->bhko", values, output).norm(dim=-1)[:, :, None, :]  # B×h×Tq×Tk
+        on_cls = attention.mean(1)[..., 0][mask].mean()
+        parts.append(f"{layer}: {on_cls:.2f}/{float(read[..., 0].sum() / read.sum()):.2f}")
+    return "attention on [CLS] / [CLS]'s share of what is read, per layer " + ", ".join(parts)
 
 
 @torch.no_grad()
@@ -128,6 +172,7 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
     )
     record("teacher: MiniLM 6×384 fine-tuned on the labels", accuracy(teacher))
     print(f"seed {seed}: teacher: {state_spread(teacher, test, collator)}", flush=True)
+    print(f"seed {seed}: teacher: {attention_sink(teacher, test, collator)}", flush=True)
 
     args = DistillationConfig(
         output_dir=folder,
@@ -168,6 +213,7 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
             print(f"seed {seed}: {row}, stage {stage}: first and last logged terms {terms[:1]} {terms[-1:]}")
         record(f"student ← {row}", accuracy(trainer.model))
         print(f"seed {seed}: {row}: {state_spread(trainer.model, test, collator)}", flush=True)
+        print(f"seed {seed}: {row}: {attention_sink(trainer.model, test, collator)}", flush=True)
         print(f"seed {seed}: {row} took {time.perf_counter() - start:.0f} s", flush=True)
 
 
