@@ -2,6 +2,7 @@
 balancing) and rounds in which each student becomes the next teacher."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -163,6 +164,24 @@ def test_class_balancing_keeps_the_most_confident_rows_of_large_classes_and_repe
             assert sorted(rows) == sorted(top)
         else:  # every member, repeated most confident first
             assert set(rows) == set(members.tolist())
+
+
+def test_a_class_without_any_kept_pseudo_label_is_named_in_a_warning(caplog):
+    teacher, data = tiny_bert(seed=1), add_sample_index(classification_data(n=64))
+    confidence, classes = _teacher_probabilities(teacher, data).max(-1)
+    present = classes.unique().tolist()
+    # the threshold just above the most confident row of the class the teacher is least sure of: that class loses
+    # every row, the others keep theirs
+    tops = {cls: float(confidence[classes == cls].max()) for cls in present}
+    unsure = min(tops, key=tops.get)
+    threshold = (tops[unsure] + min(top for cls, top in tops.items() if cls != unsure)) / 2
+    absent = sorted(set(range(3)) - set(present) | {unsure})
+    with caplog.at_level(logging.WARNING):
+        labelled = pseudo_label(teacher, data, mode="hard", threshold=threshold, balance=True)
+    assert unsure not in labelled.dataset["labels"] and len(labelled.dataset) > 0
+    assert f"no kept unlabeled row has class {', '.join(map(str, absent))} (confidence threshold {threshold})" in (
+        caplog.text
+    )
 
 
 def test_rounds_chain_teachers_record_pseudo_labels_and_reload(tmp_path):

@@ -121,6 +121,12 @@ def pseudo_label(
     kept = np.flatnonzero(confidence >= threshold)
     if len(kept) == 0:
         logger.warning(f"pseudo_label: no unlabeled row reaches the confidence threshold {threshold}.")
+    elif missing := sorted(set(range(probabilities.shape[-1])) - set(classes[kept].tolist())):
+        # (a teacher unsure of a whole class loses it from the pseudo-labels; balancing then evens the others)
+        logger.warning(
+            f"pseudo_label: no kept unlabeled row has class {', '.join(map(str, missing))} (confidence threshold "
+            f"{threshold}): the student sees it only in the labeled rows."
+        )
     if balance:
         kept = _balanced(kept, classes, confidence, None if balance is True else int(balance))
     rows = dataset.select(kept.tolist()).flatten_indices()  # add_column needs the rows materialised
