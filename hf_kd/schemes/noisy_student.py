@@ -125,7 +125,7 @@ def pseudo_label(
         # (a teacher unsure of a whole class loses it from the pseudo-labels; balancing then evens the others)
         logger.warning(
             f"pseudo_label: no kept unlabeled row has class {', '.join(map(str, missing))} (confidence threshold "
-            f"{threshold}): the student sees it only in the labeled rows."
+            f"{threshold}): its examples come from the labeled rows only."
         )
     if balance:
         kept = _balanced(kept, classes, confidence, None if balance is True else int(balance))
