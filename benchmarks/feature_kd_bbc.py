@@ -10,7 +10,7 @@ Rows, each trained for the same steps, batch and seed:
 - ``kl + hidden + attention``: TinyBERT/MiniLM-style intermediate distillation added to ``kl``: ``hidden_mse`` on
   the layer map embeddings 0↔0 and student layer m ↔ teacher layer ⌊6m/4⌋ (1, 3, 4, 6), and ``attention_kl``
   (MiniLM's KL between attention distributions, per head: 12 heads on both sides) on the same layers;
-- ``kl + attention, [CLS] key left out``: ``attention_kl`` with ``sink_keys=1``. The teacher parks 30–40% of its
+- ``kl + attention, [CLS] key left out``: ``attention_kl`` with ``sink_keys=1``. The teacher parks 29–41% of its
   middle layers' attention on [CLS], whose value is small (the script prints, per layer, the attention on [CLS] and
   [CLS]'s share of what the heads read); a random student that copies the parking reads a real vector there instead;
 - ``kl, then kl + attention`` (with and without the [CLS] key): ``kl`` alone for the first half of the steps, then
