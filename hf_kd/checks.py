@@ -12,10 +12,10 @@ import numpy as np
 from datasets import Dataset
 from torch import nn
 
-from .config import DistillationConfig, LossSpec
+from .config import DistillationConfig
 from .data import SAMPLE_INDEX
 from .features import ModelFeatures
-from .losses.registry import resolve_loss_class, takes_option
+from .losses.registry import resolve_loss_class
 from .model_kinds import is_classifier, is_regression, num_classes, output_size
 from .teachers import check_materialized
 from .teachers.ensemble import check_aggregation
@@ -204,21 +204,6 @@ def check_on_policy(args, token_level: bool, causal: bool, student: nn.Module, t
             "on-policy distillation scores the student's new samples, which a teacher cache has no outputs "
             "for: use a live teacher, or on_policy_fraction=0."
         )
-
-
-def with_default_temperature(spec: LossSpec, temperature: float) -> dict:
-    """A loss's options with the trainer-wide temperature added where the loss takes one and sets none.
-
-    Args:
-        spec: The configured loss.
-        temperature: ``DistillationConfig.temperature``.
-
-    Returns:
-        The options to build the loss with.
-    """
-    if "temperature" in spec.options or not takes_option(spec.name, "temperature"):
-        return dict(spec.options)
-    return {"temperature": temperature, **spec.options}
 
 
 def check_batch_relations(losses, batch_size: int) -> None:

@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
-from .losses import resolve_loss_class
-from .losses.registry import check_loss_options
+from .losses import get_loss, resolve_loss_class
+from .losses.registry import check_loss_options, with_default_temperature
 
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -327,6 +327,11 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"temperature must be a finite number > 0, got {self.temperature}; 1.0 means no softening."
             )
+        for spec in specs:  # the options' values too (sink_keys=-1, layer_map="middle"): refused at the parse
+            try:
+                get_loss(spec.name, **with_default_temperature(spec, self.temperature))
+            except ValueError as error:
+                raise ValueError(f"losses: {spec.name}: {error}") from error
         if self.alpha is not None:
             if not 0.0 <= self.alpha <= 1.0:  # False for NaN too
                 raise ValueError(

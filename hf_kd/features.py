@@ -304,18 +304,34 @@ def select(features: ModelFeatures, source: str) -> torch.Tensor:
     Raises:
         ValueError: ``source`` is none of those forms.
     """
+    check_source(source)
     if source == "logits":
         return features.dense_logits()
     if source == "embeddings":
         return features.embeddings
     if source.startswith(MODULE_PREFIX):
         return features.modules[source[len(MODULE_PREFIX) :]]
-    name, _, index = source.partition(":")
-    if name != "hidden_states":
+    return features.hidden_states[int(source.partition(":")[2] or -1)]
+
+
+def check_source(source: str) -> None:
+    """Raise unless ``source`` is one of :func:`select`'s forms (checked when a loss is built, before any step).
+
+    Args:
+        source: A feature source.
+
+    Raises:
+        ValueError: ``source`` is none of ``logits``, ``embeddings``, ``hidden_states[:INDEX]``, ``module:PATH``.
+    """
+    if not isinstance(source, str):
+        raise ValueError(f"feature source must be a string, got {source!r}.")
+    if source in ("logits", "embeddings") or source.startswith(MODULE_PREFIX):
+        return
+    name, colon, index = source.partition(":")
+    if name != "hidden_states" or colon and not index.lstrip("-").isdigit():
         raise ValueError(
             f"feature source must be 'logits', 'embeddings', 'hidden_states[:INDEX]' or 'module:PATH', got {source!r}."
         )
-    return features.hidden_states[int(index or -1)]
 
 
 def source_needs(source: str) -> frozenset[str]:
@@ -335,6 +351,19 @@ def source_needs(source: str) -> frozenset[str]:
 POOLINGS = ("auto", "cls", "mean", "last", "spatial", "flatten")
 
 
+def check_pooling(pooling: str) -> None:
+    """Raise unless ``pooling`` is one of :data:`POOLINGS` (checked when a loss is built, before any step).
+
+    Args:
+        pooling: A :func:`pool` mode.
+
+    Raises:
+        ValueError: an unknown pooling.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+
+
 def pool(tensor: torch.Tensor, pooling: str = "auto", attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """One vector per example (``B×D``) from tokens ``B×T×H``, feature maps ``B×C×H×W`` or vectors ``B×D``.
 
@@ -352,8 +381,7 @@ def pool(tensor: torch.Tensor, pooling: str = "auto", attention_mask: torch.Tens
         ValueError: an unknown pooling, one that does not apply to the tensor's kind, or a tensor that is not 2-, 3-
             or 4-dimensional.
     """
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+    check_pooling(pooling)
     if tensor.dim() == 2 or pooling == "flatten":
         return tensor.flatten(1)
     if tensor.dim() == 4:
@@ -392,26 +420,53 @@ def resolve_layer_map(layer_map, student_layers: int, teacher_layers: int) -> li
     Raises:
         ValueError: an unknown string, an entry that is not a pair, a pair out of range, or an empty list.
     """
+    pairs = check_layer_map(layer_map)
     if layer_map == "uniform":
         return [(m, m * teacher_layers // student_layers) for m in range(1, student_layers + 1)]
     if layer_map == "last":
         return [(student_layers, teacher_layers)]
-    if isinstance(layer_map, str):
-        raise ValueError(
-            f"layer_map must be 'uniform', 'last' or a list of [student, teacher] pairs, got {layer_map!r}."
-        )
-    pairs = [tuple(int(index) for index in pair) for pair in layer_map]
     for pair in pairs:
-        if len(pair) != 2:
-            raise ValueError(f"layer_map entries are [student_layer, teacher_layer] pairs, got {list(pair)}.")
         student, teacher = pair
-        if not (0 <= student <= student_layers and 0 <= teacher <= teacher_layers):
+        if not (student <= student_layers and teacher <= teacher_layers):
             raise ValueError(
                 f"layer_map pair {list(pair)} is out of range: the student has layers 0..{student_layers} and the "
                 f"teacher 0..{teacher_layers} (0 is the embedding output)."
             )
-    if not pairs:
+    return pairs
+
+
+def check_layer_map(layer_map) -> list[tuple[int, int]]:
+    """The checks of a layer map that need no model (made when a loss is built, before any step).
+
+    Args:
+        layer_map: ``"uniform"``, ``"last"`` or a list of ``[student_layer, teacher_layer]`` pairs.
+
+    Returns:
+        The pairs as integer tuples (empty for the two strings).
+
+    Raises:
+        ValueError: an unknown string, an entry that is not a pair of integers >= 0, or an empty list.
+    """
+    if layer_map in ("uniform", "last"):
+        return []
+    if isinstance(layer_map, str) or not isinstance(layer_map, (list, tuple)):
+        raise ValueError(
+            f"layer_map must be 'uniform', 'last' or a list of [student, teacher] pairs, got {layer_map!r}."
+        )
+    if not layer_map:
         raise ValueError("layer_map is empty.")
+    pairs = []
+    for pair in layer_map:
+        if (
+            not isinstance(pair, (list, tuple))
+            or len(pair) != 2
+            or not all(isinstance(index, int) and not isinstance(index, bool) and index >= 0 for index in pair)
+        ):
+            raise ValueError(
+                f"layer_map entries are [student_layer, teacher_layer] pairs of layer numbers >= 0 (0 is the "
+                f"embedding output), got {pair!r}."
+            )
+        pairs.append(tuple(pair))
     return pairs
 
 

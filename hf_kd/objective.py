@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checks import compares_logits_entrywise, with_default_temperature
+from .checks import compares_logits_entrywise
 from .config import LossSpec
 from .features import ModelFeatures, SparseDistribution, finite_outputs, non_finite_fields
 from .losses import DistillationLoss, get_loss
+from .losses.registry import with_default_temperature
 from .positions import ItemCounts
 from .teachers.ensemble import ENSEMBLE, TeacherAggregator
 

@@ -8,6 +8,19 @@ from torch import nn
 PROJECTORS = ("linear", "mlp", "conv", "auto")
 
 
+def check_projector_kind(kind: str | None) -> None:
+    """Raise unless ``kind`` is ``None`` or one of :data:`PROJECTORS` (checked when a loss is built).
+
+    Args:
+        kind: A projector kind.
+
+    Raises:
+        ValueError: an unknown kind.
+    """
+    if kind is not None and kind not in PROJECTORS:
+        raise ValueError(f"projector must be one of {PROJECTORS} or None, got {kind!r}.")
+
+
 class Projector(nn.Module):
     """Maps the channel dimension of a student feature to the teacher's width.
 
@@ -27,8 +40,7 @@ class Projector(nn.Module):
 
     def __init__(self, kind: str, in_width: int, out_width: int, feature_dims: int):
         super().__init__()
-        if kind not in PROJECTORS:
-            raise ValueError(f"projector must be one of {PROJECTORS} or None, got {kind!r}.")
+        check_projector_kind(kind)
         self.maps = feature_dims == 4
         if kind == "conv" and not self.maps:
             raise ValueError("projector 'conv' applies to feature maps B×C×H×W; use 'linear' for tokens/vectors.")

@@ -10,8 +10,8 @@ import torch
 from conftest import ROOT, config, tiny_bert
 
 from hf_kd import DistillationConfig, DistillationLoss, ModelFeatures, available_losses, get_loss
-from hf_kd.checks import with_default_temperature
 from hf_kd.config import LossSpec, parse_losses
+from hf_kd.losses.registry import with_default_temperature
 from hf_kd.recipe_support.cli import parse_args
 from hf_kd.sentence_embeddings import SentenceEmbeddingModel
 from hf_kd.teachers import LiveTeacher
@@ -104,6 +104,24 @@ def test_unknown_loss_option_lists_accepted_ones():
         get_loss("jsd", betta=0.3)
 
 
+@pytest.mark.parametrize(
+    ("loss", "message"),
+    [
+        ({"name": "attention_kl", "sink_keys": -1}, "attention_kl: sink_keys must be a non-negative integer"),
+        ({"name": "hidden_mse", "layer_map": "middle"}, "hidden_mse: layer_map must be 'uniform', 'last' or a list"),
+        ({"name": "hidden_mse", "layer_map": [[1]]}, r"hidden_mse: layer_map entries are .* got \[1\]"),
+        ({"name": "hidden_mse", "layer_map": []}, "hidden_mse: layer_map is empty"),
+        ({"name": "hidden_mse", "projector": "lin"}, r"hidden_mse: projector must be one of \('linear'"),
+        ({"name": "crd", "pooling": "max"}, r"crd: pooling must be one of \('auto'"),
+        ({"name": "embedding_cosine", "source": "hidden_states:last"}, "embedding_cosine: feature source must be"),
+    ],
+)
+def test_a_bad_option_value_is_refused_when_the_config_is_made(tmp_path, loss, message):
+    # the loss is built once in the config's validation: the command line's parse fails, not the trainer's set-up
+    with pytest.raises(ValueError, match=f"^losses: {message}"):
+        config(tmp_path, losses=[loss])
+
+
 def test_dotted_path_to_own_loss():
     loss = get_loss("test_config_and_registry.HalfKL", temperature=2.0)
     features = ModelFeatures(logits=torch.randn(3, 4)), ModelFeatures(logits=torch.randn(3, 4))
@@ -148,6 +166,11 @@ def test_a_dotted_loss_path_resolves_in_a_module_the_user_imported(tmp_path, mon
     args = config(tmp_path, losses=path)  # no opt-in needed
     assert args.losses == [{"name": path, "weight": 0.25}]  # the class's default weight: the class was found
     assert type(get_loss(path)).__module__ == "imported_loss"
+    # a class without an __init__ of its own takes no option, so the trainer-wide temperature is not passed to it
+    # (nn.Module's __init__ would refuse it), and an option given is refused by name
+    assert with_default_temperature(args.loss_specs[0], 2.0) == {}
+    with pytest.raises(ValueError, match=r"got unknown option 'temperature'; it accepts \[\]"):
+        config(tmp_path, losses=[{"name": path, "temperature": 2.0}])
 
 
 def test_trust_loss_imports_imports_from_python_yaml_and_the_command_line(tmp_path, monkeypatch):

@@ -7,8 +7,17 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..features import ModelFeatures, pool, resolve_layer_map, select, source_needs
-from ..projectors import make_projector
+from ..features import (
+    ModelFeatures,
+    check_layer_map,
+    check_pooling,
+    check_source,
+    pool,
+    resolve_layer_map,
+    select,
+    source_needs,
+)
+from ..projectors import check_projector_kind, make_projector
 
 
 class DistillationLoss(nn.Module):
@@ -117,6 +126,9 @@ class LayerPairLoss(DistillationLoss):
         super().__init__()
         if (student_module is None) != (teacher_module is None):
             raise ValueError(f"{self.name}: set both student_module and teacher_module, or neither.")
+        if student_module is None:
+            check_layer_map(layer_map)
+        check_projector_kind(projector)
         self.layer_map = layer_map
         self.projector_kind = projector
         self.modules_by_side = {"student": student_module, "teacher": teacher_module}
@@ -199,6 +211,9 @@ class EmbeddingRelationLoss(DistillationLoss):
     ):
         super().__init__()
         self.sources = {"student": student_source or source, "teacher": teacher_source or source}
+        for side_source in self.sources.values():
+            check_source(side_source)
+        check_pooling(pooling)
         self.pooling = pooling
 
     def side_needs(self, side):

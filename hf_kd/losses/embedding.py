@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..projectors import make_projector
+from ..projectors import check_projector_kind, make_projector
 from . import functional as F
 from .base import EmbeddingRelationLoss
 from .registry import register_loss
@@ -42,6 +42,7 @@ class EmbeddingDistanceLoss(EmbeddingRelationLoss):
         projector: str | None = "linear",
     ):
         super().__init__(source, pooling, student_source, teacher_source)
+        check_projector_kind(projector)
         self.projector_kind = projector
         self.projector: nn.Module = nn.Identity()
 

@@ -7,8 +7,14 @@ import importlib
 import inspect
 import math
 import sys
+from typing import TYPE_CHECKING
+
+from torch import nn
 
 from .base import DistillationLoss
+
+if TYPE_CHECKING:
+    from ..config import LossSpec
 
 _REGISTRY: dict[str, type[DistillationLoss]] = {}
 
@@ -106,6 +112,8 @@ def accepted_options(cls: type[DistillationLoss]) -> list[str] | None:
     Returns:
         Its ``__init__``'s parameter names, or ``None`` when it takes ``**kwargs``.
     """
+    if cls.__init__ is nn.Module.__init__:  # no __init__ of its own: nn.Module's refuses every keyword
+        return []
     parameters = inspect.signature(cls.__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return None
@@ -124,6 +132,21 @@ def takes_option(name: str, option: str) -> bool:
     """
     accepted = accepted_options(resolve_loss_class(name))
     return accepted is None or option in accepted
+
+
+def with_default_temperature(spec: LossSpec, temperature: float) -> dict:
+    """A loss's options with the trainer-wide temperature added where the loss takes one and sets none.
+
+    Args:
+        spec: The configured loss.
+        temperature: ``DistillationConfig.temperature``.
+
+    Returns:
+        The options to build the loss with.
+    """
+    if "temperature" in spec.options or not takes_option(spec.name, "temperature"):
+        return dict(spec.options)
+    return {"temperature": temperature, **spec.options}
 
 
 def check_loss_options(name: str, options: dict) -> None:

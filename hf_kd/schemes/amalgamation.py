@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..checks import compares_logits_entrywise, with_default_temperature
+from ..checks import compares_logits_entrywise
 from ..config import DistillationConfig, LossSpec
 from ..features import ModelFeatures
 from ..losses import get_loss
+from ..losses.registry import with_default_temperature
 from ..model_kinds import base_model, is_classifier
 from ..teachers import LiveTeacher, TeacherSource, build_teachers, prepare_teacher, use_eager_attention
 from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
