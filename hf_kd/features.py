@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from numbers import Integral
 
 import torch
 from torch import nn
@@ -460,13 +461,13 @@ def check_layer_map(layer_map) -> list[tuple[int, int]]:
         if (
             not isinstance(pair, (list, tuple))
             or len(pair) != 2
-            or not all(isinstance(index, int) and not isinstance(index, bool) and index >= 0 for index in pair)
+            or not all(isinstance(index, Integral) and not isinstance(index, bool) and index >= 0 for index in pair)
         ):
             raise ValueError(
                 f"layer_map entries are [student_layer, teacher_layer] pairs of layer numbers >= 0 (0 is the "
                 f"embedding output), got {pair!r}."
             )
-        pairs.append(tuple(pair))
+        pairs.append((int(pair[0]), int(pair[1])))  # numpy integers too
     return pairs
 
 

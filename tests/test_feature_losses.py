@@ -269,6 +269,11 @@ def test_layer_maps():
         resolve_layer_map([[1, 7]], 2, 6)
     with pytest.raises(ValueError, match="layer_map must be"):
         resolve_layer_map("middle", 2, 6)
+    assert resolve_layer_map(np.array([[0, 0], [2, 5]]).tolist(), 2, 6) == [(0, 0), (2, 5)]
+    assert resolve_layer_map([(np.int64(1), np.int64(3))], 2, 6) == [(1, 3)]  # numpy integers, as plain ints
+    for bad in ([[1, 2.5]], [[1, -1]], [[True, 2]], [[1, 2, 3]]):
+        with pytest.raises(ValueError, match=r"layer_map entries are \[student_layer, teacher_layer\] pairs"):
+            resolve_layer_map(bad, 2, 6)
 
 
 def test_pooling():
