@@ -20,6 +20,7 @@ Rows, each trained for the same steps, batch and seed:
   a budget where the first can work: ``hidden_mse`` and ``attention_kl`` (``sink_keys=1``) alone for three quarters
   of the steps (general distillation on the training articles; the labels' CE keeps its 0.1), then ``kl`` alone;
   the script prints the student's accuracy between the stages. Its control is ``kl`` for the same total steps;
+  ``… then kl at 1e-4``: the same with the second stage at fine-tuning's learning rate;
   ``kl + hidden + attention, [CLS] key left out`` (likewise): the three terms together for every step;
 - ``kl`` and ``kl + hidden + attention`` with the student started from the teacher's embeddings and layers 1, 3, 4, 6
   (DistilBERT's initialisation; TinyBERT's task distillation likewise starts from an already distilled student);
@@ -39,7 +40,9 @@ thread, 8 rows and the teacher a seed by default).
 
     flock /tmp/heavy.lock env OMP_NUM_THREADS=1 python benchmarks/feature_kd_bbc.py --seeds 0 1 2 --steps 200
     flock /tmp/heavy.lock env OMP_NUM_THREADS=1 python benchmarks/feature_kd_bbc.py --seeds 0 1 2 --steps 800 \
-        --skip_scratch --rows "kl" "hidden + attention, [CLS] key left out, then kl"       # general distillation
+        --skip_scratch --rows "kl" "hidden + attention, [CLS] key left out, then kl" \
+        "kl + hidden + attention, [CLS] key left out" "hidden + attention, [CLS] key left out, then kl at 1e-4"
+    flock /tmp/heavy.lock env OMP_NUM_THREADS=1 python benchmarks/feature_kd_bbc.py --seeds 0 1 2 --steps 800 --rows
     python benchmarks/feature_kd_bbc.py --seeds 0 --steps 4 --max_length 32 --output_dir /tmp/feat_smoke  # smoke
 """
 
@@ -84,6 +87,7 @@ ROWS = {
     "hidden + attention, then kl": ([FEATURES[1:], ["kl"]], False),
     "hidden + attention, [CLS] key left out, then kl": ([[FEATURES[1], SINKLESS_ATTENTION], ["kl"]], False),
     "kl + hidden + attention, [CLS] key left out": ([[*FEATURES[:2], SINKLESS_ATTENTION]], False),
+    "hidden + attention, [CLS] key left out, then kl at 1e-4": ([[FEATURES[1], SINKLESS_ATTENTION], ["kl"]], False),
     "kl + hidden": ([FEATURES[:2]], False),
     "kl + attention": ([[FEATURES[0], FEATURES[2]]], False),
     "kl + hidden through a linear projector": ([["kl", {**FEATURES[1], "projector": "linear"}]], False),
@@ -98,7 +102,12 @@ ROWS = {
     "kl + hidden + attention, student from the teacher's layers": ([FEATURES], True),
 }
 # TinyBERT's order at its proportions: the feature terms (general distillation) for 3/4 of the steps, then kl
-STAGE_SHARES = {"hidden + attention, [CLS] key left out, then kl": (3, 1)}
+STAGE_SHARES = {
+    "hidden + attention, [CLS] key left out, then kl": (3, 1),
+    "hidden + attention, [CLS] key left out, then kl at 1e-4": (3, 1),
+}
+# the second stage at fine-tuning's learning rate: the first stage's student is no longer random
+STAGE_LEARNING_RATES = {"hidden + attention, [CLS] key left out, then kl at 1e-4": (None, 1e-4)}
 # CRD + KD is measured on digits (feature_kd_digits.py); the lighter, two-stage and one-term rows look into the random
 # start's collapse (--rows)
 LOOKS_INTO_THE_COLLAPSE = (
@@ -111,7 +120,7 @@ LOOKS_INTO_THE_COLLAPSE = (
     "kl, then kl + hidden + attention, [CLS] key left out",
 )
 # rows for a longer budget (--steps 800): general distillation needs more steps than 200 (docs/losses.md)
-LONGER_BUDGET = ("hidden + attention, [CLS] key left out, then kl", "kl + hidden + attention, [CLS] key left out")
+LONGER_BUDGET = tuple(STAGE_SHARES) + ("kl + hidden + attention, [CLS] key left out",)
 DEFAULT_ROWS = [
     row for row in ROWS if row != "kl + crd" and row not in LOOKS_INTO_THE_COLLAPSE and row not in LONGER_BUDGET
 ]
@@ -210,6 +219,7 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
         start = time.perf_counter()
         stages, from_teacher = ROWS[row]
         shares = STAGE_SHARES.get(row, (1,) * len(stages))
+        learning_rates = STAGE_LEARNING_RATES.get(row, (None,) * len(stages))
         student = student_like(teacher, 4, seed, from_teacher)
         for stage, losses in enumerate(stages):
             trainer = DistillationTrainer(
@@ -220,6 +230,7 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
                     output_dir=f"{folder}/row{list(ROWS).index(row)}/stage{stage}",
                     losses=losses,
                     max_steps=options.steps * shares[stage] // sum(shares),
+                    learning_rate=learning_rates[stage] or args.learning_rate,
                 ),
                 train_dataset=transfer,
                 data_collator=collator,
