@@ -297,6 +297,20 @@ CASES = [
         "got unknown option 'temperature'",
     ),
     Case(
+        "option-value-bad",
+        '`losses="attention_kl:1:sink_keys=-1"` (a bad option value: refused when the config is made)',
+        lambda p: config(p, losses="attention_kl:1:sink_keys=-1"),
+        ValueError,
+        "losses: attention_kl: sink_keys must be a non-negative integer",
+    ),
+    Case(
+        "option-layer-map-bad",
+        '`losses="hidden_mse:1:layer_map=middle"`',
+        lambda p: config(p, losses="hidden_mse:1:layer_map=middle"),
+        ValueError,
+        "losses: hidden_mse: layer_map must be 'uniform', 'last' or a list",
+    ),
+    Case(
         "json-broken",
         '`losses=\'[{"name": "kl",\'` (broken JSON)',
         lambda p: config(p, losses='[{"name": "kl",'),
