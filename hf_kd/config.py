@@ -147,7 +147,8 @@ class DistillationConfig(TrainingArguments):
             own), float32, bfloat16 or float16.
         temperature: Softmax temperature τ shared by the losses (a loss's own 'temperature' option wins).
         alpha: Convex mix (1 - alpha)·CE + alpha·KD with 0 <= alpha <= 1; 0.9 when neither alpha nor
-            hard_label_weight is set.
+            hard_label_weight is set. At 0 the student trains on its labels alone and the teachers are not run in
+            training (evaluation still reports the terms).
         hard_label_weight: γ in the additive form γ·CE + Σ wᵢ·Lᵢ (1 gives CE + KD). Cannot be combined with alpha.
         losses: Distillation losses: 'kl:1.0,logit_mse:0.5' (`name[:weight][:key=value]`) or a JSON/YAML list of
             {name, weight, ...options}. Default: kl with weight 1.
@@ -208,7 +209,8 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Convex mix (1 - alpha)·CE + alpha·KD with 0 <= alpha <= 1; 0.9 when neither alpha nor "
-            "hard_label_weight is set."
+            "hard_label_weight is set. At 0 the student trains on its labels alone and the teachers are not run in "
+            "training (evaluation still reports the terms)."
         },
     )
     hard_label_weight: float | None = field(

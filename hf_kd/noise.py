@@ -130,6 +130,104 @@ class TokenDropout:
         return {**batch, "attention_mask": attention_mask.masked_fill(dropped, 0)}
 
 
+class TokenCrop:
+    """Keep a random window of ``length`` tokens of each longer row: its leading and trailing special tokens plus a
+    contiguous run of the tokens between them, drawn uniformly (the text counterpart of an image's random crop).
+
+    Every per-token field (``input_ids``, ``attention_mask``, ``token_type_ids``…) is cropped alike and the batch
+    shrinks to its longest kept row, padded on the side it was padded on. Rows of at most ``length`` tokens are kept
+    whole. The teachers read the uncropped batch, so a teacher can label a whole document while the student learns
+    from windows of it. For models with one output per row (sequence classification, embeddings): a batch with
+    per-token labels is refused, since a crop moves the tokens they belong to.
+
+    Args:
+        length: The tokens kept per row, special tokens included; >= 1 more than the special tokens a row carries.
+        protected_ids: The special token ids kept in place at the ends of each row.
+        pad_token_id: The id that pads the cropped rows.
+
+    Raises:
+        ValueError: ``length`` < 1.
+    """
+
+    def __init__(self, length: int, protected_ids: Sequence[int] = (), pad_token_id: int = 0):
+        if length < 1:
+            raise ValueError(f"TokenCrop needs length >= 1, got {length}.")
+        self.length, self.pad_token_id = int(length), int(pad_token_id)
+        self.protected_ids = torch.tensor(sorted(set(protected_ids)), dtype=torch.long)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, length: int) -> TokenCrop:
+        """A crop that keeps a tokenizer's special tokens at the ends of each row and pads with its pad token.
+
+        Args:
+            tokenizer: A transformers tokenizer.
+            length: The tokens kept per row, special tokens included.
+
+        Returns:
+            The noise.
+        """
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return cls(length, tokenizer.all_special_ids, pad)
+
+    def __call__(self, batch: dict) -> dict:
+        """The batch with each longer row cropped to a random window.
+
+        Args:
+            batch: A batch with ``input_ids`` (and, optionally, ``attention_mask`` and other per-token fields).
+
+        Returns:
+            A new batch whose per-token fields are cropped; every other field is untouched.
+
+        Raises:
+            ValueError: the batch has no ``input_ids``, its labels are per token, or a row's special tokens leave no
+                room within ``length``.
+        """
+        input_ids = _field(batch, "input_ids", "TokenCrop")
+        per_token = [name for name, value in batch.items() if torch.is_tensor(value) and value.shape == input_ids.shape]
+        if "labels" in per_token:
+            raise ValueError(
+                "TokenCrop moves tokens, so it cannot keep per-token labels aligned; use it for models with one "
+                "output per row (sequence classification, embeddings)."
+            )
+        attention_mask = batch.get("attention_mask", torch.ones_like(input_ids)).bool()
+        protected = torch.isin(input_ids, self.protected_ids.to(input_ids.device)) & attention_mask
+        left_padded = bool((~attention_mask[:, 0] & attention_mask.any(dim=1)).any())
+        kept = [self._window(row_mask, row_protected) for row_mask, row_protected in zip(attention_mask, protected)]
+        width = max(len(positions) for positions in kept)
+        cropped = dict(batch)
+        for name in per_token:
+            fill = self.pad_token_id if name == "input_ids" else 0
+            rows = batch[name].new_full((len(kept), width), fill)
+            for row, positions in enumerate(kept):
+                start = width - len(positions) if left_padded else 0
+                rows[row, start : start + len(positions)] = batch[name][row, positions]
+            cropped[name] = rows
+        if "attention_mask" not in batch:
+            cropped["attention_mask"] = torch.zeros_like(cropped["input_ids"])
+            for row, positions in enumerate(kept):
+                start = width - len(positions) if left_padded else 0
+                cropped["attention_mask"][row, start : start + len(positions)] = 1
+        return cropped
+
+    def _window(self, attention_mask: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+        """The positions one row keeps: its protected ends and a random run of ``length`` minus those between."""
+        positions = attention_mask.nonzero().flatten()
+        if len(positions) <= self.length:
+            return positions
+        ends = protected[positions]
+        head = int(ends.int().cumprod(0).sum())  # special tokens leading the row
+        tail = int(ends.flip(0).int().cumprod(0).sum())  # and trailing it
+        room = self.length - head - tail
+        if room < 1:
+            raise ValueError(
+                f"TokenCrop(length={self.length}) leaves no room for text in a row that starts with {head} and "
+                f"ends with {tail} special tokens; use a larger length."
+            )
+        middle = positions[head : len(positions) - tail]
+        start = int(torch.randint(len(middle) - room + 1, (1,), device=middle.device))
+        return torch.cat([positions[:head], middle[start : start + room], positions[len(positions) - tail :]])
+
+
 class GaussianNoise:
     """Add N(0, std²) noise to a float input (``pixel_values`` by default; ``input_values`` for audio).
 

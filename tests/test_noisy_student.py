@@ -3,6 +3,7 @@ balancing) and rounds in which each student becomes the next teacher."""
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from transformers import BertForSequenceClassification
 
 from hf_kd import DistillationTrainer, write_teacher_cache
 from hf_kd.data import UNLABELED, add_sample_index
-from hf_kd.noise import GaussianNoise, RandomShift, TokenDropout, TokenMasking
+from hf_kd.noise import GaussianNoise, RandomShift, TokenCrop, TokenDropout, TokenMasking
 from hf_kd.schemes.noisy_student import noisy_student, pseudo_label
 
 MASK, PAD = 1, 0
@@ -44,6 +45,102 @@ def test_token_dropout_removes_tokens_from_the_attention_and_keeps_one_per_row()
     assert torch.equal(noised["input_ids"], input_ids)
     assert kept.sum(1).min().item() >= 1  # 0.9³ of the rows would otherwise be empty
     assert kept.float().mean().item() < 0.4
+
+
+CLS, SEP = 2, 3
+
+
+def test_token_crop_keeps_the_special_ends_and_a_uniform_contiguous_window_of_each_long_row():
+    torch.manual_seed(0)
+    text = torch.arange(10, 30)  # 20 text tokens, each id its position + 9
+    long_row = torch.cat([torch.tensor([CLS]), text, torch.tensor([SEP])])  # 22 tokens
+    short_row = torch.tensor([CLS, 40, 41, SEP] + [PAD] * 18)
+    input_ids = torch.stack([long_row, short_row]).repeat(200, 1)
+    attention_mask = input_ids.ne(PAD).long()
+    token_type_ids = torch.zeros_like(input_ids)
+    token_type_ids[:, 5] = 1  # marks the long row's 5th token (id 14) wherever it goes
+    labels = torch.arange(400)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": token_type_ids,
+        "labels": labels,
+    }
+    cropped = TokenCrop(6, protected_ids=[CLS, SEP, PAD], pad_token_id=PAD)(batch)
+    assert cropped["input_ids"].shape == (400, 6) and cropped["labels"] is labels
+    starts = []
+    for row, ids in enumerate(cropped["input_ids"]):
+        if row % 2:  # the short row is kept whole, padded to the batch's new width
+            assert ids.tolist() == [CLS, 40, 41, SEP, PAD, PAD]
+            assert cropped["attention_mask"][row].tolist() == [1, 1, 1, 1, 0, 0]
+            continue
+        assert ids[0] == CLS and ids[-1] == SEP and cropped["attention_mask"][row].sum() == 6
+        window = ids[1:5]
+        assert torch.equal(window, torch.arange(window[0], window[0] + 4))  # four consecutive text tokens
+        assert torch.equal(cropped["token_type_ids"][row].eq(1), ids.eq(14))  # cropped like input_ids
+        starts.append(int(window[0]) - 10)
+    counts = np.bincount(starts, minlength=17)  # 17 possible windows of 4 among 20 tokens, 200 draws
+    assert len(counts) == 17 and counts.min() >= 3 and counts.max() <= 25
+    assert torch.equal(batch["input_ids"], input_ids)  # the clean batch is not modified in place
+
+
+def test_token_crop_keeps_left_padding_on_the_left():
+    input_ids = torch.tensor([[PAD, PAD, CLS, 10, 11, 12, 13, SEP], [CLS, 20, 21, 22, 23, 24, 25, SEP]])
+    cropped = TokenCrop(4, protected_ids=[CLS, SEP])({"input_ids": input_ids, "attention_mask": input_ids.ne(PAD)})
+    assert cropped["input_ids"].shape == (2, 4) and cropped["attention_mask"].all()
+    for ids, text in zip(cropped["input_ids"], ([10, 11, 12, 13], [20, 21, 22, 23, 24, 25])):
+        assert ids[0] == CLS and ids[-1] == SEP and ids[1:3].tolist() in [text[i : i + 2] for i in range(len(text) - 1)]
+    cropped = TokenCrop(6, protected_ids=[CLS, SEP])({"input_ids": input_ids, "attention_mask": input_ids.ne(PAD)})
+    assert cropped["input_ids"][0].tolist() == [CLS, 10, 11, 12, 13, SEP]  # 6 attended tokens: kept whole
+    assert cropped["attention_mask"].all() and cropped["input_ids"].shape == (2, 6)
+    input_ids[1, :3] = PAD  # now both rows are left-padded; the short one keeps its padding on the left
+    cropped = TokenCrop(6, protected_ids=[CLS, SEP])({"input_ids": input_ids, "attention_mask": input_ids.ne(PAD)})
+    assert cropped["input_ids"][1].tolist() == [PAD, 22, 23, 24, 25, SEP]
+    assert cropped["attention_mask"][1].tolist() == [0, 1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "length, batch, message",
+    [
+        (0, None, "TokenCrop needs length >= 1, got 0."),
+        (
+            4,
+            {"input_ids": torch.ones(2, 8, dtype=torch.long), "labels": torch.ones(2, 8, dtype=torch.long)},
+            "TokenCrop moves tokens, so it cannot keep per-token labels aligned",
+        ),
+        (
+            2,
+            {"input_ids": torch.tensor([[CLS, 10, 11, SEP]])},
+            "TokenCrop(length=2) leaves no room for text in a row that starts with 1 and ends with 1 special tokens",
+        ),
+        (4, {"pixel_values": torch.ones(1, 1, 2, 2)}, "TokenCrop perturbs 'input_ids', which this batch does not have"),
+    ],
+)
+def test_token_crop_refusals(length, batch, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TokenCrop(length, protected_ids=[CLS, SEP])(batch)
+
+
+def test_a_cropped_student_learns_while_its_teacher_reads_the_whole_rows(tmp_path):
+    data = classification_data(n=16, length=12)
+    student_seen, teacher_seen = [], []
+    student, teacher = _recorder(tiny_bert(hidden=16, seed=2), student_seen), _recorder(tiny_bert(seed=1), teacher_seen)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, max_steps=2, per_device_train_batch_size=16),
+        train_dataset=data,
+        student_noise=TokenCrop(5),
+    )
+    trainer.train()
+    clean = torch.tensor(data["input_ids"])
+    assert [seen.shape for seen in teacher_seen] == [(16, 12)] * 2 and [seen.shape for seen in student_seen] == [
+        (16, 5)
+    ] * 2
+    for window, row in zip(student_seen[0], teacher_seen[0]):  # each student row is a window of its teacher row
+        assert any(torch.equal(window, row[start : start + 5]) for start in range(8))
+    assert all(row.tolist() in clean.tolist() for row in teacher_seen[0])
+    assert np.isfinite([entry["kl"] for entry in trainer.state.log_history if "kl" in entry]).all()
 
 
 def test_random_shift_translates_each_image_by_whole_pixels_and_fills_the_border():

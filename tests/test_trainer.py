@@ -71,6 +71,26 @@ def test_convex_alpha_and_unlabeled_batches(tmp_path):
     assert trainer.compute_loss(student, unlabeled).item() == pytest.approx(0.25 * kd.item(), rel=1e-5)
 
 
+def test_alpha_zero_trains_on_the_labels_without_running_the_teacher(tmp_path):
+    data = classification_data(n=16)
+    teacher, student = tiny_bert(seed=1), tiny_bert(hidden=16, seed=2)
+    calls = []
+    teacher.register_forward_pre_hook(lambda module, args: calls.append(module.training))
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=config(tmp_path, alpha=0.0), train_dataset=data, eval_dataset=data
+    )
+    batch = {k: torch.tensor(v) for k, v in data[:8].items()}
+    student.train()
+    total = trainer.compute_loss(student, batch)
+    with torch.no_grad():
+        student.eval()  # the tiny BERT has no dropout: train and eval forwards agree
+        assert total.item() == pytest.approx(student(**batch).loss.item(), rel=1e-5)
+    assert calls == []  # a zero weight needs no teacher outputs (e.g. hard pseudo-labels, CE alone)
+    trainer.train()
+    assert calls == [] and all("kl" not in entry for entry in trainer.state.log_history if "loss" in entry)
+    assert "eval_kl" in trainer.evaluate() and len(calls) > 0  # evaluation still reports the distance to the teacher
+
+
 def test_image_classification(tmp_path):
     generator = torch.Generator().manual_seed(0)
     data = Dataset.from_dict(

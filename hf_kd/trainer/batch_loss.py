@@ -65,7 +65,10 @@ def plain_terms(
         terms.update(label_term(trainer, outputs, labels, counts))
 
     teachers, mask = {}, None
-    distilled = bool(objective.terms) and (mode == "train" or trainer.teachers_cover_eval)
+    # alpha=0 trains on the labels alone (e.g. hard pseudo-labels): the teachers are not run for a zero weight.
+    distilled = bool(objective.terms) and (
+        (mode == "train" and objective.distillation_weight > 0) or (mode == "eval" and trainer.teachers_cover_eval)
+    )
     if distilled:
         # Token-level models with a teacher's own view (another tokenizer) align positions; sequence-level models
         # (one prediction per example, e.g. a text teacher for a speech student) compare their outputs as they are.
