@@ -331,6 +331,22 @@ def test_rounds_chain_teachers_record_pseudo_labels_and_reload(tmp_path):
         load_student=lambda folder: reloaded.append(folder) or BertForSequenceClassification.from_pretrained(folder),
     )
     assert len(reloaded) == 2 and again[1].details["kept_rows"] == 24
+    # A third round on the same folder reuses the two finished ones: how many rounds follow does not change them.
+    reloaded.clear()
+    longer = noisy_student(
+        teacher,
+        make_student,
+        config(tmp_path, max_steps=2),
+        train_dataset=train,
+        rounds=3,
+        pseudo_label_threshold=0.0,
+        pseudo_labels="hard",
+        student_noise=TokenMasking(0.2, MASK),
+        student_dropout=0.1,
+        load_student=lambda folder: reloaded.append(folder) or BertForSequenceClassification.from_pretrained(folder),
+    )
+    assert [stage.name for stage in longer] == ["round1", "round2", "round3"] and len(reloaded) == 2
+    assert longer[2].trainer is not None and longer[0].trainer is None and longer[1].trainer is None
     # The same folder asked for soft pseudo-labels: the finished rounds were trained otherwise and are not reused.
     with pytest.raises(ValueError, match=r"stage 'round1' finished in an earlier run .* under another set-up: scheme"):
         noisy_student(teacher, make_student, config(tmp_path, max_steps=2), train_dataset=train, rounds=2)

@@ -135,6 +135,11 @@ def test_a_finished_stage_is_reused_only_under_the_set_up_it_was_trained_with(tm
     )
     assert len(loads) == 2 and all(stage.trainer is None for stage in again)  # read back, not trained
     assert torch.equal(next(iter(again[1].model.parameters())), next(iter(first[1].model.parameters())))
+    loads.clear()  # one more generation: the two finished ones are read back, the third trains
+    longer = born_again(
+        teacher, _student, config(tmp_path, max_steps=2), generations=3, train_dataset=data, load_student=load
+    )
+    assert len(loads) == 2 and [stage.trainer is None for stage in longer] == [True, True, False]
     changed = config(tmp_path, max_steps=2, losses="kl:1,logit_mse:0.5")
     with pytest.raises(
         ValueError, match=r"stage 'generation1' finished in an earlier run .* under another set-up: losses"

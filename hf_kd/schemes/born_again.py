@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from torch import nn
 
@@ -28,6 +29,8 @@ class BornAgainConfig(SchemeConfig):
     Raises:
         ValueError: ``generations`` below 1, or ``ensemble_last`` with fewer than 2 generations.
     """
+
+    stage_count_field: ClassVar[str] = "generations"
 
     generations: int = field(default=2, metadata={"help": "born_again: the number of generations."})
     ensemble_last: bool = field(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -158,6 +159,8 @@ class NoisyStudentConfig(SchemeConfig):
         ValueError: ``rounds`` below 1, ``pseudo_labels`` neither soft nor hard, a threshold, dropout or input
             noise outside [0, 1).
     """
+
+    stage_count_field: ClassVar[str] = "rounds"
 
     rounds: int = field(default=1, metadata={"help": "noisy_student: the number of rounds."})
     pseudo_labels: str = field(

@@ -27,9 +27,12 @@ TEACHERS = ("none", "one", "many")  # what a scheme takes as teacher_model
 @dataclass
 class SchemeConfig:
     """The settings of one scheme: a subclass per scheme, each field documented (``metadata={"help": ...}``) and
-    checked in ``__post_init__``. ``name`` is the scheme's registry name (set by :func:`register_scheme`)."""
+    checked in ``__post_init__``. ``name`` is the scheme's registry name (set by :func:`register_scheme`).
+    ``stage_count_field`` names the setting that only says how many stages follow one another (rounds,
+    generations): a rerun that asks for more of them reuses the finished ones."""
 
     name: ClassVar[str] = ""
+    stage_count_field: ClassVar[str | None] = None
 
     def to_dict(self) -> dict:
         """What ``distillation_config.json`` records under ``"scheme"``.

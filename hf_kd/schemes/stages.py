@@ -158,9 +158,19 @@ def stage_setup(teacher, args: DistillationConfig, lineage: list[dict], scheme=N
     return {
         "teacher": _teacher_setup(teacher),
         **{field: getattr(args, field) for field in SETUP_FIELDS},
-        "scheme": scheme.to_dict() if scheme is not None else None,
+        "scheme": _scheme_setup(scheme),
         "lineage": lineage,
     }
+
+
+def _scheme_setup(scheme) -> dict | None:
+    """The scheme's settings that decide a stage: all but how many stages follow it (a chain asked to go on
+    reuses its finished stages)."""
+    if scheme is None:
+        return None
+    settings = scheme.to_dict()
+    settings.pop(getattr(scheme, "stage_count_field", None), None)
+    return settings
 
 
 def _teacher_setup(teacher):
