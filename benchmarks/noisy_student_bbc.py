@@ -112,6 +112,7 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]], discord
         pseudo_labels=options.pseudo_labels,
         pseudo_label_threshold=options.threshold,
         balance_pseudo_labels=options.balance,
+        load_student=AutoModelForSequenceClassification.from_pretrained,  # a rerun with more --rounds reuses these
     )
     crop = [TokenCrop.from_tokenizer(tokenizer, options.crop)] if options.crop else []
     if "noisy" in options.runs:
