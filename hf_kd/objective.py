@@ -22,6 +22,7 @@ from .teachers.ensemble import ENSEMBLE, TeacherAggregator
 
 LABEL_TERM = "ce"
 WEIGHT_PREFIX = "teacher_weight/"  # each teacher's mean weight in the ensemble, logged
+CONFIDENT_PREFIX = "confident/"  # the share of positions a confidence_threshold keeps, logged per term
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,12 @@ class Objective:
     def logged_names(self) -> list[str]:
         """Every name the term log carries: the label loss, the terms, each teacher's mean ensemble weight."""
         weights = [f"{WEIGHT_PREFIX}{name}" for name in self.teachers] if self.reads_ensemble else []
-        return [LABEL_TERM, *self.names, *weights]
+        return [LABEL_TERM, *self.names, *weights, *self.confident_names]
+
+    @property
+    def confident_names(self) -> list[str]:
+        """``confident/TERM`` for each term with a ``confidence_threshold``: the share of positions it keeps."""
+        return [f"{CONFIDENT_PREFIX}{term.name}" for term in self.terms if thresholded(term.loss)]
 
     @property
     def reads_ensemble(self) -> bool:
@@ -273,3 +279,31 @@ def _log_name(name: str, earlier: list[str]) -> str:
     short = name.rpartition(".")[2]
     repeats = sum(1 for other in earlier if other.rpartition(".")[2] == short)
     return short if repeats == 0 else f"{short}_{repeats + 1}"
+
+
+def thresholded(loss: nn.Module) -> bool:
+    """Whether ``loss`` keeps only the positions where the teacher is confident (a ``confidence_threshold``)."""
+    return getattr(loss, "confidence_threshold", None) is not None
+
+
+def record_confident(term_log, mode: str, name: str, loss: nn.Module, teachers, mask) -> None:
+    """Log the share of ``mask``'s positions where ``teachers`` reach ``loss``'s confidence threshold as ``name``:
+    kept positions over counted ones, summed over micro-batches and processes (the exact share, not a mean of
+    shares). Nothing for a loss without a threshold.
+
+    Args:
+        term_log: the trainer's :class:`~hf_kd.term_log.TermLog`.
+        mode: ``"train"`` or ``"eval"``.
+        name: the logged name (``confident/kl``, ``confident/kl/peer0``).
+        loss: the term's loss.
+        teachers: the teacher features the term compares with (one, or several averaged by a member).
+        mask: bool over the counted positions, or ``None``: all.
+    """
+    if not thresholded(loss):
+        return
+    kept = counted = 0.0
+    for teacher in teachers:
+        confident = loss.confident_mask(teacher, mask)
+        kept = kept + confident.float().sum()
+        counted = counted + (confident.numel() if mask is None else mask.float().sum())
+    term_log.record(mode, {name: kept}, {name: counted})

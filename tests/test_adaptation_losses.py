@@ -144,6 +144,56 @@ def test_a_thresholded_loss_on_the_chunked_path_equals_the_plain_path(tmp_path, 
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _threshold_between(probabilities, kept):
+    """A threshold that keeps exactly the ``kept`` most confident of these top-class probabilities."""
+    ordered = probabilities.sort(descending=True).values
+    return float((ordered[kept - 1] + ordered[kept]) / 2)
+
+
+def test_the_share_a_threshold_keeps_is_logged_per_term_in_training_and_evaluation(tmp_path):
+    data, teacher = classification_data(n=8), tiny_bert(seed=1)
+    batch = {k: torch.tensor(v) for k, v in data[:].items()}
+    with torch.no_grad():
+        top = teacher(**batch).logits.softmax(-1).amax(-1)
+    threshold = _threshold_between(top, kept=3)  # 3 of the 8 rows
+    trainer = DistillationTrainer(
+        model=tiny_bert(hidden=16, seed=2),
+        teacher_model=teacher,
+        args=config(
+            tmp_path,
+            losses=f"kl:1:confidence_threshold={threshold},tvd:1",
+            max_steps=1,
+            logging_steps=1,
+            per_device_train_batch_size=8,
+        ),
+        train_dataset=data,
+        eval_dataset=data,
+    )
+    trainer.train()
+    (logged,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged["confident/kl"] == pytest.approx(3 / 8) and "confident/tvd" not in logged  # tvd has no threshold
+    metrics = trainer.evaluate(eval_dataset=data.select(range(5)))  # the exact share over the whole set, not per batch
+    assert metrics["eval_confident/kl"] == pytest.approx(float((top[:5] >= threshold).float().mean()))
+
+
+def test_mutual_learning_logs_each_peers_kept_share_against_its_peer(tmp_path):
+    from hf_kd.schemes.mutual_learning import MutualLearningTrainer
+
+    data = classification_data(n=8)
+    peers = [tiny_bert(hidden=16, seed=1), tiny_bert(hidden=32, seed=2)]
+    batch = {k: torch.tensor(v) for k, v in data[:].items()}
+    with torch.no_grad():
+        tops = [peer(**batch).logits.softmax(-1).amax(-1) for peer in peers]
+    threshold = _threshold_between(tops[1], kept=5)
+    trainer = MutualLearningTrainer(
+        peers, config(tmp_path, losses=f"kl:1:confidence_threshold={threshold}"), train_dataset=data
+    )
+    trainer.compute_loss(trainer.model, dict(batch))
+    logged = trainer.term_log.reduce("train")
+    assert logged["confident/kl/peer0"] == pytest.approx(5 / 8)  # peer 0 learns where peer 1 is sure
+    assert logged["confident/kl/peer1"] == pytest.approx(float((tops[0] >= threshold).float().mean()))
+
+
 # ---- class balance --------------------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from ..features import ModelFeatures, output_field, run_model
 from ..losses.chunked import chunked_token_terms
 from ..losses.lm_head import LogitsHead
 from ..model_kinds import is_classifier
-from ..objective import LABEL_TERM, WEIGHT_PREFIX, check_finite
+from ..objective import CONFIDENT_PREFIX, LABEL_TERM, WEIGHT_PREFIX, check_finite, record_confident
 from ..positions import ItemCounts, distillation_mask, labeled_entries, split_sample_index
 
 logger = logging.get_logger(__name__)
@@ -105,6 +105,7 @@ def plain_terms(
             teacher = views.get(term.teacher) or combined[float(getattr(term.loss, "temperature", 1.0))]
             value = term.loss(student_view, teacher, mask=view_mask, labels=labels_view, sample_index=sample_index)
             terms[term.name] = objective.normalise(term, value, counts, accumulation)
+            record_confident(trainer.term_log, mode, CONFIDENT_PREFIX + term.name, term.loss, [teacher], view_mask)
     if trainer.args.check_finite:
         check_finite(_where(trainer, mode), terms, student, teachers, mask, trainer.args.device)
     return terms, outputs, distilled

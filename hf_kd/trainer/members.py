@@ -18,7 +18,7 @@ from ..checks import check_compatible, check_logit_width
 from ..config import DistillationConfig
 from ..evaluation import count_parameters
 from ..features import ModelFeatures
-from ..objective import LABEL_TERM, Objective, check_finite
+from ..objective import CONFIDENT_PREFIX, LABEL_TERM, Objective, check_finite, record_confident
 from ..positions import ItemCounts, split_sample_index
 from ..teachers.ensemble import TeacherAggregator
 from ..views import split_views
@@ -135,7 +135,7 @@ class TrainedMembers:
         Returns:
             The names, member by member.
         """
-        terms = [LABEL_TERM, *objective.names, *self.extra_term_names]
+        terms = [LABEL_TERM, *objective.names, *self.extra_term_names, *objective.confident_names]
         return [self.log_name(term, member) for member in self.names for term in terms]
 
     def teachers_of(self, member: str, detached: dict[str, ModelFeatures], term) -> list[ModelFeatures]:
@@ -386,6 +386,8 @@ def members_loss(trainer, model, inputs, return_outputs=False, num_items_in_batc
             for teacher in teachers:
                 check_compatible(student, teacher)
                 values.append(members.term_value(term, student, teacher, term_mask, position_labels, sources))
+            confident_name = members.log_name(CONFIDENT_PREFIX + term.name, name)
+            record_confident(trainer.term_log, mode, confident_name, term.loss, teachers, term_mask)
             terms[term.name] = scale * objective.normalise(term, sum(values) / len(values), counts, accumulation)
             taught = True
         extra = {key: value / accumulation for key, value in members.extra_terms(name, results, sources).items()}
