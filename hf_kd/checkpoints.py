@@ -48,6 +48,23 @@ def changed_fields(saved: dict | None, requested: dict) -> str:
     )
 
 
+def without_stage_count(setup: dict | None, stage_count_field: str | None) -> dict | None:
+    """A recorded set-up without its scheme's stage count (``rounds``, ``generations``), which records written
+    before hf_kd left it out still hold: how many stages follow does not change a finished one.
+
+    Args:
+        setup: The set-up read back, or None.
+        stage_count_field: The scheme's :attr:`~hf_kd.schemes.registry.SchemeConfig.stage_count_field`, or None.
+
+    Returns:
+        The set-up, its ``"scheme"`` without that field.
+    """
+    scheme = (setup or {}).get("scheme")
+    if not stage_count_field or not isinstance(scheme, dict) or stage_count_field not in scheme:
+        return setup
+    return {**setup, "scheme": {key: value for key, value in scheme.items() if key != stage_count_field}}
+
+
 def write_run_setup(checkpoint: str, setup: dict) -> None:
     """Record the run's set-up in a checkpoint folder (made if need be), for :func:`check_run_setup` on resuming.
 
@@ -60,12 +77,13 @@ def write_run_setup(checkpoint: str, setup: dict) -> None:
         json.dump(setup, handle, indent=2)
 
 
-def check_run_setup(checkpoint: str, setup: dict) -> None:
+def check_run_setup(checkpoint: str, setup: dict, stage_count_field: str | None = None) -> None:
     """Refuse to resume from ``checkpoint`` when the run that saved it had another set-up.
 
     Args:
         checkpoint: The ``checkpoint-N`` folder to resume from.
         setup: This run's set-up.
+        stage_count_field: The scheme's stage count, left out of the comparison (see :func:`without_stage_count`).
 
     Raises:
         ValueError: the recorded set-up differs; the message names each difference.
@@ -74,7 +92,7 @@ def check_run_setup(checkpoint: str, setup: dict) -> None:
     if not os.path.isfile(path):  # saved before hf_kd recorded set-ups, or by a plain Trainer: nothing to compare
         return
     with open(path) as handle:
-        changed = changed_fields(json.load(handle), setup)
+        changed = changed_fields(without_stage_count(json.load(handle), stage_count_field), setup)
     if changed:
         raise ValueError(
             f"{checkpoint} was saved by a run with another set-up ({changed}): resuming from it would continue that "

@@ -347,9 +347,45 @@ def test_rounds_chain_teachers_record_pseudo_labels_and_reload(tmp_path):
     )
     assert [stage.name for stage in longer] == ["round1", "round2", "round3"] and len(reloaded) == 2
     assert longer[2].trainer is not None and longer[0].trainer is None and longer[1].trainer is None
+    # Records written before the stage count was left out still hold it: they are reused all the same.
+    summary = f"{stages[0].model_folder}/distillation_config.json"
+    with open(summary) as handle:
+        saved = json.load(handle)
+    assert "rounds" not in saved["setup"]["scheme"]
+    saved["setup"]["scheme"]["rounds"] = 2
+    with open(summary, "w") as handle:
+        json.dump(saved, handle)
+    reloaded.clear()
+    noisy_student(
+        teacher,
+        make_student,
+        config(tmp_path, max_steps=2),
+        train_dataset=train,
+        rounds=3,
+        pseudo_label_threshold=0.0,
+        pseudo_labels="hard",
+        student_noise=TokenMasking(0.2, MASK),
+        student_dropout=0.1,
+        load_student=lambda folder: reloaded.append(folder) or BertForSequenceClassification.from_pretrained(folder),
+    )
+    assert len(reloaded) == 3
     # The same folder asked for soft pseudo-labels: the finished rounds were trained otherwise and are not reused.
     with pytest.raises(ValueError, match=r"stage 'round1' finished in an earlier run .* under another set-up: scheme"):
         noisy_student(teacher, make_student, config(tmp_path, max_steps=2), train_dataset=train, rounds=2)
+
+
+def test_a_checkpoint_resumes_under_more_rounds_but_not_under_other_settings(tmp_path):
+    from hf_kd.checkpoints import check_run_setup, write_run_setup
+    from hf_kd.schemes.noisy_student import NoisyStudentConfig
+
+    checkpoint = str(tmp_path / "checkpoint-2")
+    old_record = {"losses": "kl", "scheme": NoisyStudentConfig(rounds=2).to_dict()}  # as written before: with rounds
+    write_run_setup(checkpoint, old_record)
+    check_run_setup(checkpoint, {"losses": "kl", "scheme": NoisyStudentConfig(rounds=3).setup()}, "rounds")
+    with pytest.raises(ValueError, match=r"another set-up \(scheme: .*'pseudo_labels': 'soft'.* → .*'hard'"):
+        check_run_setup(
+            checkpoint, {"losses": "kl", "scheme": NoisyStudentConfig(rounds=3, pseudo_labels="hard").setup()}, "rounds"
+        )
 
 
 def test_the_card_shows_the_lineage_with_each_stages_metrics(tmp_path):

@@ -42,6 +42,17 @@ class SchemeConfig:
         """
         return {"name": self.name, **dataclasses.asdict(self)}
 
+    def setup(self) -> dict:
+        """The settings that decide a stage's or a run's result, recorded with it and compared on a rerun: all but
+        ``stage_count_field`` (a chain asked for more stages reuses the finished ones).
+
+        Returns:
+            :meth:`to_dict` without the stage count.
+        """
+        settings = self.to_dict()
+        settings.pop(self.stage_count_field, None)
+        return settings
+
 
 @dataclass
 class SchemeResult:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..checkpoints import changed_fields, last_complete_checkpoint
+from ..checkpoints import changed_fields, last_complete_checkpoint, without_stage_count
 from ..checks import check_teacher_count
 from ..config import DistillationConfig
 from ..objective import Objective
@@ -93,7 +93,8 @@ def run_stage(
     if finished_stage(args, name):
         with open(os.path.join(model_folder, DISTILLATION_CONFIG_NAME)) as handle:
             saved = json.load(handle)
-        changed = changed_fields(saved.get("setup"), requested)
+        recorded = without_stage_count(saved.get("setup"), getattr(scheme, "stage_count_field", None))
+        changed = changed_fields(recorded, requested)
         if changed:
             raise ValueError(
                 f"stage {name!r} finished in an earlier run ({model_folder}) under another set-up: {changed}. "
@@ -158,19 +159,9 @@ def stage_setup(teacher, args: DistillationConfig, lineage: list[dict], scheme=N
     return {
         "teacher": _teacher_setup(teacher),
         **{field: getattr(args, field) for field in SETUP_FIELDS},
-        "scheme": _scheme_setup(scheme),
+        "scheme": scheme.setup() if scheme is not None else None,
         "lineage": lineage,
     }
-
-
-def _scheme_setup(scheme) -> dict | None:
-    """The scheme's settings that decide a stage: all but how many stages follow it (a chain asked to go on
-    reuses its finished stages)."""
-    if scheme is None:
-        return None
-    settings = scheme.to_dict()
-    settings.pop(getattr(scheme, "stage_count_field", None), None)
-    return settings
 
 
 def _teacher_setup(teacher):

@@ -233,7 +233,8 @@ class DistillationTrainer(TrainerCompat):
                     "train without resume_from_checkpoint to start afresh."
                 )
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
-            check_run_setup(str(resume_from_checkpoint), self.run_setup())
+            count_field = getattr(getattr(self, "scheme_config", None), "stage_count_field", None)
+            check_run_setup(str(resume_from_checkpoint), self.run_setup(), count_field)
         try:
             return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         finally:
@@ -258,7 +259,7 @@ class DistillationTrainer(TrainerCompat):
                 name: {key: source.describe().get(key) for key in described} for name, source in self.teachers.items()
             },
             "members": self.members.setup() if self.members is not None else None,
-            "scheme": scheme.to_dict() if scheme is not None else None,
+            "scheme": scheme.setup() if scheme is not None else None,
         }
 
     # ---- loss -----------------------------------------------------------------------------------------------
