@@ -282,7 +282,14 @@ def _log_name(name: str, earlier: list[str]) -> str:
 
 
 def thresholded(loss: nn.Module) -> bool:
-    """Whether ``loss`` keeps only the positions where the teacher is confident (a ``confidence_threshold``)."""
+    """Whether ``loss`` keeps only the positions where the teacher is confident (a ``confidence_threshold``).
+
+    Args:
+        loss: A term's loss.
+
+    Returns:
+        True when it has a threshold set.
+    """
     return getattr(loss, "confidence_threshold", None) is not None
 
 
