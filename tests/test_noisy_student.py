@@ -123,16 +123,7 @@ def test_token_crop_refusals(length, batch, message):
 
 def test_a_cropped_student_learns_while_its_teacher_reads_the_whole_rows(tmp_path):
     data = classification_data(n=16, length=12)
-    student_seen, teacher_seen = [], []
-    student, teacher = _recorder(tiny_bert(hidden=16, seed=2), student_seen), _recorder(tiny_bert(seed=1), teacher_seen)
-    trainer = DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=config(tmp_path, max_steps=2, per_device_train_batch_size=16),
-        train_dataset=data,
-        student_noise=TokenCrop(5),
-    )
-    trainer.train()
+    trainer, student_seen, teacher_seen = _recorded_run(tmp_path, data, TokenCrop(5))
     clean = torch.tensor(data["input_ids"])
     assert [seen.shape for seen in teacher_seen] == [(16, 12)] * 2 and [seen.shape for seen in student_seen] == [
         (16, 5)
@@ -178,8 +169,8 @@ def _recorder(model, seen):
     return model
 
 
-def test_noise_reaches_the_student_only_and_never_evaluation(tmp_path):
-    data = classification_data(n=16)
+def _recorded_run(tmp_path, data, noise, **kwargs):
+    """Two steps of a student under ``noise``, recording the input ids each model reads."""
     student_seen, teacher_seen = [], []
     student, teacher = _recorder(tiny_bert(hidden=16, seed=2), student_seen), _recorder(tiny_bert(seed=1), teacher_seen)
     trainer = DistillationTrainer(
@@ -187,10 +178,16 @@ def test_noise_reaches_the_student_only_and_never_evaluation(tmp_path):
         teacher_model=teacher,
         args=config(tmp_path, max_steps=2, per_device_train_batch_size=16),
         train_dataset=data,
-        eval_dataset=data,
-        student_noise=[TokenMasking(0.5, MASK)],
+        student_noise=noise,
+        **kwargs,
     )
     trainer.train()
+    return trainer, student_seen, teacher_seen
+
+
+def test_noise_reaches_the_student_only_and_never_evaluation(tmp_path):
+    data = classification_data(n=16)
+    trainer, student_seen, teacher_seen = _recorded_run(tmp_path, data, [TokenMasking(0.5, MASK)], eval_dataset=data)
     clean = torch.tensor(data["input_ids"])
     assert len(student_seen) == len(teacher_seen) == 2
     for noisy, seen in zip(student_seen, teacher_seen):
@@ -292,18 +289,27 @@ def test_rounds_chain_teachers_record_pseudo_labels_and_reload(tmp_path):
         students.append(tiny_bert(hidden=32, layers=2, seed=10 + round_number))
         return students[-1]
 
-    stages = noisy_student(
-        teacher,
-        make_student,
-        config(tmp_path, max_steps=2),
-        train_dataset=train,
-        rounds=2,
-        pseudo_label_threshold=0.0,
-        pseudo_labels="hard",
-        student_noise=TokenMasking(0.2, MASK),
-        student_dropout=0.1,
-        eval_dataset=data,
-    )
+    def run(rounds, **kwargs):  # the chain in tmp_path, hard pseudo-labels, masking and dropout
+        return noisy_student(
+            teacher,
+            make_student,
+            config(tmp_path, max_steps=2),
+            train_dataset=train,
+            rounds=rounds,
+            pseudo_label_threshold=0.0,
+            pseudo_labels="hard",
+            student_noise=TokenMasking(0.2, MASK),
+            student_dropout=0.1,
+            **kwargs,
+        )
+
+    reloaded = []
+
+    def load(folder):
+        reloaded.append(folder)
+        return BertForSequenceClassification.from_pretrained(folder)
+
+    stages = run(2, eval_dataset=data)
     assert [stage.name for stage in stages] == ["round1", "round2"]
     assert all(
         module.p == 0.1 for student in students for module in student.modules() if isinstance(module, torch.nn.Dropout)
@@ -317,34 +323,11 @@ def test_rounds_chain_teachers_record_pseudo_labels_and_reload(tmp_path):
     round1 = stages[0].model.eval()
     expected = _teacher_probabilities(round1, train.select(range(8, 32))).argmax(-1)
     assert second["stage"]["rows_per_class"] == np.bincount(expected.numpy(), minlength=3).tolist()
-    reloaded = []
-    again = noisy_student(
-        teacher,
-        make_student,
-        config(tmp_path, max_steps=2),
-        train_dataset=train,
-        rounds=2,
-        pseudo_label_threshold=0.0,
-        pseudo_labels="hard",
-        student_noise=TokenMasking(0.2, MASK),
-        student_dropout=0.1,
-        load_student=lambda folder: reloaded.append(folder) or BertForSequenceClassification.from_pretrained(folder),
-    )
+    again = run(2, load_student=load)
     assert len(reloaded) == 2 and again[1].details["kept_rows"] == 24
     # A third round on the same folder reuses the two finished ones: how many rounds follow does not change them.
     reloaded.clear()
-    longer = noisy_student(
-        teacher,
-        make_student,
-        config(tmp_path, max_steps=2),
-        train_dataset=train,
-        rounds=3,
-        pseudo_label_threshold=0.0,
-        pseudo_labels="hard",
-        student_noise=TokenMasking(0.2, MASK),
-        student_dropout=0.1,
-        load_student=lambda folder: reloaded.append(folder) or BertForSequenceClassification.from_pretrained(folder),
-    )
+    longer = run(3, load_student=load)
     assert [stage.name for stage in longer] == ["round1", "round2", "round3"] and len(reloaded) == 2
     assert longer[2].trainer is not None and longer[0].trainer is None and longer[1].trainer is None
     # Records written before the stage count was left out still hold it: they are reused all the same.
@@ -356,18 +339,7 @@ def test_rounds_chain_teachers_record_pseudo_labels_and_reload(tmp_path):
     with open(summary, "w") as handle:
         json.dump(saved, handle)
     reloaded.clear()
-    noisy_student(
-        teacher,
-        make_student,
-        config(tmp_path, max_steps=2),
-        train_dataset=train,
-        rounds=3,
-        pseudo_label_threshold=0.0,
-        pseudo_labels="hard",
-        student_noise=TokenMasking(0.2, MASK),
-        student_dropout=0.1,
-        load_student=lambda folder: reloaded.append(folder) or BertForSequenceClassification.from_pretrained(folder),
-    )
+    run(3, load_student=load)
     assert len(reloaded) == 3
     # The same folder asked for soft pseudo-labels: the finished rounds were trained otherwise and are not reused.
     with pytest.raises(ValueError, match=r"stage 'round1' finished in an earlier run .* under another set-up: scheme"):
