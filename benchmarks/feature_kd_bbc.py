@@ -78,36 +78,55 @@ FEATURES = [
 LIGHT_FEATURES = ["kl", *({**entry, "weight": 0.1} for entry in FEATURES[1:])]
 # attention_kl with the first key ([CLS], where the teacher parks its attention) left out of both distributions
 SINKLESS_ATTENTION = {**FEATURES[2], "sink_keys": 1}
-# row → (the losses of each stage, which share the steps equally unless STAGE_SHARES says otherwise; whether the
-# student starts from the teacher's embeddings and layers 1, 3, 4, 6)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of a row: its losses, its share of the steps (against the other stages' shares) and its learning
+    rate (None: the run's)."""
+
+    losses: list
+    share: int = 1
+    learning_rate: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """A row's stages, run one after the other on the same student, and whether that student starts from the
+    teacher's embeddings and layers 1, 3, 4, 6."""
+
+    stages: list[Stage]
+    from_teacher: bool = False
+
+
+# TinyBERT's order at its proportions: the feature terms (general distillation) for 3/4 of the steps, then kl; "at
+# 1e-4": the second stage at fine-tuning's learning rate, since the first stage's student is no longer random
+FEATURES_THEN_KL = Stage([FEATURES[1], SINKLESS_ATTENTION], share=3)
 ROWS = {
-    "kl": ([["kl"]], False),
-    "kl + hidden + attention": ([FEATURES], False),
-    "kl + hidden + attention at weight 0.1": ([LIGHT_FEATURES], False),
-    "hidden + attention, then kl": ([FEATURES[1:], ["kl"]], False),
-    "hidden + attention, [CLS] key left out, then kl": ([[FEATURES[1], SINKLESS_ATTENTION], ["kl"]], False),
-    "kl + hidden + attention, [CLS] key left out": ([[*FEATURES[:2], SINKLESS_ATTENTION]], False),
-    "hidden + attention, [CLS] key left out, then kl at 1e-4": ([[FEATURES[1], SINKLESS_ATTENTION], ["kl"]], False),
-    "kl + hidden": ([FEATURES[:2]], False),
-    "kl + attention": ([[FEATURES[0], FEATURES[2]]], False),
-    "kl + hidden through a linear projector": ([["kl", {**FEATURES[1], "projector": "linear"}]], False),
-    "kl + hidden cosine": ([["kl", {**FEATURES[1], "name": "hidden_cosine"}]], False),
-    "kl + attention, [CLS] key left out": ([["kl", SINKLESS_ATTENTION]], False),
-    "kl, then kl": ([["kl"], ["kl"]], False),
-    "kl, then kl + attention": ([["kl"], [FEATURES[0], FEATURES[2]]], False),
-    "kl, then kl + attention, [CLS] key left out": ([["kl"], ["kl", SINKLESS_ATTENTION]], False),
-    "kl, then kl + hidden + attention, [CLS] key left out": ([["kl"], [*FEATURES[:2], SINKLESS_ATTENTION]], False),
-    "kl + crd": ([["kl", {"name": "crd", "weight": 0.8, "pooling": "mean"}]], False),
-    "kl, student from the teacher's layers": ([["kl"]], True),
-    "kl + hidden + attention, student from the teacher's layers": ([FEATURES], True),
+    "kl": Row([Stage(["kl"])]),
+    "kl + hidden + attention": Row([Stage(FEATURES)]),
+    "kl + hidden + attention at weight 0.1": Row([Stage(LIGHT_FEATURES)]),
+    "hidden + attention, then kl": Row([Stage(FEATURES[1:]), Stage(["kl"])]),
+    "hidden + attention, [CLS] key left out, then kl": Row([FEATURES_THEN_KL, Stage(["kl"])]),
+    "kl + hidden + attention, [CLS] key left out": Row([Stage([*FEATURES[:2], SINKLESS_ATTENTION])]),
+    "hidden + attention, [CLS] key left out, then kl at 1e-4": Row(
+        [FEATURES_THEN_KL, Stage(["kl"], learning_rate=1e-4)]
+    ),
+    "kl + hidden": Row([Stage(FEATURES[:2])]),
+    "kl + attention": Row([Stage([FEATURES[0], FEATURES[2]])]),
+    "kl + hidden through a linear projector": Row([Stage(["kl", {**FEATURES[1], "projector": "linear"}])]),
+    "kl + hidden cosine": Row([Stage(["kl", {**FEATURES[1], "name": "hidden_cosine"}])]),
+    "kl + attention, [CLS] key left out": Row([Stage(["kl", SINKLESS_ATTENTION])]),
+    "kl, then kl": Row([Stage(["kl"]), Stage(["kl"])]),
+    "kl, then kl + attention": Row([Stage(["kl"]), Stage([FEATURES[0], FEATURES[2]])]),
+    "kl, then kl + attention, [CLS] key left out": Row([Stage(["kl"]), Stage(["kl", SINKLESS_ATTENTION])]),
+    "kl, then kl + hidden + attention, [CLS] key left out": Row(
+        [Stage(["kl"]), Stage([*FEATURES[:2], SINKLESS_ATTENTION])]
+    ),
+    "kl + crd": Row([Stage(["kl", {"name": "crd", "weight": 0.8, "pooling": "mean"}])]),
+    "kl, student from the teacher's layers": Row([Stage(["kl"])], from_teacher=True),
+    "kl + hidden + attention, student from the teacher's layers": Row([Stage(FEATURES)], from_teacher=True),
 }
-# TinyBERT's order at its proportions: the feature terms (general distillation) for 3/4 of the steps, then kl
-STAGE_SHARES = {
-    "hidden + attention, [CLS] key left out, then kl": (3, 1),
-    "hidden + attention, [CLS] key left out, then kl at 1e-4": (3, 1),
-}
-# the second stage at fine-tuning's learning rate: the first stage's student is no longer random
-STAGE_LEARNING_RATES = {"hidden + attention, [CLS] key left out, then kl at 1e-4": (None, 1e-4)}
 # CRD + KD is measured on digits (feature_kd_digits.py); the lighter, two-stage and one-term rows look into the random
 # start's collapse (--rows)
 LOOKS_INTO_THE_COLLAPSE = (
@@ -120,7 +139,11 @@ LOOKS_INTO_THE_COLLAPSE = (
     "kl, then kl + hidden + attention, [CLS] key left out",
 )
 # rows for a longer budget (--steps 800): general distillation needs more steps than 200 (docs/losses.md)
-LONGER_BUDGET = tuple(STAGE_SHARES) + ("kl + hidden + attention, [CLS] key left out",)
+LONGER_BUDGET = (
+    "hidden + attention, [CLS] key left out, then kl",
+    "hidden + attention, [CLS] key left out, then kl at 1e-4",
+    "kl + hidden + attention, [CLS] key left out",
+)
 DEFAULT_ROWS = [
     row for row in ROWS if row != "kl + crd" and row not in LOOKS_INTO_THE_COLLAPSE and row not in LONGER_BUDGET
 ]
@@ -217,20 +240,19 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]]) -> None
         print(f"seed {seed}: scratch took {time.perf_counter() - start:.0f} s", flush=True)
     for row in options.rows:
         start = time.perf_counter()
-        stages, from_teacher = ROWS[row]
-        shares = STAGE_SHARES.get(row, (1,) * len(stages))
-        learning_rates = STAGE_LEARNING_RATES.get(row, (None,) * len(stages))
-        student = student_like(teacher, 4, seed, from_teacher)
-        for stage, losses in enumerate(stages):
+        stages = ROWS[row].stages
+        total_shares = sum(each.share for each in stages)
+        student = student_like(teacher, 4, seed, ROWS[row].from_teacher)
+        for stage, settings in enumerate(stages):
             trainer = DistillationTrainer(
                 model=student,
                 teacher_model=teacher,
                 args=dataclasses.replace(
                     args,
                     output_dir=f"{folder}/row{list(ROWS).index(row)}/stage{stage}",
-                    losses=losses,
-                    max_steps=options.steps * shares[stage] // sum(shares),
-                    learning_rate=learning_rates[stage] or args.learning_rate,
+                    losses=settings.losses,
+                    max_steps=options.steps * settings.share // total_shares,
+                    learning_rate=settings.learning_rate or args.learning_rate,
                 ),
                 train_dataset=transfer,
                 data_collator=collator,
