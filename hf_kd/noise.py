@@ -183,13 +183,15 @@ class TokenCrop:
                 room within ``length``.
         """
         input_ids = _field(batch, "input_ids", "TokenCrop")
+        if "attention_mask" not in batch:  # the cropped rows differ in length: they need one
+            batch = {**batch, "attention_mask": torch.ones_like(input_ids)}
         per_token = [name for name, value in batch.items() if torch.is_tensor(value) and value.shape == input_ids.shape]
         if "labels" in per_token:
             raise ValueError(
                 "TokenCrop moves tokens, so it cannot keep per-token labels aligned; use it for models with one "
                 "output per row (sequence classification, embeddings)."
             )
-        attention_mask = batch.get("attention_mask", torch.ones_like(input_ids)).bool()
+        attention_mask = batch["attention_mask"].bool()
         protected = torch.isin(input_ids, self.protected_ids.to(input_ids.device)) & attention_mask
         left_padded = bool((~attention_mask[:, 0] & attention_mask.any(dim=1)).any())
         kept = [self._window(row_mask, row_protected) for row_mask, row_protected in zip(attention_mask, protected)]
@@ -202,11 +204,6 @@ class TokenCrop:
                 start = width - len(positions) if left_padded else 0
                 rows[row, start : start + len(positions)] = batch[name][row, positions]
             cropped[name] = rows
-        if "attention_mask" not in batch:
-            cropped["attention_mask"] = torch.zeros_like(cropped["input_ids"])
-            for row, positions in enumerate(kept):
-                start = width - len(positions) if left_padded else 0
-                cropped["attention_mask"][row, start : start + len(positions)] = 1
         return cropped
 
     def _window(self, attention_mask: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:

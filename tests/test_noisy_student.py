@@ -84,6 +84,13 @@ def test_token_crop_keeps_the_special_ends_and_a_uniform_contiguous_window_of_ea
     assert torch.equal(batch["input_ids"], input_ids)  # the clean batch is not modified in place
 
 
+def test_token_crop_without_an_attention_mask_gives_the_cropped_batch_one():
+    input_ids = torch.tensor([[CLS, 10, 11, 12, 13, SEP]])
+    cropped = TokenCrop(4, protected_ids=[CLS, SEP])({"input_ids": input_ids})
+    assert cropped["attention_mask"].tolist() == [[1, 1, 1, 1]]
+    assert cropped["input_ids"].tolist() in [[[CLS, 10, 11, SEP]], [[CLS, 11, 12, SEP]], [[CLS, 12, 13, SEP]]]
+
+
 def test_token_crop_keeps_left_padding_on_the_left():
     input_ids = torch.tensor([[PAD, PAD, CLS, 10, 11, 12, 13, SEP], [CLS, 20, 21, 22, 23, 24, 25, SEP]])
     cropped = TokenCrop(4, protected_ids=[CLS, SEP])({"input_ids": input_ids, "attention_mask": input_ids.ne(PAD)})
