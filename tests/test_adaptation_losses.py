@@ -176,6 +176,20 @@ def test_the_share_a_threshold_keeps_is_logged_per_term_in_training_and_evaluati
     assert metrics["eval_confident/kl"] == pytest.approx(float((top[:5] >= threshold).float().mean()))
 
 
+def test_the_confident_positions_are_computed_once_per_teacher_output(monkeypatch):
+    import hf_kd.losses.response as response
+
+    calls = []
+    original = response.F.confident_positions
+    monkeypatch.setattr(response.F, "confident_positions", lambda *args: calls.append(1) or original(*args))
+    teacher = features(TEACHER)
+    loss = get_loss("kl", confidence_threshold=0.968)
+    loss(features(STUDENT), teacher)
+    assert loss.confident_mask(teacher, None).tolist() == KEPT.tolist() and len(calls) == 1  # the loss's, reused
+    teacher.logits = TEACHER.flip(0)  # new outputs in the same features object: computed afresh
+    assert loss.confident_mask(teacher, None).tolist() == KEPT.flip(0).tolist() and len(calls) == 2
+
+
 def test_mutual_learning_logs_each_peers_kept_share_against_its_peer(tmp_path):
     from hf_kd.schemes.mutual_learning import MutualLearningTrainer
 

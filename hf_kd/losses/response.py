@@ -114,11 +114,21 @@ def teacher_confident(teacher, threshold: float) -> torch.Tensor:
     Returns:
         Bool over the positions.
     """
-    if teacher.logits is None and teacher.sparse_logits is not None:  # a cached top-k: the best kept entry or the rest
-        sparse = teacher.sparse_logits
-        top = torch.maximum(sparse.logprobs.float().amax(-1), sparse.fill.float())
-        return top >= math.log(threshold)
-    return F.confident_positions(teacher.logits, threshold)
+    # Kept on the features (for the tensor it was computed from): the loss and the logged kept share
+    # (objective.record_confident) both ask, and a token-level log-softmax over the vocabulary is worth doing once.
+    sparse = teacher.sparse_logits if teacher.logits is None else None
+    source = teacher.logits if sparse is None else sparse.logprobs
+    memo = teacher.__dict__.get("_confident_positions")
+    if memo is None or memo[0] is not source:
+        memo = teacher.__dict__["_confident_positions"] = (source, {})
+    known = memo[1]
+    if threshold not in known:
+        if sparse is not None:  # a cached top-k: the best kept entry or the rest
+            top = torch.maximum(sparse.logprobs.float().amax(-1), sparse.fill.float())
+            known[threshold] = top >= math.log(threshold)
+        else:
+            known[threshold] = F.confident_positions(teacher.logits, threshold)
+    return known[threshold]
 
 
 @register_loss(
