@@ -29,7 +29,8 @@ from hf_kd.data import split_labeled_transfer
 from hf_kd.evaluation import evaluate_model
 from hf_kd.metrics import classification_metrics
 from hf_kd.noise import TokenCrop, TokenMasking
-from hf_kd.schemes.noisy_student import noisy_student
+from hf_kd.schemes.noisy_student import noisy_student, pseudo_label
+from hf_kd.views import TokenWindows
 
 TEACHER = "teacher: MiniLM fine-tuned on the 100 labels"
 
@@ -82,6 +83,7 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]], discord
 
     teacher = fine_tune_minilm(path, labeled, f"{folder}/teacher", seed, collator)
     accuracy(teacher, TEACHER)
+    windows = TokenWindows.from_tokenizer(tokenizer, 128, options.label_windows) if options.label_windows else None
     if options.teacher_length != 128:  # what the teacher knows when it labels: reference only, not a competitor
         long_test = splits["test"].map(
             lambda batch: tokenizer(batch["text"], truncation=True, max_length=options.teacher_length),
@@ -89,6 +91,13 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]], discord
             remove_columns=["text"],
         )
         accuracy(teacher, f"teacher reading {options.teacher_length} tokens (reference)", long_test)
+        if windows is not None:  # the labeler itself: the teacher's mean over the windows of each test article
+            name = (
+                f"teacher: mean over {options.label_windows} 128-token windows of {options.teacher_length} (reference)"
+            )
+            read = pseudo_label(teacher, long_test, mode="hard", views=windows, data_collator=collator)
+            predictions[name] = read.classes.tolist()
+            record(name, float((read.classes == labels).mean()))
 
     def make_student(k):  # a fresh pretrained MiniLM per round, its head drawn from its own seed
         set_seed(seed + 20 + k)
@@ -113,6 +122,7 @@ def run_seed(seed: int, options, module, scores: dict[str, list[float]], discord
         pseudo_label_threshold=options.threshold,
         balance_pseudo_labels=options.balance,
         load_student=AutoModelForSequenceClassification.from_pretrained,  # a rerun with more --rounds reuses these
+        pseudo_label_views=windows,
     )
     crop = [TokenCrop.from_tokenizer(tokenizer, options.crop)] if options.crop else []
     if "noisy" in options.runs:
@@ -158,11 +168,20 @@ def main():
         "--teacher_length", type=int, default=128, help="Tokens of each unlabeled article the teachers label from."
     )
     parser.add_argument("--crop", type=int, default=0, help="The student's random window of each row (0: none).")
+    parser.add_argument(
+        "--label_windows",
+        type=int,
+        default=0,
+        help="Label each unlabeled article as the teacher's mean over this many 128-token windows spread over its "
+        "--teacher_length tokens (0: one reading of them).",
+    )
     parser.add_argument("--runs", nargs="+", default=["noisy", "clean"], choices=["noisy", "clean"])
     parser.add_argument("--output_dir", default="outputs/noisy_student_bbc")
     options = parser.parse_args()
     if options.crop and options.crop >= options.teacher_length:
         parser.error(f"--crop {options.crop} must be below --teacher_length {options.teacher_length}.")
+    if options.label_windows and options.teacher_length <= 128:
+        parser.error("--label_windows spreads 128-token windows over longer articles: raise --teacher_length.")
     module = load_recipe("text_classification")
     discordant: dict[str, list[int]] = {}
     sweep(

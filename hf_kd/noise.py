@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .views import crop_tokens
+
 StudentNoise = Callable[[dict], dict]
 
 
@@ -183,46 +185,14 @@ class TokenCrop:
                 room within ``length``.
         """
         input_ids = _field(batch, "input_ids", "TokenCrop")
-        if "attention_mask" not in batch:  # the cropped rows differ in length: they need one
-            batch = {**batch, "attention_mask": torch.ones_like(input_ids)}
-        per_token = [name for name, value in batch.items() if torch.is_tensor(value) and value.shape == input_ids.shape]
-        if "labels" in per_token:
-            raise ValueError(
-                "TokenCrop moves tokens, so it cannot keep per-token labels aligned; use it for models with one "
-                "output per row (sequence classification, embeddings)."
-            )
-        attention_mask = batch["attention_mask"].bool()
-        protected = torch.isin(input_ids, self.protected_ids.to(input_ids.device)) & attention_mask
-        left_padded = bool((~attention_mask[:, 0] & attention_mask.any(dim=1)).any())
-        kept = [self._window(row_mask, row_protected) for row_mask, row_protected in zip(attention_mask, protected)]
-        width = max(len(positions) for positions in kept)
-        cropped = dict(batch)
-        for name in per_token:
-            fill = self.pad_token_id if name == "input_ids" else 0
-            rows = batch[name].new_full((len(kept), width), fill)
-            for row, positions in enumerate(kept):
-                start = width - len(positions) if left_padded else 0
-                rows[row, start : start + len(positions)] = batch[name][row, positions]
-            cropped[name] = rows
-        return cropped
-
-    def _window(self, attention_mask: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
-        """The positions one row keeps: its protected ends and a random run of ``length`` minus those between."""
-        positions = attention_mask.nonzero().flatten()
-        if len(positions) <= self.length:
-            return positions
-        ends = protected[positions]
-        head = int(ends.int().cumprod(0).sum())  # special tokens leading the row
-        tail = int(ends.flip(0).int().cumprod(0).sum())  # and trailing it
-        room = self.length - head - tail
-        if room < 1:
-            raise ValueError(
-                f"TokenCrop(length={self.length}) leaves no room for text in a row that starts with {head} and "
-                f"ends with {tail} special tokens; use a larger length."
-            )
-        middle = positions[head : len(positions) - tail]
-        start = int(torch.randint(len(middle) - room + 1, (1,), device=middle.device))
-        return torch.cat([positions[:head], middle[start : start + room], positions[len(positions) - tail :]])
+        return crop_tokens(
+            batch,
+            self.length,
+            self.protected_ids,
+            self.pad_token_id,
+            lambda slack: int(torch.randint(slack + 1, (1,), device=input_ids.device)),
+            "TokenCrop",
+        )
 
 
 class GaussianNoise:

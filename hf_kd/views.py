@@ -9,6 +9,10 @@ receives the student's view and the student never the teacher's. Labels stay wit
 
 Sequence-level models (one prediction per example) compare their outputs as they are; token-level models with
 different views align the k-th distilled position of each side (:func:`hf_kd.cross_tokenizer.aligned_positions`).
+
+A model can also read one row as several views: :class:`TokenWindows` cuts each long row into windows of the length a
+teacher was trained on, over which :func:`hf_kd.schemes.noisy_student.pseudo_label` averages its predictions
+(:func:`crop_tokens` is the cut it shares with the student's random crop, :class:`hf_kd.noise.TokenCrop`).
 """
 
 from __future__ import annotations
@@ -149,3 +153,149 @@ class ViewCollator:
         teacher = self.teacher([teacher for _, teacher in views])
         batch.update({TEACHER_PREFIX + key: value for key, value in teacher.items()})
         return batch
+
+
+def crop_tokens(
+    batch: dict,
+    length: int,
+    protected_ids: torch.Tensor,
+    pad_token_id: int,
+    start_of: Callable[[int], int],
+    owner: str,
+) -> dict:
+    """``batch`` with each row longer than ``length`` tokens cut to one window of it: its leading and trailing
+    special tokens and a contiguous run of the tokens between them (what :class:`~hf_kd.noise.TokenCrop` and
+    :class:`TokenWindows` share). Every per-token field is cut alike and the batch shrinks to its longest kept row,
+    padded on the side it was padded on; rows of at most ``length`` tokens are kept whole.
+
+    Args:
+        batch: A batch with ``input_ids`` (and, optionally, ``attention_mask`` and other per-token fields).
+        length: The tokens kept per row, special tokens included.
+        protected_ids: The special token ids kept in place at the ends of each row.
+        pad_token_id: The id that pads the cut rows.
+        start_of: ``start_of(slack)`` picks where a row's run starts among its ``slack + 1`` possible starts.
+        owner: The class that cuts, as the errors name it.
+
+    Returns:
+        A new batch whose per-token fields are cut; every other field is untouched.
+
+    Raises:
+        ValueError: per-token labels, or a row whose special tokens leave no room within ``length``.
+    """
+    input_ids = batch["input_ids"]
+    if "attention_mask" not in batch:  # the cut rows differ in length: they need one
+        batch = {**batch, "attention_mask": torch.ones_like(input_ids)}
+    per_token = [name for name, value in batch.items() if torch.is_tensor(value) and value.shape == input_ids.shape]
+    if "labels" in per_token:
+        raise ValueError(
+            f"{owner} moves tokens, so it cannot keep per-token labels aligned; use it for models with one output "
+            "per row (sequence classification, embeddings)."
+        )
+    attention_mask = batch["attention_mask"].bool()
+    protected = torch.isin(input_ids, protected_ids.to(input_ids.device)) & attention_mask
+    left_padded = bool((~attention_mask[:, 0] & attention_mask.any(dim=1)).any())
+    kept = [
+        _window(row_mask, row_protected, length, start_of, owner)
+        for row_mask, row_protected in zip(attention_mask, protected)
+    ]
+    width = max(len(positions) for positions in kept)
+    cut = dict(batch)
+    for name in per_token:
+        fill = pad_token_id if name == "input_ids" else 0
+        rows = batch[name].new_full((len(kept), width), fill)
+        for row, positions in enumerate(kept):
+            start = width - len(positions) if left_padded else 0
+            rows[row, start : start + len(positions)] = batch[name][row, positions]
+        cut[name] = rows
+    return cut
+
+
+def _window(
+    attention_mask: torch.Tensor, protected: torch.Tensor, length: int, start_of: Callable[[int], int], owner: str
+) -> torch.Tensor:
+    """The positions one row keeps: its protected ends and a run of ``length`` minus those between them."""
+    positions = attention_mask.nonzero().flatten()
+    if len(positions) <= length:
+        return positions
+    ends = protected[positions]
+    head = int(ends.int().cumprod(0).sum())  # special tokens leading the row
+    tail = int(ends.flip(0).int().cumprod(0).sum())  # and trailing it
+    room = length - head - tail
+    if room < 1:
+        raise ValueError(
+            f"{owner}(length={length}) leaves no room for text in a row that starts with {head} and ends with {tail} "
+            "special tokens; use a larger length."
+        )
+    middle = positions[head : len(positions) - tail]
+    start = start_of(len(middle) - room)
+    return torch.cat([positions[:head], middle[start : start + room], positions[len(positions) - tail :]])
+
+
+class TokenWindows:
+    """``count`` windows of ``length`` tokens spread evenly over each longer row — the first at the start of its text,
+    the last at its end, each with the row's special tokens at its ends — as a list of batches: the views over which
+    :func:`~hf_kd.schemes.noisy_student.pseudo_label` averages a teacher's probabilities. A teacher trained on
+    ``length``-token inputs then labels a whole document from readings like those it learned from, rather than from
+    its first ``length`` tokens or from a longer input it never saw in training. Rows of at most ``length`` tokens
+    are the same view ``count`` times (their mean is their one prediction).
+
+    Args:
+        length: The tokens per window, special tokens included; >= 1 more than the special tokens a row carries.
+        count: The windows per row, >= 1 (1: the start of the text only).
+        protected_ids: The special token ids kept in place at the ends of each window.
+        pad_token_id: The id that pads the windows.
+
+    Raises:
+        ValueError: ``length`` or ``count`` < 1.
+    """
+
+    def __init__(self, length: int, count: int, protected_ids=(), pad_token_id: int = 0):
+        if length < 1 or count < 1:
+            raise ValueError(f"TokenWindows needs length >= 1 and count >= 1, got length={length}, count={count}.")
+        self.length, self.count, self.pad_token_id = int(length), int(count), int(pad_token_id)
+        self.protected_ids = torch.tensor(sorted(set(protected_ids)), dtype=torch.long)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, length: int, count: int) -> TokenWindows:
+        """Windows that keep a tokenizer's special tokens at their ends and pad with its pad token.
+
+        Args:
+            tokenizer: A transformers tokenizer.
+            length: The tokens per window, special tokens included.
+            count: The windows per row.
+
+        Returns:
+            The views.
+        """
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return cls(length, count, tokenizer.all_special_ids, pad)
+
+    def __call__(self, batch: dict) -> list[dict]:
+        """The batch's ``count`` views, the k-th holding each row's k-th window.
+
+        Args:
+            batch: A batch with ``input_ids`` (and, optionally, ``attention_mask`` and other per-token fields).
+
+        Returns:
+            ``count`` new batches; fields that are not per token are the batch's own.
+
+        Raises:
+            ValueError: the batch has no ``input_ids``, its labels are per token, or a row's special tokens leave no
+                room within ``length``.
+        """
+        if "input_ids" not in batch:
+            raise ValueError(f"TokenWindows cuts 'input_ids', which this batch does not have (it has {sorted(batch)}).")
+        return [
+            crop_tokens(
+                batch,
+                self.length,
+                self.protected_ids,
+                self.pad_token_id,
+                lambda slack, k=k: round(k * slack / (self.count - 1)) if self.count > 1 else 0,
+                "TokenWindows",
+            )
+            for k in range(self.count)
+        ]
+
+    def __repr__(self) -> str:
+        return f"TokenWindows(length={self.length}, count={self.count})"

@@ -15,6 +15,7 @@ from hf_kd import DistillationTrainer, write_teacher_cache
 from hf_kd.data import UNLABELED, add_sample_index
 from hf_kd.noise import GaussianNoise, RandomShift, TokenCrop, TokenDropout, TokenMasking
 from hf_kd.schemes.noisy_student import noisy_student, pseudo_label
+from hf_kd.views import TokenWindows
 
 MASK, PAD = 1, 0
 
@@ -126,6 +127,90 @@ def test_token_crop_keeps_left_padding_on_the_left():
 def test_token_crop_refusals(length, batch, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         TokenCrop(length, protected_ids=[CLS, SEP])(batch)
+
+
+def test_token_windows_spread_evenly_from_the_start_to_the_end_of_each_long_row():
+    long_row = [CLS, *range(10, 18), SEP]  # 8 text tokens; windows of 2 can start at 0..6
+    input_ids = torch.tensor([long_row, [CLS, 40, 41, SEP] + [PAD] * 6])
+    token_type_ids = input_ids.eq(14).long()  # marks token 14 wherever it goes
+    batch = {"input_ids": input_ids, "attention_mask": input_ids.ne(PAD), "token_type_ids": token_type_ids}
+    batch["labels"] = torch.tensor([0, 1])
+    views = TokenWindows(4, 3, protected_ids=[CLS, SEP], pad_token_id=PAD)(batch)
+    assert [view["input_ids"][0].tolist() for view in views] == [
+        [CLS, 10, 11, SEP],
+        [CLS, 13, 14, SEP],
+        [CLS, 16, 17, SEP],
+    ]
+    assert [view["token_type_ids"][0].tolist() for view in views] == [[0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    assert all(view["input_ids"][1].tolist() == [CLS, 40, 41, SEP] for view in views)  # a short row is every view
+    assert all(view["labels"] is batch["labels"] for view in views)
+    (start,) = TokenWindows(4, 1, protected_ids=[CLS, SEP])(batch)
+    assert start["input_ids"][0].tolist() == [CLS, 10, 11, SEP]
+    assert repr(TokenWindows(4, 3)) == "TokenWindows(length=4, count=3)"
+
+
+@pytest.mark.parametrize(
+    "length, count, batch, message",
+    [
+        (0, 2, None, "TokenWindows needs length >= 1 and count >= 1, got length=0, count=2."),
+        (4, 0, None, "TokenWindows needs length >= 1 and count >= 1, got length=4, count=0."),
+        (4, 2, {"pixel_values": torch.ones(1, 1, 2, 2)}, "TokenWindows cuts 'input_ids', which this batch does not"),
+        (
+            4,
+            2,
+            {"input_ids": torch.ones(2, 8, dtype=torch.long), "labels": torch.ones(2, 8, dtype=torch.long)},
+            "TokenWindows moves tokens, so it cannot keep per-token labels aligned",
+        ),
+        (
+            2,
+            2,
+            {"input_ids": torch.tensor([[CLS, 10, 11, SEP]])},
+            "TokenWindows(length=2) leaves no room for text in a row that starts with 1 and ends with 1 special",
+        ),
+    ],
+)
+def test_token_windows_refusals(length, count, batch, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TokenWindows(length, count, protected_ids=[CLS, SEP])(batch)
+
+
+def _mean_over_windows(teacher, data, windows):
+    batch = {key: torch.tensor(data[key]) for key in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        return torch.stack([teacher(**view).logits.softmax(-1) for view in windows(batch)]).mean(0)
+
+
+def test_pseudo_labels_from_views_are_the_teachers_mean_probabilities_over_them(tmp_path):
+    teacher, data = tiny_bert(seed=1), add_sample_index(classification_data(n=32, length=12))
+    windows = TokenWindows(6, 3)  # no special tokens: plain windows at 0, 3 and 6
+    mean = _mean_over_windows(teacher, data, windows)
+    labelled = pseudo_label(teacher, data, mode="hard", views=windows)
+    assert labelled.dataset["labels"] == mean.argmax(-1).tolist()
+    assert np.allclose(labelled.confidence, mean.max(-1).values.numpy(), atol=1e-6)
+    whole = _teacher_probabilities(teacher, data)  # the views change what the teacher says
+    assert not torch.allclose(whole, mean, atol=1e-3)
+    cache = write_teacher_cache(teacher, data, str(tmp_path / "cache"), top_k=3, dtype="float32")
+    with pytest.raises(ValueError, match="a TeacherCache holds one reading per row; pass the teacher model"):
+        pseudo_label(cache, data, views=windows)
+    with pytest.raises(ValueError, match="returned no batch to label from"):
+        pseudo_label(teacher, data, views=lambda batch: [])
+
+
+def test_a_round_labels_from_the_views_and_records_them(tmp_path):
+    data = classification_data(n=24, length=12)
+    train = data.remove_columns("labels").add_column("labels", [*data["labels"][:8], *[UNLABELED] * 16])
+    teacher, windows = tiny_bert(seed=1), TokenWindows(6, 2)
+    (stage,) = noisy_student(
+        teacher,
+        lambda k: tiny_bert(seed=10 + k),
+        config(tmp_path, max_steps=1),
+        train_dataset=train,
+        pseudo_labels="hard",
+        pseudo_label_views=windows,
+    )
+    expected = _mean_over_windows(teacher, train.select(range(8, 24)), windows).argmax(-1)
+    assert stage.details["views"] == "TokenWindows(length=6, count=2)"
+    assert stage.details["rows_per_class"] == np.bincount(expected.numpy(), minlength=3).tolist()
 
 
 def test_a_cropped_student_learns_while_its_teacher_reads_the_whole_rows(tmp_path):

@@ -12,7 +12,7 @@ classes the teacher assigns (the most confident rows of the large classes, dupli
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -87,12 +87,14 @@ def pseudo_label(
     data_collator=None,
     batch_size: int = 64,
     label_column: str = "labels",
+    views: Callable[[dict], Sequence[dict]] | None = None,
 ) -> PseudoLabels:
     """Label ``dataset`` (the unlabeled rows) with ``teacher`` — a sequence/image/audio classifier, or a
     :class:`~hf_kd.TeacherCache` of one (rows found by ``sample_index``) — on its clean inputs. Keeps the rows whose
     top probability is ≥ ``threshold``; ``balance=True`` brings every class the teacher assigns to the mean count
     per class (``balance=N``: to N): the most confident rows of a larger class, the rows of a smaller one repeated,
-    most confident first.
+    most confident first. With ``views`` (e.g. :class:`~hf_kd.views.TokenWindows`) a row's probabilities are the
+    teacher's mean over its views — windows spanning a document longer than the teacher's training inputs.
 
     Args:
         teacher: a classifier of whole examples, or a :class:`~hf_kd.TeacherCache` of one.
@@ -104,19 +106,21 @@ def pseudo_label(
         data_collator: batches the rows for the teacher (default: ``default_data_collator``).
         batch_size: rows per teacher batch.
         label_column: the label column, replaced by the pseudo-labels.
+        views: ``views(batch)`` → the batches whose softmax the teacher averages per row (None: the batch itself).
 
     Returns:
         The kept rows, with the teacher's class and confidence per row.
 
     Raises:
         ValueError: a bad ``mode``, ``threshold`` or ``balance``; no rows; a token-level teacher (or cache); a
-            cached teacher without ``sample_index`` in the rows.
+            cached teacher without ``sample_index`` in the rows, or with ``views`` (it holds one reading per row);
+            ``views`` that return no batch.
         TypeError: a teacher that is neither a model nor a :class:`~hf_kd.TeacherCache`.
     """
     _check_options(mode, threshold, balance)
     if len(dataset) == 0:
         raise ValueError("there are no unlabeled rows to pseudo-label.")
-    probabilities = _teacher_probabilities(teacher, dataset, data_collator, batch_size, label_column)
+    probabilities = _teacher_probabilities(teacher, dataset, data_collator, batch_size, label_column, views)
     confidence, classes = probabilities.max(dim=-1)
     confidence, classes = confidence.numpy(), classes.numpy()
     kept = np.flatnonzero(confidence >= threshold)
@@ -198,6 +202,7 @@ def noisy_student(
     pseudo_labels: str = "soft",
     pseudo_label_threshold: float = 0.0,
     balance_pseudo_labels: bool | int = False,
+    pseudo_label_views: Callable[[dict], Sequence[dict]] | None = None,
     student_noise=None,
     student_dropout: float | None = None,
     load_student=None,
@@ -225,6 +230,8 @@ def noisy_student(
         pseudo_labels: ``"soft"`` or ``"hard"`` (see :func:`pseudo_label`).
         pseudo_label_threshold: keep the unlabeled rows whose teacher confidence is at least this.
         balance_pseudo_labels: even the pseudo-labels' classes (``True``: to the mean count; a number: to it).
+        pseudo_label_views: the views each round's teacher labels a row from, its probabilities averaged
+            (:class:`~hf_kd.views.TokenWindows`: windows over a long document; see :func:`pseudo_label`).
         student_noise: the noise on the student's inputs (a callable ``batch → batch`` or a list of them).
         student_dropout: every ``nn.Dropout`` of the student at this rate while it trains (None: its own).
         load_student: reads a finished round's saved student back on a rerun.
@@ -284,8 +291,11 @@ def noisy_student(
                     data_collator=trainer_kwargs.get("data_collator"),
                     batch_size=args.per_device_eval_batch_size,
                     label_column=label_column,
+                    views=pseudo_label_views,
                 )
                 details = {"pseudo_labels": pseudo_labels, "threshold": pseudo_label_threshold, **labelled.summary()}
+                if pseudo_label_views is not None:
+                    details["views"] = repr(pseudo_label_views)
                 dataset = concatenate_datasets([labeled, labelled.dataset]).with_format(train_dataset.format["type"])
         stage = run_stage(
             name,
@@ -320,8 +330,10 @@ def _unlabeled_rows(labels: list) -> np.ndarray:
     return np.asarray([np.all(np.asarray(label) == UNLABELED) for label in labels], dtype=bool)
 
 
-def _teacher_probabilities(teacher, dataset: Dataset, data_collator, batch_size: int, label_column: str):
+def _teacher_probabilities(teacher, dataset: Dataset, data_collator, batch_size: int, label_column: str, views):
     if isinstance(teacher, TeacherCache):
+        if views is not None:
+            raise ValueError("a TeacherCache holds one reading per row; pass the teacher model to label from views.")
         if teacher.manifest["token_level"]:
             raise ValueError("pseudo_label labels whole examples; this cache holds a token-level teacher.")
         if SAMPLE_INDEX not in dataset.column_names:
@@ -343,7 +355,10 @@ def _teacher_probabilities(teacher, dataset: Dataset, data_collator, batch_size:
     with torch.no_grad():
         for batch in loader:
             batch = {key: value.to(device) for key, value in batch.items() if torch.is_tensor(value)}
-            chunks.append(teacher(**batch).logits.float().softmax(-1).cpu())
+            readings = [batch] if views is None else list(views(batch))
+            if not readings:
+                raise ValueError(f"views {views!r} returned no batch to label from.")
+            chunks.append(torch.stack([teacher(**view).logits.float().softmax(-1) for view in readings]).mean(0).cpu())
     teacher.train(was_training)
     return torch.cat(chunks)
 
