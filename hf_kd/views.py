@@ -236,8 +236,8 @@ class TokenWindows:
     the last at its end, each with the row's special tokens at its ends — as a list of batches: the views over which
     :func:`~hf_kd.schemes.noisy_student.pseudo_label` averages a teacher's probabilities. A teacher trained on
     ``length``-token inputs then labels a whole document from readings like those it learned from, rather than from
-    its first ``length`` tokens or from a longer input it never saw in training. Rows of at most ``length`` tokens
-    are the same view ``count`` times (their mean is their one prediction).
+    its first ``length`` tokens or from a longer input it never saw in training. A row of at most ``length`` tokens
+    is the same in every view (its mean is its one prediction); a batch without a longer row is one view.
 
     Args:
         length: The tokens per window, special tokens included; >= 1 more than the special tokens a row carries.
@@ -277,7 +277,8 @@ class TokenWindows:
             batch: A batch with ``input_ids`` (and, optionally, ``attention_mask`` and other per-token fields).
 
         Returns:
-            ``count`` new batches; fields that are not per token are the batch's own.
+            ``count`` new batches (one when no row is longer than ``length``: its views would all be the same);
+                fields that are not per token are the batch's own.
 
         Raises:
             ValueError: the batch has no ``input_ids``, its labels are per token, or a row's special tokens leave no
@@ -285,16 +286,19 @@ class TokenWindows:
         """
         if "input_ids" not in batch:
             raise ValueError(f"TokenWindows cuts 'input_ids', which this batch does not have (it has {sorted(batch)}).")
+        mask = batch.get("attention_mask")
+        longest = int(mask.sum(1).max()) if mask is not None else batch["input_ids"].shape[1]
+        count = self.count if longest > self.length else 1  # (a teacher forward per identical view is wasted)
         return [
             crop_tokens(
                 batch,
                 self.length,
                 self.protected_ids,
                 self.pad_token_id,
-                lambda slack, k=k: round(k * slack / (self.count - 1)) if self.count > 1 else 0,
+                lambda slack, k=k: round(k * slack / (count - 1)) if count > 1 else 0,
                 "TokenWindows",
             )
-            for k in range(self.count)
+            for k in range(count)
         ]
 
     def __repr__(self) -> str:

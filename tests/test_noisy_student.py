@@ -146,6 +146,9 @@ def test_token_windows_spread_evenly_from_the_start_to_the_end_of_each_long_row(
     assert all(view["labels"] is batch["labels"] for view in views)
     (start,) = TokenWindows(4, 1, protected_ids=[CLS, SEP])(batch)
     assert start["input_ids"][0].tolist() == [CLS, 10, 11, SEP]
+    short = {"input_ids": input_ids[1:, :4]}  # no row longer than a window: one view, not three of the same
+    (whole,) = TokenWindows(4, 3, protected_ids=[CLS, SEP])(short)
+    assert whole["input_ids"].tolist() == [[CLS, 40, 41, SEP]] and whole["attention_mask"].tolist() == [[1, 1, 1, 1]]
     assert repr(TokenWindows(4, 3)) == "TokenWindows(length=4, count=3)"
 
 
