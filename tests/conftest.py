@@ -1,11 +1,20 @@
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed on CPU JIT-builds its shared-memory op into TORCH_EXTENSIONS_DIR (~/.cache/torch_extensions) under a lock
+# file: a run killed mid-build leaves the lock and every later DeepSpeed launch waits on it forever, and runs from other
+# checkouts rebuild the same folder under each other. Each test run builds into a folder of its own (set here, before
+# pytest-xdist starts its workers, so they and every launched process share it) and removes it when it ends.
+OWN_EXTENSIONS_DIR = None
+if "TORCH_EXTENSIONS_DIR" not in os.environ:
+    OWN_EXTENSIONS_DIR = os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="hf_kd-tests-torch-extensions-")
 THREADS = 2  # torch threads per test
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n N: the cores shared out, for this process and its children
     THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
@@ -304,3 +313,9 @@ def config(tmp_path, **overrides):
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(THREADS)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # Only the process that made the folder removes it: under pytest-xdist the controller, after all its workers.
+    if OWN_EXTENSIONS_DIR is not None:
+        shutil.rmtree(OWN_EXTENSIONS_DIR, ignore_errors=True)
