@@ -17,6 +17,7 @@ from .config import LossSpec
 from .features import ModelFeatures, SparseDistribution, finite_outputs, non_finite_fields
 from .losses import DistillationLoss, get_loss
 from .losses.registry import with_default_temperature
+from .losses.response import thresholded
 from .positions import ItemCounts
 from .teachers.ensemble import ENSEMBLE, TeacherAggregator
 
@@ -279,18 +280,6 @@ def _log_name(name: str, earlier: list[str]) -> str:
     short = name.rpartition(".")[2]
     repeats = sum(1 for other in earlier if other.rpartition(".")[2] == short)
     return short if repeats == 0 else f"{short}_{repeats + 1}"
-
-
-def thresholded(loss: nn.Module) -> bool:
-    """Whether ``loss`` keeps only the positions where the teacher is confident (a ``confidence_threshold``).
-
-    Args:
-        loss: A term's loss.
-
-    Returns:
-        True when it has a threshold set.
-    """
-    return getattr(loss, "confidence_threshold", None) is not None
 
 
 def record_confident(term_log, mode: str, name: str, loss: nn.Module, teachers, mask) -> None:

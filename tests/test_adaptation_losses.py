@@ -123,23 +123,27 @@ def lm_loss_and_grads(tmp_path, student, teacher, losses, chunk_size):
     student.zero_grad()
     loss = trainer.compute_loss(student, batch)
     loss.backward()
-    return loss.item(), {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}
+    grads = {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}
+    return loss.item(), grads, trainer.term_log.reduce("train")
 
 
 @pytest.mark.parametrize("loss", ["kl", "jsd"])
 def test_a_thresholded_loss_on_the_chunked_path_equals_the_plain_path(tmp_path, loss):
-    """The fused kernels know no threshold: a thresholded loss goes through autograd there, with the same values."""
+    """The fused kernels know no threshold: a thresholded loss goes through autograd there, with the same values and
+    the same logged kept share."""
     student, teacher = tiny_gpt2(hidden=16, layers=1, seed=2), tiny_gpt2(seed=1)
     with torch.no_grad():  # a threshold between the teacher's confidences, so that it keeps some positions only
         batch = {k: torch.tensor(v) for k, v in lm_data(n=6)[:].items() if k != "labels"}
         top = torch.softmax(teacher(**batch).logits.float(), -1).amax(-1).flatten()
     threshold = round(float(top.median()), 6)
     losses = f"{loss}:1:confidence_threshold={threshold}"
-    plain, plain_grads = lm_loss_and_grads(tmp_path / "a", student, teacher, losses, None)
-    chunked, chunked_grads = lm_loss_and_grads(tmp_path / "b", student, teacher, losses, 5)
-    unthresholded, _ = lm_loss_and_grads(tmp_path / "c", student, teacher, loss, None)
+    plain, plain_grads, plain_logged = lm_loss_and_grads(tmp_path / "a", student, teacher, losses, None)
+    chunked, chunked_grads, chunked_logged = lm_loss_and_grads(tmp_path / "b", student, teacher, losses, 5)
+    unthresholded, _, _ = lm_loss_and_grads(tmp_path / "c", student, teacher, loss, None)
     assert chunked == pytest.approx(plain, rel=1e-5)
     assert plain < 0.9 * unthresholded  # the threshold left positions out
+    kept = plain_logged[f"confident/{loss}"]  # the share of distilled positions kept, logged on both paths alike
+    assert 0.2 < kept < 0.8 and chunked_logged[f"confident/{loss}"] == pytest.approx(kept, rel=1e-6)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 

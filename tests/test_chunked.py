@@ -353,3 +353,35 @@ def test_fused_terms_refuse_a_backward_pass_with_other_weights():
     )
     with pytest.raises(RuntimeError, match=r"computed its gradients for the term weights \[0.5, 1.0\]"):
         sums[1].backward()  # the kl alone: its gradient was never computed on its own
+
+
+@pytest.mark.parametrize("path", ["fused", "recomputed", "values"])
+def test_thresholded_losses_count_their_confident_positions_once_on_every_path(path):
+    # 10 positions in chunks of 4 (the last one short); the count is the teacher's positions with a top-class
+    # probability at or above each loss's threshold, for the thresholded losses only, however the chunks run.
+    torch.manual_seed(0)
+    head = LogitsHead(_TinyLM(torch.nn.Linear(8, 16)))
+    hidden, teacher = torch.randn(10, 8, requires_grad=True), torch.randn(10, 16) * 3
+    top = teacher.softmax(-1).amax(-1).sort(descending=True).values
+    thresholds = (float(top[4] + top[5]) / 2, float(top[6] + top[7]) / 2)  # 5 and 7 positions kept, no tie
+    losses = [
+        get_loss("kl", confidence_threshold=thresholds[0]),
+        get_loss("tvd"),
+        get_loss("jsd", confidence_threshold=thresholds[1]),
+    ]
+    counts = torch.full((3,), 100.0)  # added to, not overwritten
+    sums = chunked_token_terms(
+        hidden if path != "values" else hidden.detach(),
+        (teacher,),
+        None,
+        student_head=head,
+        teacher_logits=lambda rows: rows,
+        losses=losses,
+        with_label_loss=False,
+        chunk_size=4,
+        weights=torch.ones(3) if path == "fused" else None,
+        confident_counts=counts,
+    )
+    if path != "values":
+        sums.sum().backward()  # the recomputed path runs its chunks again here: not counted twice
+    assert counts.tolist() == [105, 100, 107]

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..features import ModelFeatures
 from .lm_head import FSDPModule, LogitsHead  # noqa: F401  (FSDPModule: re-exported for the teachers)
-from .response import ForwardKL, GeneralizedJSD, ReverseKL, SoftCrossEntropy
+from .response import ForwardKL, GeneralizedJSD, ReverseKL, SoftCrossEntropy, thresholded
 
 
 def chunked_token_terms(
@@ -41,6 +41,7 @@ def chunked_token_terms(
     chunk_size: int,
     min_chunks: int = 0,
     weights: torch.Tensor | None = None,
+    confident_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sums over positions of ``[label CE (if with_label_loss), loss₁, loss₂, ...]``, computed chunk by chunk.
 
@@ -60,6 +61,9 @@ def chunked_token_terms(
         weights: Each sum's weight in the total that will be backpropagated (``∂ total / ∂ sums``). With it the
             gradients are computed in this pass; the backward pass then requires the gradient reaching the sums to
             be a multiple of ``weights``. Without it (or under ZeRO-3) each chunk is recomputed in the backward pass.
+        confident_counts: One entry per loss: each loss with a ``confidence_threshold`` adds the number of positions
+            where the teacher reaches it (the kept share the trainer logs as ``confident/TERM``), once per position
+            whichever path runs; the other entries are left as they are.
 
     Returns:
         A vector of ``int(with_label_loss) + len(losses)`` sums.
@@ -70,6 +74,7 @@ def chunked_token_terms(
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}.")
     chunks = _Chunks(student_head, teacher_rows, targets, teacher_logits, losses, with_label_loss, chunk_size)
+    chunks.confident_counts = confident_counts
     num_chunks = max(-(-len(student_hidden) // chunk_size), min_chunks)
     parameters = student_head.trainable_parameters()
     if not torch.is_grad_enabled() or not (student_hidden.requires_grad or parameters):
@@ -126,6 +131,7 @@ class _Chunks:
         self.teacher_logits, self.losses, self.with_label_loss = teacher_logits, losses, with_label_loss
         self.chunk_size = chunk_size
         self.size = len(losses) + int(with_label_loss)
+        self.confident_counts: torch.Tensor | None = None  # see chunked_token_terms
 
     def slices(self, num_chunks: int):
         for start in range(0, num_chunks * self.chunk_size, self.chunk_size):
@@ -145,6 +151,7 @@ class _Chunks:
             checkpoint(self.terms_by_autograd, hidden[chunk], targets, *rows, use_reentrant=False)
             for chunk, targets, rows in self.slices(num_chunks)
         ]
+        self.confident_counts = None  # the backward pass recomputes the chunks: their positions are counted already
         if not totals:  # no supervised position in this batch
             return hidden.sum() * 0 + torch.zeros(self.size, device=hidden.device)
         return torch.stack(totals).sum(0)
@@ -222,8 +229,8 @@ class _Chunks:
                 teacher = self.teacher_logits(*rows)
             _check_vocabularies(logits, teacher)
             teacher_side = _Softened(teacher.float(), temperatures, temperatures)
-            if not keeps_logits:
-                teacher = None  # the softened groups hold what the fused losses read
+            teacher = ModelFeatures(logits=teacher) if keeps_logits else None  # fused losses read the softened groups
+            self.count_confident(teacher)
         student_side = _Softened(
             logits.detach().float(),
             temperatures | ({1.0} if self.with_label_loss else set()),
@@ -254,6 +261,15 @@ class _Chunks:
                 (grad_raw,) = torch.autograd.grad(logits, raw, grad.to(logits.dtype))
         return torch.stack([value.float() for value in values]), grad_raw
 
+    def count_confident(self, teacher: ModelFeatures | None) -> None:
+        """Adds the chunk's confident positions of each thresholded loss to ``confident_counts`` (the loss reuses the
+        mask: it is kept on ``teacher``)."""
+        if self.confident_counts is None or teacher is None:
+            return
+        for index, loss in enumerate(self.losses):
+            if thresholded(loss):
+                self.confident_counts[index] += loss.confident_mask(teacher, None).sum()
+
     def terms_by_autograd(self, hidden, targets, *rows):
         """The chunk's sums through the losses' own forward passes (the recomputed path)."""
         student_logits = self.head(hidden)
@@ -265,6 +281,7 @@ class _Chunks:
                 teacher = self.teacher_logits(*rows)
             _check_vocabularies(student_logits, teacher)
             student, teacher = ModelFeatures(logits=student_logits), ModelFeatures(logits=teacher)
+            self.count_confident(teacher)
             for loss in self.losses:
                 values.append(loss(student, teacher, labels=targets))
         return torch.stack(values)
@@ -425,14 +442,14 @@ _FUSED_LOSSES = {
 def _fused_kernel(loss):
     """The loss's written-out gradient, or None: autograd takes it (a confidence threshold masks positions, which
     the kernels do not)."""
-    return None if getattr(loss, "confidence_threshold", None) is not None else _FUSED_LOSSES.get(type(loss))
+    return None if thresholded(loss) else _FUSED_LOSSES.get(type(loss))
 
 
-def _autograd_term(loss, logits, teacher, targets, grad, weight):
+def _autograd_term(loss, logits, teacher: ModelFeatures, targets, grad, weight):
     """Any other loss: its own forward on the chunk's logits, its gradient by autograd."""
     student_logits = logits.requires_grad_(grad is not None and bool(weight))
     with torch.enable_grad() if student_logits.requires_grad else torch.no_grad():
-        value = loss(ModelFeatures(logits=student_logits), ModelFeatures(logits=teacher), labels=targets)
+        value = loss(ModelFeatures(logits=student_logits), teacher, labels=targets)
     if student_logits.requires_grad:
         (term_grad,) = torch.autograd.grad(value, student_logits)
         grad.add_(term_grad, alpha=weight)

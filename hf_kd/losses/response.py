@@ -104,6 +104,18 @@ def check_confidence_threshold(name: str, threshold: float | None) -> None:
         )
 
 
+def thresholded(loss: torch.nn.Module) -> bool:
+    """Whether ``loss`` keeps only the positions where the teacher is confident (a ``confidence_threshold``).
+
+    Args:
+        loss: A term's loss.
+
+    Returns:
+        True when it has a threshold set.
+    """
+    return getattr(loss, "confidence_threshold", None) is not None
+
+
 def teacher_confident(teacher, threshold: float) -> torch.Tensor:
     """Where the teacher's top-class probability (temperature 1) reaches ``threshold``, from dense or sparse logits.
 

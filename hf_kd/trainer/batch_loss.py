@@ -17,7 +17,7 @@ from ..features import ModelFeatures, output_field, run_model
 from ..losses.chunked import chunked_token_terms
 from ..losses.lm_head import LogitsHead
 from ..model_kinds import is_classifier
-from ..objective import CONFIDENT_PREFIX, LABEL_TERM, WEIGHT_PREFIX, check_finite, record_confident
+from ..objective import CONFIDENT_PREFIX, LABEL_TERM, WEIGHT_PREFIX, check_finite, record_confident, thresholded
 from ..positions import ItemCounts, distillation_mask, labeled_entries, split_sample_index
 
 logger = logging.get_logger(__name__)
@@ -211,6 +211,8 @@ def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: b
         torch.distributed.all_reduce(chunks, op=torch.distributed.ReduceOp.MAX)
         min_chunks = int(chunks)
     fused = model.training and torch.is_grad_enabled() and not student_head.gathered_per_call
+    thresholded_terms = [index for index, term in enumerate(terms_run) if thresholded(term.loss)]
+    confident_counts = torch.zeros(len(terms_run), device=mask.device) if thresholded_terms else None
     sums = chunked_token_terms(
         student_hidden[mask],
         teacher_rows,
@@ -222,7 +224,11 @@ def chunked_terms(trainer, model, inputs, counts: ItemCounts, with_label_loss: b
         chunk_size=trainer.args.chunk_size,
         min_chunks=min_chunks,
         weights=term_weights(trainer, terms_run, counts, with_label_loss, mode, mask.device) if fused else None,
+        confident_counts=confident_counts,
     )
+    for index in thresholded_terms:  # kept positions over distilled ones, as record_confident logs the plain path's
+        name = CONFIDENT_PREFIX + terms_run[index].name
+        trainer.term_log.record(mode, {name: confident_counts[index]}, {name: mask.sum().float()})
     if fused or not model.training:  # no backward pass will recompute the chunks
         teacher.release()
     terms = _chunked_normalised(trainer, sums, terms_run, counts, with_label_loss)
