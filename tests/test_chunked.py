@@ -303,6 +303,21 @@ def test_fused_terms_in_low_precision_match_the_fp32_computation(precision):
     torch.testing.assert_close(hidden.grad.float(), reference_hidden.grad, rtol=3e-2, atol=3e-2)
 
 
+def distillation_sums(hidden, teacher_logits, head, losses, **options):
+    """``chunked_token_terms`` in chunks of 4 with the teacher's logits given row by row and no label loss."""
+    return chunked_token_terms(
+        hidden,
+        (teacher_logits,),
+        None,
+        student_head=head,
+        teacher_logits=lambda rows: rows,
+        losses=losses,
+        with_label_loss=False,
+        chunk_size=4,
+        **options,
+    )
+
+
 def test_fused_terms_with_masked_vocabulary_entries_stay_finite_and_exact():
     # Entries at -inf in both models (a masked vocabulary): 0·log 0 is 0 in values and gradients, as in the plain path.
     torch.manual_seed(0)
@@ -318,17 +333,7 @@ def test_fused_terms_with_masked_vocabulary_entries_stay_finite_and_exact():
     dense.sum().backward()
     expected = (hidden.grad, linear.weight.grad, linear.bias.grad)
     hidden.grad = linear.weight.grad = linear.bias.grad = None
-    sums = chunked_token_terms(
-        hidden,
-        (teacher,),
-        None,
-        student_head=head,
-        teacher_logits=lambda rows: rows,
-        losses=losses,
-        with_label_loss=False,
-        chunk_size=4,
-        weights=weights,
-    )
+    sums = distillation_sums(hidden, teacher, head, losses, weights=weights)
     sums.sum().backward()
     torch.testing.assert_close(sums, dense.detach())
     for got, want in zip((hidden.grad, linear.weight.grad, linear.bias.grad), expected):
@@ -370,15 +375,11 @@ def test_thresholded_losses_count_their_confident_positions_once_on_every_path(p
         get_loss("jsd", confidence_threshold=thresholds[1]),
     ]
     counts = torch.full((3,), 100.0)  # added to, not overwritten
-    sums = chunked_token_terms(
+    sums = distillation_sums(
         hidden if path != "values" else hidden.detach(),
-        (teacher,),
-        None,
-        student_head=head,
-        teacher_logits=lambda rows: rows,
-        losses=losses,
-        with_label_loss=False,
-        chunk_size=4,
+        teacher,
+        head,
+        losses,
         weights=torch.ones(3) if path == "fused" else None,
         confident_counts=counts,
     )
