@@ -27,6 +27,9 @@ steps and the same seed.
     python recipes/text_classification.py --scheme teacher_assistant --output_dir outputs/bbc-ta
     python recipes/text_classification.py --scheme noisy_student --rounds 2 --pseudo_labels hard \
         --pseudo_label_threshold 0.6 --input_noise 0.15 --output_dir outputs/bbc-ns
+    # ... the student on random 128-token windows of 512-token articles, the teacher labelling from four windows
+    python recipes/text_classification.py --scheme noisy_student --rounds 2 --pseudo_labels hard --alpha 0 \
+        --transfer_max_length 512 --crop_length 128 --label_windows 4 --output_dir outputs/bbc-ns-windows
     python recipes/text_classification.py --teachers outputs/bbc/teacher,outputs/bbc-ta/teacher \
         --teacher_aggregation adaptive --output_dir outputs/bbc-two
 
@@ -82,6 +85,14 @@ class TextRecipeArguments:
         default=100, metadata={"help": "Labeled training examples (stratified); the rest is unlabeled transfer data."}
     )
     max_length: int = field(default=128)
+    transfer_max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens of each article the distilled student trains on (default: max_length; the teacher and "
+            "the scratch student train on max_length). Longer than max_length for noisy_student's --crop_length "
+            "and --label_windows, which read windows of them."
+        },
+    )
     teacher: str | None = field(
         default=None,
         metadata={
@@ -178,6 +189,15 @@ def main():
     recipe, choice, scheme, args = parse_recipe_args(TextRecipeArguments, DistillationConfig)
     teacher_paths = choice.teacher_paths(recipe.teacher)
     check_recipe_engine(args, baselines=recipe.baselines, teacher=",".join(teacher_paths))
+    if recipe.transfer_max_length is not None and recipe.transfer_max_length < 1:
+        raise ValueError(f"--transfer_max_length is a number of tokens >= 1, got {recipe.transfer_max_length}.")
+    transfer_length = recipe.transfer_max_length or recipe.max_length
+    crop_length = getattr(scheme, "crop_length", None)
+    if crop_length is not None and transfer_length <= crop_length:
+        raise ValueError(
+            f"--crop_length {crop_length} cuts windows out of longer rows, but the training articles are tokenized "
+            f"to {transfer_length} tokens: raise --transfer_max_length above it (e.g. 512 with --crop_length 128)."
+        )
     set_seed(args.seed)
     compute_metrics = get_compute_metrics(recipe.metric)
 
@@ -197,12 +217,11 @@ def main():
     teacher_path = (teacher_paths[0] if teacher_paths else None) or recipe.teacher_base or _packaged_minilm()
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
 
-    def tokenize(batch):
-        return tokenizer(batch["text"], truncation=True, max_length=recipe.max_length)
+    def tokenize(batch, max_length=recipe.max_length):
+        return tokenizer(batch["text"], truncation=True, max_length=max_length)
 
-    labeled, transfer, test = (
-        split.map(tokenize, batched=True, remove_columns=["text"]) for split in (labeled, transfer, splits["test"])
-    )
+    labeled, test = (split.map(tokenize, batched=True, remove_columns=["text"]) for split in (labeled, splits["test"]))
+    transfer = transfer.map(tokenize, batched=True, remove_columns=["text"], fn_kwargs={"max_length": transfer_length})
     if validation is not None:
         validation = validation.map(tokenize, batched=True, remove_columns=["text"])
     collator = DataCollatorWithPadding(tokenizer)

@@ -1,5 +1,5 @@
 """Scheme options refused at construction (issue 25): what an online scheme cannot honour, teacher weights with
-nothing to combine, noise given twice."""
+nothing to combine, noise given twice, token windows without a length or a tokenizer."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from hf_kd import DistillationTrainer
 from hf_kd.noise import TokenMasking
 from hf_kd.schemes import run_scheme
 from hf_kd.schemes.mutual_learning import MutualLearningTrainer
+from hf_kd.schemes.noisy_student import NoisyStudentConfig
 
 
 def _peers(tmp_path, **overrides):
@@ -74,6 +75,21 @@ CASES = [
         ),
         ValueError,
         "every stage of this chain (assistant1, student) has one",
+    ),
+    Case(
+        "noisy-student-windows-without-crop",
+        "`NoisyStudentConfig(label_windows=4)` without `crop_length`",
+        lambda p: NoisyStudentConfig(label_windows=4),
+        ValueError,
+        "label_windows=4 spreads windows of crop_length tokens over each row: set crop_length too",
+    ),
+    Case(
+        "noisy-student-crop-without-tokenizer",
+        "`run_scheme(NoisyStudentConfig(crop_length=6), ...)` without a tokenizer as `processing_class`",
+        lambda p: _scheme(p, NoisyStudentConfig(crop_length=6)),
+        ValueError,
+        "crop_length=6 cuts token rows and keeps the tokenizer's special tokens at each window's ends: give the "
+        "trainers a tokenizer as processing_class (got NoneType)",
     ),
     Case(
         "scheme-noise-twice",

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import VOCAB, classification_data, config, tiny_bert
+from datasets import Dataset
 from transformers import BertForSequenceClassification
 
 from hf_kd import DistillationTrainer, write_teacher_cache
@@ -214,6 +215,44 @@ def test_a_round_labels_from_the_views_and_records_them(tmp_path):
     expected = _mean_over_windows(teacher, train.select(range(8, 24)), windows).argmax(-1)
     assert stage.details["views"] == "TokenWindows(length=6, count=2)"
     assert stage.details["rows_per_class"] == np.bincount(expected.numpy(), minlength=3).tolist()
+
+
+def test_the_scheme_crops_the_students_rows_and_labels_from_windows_with_the_trainers_tokenizer(tmp_path):
+    # [CLS] 12 text tokens [SEP]; 8 labeled rows and 16 unlabeled ones.
+    from transformers import BertTokenizerFast
+
+    from hf_kd.schemes import run_scheme
+    from hf_kd.schemes.noisy_student import NoisyStudentConfig
+
+    (tmp_path / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(5, VOCAB)])
+    )
+    tokenizer = BertTokenizerFast(str(tmp_path / "vocab.txt"))
+    text = torch.randint(5, VOCAB, (24, 12), generator=torch.Generator().manual_seed(0))
+    rows = torch.cat([torch.full((24, 1), CLS), text, torch.full((24, 1), SEP)], dim=1)
+    labels = [0, 1, 2, 0, 1, 2, 0, 1, *[UNLABELED] * 16]
+    train = Dataset.from_dict({"input_ids": rows.tolist(), "attention_mask": [[1] * 14] * 24, "labels": labels})
+    teacher, student_seen = tiny_bert(seed=1), []
+    scheme = NoisyStudentConfig(pseudo_labels="hard", input_noise=0.0, crop_length=6, label_windows=2)
+    run_scheme(
+        scheme,
+        config(tmp_path / "out", max_steps=2, per_device_train_batch_size=8),
+        teacher=teacher,
+        make_student=lambda k: _recorder(tiny_bert(seed=10 + k), student_seen),
+        train_dataset=train,
+        processing_class=tokenizer,
+    )
+    training = student_seen[:2]  # the two steps' batches (evaluation after them reads nothing: no eval set)
+    assert [batch.shape for batch in training] == [(8, 6)] * 2
+    for window in torch.cat(training):  # [CLS], 4 consecutive text tokens of one row, [SEP]
+        assert window[0] == CLS and window[-1] == SEP
+        assert any(text[row].unfold(0, 4, 1).eq(window[1:5]).all(-1).any() for row in range(24))
+    windows = TokenWindows.from_tokenizer(tokenizer, 6, 2)
+    expected = _mean_over_windows(teacher, train.select(range(8, 24)), windows).argmax(-1)
+    summary = json.loads((tmp_path / "out" / "round1" / "model" / "distillation_config.json").read_text())
+    assert summary["stage"]["views"] == "TokenWindows(length=6, count=2)"
+    assert summary["stage"]["rows_per_class"] == np.bincount(expected.numpy(), minlength=3).tolist()
+    assert (summary["scheme"]["crop_length"], summary["scheme"]["label_windows"]) == (6, 2)
 
 
 def test_a_cropped_student_learns_while_its_teacher_reads_the_whole_rows(tmp_path):

@@ -249,6 +249,55 @@ def test_text_recipe_runs_on_bbc_news_with_the_packaged_minilm(tmp_path):
     # The reported accuracy is the saved student's on the held-out split, re-measured here from the saved files.
     assert row["accuracy"] == pytest.approx(text_test_accuracy(tmp_path / "zero2", test_fraction=0.05), abs=1e-9)
 
+    # Noisy student from that teacher: the student on random 32-token windows of 64-token articles, the teacher
+    # labelling each unlabeled article as its mean over two 32-token windows (a small training split: 10%).
+    run_recipe(
+        "text_classification.py",
+        "--config",
+        "recipes/configs/text_classification.yaml",
+        "--output_dir",
+        str(tmp_path / "ns"),
+        "--teacher",
+        str(tmp_path / "teacher"),
+        "--baselines",
+        "false",
+        "--scheme",
+        "noisy_student",
+        "--pseudo_labels",
+        "hard",
+        "--max_length",
+        "32",
+        "--transfer_max_length",
+        "64",
+        "--crop_length",
+        "32",
+        "--label_windows",
+        "2",
+        "--max_steps",
+        "2",
+        "--num_labeled",
+        "20",
+        "--test_fraction",
+        "0.9",
+    )
+    summary = json.loads((tmp_path / "ns" / "student" / "distillation_config.json").read_text())
+    assert summary["stage"]["views"] == "TokenWindows(length=32, count=2)"
+    assert summary["stage"]["unlabeled_rows"] == 222 - 20 and summary["scheme"]["crop_length"] == 32
+    (row,) = json.loads((tmp_path / "ns" / "results.json").read_text()).values()
+    measured = text_test_accuracy(tmp_path / "ns", test_fraction=0.9, max_length=32)  # the student reads 32 tokens
+    assert row["accuracy"] == pytest.approx(measured, abs=1e-9)
+
+
+def test_the_text_recipe_refuses_a_crop_no_shorter_than_its_rows(tmp_path, monkeypatch):
+    text = recipe_module("text_classification")
+    command = ["--output_dir", str(tmp_path), "--scheme", "noisy_student", "--crop_length", "128"]
+    monkeypatch.setattr(sys, "argv", ["text_classification.py", *command])
+    with pytest.raises(ValueError, match="the training articles are tokenized to 128 tokens: raise --transfer_max_len"):
+        text.main()
+    monkeypatch.setattr(sys, "argv", ["text_classification.py", *command, "--transfer_max_length", "0"])
+    with pytest.raises(ValueError, match="--transfer_max_length is a number of tokens >= 1, got 0"):
+        text.main()
+
 
 @pytest.mark.slow
 def test_image_recipe_pushes_the_student_with_its_card(tmp_path):

@@ -29,7 +29,8 @@ from ..config import DistillationConfig
 from ..data import SAMPLE_INDEX, UNLABELED
 from ..evaluation import count_parameters
 from ..model_kinds import is_token_level
-from ..noise import compose_noise
+from ..noise import TokenCrop, compose_noise
+from ..views import TokenWindows
 from .registry import SchemeConfig, SchemeInputs, SchemeResult, register_scheme
 from .stages import Stage, chain_teachers, check_stages, describe, final_trainer, finished_stage, run_stage
 from .teacher_assistant import _describe_teacher
@@ -149,7 +150,10 @@ class NoisyStudentConfig(SchemeConfig):
     teacher; ``soft`` pseudo-labels carry the teacher's distribution, ``hard`` ones its arg-max as the label; the
     kept rows' classes are evened to the mean count. ``input_noise`` is the strength given to ``make_noise``
     (:func:`~hf_kd.schemes.registry.run_scheme`; ``None`` or 0: no input noise); ``student_dropout`` ``None`` keeps
-    the student's own rate.
+    the student's own rate. For text rows tokenized longer than the models were trained on, ``crop_length`` gives
+    the student a random window of that many tokens of each row (:class:`~hf_kd.noise.TokenCrop`, before the input
+    noise) and ``label_windows`` has the teacher label each row as its mean over that many such windows spread over
+    it (:class:`~hf_kd.views.TokenWindows`); both read the trainers' tokenizer (``processing_class``).
 
     Args:
         rounds: noisy_student: the number of rounds.
@@ -158,10 +162,13 @@ class NoisyStudentConfig(SchemeConfig):
         balance_pseudo_labels: noisy_student: even the classes.
         input_noise: noisy_student: token masking probability (text) or pixel noise std (images).
         student_dropout: noisy_student: the student's dropout rate while it trains.
+        crop_length: noisy_student: the student trains on a random window of this many tokens of each longer row.
+        label_windows: noisy_student: the teacher labels each row as its mean over this many windows of crop_length
+            tokens (0: one reading of the row).
 
     Raises:
         ValueError: ``rounds`` below 1, ``pseudo_labels`` neither soft nor hard, a threshold, dropout or input
-            noise outside [0, 1).
+            noise outside [0, 1), ``crop_length`` below 1, ``label_windows`` below 0 or without ``crop_length``.
     """
 
     stage_count_field: ClassVar[str] = "rounds"
@@ -181,6 +188,19 @@ class NoisyStudentConfig(SchemeConfig):
     student_dropout: float | None = field(
         default=0.1, metadata={"help": "noisy_student: the student's dropout rate while it trains."}
     )
+    crop_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "noisy_student: the student trains on a random window of this many tokens of each longer row."
+        },
+    )
+    label_windows: int = field(
+        default=0,
+        metadata={
+            "help": "noisy_student: the teacher labels each row as its mean over this many windows of crop_length "
+            "tokens (0: one reading of the row)."
+        },
+    )
 
     def __post_init__(self):
         if not isinstance(self.rounds, int) or self.rounds < 1:
@@ -190,6 +210,15 @@ class NoisyStudentConfig(SchemeConfig):
             raise ValueError(f"student_dropout must lie in [0, 1), got {self.student_dropout}.")
         if self.input_noise is not None and not 0.0 <= self.input_noise < 1.0:
             raise ValueError(f"input_noise must lie in [0, 1), got {self.input_noise}.")
+        if self.crop_length is not None and (not isinstance(self.crop_length, int) or self.crop_length < 1):
+            raise ValueError(f"crop_length is a number of tokens >= 1 (or None: no crop), got {self.crop_length!r}.")
+        if not isinstance(self.label_windows, int) or self.label_windows < 0:
+            raise ValueError(f"label_windows is a number of windows >= 0, got {self.label_windows!r}.")
+        if self.label_windows and self.crop_length is None:
+            raise ValueError(
+                f"label_windows={self.label_windows} spreads windows of crop_length tokens over each row: set "
+                "crop_length too (the length the teacher was trained on)."
+            )
 
 
 def noisy_student(
@@ -395,6 +424,8 @@ def run_noisy_student(config: NoisyStudentConfig, args: DistillationConfig, give
     Returns:
         The last round's trainer, and the rounds before it.
     """
+    crop, views = _token_views(config, given.extra.get("processing_class"))
+    noise = given.noise(config.input_noise)
     stages = noisy_student(
         given.teacher,
         given.make_student,
@@ -403,10 +434,26 @@ def run_noisy_student(config: NoisyStudentConfig, args: DistillationConfig, give
         pseudo_labels=config.pseudo_labels,
         pseudo_label_threshold=config.pseudo_label_threshold,
         balance_pseudo_labels=config.balance_pseudo_labels,
-        student_noise=given.noise(config.input_noise),
+        pseudo_label_views=views,
+        student_noise=[part for part in (crop, noise) if part is not None] or None,  # crop first: noise the window
         student_dropout=config.student_dropout,
         load_student=given.load_student,
         scheme=config,
         **given.trainer_kwargs,
     )
     return SchemeResult(final_trainer(stages, args, config, given), stages[:-1])
+
+
+def _token_views(config: NoisyStudentConfig, tokenizer) -> tuple[TokenCrop | None, TokenWindows | None]:
+    """The student's crop and the teacher's label windows that ``config`` asks for, from the trainers' tokenizer."""
+    if config.crop_length is None:
+        return None, None
+    if not hasattr(tokenizer, "all_special_ids"):
+        raise ValueError(
+            f"crop_length={config.crop_length} cuts token rows and keeps the tokenizer's special tokens at each "
+            f"window's ends: give the trainers a tokenizer as processing_class (got {type(tokenizer).__name__})."
+        )
+    crop = TokenCrop.from_tokenizer(tokenizer, config.crop_length)
+    if not config.label_windows:
+        return crop, None
+    return crop, TokenWindows.from_tokenizer(tokenizer, config.crop_length, config.label_windows)
