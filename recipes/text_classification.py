@@ -29,7 +29,7 @@ steps and the same seed.
         --pseudo_label_threshold 0.6 --input_noise 0.15 --output_dir outputs/bbc-ns
     # ... the student on random 128-token windows of 512-token articles, the teacher labelling from four windows
     python recipes/text_classification.py --scheme noisy_student --rounds 2 --pseudo_labels hard --alpha 0 \
-        --transfer_max_length 512 --crop_length 128 --label_windows 4 --output_dir outputs/bbc-ns-windows
+        --unlabeled_max_length 512 --crop_length 128 --label_windows 4 --output_dir outputs/bbc-ns-windows
     python recipes/text_classification.py --teachers outputs/bbc/teacher,outputs/bbc-ta/teacher \
         --teacher_aggregation adaptive --output_dir outputs/bbc-two
 
@@ -44,8 +44,9 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from datasets import ClassLabel, load_dataset
+from datasets import ClassLabel, concatenate_datasets, load_dataset
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
@@ -57,7 +58,7 @@ from transformers import (
 )
 
 from hf_kd import DistillationConfig
-from hf_kd.data import add_sample_index, split_labeled_transfer
+from hf_kd.data import UNLABELED, add_sample_index, split_labeled_transfer
 from hf_kd.metrics import get_compute_metrics
 from hf_kd.noise import TokenMasking
 from hf_kd.recipe_support.baselines import optimizer_steps, plain_args, train_plainly
@@ -85,12 +86,12 @@ class TextRecipeArguments:
         default=100, metadata={"help": "Labeled training examples (stratified); the rest is unlabeled transfer data."}
     )
     max_length: int = field(default=128)
-    transfer_max_length: int | None = field(
+    unlabeled_max_length: int | None = field(
         default=None,
         metadata={
-            "help": "Tokens of each article the distilled student trains on (default: max_length; the teacher and "
-            "the scratch student train on max_length). Longer than max_length for noisy_student's --crop_length "
-            "and --label_windows, which read windows of them."
+            "help": "Tokens of each unlabeled transfer article (default: max_length; the labeled articles and the "
+            "test split stay at max_length). Longer than max_length for noisy_student's --crop_length and "
+            "--label_windows, which read windows of them."
         },
     )
     teacher: str | None = field(
@@ -108,6 +109,14 @@ class TextRecipeArguments:
     student_layers: int = field(default=2)
     student_hidden_size: int = field(default=128)
     student_heads: int = field(default=2)
+    student_base: str | None = field(
+        default=None,
+        metadata={
+            "help": "A pretrained model (path or hub id) to fine-tune as the student instead of a new BERT, e.g. the "
+            "packaged MiniLM for noisy_student's equal-size student; it reads the teacher's tokenization. The "
+            "--student_layers/--student_hidden_size/--student_heads flags then do not apply."
+        },
+    )
     student_init_from_teacher: bool = field(
         default=False,
         metadata={
@@ -123,6 +132,15 @@ class TextRecipeArguments:
             "three. false: distil only, with --teacher — one Trainer per process, which DeepSpeed requires."
         },
     )
+
+    def __post_init__(self):
+        if self.unlabeled_max_length is not None and self.unlabeled_max_length < 1:
+            raise ValueError(f"--unlabeled_max_length is a number of tokens >= 1, got {self.unlabeled_max_length}.")
+        if self.student_base and self.student_init_from_teacher:
+            raise ValueError(
+                "--student_base fine-tunes that pretrained model as the student; --student_init_from_teacher builds "
+                "one from the teacher's layers: choose one."
+            )
 
 
 def load_text_dataset(recipe: TextRecipeArguments, cache_dir: str):
@@ -189,14 +207,12 @@ def main():
     recipe, choice, scheme, args = parse_recipe_args(TextRecipeArguments, DistillationConfig)
     teacher_paths = choice.teacher_paths(recipe.teacher)
     check_recipe_engine(args, baselines=recipe.baselines, teacher=",".join(teacher_paths))
-    if recipe.transfer_max_length is not None and recipe.transfer_max_length < 1:
-        raise ValueError(f"--transfer_max_length is a number of tokens >= 1, got {recipe.transfer_max_length}.")
-    transfer_length = recipe.transfer_max_length or recipe.max_length
+    unlabeled_length = recipe.unlabeled_max_length or recipe.max_length
     crop_length = getattr(scheme, "crop_length", None)
-    if crop_length is not None and transfer_length <= crop_length:
+    if crop_length is not None and unlabeled_length <= crop_length:
         raise ValueError(
-            f"--crop_length {crop_length} cuts windows out of longer rows, but the training articles are tokenized "
-            f"to {transfer_length} tokens: raise --transfer_max_length above it (e.g. 512 with --crop_length 128)."
+            f"--crop_length {crop_length} cuts windows out of longer rows, but the unlabeled articles are tokenized "
+            f"to {unlabeled_length} tokens: raise --unlabeled_max_length above it (e.g. 512 with --crop_length 128)."
         )
     set_seed(args.seed)
     compute_metrics = get_compute_metrics(recipe.metric)
@@ -221,7 +237,18 @@ def main():
         return tokenizer(batch["text"], truncation=True, max_length=max_length)
 
     labeled, test = (split.map(tokenize, batched=True, remove_columns=["text"]) for split in (labeled, splits["test"]))
-    transfer = transfer.map(tokenize, batched=True, remove_columns=["text"], fn_kwargs={"max_length": transfer_length})
+    if unlabeled_length == recipe.max_length:
+        transfer = transfer.map(tokenize, batched=True, remove_columns=["text"])
+    else:  # the unlabeled articles longer; the labeled ones as the teacher learns them
+        parts = [transfer.filter(lambda row, keep=keep: (row["labels"] != UNLABELED) == keep) for keep in (True, False)]
+        transfer = concatenate_datasets(
+            [
+                parts[0].map(tokenize, batched=True, remove_columns=["text"]),
+                parts[1].map(
+                    tokenize, batched=True, remove_columns=["text"], fn_kwargs={"max_length": unlabeled_length}
+                ),
+            ]
+        )
     if validation is not None:
         validation = validation.map(tokenize, batched=True, remove_columns=["text"])
     collator = DataCollatorWithPadding(tokenizer)
@@ -229,6 +256,14 @@ def main():
     amalgamating = scheme.name == "amalgamation"  # teachers over some of the classes, read as they were saved
     head = {"num_labels": len(label_names), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_path, **({} if amalgamating else head))
+    if recipe.student_base:  # one tokenization for both models
+        student_vocabulary = AutoConfig.from_pretrained(recipe.student_base).vocab_size
+        if student_vocabulary != teacher.config.vocab_size:
+            raise ValueError(
+                f"--student_base {recipe.student_base} has a vocabulary of {student_vocabulary} tokens and the "
+                f"teacher {teacher.config.vocab_size}: the student reads the teacher's tokenization, so give a "
+                "model with the teacher's tokenizer."
+            )
     if not teacher_paths:
         teacher_args = TrainingArguments(
             output_dir=os.path.join(args.output_dir, "teacher"),
@@ -252,6 +287,8 @@ def main():
     # ---- students: from scratch on the labeled split vs distilled on labeled + transfer, same steps/seed ----
     def make_student(generation: int) -> BertForSequenceClassification:
         set_seed(args.seed + generation - 1)  # generation / round 1: the scratch student's initialisation
+        if recipe.student_base:  # a new classification head over the pretrained model
+            return AutoModelForSequenceClassification.from_pretrained(recipe.student_base, **head)
         return build_student(recipe, teacher, label_names=label_names if amalgamating else None)
 
     def make_assistant(hidden_size: int | None, layers: int | None) -> BertForSequenceClassification:
@@ -308,7 +345,11 @@ def main():
             teacher_rows = {f"{row}, on the test rows of its own classes": model for row, model in teacher_rows.items()}
         rows = {
             **teacher_rows,
-            f"student from scratch ({len(labeled)} labels)": scratch,
+            (
+                f"student fine-tuned on the {len(labeled)} labels alone"
+                if recipe.student_base
+                else f"student from scratch ({len(labeled)} labels)"
+            ): scratch,
             **stage_rows(stages),
             **rows,
         }

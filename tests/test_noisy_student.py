@@ -233,20 +233,22 @@ def test_the_scheme_crops_the_students_rows_and_labels_from_windows_with_the_tra
     labels = [0, 1, 2, 0, 1, 2, 0, 1, *[UNLABELED] * 16]
     train = Dataset.from_dict({"input_ids": rows.tolist(), "attention_mask": [[1] * 14] * 24, "labels": labels})
     teacher, student_seen = tiny_bert(seed=1), []
-    scheme = NoisyStudentConfig(pseudo_labels="hard", input_noise=0.0, crop_length=6, label_windows=2)
+    scheme = NoisyStudentConfig(pseudo_labels="hard", input_noise=0.3, crop_length=6, label_windows=2)
     run_scheme(
         scheme,
         config(tmp_path / "out", max_steps=2, per_device_train_batch_size=8),
         teacher=teacher,
         make_student=lambda k: _recorder(tiny_bert(seed=10 + k), student_seen),
+        make_noise=lambda p: [TokenMasking(p, MASK, protected_ids=[CLS, SEP])],  # a list, as image recipes give
         train_dataset=train,
         processing_class=tokenizer,
     )
-    training = student_seen[:2]  # the two steps' batches (evaluation after them reads nothing: no eval set)
-    assert [batch.shape for batch in training] == [(8, 6)] * 2
-    for window in torch.cat(training):  # [CLS], 4 consecutive text tokens of one row, [SEP]
+    training = torch.cat(student_seen[:2])  # the two steps' batches (no evaluation set: nothing read after them)
+    assert training.shape == (16, 6) and 0.1 < training[:, 1:5].eq(MASK).float().mean() < 0.5  # cropped, then masked
+    for window in training:  # [CLS], 4 consecutive text tokens of one row (some masked), [SEP]
+        kept = window[1:5].ne(MASK)
         assert window[0] == CLS and window[-1] == SEP
-        assert any(text[row].unfold(0, 4, 1).eq(window[1:5]).all(-1).any() for row in range(24))
+        assert any(text[row].unfold(0, 4, 1)[:, kept].eq(window[1:5][kept]).all(-1).any() for row in range(24))
     windows = TokenWindows.from_tokenizer(tokenizer, 6, 2)
     expected = _mean_over_windows(teacher, train.select(range(8, 24)), windows).argmax(-1)
     summary = json.loads((tmp_path / "out" / "round1" / "model" / "distillation_config.json").read_text())

@@ -4,11 +4,12 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
 import torch
-from conftest import DDP_TIMEOUT, launch, launch_on_a_free_port, run_two_processes
+from conftest import DDP_TIMEOUT, launch, launch_on_a_free_port, run_two_processes, tiny_bert
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -249,8 +250,10 @@ def test_text_recipe_runs_on_bbc_news_with_the_packaged_minilm(tmp_path):
     # The reported accuracy is the saved student's on the held-out split, re-measured here from the saved files.
     assert row["accuracy"] == pytest.approx(text_test_accuracy(tmp_path / "zero2", test_fraction=0.05), abs=1e-9)
 
-    # Noisy student from that teacher: the student on random 32-token windows of 64-token articles, the teacher
-    # labelling each unlabeled article as its mean over two 32-token windows (a small training split: 10%).
+    # Noisy student from that teacher, as Xie et al. run it: an equal-size student (the pretrained MiniLM again) on
+    # random 32-token windows of 64-token unlabeled articles, the teacher labelling each as its mean over two 32-token
+    # windows (a small training split: 10%).
+    minilm = recipe_module("text_classification")._packaged_minilm()
     run_recipe(
         "text_classification.py",
         "--config",
@@ -267,8 +270,10 @@ def test_text_recipe_runs_on_bbc_news_with_the_packaged_minilm(tmp_path):
         "hard",
         "--max_length",
         "32",
-        "--transfer_max_length",
+        "--unlabeled_max_length",
         "64",
+        "--student_base",
+        minilm,
         "--crop_length",
         "32",
         "--label_windows",
@@ -283,19 +288,39 @@ def test_text_recipe_runs_on_bbc_news_with_the_packaged_minilm(tmp_path):
     summary = json.loads((tmp_path / "ns" / "student" / "distillation_config.json").read_text())
     assert summary["stage"]["views"] == "TokenWindows(length=32, count=2)"
     assert summary["stage"]["unlabeled_rows"] == 222 - 20 and summary["scheme"]["crop_length"] == 32
+    assert summary["student_parameters"] == summary["teacher_parameters"]  # the MiniLM, with its 5-class head
     (row,) = json.loads((tmp_path / "ns" / "results.json").read_text()).values()
     measured = text_test_accuracy(tmp_path / "ns", test_fraction=0.9, max_length=32)  # the student reads 32 tokens
     assert row["accuracy"] == pytest.approx(measured, abs=1e-9)
 
 
-def test_the_text_recipe_refuses_a_crop_no_shorter_than_its_rows(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--scheme", "noisy_student", "--crop_length", "128"],
+            "the unlabeled articles are tokenized to 128 tokens: raise --unlabeled_max_length above it",
+        ),
+        (["--unlabeled_max_length", "0"], "--unlabeled_max_length is a number of tokens >= 1, got 0"),
+        (
+            ["--student_base", "any", "--student_init_from_teacher", "true"],
+            "--student_base fine-tunes that pretrained model as the student; --student_init_from_teacher builds one",
+        ),
+    ],
+)
+def test_the_text_recipe_refuses_student_options_that_cannot_apply(tmp_path, monkeypatch, flags, message):
     text = recipe_module("text_classification")
-    command = ["--output_dir", str(tmp_path), "--scheme", "noisy_student", "--crop_length", "128"]
-    monkeypatch.setattr(sys, "argv", ["text_classification.py", *command])
-    with pytest.raises(ValueError, match="the training articles are tokenized to 128 tokens: raise --transfer_max_len"):
+    monkeypatch.setattr(sys, "argv", ["text_classification.py", "--output_dir", str(tmp_path), *flags])
+    with pytest.raises(ValueError, match=re.escape(message)):
         text.main()
-    monkeypatch.setattr(sys, "argv", ["text_classification.py", *command, "--transfer_max_length", "0"])
-    with pytest.raises(ValueError, match="--transfer_max_length is a number of tokens >= 1, got 0"):
+
+
+def test_the_text_recipe_refuses_a_student_base_with_another_vocabulary(tmp_path, monkeypatch):
+    text = recipe_module("text_classification")
+    tiny_bert().save_pretrained(tmp_path / "tiny")  # 64 tokens; MiniLM's tokenizer has 30,522
+    command = ["--output_dir", str(tmp_path), "--student_base", str(tmp_path / "tiny"), "--test_fraction", "0.9"]
+    monkeypatch.setattr(sys, "argv", ["text_classification.py", *command])
+    with pytest.raises(ValueError, match=r"has a vocabulary of 64 tokens and the teacher 30522: the student reads"):
         text.main()
 
 

@@ -425,7 +425,9 @@ def run_noisy_student(config: NoisyStudentConfig, args: DistillationConfig, give
         The last round's trainer, and the rounds before it.
     """
     crop, views = _token_views(config, given.extra.get("processing_class"))
-    noise = given.noise(config.input_noise)
+    noise = given.noise(config.input_noise)  # a callable or a list of them (e.g. an image recipe's shift + noise)
+    if crop is not None:  # the window first, then the noise on it
+        noise = [crop, *([] if noise is None else noise if isinstance(noise, (list, tuple)) else [noise])]
     stages = noisy_student(
         given.teacher,
         given.make_student,
@@ -435,7 +437,7 @@ def run_noisy_student(config: NoisyStudentConfig, args: DistillationConfig, give
         pseudo_label_threshold=config.pseudo_label_threshold,
         balance_pseudo_labels=config.balance_pseudo_labels,
         pseudo_label_views=views,
-        student_noise=[part for part in (crop, noise) if part is not None] or None,  # crop first: noise the window
+        student_noise=noise,
         student_dropout=config.student_dropout,
         load_student=given.load_student,
         scheme=config,
