@@ -3,7 +3,7 @@ nothing to combine, noise given twice, token windows without a length or a token
 
 from __future__ import annotations
 
-from conftest import classification_data, config, tiny_bert
+from conftest import classification_data, config, lm_data, tiny_bert, tiny_gpt2
 from refusal_cases import Case
 
 from hf_kd import DistillationTrainer
@@ -90,6 +90,20 @@ CASES = [
         ValueError,
         "crop_length=6 cuts token rows and keeps the tokenizer's special tokens at each window's ends: give the "
         "trainers a tokenizer as processing_class (got NoneType)",
+    ),
+    Case(
+        "noisy-student-crop-token-level",
+        "`run_scheme(NoisyStudentConfig(crop_length=6), ...)` with a causal-LM teacher",
+        lambda p: run_scheme(
+            NoisyStudentConfig(crop_length=6),
+            config(p / "out", max_steps=1),
+            teacher=tiny_gpt2(seed=1),
+            make_student=lambda k: tiny_gpt2(seed=10 + k),
+            train_dataset=lm_data(n=4),
+        ),
+        ValueError,
+        "crop_length=6 moves tokens, which per-token labels cannot follow: it is for models with one output per row; "
+        "the teacher GPT2LMHeadModel predicts per token",
     ),
     Case(
         "scheme-noise-twice",

@@ -424,7 +424,7 @@ def run_noisy_student(config: NoisyStudentConfig, args: DistillationConfig, give
     Returns:
         The last round's trainer, and the rounds before it.
     """
-    crop, views = _token_views(config, given.extra.get("processing_class"))
+    crop, views = _token_views(config, given.extra.get("processing_class"), given.teacher)
     noise = given.noise(config.input_noise)  # a callable or a list of them (e.g. an image recipe's shift + noise)
     if crop is not None:  # the window first, then the noise on it
         noise = [crop, *([] if noise is None else noise if isinstance(noise, (list, tuple)) else [noise])]
@@ -446,10 +446,15 @@ def run_noisy_student(config: NoisyStudentConfig, args: DistillationConfig, give
     return SchemeResult(final_trainer(stages, args, config, given), stages[:-1])
 
 
-def _token_views(config: NoisyStudentConfig, tokenizer) -> tuple[TokenCrop | None, TokenWindows | None]:
+def _token_views(config: NoisyStudentConfig, tokenizer, teacher) -> tuple[TokenCrop | None, TokenWindows | None]:
     """The student's crop and the teacher's label windows that ``config`` asks for, from the trainers' tokenizer."""
     if config.crop_length is None:
         return None, None
+    if isinstance(teacher, nn.Module) and is_token_level(teacher):  # before training, not at its first batch
+        raise ValueError(
+            f"crop_length={config.crop_length} moves tokens, which per-token labels cannot follow: it is for models "
+            f"with one output per row; the teacher {type(teacher).__name__} predicts per token."
+        )
     if not hasattr(tokenizer, "all_special_ids"):
         raise ValueError(
             f"crop_length={config.crop_length} cuts token rows and keeps the tokenizer's special tokens at each "
