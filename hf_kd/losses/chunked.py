@@ -73,8 +73,9 @@ def chunked_token_terms(
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}.")
-    chunks = _Chunks(student_head, teacher_rows, targets, teacher_logits, losses, with_label_loss, chunk_size)
-    chunks.confident_counts = confident_counts
+    chunks = _Chunks(
+        student_head, teacher_rows, targets, teacher_logits, losses, with_label_loss, chunk_size, confident_counts
+    )
     num_chunks = max(-(-len(student_hidden) // chunk_size), min_chunks)
     parameters = student_head.trainable_parameters()
     if not torch.is_grad_enabled() or not (student_hidden.requires_grad or parameters):
@@ -126,12 +127,14 @@ class _Chunks:
     """The chunk loop over one batch's supervised positions, in its three forms: values only (no gradient needed),
     fused (gradients in the same pass) and recomputed (activation checkpointing, for ZeRO-3)."""
 
-    def __init__(self, head, teacher_rows, targets, teacher_logits, losses, with_label_loss, chunk_size):
+    def __init__(
+        self, head, teacher_rows, targets, teacher_logits, losses, with_label_loss, chunk_size, confident_counts=None
+    ):
         self.head, self.teacher_rows, self.targets = head, teacher_rows, targets
         self.teacher_logits, self.losses, self.with_label_loss = teacher_logits, losses, with_label_loss
         self.chunk_size = chunk_size
         self.size = len(losses) + int(with_label_loss)
-        self.confident_counts: torch.Tensor | None = None  # see chunked_token_terms
+        self.confident_counts = confident_counts  # see chunked_token_terms
 
     def slices(self, num_chunks: int):
         for start in range(0, num_chunks * self.chunk_size, self.chunk_size):

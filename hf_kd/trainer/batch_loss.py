@@ -16,8 +16,9 @@ from ..data import model_inputs
 from ..features import ModelFeatures, output_field, run_model
 from ..losses.chunked import chunked_token_terms
 from ..losses.lm_head import LogitsHead
+from ..losses.response import thresholded
 from ..model_kinds import is_classifier
-from ..objective import CONFIDENT_PREFIX, LABEL_TERM, WEIGHT_PREFIX, check_finite, record_confident, thresholded
+from ..objective import CONFIDENT_PREFIX, LABEL_TERM, WEIGHT_PREFIX, check_finite, record_confident
 from ..positions import ItemCounts, distillation_mask, labeled_entries, split_sample_index
 
 logger = logging.get_logger(__name__)
